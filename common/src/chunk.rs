@@ -1,0 +1,470 @@
+//! Content-defined chunking, chunk ids, and sealing of chunks and other blobs.
+//!
+//! A chunk's id is the keyed BLAKE3 of its plaintext (key: `context::CHUNK_ID`), so equal
+//! content dedups while the receiver cannot test for known plaintext. A sealed blob is:
+//!
+//! ```text
+//! 0        format version (1)
+//! 1..25    XChaCha20-Poly1305 nonce (24 random bytes)
+//! 25..     ciphertext of (flag || body) followed by a 16-byte tag
+//!          flag 0: body is the plaintext; flag 1: body is zstd-compressed plaintext
+//! AAD      version byte || domain byte || 32-byte id
+//! ```
+//!
+//! Opening checks the tag, decompresses with a hard size cap, and for chunks recomputes
+//! the id from the plaintext: a swapped, truncated or bit-flipped chunk is an error.
+
+use std::fmt;
+use std::io::Read;
+
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use serde::{Deserialize, Serialize};
+
+use crate::keys::{fill_random, KeyError, SubKeys};
+
+/// Smallest chunk the chunker cuts (except a file's last chunk).
+pub const MIN_CHUNK: u32 = 256 * 1024;
+/// Average chunk size the chunker aims for.
+pub const AVG_CHUNK: u32 = 1024 * 1024;
+/// Largest chunk the chunker cuts.
+pub const MAX_CHUNK: u32 = 4 * 1024 * 1024;
+/// Largest plaintext that `seal` accepts and `open` will ever produce.
+pub const MAX_PLAIN: usize = 8 * 1024 * 1024;
+/// Bytes a sealed blob adds to at most `MAX_PLAIN`: version, nonce, flag and tag.
+pub const SEAL_OVERHEAD: usize = 1 + 24 + 1 + 16;
+/// Largest sealed blob there can be.
+pub const MAX_SEALED: usize = MAX_PLAIN + SEAL_OVERHEAD;
+
+const VERSION: u8 = 1;
+const DOMAIN_CHUNK: u8 = b'c';
+const DOMAIN_MANIFEST: u8 = b'm';
+const FLAG_RAW: u8 = 0;
+const FLAG_ZSTD: u8 = 1;
+const ZSTD_LEVEL: i32 = 1;
+/// Size of the sample compressed to decide whether a chunk is worth compressing.
+const PROBE: usize = 16 * 1024;
+
+/// Errors from sealing and opening.
+#[derive(Debug, thiserror::Error)]
+pub enum ChunkError {
+    #[error("sealed blob is too short ({0} bytes)")]
+    TooShort(usize),
+    #[error("sealed blob has unknown format version {0}")]
+    Version(u8),
+    #[error("authentication failed: the blob was damaged, tampered with, or belongs to another id")]
+    Auth,
+    #[error("chunk content does not match its id (expected {expected}, got {actual})")]
+    IdMismatch { expected: ChunkId, actual: ChunkId },
+    #[error("blob flag {0} is unknown")]
+    Flag(u8),
+    #[error("decompression failed: {0}")]
+    Decompress(String),
+    #[error("plaintext of {0} bytes exceeds the {MAX_PLAIN}-byte limit")]
+    TooLarge(usize),
+    #[error(transparent)]
+    Rng(#[from] KeyError),
+}
+
+/// A chunk's name: keyed BLAKE3 of its plaintext.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ChunkId(pub [u8; 32]);
+
+impl ChunkId {
+    /// The id as lowercase hex.
+    pub fn to_hex(&self) -> String {
+        to_hex(&self.0)
+    }
+}
+
+impl fmt::Display for ChunkId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&to_hex(&self.0))
+    }
+}
+
+impl fmt::Debug for ChunkId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ChunkId({})", &to_hex(&self.0)[..16])
+    }
+}
+
+/// An opaque file id: keyed BLAKE3 of the file's path.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct FileId(pub [u8; 32]);
+
+impl fmt::Debug for FileId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "FileId({})", &to_hex(&self.0)[..16])
+    }
+}
+
+/// Lowercase hex of some bytes.
+pub fn to_hex(bytes: &[u8]) -> String {
+    const D: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(D[(b >> 4) as usize] as char);
+        s.push(D[(b & 15) as usize] as char);
+    }
+    s
+}
+
+/// Parses lowercase or uppercase hex.
+pub fn from_hex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    let v = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    };
+    s.as_bytes()
+        .chunks(2)
+        .map(|p| Some(v(p[0])? << 4 | v(p[1])?))
+        .collect()
+}
+
+/// Everything needed to name, seal and open chunks and manifests. Holds keys; never printed.
+pub struct Crypto {
+    id_key: [u8; 32],
+    file_id_key: [u8; 32],
+    chunk: XChaCha20Poly1305,
+    manifest: XChaCha20Poly1305,
+}
+
+impl fmt::Debug for Crypto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Crypto(<redacted>)")
+    }
+}
+
+impl Drop for Crypto {
+    fn drop(&mut self) {
+        use zeroize::Zeroize;
+        self.id_key.zeroize();
+        self.file_id_key.zeroize();
+        // The cipher states zero themselves on drop (chacha20poly1305 "zeroize" feature is
+        // on by default in its key type).
+    }
+}
+
+impl Crypto {
+    /// Builds the sealing context from the derived keys.
+    pub fn new(keys: &SubKeys) -> Self {
+        Self {
+            id_key: *keys.chunk_id.as_bytes(),
+            file_id_key: *keys.file_id.as_bytes(),
+            chunk: XChaCha20Poly1305::new(keys.chunk_seal.as_bytes().into()),
+            manifest: XChaCha20Poly1305::new(keys.manifest_seal.as_bytes().into()),
+        }
+    }
+
+    /// The id of a chunk's plaintext.
+    pub fn chunk_id(&self, plain: &[u8]) -> ChunkId {
+        ChunkId(*blake3::keyed_hash(&self.id_key, plain).as_bytes())
+    }
+
+    /// The opaque id of a path (raw bytes, as the agent names it).
+    pub fn file_id(&self, path: &[u8]) -> FileId {
+        FileId(*blake3::keyed_hash(&self.file_id_key, path).as_bytes())
+    }
+
+    /// Seals a chunk under its id, compressing it when that pays.
+    pub fn seal_chunk(&self, id: &ChunkId, plain: &[u8]) -> Result<Vec<u8>, ChunkError> {
+        seal(&self.chunk, DOMAIN_CHUNK, &id.0, plain, true)
+    }
+
+    /// Opens a sealed chunk and checks that its content matches `id`.
+    pub fn open_chunk(&self, id: &ChunkId, sealed: &[u8]) -> Result<Vec<u8>, ChunkError> {
+        let plain = open(&self.chunk, DOMAIN_CHUNK, &id.0, sealed)?;
+        let actual = self.chunk_id(&plain);
+        if actual != *id {
+            return Err(ChunkError::IdMismatch {
+                expected: *id,
+                actual,
+            });
+        }
+        Ok(plain)
+    }
+
+    /// Seals a manifest, bound to its file id.
+    pub fn seal_manifest(&self, file: &FileId, plain: &[u8]) -> Result<Vec<u8>, ChunkError> {
+        seal(&self.manifest, DOMAIN_MANIFEST, &file.0, plain, true)
+    }
+
+    /// Opens a sealed manifest, checking that it belongs to `file`.
+    pub fn open_manifest(&self, file: &FileId, sealed: &[u8]) -> Result<Vec<u8>, ChunkError> {
+        open(&self.manifest, DOMAIN_MANIFEST, &file.0, sealed)
+    }
+}
+
+fn aad(domain: u8, id: &[u8; 32]) -> [u8; 34] {
+    let mut a = [0u8; 34];
+    a[0] = VERSION;
+    a[1] = domain;
+    a[2..].copy_from_slice(id);
+    a
+}
+
+/// True when compressing `plain` is likely to shrink it (a sample is tried first, so
+/// incompressible data costs little).
+fn worth_compressing(plain: &[u8]) -> bool {
+    if plain.len() < 64 {
+        return false;
+    }
+    let sample = &plain[..plain.len().min(PROBE)];
+    match zstd::bulk::compress(sample, ZSTD_LEVEL) {
+        Ok(c) => c.len() < sample.len() * 15 / 16,
+        Err(_) => false,
+    }
+}
+
+fn seal(
+    cipher: &XChaCha20Poly1305,
+    domain: u8,
+    id: &[u8; 32],
+    plain: &[u8],
+    compress: bool,
+) -> Result<Vec<u8>, ChunkError> {
+    if plain.len() > MAX_PLAIN {
+        return Err(ChunkError::TooLarge(plain.len()));
+    }
+    let mut body = Vec::with_capacity(plain.len() + 1);
+    body.push(FLAG_RAW);
+    let mut done = false;
+    if compress && worth_compressing(plain) {
+        if let Ok(c) = zstd::bulk::compress(plain, ZSTD_LEVEL) {
+            if c.len() < plain.len() {
+                body[0] = FLAG_ZSTD;
+                body.extend_from_slice(&c);
+                done = true;
+            }
+        }
+    }
+    if !done {
+        body.extend_from_slice(plain);
+    }
+    let mut nonce = [0u8; 24];
+    fill_random(&mut nonce)?;
+    let a = aad(domain, id);
+    let ct = cipher
+        .encrypt(
+            XNonce::from_slice(&nonce),
+            Payload {
+                msg: &body,
+                aad: &a,
+            },
+        )
+        .map_err(|_| ChunkError::Auth)?;
+    let mut out = Vec::with_capacity(25 + ct.len());
+    out.push(VERSION);
+    out.extend_from_slice(&nonce);
+    out.extend_from_slice(&ct);
+    Ok(out)
+}
+
+fn open(
+    cipher: &XChaCha20Poly1305,
+    domain: u8,
+    id: &[u8; 32],
+    sealed: &[u8],
+) -> Result<Vec<u8>, ChunkError> {
+    if sealed.len() < SEAL_OVERHEAD {
+        return Err(ChunkError::TooShort(sealed.len()));
+    }
+    if sealed[0] != VERSION {
+        return Err(ChunkError::Version(sealed[0]));
+    }
+    let a = aad(domain, id);
+    let mut body = cipher
+        .decrypt(
+            XNonce::from_slice(&sealed[1..25]),
+            Payload {
+                msg: &sealed[25..],
+                aad: &a,
+            },
+        )
+        .map_err(|_| ChunkError::Auth)?;
+    match body.first().copied() {
+        Some(FLAG_RAW) => {
+            body.remove(0);
+            Ok(body)
+        }
+        Some(FLAG_ZSTD) => zstd::bulk::decompress(&body[1..], MAX_PLAIN)
+            .map_err(|e| ChunkError::Decompress(e.to_string())),
+        Some(f) => Err(ChunkError::Flag(f)),
+        None => Err(ChunkError::TooShort(sealed.len())),
+    }
+}
+
+/// A reader adapter that hashes everything read through it with BLAKE3.
+pub struct HashingReader<R> {
+    inner: R,
+    hasher: blake3::Hasher,
+    bytes: u64,
+}
+
+impl<R: Read> HashingReader<R> {
+    /// Wraps a reader.
+    pub fn new(inner: R) -> Self {
+        Self {
+            inner,
+            hasher: blake3::Hasher::new(),
+            bytes: 0,
+        }
+    }
+
+    /// The hash and length of everything read so far.
+    pub fn finish(&self) -> ([u8; 32], u64) {
+        (*self.hasher.finalize().as_bytes(), self.bytes)
+    }
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+}
+
+/// Splits a stream into content-defined chunks with bounded memory (at most a few
+/// `MAX_CHUNK`s are buffered, whatever the stream's length).
+pub fn chunk_stream<R: Read>(
+    reader: R,
+) -> impl Iterator<Item = Result<Vec<u8>, std::io::Error>> {
+    fastcdc::v2020::StreamCDC::new(reader, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK).map(|r| match r {
+        Ok(c) => Ok(c.data),
+        Err(fastcdc::v2020::Error::IoError(e)) => Err(e),
+        Err(e) => Err(std::io::Error::other(e.to_string())),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::MasterSecret;
+    use proptest::prelude::*;
+
+    fn crypto() -> Crypto {
+        Crypto::new(&MasterSecret::generate().expect("rng").sub_keys())
+    }
+
+    fn pseudo_random(n: usize, seed: u64) -> Vec<u8> {
+        let mut out = vec![0u8; n];
+        let mut x = blake3::Hasher::new();
+        x.update(&seed.to_le_bytes());
+        x.finalize_xof().fill(&mut out);
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        #[test]
+        fn seal_open_round_trip(len in 0usize..=MAX_PLAIN, seed in any::<u64>(), text in any::<bool>()) {
+            let c = crypto();
+            let data = if text { vec![b'a' + (seed % 26) as u8; len] } else { pseudo_random(len, seed) };
+            let id = c.chunk_id(&data);
+            let sealed = c.seal_chunk(&id, &data).expect("seal");
+            prop_assert_eq!(c.open_chunk(&id, &sealed).expect("open"), data);
+        }
+
+        #[test]
+        fn chunker_reassembles_input(len in 0usize..(12 << 20), seed in any::<u64>()) {
+            let data = pseudo_random(len, seed);
+            let mut joined = Vec::with_capacity(len);
+            for c in chunk_stream(&data[..]) {
+                let c = c.expect("chunk");
+                prop_assert!(c.len() <= MAX_CHUNK as usize);
+                joined.extend_from_slice(&c);
+            }
+            prop_assert_eq!(joined, data);
+        }
+    }
+
+    #[test]
+    fn compressible_data_shrinks_and_random_data_does_not_grow() {
+        let c = crypto();
+        let text = b"the quick brown fox ".repeat(10_000);
+        let id = c.chunk_id(&text);
+        assert!(c.seal_chunk(&id, &text).expect("seal").len() < text.len() / 4);
+        let rnd = pseudo_random(100_000, 1);
+        let id = c.chunk_id(&rnd);
+        assert_eq!(
+            c.seal_chunk(&id, &rnd).expect("seal").len(),
+            rnd.len() + SEAL_OVERHEAD
+        );
+    }
+
+    #[test]
+    fn every_bit_class_flip_is_detected() {
+        let c = crypto();
+        for data in [pseudo_random(5000, 7), b"abc".repeat(3000)] {
+            let id = c.chunk_id(&data);
+            let sealed = c.seal_chunk(&id, &data).expect("seal");
+            // version, nonce, first ciphertext byte (flag), middle, last tag byte
+            for at in [0, 1, 24, 25, sealed.len() / 2, sealed.len() - 1] {
+                for bit in [0x01u8, 0x80] {
+                    let mut bad = sealed.clone();
+                    bad[at] ^= bit;
+                    assert!(c.open_chunk(&id, &bad).is_err(), "flip at {at}");
+                }
+            }
+            assert!(c.open_chunk(&id, &sealed[..sealed.len() - 1]).is_err());
+            assert!(c.open_chunk(&id, &sealed[..10]).is_err());
+            let mut extended = sealed.clone();
+            extended.push(0);
+            assert!(c.open_chunk(&id, &extended).is_err());
+        }
+    }
+
+    #[test]
+    fn a_chunk_cannot_pose_as_another() {
+        let c = crypto();
+        let (a, b) = (pseudo_random(1000, 1), pseudo_random(1000, 2));
+        let (ida, idb) = (c.chunk_id(&a), c.chunk_id(&b));
+        let sealed_a = c.seal_chunk(&ida, &a).expect("seal");
+        assert!(matches!(c.open_chunk(&idb, &sealed_a), Err(ChunkError::Auth)));
+        // And a manifest sealed for one file does not open as a chunk or another file.
+        let f1 = c.file_id(b"w/a");
+        let m = c.seal_manifest(&f1, b"manifest").expect("seal");
+        assert!(c.open_manifest(&c.file_id(b"w/b"), &m).is_err());
+        assert!(c.open_chunk(&ChunkId(f1.0), &m).is_err());
+        assert_eq!(c.open_manifest(&f1, &m).expect("open"), b"manifest");
+    }
+
+    #[test]
+    fn other_keys_cannot_open() {
+        let (c1, c2) = (crypto(), crypto());
+        let d = pseudo_random(100, 3);
+        let id = c1.chunk_id(&d);
+        assert_ne!(id, c2.chunk_id(&d));
+        let s = c1.seal_chunk(&id, &d).expect("seal");
+        assert!(c2.open_chunk(&id, &s).is_err());
+    }
+
+    #[test]
+    fn chunking_is_content_defined() {
+        // Inserting bytes near the start leaves most later chunks unchanged.
+        let data = pseudo_random(16 << 20, 9);
+        let a: Vec<_> = chunk_stream(&data[..]).map(|c| blake3::hash(&c.expect("c"))).collect();
+        let mut edited = data[..1000].to_vec();
+        edited.extend_from_slice(b"inserted");
+        edited.extend_from_slice(&data[1000..]);
+        let b: Vec<_> = chunk_stream(&edited[..]).map(|c| blake3::hash(&c.expect("c"))).collect();
+        let shared = a.iter().filter(|h| b.contains(h)).count();
+        assert!(shared + 2 >= a.len(), "{shared} of {} chunks shared", a.len());
+    }
+
+    #[test]
+    fn hex_round_trip() {
+        let b = pseudo_random(33, 4);
+        assert_eq!(from_hex(&to_hex(&b)).expect("hex"), b);
+        assert!(from_hex("zz").is_none());
+        assert!(from_hex("abc").is_none());
+    }
+}
