@@ -1,10 +1,14 @@
 use clap::Parser;
+use coffer_agent::cli::{self, Cli};
 
-/// Coffer backup agent: watches folders and backs up every change, end-to-end encrypted.
-#[derive(Parser)]
-#[command(name = "coffer-agent", version)]
-struct Cli {}
-
-fn main() {
-    let _ = Cli::parse();
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    cli::init_logging(&cli.log);
+    match cli::run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

@@ -1,0 +1,324 @@
+//! The command line (clap derive). `main.rs` only parses and calls [`run`].
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use coffer_common::channel::{PublicKey, StaticKeypair};
+use coffer_common::keys::{self, KdfParams, MasterSecret};
+
+use crate::config::{check_watch_name, host_name, Config, RawConfig, RawWatch};
+use crate::{daemon, restore, state, status};
+
+/// Coffer backup agent: watches folders and backs up every change, end-to-end encrypted.
+#[derive(Parser, Debug)]
+#[command(name = "coffer-agent", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(flatten)]
+    pub log: LogArgs,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+/// Logging options shared by every command (logs go to stderr).
+#[derive(Args, Debug, Clone)]
+pub struct LogArgs {
+    /// More log output (-v debug, -vv trace). RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Less log output (warnings and errors only).
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// Log line format.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Create keys and a config; prints this agent's public key.
+    Init(InitArgs),
+    /// Run the backup daemon.
+    Run(ConfigArg),
+    /// Show what is backed up, pending and failed (or, given paths, whether each is safe).
+    Status(StatusArgs),
+    /// List backed-up files as of now or a point in time.
+    Ls(LsArgs),
+    /// List every version of one file.
+    Versions(VersionsArgs),
+    /// Restore files.
+    Restore(RestoreArgs),
+    /// Check that the receiver holds every chunk of the backup.
+    Verify(VerifyArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ConfigArg {
+    /// The agent's config file.
+    #[arg(long, short = 'c', env = "COFFER_CONFIG")]
+    pub config: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct InitArgs {
+    /// Where to write the config (must not exist yet).
+    #[arg(long, short = 'c')]
+    pub config: PathBuf,
+    /// Receiver address, host:port.
+    #[arg(long)]
+    pub receiver: String,
+    /// The receiver's public key (printed by `coffer-receiver init`).
+    #[arg(long)]
+    pub receiver_key: String,
+    /// This machine's name in logs and status (default: the host name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// A folder to watch (repeatable); created if missing.
+    #[arg(long)]
+    pub watch: Vec<PathBuf>,
+    /// Where the journal and keys live (default: `state` next to the config).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// A file holding the passphrase, recorded in the config.
+    #[arg(long)]
+    pub passphrase_file: Option<PathBuf>,
+    /// New machine: use the key file escrowed on the receiver instead of making a new one.
+    #[arg(long)]
+    pub recover: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+    /// List only failing files, with reasons.
+    #[arg(long)]
+    pub failed: bool,
+    /// Files to ask about (paths on disk or `watch-name/relative/path`).
+    pub paths: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct LsArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Point in time: RFC 3339 or unix seconds.
+    #[arg(long)]
+    pub at: Option<String>,
+    /// Only paths under this prefix (`watch-name/folder`).
+    pub prefix: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct VersionsArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// The file, as `watch-name/relative/path`.
+    pub path: String,
+}
+
+#[derive(Args, Debug)]
+pub struct RestoreArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Target folder (files land in TO/watch-name/relative/path); `-` streams one file to stdout.
+    #[arg(long)]
+    pub to: PathBuf,
+    /// Point in time: RFC 3339 or unix seconds (default: latest).
+    #[arg(long)]
+    pub at: Option<String>,
+    /// Restore into a non-empty target, replacing files.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Files or folder prefixes (`watch-name/relative/path`); default: everything.
+    pub paths: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Download, open and check every chunk.
+    #[arg(long)]
+    pub read_data: bool,
+    /// Check every version, not only the latest of each file.
+    #[arg(long)]
+    pub all: bool,
+}
+
+/// Sets up logging to stderr.
+pub fn init_logging(l: &LogArgs) {
+    let default = if l.quiet {
+        "warn"
+    } else {
+        match l.verbose {
+            0 => "info",
+            1 => "debug",
+            _ => "trace",
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match l.log_format {
+        LogFormat::Json => b.json().try_init(),
+        LogFormat::Text => b.try_init(),
+    };
+}
+
+fn load(c: &ConfigArg) -> Result<Config> {
+    Ok(Config::load(&c.config)?)
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Init(a) => init(a),
+        Cmd::Run(c) => Ok(daemon::run(load(&c)?)?),
+        Cmd::Status(a) => {
+            let cfg = load(&a.config)?;
+            if a.paths.is_empty() {
+                status::print(&cfg, a.json, a.failed)?;
+            } else {
+                status::print_paths(&cfg, &a.paths, a.json)?;
+            }
+            Ok(())
+        }
+        Cmd::Ls(a) => {
+            let cfg = load(&a.config)?;
+            let at = a.at.as_deref().map(restore::parse_time).transpose().map_err(anyhow::Error::msg)?;
+            Ok(restore::ls(&cfg, at, a.prefix.as_deref())?)
+        }
+        Cmd::Versions(a) => Ok(restore::versions(&load(&a.config)?, &a.path)?),
+        Cmd::Restore(a) => {
+            let cfg = load(&a.config)?;
+            let at = a.at.as_deref().map(restore::parse_time).transpose().map_err(anyhow::Error::msg)?;
+            Ok(restore::restore(
+                &cfg,
+                restore::RestoreOpts {
+                    to: a.to,
+                    at,
+                    paths: a.paths,
+                    overwrite: a.overwrite,
+                    progress: !cli.log.quiet,
+                },
+            )?)
+        }
+        Cmd::Verify(a) => Ok(restore::verify(
+            &load(&a.config)?,
+            a.read_data,
+            a.all,
+            !cli.log.quiet,
+        )?),
+    }
+}
+
+fn init(a: InitArgs) -> Result<()> {
+    if a.config.exists() {
+        bail!(
+            "config {} already exists; refusing to overwrite it (remove it first to start over)",
+            a.config.display()
+        );
+    }
+    let receiver_key: PublicKey = a
+        .receiver_key
+        .parse()
+        .with_context(|| "--receiver-key".to_string())?;
+    let config_dir = a
+        .config
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    std::fs::create_dir_all(&config_dir)
+        .with_context(|| format!("creating {}", config_dir.display()))?;
+    let config_dir = std::path::absolute(&config_dir)?;
+    let state_dir = match &a.state_dir {
+        Some(s) => std::path::absolute(s)?,
+        None => config_dir.join("state"),
+    };
+    let mut watches = Vec::new();
+    for w in &a.watch {
+        std::fs::create_dir_all(w).with_context(|| format!("creating watched folder {}", w.display()))?;
+        let abs = std::fs::canonicalize(w).with_context(|| format!("{}", w.display()))?;
+        let name = abs
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "root".into());
+        check_watch_name(&name).map_err(anyhow::Error::msg)?;
+        if watches.iter().any(|x: &RawWatch| x.name.as_deref() == Some(&name)) {
+            bail!("two --watch folders are named {name:?}; rename one in the config after init");
+        }
+        watches.push(RawWatch {
+            path: abs,
+            name: Some(name),
+            exclude: vec![],
+        });
+    }
+    let raw = RawConfig {
+        receiver: a.receiver.clone(),
+        receiver_key: receiver_key.to_string(),
+        name: Some(a.name.clone().unwrap_or_else(host_name)),
+        state_dir: Some(state_dir.clone()),
+        passphrase_file: a.passphrase_file.as_deref().map(std::path::absolute).transpose()?,
+        debounce: "2s".into(),
+        rescan_interval: "1h".into(),
+        upload_concurrency: 2,
+        metrics: None,
+        watch: watches,
+    };
+    let cfg = Config::from_raw(&a.config, raw.clone())?;
+    std::fs::create_dir_all(&state_dir).with_context(|| format!("creating {}", state_dir.display()))?;
+    if !a.recover {
+        let pass = state::passphrase(cfg.passphrase_file.as_deref(), true)?;
+        let master = MasterSecret::generate()?;
+        let wrapped = keys::wrap_master(&master, &pass, KdfParams::default())?;
+        state::write_private(&cfg.keyfile_path(), &wrapped)?;
+    }
+    let kp = StaticKeypair::generate()?;
+    state::write_private(&cfg.agent_key_path(), &kp.to_bytes())?;
+    let text = format!(
+        "# Coffer agent configuration. Every key is described in README.md (Configuration).\n{}",
+        toml::to_string_pretty(&raw)?
+    );
+    std::fs::write(&a.config, text).with_context(|| format!("writing {}", a.config.display()))?;
+    println!("{}", kp.public());
+    if a.recover {
+        eprintln!(
+            "Recovery: authorize this key for your repository on the receiver:\n  coffer-receiver authorize --root DIR --name REPO {}\n\
+             then `coffer-agent ls/restore --config {}` fetch the escrowed key file and ask for your passphrase.",
+            kp.public(),
+            a.config.display()
+        );
+    } else {
+        eprintln!(
+            "Next: on the receiver run\n  coffer-receiver authorize --root DIR --name REPO {}\nthen start `coffer-agent run --config {}`.",
+            kp.public(),
+            a.config.display()
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verify_cli() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

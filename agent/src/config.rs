@@ -1,0 +1,322 @@
+//! The agent's TOML configuration.
+//!
+//! Every key is documented in README.md ("Configuration") and in `packaging/agent.toml`.
+//! Unknown keys are refused; errors name the file, the line and the key.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use coffer_common::channel::PublicKey;
+use serde::{Deserialize, Serialize};
+
+/// Errors reading or checking a configuration file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error("writing config {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn default_debounce() -> String {
+    "2s".into()
+}
+fn default_rescan() -> String {
+    "1h".into()
+}
+fn default_concurrency() -> usize {
+    2
+}
+
+/// The configuration as written in TOML.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// Receiver address, `host:port`.
+    pub receiver: String,
+    /// The receiver's public key (pinned).
+    pub receiver_key: String,
+    /// This machine's name in logs and status (default: the host name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Where the journal and keys live (default: `state` next to the config file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_dir: Option<PathBuf>,
+    /// A file holding the passphrase (else `COFFER_PASSPHRASE`, else a prompt).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub passphrase_file: Option<PathBuf>,
+    /// Quiet period before a changed file counts as settled.
+    #[serde(default = "default_debounce")]
+    pub debounce: String,
+    /// How often every watched tree is rescanned in full.
+    #[serde(default = "default_rescan")]
+    pub rescan_interval: String,
+    /// Files read, chunked and sealed at once.
+    #[serde(default = "default_concurrency")]
+    pub upload_concurrency: usize,
+    /// Prometheus metrics listen address (off when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<String>,
+    /// Watched folders.
+    #[serde(default)]
+    pub watch: Vec<RawWatch>,
+}
+
+/// One `[[watch]]` table.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWatch {
+    /// The folder to watch.
+    pub path: PathBuf,
+    /// Its name in the backup (default: the folder's own name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Glob patterns (relative to the folder) of paths to leave out.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exclude: Vec<String>,
+}
+
+/// A checked configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub file: PathBuf,
+    pub receiver: String,
+    pub receiver_key: PublicKey,
+    pub name: String,
+    pub state_dir: PathBuf,
+    pub passphrase_file: Option<PathBuf>,
+    pub debounce: Duration,
+    pub rescan_interval: Duration,
+    pub upload_concurrency: usize,
+    pub metrics: Option<String>,
+    pub watches: Vec<Watch>,
+}
+
+/// A checked watched folder.
+#[derive(Debug, Clone)]
+pub struct Watch {
+    pub path: PathBuf,
+    pub name: String,
+    pub exclude: globset::GlobSet,
+    pub exclude_patterns: Vec<String>,
+}
+
+impl Watch {
+    /// True when `rel` (relative to the watched folder) is excluded.
+    pub fn excluded(&self, rel: &Path) -> bool {
+        !self.exclude_patterns.is_empty() && self.exclude.is_match(rel)
+    }
+}
+
+/// The host name, for the default machine name.
+pub fn host_name() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// Checks a watch name: one path component, printable.
+pub fn check_watch_name(name: &str) -> Result<(), String> {
+    if name.is_empty()
+        || name == "."
+        || name == ".."
+        || name.contains('/')
+        || name.chars().any(|c| c.is_control())
+    {
+        return Err(format!(
+            "watch name {name:?} must be a single, non-empty path component without '/' or control characters"
+        ));
+    }
+    Ok(())
+}
+
+impl Config {
+    /// Reads and checks a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let raw: RawConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        Self::from_raw(path, raw)
+    }
+
+    /// Checks a parsed config; relative paths are taken relative to the config's folder.
+    pub fn from_raw(path: &Path, raw: RawConfig) -> Result<Self, ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        };
+        let base = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        let base = std::path::absolute(&base).unwrap_or(base);
+        let abs = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
+        let receiver_key = raw
+            .receiver_key
+            .parse::<PublicKey>()
+            .map_err(|e| invalid(format!("key `receiver_key`: {e}")))?;
+        if raw.receiver.trim().is_empty() {
+            return Err(invalid("key `receiver` is empty".into()));
+        }
+        let dur = |key: &str, v: &str| {
+            humantime::parse_duration(v)
+                .map_err(|e| invalid(format!("key `{key}`: {v:?} is not a duration like \"2s\" or \"500ms\": {e}")))
+        };
+        let debounce = dur("debounce", &raw.debounce)?;
+        let rescan_interval = dur("rescan_interval", &raw.rescan_interval)?;
+        if rescan_interval < Duration::from_secs(1) {
+            return Err(invalid("key `rescan_interval` must be at least 1s".into()));
+        }
+        if raw.upload_concurrency == 0 || raw.upload_concurrency > 64 {
+            return Err(invalid("key `upload_concurrency` must be between 1 and 64".into()));
+        }
+        let mut names = HashSet::new();
+        let mut watches = Vec::new();
+        for (i, w) in raw.watch.iter().enumerate() {
+            let p = abs(&w.path);
+            let name = match &w.name {
+                Some(n) => n.clone(),
+                None => p
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .ok_or_else(|| invalid(format!("watch #{} (path {}): cannot take a name from this path; set `name`", i + 1, p.display())))?,
+            };
+            check_watch_name(&name).map_err(|m| invalid(format!("watch #{} `name`: {m}", i + 1)))?;
+            if !names.insert(name.clone()) {
+                return Err(invalid(format!(
+                    "two watches are named {name:?}; give each `[[watch]]` a distinct `name`"
+                )));
+            }
+            let mut b = globset::GlobSetBuilder::new();
+            for pat in &w.exclude {
+                let g = globset::GlobBuilder::new(pat)
+                    .literal_separator(false)
+                    .build()
+                    .map_err(|e| invalid(format!("watch {name:?} `exclude` pattern {pat:?}: {e}")))?;
+                b.add(g);
+            }
+            let exclude = b
+                .build()
+                .map_err(|e| invalid(format!("watch {name:?} `exclude`: {e}")))?;
+            watches.push(Watch {
+                path: p,
+                name,
+                exclude,
+                exclude_patterns: w.exclude.clone(),
+            });
+        }
+        Ok(Config {
+            file: std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()),
+            receiver: raw.receiver,
+            receiver_key,
+            name: raw.name.unwrap_or_else(host_name),
+            state_dir: raw.state_dir.as_deref().map(abs).unwrap_or_else(|| base.join("state")),
+            passphrase_file: raw.passphrase_file.as_deref().map(abs),
+            debounce,
+            rescan_interval,
+            upload_concurrency: raw.upload_concurrency,
+            metrics: raw.metrics,
+            watches,
+        })
+    }
+
+    /// The journal's path.
+    pub fn journal_path(&self) -> PathBuf {
+        self.state_dir.join("journal.sqlite")
+    }
+
+    /// The wrapped master key's path.
+    pub fn keyfile_path(&self) -> PathBuf {
+        self.state_dir.join("keyfile")
+    }
+
+    /// The agent's static Noise key's path.
+    pub fn agent_key_path(&self) -> PathBuf {
+        self.state_dir.join("agent.key")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("agent.toml");
+        std::fs::write(&p, text).expect("write");
+        Config::load(&p)
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let c = load(&format!(
+            "receiver = \"127.0.0.1:1\"\nreceiver_key = \"{KEY}\"\n[[watch]]\npath = \"/tmp/docs\"\n"
+        ))
+        .expect("valid");
+        assert_eq!(c.debounce, Duration::from_secs(2));
+        assert_eq!(c.watches[0].name, "docs");
+        assert!(c.state_dir.ends_with("state"));
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_key() {
+        let e = load(&format!(
+            "receiver = \"x:1\"\nreceiver_key = \"{KEY}\"\nfrobnicate = 3\n"
+        ))
+        .expect_err("unknown key");
+        let s = e.to_string();
+        assert!(s.contains("agent.toml") && s.contains("line 3") && s.contains("frobnicate"), "{s}");
+    }
+
+    #[test]
+    fn duplicate_watch_names_are_refused() {
+        let e = load(&format!(
+            "receiver = \"x:1\"\nreceiver_key = \"{KEY}\"\n[[watch]]\npath = \"/a/docs\"\n[[watch]]\npath = \"/b/docs\"\n"
+        ))
+        .expect_err("dup");
+        assert!(e.to_string().contains("two watches are named \"docs\""), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let e = load("receiver = \"x:1\"\nreceiver_key = \"nope\"\n").expect_err("key");
+        assert!(e.to_string().contains("receiver_key"), "{e}");
+        let e = load(&format!(
+            "receiver = \"x:1\"\nreceiver_key = \"{KEY}\"\ndebounce = \"soon\"\n"
+        ))
+        .expect_err("dur");
+        assert!(e.to_string().contains("debounce"), "{e}");
+    }
+
+    #[test]
+    fn excludes_match_relative_paths() {
+        let c = load(&format!(
+            "receiver = \"x:1\"\nreceiver_key = \"{KEY}\"\n[[watch]]\npath = \"/a/docs\"\nexclude = [\"*.tmp\", \"cache/**\"]\n"
+        ))
+        .expect("valid");
+        let w = &c.watches[0];
+        assert!(w.excluded(Path::new("x/y.tmp")));
+        assert!(w.excluded(Path::new("cache/a/b")));
+        assert!(!w.excluded(Path::new("notes.txt")));
+    }
+}

@@ -1,0 +1,796 @@
+//! The journal: the agent's SQLite database and the only owner of its connection.
+//!
+//! One row per path. A file's state moves `dirty` (seen, not yet read) -> `uploading` (hash
+//! and commit id recorded, commit sent) -> `backed_up` (receiver version recorded), or
+//! `failed` (reason, retried with back-off). `gen` is bumped on every change seen, so an
+//! acknowledgement for bytes read before a newer change leaves the file dirty. Writes come
+//! in batches, one transaction each.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+const MIGRATIONS: &[&str] = &[include_str!("../../migrations/agent/0001_journal.sql")];
+
+/// Errors of the journal.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("journal {path}: {source}")]
+    Sql {
+        path: String,
+        source: rusqlite::Error,
+    },
+    #[error("journal {path} has schema version {found}, newer than this build knows ({known}); upgrade coffer-agent")]
+    TooNew { path: String, found: i64, known: i64 },
+}
+
+/// Unix time in milliseconds.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Stat fields compared to decide whether a file changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StatKey {
+    pub size: i64,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+    pub inode: i64,
+}
+
+/// What a scan needs to know about a known path.
+#[derive(Debug, Clone)]
+pub struct Known {
+    pub state: String,
+    pub stat: Option<StatKey>,
+    pub kind: Option<String>,
+}
+
+/// A file handed to the uploader.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub path: Vec<u8>,
+    pub watch: String,
+    pub gen: i64,
+    pub state: String,
+    pub attempts: i64,
+    pub hash: Option<[u8; 32]>,
+    pub commit_id: Option<[u8; 16]>,
+    pub backed_hash: Option<[u8; 32]>,
+    pub backed_kind: Option<String>,
+    pub mode: Option<i64>,
+}
+
+/// What was read of a file, recorded before its commit is sent.
+#[derive(Debug, Clone)]
+pub struct Read {
+    pub path: Vec<u8>,
+    pub gen: i64,
+    pub kind: &'static str,
+    pub stat: StatKey,
+    pub mode: i64,
+    pub hash: [u8; 32],
+    pub commit_id: [u8; 16],
+}
+
+/// An acknowledgement to record.
+#[derive(Debug, Clone)]
+pub struct Ack {
+    pub path: Vec<u8>,
+    pub gen: i64,
+    pub version: i64,
+    pub commit_time: i64,
+    pub hash: [u8; 32],
+    pub kind: &'static str,
+    pub size: i64,
+}
+
+/// One row, for `status PATH`.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub path: Vec<u8>,
+    pub state: String,
+    pub kind: Option<String>,
+    pub size: Option<i64>,
+    pub dirty_since: Option<i64>,
+    pub due_at: i64,
+    pub reason: Option<String>,
+    pub attempts: i64,
+    pub stat: Option<StatKey>,
+    pub backed_version: Option<i64>,
+    pub backed_at: Option<i64>,
+    pub backed_kind: Option<String>,
+    pub backed_size: Option<i64>,
+}
+
+/// Counts for `status`.
+#[derive(Debug, Clone, Default)]
+pub struct Summary {
+    pub dirty: i64,
+    pub pending: i64,
+    pub uploading: i64,
+    pub backed_up: i64,
+    pub deleted: i64,
+    pub failed: i64,
+    pub pending_bytes: i64,
+    pub last_backup_at: Option<i64>,
+    pub oldest_pending_ms: Option<i64>,
+}
+
+/// The journal.
+pub struct Journal {
+    conn: Connection,
+    path: String,
+}
+
+fn h32(v: Option<Vec<u8>>) -> Option<[u8; 32]> {
+    v.and_then(|b| b.try_into().ok())
+}
+
+impl Journal {
+    /// Opens (creating if needed) the journal and applies pending migrations.
+    pub fn open(path: &Path) -> Result<Self, JournalError> {
+        let p = path.display().to_string();
+        let sql = |source| JournalError::Sql {
+            path: p.clone(),
+            source,
+        };
+        let conn = Connection::open(path).map_err(sql)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(sql)?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(sql)?;
+        conn.pragma_update(None, "synchronous", "NORMAL").map_err(sql)?;
+        let mut j = Journal { conn, path: p };
+        j.migrate()?;
+        Ok(j)
+    }
+
+    /// Opens the journal for reading only (status while the daemon runs).
+    pub fn open_read_only(path: &Path) -> Result<Self, JournalError> {
+        let p = path.display().to_string();
+        let sql = |source| JournalError::Sql {
+            path: p.clone(),
+            source,
+        };
+        let conn = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(sql)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(sql)?;
+        Ok(Journal { conn, path: p })
+    }
+
+    fn err(&self, source: rusqlite::Error) -> JournalError {
+        JournalError::Sql {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn migrate(&mut self) -> Result<(), JournalError> {
+        let v: i64 = self
+            .conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(|e| self.err(e))?;
+        let known = MIGRATIONS.len() as i64;
+        if v > known {
+            return Err(JournalError::TooNew {
+                path: self.path.clone(),
+                found: v,
+                known,
+            });
+        }
+        for (i, m) in MIGRATIONS.iter().enumerate().skip(v as usize) {
+            let tx = self.conn.transaction().map_err(|e| JournalError::Sql {
+                path: self.path.clone(),
+                source: e,
+            })?;
+            tx.execute_batch(m)
+                .and_then(|_| tx.pragma_update(None, "user_version", (i + 1) as i64))
+                .and_then(|_| tx.commit())
+                .map_err(|e| JournalError::Sql {
+                    path: self.path.clone(),
+                    source: e,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// After a restart: work that was in the hands of the uploader becomes due again
+    /// (its hash and commit id stay, so a repeated commit is recognised by the receiver).
+    pub fn requeue_in_flight(&mut self) -> Result<usize, JournalError> {
+        self.conn
+            .execute(
+                "UPDATE files SET state = CASE WHEN state = 'pending' THEN 'dirty' ELSE state END, due_at = 0
+                 WHERE state IN ('pending', 'uploading')",
+                [],
+            )
+            .map_err(|e| self.err(e))
+    }
+
+    /// Records that paths changed (or may have): they become dirty and due after `delay_ms`.
+    pub fn mark_dirty(
+        &mut self,
+        items: &[(Vec<u8>, String)],
+        now: i64,
+        delay_ms: i64,
+    ) -> Result<(), JournalError> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        let tx = self.conn.transaction().map_err(|e| JournalError::Sql {
+            path: self.path.clone(),
+            source: e,
+        })?;
+        {
+            let mut st = tx
+                .prepare_cached(
+                    "INSERT INTO files (path, watch, state, gen, due_at, dirty_since)
+                     VALUES (?1, ?2, 'dirty', 1, ?3, ?4)
+                     ON CONFLICT(path) DO UPDATE SET
+                        state = 'dirty', gen = gen + 1, due_at = ?3,
+                        dirty_since = COALESCE(dirty_since, ?4), reason = NULL,
+                        attempts = CASE WHEN state = 'failed' THEN 0 ELSE attempts END",
+                )
+                .map_err(|e| JournalError::Sql {
+                    path: self.path.clone(),
+                    source: e,
+                })?;
+            for (p, w) in items {
+                st.execute(params![p, w, now + delay_ms, now])
+                    .map_err(|e| JournalError::Sql {
+                        path: self.path.clone(),
+                        source: e,
+                    })?;
+            }
+        }
+        tx.commit().map_err(|e| self.err(e))
+    }
+
+    /// Known paths of one watch with their last-read stat, for scans.
+    pub fn known(&self, watch: &str) -> Result<HashMap<Vec<u8>, Known>, JournalError> {
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT path, state, size, mtime_ns, ctime_ns, inode, kind FROM files WHERE watch = ?1",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map([watch], |r| {
+                let size: Option<i64> = r.get(2)?;
+                let stat = match size {
+                    Some(size) => Some(StatKey {
+                        size,
+                        mtime_ns: r.get::<_, Option<i64>>(3)?.unwrap_or(0),
+                        ctime_ns: r.get::<_, Option<i64>>(4)?.unwrap_or(0),
+                        inode: r.get::<_, Option<i64>>(5)?.unwrap_or(0),
+                    }),
+                    None => None,
+                };
+                Ok((
+                    r.get::<_, Vec<u8>>(0)?,
+                    Known {
+                        state: r.get(1)?,
+                        stat,
+                        kind: r.get(6)?,
+                    },
+                ))
+            })
+            .map_err(|e| self.err(e))?;
+        let mut out = HashMap::new();
+        for row in rows {
+            let (p, k) = row.map_err(|e| self.err(e))?;
+            out.insert(p, k);
+        }
+        Ok(out)
+    }
+
+    /// Takes up to `limit` files that are due, skipping those in `busy`.
+    pub fn claim_due(
+        &self,
+        now: i64,
+        limit: usize,
+        busy: &std::collections::HashSet<Vec<u8>>,
+    ) -> Result<Vec<Job>, JournalError> {
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT path, watch, gen, state, attempts, hash, commit_id, backed_hash, backed_kind, mode
+                 FROM files WHERE state IN ('dirty', 'uploading', 'failed') AND due_at <= ?1
+                 ORDER BY due_at LIMIT ?2",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map(params![now, (limit + busy.len()) as i64], |r| {
+                Ok(Job {
+                    path: r.get(0)?,
+                    watch: r.get(1)?,
+                    gen: r.get(2)?,
+                    state: r.get(3)?,
+                    attempts: r.get(4)?,
+                    hash: h32(r.get(5)?),
+                    commit_id: r
+                        .get::<_, Option<Vec<u8>>>(6)?
+                        .and_then(|b| b.try_into().ok()),
+                    backed_hash: h32(r.get(7)?),
+                    backed_kind: r.get(8)?,
+                    mode: r.get(9)?,
+                })
+            })
+            .map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let j = row.map_err(|e| self.err(e))?;
+            if !busy.contains(&j.path) {
+                out.push(j);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// When the next file becomes due, if any waits.
+    pub fn next_due(&self) -> Result<Option<i64>, JournalError> {
+        self.conn
+            .query_row(
+                "SELECT MIN(due_at) FROM files WHERE state IN ('dirty', 'uploading', 'failed')",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(|e| self.err(e))
+    }
+
+    /// Records what was read and the commit id, before the commits are sent.
+    pub fn record_reads(&mut self, reads: &[Read]) -> Result<(), JournalError> {
+        if reads.is_empty() {
+            return Ok(());
+        }
+        let p = self.path.clone();
+        let e = |source| JournalError::Sql {
+            path: p.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(e)?;
+        {
+            let mut st = tx
+                .prepare_cached(
+                    "UPDATE files SET kind = ?2, size = ?3, mtime_ns = ?4, ctime_ns = ?5, inode = ?6,
+                        mode = ?7, hash = ?8, commit_id = ?9,
+                        state = CASE WHEN gen = ?10 THEN 'uploading' ELSE state END
+                     WHERE path = ?1",
+                )
+                .map_err(e)?;
+            for r in reads {
+                st.execute(params![
+                    r.path,
+                    r.kind,
+                    r.stat.size,
+                    r.stat.mtime_ns,
+                    r.stat.ctime_ns,
+                    r.stat.inode,
+                    r.mode,
+                    &r.hash[..],
+                    &r.commit_id[..],
+                    r.gen
+                ])
+                .map_err(e)?;
+            }
+        }
+        tx.commit().map_err(e)
+    }
+
+    /// Records files whose content equals their last backup: nothing to send.
+    pub fn record_unchanged(&mut self, reads: &[Read]) -> Result<(), JournalError> {
+        let p = self.path.clone();
+        let e = |source| JournalError::Sql {
+            path: p.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(e)?;
+        {
+            let mut st = tx
+                .prepare_cached(
+                    "UPDATE files SET kind = ?2, size = ?3, mtime_ns = ?4, ctime_ns = ?5, inode = ?6,
+                        mode = ?7, hash = ?8, reason = NULL, attempts = 0,
+                        state = CASE WHEN gen = ?9 THEN 'backed_up' ELSE state END,
+                        dirty_since = CASE WHEN gen = ?9 THEN NULL ELSE dirty_since END
+                     WHERE path = ?1",
+                )
+                .map_err(e)?;
+            for r in reads {
+                st.execute(params![
+                    r.path,
+                    r.kind,
+                    r.stat.size,
+                    r.stat.mtime_ns,
+                    r.stat.ctime_ns,
+                    r.stat.inode,
+                    r.mode,
+                    &r.hash[..],
+                    r.gen
+                ])
+                .map_err(e)?;
+            }
+        }
+        tx.commit().map_err(e)
+    }
+
+    /// Records acknowledgements in one transaction.
+    pub fn record_acks(&mut self, acks: &[Ack]) -> Result<(), JournalError> {
+        if acks.is_empty() {
+            return Ok(());
+        }
+        let p = self.path.clone();
+        let e = |source| JournalError::Sql {
+            path: p.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(e)?;
+        {
+            let mut st = tx
+                .prepare_cached(
+                    "UPDATE files SET backed_version = ?2, backed_at = ?3, backed_hash = ?4,
+                        backed_kind = ?5, backed_size = ?6, reason = NULL, attempts = 0,
+                        state = CASE WHEN gen = ?7 THEN 'backed_up' ELSE state END,
+                        dirty_since = CASE WHEN gen = ?7 THEN NULL ELSE dirty_since END
+                     WHERE path = ?1",
+                )
+                .map_err(e)?;
+            for a in acks {
+                st.execute(params![
+                    a.path,
+                    a.version,
+                    a.commit_time,
+                    &a.hash[..],
+                    a.kind,
+                    a.size,
+                    a.gen
+                ])
+                .map_err(e)?;
+            }
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES ('last_ack_ms', ?1)
+                 ON CONFLICT(key) DO UPDATE SET value = ?1",
+                [now_ms().to_string()],
+            )
+            .map_err(e)?;
+        }
+        tx.commit().map_err(e)
+    }
+
+    /// Records a failure of the file itself (unreadable...): retried with back-off.
+    pub fn record_failure(
+        &mut self,
+        path: &[u8],
+        gen: i64,
+        reason: &str,
+        retry_at: i64,
+    ) -> Result<(), JournalError> {
+        self.conn
+            .execute(
+                "UPDATE files SET state = CASE WHEN gen = ?2 THEN 'failed' ELSE state END,
+                    attempts = attempts + 1, reason = ?3,
+                    due_at = CASE WHEN gen = ?2 THEN ?4 ELSE due_at END
+                 WHERE path = ?1",
+                params![path, gen, reason, retry_at],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// Puts a file back to wait (receiver unreachable, changed while read...).
+    pub fn record_retry(
+        &mut self,
+        items: &[(Vec<u8>, String)],
+        due_at: i64,
+    ) -> Result<(), JournalError> {
+        let p = self.path.clone();
+        let e = |source| JournalError::Sql {
+            path: p.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(e)?;
+        {
+            let mut st = tx
+                .prepare_cached(
+                    "UPDATE files SET reason = ?2, due_at = MAX(due_at, ?3),
+                        state = CASE WHEN state = 'backed_up' THEN state ELSE state END
+                     WHERE path = ?1 AND state != 'backed_up'",
+                )
+                .map_err(e)?;
+            for (path, reason) in items {
+                st.execute(params![path, reason, due_at]).map_err(e)?;
+            }
+        }
+        tx.commit().map_err(e)
+    }
+
+    /// Forgets a path that vanished before it was ever backed up.
+    pub fn forget(&mut self, path: &[u8], gen: i64) -> Result<(), JournalError> {
+        self.conn
+            .execute(
+                "DELETE FROM files WHERE path = ?1 AND gen = ?2",
+                params![path, gen],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// Adds to a named counter.
+    pub fn bump(&mut self, name: &str, by: i64) -> Result<(), JournalError> {
+        self.conn
+            .execute(
+                "INSERT INTO counters (name, value) VALUES (?1, ?2)
+                 ON CONFLICT(name) DO UPDATE SET value = value + ?2",
+                params![name, by],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// Sets a named counter.
+    pub fn set_counter(&mut self, name: &str, v: i64) -> Result<(), JournalError> {
+        self.conn
+            .execute(
+                "INSERT INTO counters (name, value) VALUES (?1, ?2)
+                 ON CONFLICT(name) DO UPDATE SET value = ?2",
+                params![name, v],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// All counters.
+    pub fn counters(&self) -> Result<Vec<(String, i64)>, JournalError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT name, value FROM counters ORDER BY name")
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(|e| self.err(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
+    }
+
+    /// Sets a meta value.
+    pub fn set_meta(&mut self, key: &str, value: &str) -> Result<(), JournalError> {
+        self.conn
+            .execute(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2)
+                 ON CONFLICT(key) DO UPDATE SET value = ?2",
+                params![key, value],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// Reads a meta value.
+    pub fn meta(&self, key: &str) -> Result<Option<String>, JournalError> {
+        self.conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    /// Counts for `status`.
+    pub fn summary(&self) -> Result<Summary, JournalError> {
+        let mut s = Summary::default();
+        let mut st = self
+            .conn
+            .prepare(
+                "SELECT state, backed_kind = 'deleted' AND state = 'backed_up', COUNT(*),
+                        COALESCE(SUM(CASE WHEN state != 'backed_up' THEN COALESCE(size, 0) ELSE 0 END), 0),
+                        MIN(dirty_since)
+                 FROM files GROUP BY 1, 2",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, Option<bool>>(1)?.unwrap_or(false),
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, Option<i64>>(4)?,
+                ))
+            })
+            .map_err(|e| self.err(e))?;
+        for row in rows {
+            let (state, deleted, n, bytes, since) = row.map_err(|e| self.err(e))?;
+            match (state.as_str(), deleted) {
+                ("backed_up", true) => s.deleted += n,
+                ("backed_up", false) => s.backed_up += n,
+                ("dirty", _) => s.dirty += n,
+                ("pending", _) => s.pending += n,
+                ("uploading", _) => s.uploading += n,
+                ("failed", _) => s.failed += n,
+                _ => {}
+            }
+            if state != "backed_up" {
+                s.pending_bytes += bytes;
+                if let Some(t) = since {
+                    s.oldest_pending_ms = Some(s.oldest_pending_ms.map_or(t, |o: i64| o.min(t)));
+                }
+            }
+        }
+        s.last_backup_at = self
+            .conn
+            .query_row("SELECT MAX(backed_at) FROM files", [], |r| r.get(0))
+            .map_err(|e| self.err(e))?;
+        Ok(s)
+    }
+
+    fn row_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
+        let size: Option<i64> = r.get(3)?;
+        Ok(Row {
+            path: r.get(0)?,
+            state: r.get(1)?,
+            kind: r.get(2)?,
+            size,
+            dirty_since: r.get(4)?,
+            due_at: r.get(5)?,
+            reason: r.get(6)?,
+            attempts: r.get(7)?,
+            stat: size.map(|size| StatKey {
+                size,
+                mtime_ns: r.get::<_, Option<i64>>(8).ok().flatten().unwrap_or(0),
+                ctime_ns: r.get::<_, Option<i64>>(9).ok().flatten().unwrap_or(0),
+                inode: r.get::<_, Option<i64>>(10).ok().flatten().unwrap_or(0),
+            }),
+            backed_version: r.get(11)?,
+            backed_at: r.get(12)?,
+            backed_kind: r.get(13)?,
+            backed_size: r.get(14)?,
+        })
+    }
+
+    const ROW_COLS: &'static str = "path, state, kind, size, dirty_since, due_at, reason, attempts, mtime_ns, ctime_ns, inode, backed_version, backed_at, backed_kind, backed_size";
+
+    /// One path's row.
+    pub fn row(&self, path: &[u8]) -> Result<Option<Row>, JournalError> {
+        self.conn
+            .query_row(
+                &format!("SELECT {} FROM files WHERE path = ?1", Self::ROW_COLS),
+                [path],
+                Self::row_from,
+            )
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    /// Rows in a state (e.g. failed), up to `limit`.
+    pub fn rows_in_state(&self, state: &str, limit: usize) -> Result<Vec<Row>, JournalError> {
+        let mut st = self
+            .conn
+            .prepare(&format!(
+                "SELECT {} FROM files WHERE state = ?1 ORDER BY path LIMIT ?2",
+                Self::ROW_COLS
+            ))
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map(params![state, limit as i64], Self::row_from)
+            .map_err(|e| self.err(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
+    }
+
+    /// Rows whose path starts with `prefix` (a folder), up to `limit`.
+    pub fn rows_under(&self, prefix: &[u8], limit: usize) -> Result<Vec<Row>, JournalError> {
+        let mut hi = prefix.to_vec();
+        hi.push(0xff);
+        let mut st = self
+            .conn
+            .prepare(&format!(
+                "SELECT {} FROM files WHERE path >= ?1 AND path < ?2 ORDER BY path LIMIT ?3",
+                Self::ROW_COLS
+            ))
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map(params![prefix, hi, limit as i64], Self::row_from)
+            .map_err(|e| self.err(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn j() -> (tempfile::TempDir, Journal) {
+        let d = tempfile::tempdir().expect("tempdir");
+        let j = Journal::open(&d.path().join("j.sqlite")).expect("open");
+        (d, j)
+    }
+
+    fn read(path: &[u8], gen: i64) -> Read {
+        Read {
+            path: path.to_vec(),
+            gen,
+            kind: "file",
+            stat: StatKey {
+                size: 3,
+                mtime_ns: 1,
+                ctime_ns: 1,
+                inode: 1,
+            },
+            mode: 0o644,
+            hash: [1; 32],
+            commit_id: [2; 16],
+        }
+    }
+
+    #[test]
+    fn lifecycle_dirty_uploading_backed_up() {
+        let (_d, mut j) = j();
+        j.mark_dirty(&[(b"w/a".to_vec(), "w".into())], 1000, 2000).expect("dirty");
+        let busy = Default::default();
+        assert!(j.claim_due(2999, 10, &busy).expect("claim").is_empty());
+        let jobs = j.claim_due(3000, 10, &busy).expect("claim");
+        assert_eq!(jobs.len(), 1);
+        j.record_reads(&[read(b"w/a", jobs[0].gen)]).expect("reads");
+        assert_eq!(j.summary().expect("s").uploading, 1);
+        j.record_acks(&[Ack {
+            path: b"w/a".to_vec(),
+            gen: jobs[0].gen,
+            version: 7,
+            commit_time: 5,
+            hash: [1; 32],
+            kind: "file",
+            size: 3,
+        }])
+        .expect("ack");
+        let s = j.summary().expect("s");
+        assert_eq!((s.backed_up, s.uploading, s.pending_bytes), (1, 0, 0));
+        assert_eq!(s.last_backup_at, Some(5));
+    }
+
+    #[test]
+    fn a_change_during_upload_keeps_the_file_dirty() {
+        let (_d, mut j) = j();
+        j.mark_dirty(&[(b"w/a".to_vec(), "w".into())], 0, 0).expect("dirty");
+        let job = j.claim_due(10, 1, &Default::default()).expect("claim").remove(0);
+        j.record_reads(&[read(b"w/a", job.gen)]).expect("reads");
+        j.mark_dirty(&[(b"w/a".to_vec(), "w".into())], 20, 0).expect("dirty again");
+        j.record_acks(&[Ack {
+            path: b"w/a".to_vec(),
+            gen: job.gen,
+            version: 1,
+            commit_time: 5,
+            hash: [1; 32],
+            kind: "file",
+            size: 3,
+        }])
+        .expect("ack");
+        let r = j.row(b"w/a").expect("row").expect("exists");
+        assert_eq!(r.state, "dirty");
+        assert_eq!(r.backed_version, Some(1));
+    }
+
+    #[test]
+    fn restart_requeues_in_flight_work_with_its_commit_id() {
+        let (_d, mut j) = j();
+        j.mark_dirty(&[(b"w/a".to_vec(), "w".into())], 0, 0).expect("dirty");
+        let job = j.claim_due(10, 1, &Default::default()).expect("claim").remove(0);
+        j.record_reads(&[read(b"w/a", job.gen)]).expect("reads");
+        j.requeue_in_flight().expect("requeue");
+        let again = j.claim_due(0, 1, &Default::default()).expect("claim").remove(0);
+        assert_eq!(again.commit_id, Some([2; 16]));
+        assert_eq!(again.hash, Some([1; 32]));
+    }
+
+    #[test]
+    fn failures_are_counted_and_retried_later() {
+        let (_d, mut j) = j();
+        j.mark_dirty(&[(b"w/a".to_vec(), "w".into())], 0, 0).expect("dirty");
+        j.record_failure(b"w/a", 1, "reading w/a: permission denied", 5000).expect("fail");
+        assert_eq!(j.summary().expect("s").failed, 1);
+        assert!(j.claim_due(4999, 1, &Default::default()).expect("c").is_empty());
+        assert_eq!(j.claim_due(5000, 1, &Default::default()).expect("c").len(), 1);
+        assert_eq!(j.rows_in_state("failed", 10).expect("rows")[0].attempts, 1);
+    }
+}

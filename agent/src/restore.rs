@@ -1,0 +1,776 @@
+//! Getting files back: `ls`, `versions`, `restore`, `verify`.
+//!
+//! The catalog is every version the receiver holds for this repository, listed in pages and
+//! opened with the manifest key. A point in time picks, per path, the latest version
+//! committed at or before it; a deletion hides the file. Restore fetches chunks pipelined
+//! (a bounded window in flight), opens and verifies each on worker threads, and writes them
+//! at their offsets into a temporary file next to the target, renamed into place when
+//! complete. It never follows a symlink in the target and refuses unsafe manifest paths.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ffi::OsStr;
+use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use coffer_common::chunk::{ChunkId, Crypto, FileId};
+use coffer_common::manifest::{safe_components, EntryKind, Manifest};
+use coffer_common::wire::Message;
+
+use crate::config::Config;
+use crate::conn::{Conn, ConnError, Pending};
+use crate::state;
+
+/// Errors of restore-side commands.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error(transparent)]
+    State(#[from] state::StateError),
+    #[error(transparent)]
+    Conn(#[from] ConnError),
+    #[error("{0}")]
+    Usage(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{failed} of {total} files could not be restored (see the messages above)")]
+    Partial { failed: usize, total: usize },
+    #[error("{0} damaged or missing files (see the messages above)")]
+    Damaged(usize),
+}
+
+/// One version of one file, opened.
+#[derive(Debug, Clone)]
+pub struct Item {
+    pub version: u64,
+    pub commit_time: i64,
+    pub file_id: FileId,
+    pub manifest: Manifest,
+}
+
+/// Parses `--at`: RFC 3339 or unix seconds.
+pub fn parse_time(s: &str) -> Result<i64, String> {
+    if let Ok(n) = s.trim().parse::<i64>() {
+        return Ok(n);
+    }
+    humantime::parse_rfc3339_weak(s.trim())
+        .map_err(|e| format!("--at {s:?}: expected RFC 3339 (2026-11-25T21:00:00Z) or unix seconds: {e}"))
+        .and_then(|t| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .map_err(|_| format!("--at {s:?}: before 1970"))
+        })
+}
+
+/// Formats unix seconds as RFC 3339 (UTC).
+pub fn rfc3339(secs: i64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// A connected session for restore-side commands: runtime, connection, keys.
+pub struct Session {
+    pub rt: tokio::runtime::Runtime,
+    pub conn: Conn,
+    pub crypto: Crypto,
+}
+
+impl Session {
+    /// Unlocks the keys (fetching the escrowed key file if this machine has none), then
+    /// connects. A wrong passphrase fails here, before anything is written.
+    pub fn open(cfg: &Config) -> Result<Self, RestoreError> {
+        let keypair = state::load_agent_key(cfg)?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(|e| RestoreError::Usage(format!("starting runtime: {e}")))?;
+        let conn = rt.block_on(Conn::connect(
+            &cfg.receiver,
+            &cfg.receiver_key,
+            &keypair,
+            &cfg.name,
+        ))?;
+        let kf = cfg.keyfile_path();
+        let crypto = if kf.exists() {
+            state::unlock(cfg)?
+        } else {
+            let bytes = fetch_keyfile(&rt, &conn)?;
+            let crypto = state::unlock_bytes(cfg, &bytes, Path::new("escrowed key file"))?;
+            state::write_private(&kf, &bytes)?;
+            crypto
+        };
+        Ok(Session { rt, conn, crypto })
+    }
+
+    /// Every version in the repository, opened. Versions whose manifest does not open are
+    /// reported and skipped.
+    pub fn catalog(&self) -> Result<Vec<Item>, RestoreError> {
+        let mut out = Vec::new();
+        let mut after = 0u64;
+        loop {
+            let r = self.rt.block_on(self.conn.call(Message::ListVersions {
+                after,
+                limit: 10_000,
+            }))?;
+            let Message::Versions { entries, more } = r else {
+                return Err(ConnError::Unexpected(r.kind()).into());
+            };
+            for e in &entries {
+                after = after.max(e.version);
+                match self
+                    .crypto
+                    .open_manifest(&e.file_id, &e.manifest)
+                    .map_err(|x| x.to_string())
+                    .and_then(|b| Manifest::decode(&b).map_err(|x| x.to_string()))
+                {
+                    Ok(m) => out.push(Item {
+                        version: e.version,
+                        commit_time: e.commit_time,
+                        file_id: e.file_id,
+                        manifest: m,
+                    }),
+                    Err(err) => {
+                        tracing::error!(version = e.version, error = %err, "a version's manifest does not open (damaged repository); skipped")
+                    }
+                }
+            }
+            if !more || entries.is_empty() {
+                break;
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn fetch_keyfile(rt: &tokio::runtime::Runtime, conn: &Conn) -> Result<Vec<u8>, RestoreError> {
+    match rt.block_on(conn.call(Message::GetKeyFile))? {
+        Message::KeyFile { data: Some(d) } => Ok(d),
+        Message::KeyFile { data: None } => Err(RestoreError::Usage(
+            "the receiver holds no key file for this repository (was the first agent ever run?)".into(),
+        )),
+        m => Err(ConnError::Unexpected(m.kind()).into()),
+    }
+}
+
+/// Does `path` fall under one of `prefixes` (whole components)?
+fn matches(path: &[u8], prefixes: &[Vec<u8>]) -> bool {
+    prefixes.is_empty()
+        || prefixes.iter().any(|p| {
+            let p = p.strip_suffix(b"/").unwrap_or(p);
+            path == p || (path.starts_with(p) && path.get(p.len()) == Some(&b'/'))
+        })
+}
+
+/// The latest version of each path at `at` (or now), deletions left out.
+pub fn select(items: &[Item], at: Option<i64>, prefixes: &[Vec<u8>]) -> BTreeMap<Vec<u8>, Item> {
+    let mut latest: BTreeMap<Vec<u8>, &Item> = BTreeMap::new();
+    for it in items {
+        if at.is_some_and(|t| it.commit_time > t) || !matches(&it.manifest.path, prefixes) {
+            continue;
+        }
+        let e = latest.entry(it.manifest.path.clone()).or_insert(it);
+        if it.version > e.version {
+            *e = it;
+        }
+    }
+    latest
+        .into_iter()
+        .filter(|(_, it)| it.manifest.kind != EntryKind::Deleted)
+        .map(|(k, v)| (k, v.clone()))
+        .collect()
+}
+
+fn show(p: &[u8]) -> String {
+    String::from_utf8_lossy(p).into_owned()
+}
+
+/// `ls`: one line per file.
+pub fn ls(cfg: &Config, at: Option<i64>, prefix: Option<&str>) -> Result<(), RestoreError> {
+    let s = Session::open(cfg)?;
+    let items = s.catalog()?;
+    let prefixes: Vec<Vec<u8>> = prefix.map(|p| p.as_bytes().to_vec()).into_iter().collect();
+    let sel = select(&items, at, &prefixes);
+    let mut out = std::io::stdout().lock();
+    for (path, it) in sel {
+        let m = &it.manifest;
+        let kind = match &m.kind {
+            EntryKind::Symlink { target } => format!(" -> {}", show(target)),
+            _ => String::new(),
+        };
+        let _ = writeln!(
+            out,
+            "{:>12}  {}  v{:<6} {}{}",
+            m.size,
+            rfc3339(m.mtime_ns.div_euclid(1_000_000_000)),
+            it.version,
+            show(&path),
+            kind
+        );
+    }
+    Ok(())
+}
+
+/// `versions PATH`: every version of one file.
+pub fn versions(cfg: &Config, path: &str) -> Result<(), RestoreError> {
+    let s = Session::open(cfg)?;
+    let items = s.catalog()?;
+    let mut v: Vec<&Item> = items
+        .iter()
+        .filter(|i| i.manifest.path == path.as_bytes())
+        .collect();
+    if v.is_empty() {
+        return Err(RestoreError::Usage(format!(
+            "no versions of {path:?} (paths look like `watch-name/relative/path`)"
+        )));
+    }
+    v.sort_by_key(|i| i.version);
+    let mut out = std::io::stdout().lock();
+    for i in v {
+        let m = &i.manifest;
+        let what = match &m.kind {
+            EntryKind::File => format!("{:>12}  {}", m.size, &coffer_common::chunk::to_hex(&m.content_hash)[..12]),
+            EntryKind::Symlink { target } => format!("{:>12}  -> {}", m.size, show(target)),
+            EntryKind::Deleted => format!("{:>12}  deleted", "-"),
+        };
+        let _ = writeln!(out, "v{:<6} {}  {}", i.version, rfc3339(i.commit_time), what);
+    }
+    Ok(())
+}
+
+/// Options of `restore`.
+pub struct RestoreOpts {
+    pub to: PathBuf,
+    pub at: Option<i64>,
+    pub paths: Vec<String>,
+    pub overwrite: bool,
+    pub progress: bool,
+}
+
+/// Chunks fetched ahead of the writers.
+const WINDOW: usize = 24;
+
+struct Target {
+    path: PathBuf,
+    tmp: PathBuf,
+    file: std::fs::File,
+    remaining: usize,
+    failed: Option<String>,
+    item: Item,
+}
+
+/// `restore`.
+pub fn restore(cfg: &Config, o: RestoreOpts) -> Result<(), RestoreError> {
+    let s = Session::open(cfg)?;
+    let items = s.catalog()?;
+    let prefixes: Vec<Vec<u8>> = o.paths.iter().map(|p| p.as_bytes().to_vec()).collect();
+    let sel = select(&items, o.at, &prefixes);
+    if sel.is_empty() {
+        return Err(RestoreError::Usage(if o.paths.is_empty() {
+            "nothing to restore: the repository holds no files at that time".into()
+        } else {
+            format!("nothing matches {:?} at that time", o.paths)
+        }));
+    }
+    if o.to.as_os_str() == "-" {
+        return dump(&s, &sel, &o);
+    }
+    let io = |p: &Path, source| RestoreError::Io {
+        path: p.display().to_string(),
+        source,
+    };
+    match std::fs::symlink_metadata(&o.to) {
+        Ok(m) if m.is_dir() => {
+            let nonempty = std::fs::read_dir(&o.to)
+                .map_err(|e| io(&o.to, e))?
+                .next()
+                .is_some();
+            if nonempty && !o.overwrite {
+                return Err(RestoreError::Usage(format!(
+                    "{} is not empty; pass --overwrite to restore into it",
+                    o.to.display()
+                )));
+            }
+        }
+        Ok(_) => {
+            return Err(RestoreError::Usage(format!(
+                "{} exists and is not a folder",
+                o.to.display()
+            )))
+        }
+        Err(_) => std::fs::create_dir_all(&o.to).map_err(|e| io(&o.to, e))?,
+    }
+    let total = sel.len();
+    let total_bytes: u64 = sel.values().map(|i| i.manifest.size).sum();
+    let bar = progress_bar(o.progress, total_bytes, "restoring");
+    let is_root = nix::unistd::geteuid().is_root();
+    let mut failed = 0usize;
+    // Prepare targets; symlinks and empty files finish at once.
+    let mut targets: HashMap<usize, Target> = HashMap::new();
+    let mut order: Vec<(usize, u64, ChunkId, u32)> = Vec::new();
+    for (n, (path, it)) in sel.into_iter().enumerate() {
+        let dest = match prepare(&o.to, &path) {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("error: {}: {e}", show(&path));
+                failed += 1;
+                continue;
+            }
+        };
+        match &it.manifest.kind {
+            EntryKind::Symlink { target } => {
+                if let Err(e) = place_symlink(&dest, target, &it.manifest, is_root) {
+                    eprintln!("error: {}: {e}", show(&path));
+                    failed += 1;
+                }
+            }
+            EntryKind::File => {
+                let tmp = temp_name(&dest);
+                let file = match std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&tmp)
+                {
+                    Ok(f) => f,
+                    Err(e) => {
+                        eprintln!("error: {}: creating {}: {e}", show(&path), tmp.display());
+                        failed += 1;
+                        continue;
+                    }
+                };
+                let mut off = 0u64;
+                for c in &it.manifest.chunks {
+                    order.push((n, off, c.id, c.len));
+                    off += c.len as u64;
+                }
+                let t = Target {
+                    path: dest,
+                    tmp,
+                    file,
+                    remaining: it.manifest.chunks.len(),
+                    failed: None,
+                    item: it,
+                };
+                if t.remaining == 0 {
+                    if let Err(e) = finish(t, is_root) {
+                        eprintln!("error: {}: {e}", show(&path));
+                        failed += 1;
+                    }
+                } else {
+                    targets.insert(n, t);
+                }
+            }
+            EntryKind::Deleted => {}
+        }
+    }
+    let targets = Arc::new(Mutex::new(targets));
+    let failed_chunks = fetch_all(&s, order, &targets, &bar)?;
+    let _ = failed_chunks;
+    let left: Vec<Target> = match targets.lock() {
+        Ok(mut t) => t.drain().map(|(_, v)| v).collect(),
+        Err(_) => Vec::new(),
+    };
+    for t in left {
+        // Files whose chunks did not all arrive.
+        let name = show(&t.item.manifest.path);
+        let why = t.failed.clone().unwrap_or_else(|| "incomplete".into());
+        let _ = std::fs::remove_file(&t.tmp);
+        eprintln!("error: {name}: {why}");
+        failed += 1;
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    if failed > 0 {
+        return Err(RestoreError::Partial { failed, total });
+    }
+    eprintln!("restored {total} files ({total_bytes} bytes) into {}", o.to.display());
+    Ok(())
+}
+
+fn progress_bar(on: bool, total: u64, what: &'static str) -> Option<indicatif::ProgressBar> {
+    if !on || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        return None;
+    }
+    let b = indicatif::ProgressBar::new(total);
+    if let Ok(st) = indicatif::ProgressStyle::with_template(
+        "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+    ) {
+        b.set_style(st.progress_chars("=> "));
+    }
+    b.set_message(what);
+    Some(b)
+}
+
+/// Fetches every chunk in `order` with a bounded window, opening and writing them on two
+/// threads. Completed files are finished (renamed into place) as their last chunk lands.
+fn fetch_all(
+    s: &Session,
+    order: Vec<(usize, u64, ChunkId, u32)>,
+    targets: &Arc<Mutex<HashMap<usize, Target>>>,
+    bar: &Option<indicatif::ProgressBar>,
+) -> Result<u64, RestoreError> {
+    let (tx, rx) = crossbeam_channel::bounded::<(usize, u64, ChunkId, Pending)>(WINDOW);
+    let bad = Arc::new(AtomicU64::new(0));
+    let is_root = nix::unistd::geteuid().is_root();
+    std::thread::scope(|scope| {
+        for _ in 0..2 {
+            let rx = rx.clone();
+            let targets = targets.clone();
+            let bad = bad.clone();
+            let crypto = &s.crypto;
+            let bar = bar.clone();
+            scope.spawn(move || {
+                while let Ok((n, off, id, p)) = rx.recv() {
+                    let res = p.wait_blocking().map_err(|e| e.to_string()).and_then(|m| match m {
+                        Message::Chunk { sealed, .. } => crypto
+                            .open_chunk(&id, &sealed)
+                            .map_err(|e| format!("chunk {} is damaged: {e}", &id.to_hex()[..16])),
+                        m => Err(format!("unexpected reply {}", m.kind())),
+                    });
+                    let mut t = match targets.lock() {
+                        Ok(t) => t,
+                        Err(_) => return,
+                    };
+                    let Some(tg) = t.get_mut(&n) else { continue };
+                    match res {
+                        Ok(plain) => {
+                            if tg.failed.is_none() {
+                                if let Err(e) = tg.file.write_all_at(&plain, off) {
+                                    tg.failed = Some(format!("writing {}: {e}", tg.tmp.display()));
+                                }
+                            }
+                            if let Some(b) = &bar {
+                                b.inc(plain.len() as u64);
+                            }
+                        }
+                        Err(e) => {
+                            bad.fetch_add(1, Ordering::Relaxed);
+                            tg.failed.get_or_insert(e);
+                        }
+                    }
+                    tg.remaining -= 1;
+                    if tg.remaining == 0 {
+                        if let Some(tg) = t.remove(&n) {
+                            drop(t);
+                            if tg.failed.is_none() {
+                                let name = show(&tg.item.manifest.path);
+                                if let Err(e) = finish(tg, is_root) {
+                                    eprintln!("error: {name}: {e}");
+                                    bad.fetch_add(1, Ordering::Relaxed);
+                                }
+                            } else {
+                                // Reported by the caller.
+                                if let Ok(mut t) = targets.lock() {
+                                    t.insert(n, tg);
+                                }
+                            }
+                        }
+                    }
+                }
+            });
+        }
+        drop(rx);
+        for (n, off, id, _len) in order {
+            let p = match s.rt.block_on(s.conn.start(Message::GetChunk { id })) {
+                Ok(p) => p,
+                Err(e) => {
+                    if let Ok(mut t) = targets.lock() {
+                        if let Some(tg) = t.get_mut(&n) {
+                            tg.failed.get_or_insert(e.to_string());
+                        }
+                    }
+                    continue;
+                }
+            };
+            if tx.send((n, off, id, p)).is_err() {
+                break;
+            }
+        }
+        drop(tx);
+    });
+    // Targets that still wait for chunks never got them (send failures).
+    Ok(bad.load(Ordering::Relaxed))
+}
+
+fn temp_name(dest: &Path) -> PathBuf {
+    let mut r = [0u8; 6];
+    let _ = coffer_common::keys::fill_random(&mut r);
+    let name = format!(".coffer-restore-{}", coffer_common::chunk::to_hex(&r));
+    dest.parent().unwrap_or(Path::new(".")).join(name)
+}
+
+/// Creates the folders for `path` under `root`, never following a symlink, and returns the
+/// destination path. Unsafe manifest paths are refused.
+fn prepare(root: &Path, path: &[u8]) -> Result<PathBuf, String> {
+    let parts = safe_components(path).map_err(|e| e.to_string())?;
+    let mut cur = root.to_path_buf();
+    for (i, part) in parts.iter().enumerate() {
+        cur.push(OsStr::from_bytes(part));
+        if i + 1 == parts.len() {
+            break;
+        }
+        match std::fs::symlink_metadata(&cur) {
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(format!(
+                    "{} is a symlink in the target; refusing to write through it",
+                    cur.display()
+                ))
+            }
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => return Err(format!("{} exists and is not a folder", cur.display())),
+            Err(_) => {
+                std::fs::create_dir(&cur).map_err(|e| format!("creating {}: {e}", cur.display()))?
+            }
+        }
+    }
+    if let Ok(m) = std::fs::symlink_metadata(&cur) {
+        if m.is_dir() {
+            return Err(format!("{} exists and is a folder", cur.display()));
+        }
+    }
+    Ok(cur)
+}
+
+fn set_times(p: &Path, m: &Manifest, follow: bool) -> Result<(), String> {
+    let ts = nix::sys::time::TimeSpec::new(
+        m.mtime_ns.div_euclid(1_000_000_000),
+        m.mtime_ns.rem_euclid(1_000_000_000),
+    );
+    let flag = if follow {
+        nix::sys::stat::UtimensatFlags::FollowSymlink
+    } else {
+        nix::sys::stat::UtimensatFlags::NoFollowSymlink
+    };
+    nix::sys::stat::utimensat(None, p, &ts, &ts, flag)
+        .map_err(|e| format!("setting mtime of {}: {e}", p.display()))
+}
+
+fn finish(t: Target, is_root: bool) -> Result<(), String> {
+    let m = &t.item.manifest;
+    let len = t
+        .file
+        .metadata()
+        .map_err(|e| format!("{}: {e}", t.tmp.display()))?
+        .len();
+    let cleanup = |e: String| {
+        let _ = std::fs::remove_file(&t.tmp);
+        e
+    };
+    if len != m.size {
+        return Err(cleanup(format!(
+            "restored {len} bytes but the manifest says {}",
+            m.size
+        )));
+    }
+    if is_root {
+        let _ = std::os::unix::fs::fchown(&t.file, Some(m.uid), Some(m.gid));
+    }
+    t.file
+        .set_permissions(std::fs::Permissions::from_mode(m.mode & 0o7777))
+        .map_err(|e| cleanup(format!("setting mode of {}: {e}", t.tmp.display())))?;
+    drop(t.file);
+    set_times(&t.tmp, m, false).map_err(cleanup)?;
+    std::fs::rename(&t.tmp, &t.path)
+        .map_err(|e| cleanup(format!("renaming into {}: {e}", t.path.display())))
+}
+
+fn place_symlink(dest: &Path, target: &[u8], m: &Manifest, is_root: bool) -> Result<(), String> {
+    let tmp = temp_name(dest);
+    std::os::unix::fs::symlink(OsStr::from_bytes(target), &tmp)
+        .map_err(|e| format!("creating symlink {}: {e}", tmp.display()))?;
+    if is_root {
+        let _ = std::os::unix::fs::lchown(&tmp, Some(m.uid), Some(m.gid));
+    }
+    let _ = set_times(&tmp, m, false);
+    std::fs::rename(&tmp, dest).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        format!("renaming into {}: {e}", dest.display())
+    })
+}
+
+/// `restore --to - PATH`: one file's bytes to stdout.
+fn dump(s: &Session, sel: &BTreeMap<Vec<u8>, Item>, o: &RestoreOpts) -> Result<(), RestoreError> {
+    if o.paths.len() != 1 {
+        return Err(RestoreError::Usage("`--to -` takes exactly one PATH".into()));
+    }
+    let want = o.paths[0].as_bytes();
+    let it = sel
+        .get(want)
+        .ok_or_else(|| RestoreError::Usage(format!("{:?} is not a file at that time", o.paths[0])))?;
+    let mut out = std::io::stdout().lock();
+    let mut pend = std::collections::VecDeque::new();
+    let mut iter = it.manifest.chunks.iter();
+    loop {
+        while pend.len() < WINDOW {
+            match iter.next() {
+                Some(c) => pend.push_back((c.id, s.rt.block_on(s.conn.start(Message::GetChunk { id: c.id }))?)),
+                None => break,
+            }
+        }
+        let Some((id, p)) = pend.pop_front() else { break };
+        let plain = match p.wait_blocking()? {
+            Message::Chunk { sealed, .. } => s.crypto.open_chunk(&id, &sealed).map_err(|e| {
+                RestoreError::Usage(format!("{}: chunk {} is damaged: {e}", o.paths[0], &id.to_hex()[..16]))
+            })?,
+            m => return Err(ConnError::Unexpected(m.kind()).into()),
+        };
+        out.write_all(&plain).map_err(|e| RestoreError::Io {
+            path: "stdout".into(),
+            source: e,
+        })?;
+    }
+    out.flush().map_err(|e| RestoreError::Io {
+        path: "stdout".into(),
+        source: e,
+    })
+}
+
+/// `verify`: checks that every chunk referenced by the latest (or all) versions exists, and
+/// with `read_data` downloads and opens each one.
+pub fn verify(cfg: &Config, read_data: bool, all: bool, progress: bool) -> Result<(), RestoreError> {
+    let s = Session::open(cfg)?;
+    let items = s.catalog()?;
+    let chosen: Vec<Item> = if all {
+        items
+            .into_iter()
+            .filter(|i| i.manifest.kind == EntryKind::File)
+            .collect()
+    } else {
+        select(&items, None, &[]).into_values().collect()
+    };
+    let mut users: HashMap<ChunkId, Vec<usize>> = HashMap::new();
+    for (n, it) in chosen.iter().enumerate() {
+        for c in &it.manifest.chunks {
+            users.entry(c.id).or_default().push(n);
+        }
+    }
+    let ids: Vec<ChunkId> = users.keys().copied().collect();
+    let mut bad: HashMap<usize, String> = HashMap::new();
+    for page in ids.chunks(50_000) {
+        if let Message::Missing { ids } = s.rt.block_on(s.conn.call(Message::HaveChunks { ids: page.to_vec() }))? {
+            for id in ids {
+                for &n in users.get(&id).into_iter().flatten() {
+                    bad.entry(n)
+                        .or_insert_with(|| format!("chunk {} is missing on the receiver", &id.to_hex()[..16]));
+                }
+            }
+        }
+    }
+    if read_data {
+        let sizes: HashMap<ChunkId, u64> = chosen
+            .iter()
+            .flat_map(|i| i.manifest.chunks.iter().map(|c| (c.id, c.len as u64)))
+            .collect();
+        let bar = progress_bar(progress, sizes.values().sum(), "verifying");
+        let mut pend = std::collections::VecDeque::new();
+        let mut it = ids.iter();
+        let mut seen = HashSet::new();
+        loop {
+            while pend.len() < WINDOW {
+                match it.next() {
+                    Some(id) if seen.insert(*id) => {
+                        pend.push_back((*id, s.rt.block_on(s.conn.start(Message::GetChunk { id: *id }))?))
+                    }
+                    Some(_) => continue,
+                    None => break,
+                }
+            }
+            let Some((id, p)) = pend.pop_front() else { break };
+            let res = match p.wait_blocking() {
+                Ok(Message::Chunk { sealed, .. }) => s.crypto.open_chunk(&id, &sealed).map(|_| ()).map_err(|e| e.to_string()),
+                Ok(m) => Err(format!("unexpected reply {}", m.kind())),
+                Err(e) if e.is_connection() => return Err(e.into()),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Some(b) = &bar {
+                b.inc(sizes.get(&id).copied().unwrap_or(0));
+            }
+            if let Err(e) = res {
+                for &n in users.get(&id).into_iter().flatten() {
+                    bad.entry(n)
+                        .or_insert_with(|| format!("chunk {} is damaged: {e}", &id.to_hex()[..16]));
+                }
+            }
+        }
+        if let Some(b) = bar {
+            b.finish_and_clear();
+        }
+    }
+    let mut out = std::io::stdout().lock();
+    let mut names: Vec<(String, u64, &String)> = bad
+        .iter()
+        .map(|(n, why)| (show(&chosen[*n].manifest.path), chosen[*n].version, why))
+        .collect();
+    names.sort();
+    for (name, v, why) in &names {
+        let _ = writeln!(out, "DAMAGED {name} (v{v}): {why}");
+    }
+    let _ = writeln!(
+        out,
+        "checked {} files, {} chunks{}: {} damaged",
+        chosen.len(),
+        ids.len(),
+        if read_data { " (data read and verified)" } else { "" },
+        names.len()
+    );
+    if names.is_empty() {
+        Ok(())
+    } else {
+        Err(RestoreError::Damaged(names.len()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(v: u64, t: i64, path: &str, kind: EntryKind) -> Item {
+        Item {
+            version: v,
+            commit_time: t,
+            file_id: FileId([0; 32]),
+            manifest: Manifest {
+                path: path.as_bytes().to_vec(),
+                kind,
+                size: v,
+                mtime_ns: 0,
+                mode: 0o644,
+                uid: 0,
+                gid: 0,
+                content_hash: [0; 32],
+                chunks: vec![],
+            },
+        }
+    }
+
+    #[test]
+    fn point_in_time_selection() {
+        let items = vec![
+            item(1, 100, "w/a", EntryKind::File),
+            item(2, 200, "w/a", EntryKind::File),
+            item(3, 300, "w/a", EntryKind::Deleted),
+            item(4, 150, "w/sub/b", EntryKind::File),
+            item(5, 150, "w/subway", EntryKind::File),
+        ];
+        assert_eq!(select(&items, Some(150), &[])[&b"w/a".to_vec()].version, 1);
+        assert_eq!(select(&items, Some(250), &[])[&b"w/a".to_vec()].version, 2);
+        assert!(!select(&items, None, &[]).contains_key(b"w/a".as_slice()));
+        let sub = select(&items, None, &[b"w/sub".to_vec()]);
+        assert_eq!(sub.len(), 1);
+        assert!(sub.contains_key(b"w/sub/b".as_slice()));
+    }
+
+    #[test]
+    fn times_parse() {
+        assert_eq!(parse_time("1700000000"), Ok(1_700_000_000));
+        assert_eq!(parse_time("2023-11-14T22:13:20Z"), Ok(1_700_000_000));
+        assert!(parse_time("yesterday").is_err());
+        assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
+    }
+}

@@ -1,0 +1,710 @@
+//! The uploader: read -> chunk -> id -> seal -> ask -> put -> commit -> ack.
+//!
+//! Worker threads each take a due file, read it once (hashing, chunking and sealing on the
+//! way, with memory bounded by a window of chunks), ask the receiver which chunks it lacks,
+//! put only those (pipelined, no waiting per chunk), and queue the commit. Commits are sent
+//! in batches after the batch's hashes and commit ids are in the journal; acknowledgements
+//! are recorded in batches by one collector thread.
+
+use std::collections::HashSet;
+use std::io::Read as _;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use coffer_common::chunk::{chunk_stream, ChunkId, Crypto, HashingReader, MIN_CHUNK};
+use coffer_common::keys::fill_random;
+use coffer_common::manifest::{ChunkRef, EntryKind, Manifest};
+use coffer_common::wire::{CommitId, Message};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+
+use crate::config::Config;
+use crate::conn::{Conn, ConnError, Pending};
+use crate::journal::{now_ms, Ack, Job, Journal, Read, StatKey};
+use crate::scan::{fs_path, stat_key};
+
+/// Plaintext bytes of chunks held before asking the receiver which it lacks.
+const WINDOW_BYTES: usize = 16 << 20;
+/// Commits sent per journal transaction at most.
+const BATCH_FILES: usize = 512;
+/// Bytes read per batch at most before its commits are sent.
+const BATCH_BYTES: u64 = 64 << 20;
+
+/// Live counters (status line, metrics).
+#[derive(Default)]
+pub struct Counters {
+    pub bytes_read: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub files_acked: AtomicU64,
+    pub chunks_sent: AtomicU64,
+}
+
+/// State shared by the uploader's threads.
+pub struct Shared {
+    pub cfg: Config,
+    pub journal: Mutex<Journal>,
+    pub crypto: Crypto,
+    pub busy: Mutex<HashSet<Vec<u8>>>,
+    pub shutdown: AtomicBool,
+    pub wake: Sender<()>,
+    pub conn: ConnManager,
+    pub counters: Counters,
+}
+
+impl Shared {
+    fn release(&self, paths: impl IntoIterator<Item = Vec<u8>>) {
+        if let Ok(mut b) = self.busy.lock() {
+            for p in paths {
+                b.remove(&p);
+            }
+        }
+        let _ = self.wake.try_send(());
+    }
+
+    fn journal<T>(
+        &self,
+        f: impl FnOnce(&mut Journal) -> Result<T, crate::journal::JournalError>,
+    ) -> Option<T> {
+        match self.journal.lock() {
+            Ok(mut j) => match f(&mut j) {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    tracing::error!(error = %e, "journal write failed");
+                    None
+                }
+            },
+            Err(_) => None,
+        }
+    }
+}
+
+/// Keeps one connection to the receiver, reconnecting with capped exponential back-off.
+pub struct ConnManager {
+    cfg: Config,
+    keypair: coffer_common::channel::StaticKeypair,
+    rt: tokio::runtime::Handle,
+    cur: Mutex<Option<Conn>>,
+    keyfile: Vec<u8>,
+}
+
+impl ConnManager {
+    pub fn new(
+        cfg: Config,
+        keypair: coffer_common::channel::StaticKeypair,
+        rt: tokio::runtime::Handle,
+        keyfile: Vec<u8>,
+    ) -> Self {
+        Self {
+            cfg,
+            keypair,
+            rt,
+            cur: Mutex::new(None),
+            keyfile,
+        }
+    }
+
+    /// The live connection, connecting first if needed; `None` once shutting down.
+    pub fn get(&self, sh: &Shared) -> Option<Conn> {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            if sh.shutdown.load(Ordering::SeqCst) {
+                return None;
+            }
+            let mut cur = self.cur.lock().ok()?;
+            if let Some(c) = cur.as_ref() {
+                if !c.is_closed() {
+                    return Some(c.clone());
+                }
+                *cur = None;
+            }
+            let res = self.rt.block_on(Conn::connect(
+                &self.cfg.receiver,
+                &self.cfg.receiver_key,
+                &self.keypair,
+                &self.cfg.name,
+            ));
+            match res {
+                Ok(c) => {
+                    tracing::info!(receiver = %self.cfg.receiver, repo = %c.repo, "connected to receiver");
+                    sh.journal(|j| {
+                        j.set_meta("receiver_state", "connected")?;
+                        j.set_meta("receiver_state_at", &now_ms().to_string())
+                    });
+                    self.escrow(sh, &c);
+                    *cur = Some(c.clone());
+                    return Some(c);
+                }
+                Err(e) => {
+                    drop(cur);
+                    tracing::warn!(error = %e, retry_in = ?backoff, "receiver not available");
+                    sh.journal(|j| {
+                        j.set_meta("receiver_state", &format!("unreachable: {e}"))?;
+                        j.set_meta("receiver_state_at", &now_ms().to_string())
+                    });
+                    let until = std::time::Instant::now() + backoff;
+                    while std::time::Instant::now() < until {
+                        if sh.shutdown.load(Ordering::SeqCst) {
+                            return None;
+                        }
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// Forgets a connection that failed.
+    pub fn invalidate(&self) {
+        if let Ok(mut c) = self.cur.lock() {
+            if c.as_ref().is_some_and(Conn::is_closed) {
+                *c = None;
+            }
+        }
+    }
+
+    fn escrow(&self, sh: &Shared, c: &Conn) {
+        let done = sh
+            .journal(|j| j.meta("key_escrowed"))
+            .flatten()
+            .is_some_and(|v| v == "1");
+        if done || self.keyfile.is_empty() {
+            return;
+        }
+        let r = self.rt.block_on(c.call(Message::PutKeyFile {
+            data: self.keyfile.clone(),
+        }));
+        match r {
+            Ok(Message::KeyFileStored) => {
+                tracing::info!("wrapped key file escrowed on the receiver (for recovery with the passphrase)");
+                sh.journal(|j| j.set_meta("key_escrowed", "1"));
+            }
+            Ok(m) => tracing::warn!(reply = m.kind(), "unexpected reply to key escrow"),
+            Err(e) => tracing::warn!(error = %e, "escrowing the key file failed; will retry"),
+        }
+    }
+}
+
+/// A file read and ready to commit.
+struct Ready {
+    read: Read,
+    commit: Message,
+    puts: Vec<Pending>,
+    size: i64,
+}
+
+/// Work for the ack collector.
+pub struct AckWork {
+    path: Vec<u8>,
+    gen: i64,
+    hash: [u8; 32],
+    kind: &'static str,
+    size: i64,
+    puts: Vec<Pending>,
+    commit: Pending,
+}
+
+enum Outcome {
+    Ready(Box<Ready>),
+    Unchanged(Box<Read>),
+    Forget,
+    Failed(String),
+    Retry(String, i64),
+    Lost(ConnError),
+}
+
+fn backoff_ms(attempts: i64) -> i64 {
+    let s = 1i64 << attempts.clamp(0, 12);
+    (s * 1000).min(3_600_000)
+}
+
+/// A worker thread: takes jobs, reads files, sends batches of commits.
+pub fn worker(sh: Arc<Shared>, jobs: Receiver<Job>, acks: Sender<AckWork>) {
+    let mut batch: Vec<Ready> = Vec::new();
+    let mut batch_bytes = 0u64;
+    loop {
+        let job = if batch.is_empty() {
+            match jobs.recv_timeout(Duration::from_millis(200)) {
+                Ok(j) => j,
+                Err(RecvTimeoutError::Timeout) => {
+                    if sh.shutdown.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+        } else {
+            match jobs.try_recv() {
+                Ok(j) => j,
+                Err(_) => {
+                    flush(&sh, &mut batch, &acks);
+                    batch_bytes = 0;
+                    continue;
+                }
+            }
+        };
+        if sh.shutdown.load(Ordering::SeqCst) {
+            sh.release([job.path]);
+            let paths: Vec<_> = batch.drain(..).map(|r| r.read.path).collect();
+            sh.release(paths);
+            continue;
+        }
+        let Some(conn) = sh.conn.get(&sh) else {
+            sh.release([job.path]);
+            continue;
+        };
+        let path = job.path.clone();
+        match process(&sh, &conn, &job) {
+            Outcome::Ready(r) => {
+                batch_bytes += r.size as u64;
+                batch.push(*r);
+                if batch.len() >= BATCH_FILES || batch_bytes >= BATCH_BYTES {
+                    flush(&sh, &mut batch, &acks);
+                    batch_bytes = 0;
+                }
+            }
+            Outcome::Unchanged(read) => {
+                sh.journal(|j| j.record_unchanged(std::slice::from_ref(&read)));
+                sh.release([path]);
+            }
+            Outcome::Forget => {
+                sh.journal(|j| j.forget(&path, job.gen));
+                sh.release([path]);
+            }
+            Outcome::Failed(reason) => {
+                tracing::warn!(path = %String::from_utf8_lossy(&path), %reason, "backup of file failed; will retry");
+                let at = now_ms() + backoff_ms(job.attempts);
+                sh.journal(|j| j.record_failure(&path, job.gen, &reason, at));
+                sh.release([path]);
+            }
+            Outcome::Retry(reason, at) => {
+                sh.journal(|j| j.record_retry(&[(path.clone(), reason)], at));
+                sh.release([path]);
+            }
+            Outcome::Lost(e) => {
+                sh.conn.invalidate();
+                sh.journal(|j| {
+                    j.record_retry(
+                        &[(path.clone(), format!("receiver unreachable: {e}"))],
+                        now_ms(),
+                    )
+                });
+                sh.release([path]);
+            }
+        }
+    }
+}
+
+fn flush(sh: &Shared, batch: &mut Vec<Ready>, acks: &Sender<AckWork>) {
+    if batch.is_empty() {
+        return;
+    }
+    let reads: Vec<Read> = batch.iter().map(|r| r.read.clone()).collect();
+    if sh.journal(|j| j.record_reads(&reads)).is_none() {
+        let paths: Vec<_> = batch.drain(..).map(|r| r.read.path).collect();
+        sh.release(paths);
+        return;
+    }
+    let conn = sh.conn.get(sh);
+    for r in batch.drain(..) {
+        let sent = match conn.as_ref() {
+            Some(c) => c.start_blocking(r.commit).map_err(|e| e.to_string()),
+            None => Err("shutting down".into()),
+        };
+        match sent {
+            Ok(commit) => {
+                let w = AckWork {
+                    path: r.read.path,
+                    gen: r.read.gen,
+                    hash: r.read.hash,
+                    kind: r.read.kind,
+                    size: r.size,
+                    puts: r.puts,
+                    commit,
+                };
+                if acks.send(w).is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                sh.conn.invalidate();
+                let p = r.read.path;
+                sh.journal(|j| j.record_retry(&[(p.clone(), format!("receiver unreachable: {e}"))], now_ms()));
+                sh.release([p]);
+            }
+        }
+    }
+}
+
+/// The ack collector: records acknowledgements in batches, releases files.
+pub fn ack_collector(sh: Arc<Shared>, rx: Receiver<AckWork>) {
+    let mut done: Vec<Ack> = Vec::new();
+    let record = |done: &mut Vec<Ack>| {
+        if done.is_empty() {
+            return;
+        }
+        sh.journal(|j| j.record_acks(done));
+        sh.counters
+            .files_acked
+            .fetch_add(done.len() as u64, Ordering::Relaxed);
+        let paths: Vec<_> = done.drain(..).map(|a| a.path).collect();
+        sh.release(paths);
+    };
+    loop {
+        let mut w = match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(w) => w,
+            Err(RecvTimeoutError::Timeout) => {
+                record(&mut done);
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                record(&mut done);
+                return;
+            }
+        };
+        let reply = match w.commit.try_take() {
+            Some(r) => r,
+            None => {
+                // Nothing more is ready: record what is, then wait.
+                record(&mut done);
+                w.commit.wait_blocking()
+            }
+        };
+        let mut put_err = None;
+        for p in w.puts.drain(..) {
+            if let Err(e) = p.wait_blocking() {
+                put_err.get_or_insert(e);
+            }
+        }
+        match (reply, put_err) {
+            (Ok(Message::FileAcked {
+                version,
+                commit_time,
+                ..
+            }), _) => {
+                done.push(Ack {
+                    path: w.path,
+                    gen: w.gen,
+                    version: version as i64,
+                    commit_time,
+                    hash: w.hash,
+                    kind: w.kind,
+                    size: w.size,
+                });
+                if done.len() >= 2048 {
+                    record(&mut done);
+                }
+            }
+            (Ok(m), _) => {
+                let reason = format!("unexpected reply {} to commit", m.kind());
+                sh.journal(|j| j.record_retry(&[(w.path.clone(), reason.clone())], now_ms() + 5000));
+                sh.release([w.path]);
+            }
+            (Err(e), put_err) => {
+                let e = put_err.unwrap_or(e);
+                if e.is_connection() {
+                    sh.conn.invalidate();
+                }
+                let reason = if e.is_connection() {
+                    format!("receiver unreachable: {e}")
+                } else {
+                    format!("receiver refused the upload: {e}")
+                };
+                let delay = if e.is_connection() { 0 } else { 5000 };
+                sh.journal(|j| j.record_retry(&[(w.path.clone(), reason.clone())], now_ms() + delay));
+                sh.release([w.path]);
+            }
+        }
+    }
+}
+
+fn read_info(job: &Job, kind: &'static str, stat: StatKey, mode: i64, hash: [u8; 32]) -> Read {
+    let commit_id = match (job.hash, job.commit_id) {
+        (Some(h), Some(c)) if h == hash => c,
+        _ => {
+            let mut c = [0u8; 16];
+            if fill_random(&mut c).is_err() {
+                // Fall back to a hash-derived id; uniqueness per (path, content, time) holds.
+                let mut h = blake3::Hasher::new();
+                h.update(&job.path);
+                h.update(&hash);
+                h.update(&now_ms().to_le_bytes());
+                c.copy_from_slice(&h.finalize().as_bytes()[..16]);
+            }
+            c
+        }
+    };
+    Read {
+        path: job.path.clone(),
+        gen: job.gen,
+        kind,
+        stat,
+        mode,
+        hash,
+        commit_id,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn ready(
+    sh: &Shared,
+    job: &Job,
+    read: Read,
+    kind: EntryKind,
+    meta: Option<&std::fs::Metadata>,
+    chunks: Vec<ChunkRef>,
+    puts: Vec<Pending>,
+) -> Outcome {
+    let manifest = Manifest {
+        path: job.path.clone(),
+        kind,
+        size: read.stat.size as u64,
+        mtime_ns: read.stat.mtime_ns,
+        mode: (read.mode & 0o7777) as u32,
+        uid: meta.map(|m| m.uid()).unwrap_or(0),
+        gid: meta.map(|m| m.gid()).unwrap_or(0),
+        content_hash: read.hash,
+        chunks: chunks.clone(),
+    };
+    let file_id = sh.crypto.file_id(&job.path);
+    let sealed = match sh.crypto.seal_manifest(&file_id, &manifest.encode()) {
+        Ok(s) => s,
+        Err(e) => return Outcome::Failed(format!("sealing manifest: {e}")),
+    };
+    let size = read.stat.size;
+    let commit = Message::CommitFile {
+        commit_id: CommitId(read.commit_id),
+        file_id,
+        manifest: sealed,
+        chunks: chunks.iter().map(|c| c.id).collect(),
+    };
+    Outcome::Ready(Box::new(Ready {
+        read,
+        commit,
+        puts,
+        size,
+    }))
+}
+
+fn process(sh: &Shared, conn: &Conn, job: &Job) -> Outcome {
+    let Some((_, path)) = fs_path(&sh.cfg.watches, &job.path) else {
+        return Outcome::Forget; // its watch was removed from the config
+    };
+    let shown = path.display().to_string();
+    let meta = match std::fs::symlink_metadata(&path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return deletion(sh, job),
+        Err(e) => return Outcome::Failed(format!("reading {shown}: {e}")),
+    };
+    let ft = meta.file_type();
+    if ft.is_dir() {
+        return Outcome::Forget;
+    }
+    let mode = meta.mode() as i64;
+    if ft.is_symlink() {
+        let target = match std::fs::read_link(&path) {
+            Ok(t) => t.as_os_str().as_bytes().to_vec(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return deletion(sh, job),
+            Err(e) => return Outcome::Failed(format!("reading link {shown}: {e}")),
+        };
+        let hash = *blake3::hash(&target).as_bytes();
+        let read = read_info(job, "symlink", stat_key(&meta), mode, hash);
+        if job.backed_hash == Some(hash) && job.backed_kind.as_deref() == Some("symlink") {
+            return Outcome::Unchanged(Box::new(read));
+        }
+        return ready(sh, job, read, EntryKind::Symlink { target }, Some(&meta), vec![], vec![]);
+    }
+    if !ft.is_file() {
+        let _ = sh.journal(|j| j.bump("skipped_special", 1));
+        return Outcome::Forget;
+    }
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NOCTTY)
+        .open(&path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return deletion(sh, job),
+        Err(e) => return Outcome::Failed(format!("reading {shown}: {e}")),
+    };
+    let before = match file.metadata() {
+        Ok(m) => m,
+        Err(e) => return Outcome::Failed(format!("reading {shown}: {e}")),
+    };
+    if !before.is_file() {
+        return Outcome::Retry("replaced while being opened".into(), now_ms());
+    }
+    let mut chunks = Vec::new();
+    let mut puts = Vec::new();
+    let hash;
+    let len;
+    if before.len() < MIN_CHUNK as u64 {
+        // Small file: one read, hash first, and skip the presence query (the receiver
+        // dedups puts); if its content is what we last backed up, send nothing.
+        let mut data = Vec::with_capacity(before.len() as usize);
+        if let Err(e) = (&file).take(MIN_CHUNK as u64).read_to_end(&mut data) {
+            return Outcome::Failed(format!("reading {shown}: {e}"));
+        }
+        hash = *blake3::hash(&data).as_bytes();
+        len = data.len() as u64;
+        if let Some(o) = changed_while_read(sh, &file, &path, &before, len) {
+            return o;
+        }
+        let read = read_info(job, "file", stat_key(&before), mode, hash);
+        if unchanged(job, &read) {
+            return Outcome::Unchanged(Box::new(read));
+        }
+        sh.counters.bytes_read.fetch_add(len, Ordering::Relaxed);
+        if !data.is_empty() {
+            let id = sh.crypto.chunk_id(&data);
+            let sealed = match sh.crypto.seal_chunk(&id, &data) {
+                Ok(s) => s,
+                Err(e) => return Outcome::Failed(format!("sealing {shown}: {e}")),
+            };
+            sh.counters.bytes_sent.fetch_add(sealed.len() as u64, Ordering::Relaxed);
+            match conn.start_blocking(Message::PutChunk { id, sealed }) {
+                Ok(p) => puts.push(p),
+                Err(e) => return Outcome::Lost(e),
+            }
+            chunks.push(ChunkRef {
+                id,
+                len: data.len() as u32,
+            });
+        }
+        return ready(sh, job, read, EntryKind::File, Some(&before), chunks, puts);
+    }
+    // Large file: stream it through the chunker in one read, hashing on the way.
+    let mut reader = HashingReader::new(&file);
+    let mut window: Vec<(ChunkId, Vec<u8>)> = Vec::new();
+    let mut window_bytes = 0usize;
+    let mut sent: HashSet<ChunkId> = HashSet::new();
+    for c in chunk_stream(&mut reader) {
+        let data = match c {
+            Ok(d) => d,
+            Err(e) => return Outcome::Failed(format!("reading {shown}: {e}")),
+        };
+        let id = sh.crypto.chunk_id(&data);
+        chunks.push(ChunkRef {
+            id,
+            len: data.len() as u32,
+        });
+        window_bytes += data.len();
+        window.push((id, data));
+        if window_bytes >= WINDOW_BYTES {
+            if let Err(o) = send_window(sh, conn, &shown, &mut window, &mut sent, &mut puts) {
+                return o;
+            }
+            window_bytes = 0;
+        }
+        if sh.shutdown.load(Ordering::SeqCst) {
+            return Outcome::Retry("agent stopped while reading".into(), now_ms());
+        }
+    }
+    if let Err(o) = send_window(sh, conn, &shown, &mut window, &mut sent, &mut puts) {
+        return o;
+    }
+    (hash, len) = reader.finish();
+    sh.counters.bytes_read.fetch_add(len, Ordering::Relaxed);
+    if let Some(o) = changed_while_read(sh, &file, &path, &before, len) {
+        return o;
+    }
+    let read = read_info(job, "file", stat_key(&before), mode, hash);
+    if unchanged(job, &read) && puts.is_empty() {
+        return Outcome::Unchanged(Box::new(read));
+    }
+    ready(sh, job, read, EntryKind::File, Some(&before), chunks, puts)
+}
+
+fn unchanged(job: &Job, read: &Read) -> bool {
+    job.backed_hash == Some(read.hash)
+        && job.backed_kind.as_deref() == Some(read.kind)
+        && job.mode.is_none_or(|m| m == read.mode)
+}
+
+/// Asks which of the window's chunks the receiver lacks, then seals and puts those.
+fn send_window(
+    sh: &Shared,
+    conn: &Conn,
+    shown: &str,
+    window: &mut Vec<(ChunkId, Vec<u8>)>,
+    sent: &mut HashSet<ChunkId>,
+    puts: &mut Vec<Pending>,
+) -> Result<(), Outcome> {
+    if window.is_empty() {
+        return Ok(());
+    }
+    let ask: Vec<ChunkId> = window
+        .iter()
+        .map(|(id, _)| *id)
+        .filter(|id| !sent.contains(id))
+        .collect();
+    let missing: HashSet<ChunkId> = if ask.is_empty() {
+        HashSet::new()
+    } else {
+        match conn.call_blocking(Message::HaveChunks { ids: ask }) {
+            Ok(Message::Missing { ids }) => ids.into_iter().collect(),
+            Ok(m) => return Err(Outcome::Failed(format!("unexpected reply {}", m.kind()))),
+            Err(e) if e.is_connection() => return Err(Outcome::Lost(e)),
+            Err(e) => return Err(Outcome::Failed(format!("receiver: {e}"))),
+        }
+    };
+    for (id, data) in window.drain(..) {
+        if !missing.contains(&id) || !sent.insert(id) {
+            continue;
+        }
+        let sealed = sh
+            .crypto
+            .seal_chunk(&id, &data)
+            .map_err(|e| Outcome::Failed(format!("sealing {shown}: {e}")))?;
+        sh.counters
+            .bytes_sent
+            .fetch_add(sealed.len() as u64, Ordering::Relaxed);
+        sh.counters.chunks_sent.fetch_add(1, Ordering::Relaxed);
+        match conn.start_blocking(Message::PutChunk { id, sealed }) {
+            Ok(p) => puts.push(p),
+            Err(e) => return Err(Outcome::Lost(e)),
+        }
+    }
+    Ok(())
+}
+
+/// The settle check: the file must look the same after the read as before it, else the
+/// bytes may be torn; it is read again once it settles.
+fn changed_while_read(
+    sh: &Shared,
+    file: &std::fs::File,
+    path: &std::path::Path,
+    before: &std::fs::Metadata,
+    read_len: u64,
+) -> Option<Outcome> {
+    let again = Outcome::Retry(
+        "changed while being read; will read again once it settles".into(),
+        now_ms() + sh.cfg.debounce.as_millis() as i64,
+    );
+    let after = match file.metadata() {
+        Ok(m) => m,
+        Err(_) => return Some(again),
+    };
+    let by_path = std::fs::symlink_metadata(path).ok();
+    if stat_key(before) != stat_key(&after)
+        || read_len != after.len()
+        || by_path.is_none_or(|m| m.ino() != after.ino())
+    {
+        return Some(again);
+    }
+    None
+}
+
+fn deletion(sh: &Shared, job: &Job) -> Outcome {
+    match job.backed_kind.as_deref() {
+        None => Outcome::Forget,
+        Some("deleted") => Outcome::Unchanged(Box::new(read_info(job, "deleted", StatKey::default(), 0, [0; 32]))),
+        Some(_) => {
+            let read = read_info(job, "deleted", StatKey::default(), 0, [0; 32]);
+            ready(sh, job, read, EntryKind::Deleted, None, vec![], vec![])
+        }
+    }
+}
