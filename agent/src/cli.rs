@@ -198,13 +198,21 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Ls(a) => {
             let cfg = load(&a.config)?;
-            let at = a.at.as_deref().map(restore::parse_time).transpose().map_err(anyhow::Error::msg)?;
+            let at =
+                a.at.as_deref()
+                    .map(restore::parse_time)
+                    .transpose()
+                    .map_err(anyhow::Error::msg)?;
             Ok(restore::ls(&cfg, at, a.prefix.as_deref())?)
         }
         Cmd::Versions(a) => Ok(restore::versions(&load(&a.config)?, &a.path)?),
         Cmd::Restore(a) => {
             let cfg = load(&a.config)?;
-            let at = a.at.as_deref().map(restore::parse_time).transpose().map_err(anyhow::Error::msg)?;
+            let at =
+                a.at.as_deref()
+                    .map(restore::parse_time)
+                    .transpose()
+                    .map_err(anyhow::Error::msg)?;
             Ok(restore::restore(
                 &cfg,
                 restore::RestoreOpts {
@@ -251,14 +259,18 @@ fn init(a: InitArgs) -> Result<()> {
     };
     let mut watches = Vec::new();
     for w in &a.watch {
-        std::fs::create_dir_all(w).with_context(|| format!("creating watched folder {}", w.display()))?;
+        std::fs::create_dir_all(w)
+            .with_context(|| format!("creating watched folder {}", w.display()))?;
         let abs = std::fs::canonicalize(w).with_context(|| format!("{}", w.display()))?;
         let name = abs
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "root".into());
         check_watch_name(&name).map_err(anyhow::Error::msg)?;
-        if watches.iter().any(|x: &RawWatch| x.name.as_deref() == Some(&name)) {
+        if watches
+            .iter()
+            .any(|x: &RawWatch| x.name.as_deref() == Some(&name))
+        {
             bail!("two --watch folders are named {name:?}; rename one in the config after init");
         }
         watches.push(RawWatch {
@@ -272,15 +284,19 @@ fn init(a: InitArgs) -> Result<()> {
         receiver_key: receiver_key.to_string(),
         name: Some(a.name.clone().unwrap_or_else(host_name)),
         state_dir: Some(state_dir.clone()),
-        passphrase_file: a.passphrase_file.as_deref().map(std::path::absolute).transpose()?,
+        passphrase_file: a
+            .passphrase_file
+            .as_deref()
+            .map(std::path::absolute)
+            .transpose()?,
         debounce: "2s".into(),
         rescan_interval: "1h".into(),
         upload_concurrency: 2,
-        metrics: None,
         watch: watches,
     };
     let cfg = Config::from_raw(&a.config, raw.clone())?;
-    std::fs::create_dir_all(&state_dir).with_context(|| format!("creating {}", state_dir.display()))?;
+    std::fs::create_dir_all(&state_dir)
+        .with_context(|| format!("creating {}", state_dir.display()))?;
     if !a.recover {
         let pass = state::passphrase(cfg.passphrase_file.as_deref(), true)?;
         let master = MasterSecret::generate()?;

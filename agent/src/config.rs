@@ -65,9 +65,6 @@ pub struct RawConfig {
     /// Files read, chunked and sealed at once.
     #[serde(default = "default_concurrency")]
     pub upload_concurrency: usize,
-    /// Prometheus metrics listen address (off when absent).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub metrics: Option<String>,
     /// Watched folders.
     #[serde(default)]
     pub watch: Vec<RawWatch>,
@@ -99,7 +96,6 @@ pub struct Config {
     pub debounce: Duration,
     pub rescan_interval: Duration,
     pub upload_concurrency: usize,
-    pub metrics: Option<String>,
     pub watches: Vec<Watch>,
 }
 
@@ -168,7 +164,13 @@ impl Config {
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("."));
         let base = std::path::absolute(&base).unwrap_or(base);
-        let abs = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
+        let abs = |p: &Path| {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            }
+        };
         let receiver_key = raw
             .receiver_key
             .parse::<PublicKey>()
@@ -177,8 +179,11 @@ impl Config {
             return Err(invalid("key `receiver` is empty".into()));
         }
         let dur = |key: &str, v: &str| {
-            humantime::parse_duration(v)
-                .map_err(|e| invalid(format!("key `{key}`: {v:?} is not a duration like \"2s\" or \"500ms\": {e}")))
+            humantime::parse_duration(v).map_err(|e| {
+                invalid(format!(
+                    "key `{key}`: {v:?} is not a duration like \"2s\" or \"500ms\": {e}"
+                ))
+            })
         };
         let debounce = dur("debounce", &raw.debounce)?;
         let rescan_interval = dur("rescan_interval", &raw.rescan_interval)?;
@@ -186,7 +191,9 @@ impl Config {
             return Err(invalid("key `rescan_interval` must be at least 1s".into()));
         }
         if raw.upload_concurrency == 0 || raw.upload_concurrency > 64 {
-            return Err(invalid("key `upload_concurrency` must be between 1 and 64".into()));
+            return Err(invalid(
+                "key `upload_concurrency` must be between 1 and 64".into(),
+            ));
         }
         let mut names = HashSet::new();
         let mut watches = Vec::new();
@@ -197,9 +204,16 @@ impl Config {
                 None => p
                     .file_name()
                     .map(|n| n.to_string_lossy().into_owned())
-                    .ok_or_else(|| invalid(format!("watch #{} (path {}): cannot take a name from this path; set `name`", i + 1, p.display())))?,
+                    .ok_or_else(|| {
+                        invalid(format!(
+                            "watch #{} (path {}): cannot take a name from this path; set `name`",
+                            i + 1,
+                            p.display()
+                        ))
+                    })?,
             };
-            check_watch_name(&name).map_err(|m| invalid(format!("watch #{} `name`: {m}", i + 1)))?;
+            check_watch_name(&name)
+                .map_err(|m| invalid(format!("watch #{} `name`: {m}", i + 1)))?;
             if !names.insert(name.clone()) {
                 return Err(invalid(format!(
                     "two watches are named {name:?}; give each `[[watch]]` a distinct `name`"
@@ -210,7 +224,9 @@ impl Config {
                 let g = globset::GlobBuilder::new(pat)
                     .literal_separator(false)
                     .build()
-                    .map_err(|e| invalid(format!("watch {name:?} `exclude` pattern {pat:?}: {e}")))?;
+                    .map_err(|e| {
+                        invalid(format!("watch {name:?} `exclude` pattern {pat:?}: {e}"))
+                    })?;
                 b.add(g);
             }
             let exclude = b
@@ -228,12 +244,15 @@ impl Config {
             receiver: raw.receiver,
             receiver_key,
             name: raw.name.unwrap_or_else(host_name),
-            state_dir: raw.state_dir.as_deref().map(abs).unwrap_or_else(|| base.join("state")),
+            state_dir: raw
+                .state_dir
+                .as_deref()
+                .map(abs)
+                .unwrap_or_else(|| base.join("state")),
             passphrase_file: raw.passphrase_file.as_deref().map(abs),
             debounce,
             rescan_interval,
             upload_concurrency: raw.upload_concurrency,
-            metrics: raw.metrics,
             watches,
         })
     }
@@ -285,7 +304,10 @@ mod tests {
         ))
         .expect_err("unknown key");
         let s = e.to_string();
-        assert!(s.contains("agent.toml") && s.contains("line 3") && s.contains("frobnicate"), "{s}");
+        assert!(
+            s.contains("agent.toml") && s.contains("line 3") && s.contains("frobnicate"),
+            "{s}"
+        );
     }
 
     #[test]
@@ -294,7 +316,10 @@ mod tests {
             "receiver = \"x:1\"\nreceiver_key = \"{KEY}\"\n[[watch]]\npath = \"/a/docs\"\n[[watch]]\npath = \"/b/docs\"\n"
         ))
         .expect_err("dup");
-        assert!(e.to_string().contains("two watches are named \"docs\""), "{e}");
+        assert!(
+            e.to_string().contains("two watches are named \"docs\""),
+            "{e}"
+        );
     }
 
     #[test]

@@ -128,10 +128,13 @@ impl Conn {
             addr: addr.to_string(),
             reason,
         };
-        let stream = tokio::time::timeout(Duration::from_secs(10), tokio::net::TcpStream::connect(addr))
-            .await
-            .map_err(|_| unreachable("connect timed out".into()))?
-            .map_err(|e| unreachable(e.to_string()))?;
+        let stream = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        .map_err(|_| unreachable("connect timed out".into()))?
+        .map_err(|e| unreachable(e.to_string()))?;
         let _ = stream.set_nodelay(true);
         let mut ch = channel::connect(stream, keypair, receiver_key)
             .await

@@ -69,7 +69,10 @@ pub fn run(cfg: Config) -> Result<(), RunError> {
     let _lock = lock_state(&cfg)?;
     let keypair = state::load_agent_key(&cfg)?;
     let keyfile = std::fs::read(cfg.keyfile_path()).map_err(|e| {
-        RunError::Other(format!("reading key file {}: {e}", cfg.keyfile_path().display()))
+        RunError::Other(format!(
+            "reading key file {}: {e}",
+            cfg.keyfile_path().display()
+        ))
     })?;
     let crypto = state::unlock_bytes(&cfg, &keyfile, &cfg.keyfile_path())?;
     let mut journal = Journal::open(&cfg.journal_path())?;
@@ -101,16 +104,19 @@ pub fn run(cfg: Config) -> Result<(), RunError> {
         let sh = sh.clone();
         rt.spawn(async move {
             use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut term), Ok(mut int)) =
-                (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-            else {
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
                 return;
             };
             tokio::select! {
                 _ = term.recv() => {}
                 _ = int.recv() => {}
             }
-            tracing::info!("stopping: finishing outstanding commits; pending work stays in the journal");
+            tracing::info!(
+                "stopping: finishing outstanding commits; pending work stays in the journal"
+            );
             sh.shutdown.store(true, Ordering::SeqCst);
             let _ = sh.wake.try_send(());
         });
@@ -233,7 +239,9 @@ fn scheduler(sh: &Arc<Shared>, jobs: Sender<crate::journal::Job>, wake: Receiver
                 .ok()
                 .and_then(|j| j.next_due().ok().flatten());
             let wait = match next {
-                Some(t) if t > now => Duration::from_millis((t - now) as u64).min(Duration::from_secs(1)),
+                Some(t) if t > now => {
+                    Duration::from_millis((t - now) as u64).min(Duration::from_secs(1))
+                }
                 Some(_) => Duration::from_millis(50),
                 None => Duration::from_secs(1),
             };
@@ -311,7 +319,9 @@ fn events(sh: Arc<Shared>, rx: Receiver<Change>, scans: Sender<ScanRequest>) {
         if let Ok(mut j) = sh.journal.lock() {
             for g in gone_dirs {
                 if let Ok(rows) = j.rows_under(&[&g[..], b"/"].concat(), usize::MAX >> 1) {
-                    let name = String::from_utf8_lossy(g.split(|&b| b == b'/').next().unwrap_or(b"")).into_owned();
+                    let name =
+                        String::from_utf8_lossy(g.split(|&b| b == b'/').next().unwrap_or(b""))
+                            .into_owned();
                     dirty.extend(rows.into_iter().map(|r| (r.path, name.clone())));
                 }
             }
@@ -341,7 +351,8 @@ fn scanner(sh: Arc<Shared>, rx: Receiver<ScanRequest>) {
                 if let Ok(mut j) = sh.journal.lock() {
                     if req.sub.is_none() {
                         let _ = j.bump("scans", 1);
-                        let _ = j.set_meta(&format!("last_scan_ms:{}", w.name), &now_ms().to_string());
+                        let _ =
+                            j.set_meta(&format!("last_scan_ms:{}", w.name), &now_ms().to_string());
                     }
                 }
             }

@@ -22,7 +22,11 @@ pub enum JournalError {
         source: rusqlite::Error,
     },
     #[error("journal {path} has schema version {found}, newer than this build knows ({known}); upgrade coffer-agent")]
-    TooNew { path: String, found: i64, known: i64 },
+    TooNew {
+        path: String,
+        found: i64,
+        known: i64,
+    },
 }
 
 /// Unix time in milliseconds.
@@ -140,9 +144,12 @@ impl Journal {
             source,
         };
         let conn = Connection::open(path).map_err(sql)?;
-        conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(sql)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(sql)?;
-        conn.pragma_update(None, "synchronous", "NORMAL").map_err(sql)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(sql)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(sql)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(sql)?;
         let mut j = Journal { conn, path: p };
         j.migrate()?;
         Ok(j)
@@ -160,7 +167,8 @@ impl Journal {
             rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
         .map_err(sql)?;
-        conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(sql)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(sql)?;
         Ok(Journal { conn, path: p })
     }
 
@@ -727,7 +735,8 @@ mod tests {
     #[test]
     fn lifecycle_dirty_uploading_backed_up() {
         let (_d, mut j) = j();
-        j.mark_dirty(&[(b"w/a".to_vec(), "w".into())], 1000, 2000).expect("dirty");
+        j.mark_dirty(&[(b"w/a".to_vec(), "w".into())], 1000, 2000)
+            .expect("dirty");
         let busy = Default::default();
         assert!(j.claim_due(2999, 10, &busy).expect("claim").is_empty());
         let jobs = j.claim_due(3000, 10, &busy).expect("claim");
@@ -752,10 +761,15 @@ mod tests {
     #[test]
     fn a_change_during_upload_keeps_the_file_dirty() {
         let (_d, mut j) = j();
-        j.mark_dirty(&[(b"w/a".to_vec(), "w".into())], 0, 0).expect("dirty");
-        let job = j.claim_due(10, 1, &Default::default()).expect("claim").remove(0);
+        j.mark_dirty(&[(b"w/a".to_vec(), "w".into())], 0, 0)
+            .expect("dirty");
+        let job = j
+            .claim_due(10, 1, &Default::default())
+            .expect("claim")
+            .remove(0);
         j.record_reads(&[read(b"w/a", job.gen)]).expect("reads");
-        j.mark_dirty(&[(b"w/a".to_vec(), "w".into())], 20, 0).expect("dirty again");
+        j.mark_dirty(&[(b"w/a".to_vec(), "w".into())], 20, 0)
+            .expect("dirty again");
         j.record_acks(&[Ack {
             path: b"w/a".to_vec(),
             gen: job.gen,
@@ -774,11 +788,18 @@ mod tests {
     #[test]
     fn restart_requeues_in_flight_work_with_its_commit_id() {
         let (_d, mut j) = j();
-        j.mark_dirty(&[(b"w/a".to_vec(), "w".into())], 0, 0).expect("dirty");
-        let job = j.claim_due(10, 1, &Default::default()).expect("claim").remove(0);
+        j.mark_dirty(&[(b"w/a".to_vec(), "w".into())], 0, 0)
+            .expect("dirty");
+        let job = j
+            .claim_due(10, 1, &Default::default())
+            .expect("claim")
+            .remove(0);
         j.record_reads(&[read(b"w/a", job.gen)]).expect("reads");
         j.requeue_in_flight().expect("requeue");
-        let again = j.claim_due(0, 1, &Default::default()).expect("claim").remove(0);
+        let again = j
+            .claim_due(0, 1, &Default::default())
+            .expect("claim")
+            .remove(0);
         assert_eq!(again.commit_id, Some([2; 16]));
         assert_eq!(again.hash, Some([1; 32]));
     }
@@ -786,11 +807,19 @@ mod tests {
     #[test]
     fn failures_are_counted_and_retried_later() {
         let (_d, mut j) = j();
-        j.mark_dirty(&[(b"w/a".to_vec(), "w".into())], 0, 0).expect("dirty");
-        j.record_failure(b"w/a", 1, "reading w/a: permission denied", 5000).expect("fail");
+        j.mark_dirty(&[(b"w/a".to_vec(), "w".into())], 0, 0)
+            .expect("dirty");
+        j.record_failure(b"w/a", 1, "reading w/a: permission denied", 5000)
+            .expect("fail");
         assert_eq!(j.summary().expect("s").failed, 1);
-        assert!(j.claim_due(4999, 1, &Default::default()).expect("c").is_empty());
-        assert_eq!(j.claim_due(5000, 1, &Default::default()).expect("c").len(), 1);
+        assert!(j
+            .claim_due(4999, 1, &Default::default())
+            .expect("c")
+            .is_empty());
+        assert_eq!(
+            j.claim_due(5000, 1, &Default::default()).expect("c").len(),
+            1
+        );
         assert_eq!(j.rows_in_state("failed", 10).expect("rows")[0].attempts, 1);
     }
 }

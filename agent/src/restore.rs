@@ -59,7 +59,9 @@ pub fn parse_time(s: &str) -> Result<i64, String> {
         return Ok(n);
     }
     humantime::parse_rfc3339_weak(s.trim())
-        .map_err(|e| format!("--at {s:?}: expected RFC 3339 (2026-11-25T21:00:00Z) or unix seconds: {e}"))
+        .map_err(|e| {
+            format!("--at {s:?}: expected RFC 3339 (2026-11-25T21:00:00Z) or unix seconds: {e}")
+        })
         .and_then(|t| {
             t.duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs() as i64)
@@ -152,7 +154,8 @@ fn fetch_keyfile(rt: &tokio::runtime::Runtime, conn: &Conn) -> Result<Vec<u8>, R
     match rt.block_on(conn.call(Message::GetKeyFile))? {
         Message::KeyFile { data: Some(d) } => Ok(d),
         Message::KeyFile { data: None } => Err(RestoreError::Usage(
-            "the receiver holds no key file for this repository (was the first agent ever run?)".into(),
+            "the receiver holds no key file for this repository (was the first agent ever run?)"
+                .into(),
         )),
         m => Err(ConnError::Unexpected(m.kind()).into()),
     }
@@ -234,11 +237,21 @@ pub fn versions(cfg: &Config, path: &str) -> Result<(), RestoreError> {
     for i in v {
         let m = &i.manifest;
         let what = match &m.kind {
-            EntryKind::File => format!("{:>12}  {}", m.size, &coffer_common::chunk::to_hex(&m.content_hash)[..12]),
+            EntryKind::File => format!(
+                "{:>12}  {}",
+                m.size,
+                &coffer_common::chunk::to_hex(&m.content_hash)[..12]
+            ),
             EntryKind::Symlink { target } => format!("{:>12}  -> {}", m.size, show(target)),
             EntryKind::Deleted => format!("{:>12}  deleted", "-"),
         };
-        let _ = writeln!(out, "v{:<6} {}  {}", i.version, rfc3339(i.commit_time), what);
+        let _ = writeln!(
+            out,
+            "v{:<6} {}  {}",
+            i.version,
+            rfc3339(i.commit_time),
+            what
+        );
     }
     Ok(())
 }
@@ -389,7 +402,10 @@ pub fn restore(cfg: &Config, o: RestoreOpts) -> Result<(), RestoreError> {
     if failed > 0 {
         return Err(RestoreError::Partial { failed, total });
     }
-    eprintln!("restored {total} files ({total_bytes} bytes) into {}", o.to.display());
+    eprintln!(
+        "restored {total} files ({total_bytes} bytes) into {}",
+        o.to.display()
+    );
     Ok(())
 }
 
@@ -427,12 +443,17 @@ fn fetch_all(
             let bar = bar.clone();
             scope.spawn(move || {
                 while let Ok((n, off, id, p)) = rx.recv() {
-                    let res = p.wait_blocking().map_err(|e| e.to_string()).and_then(|m| match m {
-                        Message::Chunk { sealed, .. } => crypto
-                            .open_chunk(&id, &sealed)
-                            .map_err(|e| format!("chunk {} is damaged: {e}", &id.to_hex()[..16])),
-                        m => Err(format!("unexpected reply {}", m.kind())),
-                    });
+                    let res = p
+                        .wait_blocking()
+                        .map_err(|e| e.to_string())
+                        .and_then(|m| match m {
+                            Message::Chunk { sealed, .. } => {
+                                crypto.open_chunk(&id, &sealed).map_err(|e| {
+                                    format!("chunk {} is damaged: {e}", &id.to_hex()[..16])
+                                })
+                            }
+                            m => Err(format!("unexpected reply {}", m.kind())),
+                        });
                     let mut t = match targets.lock() {
                         Ok(t) => t,
                         Err(_) => return,
@@ -597,26 +618,37 @@ fn place_symlink(dest: &Path, target: &[u8], m: &Manifest, is_root: bool) -> Res
 /// `restore --to - PATH`: one file's bytes to stdout.
 fn dump(s: &Session, sel: &BTreeMap<Vec<u8>, Item>, o: &RestoreOpts) -> Result<(), RestoreError> {
     if o.paths.len() != 1 {
-        return Err(RestoreError::Usage("`--to -` takes exactly one PATH".into()));
+        return Err(RestoreError::Usage(
+            "`--to -` takes exactly one PATH".into(),
+        ));
     }
     let want = o.paths[0].as_bytes();
-    let it = sel
-        .get(want)
-        .ok_or_else(|| RestoreError::Usage(format!("{:?} is not a file at that time", o.paths[0])))?;
+    let it = sel.get(want).ok_or_else(|| {
+        RestoreError::Usage(format!("{:?} is not a file at that time", o.paths[0]))
+    })?;
     let mut out = std::io::stdout().lock();
     let mut pend = std::collections::VecDeque::new();
     let mut iter = it.manifest.chunks.iter();
     loop {
         while pend.len() < WINDOW {
             match iter.next() {
-                Some(c) => pend.push_back((c.id, s.rt.block_on(s.conn.start(Message::GetChunk { id: c.id }))?)),
+                Some(c) => pend.push_back((
+                    c.id,
+                    s.rt.block_on(s.conn.start(Message::GetChunk { id: c.id }))?,
+                )),
                 None => break,
             }
         }
-        let Some((id, p)) = pend.pop_front() else { break };
+        let Some((id, p)) = pend.pop_front() else {
+            break;
+        };
         let plain = match p.wait_blocking()? {
             Message::Chunk { sealed, .. } => s.crypto.open_chunk(&id, &sealed).map_err(|e| {
-                RestoreError::Usage(format!("{}: chunk {} is damaged: {e}", o.paths[0], &id.to_hex()[..16]))
+                RestoreError::Usage(format!(
+                    "{}: chunk {} is damaged: {e}",
+                    o.paths[0],
+                    &id.to_hex()[..16]
+                ))
             })?,
             m => return Err(ConnError::Unexpected(m.kind()).into()),
         };
@@ -633,7 +665,12 @@ fn dump(s: &Session, sel: &BTreeMap<Vec<u8>, Item>, o: &RestoreOpts) -> Result<(
 
 /// `verify`: checks that every chunk referenced by the latest (or all) versions exists, and
 /// with `read_data` downloads and opens each one.
-pub fn verify(cfg: &Config, read_data: bool, all: bool, progress: bool) -> Result<(), RestoreError> {
+pub fn verify(
+    cfg: &Config,
+    read_data: bool,
+    all: bool,
+    progress: bool,
+) -> Result<(), RestoreError> {
     let s = Session::open(cfg)?;
     let items = s.catalog()?;
     let chosen: Vec<Item> = if all {
@@ -653,11 +690,14 @@ pub fn verify(cfg: &Config, read_data: bool, all: bool, progress: bool) -> Resul
     let ids: Vec<ChunkId> = users.keys().copied().collect();
     let mut bad: HashMap<usize, String> = HashMap::new();
     for page in ids.chunks(50_000) {
-        if let Message::Missing { ids } = s.rt.block_on(s.conn.call(Message::HaveChunks { ids: page.to_vec() }))? {
+        if let Message::Missing { ids } =
+            s.rt.block_on(s.conn.call(Message::HaveChunks { ids: page.to_vec() }))?
+        {
             for id in ids {
                 for &n in users.get(&id).into_iter().flatten() {
-                    bad.entry(n)
-                        .or_insert_with(|| format!("chunk {} is missing on the receiver", &id.to_hex()[..16]));
+                    bad.entry(n).or_insert_with(|| {
+                        format!("chunk {} is missing on the receiver", &id.to_hex()[..16])
+                    });
                 }
             }
         }
@@ -674,16 +714,23 @@ pub fn verify(cfg: &Config, read_data: bool, all: bool, progress: bool) -> Resul
         loop {
             while pend.len() < WINDOW {
                 match it.next() {
-                    Some(id) if seen.insert(*id) => {
-                        pend.push_back((*id, s.rt.block_on(s.conn.start(Message::GetChunk { id: *id }))?))
-                    }
+                    Some(id) if seen.insert(*id) => pend.push_back((
+                        *id,
+                        s.rt.block_on(s.conn.start(Message::GetChunk { id: *id }))?,
+                    )),
                     Some(_) => continue,
                     None => break,
                 }
             }
-            let Some((id, p)) = pend.pop_front() else { break };
+            let Some((id, p)) = pend.pop_front() else {
+                break;
+            };
             let res = match p.wait_blocking() {
-                Ok(Message::Chunk { sealed, .. }) => s.crypto.open_chunk(&id, &sealed).map(|_| ()).map_err(|e| e.to_string()),
+                Ok(Message::Chunk { sealed, .. }) => s
+                    .crypto
+                    .open_chunk(&id, &sealed)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
                 Ok(m) => Err(format!("unexpected reply {}", m.kind())),
                 Err(e) if e.is_connection() => return Err(e.into()),
                 Err(e) => Err(e.to_string()),
@@ -716,7 +763,11 @@ pub fn verify(cfg: &Config, read_data: bool, all: bool, progress: bool) -> Resul
         "checked {} files, {} chunks{}: {} damaged",
         chosen.len(),
         ids.len(),
-        if read_data { " (data read and verified)" } else { "" },
+        if read_data {
+            " (data read and verified)"
+        } else {
+            ""
+        },
         names.len()
     );
     if names.is_empty() {

@@ -145,7 +145,10 @@ pub fn scan(
     }
     // Paths known under the scanned folder but not seen are gone (unless their folder could
     // not be read).
-    let prefix = journal_path(watch, start.strip_prefix(&watch.path).unwrap_or(Path::new("")));
+    let prefix = journal_path(
+        watch,
+        start.strip_prefix(&watch.path).unwrap_or(Path::new("")),
+    );
     for (p, k) in &known {
         if seen.contains(p) || !under(p, &prefix) || unreadable.iter().any(|u| under(p, u)) {
             continue;
@@ -161,7 +164,10 @@ pub fn scan(
     if let Ok(mut j) = journal.lock() {
         j.mark_dirty(&dirty, now_ms(), delay_ms)?;
         if stats.skipped_special > 0 {
-            j.set_counter(&format!("skipped_special:{}", watch.name), stats.skipped_special as i64)?;
+            j.set_counter(
+                &format!("skipped_special:{}", watch.name),
+                stats.skipped_special as i64,
+            )?;
         }
     }
     Ok(stats)

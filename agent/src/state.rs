@@ -73,7 +73,10 @@ pub fn load_agent_key(cfg: &Config) -> Result<StaticKeypair, StateError> {
 /// (asked twice when `confirm`).
 pub fn passphrase(file: Option<&Path>, confirm: bool) -> Result<Passphrase, StateError> {
     let wrap = |s: String| Passphrase::new(s).map_err(|e| StateError::Passphrase(e.to_string()));
-    if let Ok(p) = std::env::var("COFFER_PASSPHRASE") {
+    if let Some(p) = std::env::var("COFFER_PASSPHRASE")
+        .ok()
+        .filter(|p| !p.is_empty())
+    {
         return wrap(p);
     }
     if let Some(f) = file {

@@ -123,7 +123,11 @@ pub fn print(cfg: &Config, json_out: bool, failed_only: bool) -> Result<(), Jour
         out,
         "agent {} ({})",
         cfg.name,
-        if v["running"].as_bool() == Some(true) { "running" } else { "not running" }
+        if v["running"].as_bool() == Some(true) {
+            "running"
+        } else {
+            "not running"
+        }
     );
     let _ = writeln!(
         out,
@@ -138,7 +142,10 @@ pub fn print(cfg: &Config, json_out: bool, failed_only: bool) -> Result<(), Jour
             w["name"].as_str().unwrap_or(""),
             w["path"].as_str().unwrap_or(""),
             w["mode"].as_str().unwrap_or(""),
-            w["fallback_reason"].as_str().map(|r| format!(": {r}")).unwrap_or_default()
+            w["fallback_reason"]
+                .as_str()
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default()
         );
     }
     let _ = writeln!(
@@ -162,7 +169,11 @@ pub fn print(cfg: &Config, json_out: bool, failed_only: bool) -> Result<(), Jour
         w["scans"].as_i64().unwrap_or(0),
         w["rescans_overflow"].as_i64().unwrap_or(0),
         w.as_object()
-            .map(|o| o.iter().filter(|(k, _)| k.starts_with("skipped_special")).filter_map(|(_, v)| v.as_i64()).sum::<i64>())
+            .map(|o| o
+                .iter()
+                .filter(|(k, _)| k.starts_with("skipped_special"))
+                .filter_map(|(_, v)| v.as_i64())
+                .sum::<i64>())
             .unwrap_or(0)
     );
     if !failed.is_empty() {
@@ -176,7 +187,11 @@ pub fn print(cfg: &Config, json_out: bool, failed_only: bool) -> Result<(), Jour
             );
         }
         if failed.len() > 20 {
-            let _ = writeln!(out, "  ... {} more (status --failed lists all)", failed.len() - 20);
+            let _ = writeln!(
+                out,
+                "  ... {} more (status --failed lists all)",
+                failed.len() - 20
+            );
         }
     }
     Ok(())
@@ -213,12 +228,16 @@ fn describe(cfg: &Config, row: &Row) -> Value {
             "backed_up_at": row.backed_at.map(rfc3339),
             "changed_since": changed_since,
         }),
-        "failed" => json!({"path": path, "state": "failed", "reason": row.reason, "attempts": row.attempts,
-            "version": row.backed_version, "backed_up_at": row.backed_at.map(rfc3339)}),
+        "failed" => {
+            json!({"path": path, "state": "failed", "reason": row.reason, "attempts": row.attempts,
+            "version": row.backed_version, "backed_up_at": row.backed_at.map(rfc3339)})
+        }
         st => {
             let why = match (st, &row.reason) {
                 (_, Some(r)) => r.clone(),
-                ("dirty", None) if row.due_at > now => "settling (waiting for the file to stay unchanged)".into(),
+                ("dirty", None) if row.due_at > now => {
+                    "settling (waiting for the file to stay unchanged)".into()
+                }
                 ("dirty", None) => "queued for upload".into(),
                 _ => "uploading".into(),
             };
@@ -264,22 +283,36 @@ pub fn print_paths(cfg: &Config, paths: &[String], json_out: bool) -> Result<(),
     for v in all {
         let path = v["path"].as_str().unwrap_or("");
         let line = match v["state"].as_str().unwrap_or("") {
-            "backed_up" if v.get("files").is_some() => format!("all {} files backed up", v["files"]),
+            "backed_up" if v.get("files").is_some() => {
+                format!("all {} files backed up", v["files"])
+            }
             "backed_up" => format!(
                 "backed up: version {} at {}{}",
                 v["version"],
                 v["backed_up_at"].as_str().unwrap_or("?"),
-                if v["changed_since"].as_bool() == Some(true) { " (changed since; a new backup is on its way)" } else { "" }
+                if v["changed_since"].as_bool() == Some(true) {
+                    " (changed since; a new backup is on its way)"
+                } else {
+                    ""
+                }
             ),
-            "deleted" => format!("deleted; the deletion is backed up (version {})", v["version"]),
+            "deleted" => format!(
+                "deleted; the deletion is backed up (version {})",
+                v["version"]
+            ),
             "failed" => format!("FAILED: {}", v["reason"].as_str().unwrap_or("")),
-            "pending" if v.get("files").is_some() => format!("{} of {} files backed up", v["backed_up_files"], v["files"]),
+            "pending" if v.get("files").is_some() => {
+                format!("{} of {} files backed up", v["backed_up_files"], v["files"])
+            }
             "pending" => format!(
                 "pending since {}: {}",
                 v["since"].as_str().unwrap_or("?"),
                 v["why"].as_str().unwrap_or("")
             ),
-            _ => "not known to the agent (not under a watched folder, excluded, or not scanned yet)".into(),
+            _ => {
+                "not known to the agent (not under a watched folder, excluded, or not scanned yet)"
+                    .into()
+            }
         };
         let _ = writeln!(out, "{path}: {line}");
     }

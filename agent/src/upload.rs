@@ -178,7 +178,9 @@ impl ConnManager {
         }));
         match r {
             Ok(Message::KeyFileStored) => {
-                tracing::info!("wrapped key file escrowed on the receiver (for recovery with the passphrase)");
+                tracing::info!(
+                    "wrapped key file escrowed on the receiver (for recovery with the passphrase)"
+                );
                 sh.journal(|j| j.set_meta("key_escrowed", "1"));
             }
             Ok(m) => tracing::warn!(reply = m.kind(), "unexpected reply to key escrow"),
@@ -332,7 +334,12 @@ fn flush(sh: &Shared, batch: &mut Vec<Ready>, acks: &Sender<AckWork>) {
             Err(e) => {
                 sh.conn.invalidate();
                 let p = r.read.path;
-                sh.journal(|j| j.record_retry(&[(p.clone(), format!("receiver unreachable: {e}"))], now_ms()));
+                sh.journal(|j| {
+                    j.record_retry(
+                        &[(p.clone(), format!("receiver unreachable: {e}"))],
+                        now_ms(),
+                    )
+                });
                 sh.release([p]);
             }
         }
@@ -380,11 +387,14 @@ pub fn ack_collector(sh: Arc<Shared>, rx: Receiver<AckWork>) {
             }
         }
         match (reply, put_err) {
-            (Ok(Message::FileAcked {
-                version,
-                commit_time,
-                ..
-            }), _) => {
+            (
+                Ok(Message::FileAcked {
+                    version,
+                    commit_time,
+                    ..
+                }),
+                _,
+            ) => {
                 done.push(Ack {
                     path: w.path,
                     gen: w.gen,
@@ -400,7 +410,9 @@ pub fn ack_collector(sh: Arc<Shared>, rx: Receiver<AckWork>) {
             }
             (Ok(m), _) => {
                 let reason = format!("unexpected reply {} to commit", m.kind());
-                sh.journal(|j| j.record_retry(&[(w.path.clone(), reason.clone())], now_ms() + 5000));
+                sh.journal(|j| {
+                    j.record_retry(&[(w.path.clone(), reason.clone())], now_ms() + 5000)
+                });
                 sh.release([w.path]);
             }
             (Err(e), put_err) => {
@@ -414,7 +426,9 @@ pub fn ack_collector(sh: Arc<Shared>, rx: Receiver<AckWork>) {
                     format!("receiver refused the upload: {e}")
                 };
                 let delay = if e.is_connection() { 0 } else { 5000 };
-                sh.journal(|j| j.record_retry(&[(w.path.clone(), reason.clone())], now_ms() + delay));
+                sh.journal(|j| {
+                    j.record_retry(&[(w.path.clone(), reason.clone())], now_ms() + delay)
+                });
                 sh.release([w.path]);
             }
         }
@@ -515,7 +529,15 @@ fn process(sh: &Shared, conn: &Conn, job: &Job) -> Outcome {
         if job.backed_hash == Some(hash) && job.backed_kind.as_deref() == Some("symlink") {
             return Outcome::Unchanged(Box::new(read));
         }
-        return ready(sh, job, read, EntryKind::Symlink { target }, Some(&meta), vec![], vec![]);
+        return ready(
+            sh,
+            job,
+            read,
+            EntryKind::Symlink { target },
+            Some(&meta),
+            vec![],
+            vec![],
+        );
     }
     if !ft.is_file() {
         let _ = sh.journal(|j| j.bump("skipped_special", 1));
@@ -564,7 +586,9 @@ fn process(sh: &Shared, conn: &Conn, job: &Job) -> Outcome {
                 Ok(s) => s,
                 Err(e) => return Outcome::Failed(format!("sealing {shown}: {e}")),
             };
-            sh.counters.bytes_sent.fetch_add(sealed.len() as u64, Ordering::Relaxed);
+            sh.counters
+                .bytes_sent
+                .fetch_add(sealed.len() as u64, Ordering::Relaxed);
             match conn.start_blocking(Message::PutChunk { id, sealed }) {
                 Ok(p) => puts.push(p),
                 Err(e) => return Outcome::Lost(e),
@@ -701,7 +725,13 @@ fn changed_while_read(
 fn deletion(sh: &Shared, job: &Job) -> Outcome {
     match job.backed_kind.as_deref() {
         None => Outcome::Forget,
-        Some("deleted") => Outcome::Unchanged(Box::new(read_info(job, "deleted", StatKey::default(), 0, [0; 32]))),
+        Some("deleted") => Outcome::Unchanged(Box::new(read_info(
+            job,
+            "deleted",
+            StatKey::default(),
+            0,
+            [0; 32],
+        ))),
         Some(_) => {
             let read = read_info(job, "deleted", StatKey::default(), 0, [0; 32]);
             ready(sh, job, read, EntryKind::Deleted, None, vec![], vec![])

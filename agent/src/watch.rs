@@ -61,7 +61,11 @@ pub fn start(watches: &[Watch], out: Sender<Change>) -> Watching {
                         .map(|(i, _)| i)
                         .collect()
                 };
-                for i in if which.is_empty() { (0..roots.len()).collect() } else { which } {
+                for i in if which.is_empty() {
+                    (0..roots.len()).collect()
+                } else {
+                    which
+                } {
                     let _ = raw_tx.send(Change::Scan(ScanRequest {
                         watch: i,
                         sub: None,

@@ -23,6 +23,31 @@ fn main() -> anyhow::Result<()> {
         .fill(&mut data);
     let crypto = Crypto::new(&MasterSecret::generate()?.sub_keys());
 
+    // Building blocks, one at a time.
+    let t = Instant::now();
+    let n = chunk_stream(&data[..]).count();
+    println!(
+        "  fastcdc stream           : {:8.1} MB/s ({n} chunks)",
+        mbps(size, t.elapsed().as_secs_f64())
+    );
+    let t = Instant::now();
+    let h = blake3::keyed_hash(&[7; 32], &data);
+    println!(
+        "  blake3 keyed (1 thread)  : {:8.1} MB/s ({})",
+        mbps(size, t.elapsed().as_secs_f64()),
+        &h.to_hex()[..8]
+    );
+    let block = &data[..1 << 20];
+    let id = crypto.chunk_id(block);
+    let t = Instant::now();
+    for _ in 0..256 {
+        std::hint::black_box(crypto.seal_chunk(&id, block)?);
+    }
+    println!(
+        "  seal 1 MiB (xchacha+zstd probe): {:8.1} MB/s",
+        mbps(256 << 20, t.elapsed().as_secs_f64())
+    );
+
     let t = Instant::now();
     let mut sealed = Vec::new();
     for c in chunk_stream(&data[..]) {

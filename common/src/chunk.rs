@@ -17,7 +17,7 @@
 use std::fmt;
 use std::io::Read;
 
-use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::aead::{AeadInPlace, KeyInit};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use serde::{Deserialize, Serialize};
 
@@ -52,7 +52,9 @@ pub enum ChunkError {
     TooShort(usize),
     #[error("sealed blob has unknown format version {0}")]
     Version(u8),
-    #[error("authentication failed: the blob was damaged, tampered with, or belongs to another id")]
+    #[error(
+        "authentication failed: the blob was damaged, tampered with, or belongs to another id"
+    )]
     Auth,
     #[error("chunk content does not match its id (expected {expected}, got {actual})")]
     IdMismatch { expected: ChunkId, actual: ChunkId },
@@ -232,37 +234,31 @@ fn seal(
     if plain.len() > MAX_PLAIN {
         return Err(ChunkError::TooLarge(plain.len()));
     }
-    let mut body = Vec::with_capacity(plain.len() + 1);
-    body.push(FLAG_RAW);
-    let mut done = false;
+    let mut nonce = [0u8; 24];
+    fill_random(&mut nonce)?;
+    // Build version || nonce || flag || body in one buffer and encrypt in place.
+    let mut out = Vec::with_capacity(SEAL_OVERHEAD + plain.len());
+    out.push(VERSION);
+    out.extend_from_slice(&nonce);
+    out.push(FLAG_RAW);
+    let mut compressed = false;
     if compress && worth_compressing(plain) {
         if let Ok(c) = zstd::bulk::compress(plain, ZSTD_LEVEL) {
             if c.len() < plain.len() {
-                body[0] = FLAG_ZSTD;
-                body.extend_from_slice(&c);
-                done = true;
+                out[25] = FLAG_ZSTD;
+                out.extend_from_slice(&c);
+                compressed = true;
             }
         }
     }
-    if !done {
-        body.extend_from_slice(plain);
+    if !compressed {
+        out.extend_from_slice(plain);
     }
-    let mut nonce = [0u8; 24];
-    fill_random(&mut nonce)?;
     let a = aad(domain, id);
-    let ct = cipher
-        .encrypt(
-            XNonce::from_slice(&nonce),
-            Payload {
-                msg: &body,
-                aad: &a,
-            },
-        )
+    let tag = cipher
+        .encrypt_in_place_detached(XNonce::from_slice(&nonce), &a, &mut out[25..])
         .map_err(|_| ChunkError::Auth)?;
-    let mut out = Vec::with_capacity(25 + ct.len());
-    out.push(VERSION);
-    out.extend_from_slice(&nonce);
-    out.extend_from_slice(&ct);
+    out.extend_from_slice(&tag);
     Ok(out)
 }
 
@@ -279,13 +275,14 @@ fn open(
         return Err(ChunkError::Version(sealed[0]));
     }
     let a = aad(domain, id);
-    let mut body = cipher
-        .decrypt(
+    let tag_at = sealed.len() - 16;
+    let mut body = sealed[25..tag_at].to_vec();
+    cipher
+        .decrypt_in_place_detached(
             XNonce::from_slice(&sealed[1..25]),
-            Payload {
-                msg: &sealed[25..],
-                aad: &a,
-            },
+            &a,
+            &mut body,
+            chacha20poly1305::Tag::from_slice(&sealed[tag_at..]),
         )
         .map_err(|_| ChunkError::Auth)?;
     match body.first().copied() {
@@ -334,9 +331,7 @@ impl<R: Read> Read for HashingReader<R> {
 
 /// Splits a stream into content-defined chunks with bounded memory (at most a few
 /// `MAX_CHUNK`s are buffered, whatever the stream's length).
-pub fn chunk_stream<R: Read>(
-    reader: R,
-) -> impl Iterator<Item = Result<Vec<u8>, std::io::Error>> {
+pub fn chunk_stream<R: Read>(reader: R) -> impl Iterator<Item = Result<Vec<u8>, std::io::Error>> {
     fastcdc::v2020::StreamCDC::new(reader, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK).map(|r| match r {
         Ok(c) => Ok(c.data),
         Err(fastcdc::v2020::Error::IoError(e)) => Err(e),
@@ -428,7 +423,10 @@ mod tests {
         let (a, b) = (pseudo_random(1000, 1), pseudo_random(1000, 2));
         let (ida, idb) = (c.chunk_id(&a), c.chunk_id(&b));
         let sealed_a = c.seal_chunk(&ida, &a).expect("seal");
-        assert!(matches!(c.open_chunk(&idb, &sealed_a), Err(ChunkError::Auth)));
+        assert!(matches!(
+            c.open_chunk(&idb, &sealed_a),
+            Err(ChunkError::Auth)
+        ));
         // And a manifest sealed for one file does not open as a chunk or another file.
         let f1 = c.file_id(b"w/a");
         let m = c.seal_manifest(&f1, b"manifest").expect("seal");
@@ -451,13 +449,21 @@ mod tests {
     fn chunking_is_content_defined() {
         // Inserting bytes near the start leaves most later chunks unchanged.
         let data = pseudo_random(16 << 20, 9);
-        let a: Vec<_> = chunk_stream(&data[..]).map(|c| blake3::hash(&c.expect("c"))).collect();
+        let a: Vec<_> = chunk_stream(&data[..])
+            .map(|c| blake3::hash(&c.expect("c")))
+            .collect();
         let mut edited = data[..1000].to_vec();
         edited.extend_from_slice(b"inserted");
         edited.extend_from_slice(&data[1000..]);
-        let b: Vec<_> = chunk_stream(&edited[..]).map(|c| blake3::hash(&c.expect("c"))).collect();
+        let b: Vec<_> = chunk_stream(&edited[..])
+            .map(|c| blake3::hash(&c.expect("c")))
+            .collect();
         let shared = a.iter().filter(|h| b.contains(h)).count();
-        assert!(shared + 2 >= a.len(), "{shared} of {} chunks shared", a.len());
+        assert!(
+            shared + 2 >= a.len(),
+            "{shared} of {} chunks shared",
+            a.len()
+        );
     }
 
     #[test]
