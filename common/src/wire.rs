@@ -73,15 +73,21 @@ pub enum Message {
         repo: String,
     },
     /// Which of these chunks are missing? Reply: `Missing`.
-    HaveChunks { ids: Vec<ChunkId> },
-    Missing { ids: Vec<ChunkId> },
+    HaveChunks {
+        ids: Vec<ChunkId>,
+    },
+    Missing {
+        ids: Vec<ChunkId>,
+    },
     /// Store a sealed chunk (a chunk already present is not stored again). Reply: `Stored`.
     PutChunk {
         id: ChunkId,
         #[serde(with = "serde_bytes")]
         sealed: Vec<u8>,
     },
-    Stored { id: ChunkId },
+    Stored {
+        id: ChunkId,
+    },
     /// Record a new version of a file. Reply, once durable: `FileAcked`.
     CommitFile {
         commit_id: CommitId,
@@ -109,21 +115,29 @@ pub enum Message {
         data: Option<Vec<u8>>,
     },
     /// List versions with `version > after`, oldest first. Reply: `Versions`.
-    ListVersions { after: u64, limit: u32 },
+    ListVersions {
+        after: u64,
+        limit: u32,
+    },
     Versions {
         entries: Vec<VersionEntry>,
         /// True when more versions follow the last one listed.
         more: bool,
     },
     /// Fetch a sealed chunk. Reply: `Chunk`.
-    GetChunk { id: ChunkId },
+    GetChunk {
+        id: ChunkId,
+    },
     Chunk {
         id: ChunkId,
         #[serde(with = "serde_bytes")]
         sealed: Vec<u8>,
     },
     /// Reply to any request that failed.
-    Error { code: ErrorCode, message: String },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
 }
 
 /// Number of kinds in [`Message`]; a first byte at or past this is an unknown kind.
@@ -182,7 +196,36 @@ impl Message {
         }
         Ok(m)
     }
+
+    /// Decodes a message body the caller owns. The result equals [`Message::decode`]'s, but
+    /// a `PutChunk`'s sealed bytes are moved out of `body` instead of copied, so a receiver
+    /// taking large chunks holds one buffer per chunk rather than two.
+    pub fn decode_owned(mut body: Vec<u8>) -> Result<Self, WireError> {
+        if body.first() != Some(&PUT_CHUNK_KIND) {
+            return Self::decode(&body);
+        }
+        let (id, len) = {
+            let ((id, sealed), rest): ((ChunkId, &serde_bytes::Bytes), &[u8]) =
+                postcard::take_from_bytes(&body[1..])
+                    .map_err(|e| WireError::Malformed(e.to_string()))?;
+            if !rest.is_empty() {
+                return Err(WireError::Malformed(format!(
+                    "{} trailing bytes after message",
+                    rest.len()
+                )));
+            }
+            (id, sealed.len())
+        };
+        // The sealed bytes are the last field, so they end where the body ends.
+        let start = body.len() - len;
+        body.copy_within(start.., 0);
+        body.truncate(len);
+        Ok(Message::PutChunk { id, sealed: body })
+    }
 }
+
+/// Variant index of `PutChunk` (postcard encodes the variant index first).
+const PUT_CHUNK_KIND: u8 = 4;
 
 /// Errors from framing and decoding.
 #[derive(Debug, thiserror::Error)]
@@ -227,6 +270,15 @@ mod tests {
             message: String::new(),
         };
         assert_eq!(e.encode().expect("encode")[0], KINDS - 1);
+    }
+
+    #[test]
+    fn put_chunk_kind_constant_matches_the_enum() {
+        let m = Message::PutChunk {
+            id: ChunkId([1; 32]),
+            sealed: vec![2; 3],
+        };
+        assert_eq!(m.encode().expect("encode")[0], PUT_CHUNK_KIND);
     }
 
     #[test]
@@ -281,9 +333,19 @@ mod tests {
                     ids: ids.into_iter().map(ChunkId).collect(),
                 }
             }),
-            (any::<[u8; 32]>(), proptest::collection::vec(any::<u8>(), 0..5000))
-                .prop_map(|(id, sealed)| Message::PutChunk { id: ChunkId(id), sealed }),
-            (any::<[u8; 16]>(), any::<[u8; 32]>(), proptest::collection::vec(any::<u8>(), 0..300))
+            (
+                any::<[u8; 32]>(),
+                proptest::collection::vec(any::<u8>(), 0..5000)
+            )
+                .prop_map(|(id, sealed)| Message::PutChunk {
+                    id: ChunkId(id),
+                    sealed
+                }),
+            (
+                any::<[u8; 16]>(),
+                any::<[u8; 32]>(),
+                proptest::collection::vec(any::<u8>(), 0..300)
+            )
                 .prop_map(|(c, f, manifest)| Message::CommitFile {
                     commit_id: CommitId(c),
                     file_id: FileId(f),
@@ -314,6 +376,19 @@ mod tests {
         #[test]
         fn decoding_garbage_never_panics(b in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = Message::decode(&b);
+            let _ = Message::decode_owned(b);
+        }
+
+        #[test]
+        fn decode_owned_equals_decode(m in arb_message(), cut in 0usize..8) {
+            let b = m.encode().expect("encode");
+            prop_assert_eq!(Message::decode_owned(b.clone()).expect("decode"), m);
+            // Truncated and extended bodies fail the same way in both.
+            let short = &b[..b.len().saturating_sub(cut + 1)];
+            prop_assert_eq!(Message::decode(short).is_ok(), Message::decode_owned(short.to_vec()).is_ok());
+            let mut long = b.clone();
+            long.push(0);
+            prop_assert!(Message::decode_owned(long).is_err());
         }
     }
 }

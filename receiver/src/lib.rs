@@ -1,1 +1,97 @@
-//! receiver
+//! coffer-receiver: stores agents' sealed chunks durably and acknowledges each file once it
+//! is safe; it never sees a key, a file name or a byte of plaintext.
+//!
+//! - [`layout`]: the backup tree under `--root`, and `init`.
+//! - [`config`]: the configuration file, `receiver.toml`.
+//! - [`auth`]: agent key -> repository (`authorized.toml`), repository names.
+//! - [`server`]: listener, handshake, authorization, sessions with group commit, shutdown.
+//! - [`repo`]: one repository's write path (append, flush, rollback) and crash recovery.
+//! - [`store`]: pack and record formats behind the [`store::PackStore`] trait.
+//! - [`index`]: the repository's SQLite index, sole owner of its connection.
+//! - [`status`]: `status` and `scrub`.
+//!
+//! `docs/design.md` ("Receiver store") describes the formats and the write ordering.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use coffer_common::channel::PublicKey;
+
+pub mod auth;
+pub mod config;
+pub mod fsutil;
+pub mod index;
+pub mod layout;
+pub mod repo;
+pub mod server;
+pub mod status;
+pub mod store;
+
+pub use auth::{Authorized, RepoName};
+pub use layout::Layout;
+
+/// Errors of the receiver's commands.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Layout(#[from] layout::LayoutError),
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Auth(#[from] auth::AuthError),
+    #[error(transparent)]
+    Io(#[from] fsutil::IoError),
+    #[error(transparent)]
+    Index(#[from] index::IndexError),
+    #[error(transparent)]
+    Repo(#[from] repo::RepoError),
+    #[error(
+        "another coffer-receiver serve is already running on {} (it holds {}/serve.lock)",
+        .0.display(),
+        .0.display()
+    )]
+    AlreadyServing(PathBuf),
+    #[error("locking {}: {msg}", path.display())]
+    Lock { path: PathBuf, msg: String },
+    #[error("listening on {addr}: {msg}")]
+    Bind { addr: SocketAddr, msg: String },
+    #[error("starting the runtime: {0}")]
+    Runtime(String),
+}
+
+/// `init`: creates the tree at `root`; returns the receiver's public key.
+pub fn init(root: &Path, listen: Option<SocketAddr>) -> Result<PublicKey, Error> {
+    let mut c = config::Config::default();
+    if let Some(l) = listen {
+        c.listen = l;
+    }
+    Ok(Layout::new(root).init(&c)?)
+}
+
+/// `authorize`: lets agent `key` write repository `name`.
+pub fn authorize(root: &Path, name: &str, key: &str) -> Result<Authorized, Error> {
+    let layout = Layout::new(root);
+    layout.load_config()?;
+    let name = RepoName::new(name).map_err(auth::AuthError::from)?;
+    let key: PublicKey = key.parse().map_err(auth::AuthError::from)?;
+    let _lock = auth::EditLock::acquire(&layout.authorized_lock())?;
+    let mut list = auth::Authorizations::load(&layout.authorized())?;
+    let r = list.authorize(key, name.clone())?;
+    fsutil::create_dir_all(&layout.repo(&name).join("packs"), 0o700)?;
+    if r == Authorized::Added {
+        list.save(&layout.authorized())?;
+    }
+    Ok(r)
+}
+
+/// `revoke`: removes agent `key`; returns the repository it wrote to.
+pub fn revoke(root: &Path, key: &str) -> Result<RepoName, Error> {
+    let layout = Layout::new(root);
+    layout.load_config()?;
+    let key: PublicKey = key.parse().map_err(auth::AuthError::from)?;
+    let _lock = auth::EditLock::acquire(&layout.authorized_lock())?;
+    let mut list = auth::Authorizations::load(&layout.authorized())?;
+    let repo = list.revoke(&key)?;
+    list.save(&layout.authorized())?;
+    Ok(repo)
+}

@@ -1,10 +1,192 @@
-use clap::Parser;
+//! The `coffer-receiver` command line: parses arguments and calls the library.
+
+use std::io::{IsTerminal, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use coffer_receiver::{server, status, Authorized, Layout};
 
 /// Coffer receiver: stores sealed chunks durably; never sees keys or plaintext.
 #[derive(Parser)]
-#[command(name = "coffer-receiver", version)]
-struct Cli {}
+#[command(name = "coffer-receiver", version, about)]
+struct Cli {
+    #[command(flatten)]
+    log: LogOpts,
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() {
-    let _ = Cli::parse();
+#[derive(Args)]
+struct LogOpts {
+    /// More log output on stderr (-v debug, -vv trace); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+}
+
+#[derive(Args)]
+struct RootOpt {
+    /// The backup tree.
+    #[arg(long, value_name = "DIR")]
+    root: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create the backup tree and the receiver key; prints the public key.
+    Init {
+        #[command(flatten)]
+        root: RootOpt,
+        /// Address to listen on (default 127.0.0.1:7700).
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<SocketAddr>,
+    },
+    /// Let agent KEY write to repository NAME.
+    Authorize {
+        #[command(flatten)]
+        root: RootOpt,
+        /// Repository name.
+        #[arg(long, value_name = "REPO")]
+        name: String,
+        /// The agent's public key (as printed by `coffer-agent init`).
+        key: String,
+    },
+    /// Stop accepting agent KEY (new connections are refused at once).
+    Revoke {
+        #[command(flatten)]
+        root: RootOpt,
+        key: String,
+    },
+    /// Serve agents until SIGTERM/SIGINT.
+    Serve {
+        #[command(flatten)]
+        root: RootOpt,
+        /// Address to listen on, overriding receiver.toml (port 0 picks a free port).
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<SocketAddr>,
+    },
+    /// Show repositories, keys, counts and whether serve is running.
+    Status {
+        #[command(flatten)]
+        root: RootOpt,
+        /// One JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check every stored record against its hash (no key needed).
+    Scrub {
+        #[command(flatten)]
+        root: RootOpt,
+    },
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+fn out(line: impl std::fmt::Display) -> anyhow::Result<()> {
+    let mut o = std::io::stdout().lock();
+    writeln!(o, "{line}").context("writing to stdout")?;
+    o.flush().context("writing to stdout")
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Init { root, listen } => {
+            let key = coffer_receiver::init(&root.root, listen)?;
+            out(key)?;
+        }
+        Command::Authorize { root, name, key } => {
+            match coffer_receiver::authorize(&root.root, &name, &key)? {
+                Authorized::Added => {
+                    tracing::info!("agent key {key} may now write repository {name}")
+                }
+                Authorized::AlreadyPresent => {
+                    tracing::info!("agent key {key} was already authorized for repository {name}")
+                }
+            }
+        }
+        Command::Revoke { root, key } => {
+            let repo = coffer_receiver::revoke(&root.root, &key)?;
+            tracing::info!("revoked agent key {key} (it wrote repository {repo})");
+        }
+        Command::Serve { root, listen } => {
+            let mut ready_err = None;
+            server::serve(
+                server::ServeOptions {
+                    root: root.root,
+                    listen,
+                },
+                |addr| {
+                    if let Err(e) = out(format_args!("listening on {addr}")) {
+                        ready_err = Some(e);
+                    }
+                },
+            )?;
+            if let Some(e) = ready_err {
+                return Err(e);
+            }
+        }
+        Command::Status { root, json } => {
+            let s = status::status(&Layout::new(&root.root))?;
+            if json {
+                out(serde_json::to_string(&s).context("encoding status")?)?;
+            } else {
+                print!("{}", s.render());
+            }
+        }
+        Command::Scrub { root } => {
+            let report = status::scrub(&Layout::new(&root.root), |d| {
+                let _ = out(format_args!(
+                    "damaged: repository {} pack {} offset {} chunk {}: {}",
+                    d.repo, d.pack, d.offset, d.chunk, d.why
+                ));
+            })?;
+            out(format_args!(
+                "scrub: {} records ({} bytes) in {} repositories checked, {} damaged",
+                report.records,
+                report.bytes,
+                report.repositories,
+                report.damaged.len()
+            ))?;
+            if !report.damaged.is_empty() {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log.verbose);
+    match run(cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn verify_cli() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
 }

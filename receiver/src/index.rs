@@ -1,0 +1,542 @@
+//! A repository's index (`index.sqlite`): chunk locations, pack lengths, file versions and
+//! their chunk references. [`Index`] is the only owner of its connection and exposes typed
+//! methods; no SQL leaves this module.
+//!
+//! The schema comes from `migrations/receiver/*.sql`, applied in order by
+//! `PRAGMA user_version`, each in its own transaction. WAL mode with `synchronous=FULL`:
+//! a committed transaction is durable before an acknowledgement is sent.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use coffer_common::chunk::{ChunkId, FileId};
+use coffer_common::wire::{CommitId, VersionEntry};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
+
+use crate::store::{Location, PackNo};
+
+/// The migrations, in order; migration `i` brings the schema to version `i + 1`.
+const MIGRATIONS: &[&str] = &[include_str!("../../migrations/receiver/0001_init.sql")];
+
+/// Errors from the index.
+#[derive(Debug, thiserror::Error)]
+pub enum IndexError {
+    #[error("index {}: {source}", path.display())]
+    Sql {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error(
+        "index {} has schema version {found}, newer than this build knows ({known}); \
+         upgrade coffer-receiver",
+        path.display()
+    )]
+    TooNew {
+        path: PathBuf,
+        found: i64,
+        known: usize,
+    },
+    #[error("index {}: {what} is not 32 bytes", path.display())]
+    BadBlob { path: PathBuf, what: &'static str },
+}
+
+impl IndexError {
+    /// True when SQLite reported a full disk.
+    pub fn is_no_space(&self) -> bool {
+        matches!(
+            self,
+            IndexError::Sql {
+                source: rusqlite::Error::SqliteFailure(e, _),
+                ..
+            } if e.code == rusqlite::ErrorCode::DiskFull
+        )
+    }
+}
+
+/// How to open an index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Create if missing, migrate, write.
+    Write,
+    /// Existing index only, queries only (status, scrub, the serving read path).
+    Read,
+}
+
+/// A commit to record.
+#[derive(Clone, Debug)]
+pub struct NewCommit {
+    pub commit_id: CommitId,
+    pub file_id: FileId,
+    pub manifest: Vec<u8>,
+    pub chunks: Vec<ChunkId>,
+}
+
+/// What became of a commit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CommitOutcome {
+    /// Recorded now, or earlier under the same commit id.
+    Acked { version: u64, commit_time: i64 },
+    /// Some referenced chunks are not in the repository.
+    MissingChunks(Vec<ChunkId>),
+}
+
+/// Counts for `status`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub files: u64,
+    pub versions: u64,
+    pub chunks: u64,
+    pub chunk_bytes: u64,
+    pub last_commit: Option<i64>,
+}
+
+/// One chunk row, for `scrub`.
+#[derive(Clone, Copy, Debug)]
+pub struct ChunkRow {
+    pub id: ChunkId,
+    pub loc: Location,
+}
+
+/// A repository's index database.
+pub struct Index {
+    conn: Connection,
+    path: PathBuf,
+}
+
+fn blob32(path: &Path, what: &'static str, v: Vec<u8>) -> Result<[u8; 32], IndexError> {
+    v.try_into().map_err(|_| IndexError::BadBlob {
+        path: path.to_path_buf(),
+        what,
+    })
+}
+
+impl Index {
+    fn err(&self) -> impl Fn(rusqlite::Error) -> IndexError + '_ {
+        |source| IndexError::Sql {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// Opens the index at `path`.
+    pub fn open(path: &Path, mode: Mode) -> Result<Self, IndexError> {
+        let e = |source| IndexError::Sql {
+            path: path.to_path_buf(),
+            source,
+        };
+        let flags = match mode {
+            Mode::Write => OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
+            Mode::Read => OpenFlags::SQLITE_OPEN_READ_WRITE,
+        } | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(path, flags).map_err(e)?;
+        conn.busy_timeout(Duration::from_secs(10)).map_err(e)?;
+        let mut idx = Self {
+            conn,
+            path: path.to_path_buf(),
+        };
+        match mode {
+            Mode::Write => {
+                idx.conn
+                    .pragma_update(None, "journal_mode", "WAL")
+                    .map_err(e)?;
+                idx.conn
+                    .pragma_update(None, "synchronous", "FULL")
+                    .map_err(e)?;
+                idx.migrate()?;
+            }
+            Mode::Read => {
+                idx.conn
+                    .pragma_update(None, "query_only", true)
+                    .map_err(e)?;
+                let v: i64 = idx
+                    .conn
+                    .pragma_query_value(None, "user_version", |r| r.get(0))
+                    .map_err(e)?;
+                if v as usize > MIGRATIONS.len() {
+                    return Err(IndexError::TooNew {
+                        path: path.to_path_buf(),
+                        found: v,
+                        known: MIGRATIONS.len(),
+                    });
+                }
+            }
+        }
+        Ok(idx)
+    }
+
+    fn migrate(&mut self) -> Result<(), IndexError> {
+        let path = self.path.clone();
+        let e = |source| IndexError::Sql {
+            path: path.clone(),
+            source,
+        };
+        loop {
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(e)?;
+            let v: i64 = tx
+                .pragma_query_value(None, "user_version", |r| r.get(0))
+                .map_err(e)?;
+            let v = usize::try_from(v).unwrap_or(usize::MAX);
+            if v > MIGRATIONS.len() {
+                return Err(IndexError::TooNew {
+                    path: path.clone(),
+                    found: v as i64,
+                    known: MIGRATIONS.len(),
+                });
+            }
+            let Some(sql) = MIGRATIONS.get(v) else {
+                return Ok(());
+            };
+            tx.execute_batch(sql).map_err(e)?;
+            tx.pragma_update(None, "user_version", (v + 1) as i64)
+                .map_err(e)?;
+            tx.commit().map_err(e)?;
+            tracing::debug!(index = %path.display(), version = v + 1, "applied index migration");
+        }
+    }
+
+    /// Where chunk `id` is, if indexed.
+    pub fn chunk(&self, id: &ChunkId) -> Result<Option<Location>, IndexError> {
+        let row = self
+            .conn
+            .prepare_cached("SELECT pack, offset, len, hash FROM chunks WHERE id = ?1")
+            .and_then(|mut s| {
+                s.query_row([&id.0[..]], |r| {
+                    Ok((
+                        r.get::<_, u32>(0)?,
+                        r.get::<_, u64>(1)?,
+                        r.get::<_, u32>(2)?,
+                        r.get::<_, Vec<u8>>(3)?,
+                    ))
+                })
+                .optional()
+            })
+            .map_err(self.err())?;
+        match row {
+            None => Ok(None),
+            Some((pack, offset, len, hash)) => Ok(Some(Location {
+                pack: PackNo(pack),
+                offset,
+                len,
+                hash: blob32(&self.path, "a chunk hash", hash)?,
+            })),
+        }
+    }
+
+    /// True when chunk `id` is indexed.
+    pub fn has_chunk(&self, id: &ChunkId) -> Result<bool, IndexError> {
+        self.conn
+            .prepare_cached("SELECT 1 FROM chunks WHERE id = ?1")
+            .and_then(|mut s| s.exists([&id.0[..]]))
+            .map_err(self.err())
+    }
+
+    /// The recorded (durable, indexed) length of every pack.
+    pub fn pack_lengths(&self) -> Result<Vec<(PackNo, u64)>, IndexError> {
+        let mut s = self
+            .conn
+            .prepare_cached("SELECT pack, length FROM packs ORDER BY pack")
+            .map_err(self.err())?;
+        let rows = s
+            .query_map([], |r| Ok((PackNo(r.get(0)?), r.get(1)?)))
+            .map_err(self.err())?;
+        rows.collect::<Result<_, _>>().map_err(self.err())
+    }
+
+    /// In one transaction: adds chunk rows, raises pack lengths, and records commits (each
+    /// checked against the chunks now indexed; a known commit id returns its version).
+    pub fn commit_batch(
+        &mut self,
+        chunks: &[(ChunkId, Location)],
+        packs: &[(PackNo, u64)],
+        commits: &[NewCommit],
+        now: i64,
+    ) -> Result<Vec<CommitOutcome>, IndexError> {
+        let path = self.path.clone();
+        let e = |source| IndexError::Sql {
+            path: path.clone(),
+            source,
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(e)?;
+        let mut out = Vec::with_capacity(commits.len());
+        {
+            let mut ins_chunk = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO chunks (id, pack, offset, len, hash) \
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                )
+                .map_err(e)?;
+            for (id, l) in chunks {
+                ins_chunk
+                    .execute(params![&id.0[..], l.pack.0, l.offset, l.len, &l.hash[..]])
+                    .map_err(e)?;
+            }
+            let mut ins_pack = tx
+                .prepare_cached(
+                    "INSERT INTO packs (pack, length) VALUES (?1, ?2) \
+                     ON CONFLICT (pack) DO UPDATE SET length = MAX(length, excluded.length)",
+                )
+                .map_err(e)?;
+            for (p, len) in packs {
+                ins_pack.execute(params![p.0, len]).map_err(e)?;
+            }
+            let mut existing = tx
+                .prepare_cached("SELECT version, commit_time FROM versions WHERE commit_id = ?1")
+                .map_err(e)?;
+            let mut has = tx
+                .prepare_cached("SELECT 1 FROM chunks WHERE id = ?1")
+                .map_err(e)?;
+            let mut ins_version = tx
+                .prepare_cached(
+                    "INSERT INTO versions (file_id, commit_id, commit_time, manifest) \
+                     VALUES (?1, ?2, ?3, ?4)",
+                )
+                .map_err(e)?;
+            let mut ins_ref = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO version_chunks (version, chunk) VALUES (?1, ?2)",
+                )
+                .map_err(e)?;
+            for c in commits {
+                let known = existing
+                    .query_row([&c.commit_id.0[..]], |r| {
+                        Ok((r.get::<_, u64>(0)?, r.get::<_, i64>(1)?))
+                    })
+                    .optional()
+                    .map_err(e)?;
+                if let Some((version, commit_time)) = known {
+                    out.push(CommitOutcome::Acked {
+                        version,
+                        commit_time,
+                    });
+                    continue;
+                }
+                let mut missing = Vec::new();
+                for id in &c.chunks {
+                    if !has.exists([&id.0[..]]).map_err(e)? && !missing.contains(id) {
+                        missing.push(*id);
+                    }
+                }
+                if !missing.is_empty() {
+                    out.push(CommitOutcome::MissingChunks(missing));
+                    continue;
+                }
+                ins_version
+                    .execute(params![
+                        &c.file_id.0[..],
+                        &c.commit_id.0[..],
+                        now,
+                        &c.manifest[..]
+                    ])
+                    .map_err(e)?;
+                let version = tx.last_insert_rowid() as u64;
+                for id in &c.chunks {
+                    ins_ref.execute(params![version, &id.0[..]]).map_err(e)?;
+                }
+                out.push(CommitOutcome::Acked {
+                    version,
+                    commit_time: now,
+                });
+            }
+        }
+        tx.commit().map_err(e)?;
+        Ok(out)
+    }
+
+    /// Versions with `version > after`, oldest first, at most `limit` of them and stopping
+    /// once their manifests add up to `max_bytes`; also whether more follow.
+    pub fn list_versions(
+        &self,
+        after: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<(Vec<VersionEntry>, bool), IndexError> {
+        let mut s = self
+            .conn
+            .prepare_cached(
+                "SELECT version, file_id, commit_time, manifest FROM versions \
+                 WHERE version > ?1 ORDER BY version LIMIT ?2",
+            )
+            .map_err(self.err())?;
+        let mut rows = s
+            .query(params![after, (limit as i64).saturating_add(1)])
+            .map_err(self.err())?;
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        while let Some(r) = rows.next().map_err(self.err())? {
+            let manifest: Vec<u8> = r.get(3).map_err(self.err())?;
+            if out.len() >= limit || (!out.is_empty() && bytes + manifest.len() > max_bytes) {
+                return Ok((out, true));
+            }
+            bytes += manifest.len() + 64;
+            out.push(VersionEntry {
+                version: r.get(0).map_err(self.err())?,
+                file_id: FileId(blob32(
+                    &self.path,
+                    "a file id",
+                    r.get(1).map_err(self.err())?,
+                )?),
+                commit_time: r.get(2).map_err(self.err())?,
+                manifest,
+            });
+        }
+        Ok((out, false))
+    }
+
+    /// Counts for `status`.
+    pub fn stats(&self) -> Result<Stats, IndexError> {
+        let q = |sql: &str| -> Result<i64, IndexError> {
+            self.conn
+                .query_row(sql, [], |r| r.get::<_, Option<i64>>(0))
+                .map(|v| v.unwrap_or(0))
+                .map_err(self.err())
+        };
+        let last: Option<i64> = self
+            .conn
+            .query_row("SELECT MAX(commit_time) FROM versions", [], |r| r.get(0))
+            .map_err(self.err())?;
+        Ok(Stats {
+            files: q("SELECT COUNT(DISTINCT file_id) FROM versions")? as u64,
+            versions: q("SELECT COUNT(*) FROM versions")? as u64,
+            chunks: q("SELECT COUNT(*) FROM chunks")? as u64,
+            chunk_bytes: q("SELECT SUM(len) FROM chunks")? as u64,
+            last_commit: last,
+        })
+    }
+
+    /// Calls `f` for every chunk row in pack order (for `scrub`). `f` returning `false`
+    /// stops the walk.
+    pub fn for_each_chunk(&self, mut f: impl FnMut(ChunkRow) -> bool) -> Result<(), IndexError> {
+        let mut s = self
+            .conn
+            .prepare("SELECT id, pack, offset, len, hash FROM chunks ORDER BY pack, offset")
+            .map_err(self.err())?;
+        let mut rows = s.query([]).map_err(self.err())?;
+        while let Some(r) = rows.next().map_err(self.err())? {
+            let id = blob32(&self.path, "a chunk id", r.get(0).map_err(self.err())?)?;
+            let row = ChunkRow {
+                id: ChunkId(id),
+                loc: Location {
+                    pack: PackNo(r.get(1).map_err(self.err())?),
+                    offset: r.get(2).map_err(self.err())?,
+                    len: r.get(3).map_err(self.err())?,
+                    hash: blob32(&self.path, "a chunk hash", r.get(4).map_err(self.err())?)?,
+                },
+            };
+            if !f(row) {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn loc(offset: u64) -> Location {
+        Location {
+            pack: PackNo(1),
+            offset,
+            len: 10,
+            hash: [offset as u8; 32],
+        }
+    }
+
+    fn commit(c: u8, chunks: &[u8]) -> NewCommit {
+        NewCommit {
+            commit_id: CommitId([c; 16]),
+            file_id: FileId([c; 32]),
+            manifest: vec![c; 40],
+            chunks: chunks.iter().map(|&b| ChunkId([b; 32])).collect(),
+        }
+    }
+
+    #[test]
+    fn batches_number_versions_and_are_idempotent() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let p = d.path().join("index.sqlite");
+        let mut ix = Index::open(&p, Mode::Write).expect("open");
+        let chunks = [(ChunkId([1; 32]), loc(16)), (ChunkId([2; 32]), loc(100))];
+        let out = ix
+            .commit_batch(
+                &chunks,
+                &[(PackNo(1), 200)],
+                &[commit(1, &[1, 2]), commit(2, &[3]), commit(1, &[])],
+                1000,
+            )
+            .expect("batch");
+        assert_eq!(
+            out,
+            vec![
+                CommitOutcome::Acked {
+                    version: 1,
+                    commit_time: 1000
+                },
+                CommitOutcome::MissingChunks(vec![ChunkId([3; 32])]),
+                CommitOutcome::Acked {
+                    version: 1,
+                    commit_time: 1000
+                },
+            ]
+        );
+        let out = ix
+            .commit_batch(
+                &[],
+                &[(PackNo(1), 150)],
+                &[commit(3, &[2]), commit(1, &[])],
+                2000,
+            )
+            .expect("batch");
+        assert_eq!(
+            out[0],
+            CommitOutcome::Acked {
+                version: 2,
+                commit_time: 2000
+            }
+        );
+        assert_eq!(
+            out[1],
+            CommitOutcome::Acked {
+                version: 1,
+                commit_time: 1000
+            }
+        );
+        // Pack lengths only grow.
+        assert_eq!(ix.pack_lengths().expect("packs"), vec![(PackNo(1), 200)]);
+        assert_eq!(ix.chunk(&ChunkId([2; 32])).expect("q"), Some(loc(100)));
+        drop(ix);
+        // Reopening migrates nothing and keeps everything; a reader sees it.
+        let ix = Index::open(&p, Mode::Write).expect("reopen");
+        let r = Index::open(&p, Mode::Read).expect("reader");
+        let (v, more) = r.list_versions(0, 1, 1 << 20).expect("list");
+        assert_eq!((v.len(), more), (1, true));
+        let (v, more) = r.list_versions(1, 10, 1 << 20).expect("list");
+        assert_eq!((v.len(), more, v[0].version), (1, false, 2));
+        let s = ix.stats().expect("stats");
+        assert_eq!(
+            (s.files, s.versions, s.chunks, s.chunk_bytes, s.last_commit),
+            (2, 2, 2, 20, Some(2000))
+        );
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let p = d.path().join("index.sqlite");
+        let ix = Index::open(&p, Mode::Write).expect("open");
+        ix.conn
+            .pragma_update(None, "user_version", 99)
+            .expect("bump");
+        drop(ix);
+        let e = Index::open(&p, Mode::Write).err().expect("too new");
+        assert!(e.to_string().contains("newer"), "{e}");
+    }
+}

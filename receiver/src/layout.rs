@@ -1,0 +1,158 @@
+//! The backup tree under `--root`, and `init`, which creates it.
+//!
+//! ```text
+//! <root>/receiver.toml                  configuration (written last by init: marks the root)
+//! <root>/keys/receiver.key              static key pair, mode 0600 (private || public)
+//! <root>/authorized.toml                agent key -> repository
+//! <root>/authorized.lock                taken while authorize/revoke edit the list
+//! <root>/serve.lock                     held (flock) by a running serve
+//! <root>/serve.addr                     the address serve is listening on
+//! <root>/repos/<name>/keyfile           escrowed wrapped key file (opaque)
+//! <root>/repos/<name>/packs/NNNNNNNN.pack
+//! <root>/repos/<name>/index.sqlite
+//! ```
+//!
+//! Every path the receiver writes is built here from the root and validated names.
+
+use std::path::{Path, PathBuf};
+
+use coffer_common::channel::{PublicKey, StaticKeypair};
+
+use crate::auth::RepoName;
+use crate::config::Config;
+use crate::fsutil::{create_dir_all, write_atomic, Context, IoError};
+
+/// Paths of one backup tree.
+#[derive(Clone, Debug)]
+pub struct Layout {
+    root: PathBuf,
+}
+
+/// Errors setting up or opening the tree.
+#[derive(Debug, thiserror::Error)]
+pub enum LayoutError {
+    #[error(transparent)]
+    Io(#[from] IoError),
+    #[error(
+        "{} is already initialized (found {}); refusing to replace its key",
+        root.display(),
+        found.display()
+    )]
+    AlreadyInitialized { root: PathBuf, found: PathBuf },
+    #[error(
+        "{} is not an initialized receiver root (no {}); run `coffer-receiver init --root {}` first",
+        root.display(),
+        missing.display(),
+        root.display()
+    )]
+    NotInitialized { root: PathBuf, missing: PathBuf },
+    #[error("{}: not a receiver key file (expected 64 bytes)", .0.display())]
+    BadKey(PathBuf),
+    #[error("generating the receiver key: {0}")]
+    KeyGen(String),
+}
+
+impl Layout {
+    /// The tree at `root` (nothing is checked or created).
+    pub fn new(root: &Path) -> Self {
+        Self {
+            root: root.to_path_buf(),
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+    pub fn config(&self) -> PathBuf {
+        self.root.join("receiver.toml")
+    }
+    pub fn keys_dir(&self) -> PathBuf {
+        self.root.join("keys")
+    }
+    pub fn key(&self) -> PathBuf {
+        self.keys_dir().join("receiver.key")
+    }
+    pub fn authorized(&self) -> PathBuf {
+        self.root.join("authorized.toml")
+    }
+    pub fn authorized_lock(&self) -> PathBuf {
+        self.root.join("authorized.lock")
+    }
+    pub fn serve_lock(&self) -> PathBuf {
+        self.root.join("serve.lock")
+    }
+    pub fn serve_addr(&self) -> PathBuf {
+        self.root.join("serve.addr")
+    }
+    pub fn repos(&self) -> PathBuf {
+        self.root.join("repos")
+    }
+    pub fn repo(&self, name: &RepoName) -> PathBuf {
+        self.repos().join(name.as_str())
+    }
+
+    /// Creates the tree and the receiver key; returns the public key. Refuses a root that
+    /// is already initialized.
+    pub fn init(&self, config: &Config) -> Result<PublicKey, LayoutError> {
+        for found in [self.config(), self.key()] {
+            if found.exists() {
+                return Err(LayoutError::AlreadyInitialized {
+                    root: self.root.clone(),
+                    found,
+                });
+            }
+        }
+        create_dir_all(&self.root, 0o700)?;
+        create_dir_all(&self.keys_dir(), 0o700)?;
+        create_dir_all(&self.repos(), 0o700)?;
+        let kp = StaticKeypair::generate().map_err(|e| LayoutError::KeyGen(e.to_string()))?;
+        write_atomic(&self.key(), &kp.to_bytes(), 0o600)?;
+        // Written last: its presence marks an initialized root.
+        write_atomic(&self.config(), config.render().as_bytes(), 0o644)?;
+        Ok(kp.public())
+    }
+
+    /// Checks that the tree is initialized and reads its configuration.
+    pub fn load_config(&self) -> Result<Config, crate::Error> {
+        let p = self.config();
+        if !p.exists() {
+            return Err(LayoutError::NotInitialized {
+                root: self.root.clone(),
+                missing: p,
+            }
+            .into());
+        }
+        Ok(Config::load(&p)?)
+    }
+
+    /// Reads the receiver's static key pair.
+    pub fn load_keypair(&self) -> Result<StaticKeypair, LayoutError> {
+        let p = self.key();
+        let bytes = zeroize::Zeroizing::new(std::fs::read(&p).ctx("reading", &p)?);
+        StaticKeypair::from_bytes(&bytes).ok_or(LayoutError::BadKey(p))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn init_creates_the_tree_once() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let l = Layout::new(&d.path().join("root"));
+        let pk = l.init(&Config::default()).expect("init");
+        assert_eq!(l.load_keypair().expect("key").public(), pk);
+        let mode = std::fs::metadata(l.key())
+            .expect("meta")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(l.repos().is_dir());
+        assert_eq!(l.load_config().expect("config"), Config::default());
+        let e = l.init(&Config::default()).expect_err("second init");
+        assert!(e.to_string().contains("already initialized"), "{e}");
+        assert_eq!(l.load_keypair().expect("key").public(), pk);
+    }
+}

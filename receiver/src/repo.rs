@@ -1,0 +1,648 @@
+//! One repository's write path: appending chunks to packs, group commit into the index,
+//! rollback after a storage failure, and recovery when the repository is opened.
+//!
+//! Write order (the durability contract):
+//! 1. `put` appends a record to the open pack (through a small buffer) and remembers the
+//!    chunk as *pending*: visible to presence queries and commits, not yet indexed.
+//! 2. `flush` writes the buffer out and fsyncs every pack written since the last flush
+//!    (a new pack's file and directory entry were made durable when it was created),
+//! 3. then, in ONE index transaction, inserts the pending chunk rows, raises the recorded
+//!    pack lengths, and records the batch's commits (each re-checked against the index);
+//! 4. only after that transaction commits does the caller acknowledge the commits.
+//!
+//! Locks: `writer` (index transactions) is taken before `state`; `reader` (index queries)
+//! is only ever taken last. The fsync of step 2 runs under no lock, so other sessions keep
+//! appending while one waits for the disk.
+//!
+//! A write or fsync failure (e.g. a full disk) rolls back: every pack is cut to its
+//! recorded length, every pending chunk is forgotten and the *epoch* moves on, so any
+//! flush that was in progress fails instead of indexing bytes that are gone. Nothing from
+//! the failed batch is acknowledged; the agent sends it again.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use coffer_common::chunk::ChunkId;
+use coffer_common::wire::VersionEntry;
+
+use crate::auth::RepoName;
+use crate::fsutil::{create_dir_all, write_atomic, Context, IoError};
+use crate::index::{CommitOutcome, Index, IndexError, Mode, NewCommit};
+use crate::store::{
+    header_ok, pack_header, read_record, scan, LocalPacks, Location, PackNo, PackStore,
+    RecordError, RecordHeader, PACK_HEADER_LEN, RECORD_HEADER_LEN,
+};
+
+/// Records at most this large are gathered in memory and written together.
+const SMALL_RECORD: usize = 64 * 1024;
+/// Size of that buffer.
+const BUFFER: usize = 1 << 20;
+/// Largest escrowed key file.
+pub const MAX_KEYFILE: usize = 4096;
+/// Most manifest bytes in one `Versions` reply (well below the frame limit).
+pub const MAX_LIST_BYTES: usize = 4 << 20;
+/// Most entries in one `Versions` reply.
+pub const MAX_LIST_ENTRIES: usize = 10_000;
+
+/// Errors of the repository write and read paths.
+#[derive(Debug, thiserror::Error)]
+pub enum RepoError {
+    #[error(transparent)]
+    Io(#[from] IoError),
+    #[error(transparent)]
+    Index(#[from] IndexError),
+    #[error(transparent)]
+    Record(#[from] RecordError),
+    #[error(
+        "a storage error while this batch was being made durable discarded it; nothing of it \
+         was acknowledged, send it again"
+    )]
+    RolledBack,
+    #[error("key file of {0} bytes exceeds the {MAX_KEYFILE}-byte limit")]
+    KeyFileTooLarge(usize),
+}
+
+impl RepoError {
+    /// True when the error is about storing data (reported to agents as `Storage`).
+    pub fn is_storage(&self) -> bool {
+        matches!(
+            self,
+            RepoError::Io(_) | RepoError::Index(_) | RepoError::RolledBack
+        )
+    }
+}
+
+#[derive(Default)]
+struct WriteState {
+    /// The pack being appended to, and its logical length (buffer included).
+    cur: Option<PackNo>,
+    cur_len: u64,
+    /// Records not yet written to `cur`, which start at `buf_at`.
+    buf: Vec<u8>,
+    buf_at: u64,
+    next_pack: u32,
+    /// Recorded (durable, indexed) length of each pack.
+    committed: HashMap<PackNo, u64>,
+    /// Length written to the OS of each pack that has unindexed records.
+    dirty: BTreeMap<PackNo, u64>,
+    /// Chunks stored but not yet indexed, with their sequence numbers, in order.
+    pending: HashMap<ChunkId, (u64, Location)>,
+    order: VecDeque<(u64, ChunkId)>,
+    seq: u64,
+    epoch: u64,
+}
+
+impl WriteState {
+    fn write_out(&mut self, packs: &dyn PackStore) -> Result<(), IoError> {
+        let Some(p) = self.cur else {
+            return Ok(());
+        };
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        packs.write_at(p, self.buf_at, &self.buf)?;
+        self.buf_at += self.buf.len() as u64;
+        self.buf.clear();
+        self.dirty.insert(p, self.buf_at);
+        Ok(())
+    }
+}
+
+/// A repository: its packs, its index and the state of its open pack.
+pub struct Repo {
+    name: RepoName,
+    dir: PathBuf,
+    packs: Arc<dyn PackStore>,
+    writer: Mutex<Index>,
+    reader: Mutex<Index>,
+    state: Mutex<WriteState>,
+    pack_max: u64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+fn now_secs() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// What `open` found and repaired.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Recovery {
+    /// Intact records past the indexed length that were added to the index.
+    pub reindexed: usize,
+    /// Bytes of torn tails cut off.
+    pub cut_bytes: u64,
+}
+
+impl Repo {
+    /// Opens (creating if needed) the repository in `dir` and repairs what a crash left:
+    /// intact records past a pack's recorded length are fsynced and indexed, a torn tail
+    /// is cut. Packs shorter than recorded are reported and never appended to.
+    pub fn open(dir: &Path, name: RepoName, pack_max: u64) -> Result<(Self, Recovery), RepoError> {
+        let packs_dir = dir.join("packs");
+        create_dir_all(&packs_dir, 0o700)?;
+        let packs: Arc<dyn PackStore> = Arc::new(LocalPacks::new(&packs_dir));
+        let index_path = dir.join("index.sqlite");
+        let mut writer = Index::open(&index_path, Mode::Write)?;
+        let recorded: HashMap<PackNo, u64> = writer.pack_lengths()?.into_iter().collect();
+        let on_disk = packs.list()?;
+        for p in recorded.keys() {
+            if !on_disk.contains(p) {
+                tracing::error!(
+                    repo = %name,
+                    "pack {} is recorded in the index but missing; its chunks cannot be served",
+                    packs.describe(*p)
+                );
+            }
+        }
+        let mut st = WriteState::default();
+        let mut rec = Recovery::default();
+        let mut appendable = None;
+        for &p in &on_disk {
+            let mut file_len = packs.len(p)?;
+            let known = recorded.get(&p).copied();
+            if known.is_none() && (file_len < PACK_HEADER_LEN || !header_ok(&*packs, p)?) {
+                // Created but never indexed, header incomplete: make it a fresh pack.
+                packs.truncate(p, 0)?;
+                packs.write_at(p, 0, &pack_header())?;
+                packs.sync(p)?;
+                file_len = PACK_HEADER_LEN;
+            }
+            let indexed = known.unwrap_or(PACK_HEADER_LEN);
+            if file_len < indexed {
+                tracing::error!(
+                    repo = %name,
+                    "pack {} is {file_len} bytes but the index recorded {indexed}: data was lost \
+                     after it was acknowledged; run `coffer-receiver scrub`",
+                    packs.describe(p)
+                );
+                st.committed.insert(p, indexed);
+                appendable = None;
+                continue;
+            }
+            let mut end = indexed;
+            if file_len > indexed || known.is_none() {
+                let sc = scan(&*packs, p, indexed, file_len)?;
+                if sc.end < file_len {
+                    tracing::warn!(
+                        repo = %name,
+                        "cutting a torn tail of {} bytes at offset {} of {}",
+                        file_len - sc.end,
+                        sc.end,
+                        packs.describe(p)
+                    );
+                    rec.cut_bytes += file_len - sc.end;
+                    packs.truncate(p, sc.end)?;
+                }
+                if !sc.records.is_empty() {
+                    packs.sync(p)?;
+                    tracing::info!(
+                        repo = %name,
+                        "re-indexed {} intact chunks found past the indexed end of {}",
+                        sc.records.len(),
+                        packs.describe(p)
+                    );
+                }
+                rec.reindexed += sc.records.len();
+                let rows: Vec<_> = sc.records.iter().map(|f| (f.id, f.loc)).collect();
+                writer.commit_batch(&rows, &[(p, sc.end)], &[], 0)?;
+                end = sc.end;
+            }
+            st.committed.insert(p, end);
+            appendable = Some((p, end));
+        }
+        let max = on_disk
+            .iter()
+            .chain(recorded.keys())
+            .map(|p| p.0)
+            .max()
+            .unwrap_or(0);
+        st.next_pack = max + 1;
+        if let Some((p, end)) = appendable {
+            if p.0 == max && end < pack_max {
+                st.cur = Some(p);
+                st.cur_len = end;
+                st.buf_at = end;
+            }
+        }
+        let reader = Index::open(&index_path, Mode::Read)?;
+        Ok((
+            Self {
+                name,
+                dir: dir.to_path_buf(),
+                packs,
+                writer: Mutex::new(writer),
+                reader: Mutex::new(reader),
+                state: Mutex::new(st),
+                pack_max,
+            },
+            rec,
+        ))
+    }
+
+    /// The repository's name.
+    pub fn name(&self) -> &RepoName {
+        &self.name
+    }
+
+    /// Which of `ids` the repository lacks (neither indexed nor pending).
+    pub fn missing(&self, ids: &[ChunkId]) -> Result<Vec<ChunkId>, RepoError> {
+        let candidates: Vec<ChunkId> = {
+            let st = lock(&self.state);
+            ids.iter()
+                .filter(|id| !st.pending.contains_key(id))
+                .copied()
+                .collect()
+        };
+        let r = lock(&self.reader);
+        let mut out = Vec::new();
+        for id in candidates {
+            if !r.has_chunk(&id)? && !out.contains(&id) {
+                out.push(id);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Appends a sealed chunk unless it is already present. Returns whether it was written.
+    pub fn put(&self, id: &ChunkId, sealed: &[u8]) -> Result<bool, RepoError> {
+        let hash = *blake3::hash(sealed).as_bytes();
+        let r = {
+            let mut st = lock(&self.state);
+            if st.pending.contains_key(id) || lock(&self.reader).has_chunk(id)? {
+                return Ok(false);
+            }
+            self.append(&mut st, id, sealed, hash)
+        };
+        match r {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                self.rollback(&e.to_string());
+                Err(e.into())
+            }
+        }
+    }
+
+    fn append(
+        &self,
+        st: &mut WriteState,
+        id: &ChunkId,
+        sealed: &[u8],
+        hash: [u8; 32],
+    ) -> Result<(), IoError> {
+        let rec_len = RECORD_HEADER_LEN + sealed.len() as u64;
+        let full = st.cur_len + rec_len > self.pack_max && st.cur_len > PACK_HEADER_LEN;
+        if st.cur.is_none() || full {
+            st.write_out(&*self.packs)?;
+            let p = PackNo(st.next_pack);
+            self.packs.create(p)?;
+            st.next_pack += 1;
+            st.committed.insert(p, PACK_HEADER_LEN);
+            st.cur = Some(p);
+            st.cur_len = PACK_HEADER_LEN;
+            st.buf_at = PACK_HEADER_LEN;
+            tracing::debug!(repo = %self.name, "started {}", self.packs.describe(p));
+        }
+        let Some(pack) = st.cur else {
+            return Ok(());
+        };
+        let header = RecordHeader {
+            id: *id,
+            len: sealed.len() as u32,
+            hash,
+        }
+        .encode();
+        let offset = st.cur_len;
+        if sealed.len() <= SMALL_RECORD {
+            if st.buf.len() + rec_len as usize > BUFFER {
+                st.write_out(&*self.packs)?;
+            }
+            if st.buf.is_empty() {
+                st.buf_at = offset;
+            }
+            st.buf.extend_from_slice(&header);
+            st.buf.extend_from_slice(sealed);
+        } else {
+            st.write_out(&*self.packs)?;
+            self.packs.write_at(pack, offset, &header)?;
+            self.packs
+                .write_at(pack, offset + RECORD_HEADER_LEN, sealed)?;
+            st.buf_at = offset + rec_len;
+            st.dirty.insert(pack, offset + rec_len);
+        }
+        st.cur_len = offset + rec_len;
+        let seq = st.seq;
+        st.seq += 1;
+        let loc = Location {
+            pack,
+            offset,
+            len: sealed.len() as u32,
+            hash,
+        };
+        st.pending.insert(*id, (seq, loc));
+        st.order.push_back((seq, *id));
+        Ok(())
+    }
+
+    /// Makes everything stored so far durable and indexed, and records `commits`, in one
+    /// index transaction. On success every outcome is final and may be acknowledged.
+    pub fn flush(&self, commits: &[NewCommit]) -> Result<Vec<CommitOutcome>, RepoError> {
+        // 1. Write the buffer out; note what must be synced.
+        let (snapshot, seq_hi, epoch) = {
+            let mut st = lock(&self.state);
+            let r = st.write_out(&*self.packs);
+            let snap = (st.dirty.clone(), st.seq, st.epoch);
+            drop(st);
+            if let Err(e) = r {
+                self.rollback(&e.to_string());
+                return Err(e.into());
+            }
+            snap
+        };
+        if snapshot.is_empty() && commits.is_empty() {
+            return Ok(Vec::new());
+        }
+        // 2. fsync, under no lock.
+        for p in snapshot.keys() {
+            if let Err(e) = self.packs.sync(*p) {
+                self.rollback(&e.to_string());
+                return Err(e.into());
+            }
+        }
+        // 3. One transaction.
+        let mut w = lock(&self.writer);
+        let rows: Vec<(ChunkId, Location)> = {
+            let st = lock(&self.state);
+            if st.epoch != epoch {
+                return Err(RepoError::RolledBack);
+            }
+            st.order
+                .iter()
+                .take_while(|(s, _)| *s < seq_hi)
+                .filter_map(|(s, id)| match st.pending.get(id) {
+                    Some((ps, loc)) if ps == s => Some((*id, *loc)),
+                    _ => None,
+                })
+                .collect()
+        };
+        let packs: Vec<(PackNo, u64)> = snapshot.iter().map(|(p, l)| (*p, *l)).collect();
+        let out = match w.commit_batch(&rows, &packs, commits, now_secs()) {
+            Ok(out) => out,
+            Err(e) => {
+                self.rollback_locked(&mut w, &e.to_string());
+                return Err(e.into());
+            }
+        };
+        let mut st = lock(&self.state);
+        while let Some(&(s, id)) = st.order.front() {
+            if s >= seq_hi {
+                break;
+            }
+            st.order.pop_front();
+            if matches!(st.pending.get(&id), Some((ps, _)) if *ps == s) {
+                st.pending.remove(&id);
+            }
+        }
+        for (p, l) in snapshot {
+            let c = st.committed.entry(p).or_insert(l);
+            *c = (*c).max(l);
+            if st.dirty.get(&p).is_some_and(|d| *d <= l) {
+                st.dirty.remove(&p);
+            }
+        }
+        Ok(out)
+    }
+
+    fn rollback(&self, why: &str) {
+        let mut w = lock(&self.writer);
+        self.rollback_locked(&mut w, why);
+    }
+
+    /// Cuts every pack back to its recorded length and forgets pending chunks. The caller
+    /// holds the writer lock, so no index transaction can be using them.
+    fn rollback_locked(&self, _writer: &mut Index, why: &str) {
+        let mut st = lock(&self.state);
+        tracing::warn!(
+            repo = %self.name,
+            "storage error ({why}); discarding {} unindexed chunks and cutting packs back to \
+             their recorded length",
+            st.pending.len()
+        );
+        let dirty: Vec<PackNo> = st.dirty.keys().copied().chain(st.cur).collect();
+        for p in dirty {
+            let len = st.committed.get(&p).copied().unwrap_or(PACK_HEADER_LEN);
+            if let Err(e) = self.packs.truncate(p, len) {
+                tracing::error!(repo = %self.name, "{e}");
+                if st.cur == Some(p) {
+                    st.cur = None;
+                }
+            }
+        }
+        st.buf.clear();
+        if let Some(p) = st.cur {
+            let len = st.committed.get(&p).copied().unwrap_or(PACK_HEADER_LEN);
+            st.cur_len = len;
+            st.buf_at = len;
+        }
+        st.pending.clear();
+        st.order.clear();
+        st.dirty.clear();
+        st.epoch += 1;
+    }
+
+    /// Reads a chunk's sealed bytes, verified against the hash stored with it.
+    pub fn get(&self, id: &ChunkId) -> Result<Option<Vec<u8>>, RepoError> {
+        let pending = {
+            let st = lock(&self.state);
+            match st.pending.get(id) {
+                Some((_, loc)) if st.cur == Some(loc.pack) && loc.offset >= st.buf_at => {
+                    let start = (loc.offset - st.buf_at + RECORD_HEADER_LEN) as usize;
+                    return Ok(st
+                        .buf
+                        .get(start..start + loc.len as usize)
+                        .map(|b| b.to_vec()));
+                }
+                Some((_, loc)) => Some(*loc),
+                None => None,
+            }
+        };
+        let loc = match pending {
+            Some(l) => l,
+            None => match lock(&self.reader).chunk(id)? {
+                Some(l) => l,
+                None => return Ok(None),
+            },
+        };
+        Ok(Some(read_record(&*self.packs, id, &loc)?))
+    }
+
+    /// Versions after `after`, oldest first, paged.
+    pub fn list_versions(
+        &self,
+        after: u64,
+        limit: u32,
+    ) -> Result<(Vec<VersionEntry>, bool), RepoError> {
+        let limit = match limit as usize {
+            0 => MAX_LIST_ENTRIES,
+            n => n.min(MAX_LIST_ENTRIES),
+        };
+        Ok(lock(&self.reader).list_versions(after, limit, MAX_LIST_BYTES)?)
+    }
+
+    fn keyfile_path(&self) -> PathBuf {
+        self.dir.join("keyfile")
+    }
+
+    /// Stores the escrowed key file (opaque), atomically.
+    pub fn put_keyfile(&self, data: &[u8]) -> Result<(), RepoError> {
+        if data.len() > MAX_KEYFILE {
+            return Err(RepoError::KeyFileTooLarge(data.len()));
+        }
+        write_atomic(&self.keyfile_path(), data, 0o600)?;
+        Ok(())
+    }
+
+    /// The escrowed key file, if any.
+    pub fn get_keyfile(&self) -> Result<Option<Vec<u8>>, RepoError> {
+        let p = self.keyfile_path();
+        match std::fs::read(&p) {
+            Ok(d) => Ok(Some(d)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(RepoError::Io(IoError::new("reading", p, e))),
+        }
+    }
+
+    /// Bytes of chunks written but not yet flushed (for tests and logs).
+    pub fn pending_chunks(&self) -> usize {
+        lock(&self.state).pending.len()
+    }
+}
+
+/// Reads a repository's pack directory path (for status and scrub).
+pub fn packs_dir(repo_dir: &Path) -> PathBuf {
+    repo_dir.join("packs")
+}
+
+/// Reads a file's size, for status.
+pub fn file_len(path: &Path) -> Result<u64, IoError> {
+    Ok(std::fs::metadata(path).ctx("reading size of", path)?.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use coffer_common::chunk::FileId;
+    use coffer_common::wire::CommitId;
+
+    fn repo(dir: &Path, pack_max: u64) -> Repo {
+        Repo::open(dir, RepoName::new("r").expect("name"), pack_max)
+            .expect("open")
+            .0
+    }
+
+    fn data(i: u32, len: usize) -> (ChunkId, Vec<u8>) {
+        let mut v = vec![0u8; len];
+        blake3::Hasher::new()
+            .update(&i.to_le_bytes())
+            .finalize_xof()
+            .fill(&mut v);
+        (ChunkId(*blake3::hash(&v).as_bytes()), v)
+    }
+
+    fn commit(c: u8, chunks: Vec<ChunkId>) -> NewCommit {
+        NewCommit {
+            commit_id: CommitId([c; 16]),
+            file_id: FileId([c; 32]),
+            manifest: vec![c; 10],
+            chunks,
+        }
+    }
+
+    #[test]
+    fn put_flush_get_and_rotation() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let r = repo(d.path(), 1 << 20);
+        let mut ids = Vec::new();
+        for i in 0..40 {
+            let (id, v) = data(i, if i % 3 == 0 { 200_000 } else { 3000 });
+            assert!(r.put(&id, &v).expect("put"));
+            assert!(!r.put(&id, &v).expect("dedup"));
+            assert_eq!(r.get(&id).expect("get"), Some(v));
+            ids.push(id);
+        }
+        assert!(r.missing(&ids).expect("missing").is_empty());
+        let out = r.flush(&[commit(1, ids.clone())]).expect("flush");
+        assert!(matches!(out[0], CommitOutcome::Acked { version: 1, .. }));
+        assert_eq!(r.pending_chunks(), 0);
+        drop(r);
+        let (r, rec) =
+            Repo::open(d.path(), RepoName::new("r").expect("n"), 1 << 20).expect("reopen");
+        assert_eq!(rec, Recovery::default());
+        for (i, id) in ids.iter().enumerate() {
+            let (_, v) = data(i as u32, if i % 3 == 0 { 200_000 } else { 3000 });
+            assert_eq!(r.get(id).expect("get"), Some(v));
+        }
+        assert!(
+            LocalPacks::new(&d.path().join("packs"))
+                .list()
+                .expect("ls")
+                .len()
+                > 2
+        );
+    }
+
+    #[test]
+    fn unflushed_tail_is_reindexed_and_torn_tail_cut() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let r = repo(d.path(), 64 << 20);
+        let (a, va) = data(1, 100_000);
+        let (b, vb) = data(2, 100_000);
+        r.put(&a, &va).expect("put");
+        r.flush(&[]).expect("flush");
+        r.put(&b, &vb).expect("put");
+        drop(r); // as after kill -9: b is in the pack, not in the index
+        let packs = LocalPacks::new(&d.path().join("packs"));
+        let len = packs.len(PackNo(1)).expect("len");
+        packs.write_at(PackNo(1), len, b"CREC torn").expect("tear");
+        let (r, rec) =
+            Repo::open(d.path(), RepoName::new("r").expect("n"), 64 << 20).expect("reopen");
+        assert_eq!(rec.reindexed, 1);
+        assert_eq!(rec.cut_bytes, 9);
+        assert_eq!(r.get(&b).expect("get"), Some(vb));
+        assert_eq!(packs.len(PackNo(1)).expect("len"), len);
+    }
+
+    #[test]
+    fn rollback_discards_pending_and_cuts_packs() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let r = repo(d.path(), 64 << 20);
+        let (a, va) = data(1, 100_000);
+        r.put(&a, &va).expect("put");
+        r.flush(&[]).expect("flush");
+        let (b, vb) = data(2, 100_000);
+        r.put(&b, &vb).expect("put");
+        r.rollback("test");
+        assert_eq!(r.missing(&[a, b]).expect("missing"), vec![b]);
+        let out = r.flush(&[commit(1, vec![a, b])]).expect("flush");
+        assert_eq!(out[0], CommitOutcome::MissingChunks(vec![b]));
+        let packs = LocalPacks::new(&d.path().join("packs"));
+        assert_eq!(
+            packs.len(PackNo(1)).expect("len"),
+            PACK_HEADER_LEN + RECORD_HEADER_LEN + 100_000
+        );
+        r.put(&b, &vb).expect("put again");
+        let out = r.flush(&[commit(1, vec![a, b])]).expect("flush");
+        assert!(matches!(out[0], CommitOutcome::Acked { .. }));
+        assert_eq!(r.get(&b).expect("get"), Some(vb));
+    }
+}

@@ -1,0 +1,806 @@
+//! `serve`: the listener, per-connection authentication and the sessions.
+//!
+//! A connection goes: handshake (Noise XX, 10 s timeout, at most [`MAX_HANDSHAKES`] at
+//! once) -> authorization of the agent's static key (unknown: `Error{Unauthorized}`,
+//! logged with the key, closed) -> a session slot (a semaphore of `max_sessions`; a
+//! connection over the cap waits up to [`BUSY_WAIT`], then gets a "busy" error) ->
+//! `Hello`/`Welcome` -> requests.
+//!
+//! A session is two tasks. The *reader* decodes frames into a bounded queue (bounded in
+//! messages and in bytes). The *processor* handles them in order and runs the group
+//! commit: a `CommitFile` is queued in the session's batch, and whenever the queue is
+//! momentarily empty (or the batch reaches [`MAX_BATCH_COMMITS`] commits or
+//! [`MAX_BATCH_BYTES`] bytes) the batch is flushed: packs fsynced, one index transaction,
+//! then the batch's `FileAcked` replies. Replies keep request order: while a commit is
+//! unacknowledged, every later reply waits for the flush.
+//!
+//! A malformed frame, an unknown kind or a reply sent as a request ends that session
+//! only (after a best-effort `Error{Malformed}`). SIGTERM/SIGINT stop the listener; each
+//! session handles what it has already received, flushes, answers `Error{ShuttingDown}`
+//! and closes, within `shutdown_grace_secs`.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use coffer_common::channel::{self, ChannelError, PublicKey, RecvHalf, SendHalf, StaticKeypair};
+use coffer_common::chunk::{ChunkId, MAX_SEALED, SEAL_OVERHEAD};
+use coffer_common::wire::{ErrorCode, Message, WireError, MAX_IDS, PROTOCOL_VERSION};
+use nix::fcntl::{Flock, FlockArg};
+use tokio::io::{ReadHalf, WriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::auth::{AuthWatcher, RepoName};
+use crate::config::Config;
+use crate::fsutil::{write_atomic, Context};
+use crate::index::{CommitOutcome, NewCommit};
+use crate::layout::Layout;
+use crate::repo::{Repo, RepoError};
+use crate::Error;
+
+/// Handshakes in progress at once; connections past this are dropped at once.
+pub const MAX_HANDSHAKES: usize = 512;
+/// How long a connection over `max_sessions` waits for a slot.
+pub const BUSY_WAIT: Duration = Duration::from_secs(5);
+/// Commits in one batch before it is flushed regardless.
+pub const MAX_BATCH_COMMITS: usize = 1024;
+/// Bytes stored by a session before its batch is flushed regardless.
+pub const MAX_BATCH_BYTES: u64 = 64 << 20;
+/// Messages queued between a session's reader and processor.
+const QUEUE_MESSAGES: usize = 4096;
+/// Bytes of messages queued per session (a single larger message still passes alone).
+const QUEUE_BYTES: usize = 2 << 20;
+/// How long `serve` retries the root's lock (a `status` may hold it for an instant).
+const LOCK_WAIT: Duration = Duration::from_secs(2);
+
+/// Options of `serve`.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    pub root: PathBuf,
+    /// Overrides the configured listen address.
+    pub listen: Option<SocketAddr>,
+}
+
+struct Shared {
+    layout: Layout,
+    config: Config,
+    keypair: StaticKeypair,
+    auth: AuthWatcher,
+    repos: tokio::sync::Mutex<HashMap<RepoName, Arc<Repo>>>,
+    sessions: Arc<Semaphore>,
+    handshakes: Arc<Semaphore>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+}
+
+/// Takes the root's serve lock, refusing when another `serve` holds it.
+fn lock_root(layout: &Layout) -> Result<Flock<File>, Error> {
+    let path = layout.serve_lock();
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .ctx("opening", &path)?;
+        match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+            Ok(l) => return Ok(l),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                return Err(Error::AlreadyServing(layout.root().to_path_buf()))
+            }
+            Err((_, e)) => {
+                return Err(Error::Lock {
+                    path,
+                    msg: e.desc().to_lowercase(),
+                })
+            }
+        }
+    }
+}
+
+/// Runs `serve` until SIGTERM/SIGINT. `on_ready` is called once with the bound address.
+pub fn serve(opts: ServeOptions, on_ready: impl FnOnce(SocketAddr)) -> Result<(), Error> {
+    let layout = Layout::new(&opts.root);
+    let mut config = layout.load_config()?;
+    if let Some(l) = opts.listen {
+        config.listen = l;
+    }
+    let _lock = lock_root(&layout)?;
+    let keypair = layout.load_keypair()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("coffer-receiver")
+        .build()
+        .map_err(|e| Error::Runtime(e.to_string()))?;
+    let r = rt.block_on(run(layout.clone(), config, keypair, on_ready));
+    rt.shutdown_timeout(Duration::from_secs(2));
+    let _ = std::fs::remove_file(layout.serve_addr());
+    r
+}
+
+async fn run(
+    layout: Layout,
+    config: Config,
+    keypair: StaticKeypair,
+    on_ready: impl FnOnce(SocketAddr),
+) -> Result<(), Error> {
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| Error::Bind {
+            addr: config.listen,
+            msg: crate::fsutil::describe(&e),
+        })?;
+    let addr = listener.local_addr().map_err(|e| Error::Bind {
+        addr: config.listen,
+        msg: crate::fsutil::describe(&e),
+    })?;
+    write_atomic(&layout.serve_addr(), format!("{addr}\n").as_bytes(), 0o644)?;
+    let shared = Arc::new(Shared {
+        auth: AuthWatcher::new(layout.authorized()),
+        layout,
+        sessions: Arc::new(Semaphore::new(config.max_sessions)),
+        handshakes: Arc::new(Semaphore::new(MAX_HANDSHAKES)),
+        config,
+        keypair,
+        repos: tokio::sync::Mutex::new(HashMap::new()),
+        cancel: CancellationToken::new(),
+        tracker: TaskTracker::new(),
+    });
+    // Load the list once now so a broken file is reported at start.
+    let _ = shared.auth.current();
+    tracing::info!(
+        %addr,
+        key = %shared.keypair.public(),
+        root = %shared.layout.root().display(),
+        max_sessions = shared.config.max_sessions,
+        "listening"
+    );
+    on_ready(addr);
+    spawn_signal_handler(shared.cancel.clone())?;
+
+    loop {
+        tokio::select! {
+            _ = shared.cancel.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok((stream, peer)) => {
+                    let Ok(hs) = shared.handshakes.clone().try_acquire_owned() else {
+                        tracing::warn!(%peer, "too many handshakes in progress; dropping connection");
+                        continue;
+                    };
+                    let _ = stream.set_nodelay(true);
+                    let s = shared.clone();
+                    let span = tracing::info_span!("conn", %peer);
+                    shared.tracker.spawn(connection(s, stream, hs).instrument(span));
+                }
+                Err(e) => {
+                    tracing::warn!("accepting a connection: {}", crate::fsutil::describe(&e));
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                        _ = shared.cancel.cancelled() => break,
+                    }
+                }
+            }
+        }
+    }
+    drop(listener);
+    tracing::info!("shutting down: no new connections; letting sessions finish");
+    shared.tracker.close();
+    let grace = shared.config.shutdown_grace();
+    if tokio::time::timeout(grace, shared.tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "sessions still running after the shutdown grace of {}s; exiting anyway \
+             (anything unacknowledged will be sent again)",
+            grace.as_secs()
+        );
+    }
+    let repos: Vec<Arc<Repo>> = shared.repos.lock().await.values().cloned().collect();
+    for repo in repos {
+        let r = tokio::task::spawn_blocking(move || {
+            let name = repo.name().clone();
+            (name, repo.flush(&[]))
+        })
+        .await;
+        if let Ok((name, Err(e))) = r {
+            tracing::warn!(repo = %name, "final flush: {e}");
+        }
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn spawn_signal_handler(cancel: CancellationToken) -> Result<(), Error> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).map_err(|e| Error::Runtime(e.to_string()))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| Error::Runtime(e.to_string()))?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+        cancel.cancel();
+    });
+    Ok(())
+}
+
+fn error(code: ErrorCode, message: impl Into<String>) -> Message {
+    Message::Error {
+        code,
+        message: message.into(),
+    }
+}
+
+async fn connection(shared: Arc<Shared>, stream: TcpStream, handshake_slot: OwnedSemaphorePermit) {
+    let hs = tokio::select! {
+        r = channel::accept(stream, &shared.keypair) => r,
+        _ = shared.cancel.cancelled() => return,
+    };
+    drop(handshake_slot);
+    let (mut ch, key) = match hs {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::debug!("handshake failed: {e}");
+            return;
+        }
+    };
+    let Some(repo) = shared.auth.current().repo_of(&key).cloned() else {
+        tracing::warn!(%key, "refused: agent key {key} is not authorized on this receiver");
+        let m = error(
+            ErrorCode::Unauthorized,
+            format!("agent key {key} is not authorized on this receiver"),
+        );
+        let _ = tokio::time::timeout(Duration::from_secs(5), ch.send(&m)).await;
+        return;
+    };
+    let permit = match shared.sessions.clone().try_acquire_owned() {
+        Ok(p) => p,
+        Err(_) => {
+            let waited = tokio::select! {
+                r = tokio::time::timeout(BUSY_WAIT, shared.sessions.clone().acquire_owned()) => r,
+                _ = shared.cancel.cancelled() => return,
+            };
+            match waited {
+                Ok(Ok(p)) => p,
+                _ => {
+                    tracing::warn!(%key, "refused: all {} sessions in use", shared.config.max_sessions);
+                    let m = error(
+                        ErrorCode::Internal,
+                        format!(
+                            "receiver busy: all {} sessions are in use (max_sessions in \
+                             receiver.toml); try again later",
+                            shared.config.max_sessions
+                        ),
+                    );
+                    let _ = tokio::time::timeout(Duration::from_secs(5), ch.send(&m)).await;
+                    return;
+                }
+            }
+        }
+    };
+    let span = tracing::info_span!("session", %repo, key = %short(&key));
+    session(shared, ch, repo).instrument(span).await;
+    drop(permit);
+}
+
+fn short(k: &PublicKey) -> String {
+    k.to_string().chars().take(8).collect()
+}
+
+type Tx = SendHalf<WriteHalf<TcpStream>>;
+type Rx = RecvHalf<ReadHalf<TcpStream>>;
+
+async fn session(shared: Arc<Shared>, mut ch: channel::Channel<TcpStream>, repo_name: RepoName) {
+    let idle = shared.config.idle_timeout();
+    let first = tokio::select! {
+        r = tokio::time::timeout(idle, ch.recv()) => r,
+        _ = shared.cancel.cancelled() => return,
+    };
+    let agent = match first {
+        Err(_) => {
+            tracing::info!("no Hello within the idle timeout; closing");
+            return;
+        }
+        Ok(Ok(Message::Hello {
+            protocol,
+            agent_name,
+            software,
+        })) => {
+            if protocol != PROTOCOL_VERSION {
+                let msg = format!(
+                    "protocol version mismatch: the receiver speaks {PROTOCOL_VERSION}, the agent \
+                     speaks {protocol}; upgrade the older side"
+                );
+                tracing::warn!("{msg}");
+                let _ = ch.send(&error(ErrorCode::ProtocolVersion, msg)).await;
+                return;
+            }
+            tracing::info!(agent = %agent_name, %software, "session started");
+            agent_name
+        }
+        Ok(Ok(other)) => {
+            let msg = format!("expected Hello as the first message, got {}", other.kind());
+            tracing::warn!("{msg}");
+            let _ = ch.send(&error(ErrorCode::Malformed, msg)).await;
+            return;
+        }
+        Ok(Err(ChannelError::Wire(WireError::Closed))) => return,
+        Ok(Err(e)) => {
+            tracing::warn!("bad first frame: {e}");
+            let _ = ch.send(&error(ErrorCode::Malformed, e.to_string())).await;
+            return;
+        }
+    };
+    let repo = match open_repo(&shared, &repo_name).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!("opening repository {repo_name}: {e}");
+            let code = if e.is_storage() {
+                ErrorCode::Storage
+            } else {
+                ErrorCode::Internal
+            };
+            let _ = ch
+                .send(&error(code, format!("opening repository {repo_name}: {e}")))
+                .await;
+            return;
+        }
+    };
+    let welcome = Message::Welcome {
+        protocol: PROTOCOL_VERSION,
+        repo: repo_name.to_string(),
+    };
+    if ch.send(&welcome).await.is_err() {
+        return;
+    }
+    let (tx, rx) = ch.split();
+    let (qtx, qrx) = mpsc::channel(QUEUE_MESSAGES);
+    let reader_cancel = shared.cancel.child_token();
+    let reader = tokio::spawn(
+        read_loop(rx, qtx, reader_cancel.clone()).instrument(tracing::Span::current()),
+    );
+    let mut s = Session {
+        repo,
+        tx,
+        idle,
+        commits: Vec::new(),
+        deferred: Vec::new(),
+        batch_bytes: 0,
+        unflushed: false,
+        acked: 0,
+        stored_bytes: 0,
+    };
+    let end = s.run(qrx, &shared.cancel).await;
+    reader_cancel.cancel();
+    reader.abort();
+    match end {
+        Ok(()) => {
+            tracing::info!(agent = %agent, files = s.acked, bytes = s.stored_bytes, "session ended")
+        }
+        Err(e) => {
+            tracing::info!(agent = %agent, files = s.acked, bytes = s.stored_bytes, "session ended: {e}")
+        }
+    }
+}
+
+async fn open_repo(shared: &Arc<Shared>, name: &RepoName) -> Result<Arc<Repo>, RepoError> {
+    let mut repos = shared.repos.lock().await;
+    if let Some(r) = repos.get(name) {
+        return Ok(r.clone());
+    }
+    let dir = shared.layout.repo(name);
+    let n = name.clone();
+    let max = shared.config.pack_max_bytes;
+    let (repo, rec) = tokio::task::spawn_blocking(move || Repo::open(&dir, n, max))
+        .await
+        .map_err(|e| {
+            RepoError::Io(crate::fsutil::IoError::new(
+                "opening repository",
+                shared.layout.repo(name),
+                std::io::Error::other(e.to_string()),
+            ))
+        })??;
+    if rec.reindexed > 0 || rec.cut_bytes > 0 {
+        tracing::info!(
+            repo = %name,
+            reindexed = rec.reindexed,
+            cut_bytes = rec.cut_bytes,
+            "recovered after an unclean stop"
+        );
+    }
+    let repo = Arc::new(repo);
+    repos.insert(name.clone(), repo.clone());
+    Ok(repo)
+}
+
+enum Incoming {
+    Msg(Message, OwnedSemaphorePermit),
+    Bad(ChannelError),
+}
+
+async fn read_loop(mut rx: Rx, q: mpsc::Sender<Incoming>, cancel: CancellationToken) {
+    let budget = Arc::new(Semaphore::new(QUEUE_BYTES));
+    loop {
+        let r = tokio::select! {
+            r = rx.recv_raw() => r,
+            _ = cancel.cancelled() => return,
+        };
+        let item = match r.and_then(|b| {
+            let n = b.len();
+            Message::decode_owned(b)
+                .map(|m| (m, n))
+                .map_err(ChannelError::from)
+        }) {
+            Ok((m, n)) => {
+                let want = n.clamp(1, QUEUE_BYTES) as u32;
+                let permit = tokio::select! {
+                    p = budget.clone().acquire_many_owned(want) => match p {
+                        Ok(p) => p,
+                        Err(_) => return,
+                    },
+                    _ = cancel.cancelled() => return,
+                };
+                Incoming::Msg(m, permit)
+            }
+            Err(ChannelError::Wire(WireError::Closed)) => return,
+            Err(e) => Incoming::Bad(e),
+        };
+        let bad = matches!(item, Incoming::Bad(_));
+        if q.send(item).await.is_err() || bad {
+            return;
+        }
+    }
+}
+
+/// Why a session ended early.
+#[derive(Debug, thiserror::Error)]
+enum End {
+    #[error("sending to the agent failed: {0}")]
+    Send(ChannelError),
+    #[error("the agent did not read replies within the idle timeout")]
+    Stalled,
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+    #[error("idle timeout")]
+    Idle,
+    #[error("receiver shutting down")]
+    Shutdown,
+}
+
+enum Reply {
+    Now(Message),
+    Commit(usize),
+}
+
+struct Session {
+    repo: Arc<Repo>,
+    tx: Tx,
+    idle: Duration,
+    /// Commits waiting for the next flush.
+    commits: Vec<NewCommit>,
+    /// Replies waiting for the next flush (everything after the first pending commit).
+    deferred: Vec<Reply>,
+    batch_bytes: u64,
+    /// Chunks were stored since the last flush.
+    unflushed: bool,
+    acked: u64,
+    stored_bytes: u64,
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, End> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| End::Internal(e.to_string()))
+}
+
+fn repo_error(e: &RepoError) -> Message {
+    let code = if e.is_storage() {
+        ErrorCode::Storage
+    } else {
+        ErrorCode::Internal
+    };
+    error(code, e.to_string())
+}
+
+impl Session {
+    async fn run(
+        &mut self,
+        mut q: mpsc::Receiver<Incoming>,
+        cancel: &CancellationToken,
+    ) -> Result<(), End> {
+        let r = self.serve_queue(&mut q, cancel).await;
+        // Whatever happened, make what was received durable (an ack that cannot be sent
+        // is simply asked for again: commits are idempotent).
+        let f = self.flush().await;
+        if matches!(r, Err(End::Shutdown)) {
+            let _ = self
+                .send(error(
+                    ErrorCode::ShuttingDown,
+                    "the receiver is shutting down; reconnect later",
+                ))
+                .await;
+        }
+        r.and(f)
+    }
+
+    async fn serve_queue(
+        &mut self,
+        q: &mut mpsc::Receiver<Incoming>,
+        cancel: &CancellationToken,
+    ) -> Result<(), End> {
+        let mut shutting_down = false;
+        loop {
+            let item = if !self.commits.is_empty() || shutting_down {
+                match q.try_recv() {
+                    Ok(i) => i,
+                    Err(mpsc::error::TryRecvError::Empty) if shutting_down => {
+                        return Err(End::Shutdown)
+                    }
+                    Err(mpsc::error::TryRecvError::Empty) => {
+                        self.flush().await?;
+                        continue;
+                    }
+                    Err(mpsc::error::TryRecvError::Disconnected) => return Ok(()),
+                }
+            } else {
+                tokio::select! {
+                    biased;
+                    i = q.recv() => match i {
+                        Some(i) => i,
+                        None => return Ok(()),
+                    },
+                    _ = cancel.cancelled() => {
+                        shutting_down = true;
+                        continue;
+                    }
+                    _ = tokio::time::sleep(self.idle) => return Err(End::Idle),
+                }
+            };
+            match item {
+                Incoming::Msg(m, permit) => {
+                    self.handle(m).await?;
+                    drop(permit);
+                }
+                Incoming::Bad(e) => {
+                    tracing::warn!("ending session: {e}");
+                    self.flush().await?;
+                    let _ = self.send(error(ErrorCode::Malformed, e.to_string())).await;
+                    return Err(End::Protocol(e.to_string()));
+                }
+            }
+            if self.commits.len() >= MAX_BATCH_COMMITS || self.batch_bytes >= MAX_BATCH_BYTES {
+                self.flush().await?;
+            }
+        }
+    }
+
+    async fn send(&mut self, m: Message) -> Result<(), End> {
+        match tokio::time::timeout(self.idle, self.tx.send(&m)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(End::Send(e)),
+            Err(_) => Err(End::Stalled),
+        }
+    }
+
+    /// Sends a reply now, or queues it behind an unacknowledged commit.
+    async fn reply(&mut self, m: Message) -> Result<(), End> {
+        if self.commits.is_empty() {
+            self.send(m).await
+        } else {
+            self.deferred.push(Reply::Now(m));
+            Ok(())
+        }
+    }
+
+    async fn malformed(&mut self, msg: String) -> Result<(), End> {
+        tracing::warn!("ending session: {msg}");
+        self.flush().await?;
+        let _ = self.send(error(ErrorCode::Malformed, msg.clone())).await;
+        Err(End::Protocol(msg))
+    }
+
+    async fn handle(&mut self, m: Message) -> Result<(), End> {
+        match m {
+            Message::HaveChunks { ids } => {
+                if ids.len() > MAX_IDS {
+                    return self
+                        .malformed(format!("HaveChunks with {} ids (max {MAX_IDS})", ids.len()))
+                        .await;
+                }
+                let repo = self.repo.clone();
+                let r = blocking(move || repo.missing(&ids)).await?;
+                let reply = match r {
+                    Ok(ids) => Message::Missing { ids },
+                    Err(e) => repo_error(&e),
+                };
+                self.reply(reply).await
+            }
+            Message::PutChunk { id, sealed } => {
+                if sealed.len() > MAX_SEALED || sealed.len() < SEAL_OVERHEAD {
+                    let msg = format!(
+                        "sealed chunk {id} is {} bytes; a sealed chunk has {SEAL_OVERHEAD} to \
+                         {MAX_SEALED} bytes",
+                        sealed.len()
+                    );
+                    return self.reply(error(ErrorCode::Malformed, msg)).await;
+                }
+                let n = sealed.len() as u64;
+                let repo = self.repo.clone();
+                let r = blocking(move || repo.put(&id, &sealed)).await?;
+                let reply = match r {
+                    Ok(written) => {
+                        if written {
+                            self.unflushed = true;
+                            self.batch_bytes += n;
+                            self.stored_bytes += n;
+                        }
+                        Message::Stored { id }
+                    }
+                    Err(e) => {
+                        tracing::warn!("storing chunk {id}: {e}");
+                        repo_error(&e)
+                    }
+                };
+                self.reply(reply).await
+            }
+            Message::CommitFile {
+                commit_id,
+                file_id,
+                manifest,
+                chunks,
+            } => {
+                if chunks.len() > MAX_IDS {
+                    return self
+                        .malformed(format!(
+                            "CommitFile with {} chunks (max {MAX_IDS})",
+                            chunks.len()
+                        ))
+                        .await;
+                }
+                self.batch_bytes += manifest.len() as u64;
+                self.commits.push(NewCommit {
+                    commit_id,
+                    file_id,
+                    manifest,
+                    chunks,
+                });
+                self.deferred.push(Reply::Commit(self.commits.len() - 1));
+                Ok(())
+            }
+            Message::PutKeyFile { data } => {
+                let repo = self.repo.clone();
+                let r = blocking(move || repo.put_keyfile(&data)).await?;
+                let reply = match r {
+                    Ok(()) => Message::KeyFileStored,
+                    Err(RepoError::KeyFileTooLarge(n)) => error(
+                        ErrorCode::Malformed,
+                        RepoError::KeyFileTooLarge(n).to_string(),
+                    ),
+                    Err(e) => repo_error(&e),
+                };
+                self.reply(reply).await
+            }
+            Message::GetKeyFile => {
+                let repo = self.repo.clone();
+                let reply = match blocking(move || repo.get_keyfile()).await? {
+                    Ok(data) => Message::KeyFile { data },
+                    Err(e) => repo_error(&e),
+                };
+                self.reply(reply).await
+            }
+            Message::ListVersions { after, limit } => {
+                // The listing must include this session's own earlier commits.
+                if !self.commits.is_empty() {
+                    self.flush().await?;
+                }
+                let repo = self.repo.clone();
+                let reply = match blocking(move || repo.list_versions(after, limit)).await? {
+                    Ok((entries, more)) => Message::Versions { entries, more },
+                    Err(e) => repo_error(&e),
+                };
+                self.reply(reply).await
+            }
+            Message::GetChunk { id } => {
+                // Sent at once rather than held (with its data) behind pending commits.
+                if !self.commits.is_empty() {
+                    self.flush().await?;
+                }
+                let repo = self.repo.clone();
+                let reply = match blocking(move || repo.get(&id)).await? {
+                    Ok(Some(sealed)) => Message::Chunk { id, sealed },
+                    Ok(None) => not_found(&id),
+                    Err(e) => {
+                        tracing::error!("reading chunk {id}: {e}");
+                        error(ErrorCode::Internal, format!("reading chunk {id}: {e}"))
+                    }
+                };
+                self.reply(reply).await
+            }
+            Message::Hello { .. } => self.malformed("Hello sent twice".into()).await,
+            other => {
+                self.malformed(format!("{} is a reply, not a request", other.kind()))
+                    .await
+            }
+        }
+    }
+
+    /// Makes the batch durable (packs fsynced, one index transaction), then sends the
+    /// replies that waited for it, in order.
+    async fn flush(&mut self) -> Result<(), End> {
+        if self.commits.is_empty() && !self.unflushed {
+            return Ok(());
+        }
+        let commits = std::mem::take(&mut self.commits);
+        let deferred = std::mem::take(&mut self.deferred);
+        self.batch_bytes = 0;
+        self.unflushed = false;
+        let repo = self.repo.clone();
+        let (commits, outcome) = blocking(move || {
+            let r = repo.flush(&commits);
+            (commits, r)
+        })
+        .await?;
+        if let Err(e) = &outcome {
+            tracing::warn!("flushing a batch of {} commits: {e}", commits.len());
+        }
+        for d in deferred {
+            let m = match d {
+                Reply::Now(m) => m,
+                Reply::Commit(i) => match (&outcome, commits.get(i)) {
+                    (Ok(o), Some(c)) => match o.get(i) {
+                        Some(CommitOutcome::Acked {
+                            version,
+                            commit_time,
+                        }) => {
+                            self.acked += 1;
+                            Message::FileAcked {
+                                commit_id: c.commit_id,
+                                version: *version,
+                                commit_time: *commit_time,
+                            }
+                        }
+                        Some(CommitOutcome::MissingChunks(ids)) => missing_chunks(ids),
+                        None => error(ErrorCode::Internal, "commit outcome lost"),
+                    },
+                    (Err(e), _) => repo_error(e),
+                    (Ok(_), None) => error(ErrorCode::Internal, "commit lost"),
+                },
+            };
+            self.send(m).await?;
+        }
+        Ok(())
+    }
+}
+
+fn not_found(id: &ChunkId) -> Message {
+    error(
+        ErrorCode::NotFound,
+        format!("chunk {id} is not in this repository"),
+    )
+}
+
+fn missing_chunks(ids: &[ChunkId]) -> Message {
+    let first = ids.first().map(|i| i.to_hex()).unwrap_or_default();
+    error(
+        ErrorCode::MissingChunks,
+        format!(
+            "commit references {} chunk(s) the receiver does not have (first: {first}); \
+             send them and commit again",
+            ids.len()
+        ),
+    )
+}

@@ -1,0 +1,304 @@
+//! `status` and `scrub`: what the backup tree holds, and whether every record is intact.
+//! Both only read; they can run while `serve` does.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::Path;
+use std::time::{Duration, UNIX_EPOCH};
+
+use nix::fcntl::{Flock, FlockArg};
+use serde::Serialize;
+
+use crate::auth::{Authorizations, RepoName};
+use crate::fsutil::Context;
+use crate::index::{Index, Mode, Stats};
+use crate::layout::Layout;
+use crate::store::{read_record, LocalPacks, PackStore, RecordError};
+use crate::Error;
+
+/// One repository in `status`.
+#[derive(Clone, Debug, Serialize)]
+pub struct RepoStatus {
+    pub name: String,
+    /// Agent keys authorized to write it.
+    pub keys: Vec<String>,
+    /// Distinct file ids with at least one version.
+    pub files: u64,
+    pub versions: u64,
+    pub chunks: u64,
+    /// Sum of the sealed chunks' lengths.
+    pub chunk_bytes: u64,
+    /// Bytes of pack files on disk.
+    pub stored_bytes: u64,
+    pub packs: u64,
+    /// RFC 3339, UTC.
+    pub last_commit_at: Option<String>,
+}
+
+/// The whole `status`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Status {
+    pub root: String,
+    pub receiver_key: String,
+    /// Whether a `serve` holds this root's lock.
+    pub serve_running: bool,
+    /// The address the running `serve` listens on (from `serve.addr`).
+    pub serve_addr: Option<String>,
+    /// The configured listen address.
+    pub listen: String,
+    pub repositories: Vec<RepoStatus>,
+}
+
+/// True when a `serve` holds the root's lock.
+pub fn serve_running(layout: &Layout) -> Result<bool, Error> {
+    let path = layout.serve_lock();
+    let f = match File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(crate::fsutil::IoError::new("opening", path, e).into()),
+    };
+    match Flock::lock(f, FlockArg::LockSharedNonblock) {
+        Ok(_) => Ok(false),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(true),
+        Err((_, e)) => Err(Error::Lock {
+            path,
+            msg: e.desc().to_lowercase(),
+        }),
+    }
+}
+
+fn rfc3339(secs: i64) -> String {
+    let t = UNIX_EPOCH + Duration::from_secs(secs.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// Repository names: every directory under `repos/` plus every authorized one.
+fn repo_names(layout: &Layout, auth: &Authorizations) -> Result<Vec<RepoName>, Error> {
+    let mut names: Vec<RepoName> = auth.iter().map(|(_, r)| r.clone()).collect();
+    let dir = layout.repos();
+    if dir.exists() {
+        for e in std::fs::read_dir(&dir).ctx("listing", &dir)? {
+            let e = e.ctx("listing", &dir)?;
+            if let Some(n) = e.file_name().to_str().and_then(|n| RepoName::new(n).ok()) {
+                if e.path().is_dir() {
+                    names.push(n);
+                }
+            }
+        }
+    }
+    names.sort();
+    names.dedup();
+    Ok(names)
+}
+
+/// Gathers `status`.
+pub fn status(layout: &Layout) -> Result<Status, Error> {
+    let config = layout.load_config()?;
+    let key = layout.load_keypair()?.public();
+    let auth = Authorizations::load(&layout.authorized())?;
+    let running = serve_running(layout)?;
+    let serve_addr = if running {
+        std::fs::read_to_string(layout.serve_addr())
+            .ok()
+            .map(|s| s.trim().to_string())
+    } else {
+        None
+    };
+    let mut keys: BTreeMap<RepoName, Vec<String>> = BTreeMap::new();
+    for (k, r) in auth.iter() {
+        keys.entry(r.clone()).or_default().push(k.to_string());
+    }
+    let mut repositories = Vec::new();
+    for name in repo_names(layout, &auth)? {
+        let dir = layout.repo(&name);
+        let index = dir.join("index.sqlite");
+        let stats = if index.exists() {
+            Index::open(&index, Mode::Read)?.stats()?
+        } else {
+            Stats::default()
+        };
+        let (mut packs, mut stored) = (0u64, 0u64);
+        let pdir = dir.join("packs");
+        if pdir.exists() {
+            let store = LocalPacks::new(&pdir);
+            for p in store.list()? {
+                packs += 1;
+                stored += store.len(p)?;
+            }
+        }
+        repositories.push(RepoStatus {
+            keys: keys.remove(&name).unwrap_or_default(),
+            name: name.to_string(),
+            files: stats.files,
+            versions: stats.versions,
+            chunks: stats.chunks,
+            chunk_bytes: stats.chunk_bytes,
+            stored_bytes: stored,
+            packs,
+            last_commit_at: stats.last_commit.map(rfc3339),
+        });
+    }
+    Ok(Status {
+        root: layout.root().display().to_string(),
+        receiver_key: key.to_string(),
+        serve_running: running,
+        serve_addr,
+        listen: config.listen.to_string(),
+        repositories,
+    })
+}
+
+fn bytes(n: u64) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < U.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", U[u])
+    }
+}
+
+impl Status {
+    /// The human-readable form.
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        s.push_str(&format!("root:          {}\n", self.root));
+        s.push_str(&format!("receiver key:  {}\n", self.receiver_key));
+        match (&self.serve_running, &self.serve_addr) {
+            (true, Some(a)) => s.push_str(&format!("serve:         running, listening on {a}\n")),
+            (true, None) => s.push_str("serve:         running\n"),
+            (false, _) => s.push_str(&format!(
+                "serve:         not running (configured to listen on {})\n",
+                self.listen
+            )),
+        }
+        s.push_str(&format!("repositories:  {}\n", self.repositories.len()));
+        for r in &self.repositories {
+            s.push_str(&format!("\n{}\n", r.name));
+            if r.keys.is_empty() {
+                s.push_str("  keys:        none authorized\n");
+            }
+            for k in &r.keys {
+                s.push_str(&format!("  key:         {k}\n"));
+            }
+            s.push_str(&format!("  files:       {}\n", r.files));
+            s.push_str(&format!("  versions:    {}\n", r.versions));
+            s.push_str(&format!(
+                "  chunks:      {} ({})\n",
+                r.chunks,
+                bytes(r.chunk_bytes)
+            ));
+            s.push_str(&format!(
+                "  stored:      {} in {} pack{}\n",
+                bytes(r.stored_bytes),
+                r.packs,
+                if r.packs == 1 { "" } else { "s" }
+            ));
+            s.push_str(&format!(
+                "  last commit: {}\n",
+                r.last_commit_at.as_deref().unwrap_or("never")
+            ));
+        }
+        s
+    }
+}
+
+/// A record `scrub` found damaged.
+#[derive(Clone, Debug, Serialize)]
+pub struct Damage {
+    pub repo: String,
+    pub pack: String,
+    pub offset: u64,
+    pub chunk: String,
+    pub why: String,
+}
+
+/// What `scrub` checked.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ScrubReport {
+    pub repositories: usize,
+    pub records: u64,
+    pub bytes: u64,
+    pub damaged: Vec<Damage>,
+}
+
+/// Reads back every indexed record of every repository and checks it against its header
+/// and hash; `on_damage` is called for each damaged one as it is found.
+pub fn scrub(layout: &Layout, mut on_damage: impl FnMut(&Damage)) -> Result<ScrubReport, Error> {
+    layout.load_config()?;
+    let auth = Authorizations::load(&layout.authorized())?;
+    let mut report = ScrubReport::default();
+    for name in repo_names(layout, &auth)? {
+        let dir = layout.repo(&name);
+        let index = dir.join("index.sqlite");
+        if !index.exists() {
+            continue;
+        }
+        report.repositories += 1;
+        scrub_repo(&name, &dir, &index, &mut report, &mut on_damage)?;
+    }
+    Ok(report)
+}
+
+fn scrub_repo(
+    name: &RepoName,
+    dir: &Path,
+    index: &Path,
+    report: &mut ScrubReport,
+    on_damage: &mut impl FnMut(&Damage),
+) -> Result<(), Error> {
+    let ix = Index::open(index, Mode::Read)?;
+    let store = LocalPacks::new(&dir.join("packs"));
+    let mut fatal = None;
+    ix.for_each_chunk(|row| {
+        report.records += 1;
+        report.bytes += row.loc.len as u64;
+        let why = match read_record(&store, &row.id, &row.loc) {
+            Ok(_) => return true,
+            Err(RecordError::Damaged { why, .. }) => why,
+            Err(RecordError::Io(e)) if e.source.kind() == std::io::ErrorKind::NotFound => {
+                "the pack file is missing".to_string()
+            }
+            Err(RecordError::Io(e)) => {
+                if e.source.raw_os_error() == Some(libc::EIO) {
+                    e.to_string()
+                } else {
+                    fatal = Some(e);
+                    return false;
+                }
+            }
+        };
+        let d = Damage {
+            repo: name.to_string(),
+            pack: store.describe(row.loc.pack),
+            offset: row.loc.offset,
+            chunk: row.id.to_hex(),
+            why,
+        };
+        on_damage(&d);
+        report.damaged.push(d);
+        true
+    })?;
+    if let Some(e) = fatal {
+        return Err(e.into());
+    }
+    for (p, len) in ix.pack_lengths()? {
+        if let Ok(actual) = store.len(p) {
+            if actual > len {
+                tracing::info!(
+                    repo = %name,
+                    "{} has {} bytes past its indexed end (an unclean stop, or a batch in \
+                     progress); the next serve re-indexes or cuts them",
+                    store.describe(p),
+                    actual - len
+                );
+            }
+        }
+    }
+    Ok(())
+}

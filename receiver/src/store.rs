@@ -1,0 +1,454 @@
+//! Pack files: the append-only homes of sealed chunks, behind the [`PackStore`] trait.
+//!
+//! ```text
+//! pack header (16 bytes)  "COFRPACK" | format version u32 LE (1) | reserved u32 (0)
+//! record (72 + n bytes)   "CREC" | chunk id (32) | n = sealed length u32 LE
+//!                         | BLAKE3(sealed) (32) | sealed (n)
+//! ```
+//!
+//! Records are self-describing, so `scrub` checks them without a key and the index can be
+//! rebuilt from the packs. The store only moves bytes; when they are durable and which
+//! records count is decided by [`crate::repo`].
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use coffer_common::chunk::{ChunkId, MAX_SEALED};
+
+use crate::fsutil::{sync_dir, Context, IoError};
+
+/// Magic at the start of every pack.
+pub const PACK_MAGIC: &[u8; 8] = b"COFRPACK";
+/// Pack format version.
+pub const PACK_VERSION: u32 = 1;
+/// Length of the pack header.
+pub const PACK_HEADER_LEN: u64 = 16;
+/// Magic at the start of every record.
+pub const RECORD_MAGIC: &[u8; 4] = b"CREC";
+/// Length of a record header.
+pub const RECORD_HEADER_LEN: u64 = 72;
+
+/// A pack's number (its file is `packs/NNNNNNNN.pack`, eight decimal digits).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PackNo(pub u32);
+
+impl PackNo {
+    /// The pack's file name.
+    pub fn file_name(self) -> String {
+        format!("{:08}.pack", self.0)
+    }
+
+    /// Parses a pack file name.
+    pub fn from_file_name(name: &str) -> Option<Self> {
+        let digits = name.strip_suffix(".pack")?;
+        if digits.len() != 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        digits.parse().ok().map(PackNo)
+    }
+}
+
+/// The pack header bytes.
+pub fn pack_header() -> [u8; PACK_HEADER_LEN as usize] {
+    let mut h = [0u8; PACK_HEADER_LEN as usize];
+    h[..8].copy_from_slice(PACK_MAGIC);
+    h[8..12].copy_from_slice(&PACK_VERSION.to_le_bytes());
+    h
+}
+
+/// A record header, decoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecordHeader {
+    pub id: ChunkId,
+    pub len: u32,
+    pub hash: [u8; 32],
+}
+
+impl RecordHeader {
+    /// The header for `sealed` stored under `id`, whose BLAKE3 is `hash`.
+    pub fn encode(&self) -> [u8; RECORD_HEADER_LEN as usize] {
+        let mut h = [0u8; RECORD_HEADER_LEN as usize];
+        h[..4].copy_from_slice(RECORD_MAGIC);
+        h[4..36].copy_from_slice(&self.id.0);
+        h[36..40].copy_from_slice(&self.len.to_le_bytes());
+        h[40..72].copy_from_slice(&self.hash);
+        h
+    }
+
+    /// Decodes a header; `None` if the magic is wrong or the length is impossible.
+    pub fn decode(h: &[u8]) -> Option<Self> {
+        if h.len() < RECORD_HEADER_LEN as usize || &h[..4] != RECORD_MAGIC {
+            return None;
+        }
+        let mut id = [0u8; 32];
+        id.copy_from_slice(&h[4..36]);
+        let len = u32::from_le_bytes([h[36], h[37], h[38], h[39]]);
+        if len as usize > MAX_SEALED {
+            return None;
+        }
+        let mut hash = [0u8; 32];
+        hash.copy_from_slice(&h[40..72]);
+        Some(Self {
+            id: ChunkId(id),
+            len,
+            hash,
+        })
+    }
+
+    /// Bytes the whole record takes.
+    pub fn record_len(&self) -> u64 {
+        RECORD_HEADER_LEN + self.len as u64
+    }
+}
+
+/// Where a stored record is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Location {
+    pub pack: PackNo,
+    /// Offset of the record (its header) in the pack.
+    pub offset: u64,
+    /// Length of the sealed bytes.
+    pub len: u32,
+    /// BLAKE3 of the sealed bytes.
+    pub hash: [u8; 32],
+}
+
+impl Location {
+    /// Offset just past the record.
+    pub fn end(&self) -> u64 {
+        self.offset + RECORD_HEADER_LEN + self.len as u64
+    }
+}
+
+/// Where packs live. The local-disk implementation is [`LocalPacks`]; an object store
+/// would keep the open pack locally and upload it whole when it is closed.
+pub trait PackStore: Send + Sync {
+    /// A human-readable name of a pack (its path), for messages.
+    fn describe(&self, pack: PackNo) -> String;
+    /// Every pack present, ascending.
+    fn list(&self) -> Result<Vec<PackNo>, IoError>;
+    /// A pack's current length.
+    fn len(&self, pack: PackNo) -> Result<u64, IoError>;
+    /// Creates a new pack holding only its header, durably (file and directory entry).
+    fn create(&self, pack: PackNo) -> Result<(), IoError>;
+    /// Writes `data` at `offset` (not yet durable).
+    fn write_at(&self, pack: PackNo, offset: u64, data: &[u8]) -> Result<(), IoError>;
+    /// Makes everything written to `pack` durable.
+    fn sync(&self, pack: PackNo) -> Result<(), IoError>;
+    /// Reads exactly `buf.len()` bytes at `offset`.
+    fn read_at(&self, pack: PackNo, offset: u64, buf: &mut [u8]) -> Result<(), IoError>;
+    /// Cuts `pack` to `len` bytes, durably.
+    fn truncate(&self, pack: PackNo, len: u64) -> Result<(), IoError>;
+}
+
+/// How many pack files [`LocalPacks`] keeps open.
+const OPEN_FILES: usize = 8;
+
+/// Packs as files in a local directory.
+pub struct LocalPacks {
+    dir: PathBuf,
+    open: Mutex<VecDeque<(PackNo, Arc<File>)>>,
+}
+
+impl LocalPacks {
+    /// Packs in `dir` (which must exist).
+    pub fn new(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+            open: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    fn path(&self, pack: PackNo) -> PathBuf {
+        self.dir.join(pack.file_name())
+    }
+
+    fn file(&self, pack: PackNo) -> Result<Arc<File>, IoError> {
+        let mut open = match self.open.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if let Some(i) = open.iter().position(|(p, _)| *p == pack) {
+            if let Some(e) = open.remove(i) {
+                let f = e.1.clone();
+                open.push_front(e);
+                return Ok(f);
+            }
+        }
+        let path = self.path(pack);
+        let f = Arc::new(
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .ctx("opening", &path)?,
+        );
+        open.push_front((pack, f.clone()));
+        open.truncate(OPEN_FILES);
+        Ok(f)
+    }
+}
+
+impl PackStore for LocalPacks {
+    fn describe(&self, pack: PackNo) -> String {
+        self.path(pack).display().to_string()
+    }
+
+    fn list(&self) -> Result<Vec<PackNo>, IoError> {
+        let mut v = Vec::new();
+        for e in std::fs::read_dir(&self.dir).ctx("listing", &self.dir)? {
+            let e = e.ctx("listing", &self.dir)?;
+            if let Some(p) = e.file_name().to_str().and_then(PackNo::from_file_name) {
+                v.push(p);
+            }
+        }
+        v.sort();
+        Ok(v)
+    }
+
+    fn len(&self, pack: PackNo) -> Result<u64, IoError> {
+        let path = self.path(pack);
+        Ok(self
+            .file(pack)?
+            .metadata()
+            .ctx("reading size of", &path)?
+            .len())
+    }
+
+    fn create(&self, pack: PackNo) -> Result<(), IoError> {
+        let path = self.path(pack);
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .ctx("creating", &path)?;
+        let r = f
+            .write_all_at(&pack_header(), 0)
+            .and_then(|_| f.sync_all())
+            .ctx("writing", &path)
+            .and_then(|_| sync_dir(&self.dir));
+        if r.is_err() {
+            let _ = std::fs::remove_file(&path);
+        }
+        r
+    }
+
+    fn write_at(&self, pack: PackNo, offset: u64, data: &[u8]) -> Result<(), IoError> {
+        self.file(pack)?
+            .write_all_at(data, offset)
+            .ctx("writing", &self.path(pack))
+    }
+
+    fn sync(&self, pack: PackNo) -> Result<(), IoError> {
+        self.file(pack)?
+            .sync_data()
+            .ctx("syncing", &self.path(pack))
+    }
+
+    fn read_at(&self, pack: PackNo, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        self.file(pack)?
+            .read_exact_at(buf, offset)
+            .ctx("reading", &self.path(pack))
+    }
+
+    fn truncate(&self, pack: PackNo, len: u64) -> Result<(), IoError> {
+        let f = self.file(pack)?;
+        let path = self.path(pack);
+        f.set_len(len).ctx("truncating", &path)?;
+        f.sync_all().ctx("syncing", &path)
+    }
+}
+
+/// Why a record could not be read back.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error(transparent)]
+    Io(#[from] IoError),
+    #[error("damaged record in {pack} at offset {offset} (chunk {id}): {why}")]
+    Damaged {
+        pack: String,
+        offset: u64,
+        id: ChunkId,
+        why: String,
+    },
+}
+
+/// Reads the record at `loc`, checking that it is the one expected for `id` and that its
+/// bytes hash to what was stored; returns the sealed bytes.
+pub fn read_record(
+    store: &dyn PackStore,
+    id: &ChunkId,
+    loc: &Location,
+) -> Result<Vec<u8>, RecordError> {
+    let damaged = |why: String| RecordError::Damaged {
+        pack: store.describe(loc.pack),
+        offset: loc.offset,
+        id: *id,
+        why,
+    };
+    let total = RECORD_HEADER_LEN as usize + loc.len as usize;
+    let mut buf = vec![0u8; total];
+    if let Err(e) = store.read_at(loc.pack, loc.offset, &mut buf) {
+        if e.source.kind() == io::ErrorKind::UnexpectedEof {
+            return Err(damaged("the pack ends before the record does".into()));
+        }
+        return Err(e.into());
+    }
+    let h = RecordHeader::decode(&buf).ok_or_else(|| damaged("bad record header".into()))?;
+    if h.id != *id {
+        return Err(damaged(format!("the record holds chunk {}", h.id)));
+    }
+    if h.len != loc.len {
+        return Err(damaged(format!(
+            "the record is {} bytes, the index says {}",
+            h.len, loc.len
+        )));
+    }
+    let actual = blake3::hash(&buf[RECORD_HEADER_LEN as usize..]);
+    if actual.as_bytes() != &h.hash || h.hash != loc.hash {
+        return Err(damaged("the sealed bytes do not match their hash".into()));
+    }
+    buf.copy_within(RECORD_HEADER_LEN as usize.., 0);
+    buf.truncate(loc.len as usize);
+    Ok(buf)
+}
+
+/// A record found by [`scan`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Found {
+    pub id: ChunkId,
+    pub loc: Location,
+}
+
+/// The result of scanning a pack's tail.
+#[derive(Debug)]
+pub struct Scan {
+    /// Whole, intact records, in order.
+    pub records: Vec<Found>,
+    /// Offset just past the last intact record: everything after it is a torn tail.
+    pub end: u64,
+}
+
+/// Reads the records of `pack` from `from` to `len`, stopping at the first one that is
+/// incomplete or does not match its hash.
+pub fn scan(store: &dyn PackStore, pack: PackNo, from: u64, len: u64) -> Result<Scan, IoError> {
+    let mut records = Vec::new();
+    let mut at = from;
+    let mut header = [0u8; RECORD_HEADER_LEN as usize];
+    let mut data = Vec::new();
+    while at + RECORD_HEADER_LEN <= len {
+        store.read_at(pack, at, &mut header)?;
+        let Some(h) = RecordHeader::decode(&header) else {
+            break;
+        };
+        if at + h.record_len() > len {
+            break;
+        }
+        data.resize(h.len as usize, 0);
+        store.read_at(pack, at + RECORD_HEADER_LEN, &mut data)?;
+        if blake3::hash(&data).as_bytes() != &h.hash {
+            break;
+        }
+        records.push(Found {
+            id: h.id,
+            loc: Location {
+                pack,
+                offset: at,
+                len: h.len,
+                hash: h.hash,
+            },
+        });
+        at += h.record_len();
+    }
+    Ok(Scan { records, end: at })
+}
+
+/// Checks a pack's header.
+pub fn header_ok(store: &dyn PackStore, pack: PackNo) -> Result<bool, IoError> {
+    let mut h = [0u8; PACK_HEADER_LEN as usize];
+    match store.read_at(pack, 0, &mut h) {
+        Ok(()) => Ok(h == pack_header()),
+        Err(e) if e.source.kind() == io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: u8, sealed: &[u8]) -> Vec<u8> {
+        let h = RecordHeader {
+            id: ChunkId([id; 32]),
+            len: sealed.len() as u32,
+            hash: *blake3::hash(sealed).as_bytes(),
+        };
+        let mut v = h.encode().to_vec();
+        v.extend_from_slice(sealed);
+        v
+    }
+
+    #[test]
+    fn pack_names_round_trip() {
+        assert_eq!(PackNo(7).file_name(), "00000007.pack");
+        assert_eq!(PackNo::from_file_name("00000007.pack"), Some(PackNo(7)));
+        for bad in [
+            "7.pack",
+            "0000000x.pack",
+            "00000007.pack.tmp",
+            "000000007.pack",
+        ] {
+            assert_eq!(PackNo::from_file_name(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn scan_stops_at_a_torn_or_damaged_tail_and_reads_verify() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let s = LocalPacks::new(d.path());
+        let p = PackNo(1);
+        s.create(p).expect("create");
+        assert!(header_ok(&s, p).expect("header"));
+        let (a, b) = (record(1, b"first sealed"), record(2, &[9u8; 5000]));
+        s.write_at(p, PACK_HEADER_LEN, &a).expect("write");
+        s.write_at(p, PACK_HEADER_LEN + a.len() as u64, &b)
+            .expect("write");
+        let full = s.len(p).expect("len");
+        let sc = scan(&s, p, PACK_HEADER_LEN, full).expect("scan");
+        assert_eq!(sc.records.len(), 2);
+        assert_eq!(sc.end, full);
+        let got = read_record(&s, &ChunkId([2; 32]), &sc.records[1].loc).expect("read");
+        assert_eq!(got, vec![9u8; 5000]);
+        // Torn: the second record is cut short.
+        s.truncate(p, full - 10).expect("truncate");
+        let sc = scan(&s, p, PACK_HEADER_LEN, full - 10).expect("scan");
+        assert_eq!(sc.records.len(), 1);
+        assert_eq!(sc.end, PACK_HEADER_LEN + a.len() as u64);
+        // Reading a record past the end is "damaged", never wrong bytes.
+        let e = read_record(
+            &s,
+            &ChunkId([2; 32]),
+            &Location {
+                ..sc.records[0].loc
+            },
+        );
+        assert!(e.is_err());
+        // A flipped byte is caught by the hash.
+        s.write_at(p, PACK_HEADER_LEN + 80, b"X").expect("write");
+        let sc = scan(&s, p, PACK_HEADER_LEN, s.len(p).expect("len")).expect("scan");
+        assert_eq!(sc.records.len(), 0);
+        let loc = Location {
+            pack: p,
+            offset: PACK_HEADER_LEN,
+            len: 12,
+            hash: *blake3::hash(b"first sealed").as_bytes(),
+        };
+        let e = read_record(&s, &ChunkId([1; 32]), &loc).expect_err("damaged");
+        assert!(e.to_string().contains("do not match"), "{e}");
+    }
+}

@@ -1,0 +1,311 @@
+//! The receiver's protocol, end to end against the real binary: puts, commits, reads,
+//! idempotence, version numbering, presence queries, escrow, authorization.
+
+use std::collections::HashSet;
+
+use anyhow::{Context, Result};
+use coffer_common::chunk::ChunkId;
+use coffer_common::wire::{ErrorCode, Message};
+use coffer_tests::*;
+
+async fn setup(tmp: &tempfile::TempDir) -> Result<(Receiver, TestAgent)> {
+    let rcv = Receiver::init(&tmp.path().join("root"))?;
+    let agent = TestAgent::new()?;
+    rcv.authorize("laptop", &agent.public_key())?;
+    let mut rcv = rcv;
+    rcv.serve()?;
+    Ok((rcv, agent))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_are_stored_acknowledged_and_read_back() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let (rcv, agent) = setup(&tmp).await?;
+    let mut c = rcv.connect(&agent).await?;
+    assert_eq!(c.repo, "laptop");
+    let files = [
+        agent.seal_file("w/empty", b"")?,
+        agent.seal_file("w/small", b"hello")?,
+        agent.seal_file("w/big", &data(5 << 20, 1))?,
+    ];
+    let mut versions = Vec::new();
+    for f in &files {
+        versions.push(c.upload(f).await?);
+    }
+    assert_eq!(versions, vec![1, 2, 3], "versions are numbered 1, 2, 3");
+    for f in &files {
+        agent.verify(&mut c, f).await?;
+    }
+    // Manifests come back as sent, in version order, and open with the agent's key.
+    let listed = c.all_versions().await?;
+    assert_eq!(listed.len(), 3);
+    for (e, f) in listed.iter().zip(&files) {
+        assert_eq!(e.file_id, f.file_id);
+        assert_eq!(e.manifest, f.manifest);
+        agent.crypto.open_manifest(&f.file_id, &e.manifest)?;
+    }
+    // And survive a restart.
+    drop(c);
+    let mut rcv = rcv;
+    rcv.terminate(std::time::Duration::from_secs(20))?;
+    rcv.serve()?;
+    let mut c = rcv.connect(&agent).await?;
+    for f in &files {
+        agent.verify(&mut c, f).await?;
+    }
+    let st = rcv.status()?;
+    let r = &st["repositories"][0];
+    assert_eq!(r["name"], "laptop");
+    assert_eq!(r["files"], 3);
+    assert_eq!(r["versions"], 3);
+    assert!(r["chunks"].as_u64().unwrap_or(0) >= 3);
+    assert!(r["stored_bytes"].as_u64().unwrap_or(0) > 5 << 20);
+    assert!(r["last_commit_at"].is_string());
+    assert_eq!(st["serve_running"], true);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recommit_is_idempotent_and_versions_are_monotonic() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let (rcv, agent) = setup(&tmp).await?;
+    let mut c = rcv.connect(&agent).await?;
+    let f = agent.seal_file("w/a", b"content a")?;
+    let v1 = c.upload(&f).await?;
+    let (again, _) = c.commit(&f).await?;
+    assert_eq!(
+        again, v1,
+        "a repeated commit id returns the existing version"
+    );
+    // A new version of the same file, and one of another file, get higher numbers.
+    let f2 = agent.seal_file("w/a", b"content a, edited")?;
+    let v2 = c.upload(&f2).await?;
+    let g = agent.seal_file("w/b", b"content b")?;
+    let v3 = c.upload(&g).await?;
+    assert!(v1 < v2 && v2 < v3, "{v1} {v2} {v3}");
+    // Within one pipelined batch, the same commit twice gets one version.
+    let h = agent.seal_file("w/c", b"content c")?;
+    for (id, s) in &h.chunks {
+        c.put(id, s).await?;
+    }
+    c.ch.send(&h.commit_message()).await?;
+    c.ch.send(&h.commit_message()).await?;
+    let (a, b) = (c.ch.recv().await?, c.ch.recv().await?);
+    match (a, b) {
+        (Message::FileAcked { version: x, .. }, Message::FileAcked { version: y, .. }) => {
+            assert_eq!(x, y);
+            assert!(x > v3);
+        }
+        other => panic!("expected two FileAcked, got {other:?}"),
+    }
+    // After a reconnect the old commit id still maps to its version.
+    drop(c);
+    let mut c = rcv.connect(&agent).await?;
+    assert_eq!(c.commit(&f).await?.0, v1);
+    assert_eq!(c.all_versions().await?.len(), 4);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_queries_dedup_and_missing_chunks() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let (rcv, agent) = setup(&tmp).await?;
+    let mut c = rcv.connect(&agent).await?;
+    let f = agent.seal_file("w/x", &data(3 << 20, 7))?;
+    let ids = f.ids();
+    assert!(ids.len() >= 2);
+    assert_eq!(c.have(&ids).await?, ids, "everything is missing at first");
+    let (id0, s0) = &f.chunks[0];
+    c.put(id0, s0).await?;
+    let missing = c.have(&ids).await?;
+    assert_eq!(missing, ids[1..].to_vec(), "only the chunks not yet sent");
+    // A commit referencing absent chunks is refused, not acknowledged.
+    let r = c.request(&f.commit_message()).await?;
+    assert_eq!(error_code(&r), Some(ErrorCode::MissingChunks), "{r:?}");
+    for (id, s) in &f.chunks[1..] {
+        c.put(id, s).await?;
+    }
+    c.commit(&f).await?;
+    let before = rcv.status()?["repositories"][0]["chunk_bytes"].clone();
+    // Sending a present chunk again (another session too) stores nothing new.
+    let mut c2 = rcv.connect(&agent).await?;
+    c2.put(id0, s0).await?;
+    let g = agent.seal_file("w/y", &f.plain)?;
+    assert!(
+        c2.have(&g.ids()).await?.is_empty(),
+        "same content, no upload"
+    );
+    c2.commit(&g).await?;
+    drop((c, c2));
+    assert_eq!(rcv.status()?["repositories"][0]["chunk_bytes"], before);
+    // Unknown chunks are NotFound.
+    let mut c = rcv.connect(&agent).await?;
+    let r = c
+        .request(&Message::GetChunk {
+            id: ChunkId([9; 32]),
+        })
+        .await?;
+    assert_eq!(error_code(&r), Some(ErrorCode::NotFound), "{r:?}");
+    // A sealed chunk larger than the limit is refused.
+    let r = c
+        .request(&Message::PutChunk {
+            id: ChunkId([1; 32]),
+            sealed: vec![0; coffer_common::chunk::MAX_SEALED + 1],
+        })
+        .await?;
+    assert_eq!(error_code(&r), Some(ErrorCode::Malformed), "{r:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_are_answered_in_order() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let (rcv, agent) = setup(&tmp).await?;
+    let c = rcv.connect(&agent).await?;
+    let files: Vec<SealedFile> = (0..300)
+        .map(|i| agent.seal_file(&format!("w/f{i}"), &data(100 + i * 37, i as u64)))
+        .collect::<Result<_>>()?;
+    let (mut tx, mut rx) = c.ch.split();
+    let expected: Vec<Message> = {
+        let mut v = Vec::new();
+        for f in &files {
+            for (id, _) in &f.chunks {
+                v.push(Message::Stored { id: *id });
+            }
+            v.push(f.commit_message());
+            v.push(Message::HaveChunks { ids: f.ids() });
+        }
+        v
+    };
+    let sender = {
+        let files = files.clone();
+        tokio::spawn(async move {
+            for f in &files {
+                for (id, s) in &f.chunks {
+                    tx.send(&Message::PutChunk {
+                        id: *id,
+                        sealed: s.clone(),
+                    })
+                    .await?;
+                }
+                tx.send(&f.commit_message()).await?;
+                tx.send(&Message::HaveChunks { ids: f.ids() }).await?;
+            }
+            anyhow::Ok(tx)
+        })
+    };
+    let mut last_version = 0;
+    let mut seen = HashSet::new();
+    for exp in &expected {
+        let got = rx.recv().await.context("reply")?;
+        match (exp, &got) {
+            (Message::Stored { id }, Message::Stored { id: g }) => assert_eq!(id, g),
+            (
+                Message::CommitFile { commit_id, .. },
+                Message::FileAcked {
+                    commit_id: g,
+                    version,
+                    ..
+                },
+            ) => {
+                assert_eq!(commit_id, g, "acks come in request order");
+                assert!(*version > last_version);
+                last_version = *version;
+                seen.insert(*version);
+            }
+            (Message::HaveChunks { .. }, Message::Missing { ids }) => {
+                assert!(ids.is_empty(), "chunks just stored are present");
+            }
+            _ => panic!("expected the reply to {}, got {got:?}", exp.kind()),
+        }
+    }
+    assert_eq!(seen.len(), 300);
+    let _tx = sender.await??;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_file_escrow_round_trips() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let (rcv, agent) = setup(&tmp).await?;
+    let mut c = rcv.connect(&agent).await?;
+    assert_eq!(
+        c.request(&Message::GetKeyFile).await?,
+        Message::KeyFile { data: None }
+    );
+    let kf = data(144, 3);
+    assert_eq!(
+        c.request(&Message::PutKeyFile { data: kf.clone() }).await?,
+        Message::KeyFileStored
+    );
+    // A second machine authorized for the same repository fetches it.
+    let other = TestAgent::new()?;
+    rcv.authorize("laptop", &other.public_key())?;
+    let mut c2 = rcv.connect(&other).await?;
+    assert_eq!(
+        c2.request(&Message::GetKeyFile).await?,
+        Message::KeyFile { data: Some(kf) }
+    );
+    let r = c2
+        .request(&Message::PutKeyFile {
+            data: vec![0; 4097],
+        })
+        .await?;
+    assert_eq!(error_code(&r), Some(ErrorCode::Malformed), "{r:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthorized_and_revoked_keys_are_refused_without_restart() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let (rcv, agent) = setup(&tmp).await?;
+    let stranger = TestAgent::new()?;
+    let mut ch = stranger.handshake(rcv.addr()?, &rcv.public_key).await?;
+    match ch.recv().await? {
+        Message::Error {
+            code: ErrorCode::Unauthorized,
+            message,
+        } => assert!(
+            message.contains(&stranger.public_key().to_string()),
+            "{message}"
+        ),
+        m => panic!("expected Unauthorized, got {m:?}"),
+    }
+    let log = wait_for(
+        "the refusal in the log",
+        std::time::Duration::from_secs(10),
+        || {
+            let l = rcv.log();
+            l.contains(&stranger.public_key().to_string()).then_some(l)
+        },
+    )?;
+    assert!(log.contains("not authorized"), "{log}");
+    // The authorized agent works; a session open at revocation time is not needed again.
+    let mut c = rcv.connect(&agent).await?;
+    c.upload(&agent.seal_file("w/a", b"a")?).await?;
+    rcv.revoke(&agent.public_key())?;
+    let mut ch = agent.handshake(rcv.addr()?, &rcv.public_key).await?;
+    let m = ch.recv().await?;
+    assert_eq!(error_code(&m), Some(ErrorCode::Unauthorized), "{m:?}");
+    // Authorized again (and a new key on the same repository) works at once.
+    rcv.authorize("laptop", &agent.public_key())?;
+    let mut c = rcv.connect(&agent).await?;
+    assert_eq!(c.all_versions().await?.len(), 1);
+    // A wrong protocol version in Hello is a clear error.
+    let mut ch = agent.handshake(rcv.addr()?, &rcv.public_key).await?;
+    let r = ch
+        .request(&Message::Hello {
+            protocol: 99,
+            agent_name: "x".into(),
+            software: "x".into(),
+        })
+        .await?;
+    match r {
+        Message::Error {
+            code: ErrorCode::ProtocolVersion,
+            message,
+        } => assert!(message.contains("99"), "{message}"),
+        m => panic!("expected ProtocolVersion, got {m:?}"),
+    }
+    Ok(())
+}
