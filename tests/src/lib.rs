@@ -77,13 +77,24 @@ pub struct Receiver {
     pub public_key: PublicKey,
     /// Address of the running (or last) `serve`.
     pub addr: Option<SocketAddr>,
+    /// Extra environment for every command run (e.g. `HOME`, `TMPDIR`).
+    pub env: Vec<(String, PathBuf)>,
     child: Option<Child>,
 }
 
 impl Receiver {
     /// `coffer-receiver init --root ROOT --listen 127.0.0.1:0`.
     pub fn init(root: &Path) -> Result<Self> {
-        let o = Command::new(receiver_bin())
+        Self::init_with_env(root, Vec::new())
+    }
+
+    /// [`Receiver::init`] with extra environment for this and every later command.
+    pub fn init_with_env(root: &Path, env: Vec<(String, PathBuf)>) -> Result<Self> {
+        let mut cmd = Command::new(receiver_bin());
+        for (k, v) in &env {
+            cmd.env(k, v);
+        }
+        let o = cmd
             .args(["init", "--root"])
             .arg(root)
             .args(["--listen", "127.0.0.1:0"])
@@ -101,6 +112,7 @@ impl Receiver {
             root: root.to_path_buf(),
             public_key,
             addr: None,
+            env,
             child: None,
         })
     }
@@ -112,9 +124,13 @@ impl Receiver {
         Ok(r)
     }
 
-    /// A command for the receiver binary.
+    /// A command for the receiver binary (with [`Receiver::env`]).
     pub fn cmd(&self) -> Command {
-        Command::new(receiver_bin())
+        let mut c = Command::new(receiver_bin());
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
+        c
     }
 
     /// Runs `coffer-receiver SUBCOMMAND --root ROOT ARGS...`.
