@@ -79,6 +79,8 @@ pub struct Receiver {
     pub addr: Option<SocketAddr>,
     /// Extra environment for every command run (e.g. `HOME`, `TMPDIR`).
     pub env: Vec<(String, PathBuf)>,
+    /// Working directory for every command run after `init` (default: inherited).
+    pub cwd: Option<PathBuf>,
     child: Option<Child>,
 }
 
@@ -113,6 +115,7 @@ impl Receiver {
             public_key,
             addr: None,
             env,
+            cwd: None,
             child: None,
         })
     }
@@ -129,6 +132,9 @@ impl Receiver {
         let mut c = Command::new(receiver_bin());
         for (k, v) in &self.env {
             c.env(k, v);
+        }
+        if let Some(d) = &self.cwd {
+            c.current_dir(d);
         }
         c
     }
