@@ -1,0 +1,1200 @@
+//! `service install` and `service uninstall`: runs the agent as a systemd unit (Linux and
+//! other systemd systems) or a launchd job (macOS), pointing at this binary and config.
+//!
+//! [`install`] and [`uninstall`] first build a [`Report`]: the files to write (with their
+//! full content), the files to remove and the commands to run, in order. With `dry_run`
+//! that is all they do and the caller prints the report; otherwise they check that the
+//! service manager is there, carry out each step (unit files are written atomically) and
+//! return the same report of what was done.
+//!
+//! The systemd units are the files under `packaging/systemd/` with their `ExecStart=`,
+//! `ReadWritePaths=` and state-directory lines rewritten, so a generated unit and a
+//! packaged one never drift apart; the launchd plist is [`launchd_plist`] (the file in
+//! `packaging/launchd/` is its output for example paths).
+
+use std::fmt;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::config::{Config, ConfigError};
+
+/// The systemd unit's name.
+pub const UNIT_NAME: &str = "coffer-agent.service";
+/// The launchd job's label.
+pub const LAUNCHD_LABEL: &str = "net.coffer.agent";
+
+const SYSTEM_UNIT_TEMPLATE: &str = include_str!("../../packaging/systemd/coffer-agent.service");
+const USER_UNIT_TEMPLATE: &str = include_str!("../../packaging/systemd/coffer-agent-user.service");
+/// The packaged system unit's state directory (`StateDirectory=coffer-agent`).
+const PACKAGED_STATE_DIR: &str = "/var/lib/coffer-agent";
+
+/// What `service install` should do.
+#[derive(Debug, Clone)]
+pub struct InstallOpts {
+    /// A per-user service (systemd user unit, launchd LaunchAgent) instead of a system one.
+    pub user: bool,
+    /// Only report what would be written and run.
+    pub dry_run: bool,
+    /// The agent's config file (made absolute; it must load).
+    pub config: PathBuf,
+    /// The binary the service runs; `None` means this program (`std::env::current_exe`).
+    pub binary: Option<PathBuf>,
+}
+
+/// What `service uninstall` should do.
+#[derive(Debug, Clone)]
+pub struct UninstallOpts {
+    /// Remove the per-user service instead of the system one.
+    pub user: bool,
+    /// Only report what would be removed and run.
+    pub dry_run: bool,
+}
+
+/// Errors of `service install` / `uninstall`.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("finding this program's path: {0}")]
+    CurrentExe(std::io::Error),
+    #[error("binary {path}: {msg}")]
+    Binary { path: PathBuf, msg: String },
+    #[error(
+        "state dir {path} (from {config}) does not exist: run `coffer-agent init --config {config}` first"
+    )]
+    StateDirMissing { path: PathBuf, config: PathBuf },
+    #[error("path {path:?} cannot go into a service file: {msg}")]
+    BadPath { path: PathBuf, msg: &'static str },
+    #[error("cannot find your home directory: HOME is not set to an absolute path")]
+    NoHome,
+    #[error("installing or removing a system service needs root: run it with sudo, or pass --user for a per-user service")]
+    NotRoot,
+    #[error("systemd is not running on this system (no /run/systemd/system): use --dry-run to see the unit and install it by hand")]
+    SystemdNotRunning,
+    #[error("{program} not found: {hint}")]
+    CommandNotFound { program: String, hint: &'static str },
+    #[error("running `{command}`: {source}")]
+    Spawn {
+        command: String,
+        source: std::io::Error,
+    },
+    #[error("`{command}` failed ({status}){stderr}{done}")]
+    CommandFailed {
+        command: String,
+        status: String,
+        /// ": <stderr>" or empty.
+        stderr: String,
+        /// " (already done: ...)" or empty.
+        done: String,
+    },
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// A file a service install writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileWrite {
+    pub path: PathBuf,
+    pub content: String,
+}
+
+/// A command a service install runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceCommand {
+    pub program: String,
+    pub args: Vec<String>,
+    /// A failure is expected in normal use (e.g. unloading a job that is not loaded) and
+    /// ignored.
+    pub may_fail: bool,
+}
+
+/// One step of an install or uninstall, in the order they are (or would be) carried out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Write(FileWrite),
+    Remove(PathBuf),
+    Run(ServiceCommand),
+}
+
+/// What an install or uninstall did, or with `dry_run` would do.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    pub dry_run: bool,
+    pub actions: Vec<Action>,
+    /// Things the user should know (printed after the actions).
+    pub notes: Vec<String>,
+}
+
+impl Report {
+    /// The files written, in order.
+    pub fn files(&self) -> impl Iterator<Item = &FileWrite> {
+        self.actions.iter().filter_map(|a| match a {
+            Action::Write(f) => Some(f),
+            _ => None,
+        })
+    }
+
+    /// The files removed, in order.
+    pub fn removed(&self) -> impl Iterator<Item = &Path> {
+        self.actions.iter().filter_map(|a| match a {
+            Action::Remove(p) => Some(p.as_path()),
+            _ => None,
+        })
+    }
+
+    /// The commands run, in order.
+    pub fn commands(&self) -> impl Iterator<Item = &ServiceCommand> {
+        self.actions.iter().filter_map(|a| match a {
+            Action::Run(c) => Some(c),
+            _ => None,
+        })
+    }
+}
+
+impl fmt::Display for ServiceCommand {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&shell_quote(&self.program))?;
+        for a in &self.args {
+            write!(f, " {}", shell_quote(a))?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (write, remove, run) = if self.dry_run {
+            ("would write", "would remove", "would run")
+        } else {
+            ("wrote", "removed", "ran")
+        };
+        for a in &self.actions {
+            match a {
+                Action::Write(w) if self.dry_run => {
+                    writeln!(f, "{write} {}:", w.path.display())?;
+                    f.write_str(&w.content)?;
+                    if !w.content.ends_with('\n') {
+                        writeln!(f)?;
+                    }
+                    writeln!(f)?;
+                }
+                Action::Write(w) => writeln!(f, "{write} {}", w.path.display())?,
+                Action::Remove(p) => writeln!(f, "{remove} {}", p.display())?,
+                Action::Run(c) if c.may_fail => writeln!(f, "{run}: {c}  (failure ignored)")?,
+                Action::Run(c) => writeln!(f, "{run}: {c}")?,
+            }
+        }
+        for n in &self.notes {
+            writeln!(f, "note: {n}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The service manager in charge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Platform {
+    Systemd,
+    Launchd,
+}
+
+/// What the plan depends on from the environment (a field each, so tests can fake it).
+#[derive(Debug, Clone)]
+struct Env {
+    platform: Platform,
+    home: Option<PathBuf>,
+    xdg_config_home: Option<PathBuf>,
+    uid: u32,
+}
+
+impl Env {
+    fn detect() -> Self {
+        let abs_var = |name: &str| {
+            std::env::var_os(name)
+                .map(PathBuf::from)
+                .filter(|p| p.is_absolute())
+        };
+        Env {
+            platform: if cfg!(target_os = "macos") {
+                Platform::Launchd
+            } else {
+                Platform::Systemd
+            },
+            home: abs_var("HOME"),
+            xdg_config_home: abs_var("XDG_CONFIG_HOME"),
+            uid: nix::unistd::getuid().as_raw(),
+        }
+    }
+
+    fn home(&self) -> Result<&Path, ServiceError> {
+        self.home.as_deref().ok_or(ServiceError::NoHome)
+    }
+
+    /// Where the unit or plist lives.
+    fn service_file(&self, user: bool) -> Result<PathBuf, ServiceError> {
+        Ok(match (self.platform, user) {
+            (Platform::Systemd, false) => Path::new("/etc/systemd/system").join(UNIT_NAME),
+            (Platform::Systemd, true) => {
+                let config_home = match &self.xdg_config_home {
+                    Some(p) => p.clone(),
+                    None => self.home()?.join(".config"),
+                };
+                config_home.join("systemd/user").join(UNIT_NAME)
+            }
+            (Platform::Launchd, false) => {
+                Path::new("/Library/LaunchDaemons").join(format!("{LAUNCHD_LABEL}.plist"))
+            }
+            (Platform::Launchd, true) => self
+                .home()?
+                .join("Library/LaunchAgents")
+                .join(format!("{LAUNCHD_LABEL}.plist")),
+        })
+    }
+
+    fn launchd_domain(&self, user: bool) -> String {
+        if user {
+            format!("gui/{}", self.uid)
+        } else {
+            "system".into()
+        }
+    }
+}
+
+/// `service install`: writes the unit (or plist) for this binary and config, enables and
+/// (re)starts it. With `dry_run`, only returns what it would do.
+pub fn install(opts: &InstallOpts) -> Result<Report, ServiceError> {
+    let env = Env::detect();
+    let binary = match &opts.binary {
+        Some(b) => b.clone(),
+        None => std::env::current_exe().map_err(ServiceError::CurrentExe)?,
+    };
+    let binary = check_binary(&binary)?;
+    let cfg = Config::load(&opts.config)?;
+    if !cfg.state_dir.is_dir() {
+        return Err(ServiceError::StateDirMissing {
+            path: cfg.state_dir.clone(),
+            config: cfg.file.clone(),
+        });
+    }
+    let report = plan_install(opts, &env, &binary, &cfg)?;
+    if opts.dry_run {
+        return Ok(report);
+    }
+    preflight(&env, opts.user, &report)?;
+    execute(report)
+}
+
+/// `service uninstall`: stops and disables the service and removes its unit (or plist).
+/// Nothing installed is not an error: the report says so.
+pub fn uninstall(opts: &UninstallOpts) -> Result<Report, ServiceError> {
+    let env = Env::detect();
+    let report = plan_uninstall(opts, &env)?;
+    if opts.dry_run || report.actions.is_empty() {
+        return Ok(report);
+    }
+    preflight(&env, opts.user, &report)?;
+    execute(report)
+}
+
+fn plan_install(
+    opts: &InstallOpts,
+    env: &Env,
+    binary: &Path,
+    cfg: &Config,
+) -> Result<Report, ServiceError> {
+    let path = env.service_file(opts.user)?;
+    let mut report = Report {
+        dry_run: opts.dry_run,
+        ..Report::default()
+    };
+    match env.platform {
+        Platform::Systemd => {
+            let content = systemd_unit(opts.user, binary, &cfg.file, &cfg.state_dir)?;
+            report
+                .actions
+                .push(Action::Write(FileWrite { path, content }));
+            let ctl = |args: &[&str]| systemctl(opts.user, args);
+            report.actions.push(ctl(&["daemon-reload"]));
+            report.actions.push(ctl(&["enable", UNIT_NAME]));
+            // Restart, not `start`: a reinstall must apply the new unit to a running agent.
+            // No waiting for READY=1, which comes only after the first scan.
+            report
+                .actions
+                .push(ctl(&["restart", "--no-block", UNIT_NAME]));
+            let scope = if opts.user { " --user" } else { "" };
+            report.notes.push(format!(
+                "the agent starts in the background: `systemctl{scope} status {UNIT_NAME}` shows whether it runs, `journalctl{scope} -u {UNIT_NAME}` its log, `coffer-agent status --config {}` its progress",
+                cfg.file.display()
+            ));
+            if opts.user {
+                report.notes.push(
+                    "a user service stops when you log out; `loginctl enable-linger` keeps it running"
+                        .into(),
+                );
+            }
+        }
+        Platform::Launchd => {
+            let log = if opts.user {
+                env.home()?.join("Library/Logs/coffer-agent.log")
+            } else {
+                PathBuf::from("/Library/Logs/coffer-agent.log")
+            };
+            let content = launchd_plist(binary, &cfg.file, &log)?;
+            let domain = env.launchd_domain(opts.user);
+            let target = format!("{domain}/{LAUNCHD_LABEL}");
+            let plist = path.to_string_lossy().into_owned();
+            report
+                .actions
+                .push(Action::Write(FileWrite { path, content }));
+            report.actions.push(launchctl(&["bootout", &target], true));
+            report.actions.push(launchctl(&["enable", &target], false));
+            report
+                .actions
+                .push(launchctl(&["bootstrap", &domain, &plist], false));
+            report
+                .notes
+                .push(format!("the agent logs to {}", log.display()));
+        }
+    }
+    if cfg.passphrase_file.is_none() {
+        report.notes.push(format!(
+            "{} sets no `passphrase_file`: a service cannot prompt for the passphrase, so the agent will fail to start unless COFFER_PASSPHRASE is in its environment",
+            cfg.file.display()
+        ));
+    }
+    if env.platform == Platform::Systemd {
+        for w in &cfg.watches {
+            if w.path.starts_with("/tmp") || w.path.starts_with("/var/tmp") {
+                report.notes.push(format!(
+                    "watch {:?} is under {}, which the service's private /tmp hides from it",
+                    w.name,
+                    w.path.display()
+                ));
+            }
+        }
+    }
+    let b = binary.to_string_lossy();
+    if b.contains("/target/debug/") || b.contains("/target/release/") {
+        report.notes.push(format!(
+            "the service runs {b} from a build directory; a rebuild or `cargo clean` changes it under the running service (install it first: `cargo install --path agent` or the .deb)"
+        ));
+    }
+    Ok(report)
+}
+
+fn plan_uninstall(opts: &UninstallOpts, env: &Env) -> Result<Report, ServiceError> {
+    let path = env.service_file(opts.user)?;
+    let mut report = Report {
+        dry_run: opts.dry_run,
+        ..Report::default()
+    };
+    if !path.exists() {
+        report.notes.push(format!(
+            "nothing to uninstall: {} does not exist",
+            path.display()
+        ));
+        return Ok(report);
+    }
+    match env.platform {
+        Platform::Systemd => {
+            report
+                .actions
+                .push(systemctl(opts.user, &["disable", "--now", UNIT_NAME]));
+            report.actions.push(Action::Remove(path));
+            report
+                .actions
+                .push(systemctl(opts.user, &["daemon-reload"]));
+        }
+        Platform::Launchd => {
+            let target = format!("{}/{LAUNCHD_LABEL}", env.launchd_domain(opts.user));
+            report.actions.push(launchctl(&["bootout", &target], true));
+            report.actions.push(Action::Remove(path));
+        }
+    }
+    report.notes.push(
+        "the journal, the keys and the config stay where they are; the backups stay on the receiver"
+            .into(),
+    );
+    Ok(report)
+}
+
+fn systemctl(user: bool, args: &[&str]) -> Action {
+    let mut all = Vec::new();
+    if user {
+        all.push("--user".to_string());
+    }
+    all.extend(args.iter().map(|s| s.to_string()));
+    Action::Run(ServiceCommand {
+        program: "systemctl".into(),
+        args: all,
+        may_fail: false,
+    })
+}
+
+fn launchctl(args: &[&str], may_fail: bool) -> Action {
+    Action::Run(ServiceCommand {
+        program: "launchctl".into(),
+        args: args.iter().map(|s| s.to_string()).collect(),
+        may_fail,
+    })
+}
+
+/// The systemd unit for `binary` and `config`, with `state_dir` writable.
+pub fn systemd_unit(
+    user: bool,
+    binary: &Path,
+    config: &Path,
+    state_dir: &Path,
+) -> Result<String, ServiceError> {
+    let exec = format!(
+        "{} run --config {}",
+        unit_word(binary, true)?,
+        unit_word(config, true)?
+    );
+    let keep_state_directory = !user && state_dir == Path::new(PACKAGED_STATE_DIR);
+    let state_edit = if keep_state_directory {
+        Edit::Keep
+    } else {
+        Edit::Remove
+    };
+    let (template, scope) = if user {
+        (USER_UNIT_TEMPLATE, "--user ")
+    } else {
+        (SYSTEM_UNIT_TEMPLATE, "")
+    };
+    let header = format!(
+        "# Coffer backup agent, written by `coffer-agent service install {scope}--config {}`.\n\
+         # Run that again after moving the binary or the state dir; put local changes in a\n\
+         # drop-in (`systemctl {scope}edit {UNIT_NAME}`), which a reinstall keeps.\n",
+        config.display()
+    );
+    Ok(edit_unit(
+        template,
+        &header,
+        &[
+            ("ExecStart", Edit::Set(exec)),
+            ("ReadWritePaths", Edit::Set(unit_word(state_dir, false)?)),
+            ("StateDirectory", state_edit.clone()),
+            ("StateDirectoryMode", state_edit),
+        ],
+    ))
+}
+
+/// How [`edit_unit`] changes a `Key=` line.
+#[derive(Debug, Clone)]
+enum Edit {
+    Set(String),
+    Remove,
+    Keep,
+}
+
+/// Replaces the template's leading comment block with `header` and applies `edits` to the
+/// `Key=value` lines they name.
+fn edit_unit(template: &str, header: &str, edits: &[(&str, Edit)]) -> String {
+    let mut out = String::from(header);
+    let mut lines = template.lines().peekable();
+    while lines.peek().is_some_and(|l| l.starts_with('#')) {
+        lines.next();
+    }
+    for line in lines {
+        let key = line.split_once('=').map(|(k, _)| k.trim());
+        match edits
+            .iter()
+            .find(|(k, _)| Some(*k) == key && !line.starts_with('#'))
+        {
+            Some((k, Edit::Set(v))) => {
+                out.push_str(k);
+                out.push('=');
+                out.push_str(v);
+            }
+            Some((_, Edit::Remove)) => continue,
+            Some((_, Edit::Keep)) | None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// A path as one word of a unit setting: specifiers (`%`) escaped, and for command lines
+/// `$` too; quoted when it holds spaces, quotes or backslashes.
+fn unit_word(path: &Path, exec: bool) -> Result<String, ServiceError> {
+    let s = utf8(path)?;
+    let mut w = s.replace('%', "%%");
+    if exec {
+        w = w.replace('$', "$$");
+    }
+    if w.contains(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '\\' | ';')) {
+        w = format!("\"{}\"", w.replace('\\', "\\\\").replace('"', "\\\""));
+    }
+    Ok(w)
+}
+
+fn utf8(path: &Path) -> Result<&str, ServiceError> {
+    let s = path.to_str().ok_or_else(|| ServiceError::BadPath {
+        path: path.to_path_buf(),
+        msg: "it is not valid UTF-8",
+    })?;
+    if s.chars().any(char::is_control) {
+        return Err(ServiceError::BadPath {
+            path: path.to_path_buf(),
+            msg: "it holds control characters",
+        });
+    }
+    if !path.is_absolute() {
+        return Err(ServiceError::BadPath {
+            path: path.to_path_buf(),
+            msg: "it is not absolute",
+        });
+    }
+    Ok(s)
+}
+
+/// The launchd plist that runs `binary run --config config`, logging to `log`.
+pub fn launchd_plist(binary: &Path, config: &Path, log: &Path) -> Result<String, ServiceError> {
+    let s = |p: &Path| utf8(p).map(xml_escape);
+    Ok(format!(
+        r#"<?xml version="1.0" encoding="UTF-8"?>
+<!DOCTYPE plist PUBLIC "-//Apple//DTD PLIST 1.0//EN" "http://www.apple.com/DTDs/PropertyList-1.0.dtd">
+<!-- Coffer backup agent for launchd. `coffer-agent service install` writes this file with
+     this machine's paths to ~/Library/LaunchAgents (per user) or /Library/LaunchDaemons,
+     and loads it with launchctl bootstrap. -->
+<plist version="1.0">
+<dict>
+	<key>Label</key>
+	<string>{label}</string>
+	<key>ProgramArguments</key>
+	<array>
+		<string>{binary}</string>
+		<string>run</string>
+		<string>--config</string>
+		<string>{config}</string>
+	</array>
+	<!-- Start at login (or boot), and again after a crash, at most every 30 s. -->
+	<key>RunAtLoad</key>
+	<true/>
+	<key>KeepAlive</key>
+	<dict>
+		<key>SuccessfulExit</key>
+		<false/>
+	</dict>
+	<key>ThrottleInterval</key>
+	<integer>30</integer>
+	<!-- SIGTERM finishes the current commit; allow it time before SIGKILL. -->
+	<key>ExitTimeOut</key>
+	<integer>90</integer>
+	<key>ProcessType</key>
+	<string>Background</string>
+	<key>StandardErrorPath</key>
+	<string>{log}</string>
+</dict>
+</plist>
+"#,
+        label = LAUNCHD_LABEL,
+        binary = s(binary)?,
+        config = s(config)?,
+        log = s(log)?,
+    ))
+}
+
+fn xml_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&apos;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn shell_quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./:=@%+,".contains(c))
+    {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+fn check_binary(binary: &Path) -> Result<PathBuf, ServiceError> {
+    let abs = std::path::absolute(binary).map_err(|e| ServiceError::Binary {
+        path: binary.to_path_buf(),
+        msg: e.to_string(),
+    })?;
+    match std::fs::metadata(&abs) {
+        Ok(m) if m.is_file() => Ok(abs),
+        Ok(_) => Err(ServiceError::Binary {
+            path: abs,
+            msg: "not a file".into(),
+        }),
+        Err(e) => Err(ServiceError::Binary {
+            path: abs,
+            msg: e.to_string(),
+        }),
+    }
+}
+
+/// Checks before changing anything: root for a system service, a running service manager
+/// and every command on PATH.
+fn preflight(env: &Env, user: bool, report: &Report) -> Result<(), ServiceError> {
+    if !user && !nix::unistd::geteuid().is_root() {
+        return Err(ServiceError::NotRoot);
+    }
+    if env.platform == Platform::Systemd && !Path::new("/run/systemd/system").is_dir() {
+        return Err(ServiceError::SystemdNotRunning);
+    }
+    for c in report.commands() {
+        if find_on_path(&c.program).is_none() {
+            return Err(ServiceError::CommandNotFound {
+                program: c.program.clone(),
+                hint: hint_for(&c.program),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn hint_for(program: &str) -> &'static str {
+    match program {
+        "systemctl" => {
+            "this system does not use systemd; use --dry-run to see the unit and install it by hand"
+        }
+        "launchctl" => {
+            "launchctl comes with macOS; use --dry-run to see the plist and load it by hand"
+        }
+        _ => "use --dry-run to see what to do by hand",
+    }
+}
+
+fn find_on_path(program: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(program))
+        .find(|p| {
+            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}
+
+/// Carries out the report's actions in order; stops at the first failure, naming it and
+/// what was already done.
+fn execute(report: Report) -> Result<Report, ServiceError> {
+    let mut done: Vec<String> = Vec::new();
+    for a in &report.actions {
+        match a {
+            Action::Write(w) => {
+                write_atomic(&w.path, w.content.as_bytes(), 0o644)?;
+                done.push(format!("wrote {}", w.path.display()));
+            }
+            Action::Remove(p) => {
+                match std::fs::remove_file(p) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(source) => {
+                        return Err(ServiceError::Io {
+                            what: "removing",
+                            path: p.clone(),
+                            source,
+                        })
+                    }
+                }
+                done.push(format!("removed {}", p.display()));
+            }
+            Action::Run(c) => {
+                run(c, &done)?;
+                done.push(format!("ran `{c}`"));
+            }
+        }
+    }
+    Ok(Report {
+        dry_run: false,
+        ..report
+    })
+}
+
+fn run(c: &ServiceCommand, done: &[String]) -> Result<(), ServiceError> {
+    let out = match Command::new(&c.program).args(&c.args).output() {
+        Ok(out) => out,
+        Err(_) if c.may_fail => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(ServiceError::CommandNotFound {
+                program: c.program.clone(),
+                hint: hint_for(&c.program),
+            })
+        }
+        Err(source) => {
+            return Err(ServiceError::Spawn {
+                command: c.to_string(),
+                source,
+            })
+        }
+    };
+    if out.status.success() || c.may_fail {
+        return Ok(());
+    }
+    let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    let mut stderr = if err.is_empty() {
+        String::new()
+    } else {
+        format!(": {err}")
+    };
+    if err.contains("Failed to connect to bus") && c.args.first().is_some_and(|a| a == "--user") {
+        stderr.push_str(
+            " (a user service needs your login session: run this as yourself, not with sudo or su)",
+        );
+    }
+    Err(ServiceError::CommandFailed {
+        command: c.to_string(),
+        status: out.status.to_string(),
+        stderr,
+        done: if done.is_empty() {
+            String::new()
+        } else {
+            format!(" (already done: {})", done.join("; "))
+        },
+    })
+}
+
+/// Writes `path` as temp file + fsync + rename + fsync(dir), creating its folder.
+fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), ServiceError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let io = |what: &'static str, p: &Path| {
+        let path = p.to_path_buf();
+        move |source| ServiceError::Io { what, path, source }
+    };
+    let dir = path.parent().ok_or_else(|| ServiceError::BadPath {
+        path: path.to_path_buf(),
+        msg: "it has no parent folder",
+    })?;
+    std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)
+            .map_err(io("creating", &tmp))?;
+        f.write_all(data).map_err(io("writing", &tmp))?;
+        f.set_permissions(std::fs::Permissions::from_mode(mode))
+            .map_err(io("setting permissions of", &tmp))?;
+        f.sync_all().map_err(io("syncing", &tmp))?;
+        std::fs::rename(&tmp, path).map_err(io("renaming into place", path))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("syncing", dir))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+
+    fn env(platform: Platform) -> Env {
+        Env {
+            platform,
+            home: Some("/home/alice".into()),
+            xdg_config_home: None,
+            uid: 1000,
+        }
+    }
+
+    fn config(dir: &Path, extra: &str) -> Config {
+        let p = dir.join("agent.toml");
+        std::fs::write(
+            &p,
+            format!("receiver = \"127.0.0.1:7700\"\nreceiver_key = \"{KEY}\"\n{extra}"),
+        )
+        .expect("write config");
+        Config::load(&p).expect("config loads")
+    }
+
+    fn opts(user: bool, config: &Path) -> InstallOpts {
+        InstallOpts {
+            user,
+            dry_run: true,
+            config: config.to_path_buf(),
+            binary: None,
+        }
+    }
+
+    fn line<'a>(unit: &'a str, key: &str) -> Vec<&'a str> {
+        unit.lines()
+            .filter_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+            .collect()
+    }
+
+    fn assert_hardened(unit: &str) {
+        for l in [
+            "Type=notify",
+            "WatchdogSec=60",
+            "NotifyAccess=main",
+            "Restart=on-failure",
+            "NoNewPrivileges=yes",
+            "ProtectSystem=strict",
+            "PrivateTmp=yes",
+            "RestrictSUIDSGID=yes",
+            "LockPersonality=yes",
+            "MemoryDenyWriteExecute=yes",
+            "SystemCallArchitectures=native",
+            "StartLimitBurst=5",
+        ] {
+            assert!(unit.lines().any(|x| x == l), "missing {l} in:\n{unit}");
+        }
+        assert!(line(unit, "RestartSec").len() == 1, "{unit}");
+        // Reading users' homes is the agent's job: nothing may hide them.
+        assert!(line(unit, "ProtectHome").is_empty(), "{unit}");
+    }
+
+    #[test]
+    fn system_unit_runs_this_binary_on_this_config() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = config(dir.path(), "passphrase_file = \"pass\"\n");
+        let bin = Path::new("/opt/coffer/bin/coffer-agent");
+        let r = plan_install(&opts(false, &cfg.file), &env(Platform::Systemd), bin, &cfg)
+            .expect("plan");
+        let files: Vec<_> = r.files().collect();
+        assert_eq!(files.len(), 1);
+        assert_eq!(
+            files[0].path,
+            Path::new("/etc/systemd/system/coffer-agent.service")
+        );
+        let unit = &files[0].content;
+        assert_eq!(
+            line(unit, "ExecStart"),
+            [format!(
+                "/opt/coffer/bin/coffer-agent run --config {}",
+                cfg.file.display()
+            )]
+        );
+        assert!(cfg.file.is_absolute());
+        assert_eq!(
+            line(unit, "ReadWritePaths"),
+            [cfg.state_dir.display().to_string()]
+        );
+        // The packaged StateDirectory= would create /var/lib/coffer-agent for nothing.
+        assert!(line(unit, "StateDirectory").is_empty(), "{unit}");
+        assert_eq!(line(unit, "CapabilityBoundingSet"), ["CAP_DAC_READ_SEARCH"]);
+        assert_eq!(line(unit, "WantedBy"), ["multi-user.target"]);
+        assert_hardened(unit);
+        assert!(
+            unit.starts_with("# Coffer backup agent, written by"),
+            "{unit}"
+        );
+        assert!(!unit.contains("Installed by the coffer-agent package"));
+        let cmds: Vec<String> = r.commands().map(|c| c.to_string()).collect();
+        assert_eq!(
+            cmds,
+            [
+                "systemctl daemon-reload",
+                "systemctl enable coffer-agent.service",
+                "systemctl restart --no-block coffer-agent.service",
+            ]
+        );
+        assert!(r.notes.iter().all(|n| !n.contains("passphrase_file")));
+    }
+
+    #[test]
+    fn user_unit_goes_to_the_user_manager() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = config(dir.path(), "");
+        let r = plan_install(
+            &opts(true, &cfg.file),
+            &env(Platform::Systemd),
+            Path::new("/usr/bin/coffer-agent"),
+            &cfg,
+        )
+        .expect("plan");
+        let f = r.files().next().expect("a unit");
+        assert_eq!(
+            f.path,
+            Path::new("/home/alice/.config/systemd/user/coffer-agent.service")
+        );
+        assert_eq!(
+            line(&f.content, "ExecStart"),
+            [format!(
+                "/usr/bin/coffer-agent run --config {}",
+                cfg.file.display()
+            )]
+        );
+        assert_eq!(
+            line(&f.content, "ReadWritePaths"),
+            [cfg.state_dir.display().to_string()]
+        );
+        assert_eq!(line(&f.content, "WantedBy"), ["default.target"]);
+        assert!(line(&f.content, "CapabilityBoundingSet").is_empty());
+        assert_hardened(&f.content);
+        let cmds: Vec<String> = r.commands().map(|c| c.to_string()).collect();
+        assert_eq!(
+            cmds,
+            [
+                "systemctl --user daemon-reload",
+                "systemctl --user enable coffer-agent.service",
+                "systemctl --user restart --no-block coffer-agent.service",
+            ]
+        );
+        // No passphrase_file: the service could not start; say so.
+        assert!(r.notes.iter().any(|n| n.contains("passphrase_file")), "{r}");
+        let shown = r.to_string();
+        assert!(
+            shown.contains(
+                "would write /home/alice/.config/systemd/user/coffer-agent.service:\n# Coffer"
+            ),
+            "{shown}"
+        );
+        assert!(shown.contains("would run: systemctl --user enable coffer-agent.service"));
+    }
+
+    #[test]
+    fn xdg_config_home_is_honoured() {
+        let mut e = env(Platform::Systemd);
+        e.xdg_config_home = Some("/cfg".into());
+        assert_eq!(
+            e.service_file(true).expect("path"),
+            Path::new("/cfg/systemd/user/coffer-agent.service")
+        );
+        e.home = None;
+        e.xdg_config_home = None;
+        assert!(matches!(e.service_file(true), Err(ServiceError::NoHome)));
+    }
+
+    #[test]
+    fn packaged_state_dir_keeps_state_directory() {
+        let unit = systemd_unit(
+            false,
+            Path::new("/usr/bin/coffer-agent"),
+            Path::new("/etc/coffer/agent.toml"),
+            Path::new("/var/lib/coffer-agent"),
+        )
+        .expect("unit");
+        assert_eq!(line(&unit, "StateDirectory"), ["coffer-agent"]);
+        // Apart from its header, the unit for the packaged paths is the packaged unit.
+        let body = |s: &str| -> String {
+            s.lines()
+                .skip_while(|l| l.starts_with('#'))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        assert_eq!(body(&unit), body(SYSTEM_UNIT_TEMPLATE));
+    }
+
+    #[test]
+    fn odd_paths_are_quoted_and_escaped() {
+        let unit = systemd_unit(
+            true,
+            Path::new("/opt/my apps/coffer-agent"),
+            Path::new("/home/a/100% \"sure\"/agent.toml"),
+            Path::new("/home/a/$state dir"),
+        )
+        .expect("unit");
+        assert_eq!(
+            line(&unit, "ExecStart"),
+            [r#""/opt/my apps/coffer-agent" run --config "/home/a/100%% \"sure\"/agent.toml""#]
+        );
+        assert_eq!(line(&unit, "ReadWritePaths"), [r#""/home/a/$state dir""#]);
+        let e = systemd_unit(
+            true,
+            Path::new("/bin/x"),
+            Path::new("/a\nb"),
+            Path::new("/s"),
+        )
+        .expect_err("newline");
+        assert!(e.to_string().contains("control characters"), "{e}");
+    }
+
+    #[test]
+    fn launchd_plist_for_user_and_system() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = config(dir.path(), "passphrase_file = \"pass\"\n");
+        let e = env(Platform::Launchd);
+        let r = plan_install(
+            &opts(true, &cfg.file),
+            &e,
+            Path::new("/usr/local/bin/coffer-agent"),
+            &cfg,
+        )
+        .expect("plan");
+        let f = r.files().next().expect("plist");
+        assert_eq!(
+            f.path,
+            Path::new("/home/alice/Library/LaunchAgents/net.coffer.agent.plist")
+        );
+        assert!(f.content.contains("<string>/usr/local/bin/coffer-agent</string>\n\t\t<string>run</string>\n\t\t<string>--config</string>"));
+        assert!(f
+            .content
+            .contains(&format!("<string>{}</string>", cfg.file.display())));
+        assert!(f
+            .content
+            .contains("<string>/home/alice/Library/Logs/coffer-agent.log</string>"));
+        let cmds: Vec<String> = r.commands().map(|c| c.to_string()).collect();
+        assert_eq!(
+            cmds,
+            [
+                "launchctl bootout gui/1000/net.coffer.agent",
+                "launchctl enable gui/1000/net.coffer.agent",
+                "launchctl bootstrap gui/1000 /home/alice/Library/LaunchAgents/net.coffer.agent.plist",
+            ]
+        );
+        assert!(r.commands().next().is_some_and(|c| c.may_fail));
+        let r = plan_install(
+            &opts(false, &cfg.file),
+            &e,
+            Path::new("/usr/local/bin/coffer-agent"),
+            &cfg,
+        )
+        .expect("plan");
+        let f = r.files().next().expect("plist");
+        assert_eq!(
+            f.path,
+            Path::new("/Library/LaunchDaemons/net.coffer.agent.plist")
+        );
+        assert!(r.commands().any(|c| c.to_string()
+            == "launchctl bootstrap system /Library/LaunchDaemons/net.coffer.agent.plist"));
+    }
+
+    #[test]
+    fn packaged_plist_is_the_rendered_one() {
+        let packaged = include_str!("../../packaging/launchd/net.coffer.agent.plist");
+        let rendered = launchd_plist(
+            Path::new("/usr/local/bin/coffer-agent"),
+            Path::new("/Users/you/Library/Application Support/coffer/agent.toml"),
+            Path::new("/Users/you/Library/Logs/coffer-agent.log"),
+        )
+        .expect("plist");
+        assert_eq!(packaged, rendered);
+        let odd =
+            launchd_plist(Path::new("/a&b/<c>"), Path::new("/x"), Path::new("/l")).expect("plist");
+        assert!(odd.contains("<string>/a&amp;b/&lt;c&gt;</string>"));
+    }
+
+    #[test]
+    fn uninstall_of_nothing_is_a_note() {
+        let mut e = env(Platform::Systemd);
+        let dir = tempfile::tempdir().expect("tempdir");
+        e.xdg_config_home = Some(dir.path().to_path_buf());
+        let u = UninstallOpts {
+            user: true,
+            dry_run: false,
+        };
+        let r = plan_uninstall(&u, &e).expect("plan");
+        assert!(r.actions.is_empty());
+        assert!(r.notes[0].contains("nothing to uninstall"), "{r}");
+        let unit = dir.path().join("systemd/user").join(UNIT_NAME);
+        write_atomic(&unit, b"[Unit]\n", 0o644).expect("write");
+        assert_eq!(std::fs::read(&unit).expect("read"), b"[Unit]\n");
+        let r = plan_uninstall(&u, &e).expect("plan");
+        let shown: Vec<String> = r
+            .actions
+            .iter()
+            .map(|a| match a {
+                Action::Run(c) => c.to_string(),
+                Action::Remove(p) => format!("rm {}", p.display()),
+                Action::Write(w) => format!("write {}", w.path.display()),
+            })
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                "systemctl --user disable --now coffer-agent.service".to_string(),
+                format!("rm {}", unit.display()),
+                "systemctl --user daemon-reload".to_string(),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_failing_command_is_named_with_what_was_done() {
+        let c = ServiceCommand {
+            program: "sh".into(),
+            args: vec!["-c".into(), "echo nope >&2; exit 3".into()],
+            may_fail: false,
+        };
+        let e = run(&c, &["wrote /x".into()]).expect_err("fails");
+        let s = e.to_string();
+        assert!(s.contains("`sh -c 'echo nope >&2; exit 3'` failed"), "{s}");
+        assert!(
+            s.contains(": nope") && s.contains("already done: wrote /x"),
+            "{s}"
+        );
+        let ok = ServiceCommand {
+            may_fail: true,
+            ..c
+        };
+        run(&ok, &[]).expect("ignored failure");
+        let missing = ServiceCommand {
+            program: "coffer-no-such-program".into(),
+            args: vec![],
+            may_fail: false,
+        };
+        let e = run(&missing, &[]).expect_err("missing");
+        assert!(
+            e.to_string().contains("coffer-no-such-program not found"),
+            "{e}"
+        );
+        assert_eq!(
+            hint_for("systemctl"),
+            "this system does not use systemd; use --dry-run to see the unit and install it by hand"
+        );
+    }
+
+    /// `systemd-analyze verify` on generated units, where systemd-analyze exists.
+    #[test]
+    fn generated_units_pass_systemd_analyze() {
+        if find_on_path("systemd-analyze").is_none() {
+            eprintln!("SKIP: systemd-analyze not available");
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let runtime = dir.path().join("runtime");
+        std::fs::create_dir(&runtime).expect("runtime dir");
+        for user in [false, true] {
+            // verify wants ExecStart= to exist and be executable.
+            let unit = systemd_unit(
+                user,
+                Path::new("/bin/true"),
+                &dir.path().join("my config/agent.toml"),
+                &dir.path().join("state 100%"),
+            )
+            .expect("unit");
+            let path = dir.path().join(UNIT_NAME);
+            std::fs::write(&path, unit).expect("write unit");
+            let mut cmd = Command::new("systemd-analyze");
+            if user {
+                cmd.arg("--user").env("XDG_RUNTIME_DIR", &runtime);
+            }
+            let out = cmd
+                .args(["verify", "--man=no"])
+                .arg(&path)
+                .output()
+                .expect("run systemd-analyze");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                out.status.success() && stderr.trim().is_empty(),
+                "user={user}: {}\n{stderr}",
+                out.status
+            );
+        }
+    }
+}
