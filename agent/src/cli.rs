@@ -171,6 +171,7 @@ pub fn init_logging(l: &LogArgs) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let _ = match l.log_format {
         LogFormat::Json => b.json().try_init(),

@@ -1,0 +1,322 @@
+//! Getting files back: point in time, prefixes, symlinks, hostile targets and repositories,
+//! damaged packs, recovery on a new machine.
+
+mod support;
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use support::*;
+
+const T: Duration = Duration::from_secs(90);
+
+fn ok(o: &std::process::Output) -> String {
+    assert!(
+        o.status.success(),
+        "command failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn now_s() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Waits until the next wall-clock second so versions get distinct commit times.
+fn next_second() {
+    let s = now_s();
+    let _ = wait_for("next second", Duration::from_secs(3), || {
+        (now_s() > s).then_some(())
+    });
+}
+
+#[test]
+fn point_in_time_restore_across_versions_and_a_deletion() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let rcv = Receiver::start(&tmp.path().join("rcv"))?;
+    let mut agent = Agent::init(&tmp.path().join("agent"), &rcv, "r")?;
+    let f = agent.watch.join("doc.txt");
+    std::fs::write(agent.watch.join("keep.txt"), b"kept")?;
+    std::fs::write(&f, b"version one")?;
+    agent.run()?;
+    agent.wait_settled(2, T)?;
+    next_second();
+    let t1 = now_s();
+    next_second();
+    std::fs::write(&f, b"version two, longer")?;
+    wait_for("v2", T, || {
+        let v = agent
+            .cmd()
+            .args(["versions", "--config"])
+            .arg(&agent.config)
+            .arg("w/doc.txt")
+            .output()
+            .ok()?;
+        (String::from_utf8_lossy(&v.stdout).lines().count() == 2).then_some(())
+    })?;
+    agent.wait_settled(2, T)?;
+    next_second();
+    let t2 = now_s();
+    next_second();
+    std::fs::write(&f, b"three")?;
+    wait_for("v3", T, || {
+        let v = agent
+            .cmd()
+            .args(["versions", "--config"])
+            .arg(&agent.config)
+            .arg("w/doc.txt")
+            .output()
+            .ok()?;
+        (String::from_utf8_lossy(&v.stdout).lines().count() == 3).then_some(())
+    })?;
+    next_second();
+    let t3 = now_s();
+    next_second();
+    std::fs::remove_file(&f)?;
+    let out = wait_for("deletion", T, || {
+        let v = agent
+            .cmd()
+            .args(["versions", "--config"])
+            .arg(&agent.config)
+            .arg("w/doc.txt")
+            .output()
+            .ok()?;
+        let s = String::from_utf8_lossy(&v.stdout).into_owned();
+        s.contains("deleted").then_some(s)
+    })?;
+    assert_eq!(out.lines().count(), 4, "{out}");
+
+    for (at, want) in [
+        (t1, Some("version one")),
+        (t2, Some("version two, longer")),
+        (t3, Some("three")),
+        (now_s() + 5, None),
+    ] {
+        let dest = tmp.path().join(format!("at-{at}"));
+        ok(&agent.restore(&dest, &["--at", &at.to_string()])?);
+        match want {
+            Some(w) => assert_eq!(
+                std::fs::read_to_string(dest.join("w/doc.txt"))?,
+                w,
+                "at {at}"
+            ),
+            None => assert!(!dest.join("w/doc.txt").exists(), "deleted file restored"),
+        }
+        assert_eq!(std::fs::read(dest.join("w/keep.txt"))?, b"kept");
+        // ls agrees.
+        let ls = ok(&agent
+            .cmd()
+            .args(["ls", "--config"])
+            .arg(&agent.config)
+            .args(["--at", &at.to_string()])
+            .output()?);
+        assert_eq!(ls.contains("w/doc.txt"), want.is_some(), "ls at {at}: {ls}");
+    }
+    // RFC 3339 works too.
+    let rfc = ok(&agent
+        .cmd()
+        .args(["ls", "--config"])
+        .arg(&agent.config)
+        .args(["--at", "2001-01-01T00:00:00Z"])
+        .output()?);
+    assert!(rfc.trim().is_empty(), "nothing existed in 2001: {rfc}");
+    Ok(())
+}
+
+#[test]
+fn prefix_restore_symlinks_and_dump_to_stdout() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let rcv = Receiver::start(&tmp.path().join("rcv"))?;
+    let mut agent = Agent::init(&tmp.path().join("agent"), &rcv, "r")?;
+    let w = agent.watch.clone();
+    std::fs::create_dir_all(w.join("docs/sub"))?;
+    std::fs::create_dir_all(w.join("docsextra"))?;
+    std::fs::write(w.join("docs/a.txt"), b"a")?;
+    std::fs::write(w.join("docs/sub/b.txt"), b"b")?;
+    std::fs::write(w.join("docsextra/c.txt"), b"c")?;
+    std::fs::write(w.join("top.bin"), data(700_000, 3))?;
+    std::os::unix::fs::symlink("sub/b.txt", w.join("docs/link"))?;
+    agent.run()?;
+    agent.wait_settled(5, T)?;
+    let dest = tmp.path().join("p");
+    ok(&agent.restore(&dest, &["w/docs"])?);
+    assert_eq!(std::fs::read(dest.join("w/docs/a.txt"))?, b"a");
+    assert_eq!(std::fs::read(dest.join("w/docs/sub/b.txt"))?, b"b");
+    assert_eq!(
+        std::fs::read_link(dest.join("w/docs/link"))?,
+        std::path::Path::new("sub/b.txt")
+    );
+    assert!(
+        !dest.join("w/docsextra").exists(),
+        "prefix matched a sibling"
+    );
+    assert!(!dest.join("w/top.bin").exists());
+    // Streaming one file to stdout.
+    let o = agent
+        .cmd()
+        .args(["restore", "--config"])
+        .arg(&agent.config)
+        .args(["--to", "-", "w/top.bin"])
+        .output()?;
+    assert!(o.status.success());
+    assert_eq!(o.stdout, data(700_000, 3));
+    // A non-empty target is refused without --overwrite.
+    let again = agent.restore(&dest, &["w/docs"])?;
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--overwrite"));
+    ok(&agent.restore(&dest, &["--overwrite", "w/docs"])?);
+    Ok(())
+}
+
+#[test]
+fn a_symlink_in_the_target_is_never_followed() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let rcv = Receiver::start(&tmp.path().join("rcv"))?;
+    let mut agent = Agent::init(&tmp.path().join("agent"), &rcv, "r")?;
+    std::fs::create_dir_all(agent.watch.join("d"))?;
+    std::fs::write(agent.watch.join("d/x.txt"), b"payload")?;
+    std::fs::write(agent.watch.join("y.txt"), b"payload")?;
+    agent.run()?;
+    agent.wait_settled(2, T)?;
+    let outside = tmp.path().join("outside");
+    std::fs::create_dir_all(&outside)?;
+    let dest = tmp.path().join("dest");
+    std::fs::create_dir_all(&dest)?;
+    // The target's `w` is a symlink to a folder outside it.
+    std::os::unix::fs::symlink(&outside, dest.join("w"))?;
+    let r = agent.restore(&dest, &["--overwrite"])?;
+    assert!(!r.status.success(), "restore through a symlink must fail");
+    assert!(
+        String::from_utf8_lossy(&r.stderr).contains("symlink"),
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    assert_eq!(
+        std::fs::read_dir(&outside)?.count(),
+        0,
+        "something was written outside the target"
+    );
+    // A symlink at a file's own place is replaced, not written through.
+    let dest2 = tmp.path().join("dest2");
+    std::fs::create_dir_all(dest2.join("w"))?;
+    let victim = tmp.path().join("victim");
+    std::fs::write(&victim, b"untouched")?;
+    std::os::unix::fs::symlink(&victim, dest2.join("w/y.txt"))?;
+    ok(&agent.restore(&dest2, &["--overwrite"])?);
+    assert_eq!(std::fs::read(&victim)?, b"untouched");
+    assert_eq!(std::fs::read(dest2.join("w/y.txt"))?, b"payload");
+    assert!(!std::fs::symlink_metadata(dest2.join("w/y.txt"))?
+        .file_type()
+        .is_symlink());
+    Ok(())
+}
+
+#[test]
+fn a_tampered_pack_is_found_by_verify_and_scrub_and_fails_only_its_file() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let rcv = Receiver::start(&tmp.path().join("rcv"))?;
+    let mut agent = Agent::init(&tmp.path().join("agent"), &rcv, "r")?;
+    std::fs::write(agent.watch.join("victim.bin"), data(100_000, 11))?;
+    agent.run()?;
+    agent.wait_settled(1, T)?;
+    let after_first = rcv.pack_bytes("r");
+    std::fs::write(agent.watch.join("other.bin"), data(50_000, 12))?;
+    agent.wait_settled(2, T)?;
+    agent.proc.term();
+    // Flip one byte inside the victim's sealed chunk (the first pack's first record).
+    let packs = rcv.root.join("repos/r/packs");
+    let mut files: Vec<_> = std::fs::read_dir(&packs)?
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    files.sort();
+    let first = files.first().context("a pack")?;
+    let mut bytes = std::fs::read(first)?;
+    let at = (after_first as usize).min(bytes.len()) - 1000;
+    bytes[at] ^= 0x40;
+    std::fs::write(first, &bytes)?;
+
+    let v = agent
+        .cmd()
+        .args(["verify", "--read-data", "--config"])
+        .arg(&agent.config)
+        .output()?;
+    assert!(!v.status.success(), "verify must fail");
+    let out = String::from_utf8_lossy(&v.stdout);
+    assert!(out.contains("DAMAGED w/victim.bin"), "{out}");
+    assert!(!out.contains("other.bin"), "{out}");
+    let s = std::process::Command::new(bin("coffer-receiver"))
+        .args(["scrub", "--root"])
+        .arg(&rcv.root)
+        .output()?;
+    assert!(!s.status.success(), "scrub must fail");
+    let dest = tmp.path().join("out");
+    let r = agent.restore(&dest, &[])?;
+    assert!(!r.status.success());
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        err.contains("w/victim.bin") && err.contains("damaged"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(dest.join("w/other.bin"))?, data(50_000, 12));
+    assert!(!dest.join("w/victim.bin").exists(), "wrong bytes written");
+    Ok(())
+}
+
+#[test]
+fn recovery_on_a_new_machine_with_only_the_passphrase() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let rcv = Receiver::start(&tmp.path().join("rcv"))?;
+    let mut agent = Agent::init(&tmp.path().join("agent"), &rcv, "laptop")?;
+    std::fs::create_dir_all(agent.watch.join("deep/er"))?;
+    std::fs::write(agent.watch.join("deep/er/file.bin"), data(2 << 20, 5))?;
+    std::fs::write(agent.watch.join("note.txt"), b"remember")?;
+    agent.run()?;
+    agent.wait_settled(2, T)?;
+    wait_for("key escrowed", T, || {
+        agent.status().ok()?["key_escrowed"]
+            .as_bool()?
+            .then_some(())
+    })?;
+    agent.proc.term();
+    let original = tmp.path().join("original");
+    std::fs::rename(&agent.watch, &original)?;
+    std::fs::remove_dir_all(&agent.dir)?; // config, state dir, keys: all gone
+
+    let newdir = tmp.path().join("new");
+    std::fs::create_dir_all(&newdir)?;
+    let cfg = newdir.join("agent.toml");
+    let o = std::process::Command::new(bin("coffer-agent"))
+        .args(["init", "--recover", "--config"])
+        .arg(&cfg)
+        .args(["--receiver", &rcv.addr, "--receiver-key", &rcv.key])
+        .output()?;
+    let key = ok(&o).trim().to_string();
+    rcv.authorize("laptop", &key)?;
+    // A wrong passphrase: clear error, nothing written.
+    let dest = tmp.path().join("restored");
+    let bad = std::process::Command::new(bin("coffer-agent"))
+        .env("COFFER_PASSPHRASE", "wrong")
+        .args(["restore", "--config"])
+        .arg(&cfg)
+        .arg("--to")
+        .arg(&dest)
+        .output()?;
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("wrong passphrase"));
+    assert!(!dest.exists());
+    let good = std::process::Command::new(bin("coffer-agent"))
+        .env("COFFER_PASSPHRASE", PASS)
+        .args(["restore", "--config"])
+        .arg(&cfg)
+        .arg("--to")
+        .arg(&dest)
+        .output()?;
+    ok(&good);
+    assert_eq!(assert_same_tree(&original, &dest.join("w"))?, 2);
+    Ok(())
+}
