@@ -8,7 +8,7 @@ use coffer_common::channel::{PublicKey, StaticKeypair};
 use coffer_common::keys::{self, KdfParams, MasterSecret};
 
 use crate::config::{check_watch_name, host_name, Config, RawConfig, RawWatch};
-use crate::{daemon, restore, state, status};
+use crate::{daemon, restore, service, state, status};
 
 /// Coffer backup agent: watches folders and backs up every change, end-to-end encrypted.
 #[derive(Parser, Debug)]
@@ -46,7 +46,7 @@ pub enum Cmd {
     /// Create keys and a config; prints this agent's public key.
     Init(InitArgs),
     /// Run the backup daemon.
-    Run(ConfigArg),
+    Run(RunArgs),
     /// Show what is backed up, pending and failed (or, given paths, whether each is safe).
     Status(StatusArgs),
     /// List backed-up files as of now or a point in time.
@@ -57,6 +57,51 @@ pub enum Cmd {
     Restore(RestoreArgs),
     /// Check that the receiver holds every chunk of the backup.
     Verify(VerifyArgs),
+    /// Install or remove the agent as a background service (systemd, launchd).
+    #[command(subcommand)]
+    Service(ServiceCmd),
+    /// Print shell completions.
+    #[command(hide = true)]
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff).
+    #[command(hide = true)]
+    Man,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ServiceCmd {
+    /// Write the unit (or plist) for this binary and config, enable and start it.
+    Install {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// A per-user service (systemd --user, LaunchAgent) instead of a system one.
+        #[arg(long)]
+        user: bool,
+        /// Print the files and commands instead of writing and running them.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Stop, disable and remove the service.
+    Uninstall {
+        /// The per-user service.
+        #[arg(long)]
+        user: bool,
+        /// Print what would be done.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Serve Prometheus metrics at ADDR (e.g. 127.0.0.1:9464) under /metrics.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -187,7 +232,43 @@ fn load(c: &ConfigArg) -> Result<Config> {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Init(a) => init(a),
-        Cmd::Run(c) => Ok(daemon::run(load(&c)?)?),
+        Cmd::Run(a) => Ok(daemon::run(
+            load(&a.config)?,
+            daemon::RunOpts {
+                metrics: a.metrics,
+                progress: !cli.log.quiet,
+            },
+        )?),
+        Cmd::Service(ServiceCmd::Install {
+            config,
+            user,
+            dry_run,
+        }) => {
+            let r = service::install(&service::InstallOpts {
+                user,
+                dry_run,
+                config: config.config,
+                binary: None,
+            })?;
+            print!("{r}");
+            Ok(())
+        }
+        Cmd::Service(ServiceCmd::Uninstall { user, dry_run }) => {
+            let r = service::uninstall(&service::UninstallOpts { user, dry_run })?;
+            print!("{r}");
+            Ok(())
+        }
+        Cmd::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut cmd = Cli::command();
+            clap_complete::generate(shell, &mut cmd, "coffer-agent", &mut std::io::stdout());
+            Ok(())
+        }
+        Cmd::Man => {
+            use clap::CommandFactory;
+            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
+            Ok(())
+        }
         Cmd::Status(a) => {
             let cfg = load(&a.config)?;
             if a.paths.is_empty() {

@@ -2,24 +2,26 @@
 //!
 //! Threads: the notify callback feeds an event thread that batches dirty paths into the
 //! journal; a scanner thread runs startup, periodic and requested scans; a scheduler claims
-//! due files and hands them to `upload_concurrency` workers; one collector records acks. The
-//! network side runs on a small tokio runtime. SIGTERM/SIGINT stop taking work, let the
-//! outstanding acknowledgements arrive (with a deadline), and exit 0: pending work stays
-//! pending in the journal.
+//! due files and hands them to `upload_concurrency` workers; one collector records acks; a
+//! control thread applies config reloads (SIGHUP or a changed config file) by watching only
+//! the difference. The network side, signals and `/metrics` run on a small tokio runtime.
+//! Readiness (`READY=1`) is reported to systemd once the first scan is journaled; the
+//! scheduler loop pings the watchdog. SIGTERM/SIGINT stop taking work, let outstanding
+//! acknowledgements arrive (with a deadline), and exit 0: pending work stays pending.
 
 use std::collections::HashSet;
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 
-use crate::config::Config;
+use crate::config::{Config, Watch};
 use crate::journal::{now_ms, Journal};
 use crate::scan;
 use crate::state;
 use crate::upload::{self, ConnManager, Counters, Shared};
-use crate::watch::{self, Change, ScanRequest};
+use crate::watch::{self, Change, ScanRequest, Watching};
 
 /// Errors that stop the daemon.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +34,15 @@ pub enum RunError {
     AlreadyRunning(String),
     #[error("{0}")]
     Other(String),
+}
+
+/// Options of `run` beyond the config.
+#[derive(Debug, Clone, Default)]
+pub struct RunOpts {
+    /// Serve Prometheus metrics at this address (`/metrics`).
+    pub metrics: Option<String>,
+    /// Show a live progress line on a terminal.
+    pub progress: bool,
 }
 
 /// Holds the state dir's run lock for the daemon's lifetime.
@@ -64,8 +75,12 @@ pub fn is_running(cfg: &Config) -> bool {
     }
 }
 
+fn notify_systemd(state: &[sd_notify::NotifyState]) {
+    let _ = sd_notify::notify(false, state);
+}
+
 /// Runs the daemon until SIGTERM/SIGINT.
-pub fn run(cfg: Config) -> Result<(), RunError> {
+pub fn run(cfg: Config, opts: RunOpts) -> Result<(), RunError> {
     let _lock = lock_state(&cfg)?;
     let keypair = state::load_agent_key(&cfg)?;
     let keyfile = std::fs::read(cfg.keyfile_path()).map_err(|e| {
@@ -90,6 +105,8 @@ pub fn run(cfg: Config) -> Result<(), RunError> {
     let (wake_tx, wake_rx) = bounded::<()>(1);
     let sh = Arc::new(Shared {
         conn: ConnManager::new(cfg.clone(), keypair, rt.handle().clone(), keyfile),
+        watches: RwLock::new(Arc::new(cfg.watches.clone())),
+        current: Mutex::new(String::new()),
         cfg: cfg.clone(),
         journal: Mutex::new(journal),
         crypto,
@@ -99,69 +116,71 @@ pub fn run(cfg: Config) -> Result<(), RunError> {
         counters: Counters::default(),
     });
 
-    // Signals.
+    // Signals: TERM/INT stop, HUP reloads.
+    let (reload_tx, reload_rx) = unbounded::<&'static str>();
     {
         let sh = sh.clone();
+        let reload_tx = reload_tx.clone();
         rt.spawn(async move {
             use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut term), Ok(mut int)) = (
+            let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
                 signal(SignalKind::terminate()),
                 signal(SignalKind::interrupt()),
+                signal(SignalKind::hangup()),
             ) else {
                 return;
             };
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
+            loop {
+                tokio::select! {
+                    _ = term.recv() => break,
+                    _ = int.recv() => break,
+                    _ = hup.recv() => { let _ = reload_tx.send("SIGHUP"); }
+                }
             }
             tracing::info!(
                 "stopping: finishing outstanding commits; pending work stays in the journal"
             );
+            notify_systemd(&[sd_notify::NotifyState::Stopping]);
             sh.shutdown.store(true, Ordering::SeqCst);
             let _ = sh.wake.try_send(());
         });
     }
+    if let Some(addr) = &opts.metrics {
+        crate::metrics::serve(&rt, sh.clone(), addr)
+            .map_err(|e| RunError::Other(format!("metrics on {addr}: {e}")))?;
+    }
 
-    // Watcher and event thread.
+    // Watcher, event thread, scanner.
     let (chg_tx, chg_rx) = unbounded::<Change>();
     let (scan_tx, scan_rx) = unbounded::<ScanRequest>();
-    let watching = watch::start(&cfg.watches, chg_tx.clone());
-    let fallback: Vec<usize> = watching.fallback.iter().map(|(i, _)| *i).collect();
-    if let Ok(mut j) = sh.journal.lock() {
-        for (i, w) in cfg.watches.iter().enumerate() {
-            let v = watching
-                .fallback
-                .iter()
-                .find(|(k, _)| *k == i)
-                .map(|(_, r)| r.clone())
-                .unwrap_or_default();
-            let _ = j.set_meta(&format!("watch_fallback:{}", w.name), &v);
-        }
-    }
+    let mut watching = Watching::new(chg_tx.clone());
+    let startup_left = Arc::new(AtomicUsize::new(cfg.watches.len()));
+    apply_watches(&sh, &mut watching, &scan_tx, "startup");
     let mut threads = Vec::new();
     {
-        let sh = sh.clone();
-        let scan_tx = scan_tx.clone();
+        let (sh, scan_tx) = (sh.clone(), scan_tx.clone());
         threads.push(spawn("coffer-events", move || events(sh, chg_rx, scan_tx)));
     }
-    // Startup scan of every tree, then periodic ones.
-    for i in 0..cfg.watches.len() {
-        let _ = scan_tx.send(ScanRequest {
-            watch: i,
-            sub: None,
-            reason: "startup",
-        });
+    {
+        let (sh, left) = (sh.clone(), startup_left.clone());
+        threads.push(spawn("coffer-scan", move || scanner(sh, scan_rx, left)));
+    }
+    let fallback = Arc::new(Mutex::new(
+        watching.fallback.keys().cloned().collect::<Vec<_>>(),
+    ));
+    {
+        let (sh, scan_tx, fb) = (sh.clone(), scan_tx.clone(), fallback.clone());
+        threads.push(spawn("coffer-timer", move || periodic(sh, scan_tx, fb)));
     }
     {
-        let sh = sh.clone();
-        threads.push(spawn("coffer-scan", move || scanner(sh, scan_rx)));
-    }
-    {
-        let sh = sh.clone();
-        let scan_tx = scan_tx.clone();
-        threads.push(spawn("coffer-timer", move || {
-            periodic(sh, scan_tx, fallback)
+        let (sh, scan_tx, fb) = (sh.clone(), scan_tx.clone(), fallback.clone());
+        threads.push(spawn("coffer-control", move || {
+            control(sh, watching, scan_tx, reload_rx, reload_tx, fb)
         }));
+    }
+    if opts.progress && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        let sh = sh.clone();
+        threads.push(spawn("coffer-progress", move || progress(sh)));
     }
 
     // Uploader.
@@ -182,7 +201,6 @@ pub fn run(cfg: Config) -> Result<(), RunError> {
     scheduler(&sh, job_tx, wake_rx);
 
     // Shutdown: workers stop taking files; the collector records the last acks.
-    drop(watching);
     for w in workers {
         let _ = w.join();
     }
@@ -207,9 +225,118 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> std::thread::JoinHand
     }
 }
 
-/// Claims due files and feeds the workers until shutdown.
-fn scheduler(sh: &Arc<Shared>, jobs: Sender<crate::journal::Job>, wake: Receiver<()>) {
+/// Brings the OS watches in line with `sh.watches()`, records fallbacks, and scans what was
+/// added.
+fn apply_watches(
+    sh: &Shared,
+    watching: &mut Watching,
+    scans: &Sender<ScanRequest>,
+    reason: &'static str,
+) {
+    let ws = sh.watches();
+    let (added, removed) = watching.sync(&ws);
+    if let Ok(mut j) = sh.journal.lock() {
+        for w in ws.iter() {
+            let v = watching.fallback.get(&w.name).cloned().unwrap_or_default();
+            let _ = j.set_meta(&format!("watch_fallback:{}", w.name), &v);
+        }
+    }
+    for name in &removed {
+        tracing::info!(watch = %name, "stopped watching (removed from the config)");
+    }
+    for name in added {
+        if reason != "startup" {
+            tracing::info!(watch = %name, "now watching (added to the config)");
+        }
+        let _ = scans.send(ScanRequest {
+            watch: name,
+            sub: None,
+            reason,
+        });
+    }
+}
+
+/// Applies config reloads: on SIGHUP, or when the config file's mtime changes.
+fn control(
+    sh: Arc<Shared>,
+    mut watching: Watching,
+    scans: Sender<ScanRequest>,
+    reloads: Receiver<&'static str>,
+    _keep: Sender<&'static str>,
+    fallback: Arc<Mutex<Vec<String>>>,
+) {
+    let mtime = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let mut last = mtime(&sh.cfg.file);
     loop {
+        if sh.shutdown.load(Ordering::SeqCst) {
+            return;
+        }
+        let why = match reloads.recv_timeout(Duration::from_secs(2)) {
+            Ok(w) => w,
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                let now = mtime(&sh.cfg.file);
+                if now == last {
+                    continue;
+                }
+                "config file changed"
+            }
+            Err(_) => return,
+        };
+        last = mtime(&sh.cfg.file);
+        notify_systemd(&[sd_notify::NotifyState::Reloading]);
+        match Config::load(&sh.cfg.file) {
+            Ok(new) => {
+                let old = sh.watches();
+                if same_watches(&old, &new.watches) {
+                    tracing::info!(trigger = why, "config reloaded; watch list unchanged");
+                } else {
+                    if let Ok(mut w) = sh.watches.write() {
+                        *w = Arc::new(new.watches.clone());
+                    }
+                    apply_watches(&sh, &mut watching, &scans, "added to the config");
+                    if let Ok(mut fb) = fallback.lock() {
+                        *fb = watching.fallback.keys().cloned().collect();
+                    }
+                    tracing::info!(
+                        trigger = why,
+                        watches = new.watches.len(),
+                        "config reloaded; watch list updated"
+                    );
+                }
+                let changed_other = new.receiver != sh.cfg.receiver
+                    || new.receiver_key != sh.cfg.receiver_key
+                    || new.state_dir != sh.cfg.state_dir
+                    || new.upload_concurrency != sh.cfg.upload_concurrency;
+                if changed_other {
+                    tracing::warn!("receiver, state_dir and upload_concurrency changes take effect after a restart");
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "config reload failed; keeping the running configuration")
+            }
+        }
+        notify_systemd(&[sd_notify::NotifyState::Ready]);
+    }
+}
+
+fn same_watches(a: &[Watch], b: &[Watch]) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|(x, y)| {
+            x.name == y.name && x.path == y.path && x.exclude_patterns == y.exclude_patterns
+        })
+}
+
+/// Claims due files and feeds the workers until shutdown; pings the systemd watchdog.
+fn scheduler(sh: &Arc<Shared>, jobs: Sender<crate::journal::Job>, wake: Receiver<()>) {
+    let mut usec = 0u64;
+    let watchdog = sd_notify::watchdog_enabled(false, &mut usec);
+    let ping_every = Duration::from_micros(usec / 2);
+    let mut last_ping = Instant::now();
+    loop {
+        if watchdog && last_ping.elapsed() >= ping_every {
+            notify_systemd(&[sd_notify::NotifyState::Watchdog]);
+            last_ping = Instant::now();
+        }
         if sh.shutdown.load(Ordering::SeqCst) {
             return;
         }
@@ -262,6 +389,10 @@ fn scheduler(sh: &Arc<Shared>, jobs: Sender<crate::journal::Job>, wake: Receiver
                         if sh.shutdown.load(Ordering::SeqCst) {
                             return;
                         }
+                        if watchdog && last_ping.elapsed() >= ping_every {
+                            notify_systemd(&[sd_notify::NotifyState::Watchdog]);
+                            last_ping = Instant::now();
+                        }
                         job = j;
                     }
                     Err(crossbeam_channel::SendTimeoutError::Disconnected(_)) => return,
@@ -275,23 +406,38 @@ fn scheduler(sh: &Arc<Shared>, jobs: Sender<crate::journal::Job>, wake: Receiver
 fn events(sh: Arc<Shared>, rx: Receiver<Change>, scans: Sender<ScanRequest>) {
     let debounce = sh.cfg.debounce.as_millis() as i64;
     while let Ok(first) = rx.recv() {
-        let (paths, reqs) = watch::collect_batch(&rx, first, Duration::from_millis(20), 20_000);
-        for r in reqs {
-            if r.reason == "overflow" {
-                if let Ok(mut j) = sh.journal.lock() {
-                    let _ = j.bump("rescans_overflow", 1);
-                }
+        let (paths, rescan) = watch::collect_batch(&rx, first, Duration::from_millis(20), 20_000);
+        let watches = sh.watches();
+        if let Some(rp) = rescan {
+            let names: Vec<String> = watches
+                .iter()
+                .filter(|w| rp.is_empty() || rp.iter().any(|p| p.starts_with(&w.path)))
+                .map(|w| w.name.clone())
+                .collect();
+            let names = if names.is_empty() {
+                watches.iter().map(|w| w.name.clone()).collect()
+            } else {
+                names
+            };
+            tracing::warn!(watches = ?names, "file events were lost (queue overflow); rescanning");
+            if let Ok(mut j) = sh.journal.lock() {
+                let _ = j.bump("rescans_overflow", 1);
             }
-            let _ = scans.send(r);
+            for n in names {
+                let _ = scans.send(ScanRequest {
+                    watch: n,
+                    sub: None,
+                    reason: "overflow",
+                });
+            }
         }
         let mut dirty: Vec<(Vec<u8>, String)> = Vec::with_capacity(paths.len());
         let mut seen = HashSet::new();
-        let mut gone_dirs: Vec<Vec<u8>> = Vec::new();
+        let mut gone: Vec<(Vec<u8>, String)> = Vec::new();
         for p in &paths {
-            let Some((wi, rel)) = watch::locate(&sh.cfg.watches, p) else {
+            let Some((w, rel)) = watch::locate(&watches, p) else {
                 continue;
             };
-            let w = &sh.cfg.watches[wi];
             if rel.as_os_str().is_empty() || w.excluded(rel) {
                 continue;
             }
@@ -303,7 +449,7 @@ fn events(sh: Arc<Shared>, rx: Receiver<Change>, scans: Sender<ScanRequest>) {
                 Ok(m) if m.is_dir() => {
                     // A new or moved-in folder: scan it, its files may predate the watch.
                     let _ = scans.send(ScanRequest {
-                        watch: wi,
+                        watch: w.name.clone(),
                         sub: Some(p.clone()),
                         reason: "new folder",
                     });
@@ -312,16 +458,13 @@ fn events(sh: Arc<Shared>, rx: Receiver<Change>, scans: Sender<ScanRequest>) {
                 Err(_) => {
                     // Gone: a file, or a folder whose known files are gone with it.
                     dirty.push((jp.clone(), w.name.clone()));
-                    gone_dirs.push(jp);
+                    gone.push((jp, w.name.clone()));
                 }
             }
         }
         if let Ok(mut j) = sh.journal.lock() {
-            for g in gone_dirs {
+            for (g, name) in gone {
                 if let Ok(rows) = j.rows_under(&[&g[..], b"/"].concat(), usize::MAX >> 1) {
-                    let name =
-                        String::from_utf8_lossy(g.split(|&b| b == b'/').next().unwrap_or(b""))
-                            .into_owned();
                     dirty.extend(rows.into_iter().map(|r| (r.path, name.clone())));
                 }
             }
@@ -333,13 +476,17 @@ fn events(sh: Arc<Shared>, rx: Receiver<Change>, scans: Sender<ScanRequest>) {
     }
 }
 
-/// Runs scans one at a time.
-fn scanner(sh: Arc<Shared>, rx: Receiver<ScanRequest>) {
+/// Runs scans one at a time; reports readiness once the startup scans are journaled.
+fn scanner(sh: Arc<Shared>, rx: Receiver<ScanRequest>, startup_left: Arc<AtomicUsize>) {
+    if startup_left.load(Ordering::SeqCst) == 0 {
+        notify_systemd(&[sd_notify::NotifyState::Ready]);
+    }
     while let Ok(req) = rx.recv() {
         if sh.shutdown.load(Ordering::SeqCst) {
             return;
         }
-        let Some(w) = sh.cfg.watches.get(req.watch) else {
+        let watches = sh.watches();
+        let Some(w) = watches.iter().find(|w| w.name == req.watch) else {
             continue;
         };
         let t = Instant::now();
@@ -358,12 +505,19 @@ fn scanner(sh: Arc<Shared>, rx: Receiver<ScanRequest>) {
             }
             Err(e) => tracing::error!(watch = %w.name, error = %e, "scan failed"),
         }
+        if req.reason == "startup"
+            && req.sub.is_none()
+            && startup_left.fetch_sub(1, Ordering::SeqCst) == 1
+        {
+            tracing::info!("first scan journaled; ready");
+            notify_systemd(&[sd_notify::NotifyState::Ready]);
+        }
         let _ = sh.wake.try_send(());
     }
 }
 
 /// Periodic full rescans (more often for trees without OS watches).
-fn periodic(sh: Arc<Shared>, scans: Sender<ScanRequest>, fallback: Vec<usize>) {
+fn periodic(sh: Arc<Shared>, scans: Sender<ScanRequest>, fallback: Arc<Mutex<Vec<String>>>) {
     let full = sh.cfg.rescan_interval;
     let fast = full.min(Duration::from_secs(10));
     let mut last_full = Instant::now();
@@ -372,23 +526,57 @@ fn periodic(sh: Arc<Shared>, scans: Sender<ScanRequest>, fallback: Vec<usize>) {
         std::thread::sleep(Duration::from_millis(200));
         if last_full.elapsed() >= full {
             last_full = Instant::now();
-            for i in 0..sh.cfg.watches.len() {
+            for w in sh.watches().iter() {
                 let _ = scans.send(ScanRequest {
-                    watch: i,
+                    watch: w.name.clone(),
                     sub: None,
                     reason: "periodic",
                 });
             }
         }
-        if !fallback.is_empty() && last_fast.elapsed() >= fast {
+        if last_fast.elapsed() >= fast {
             last_fast = Instant::now();
-            for &i in &fallback {
+            let names = fallback.lock().map(|f| f.clone()).unwrap_or_default();
+            for n in names {
                 let _ = scans.send(ScanRequest {
-                    watch: i,
+                    watch: n,
                     sub: None,
                     reason: "no OS watch",
                 });
             }
         }
     }
+}
+
+/// A live progress line on a terminal: pending files and bytes, rate, current file.
+fn progress(sh: Arc<Shared>) {
+    let bar = indicatif::ProgressBar::new_spinner();
+    if let Ok(st) = indicatif::ProgressStyle::with_template("{spinner} {msg}") {
+        bar.set_style(st);
+    }
+    let mut last_bytes = 0u64;
+    let mut last = Instant::now();
+    while !sh.shutdown.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(500));
+        let s = sh.journal.lock().ok().and_then(|j| j.summary().ok());
+        let bytes = sh.counters.bytes_read.load(Ordering::Relaxed);
+        let rate = (bytes - last_bytes) as f64 / last.elapsed().as_secs_f64().max(0.001);
+        last_bytes = bytes;
+        last = Instant::now();
+        let cur = sh.current.lock().map(|c| c.clone()).unwrap_or_default();
+        if let Some(s) = s {
+            let pending = s.dirty + s.pending + s.uploading + s.failed;
+            bar.set_message(if pending == 0 {
+                format!("all {} files backed up; watching", s.backed_up)
+            } else {
+                format!(
+                    "{pending} files pending ({:.1} MiB), {:.1} MiB/s, {cur}",
+                    s.pending_bytes as f64 / 1048576.0,
+                    rate / 1048576.0
+                )
+            });
+        }
+        bar.tick();
+    }
+    bar.finish_and_clear();
 }

@@ -44,6 +44,10 @@ pub struct Counters {
 /// State shared by the uploader's threads.
 pub struct Shared {
     pub cfg: Config,
+    /// The watched folders; replaced as a whole when the config is reloaded.
+    pub watches: std::sync::RwLock<Arc<Vec<crate::config::Watch>>>,
+    /// The file a worker is reading (progress line).
+    pub current: Mutex<String>,
     pub journal: Mutex<Journal>,
     pub crypto: Crypto,
     pub busy: Mutex<HashSet<Vec<u8>>>,
@@ -54,6 +58,14 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// The current watch list.
+    pub fn watches(&self) -> Arc<Vec<crate::config::Watch>> {
+        match self.watches.read() {
+            Ok(w) => w.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
     fn release(&self, paths: impl IntoIterator<Item = Vec<u8>>) {
         if let Ok(mut b) = self.busy.lock() {
             for p in paths {
@@ -504,9 +516,14 @@ fn ready(
 }
 
 fn process(sh: &Shared, conn: &Conn, job: &Job) -> Outcome {
-    let Some((_, path)) = fs_path(&sh.cfg.watches, &job.path) else {
+    let watches = sh.watches();
+    let Some((_, path)) = fs_path(&watches, &job.path) else {
         return Outcome::Forget; // its watch was removed from the config
     };
+    if let Ok(mut c) = sh.current.lock() {
+        c.clear();
+        c.push_str(&String::from_utf8_lossy(&job.path));
+    }
     let shown = path.display().to_string();
     let meta = match std::fs::symlink_metadata(&path) {
         Ok(m) => m,

@@ -5,6 +5,7 @@
 //! or notify's rescan flag schedules a rescan of the tree; nothing is dropped silently. When
 //! the OS runs out of watches, the tree falls back to periodic scanning and `status` says so.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -16,26 +17,29 @@ use crate::config::Watch;
 /// Work for the scanner thread.
 #[derive(Debug, Clone)]
 pub struct ScanRequest {
-    /// Index into the config's watches.
-    pub watch: usize,
+    /// The watch's name.
+    pub watch: String,
     /// A folder inside the watch, or the whole watch.
     pub sub: Option<PathBuf>,
     pub reason: &'static str,
 }
 
-/// What the event thread passes on.
+/// What the notify callback passes on.
 pub enum Change {
     /// Paths (absolute) that changed or may have.
     Paths(Vec<PathBuf>),
-    /// A tree to scan.
-    Scan(ScanRequest),
+    /// The kernel queue overflowed or the backend lost track: rescan the trees holding
+    /// these paths (all trees when empty).
+    Rescan(Vec<PathBuf>),
 }
 
-/// The set of OS watches, and which trees fell back to periodic scanning.
+/// The OS watches, and which trees fell back to periodic scanning.
 pub struct Watching {
-    _watcher: Option<notify::RecommendedWatcher>,
-    /// (watch index, reason) for trees without OS watches.
-    pub fallback: Vec<(usize, String)>,
+    watcher: Option<notify::RecommendedWatcher>,
+    /// Watched folders by watch name.
+    watched: HashMap<String, PathBuf>,
+    /// Watch name -> why it has no OS watch.
+    pub fallback: HashMap<String, String>,
 }
 
 /// The hint printed when the OS runs out of inotify watches.
@@ -43,86 +47,94 @@ pub const WATCH_LIMIT_HINT: &str = "the OS limit on inotify watches was reached;
     `sysctl fs.inotify.max_user_watches=524288` (persist in /etc/sysctl.d/); \
     falling back to periodic scanning for this folder";
 
-/// Starts OS watches on every folder; events go to `out`.
-pub fn start(watches: &[Watch], out: Sender<Change>) -> Watching {
-    let raw_tx = out.clone();
-    let roots: Vec<PathBuf> = watches.iter().map(|w| w.path.clone()).collect();
-    let handler = move |res: notify::Result<notify::Event>| match res {
-        Ok(ev) => {
-            if ev.need_rescan() {
-                // The kernel queue overflowed or the backend lost track: rescan.
-                let which: Vec<usize> = if ev.paths.is_empty() {
-                    (0..roots.len()).collect()
-                } else {
-                    roots
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, r)| ev.paths.iter().any(|p| p.starts_with(r)))
-                        .map(|(i, _)| i)
-                        .collect()
-                };
-                for i in if which.is_empty() {
-                    (0..roots.len()).collect()
-                } else {
-                    which
-                } {
-                    let _ = raw_tx.send(Change::Scan(ScanRequest {
-                        watch: i,
-                        sub: None,
-                        reason: "overflow",
-                    }));
+impl Watching {
+    /// Starts the OS watcher (with no folders yet); events go to `out`.
+    pub fn new(out: Sender<Change>) -> Self {
+        let handler = move |res: notify::Result<notify::Event>| match res {
+            Ok(ev) => {
+                if ev.need_rescan() {
+                    let _ = out.send(Change::Rescan(ev.paths));
+                    return;
                 }
-                return;
-            }
-            match ev.kind {
-                EventKind::Access(notify::event::AccessKind::Close(
-                    notify::event::AccessMode::Write,
-                ))
-                | EventKind::Create(_)
-                | EventKind::Modify(_)
-                | EventKind::Remove(_)
-                | EventKind::Any
-                | EventKind::Other => {
-                    let _ = raw_tx.send(Change::Paths(ev.paths));
+                match ev.kind {
+                    EventKind::Access(notify::event::AccessKind::Close(
+                        notify::event::AccessMode::Write,
+                    ))
+                    | EventKind::Create(_)
+                    | EventKind::Modify(_)
+                    | EventKind::Remove(_)
+                    | EventKind::Any
+                    | EventKind::Other => {
+                        let _ = out.send(Change::Paths(ev.paths));
+                    }
+                    EventKind::Access(_) => {}
                 }
-                EventKind::Access(_) => {}
             }
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "watcher error; rescanning");
-            for i in 0..roots.len() {
-                let _ = raw_tx.send(Change::Scan(ScanRequest {
-                    watch: i,
-                    sub: None,
-                    reason: "overflow",
-                }));
+            Err(e) => {
+                tracing::warn!(error = %e, "watcher error; rescanning");
+                let _ = out.send(Change::Rescan(e.paths));
             }
-        }
-    };
-    let mut fallback = Vec::new();
-    let mut watcher = match notify::recommended_watcher(handler) {
-        Ok(w) => Some(w),
-        Err(e) => {
-            let why = describe(&e);
-            tracing::error!(error = %why, "cannot start the file watcher; every folder falls back to periodic scanning");
-            for i in 0..watches.len() {
-                fallback.push((i, why.clone()));
+        };
+        let watcher = match notify::recommended_watcher(handler) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::error!(error = %describe(&e), "cannot start the file watcher; folders fall back to periodic scanning");
+                None
             }
-            None
-        }
-    };
-    if let Some(w) = watcher.as_mut() {
-        for (i, wt) in watches.iter().enumerate() {
-            if let Err(e) = w.watch(&wt.path, RecursiveMode::Recursive) {
-                let why = describe(&e);
-                tracing::warn!(watch = %wt.name, path = %wt.path.display(), error = %why, "cannot watch folder");
-                fallback.push((i, why));
-            }
+        };
+        Watching {
+            watcher,
+            watched: HashMap::new(),
+            fallback: HashMap::new(),
         }
     }
-    Watching {
-        _watcher: watcher,
-        fallback,
+
+    /// Makes the OS watches match `watches`, touching only the difference. Returns the
+    /// names of watches added (to be scanned) and removed.
+    pub fn sync(&mut self, watches: &[Watch]) -> (Vec<String>, Vec<String>) {
+        let mut removed = Vec::new();
+        let wanted: HashMap<&str, &Path> = watches
+            .iter()
+            .map(|w| (w.name.as_str(), w.path.as_path()))
+            .collect();
+        let gone: Vec<(String, PathBuf)> = self
+            .watched
+            .iter()
+            .filter(|(n, p)| wanted.get(n.as_str()) != Some(&p.as_path()))
+            .map(|(n, p)| (n.clone(), p.clone()))
+            .collect();
+        for (n, p) in gone {
+            if let Some(w) = self.watcher.as_mut() {
+                if !self.fallback.contains_key(&n) {
+                    let _ = w.unwatch(&p);
+                }
+            }
+            self.watched.remove(&n);
+            self.fallback.remove(&n);
+            removed.push(n);
+        }
+        let mut added = Vec::new();
+        for w in watches {
+            if self.watched.contains_key(&w.name) {
+                continue;
+            }
+            match self.watcher.as_mut() {
+                Some(watcher) => {
+                    if let Err(e) = watcher.watch(&w.path, RecursiveMode::Recursive) {
+                        let why = describe(&e);
+                        tracing::warn!(watch = %w.name, path = %w.path.display(), error = %why, "cannot watch folder");
+                        self.fallback.insert(w.name.clone(), why);
+                    }
+                }
+                None => {
+                    self.fallback
+                        .insert(w.name.clone(), "the file watcher could not start".into());
+                }
+            }
+            self.watched.insert(w.name.clone(), w.path.clone());
+            added.push(w.name.clone());
+        }
+        (added, removed)
     }
 }
 
@@ -137,17 +149,18 @@ fn describe(e: &notify::Error) -> String {
 }
 
 /// Collects changes for at most `window` after the first one arrives (or until `max`).
+/// Returns the changed paths and the paths whose trees need a rescan (`Some(vec![])` = all).
 pub fn collect_batch(
     rx: &Receiver<Change>,
     first: Change,
     window: Duration,
     max: usize,
-) -> (Vec<PathBuf>, Vec<ScanRequest>) {
+) -> (Vec<PathBuf>, Option<Vec<PathBuf>>) {
     let mut paths = Vec::new();
-    let mut scans = Vec::new();
+    let mut rescan: Option<Vec<PathBuf>> = None;
     let mut push = |c: Change, paths: &mut Vec<PathBuf>| match c {
         Change::Paths(p) => paths.extend(p),
-        Change::Scan(s) => scans.push(s),
+        Change::Rescan(p) => rescan.get_or_insert_with(Vec::new).extend(p),
     };
     push(first, &mut paths);
     let deadline = Instant::now() + window;
@@ -158,14 +171,13 @@ pub fn collect_batch(
             Err(_) => break,
         }
     }
-    (paths, scans)
+    (paths, rescan)
 }
 
 /// Finds the watch a path belongs to and its path relative to the watch.
-pub fn locate<'a>(watches: &'a [Watch], p: &'a Path) -> Option<(usize, &'a Path)> {
+pub fn locate<'a>(watches: &'a [Watch], p: &'a Path) -> Option<(&'a Watch, &'a Path)> {
     watches
         .iter()
-        .enumerate()
-        .filter_map(|(i, w)| p.strip_prefix(&w.path).ok().map(|r| (i, r)))
-        .max_by_key(|(i, _)| watches[*i].path.as_os_str().len())
+        .filter_map(|w| p.strip_prefix(&w.path).ok().map(|r| (w, r)))
+        .max_by_key(|(w, _)| w.path.as_os_str().len())
 }

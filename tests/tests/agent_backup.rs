@@ -166,7 +166,7 @@ fn kill_9_of_the_agent_mid_upload_loses_and_duplicates_nothing() -> Result<()> {
     for round in 0..4u64 {
         agent.run()?;
         // Let it get somewhere, then kill it at a different point each round.
-        let target = (round + 1) * 4 << 20;
+        let target = ((round + 1) * 4) << 20;
         let _ = wait_for("some progress", Duration::from_secs(20), || {
             (rcv.pack_bytes("r") >= target).then_some(())
         });

@@ -320,3 +320,77 @@ fn recovery_on_a_new_machine_with_only_the_passphrase() -> Result<()> {
     assert_eq!(assert_same_tree(&original, &dest.join("w"))?, 2);
     Ok(())
 }
+
+#[test]
+fn a_hostile_repository_cannot_make_restore_write_outside_the_target() -> Result<()> {
+    use coffer_common::chunk::Crypto;
+    use coffer_common::keys::{unwrap_master, Passphrase};
+    use coffer_common::manifest::{ChunkRef, EntryKind, Manifest};
+    use coffer_common::wire::{CommitId, Message};
+
+    let tmp = tempfile::tempdir()?;
+    let rcv = Receiver::start(&tmp.path().join("rcv"))?;
+    let mut agent = Agent::init(&tmp.path().join("agent"), &rcv, "r")?;
+    std::fs::write(agent.watch.join("honest.txt"), b"honest")?;
+    agent.run()?;
+    agent.wait_settled(1, T)?;
+    agent.proc.term();
+
+    // Whoever holds the keys (or a damaged repository) commits manifests with unsafe paths.
+    let state = agent.dir.join("state");
+    let master = unwrap_master(
+        &std::fs::read(state.join("keyfile"))?,
+        &Passphrase::new(PASS.into())?,
+    )?;
+    let crypto = Crypto::new(&master.sub_keys());
+    let kp =
+        coffer_common::channel::StaticKeypair::from_bytes(&std::fs::read(state.join("agent.key"))?)
+            .context("agent key")?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let conn = rt.block_on(coffer_agent::conn::Conn::connect(
+        &rcv.addr,
+        &rcv.key.parse()?,
+        &kp,
+        "attacker",
+    ))?;
+    let body = b"evil".to_vec();
+    let id = crypto.chunk_id(&body);
+    rt.block_on(conn.call(Message::PutChunk {
+        id,
+        sealed: crypto.seal_chunk(&id, &body)?,
+    }))?;
+    for (n, path) in ["w/../escape.txt", "/tmp/abs-escape.txt", "w/./x", "w//y"]
+        .iter()
+        .enumerate()
+    {
+        let m = Manifest {
+            path: path.as_bytes().to_vec(),
+            kind: EntryKind::File,
+            size: 4,
+            mtime_ns: 0,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            content_hash: *blake3::hash(&body).as_bytes(),
+            chunks: vec![ChunkRef { id, len: 4 }],
+        };
+        let fid = crypto.file_id(path.as_bytes());
+        let r = rt.block_on(conn.call(Message::CommitFile {
+            commit_id: CommitId([n as u8 + 1; 16]),
+            file_id: fid,
+            manifest: crypto.seal_manifest(&fid, &m.encode())?,
+            chunks: vec![id],
+        }))?;
+        assert!(matches!(r, Message::FileAcked { .. }), "{r:?}");
+    }
+    drop(conn);
+    let dest = tmp.path().join("dest");
+    let r = agent.restore(&dest, &[])?;
+    assert!(!r.status.success(), "unsafe paths must fail the restore");
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(err.contains("unsafe path"), "{err}");
+    assert_eq!(std::fs::read(dest.join("w/honest.txt"))?, b"honest");
+    assert!(!tmp.path().join("escape.txt").exists());
+    assert!(!std::path::Path::new("/tmp/abs-escape.txt").exists());
+    Ok(())
+}

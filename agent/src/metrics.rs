@@ -1,0 +1,175 @@
+//! `run --metrics ADDR`: Prometheus text exposition at `/metrics` (off by default).
+//!
+//! Series: files by state, pending bytes, bytes read and sent, files acknowledged, upload
+//! rate, scans and rescans after event overflow, last acknowledgement time, and whether the
+//! receiver is connected. Values are read from the journal and the uploader's counters at
+//! each scrape.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::upload::Shared;
+
+/// Renders the metrics text.
+pub fn render(sh: &Shared, rate: f64) -> String {
+    let mut reg = Registry::default();
+    let files = Family::<Vec<(String, String)>, Gauge>::default();
+    let pending_bytes: Gauge = Gauge::default();
+    let last_ack: Gauge = Gauge::default();
+    let connected: Gauge = Gauge::default();
+    let rate_g = Gauge::<f64, AtomicU64>::default();
+    let read: Counter = Counter::default();
+    let sent: Counter = Counter::default();
+    let acked: Counter = Counter::default();
+    let scans: Counter = Counter::default();
+    let rescans: Counter = Counter::default();
+    if let Ok(j) = sh.journal.lock() {
+        if let Ok(s) = j.summary() {
+            for (state, n) in [
+                ("pending", s.dirty + s.pending + s.uploading + s.failed),
+                ("backed_up", s.backed_up),
+                ("failed", s.failed),
+                ("deleted", s.deleted),
+            ] {
+                files
+                    .get_or_create(&vec![("state".to_string(), state.to_string())])
+                    .set(n);
+            }
+            pending_bytes.set(s.pending_bytes);
+        }
+        for (name, v) in j.counters().unwrap_or_default() {
+            match name.as_str() {
+                "scans" => {
+                    scans.inc_by(v.max(0) as u64);
+                }
+                "rescans_overflow" => {
+                    rescans.inc_by(v.max(0) as u64);
+                }
+                _ => {}
+            }
+        }
+        if let Some(ms) = j
+            .meta("last_ack_ms")
+            .ok()
+            .flatten()
+            .and_then(|v| v.parse::<i64>().ok())
+        {
+            last_ack.set(ms / 1000);
+        }
+        if j.meta("receiver_state").ok().flatten().as_deref() == Some("connected") {
+            connected.set(1);
+        }
+    }
+    read.inc_by(sh.counters.bytes_read.load(Ordering::Relaxed));
+    sent.inc_by(sh.counters.bytes_sent.load(Ordering::Relaxed));
+    acked.inc_by(sh.counters.files_acked.load(Ordering::Relaxed));
+    rate_g.set(rate);
+    reg.register("coffer_agent_files", "Files by journal state", files);
+    reg.register(
+        "coffer_agent_pending_bytes",
+        "Bytes of files not yet acknowledged",
+        pending_bytes,
+    );
+    reg.register(
+        "coffer_agent_read_bytes",
+        "Bytes read from watched files since start",
+        read,
+    );
+    reg.register(
+        "coffer_agent_sent_bytes",
+        "Sealed bytes sent to the receiver since start",
+        sent,
+    );
+    reg.register(
+        "coffer_agent_acked_files",
+        "Files acknowledged since start",
+        acked,
+    );
+    reg.register(
+        "coffer_agent_upload_rate_bytes_per_second",
+        "Read rate over the last scrape interval",
+        rate_g,
+    );
+    reg.register("coffer_agent_scans", "Full scans of watched trees", scans);
+    reg.register(
+        "coffer_agent_rescans_overflow",
+        "Rescans after lost file events",
+        rescans,
+    );
+    reg.register(
+        "coffer_agent_last_ack_timestamp_seconds",
+        "Unix time of the last acknowledgement",
+        last_ack,
+    );
+    reg.register(
+        "coffer_agent_receiver_connected",
+        "1 when connected to the receiver",
+        connected,
+    );
+    let mut out = String::new();
+    let _ = encode(&mut out, &reg);
+    out
+}
+
+/// Starts the HTTP endpoint on the runtime.
+pub fn serve(rt: &tokio::runtime::Runtime, sh: Arc<Shared>, addr: &str) -> std::io::Result<()> {
+    let listener = rt.block_on(tokio::net::TcpListener::bind(addr))?;
+    tracing::info!(addr = %listener.local_addr()?, "metrics at /metrics");
+    let last = Arc::new(Mutex::new((Instant::now(), 0u64)));
+    rt.spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                continue;
+            };
+            let (sh, last) = (sh.clone(), last.clone());
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut n = 0;
+                while n < buf.len() {
+                    match tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut buf[n..])).await {
+                        Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
+                        Ok(Ok(k)) => {
+                            n += k;
+                            if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                                break;
+                            }
+                        }
+                    }
+                }
+                let head = String::from_utf8_lossy(&buf[..n]);
+                let resp = if head.starts_with("GET /metrics") {
+                    let bytes = sh.counters.bytes_read.load(Ordering::Relaxed);
+                    let rate = match last.lock() {
+                        Ok(mut l) => {
+                            let r = (bytes.saturating_sub(l.1)) as f64
+                                / l.0.elapsed().as_secs_f64().max(0.001);
+                            *l = (Instant::now(), bytes);
+                            r
+                        }
+                        Err(_) => 0.0,
+                    };
+                    let body = tokio::task::spawn_blocking(move || render(&sh, rate))
+                        .await
+                        .unwrap_or_default();
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    )
+                } else {
+                    "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_string()
+                };
+                let _ = s.write_all(resp.as_bytes()).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    Ok(())
+}
