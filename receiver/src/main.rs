@@ -50,13 +50,17 @@ enum Command {
         /// Repository name.
         #[arg(long, value_name = "REPO")]
         name: String,
-        /// The agent's public key (as printed by `coffer-agent init`).
+        /// The agent's public key (as printed by `coffer-agent init`; it may begin with
+        /// `-`).
+        #[arg(allow_hyphen_values = true)]
         key: String,
     },
     /// Stop accepting agent KEY (new connections are refused at once).
     Revoke {
         #[command(flatten)]
         root: RootOpt,
+        /// The agent's public key.
+        #[arg(allow_hyphen_values = true)]
         key: String,
     },
     /// Serve agents until SIGTERM/SIGINT.

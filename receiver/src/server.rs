@@ -11,8 +11,10 @@
 //! commit: a `CommitFile` is queued in the session's batch, and whenever the queue is
 //! momentarily empty (or the batch reaches [`MAX_BATCH_COMMITS`] commits or
 //! [`MAX_BATCH_BYTES`] bytes) the batch is flushed: packs fsynced, one index transaction,
-//! then the batch's `FileAcked` replies. Replies keep request order: while a commit is
-//! unacknowledged, every later reply waits for the flush.
+//! then the batch's `FileAcked` replies. The flush runs on a blocking thread while the
+//! processor goes on storing what arrives, which becomes the next batch (one flush in
+//! flight per session). Replies keep request order: while a commit is unacknowledged,
+//! every later reply waits for the flush that acknowledges it.
 //!
 //! A malformed frame, an unknown kind or a reply sent as a request ends that session
 //! only (after a best-effort `Error{Malformed}`). SIGTERM/SIGINT stop the listener; each
@@ -375,8 +377,8 @@ async fn session(shared: Arc<Shared>, mut ch: channel::Channel<TcpStream>, repo_
         repo,
         tx,
         idle,
-        commits: Vec::new(),
-        deferred: Vec::new(),
+        batch: Batch::default(),
+        flushing: None,
         batch_bytes: 0,
         unflushed: false,
         acked: 0,
@@ -486,16 +488,32 @@ enum Reply {
     Commit(usize),
 }
 
+/// Commits and the replies queued behind them, in request order.
+#[derive(Default)]
+struct Batch {
+    commits: Vec<NewCommit>,
+    replies: Vec<Reply>,
+}
+
+type FlushResult = (Vec<NewCommit>, Result<Vec<CommitOutcome>, RepoError>);
+
+/// A batch being made durable on a blocking thread while the session reads on.
+struct Flushing {
+    task: tokio::task::JoinHandle<FlushResult>,
+    replies: Vec<Reply>,
+}
+
 struct Session {
     repo: Arc<Repo>,
     tx: Tx,
     idle: Duration,
-    /// Commits waiting for the next flush.
-    commits: Vec<NewCommit>,
-    /// Replies waiting for the next flush (everything after the first pending commit).
-    deferred: Vec<Reply>,
+    /// The batch being gathered.
+    batch: Batch,
+    /// The batch being flushed (at most one at a time).
+    flushing: Option<Flushing>,
+    /// Bytes stored since the gathered batch began.
     batch_bytes: u64,
-    /// Chunks were stored since the last flush.
+    /// Chunks were stored since the last flush began.
     unflushed: bool,
     acked: u64,
     stored_bytes: u64,
@@ -516,6 +534,13 @@ fn repo_error(e: &RepoError) -> Message {
     error(code, e.to_string())
 }
 
+enum Event {
+    Flushed(Result<FlushResult, tokio::task::JoinError>),
+    Item(Option<Incoming>),
+    Cancel,
+    Idle,
+}
+
 impl Session {
     async fn run(
         &mut self,
@@ -525,7 +550,7 @@ impl Session {
         let r = self.serve_queue(&mut q, cancel).await;
         // Whatever happened, make what was received durable (an ack that cannot be sent
         // is simply asked for again: commits are idempotent).
-        let f = self.flush().await;
+        let f = self.flush_now().await;
         if matches!(r, Err(End::Shutdown)) {
             let _ = self
                 .send(error(
@@ -537,6 +562,15 @@ impl Session {
         r.and(f)
     }
 
+    /// True while some commit is not yet acknowledged (so replies must wait their turn).
+    fn pending(&self) -> bool {
+        self.flushing.is_some() || !self.batch.commits.is_empty()
+    }
+
+    fn batch_full(&self) -> bool {
+        self.batch.commits.len() >= MAX_BATCH_COMMITS || self.batch_bytes >= MAX_BATCH_BYTES
+    }
+
     async fn serve_queue(
         &mut self,
         q: &mut mpsc::Receiver<Incoming>,
@@ -544,30 +578,47 @@ impl Session {
     ) -> Result<(), End> {
         let mut shutting_down = false;
         loop {
-            let item = if !self.commits.is_empty() || shutting_down {
-                match q.try_recv() {
-                    Ok(i) => i,
-                    Err(mpsc::error::TryRecvError::Empty) if shutting_down => {
-                        return Err(End::Shutdown)
+            let item = match q.try_recv() {
+                Ok(i) => i,
+                Err(mpsc::error::TryRecvError::Disconnected) => return Ok(()),
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    if shutting_down {
+                        return Err(End::Shutdown);
                     }
-                    Err(mpsc::error::TryRecvError::Empty) => {
-                        self.flush().await?;
-                        continue;
+                    // The queue is momentarily empty: make the gathered commits durable,
+                    // while reading on.
+                    if self.flushing.is_none() && !self.batch.commits.is_empty() {
+                        self.start_flush();
                     }
-                    Err(mpsc::error::TryRecvError::Disconnected) => return Ok(()),
-                }
-            } else {
-                tokio::select! {
-                    biased;
-                    i = q.recv() => match i {
-                        Some(i) => i,
-                        None => return Ok(()),
-                    },
-                    _ = cancel.cancelled() => {
-                        shutting_down = true;
-                        continue;
+                    let idle = !self.pending();
+                    let ev = {
+                        let flushing = async {
+                            match self.flushing.as_mut() {
+                                Some(f) => (&mut f.task).await,
+                                None => std::future::pending().await,
+                            }
+                        };
+                        tokio::select! {
+                            biased;
+                            r = flushing => Event::Flushed(r),
+                            i = q.recv() => Event::Item(i),
+                            _ = cancel.cancelled(), if !shutting_down => Event::Cancel,
+                            _ = tokio::time::sleep(self.idle), if idle => Event::Idle,
+                        }
+                    };
+                    match ev {
+                        Event::Flushed(r) => {
+                            self.finish_flush(r).await?;
+                            continue;
+                        }
+                        Event::Item(Some(i)) => i,
+                        Event::Item(None) => return Ok(()),
+                        Event::Cancel => {
+                            shutting_down = true;
+                            continue;
+                        }
+                        Event::Idle => return Err(End::Idle),
                     }
-                    _ = tokio::time::sleep(self.idle) => return Err(End::Idle),
                 }
             };
             match item {
@@ -577,13 +628,14 @@ impl Session {
                 }
                 Incoming::Bad(e) => {
                     tracing::warn!("ending session: {e}");
-                    self.flush().await?;
+                    self.flush_now().await?;
                     let _ = self.send(error(ErrorCode::Malformed, e.to_string())).await;
                     return Err(End::Protocol(e.to_string()));
                 }
             }
-            if self.commits.len() >= MAX_BATCH_COMMITS || self.batch_bytes >= MAX_BATCH_BYTES {
-                self.flush().await?;
+            if self.batch_full() {
+                self.wait_flush().await?;
+                self.start_flush();
             }
         }
     }
@@ -596,19 +648,19 @@ impl Session {
         }
     }
 
-    /// Sends a reply now, or queues it behind an unacknowledged commit.
+    /// Sends a reply now, or queues it behind unacknowledged commits.
     async fn reply(&mut self, m: Message) -> Result<(), End> {
-        if self.commits.is_empty() {
-            self.send(m).await
-        } else {
-            self.deferred.push(Reply::Now(m));
+        if self.pending() {
+            self.batch.replies.push(Reply::Now(m));
             Ok(())
+        } else {
+            self.send(m).await
         }
     }
 
     async fn malformed(&mut self, msg: String) -> Result<(), End> {
         tracing::warn!("ending session: {msg}");
-        self.flush().await?;
+        self.flush_now().await?;
         let _ = self.send(error(ErrorCode::Malformed, msg.clone())).await;
         Err(End::Protocol(msg))
     }
@@ -672,13 +724,14 @@ impl Session {
                         .await;
                 }
                 self.batch_bytes += manifest.len() as u64;
-                self.commits.push(NewCommit {
+                self.batch.commits.push(NewCommit {
                     commit_id,
                     file_id,
                     manifest,
                     chunks,
                 });
-                self.deferred.push(Reply::Commit(self.commits.len() - 1));
+                let i = self.batch.commits.len() - 1;
+                self.batch.replies.push(Reply::Commit(i));
                 Ok(())
             }
             Message::PutKeyFile { data } => {
@@ -704,8 +757,8 @@ impl Session {
             }
             Message::ListVersions { after, limit } => {
                 // The listing must include this session's own earlier commits.
-                if !self.commits.is_empty() {
-                    self.flush().await?;
+                if self.pending() {
+                    self.flush_now().await?;
                 }
                 let repo = self.repo.clone();
                 let reply = match blocking(move || repo.list_versions(after, limit)).await? {
@@ -716,8 +769,8 @@ impl Session {
             }
             Message::GetChunk { id } => {
                 // Sent at once rather than held (with its data) behind pending commits.
-                if !self.commits.is_empty() {
-                    self.flush().await?;
+                if self.pending() {
+                    self.flush_now().await?;
                 }
                 let repo = self.repo.clone();
                 let reply = match blocking(move || repo.get(&id)).await? {
@@ -738,27 +791,54 @@ impl Session {
         }
     }
 
-    /// Makes the batch durable (packs fsynced, one index transaction), then sends the
-    /// replies that waited for it, in order.
-    async fn flush(&mut self) -> Result<(), End> {
-        if self.commits.is_empty() && !self.unflushed {
-            return Ok(());
+    /// Starts making the gathered batch durable (packs fsynced, one index transaction)
+    /// on a blocking thread. The caller has checked that no flush is in flight.
+    fn start_flush(&mut self) {
+        if self.batch.commits.is_empty() && !self.unflushed {
+            return;
         }
-        let commits = std::mem::take(&mut self.commits);
-        let deferred = std::mem::take(&mut self.deferred);
+        let Batch { commits, replies } = std::mem::take(&mut self.batch);
         self.batch_bytes = 0;
         self.unflushed = false;
         let repo = self.repo.clone();
-        let (commits, outcome) = blocking(move || {
+        let task = tokio::task::spawn_blocking(move || {
             let r = repo.flush(&commits);
             (commits, r)
-        })
-        .await?;
+        });
+        self.flushing = Some(Flushing { task, replies });
+    }
+
+    /// Waits for the flush in flight, if any, and sends its replies.
+    async fn wait_flush(&mut self) -> Result<(), End> {
+        if let Some(f) = self.flushing.as_mut() {
+            let r = (&mut f.task).await;
+            self.finish_flush(r).await?;
+        }
+        Ok(())
+    }
+
+    /// Flushes everything gathered so far and sends every waiting reply.
+    async fn flush_now(&mut self) -> Result<(), End> {
+        self.wait_flush().await?;
+        self.start_flush();
+        self.wait_flush().await
+    }
+
+    /// Sends the replies of a finished flush, in order, then any replies that only waited
+    /// for it.
+    async fn finish_flush(
+        &mut self,
+        r: Result<FlushResult, tokio::task::JoinError>,
+    ) -> Result<(), End> {
+        let Some(f) = self.flushing.take() else {
+            return Ok(());
+        };
+        let (commits, outcome) = r.map_err(|e| End::Internal(e.to_string()))?;
         if let Err(e) = &outcome {
             tracing::warn!("flushing a batch of {} commits: {e}", commits.len());
         }
-        for d in deferred {
-            let m = match d {
+        for reply in f.replies {
+            let m = match reply {
                 Reply::Now(m) => m,
                 Reply::Commit(i) => match (&outcome, commits.get(i)) {
                     (Ok(o), Some(c)) => match o.get(i) {
@@ -781,6 +861,13 @@ impl Session {
                 },
             };
             self.send(m).await?;
+        }
+        if self.batch.commits.is_empty() {
+            for reply in std::mem::take(&mut self.batch.replies) {
+                if let Reply::Now(m) = reply {
+                    self.send(m).await?;
+                }
+            }
         }
         Ok(())
     }
