@@ -26,7 +26,9 @@ use std::time::Duration;
 
 use base64::Engine;
 use snow::StatelessTransportState;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadHalf, WriteHalf};
+use tokio::io::{
+    AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadHalf, WriteHalf,
+};
 use zeroize::Zeroizing;
 
 use crate::wire::{check_len, Message, WireError, PROTOCOL_VERSION};
@@ -53,7 +55,10 @@ pub enum ChannelError {
     #[error("protocol version mismatch: we speak {ours}, the peer speaks {theirs}; upgrade the older side")]
     Version { ours: u32, theirs: u32 },
     #[error("receiver key mismatch: expected {expected}, the receiver presented {actual}")]
-    PinMismatch { expected: PublicKey, actual: PublicKey },
+    PinMismatch {
+        expected: PublicKey,
+        actual: PublicKey,
+    },
     #[error("noise error: {0}")]
     Noise(String),
     #[error(transparent)]
@@ -109,7 +114,11 @@ pub struct StaticKeypair {
 
 impl fmt::Debug for StaticKeypair {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "StaticKeypair(public: {}, private: <redacted>)", self.public)
+        write!(
+            f,
+            "StaticKeypair(public: {}, private: <redacted>)",
+            self.public
+        )
     }
 }
 
@@ -128,11 +137,9 @@ impl StaticKeypair {
         })?);
         let mut priv_vec = kp.private;
         zeroize::Zeroize::zeroize(&mut priv_vec);
-        let public = PublicKey(
-            kp.public
-                .try_into()
-                .map_err(|_| ChannelError::Noise("generated public key has the wrong length".into()))?,
-        );
+        let public = PublicKey(kp.public.try_into().map_err(|_| {
+            ChannelError::Noise("generated public key has the wrong length".into())
+        })?);
         Ok(Self { private, public })
     }
 
@@ -490,7 +497,9 @@ impl<R: AsyncRead + Unpin> RecvHalf<R> {
         let mut from = 4;
         loop {
             if body.len() + (n - from) > len {
-                return Err(WireError::Malformed("frame longer than its length prefix".into()).into());
+                return Err(
+                    WireError::Malformed("frame longer than its length prefix".into()).into(),
+                );
             }
             body.extend_from_slice(&self.plain[from..n]);
             if body.len() == len {
@@ -519,7 +528,11 @@ mod tests {
     use crate::chunk::ChunkId;
     use tokio::io::duplex;
 
-    async fn pair() -> (Channel<tokio::io::DuplexStream>, Channel<tokio::io::DuplexStream>, PublicKey) {
+    async fn pair() -> (
+        Channel<tokio::io::DuplexStream>,
+        Channel<tokio::io::DuplexStream>,
+        PublicKey,
+    ) {
         let (a, b) = duplex(1 << 20);
         let server = StaticKeypair::generate().expect("kp");
         let client = StaticKeypair::generate().expect("kp");
@@ -534,7 +547,15 @@ mod tests {
     #[tokio::test]
     async fn messages_of_every_size_cross() {
         let (mut c, mut s, _) = pair().await;
-        for len in [0usize, 1, SEGMENT - 5, SEGMENT - 4, SEGMENT - 3, SEGMENT * 3 + 7, 8 << 20] {
+        for len in [
+            0usize,
+            1,
+            SEGMENT - 5,
+            SEGMENT - 4,
+            SEGMENT - 3,
+            SEGMENT * 3 + 7,
+            8 << 20,
+        ] {
             let m = Message::PutChunk {
                 id: ChunkId([3; 32]),
                 sealed: vec![0xAB; len],
@@ -574,16 +595,24 @@ mod tests {
         // Our fake client sees the server's real version and reports it.
         let mut fake = back;
         fake[4..].copy_from_slice(&(PROTOCOL_VERSION + 7).to_le_bytes());
-        assert!(matches!(check_preamble(&fake), Err(ChannelError::Version { .. })));
+        assert!(matches!(
+            check_preamble(&fake),
+            Err(ChannelError::Version { .. })
+        ));
         let err = srv.await.expect("join").err().expect("must fail");
-        assert!(err.to_string().contains("protocol version mismatch"), "{err}");
+        assert!(
+            err.to_string().contains("protocol version mismatch"),
+            "{err}"
+        );
     }
 
     #[tokio::test]
     async fn oversized_length_prefix_is_refused_without_allocating() {
         let (mut c, s, _) = pair().await;
         let (_, mut rx) = s.split();
-        c.tx.send_with_claimed_len(u32::MAX, b"x").await.expect("send");
+        c.tx.send_with_claimed_len(u32::MAX, b"x")
+            .await
+            .expect("send");
         let err = rx.recv().await.expect_err("must fail");
         assert!(
             matches!(err, ChannelError::Wire(WireError::TooLarge { .. })),
@@ -629,6 +658,7 @@ mod tests {
         assert!("not-a-key".parse::<PublicKey>().is_err());
         let back = StaticKeypair::from_bytes(&k.to_bytes()).expect("bytes");
         assert_eq!(back.public(), k.public());
-        assert!(!format!("{k:?}").contains(&base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&k.private[..])));
+        assert!(!format!("{k:?}")
+            .contains(&base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&k.private[..])));
     }
 }

@@ -347,8 +347,14 @@ mod tests {
         let file = wrap_master(&m, &pass("correct horse"), fast()).expect("wrap");
         assert_eq!(file.len(), KEY_FILE_LEN);
         let back = unwrap_master(&file, &pass("correct horse")).expect("unwrap");
-        assert_eq!(back.sub_keys().chunk_id.as_bytes(), m.sub_keys().chunk_id.as_bytes());
-        assert_eq!(back.sub_keys().file_id.as_bytes(), m.sub_keys().file_id.as_bytes());
+        assert_eq!(
+            back.sub_keys().chunk_id.as_bytes(),
+            m.sub_keys().chunk_id.as_bytes()
+        );
+        assert_eq!(
+            back.sub_keys().file_id.as_bytes(),
+            m.sub_keys().file_id.as_bytes()
+        );
     }
 
     #[test]
@@ -381,7 +387,10 @@ mod tests {
             let mut bad = file.clone();
             bad[at] ^= 0x01;
             let err = unwrap_master(&bad, &pass("pw")).err();
-            assert!(matches!(err, Some(KeyError::Corrupt(_))), "byte {at}: {err:?}");
+            assert!(
+                matches!(err, Some(KeyError::Corrupt(_))),
+                "byte {at}: {err:?}"
+            );
         }
         // A tamperer who also fixes the checksum: each field still fails, never opens.
         let reseal = |mut b: Vec<u8>| {
