@@ -112,6 +112,11 @@ fn authorize_refuses_unsafe_names_bad_keys_and_a_second_repository() -> Result<(
         rcv.status()?["repositories"].as_array().map(Vec::len),
         Some(2)
     );
+    // One key in 64 begins with '-': it is a key, not an option.
+    let dash = coffer_common::channel::PublicKey([0xF8; 32]).to_string();
+    assert!(dash.starts_with('-'));
+    stdout_ok(&rcv.run("authorize", &["--name", "laptop", &dash])?)?;
+    stdout_ok(&rcv.run("revoke", &[&dash])?)?;
     Ok(())
 }
 
