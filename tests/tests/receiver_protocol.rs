@@ -309,3 +309,70 @@ async fn unauthorized_and_revoked_keys_are_refused_without_restart() -> Result<(
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_sessions_share_a_repository_and_dedup() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let mut rcv = Receiver::init(&tmp.path().join("root"))?;
+    // Small packs: the writers also race over pack rotation.
+    rcv.set_config("listen = \"127.0.0.1:0\"\npack_max_bytes = 1048576\n")?;
+    let first = TestAgent::new()?;
+    rcv.authorize("shared", &first.public_key())?;
+    rcv.serve()?;
+    // Every writer is another machine of the same repository, with its own connection key
+    // and the same data keys, so their common files dedup.
+    let master = coffer_common::keys::MasterSecret::generate()?;
+    let mut tasks = Vec::new();
+    for w in 0..4u64 {
+        let agent = TestAgent {
+            keypair: coffer_common::channel::StaticKeypair::generate()?,
+            crypto: coffer_common::chunk::Crypto::new(&master.sub_keys()),
+        };
+        rcv.authorize("shared", &agent.public_key())?;
+        let addr = rcv.addr()?;
+        let key = rcv.public_key;
+        tasks.push(tokio::spawn(async move {
+            let mut c = agent.connect(addr, &key).await?;
+            let mut files = Vec::new();
+            for i in 0..40u64 {
+                // Half of each writer's files hold the same bytes as the others'.
+                let seed = if i % 2 == 0 { i } else { w * 1000 + i };
+                let f = agent.seal_file(
+                    &format!("w{w}/{i}"),
+                    &data(20_000 + 9_000 * i as usize, seed),
+                )?;
+                c.upload(&f).await?;
+                files.push(f);
+            }
+            for f in &files {
+                agent.verify(&mut c, f).await?;
+            }
+            anyhow::Ok(files.iter().flat_map(|f| f.ids()).collect::<Vec<_>>())
+        }));
+    }
+    let mut distinct = HashSet::new();
+    let mut total = 0;
+    for t in tasks {
+        let ids = t.await??;
+        total += 40;
+        distinct.extend(ids);
+    }
+    let st = rcv.status()?;
+    assert_eq!(
+        st["repositories"][0]["chunks"].as_u64(),
+        Some(distinct.len() as u64),
+        "each distinct chunk stored once"
+    );
+    let mut c = rcv.connect(&first).await?;
+    let versions = c.all_versions().await?;
+    assert_eq!(versions.len(), total);
+    let mut numbers: Vec<u64> = versions.iter().map(|v| v.version).collect();
+    numbers.dedup();
+    assert_eq!(numbers.len(), total, "version numbers are unique");
+    assert_eq!(numbers, (1..=total as u64).collect::<Vec<_>>());
+    drop(c);
+    rcv.kill9();
+    let o = rcv.run("scrub", &[])?;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    Ok(())
+}
