@@ -507,8 +507,7 @@ impl Journal {
         {
             let mut st = tx
                 .prepare_cached(
-                    "UPDATE files SET reason = ?2, due_at = MAX(due_at, ?3),
-                        state = CASE WHEN state = 'backed_up' THEN state ELSE state END
+                    "UPDATE files SET reason = ?2, due_at = MAX(due_at, ?3)
                      WHERE path = ?1 AND state != 'backed_up'",
                 )
                 .map_err(e)?;

@@ -382,8 +382,7 @@ pub fn restore(cfg: &Config, o: RestoreOpts) -> Result<(), RestoreError> {
         }
     }
     let targets = Arc::new(Mutex::new(targets));
-    let failed_chunks = fetch_all(&s, order, &targets, &bar)?;
-    let _ = failed_chunks;
+    failed += fetch_all(&s, order, &targets, &bar);
     let left: Vec<Target> = match targets.lock() {
         Ok(mut t) => t.drain().map(|(_, v)| v).collect(),
         Err(_) => Vec::new(),
@@ -424,13 +423,15 @@ fn progress_bar(on: bool, total: u64, what: &'static str) -> Option<indicatif::P
 }
 
 /// Fetches every chunk in `order` with a bounded window, opening and writing them on two
-/// threads. Completed files are finished (renamed into place) as their last chunk lands.
+/// threads. Completed files are finished (renamed into place) as their last chunk lands;
+/// files left in `targets` afterwards failed (their reason is recorded in them). Returns the
+/// number of files that failed while being finished (already reported).
 fn fetch_all(
     s: &Session,
     order: Vec<(usize, u64, ChunkId, u32)>,
     targets: &Arc<Mutex<HashMap<usize, Target>>>,
     bar: &Option<indicatif::ProgressBar>,
-) -> Result<u64, RestoreError> {
+) -> usize {
     let (tx, rx) = crossbeam_channel::bounded::<(usize, u64, ChunkId, Pending)>(WINDOW);
     let bad = Arc::new(AtomicU64::new(0));
     let is_root = nix::unistd::geteuid().is_root();
@@ -471,7 +472,6 @@ fn fetch_all(
                             }
                         }
                         Err(e) => {
-                            bad.fetch_add(1, Ordering::Relaxed);
                             tg.failed.get_or_insert(e);
                         }
                     }
@@ -515,8 +515,7 @@ fn fetch_all(
         }
         drop(tx);
     });
-    // Targets that still wait for chunks never got them (send failures).
-    Ok(bad.load(Ordering::Relaxed))
+    bad.load(Ordering::Relaxed) as usize
 }
 
 fn temp_name(dest: &Path) -> PathBuf {
