@@ -1,0 +1,426 @@
+#!/usr/bin/env python3
+"""Helpers for bench/run (stdlib only).
+
+  helper.py gen-tiny DIR                       tiny "mixed" + "small" data sets for SMOKE=1
+  helper.py mutate-tiny DIR/mixed ROUND        overwrite 64 KiB in the middle of the tiny big file
+  helper.py wait --agent BIN --config CFG --files N --t0 EPOCH [--log LOG] [--timeout S]
+        poll `coffer-agent status --json` until files.pending == 0 and files.backed_up >= N
+        (and, with --log, until LOG shows the startup `scan done`); print seconds since t0
+        and, with --log, the startup scan's changed= count.
+  helper.py file-version --agent BIN --config CFG PATH       print the version of PATH (or 0)
+  helper.py wait-version --agent BIN --config CFG PATH VERSION --t0 EPOCH
+        poll `status --json PATH` until PATH is backed_up with version > VERSION and nothing
+        is pending; print seconds since t0.
+  helper.py latency --agent BIN --config CFG --dir DIR --size BYTES --n N
+        write N new files one after another, each time polling `status --json PATH` until it
+        is backed_up; prints one JSON object with the samples and the status-call overhead.
+  helper.py report ...                         see report() below
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+POLL = 0.03  # seconds between status polls (20-50 ms as asked)
+
+
+def status(agent, cfg, paths=()):
+    try:
+        p = subprocess.run([agent, "status", "--config", cfg, "--json", *paths],
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=30)
+    except subprocess.TimeoutExpired:
+        return None
+    if p.returncode != 0:
+        return None
+    try:
+        return json.loads(p.stdout)
+    except ValueError:
+        return None
+
+
+def startup_scan(log):
+    """Return the changed= count of the startup scan line in LOG, or None if not seen yet."""
+    try:
+        with open(log, errors="replace") as f:
+            for line in f:
+                if "scan done" in line and 'reason="startup"' in line:
+                    for tok in line.split():
+                        if tok.startswith("changed="):
+                            return int(tok.split("=", 1)[1])
+                    return -1
+    except FileNotFoundError:
+        pass
+    return None
+
+
+def cmd_wait(a):
+    deadline = time.time() + a.timeout
+    last = None
+    while time.time() < deadline:
+        scan = startup_scan(a.log) if a.log else 0
+        if scan is not None:
+            st = status(a.agent, a.config)
+            if st is not None:
+                last = st
+                f = st.get("files", {})
+                if f.get("pending", 1) == 0 and f.get("backed_up", 0) >= a.files:
+                    el = time.time() - a.t0
+                    print(f"{el:.3f}" + (f" {scan}" if a.log else ""))
+                    return 0
+        time.sleep(POLL)
+    print(f"timeout after {a.timeout}s; last status: {json.dumps(last)}", file=sys.stderr)
+    return 1
+
+
+def file_state(agent, cfg, path):
+    st = status(agent, cfg, [path])
+    if not st:
+        return None
+    e = st[0] if isinstance(st, list) else st
+    return e
+
+
+def cmd_file_version(a):
+    e = file_state(a.agent, a.config, a.path) or {}
+    print(e.get("version") or 0)
+    return 0
+
+
+def cmd_wait_version(a):
+    deadline = time.time() + a.timeout
+    e = None
+    while time.time() < deadline:
+        e = file_state(a.agent, a.config, a.path)
+        if e and e.get("state") == "backed_up" and (e.get("version") or 0) > a.version \
+                and not e.get("changed_since"):
+            st = status(a.agent, a.config)
+            if st and st.get("files", {}).get("pending", 1) == 0:
+                print(f"{time.time() - a.t0:.3f}")
+                return 0
+        time.sleep(POLL)
+    print(f"timeout; last: {json.dumps(e)}", file=sys.stderr)
+    return 1
+
+
+def pct(xs, p):
+    xs = sorted(xs)
+    if not xs:
+        return float("nan")
+    k = (len(xs) - 1) * p / 100.0
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def cmd_latency(a):
+    os.makedirs(a.dir, exist_ok=True)
+    # overhead of one `coffer-agent status --json PATH` call (process spawn + journal read)
+    probe = os.path.join(a.dir, "probe-missing")
+    ov = []
+    for _ in range(20):
+        t = time.time()
+        status(a.agent, a.config, [probe])
+        ov.append(time.time() - t)
+    samples = []
+    tag = f"{a.size}-{int(time.time())}"
+    for i in range(a.n):
+        p = os.path.join(a.dir, f"lat-{tag}-{i:03d}.bin")
+        data = os.urandom(a.size)
+        t0 = time.time()
+        with open(p, "wb") as f:
+            f.write(data)
+        # t0 = the moment the file has been written (close() done)
+        t0 = time.time()
+        deadline = t0 + a.timeout
+        ok = False
+        while time.time() < deadline:
+            e = file_state(a.agent, a.config, p)
+            if e and e.get("state") == "backed_up" and not e.get("changed_since"):
+                samples.append(time.time() - t0)
+                ok = True
+                break
+            time.sleep(a.poll)
+        if not ok:
+            print(f"latency: {p} not backed up within {a.timeout}s", file=sys.stderr)
+            return 1
+    print(json.dumps({"size": a.size, "n": a.n, "samples": samples,
+                      "p50": pct(samples, 50), "p99": pct(samples, 99), "max": max(samples),
+                      "status_call_p50": pct(ov, 50), "status_call_p99": pct(ov, 99),
+                      "poll_sleep": a.poll}))
+    return 0
+
+
+def cmd_gen_tiny(a):
+    import hashlib
+    root = a.dir
+    mixed = os.path.join(root, "mixed")
+    small = os.path.join(root, "small")
+
+    def rnd(label, n):
+        return hashlib.shake_256(label.encode()).digest(n)
+
+    def w(p, d):
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        with open(p, "wb") as f:
+            f.write(d)
+    w(os.path.join(mixed, "big", "random_8MiB.bin"), rnd("big", 8 << 20))
+    for i in range(4):
+        w(os.path.join(mixed, "medium", f"rand_{i:03d}.bin"), rnd(f"m{i}", 1 << 20))
+        w(os.path.join(mixed, "medium", f"text_{i:03d}.txt"), (b"lorem ipsum dolor %d " % i) * 50000)
+    for i in range(300):
+        w(os.path.join(mixed, "small", f"d{i % 5}", f"f{i:04d}.bin"), rnd(f"s{i}", 1024 + (i * 37) % 8192))
+    for i in range(1000):
+        w(os.path.join(small, f"d{i // 100:02d}", f"f{i:05d}.txt"), (b"file %06d " % i) * 90)
+    return 0
+
+
+def cmd_mutate_tiny(a):
+    import hashlib
+    big = os.path.join(a.dir, "big", "random_8MiB.bin")
+    with open(big, "r+b") as f:
+        f.seek(4 << 20)
+        if a.round == 0:
+            f.write(hashlib.shake_256(b"big").digest(8 << 20)[4 << 20:(4 << 20) + (64 << 10)])
+        else:
+            f.write(hashlib.shake_256(b"mut%d" % a.round).digest(64 << 10))
+    return 0
+
+
+# ---------------------------------------------------------------- report
+
+def read_tsv(path):
+    rows = []
+    if not os.path.exists(path):
+        return rows
+    with open(path) as f:
+        hdr = f.readline().rstrip("\n").split("\t")
+        for line in f:
+            v = line.rstrip("\n").split("\t")
+            v += [""] * (len(hdr) - len(v))
+            rows.append(dict(zip(hdr, v)))
+    return rows
+
+
+def med(rows, ds, tool, phase, col="wall_s"):
+    xs = []
+    for r in rows:
+        if r["dataset"] == ds and r["tool"] == tool and r["phase"] == phase and r.get(col, "") != "":
+            try:
+                xs.append(float(r[col]))
+            except ValueError:
+                pass
+    return (statistics.median(xs), len(xs)) if xs else (None, 0)
+
+
+def fmt_s(x):
+    return "—" if x is None else (f"{x:.2f} s" if x >= 0.1 else f"{x * 1000:.0f} ms")
+
+
+def fmt_b(x):
+    if x is None:
+        return "—"
+    return f"{x / 1e6:.1f} MB" if abs(x) >= 1e5 else f"{x / 1e3:.0f} kB"
+
+
+def fmt_rss(kib):
+    return "—" if kib is None else f"{kib / 1024:.0f} MiB"
+
+
+def ratio(a, b, invert=False):
+    if a is None or b is None or a == 0 or b == 0:
+        return "—"
+    return f"{(b / a) if invert else (a / b):.2f}x"
+
+
+def cmd_report(a):
+    rows = []
+    for p in a.tsv:
+        rows += read_tsv(p)
+    meta = json.load(open(a.meta))
+    lat = {}
+    for p in a.latency or []:
+        if os.path.exists(p):
+            d = json.load(open(p))
+            lat[d["size"]] = d
+    sizes = meta["bytes"]
+    nfiles = meta["files"]
+    out = []
+    P = out.append
+    P("# Benchmarks: Coffer vs restic, borg and rsync\n")
+    P(f"Generated by `bench/run` on {meta['date']} (commit `{meta['commit']}`{', working tree had local changes' if meta.get('dirty') else ''}).\n")
+    if meta.get("smoke"):
+        P("**SMOKE run: tiny data, one trial, no peers — these figures mean nothing.**\n")
+    P("## Command\n")
+    P("```sh\n" + meta["command"] + "\n```\n")
+    P("## Machine\n")
+    P("| | |\n|---|---|")
+    for k in ("cpu", "nproc", "ram", "disk_free", "kernel", "load_start", "load_end", "duration"):
+        P(f"| {k.replace('_', ' ')} | {meta.get(k, '?')} |")
+    P("")
+    P("Data sets (`../shared/bench/gen_dataset.py`, page cache warm): " + ", ".join(
+        f"`{d}` {sizes[d] / 1e6:.0f} MB in {nfiles[d]} files" for d in sizes) + ".\n")
+    P(f"Each figure is the median of the trials shown in brackets; trials per set: {meta['runs_desc']}. "
+      "Coffer runs over loopback (agent → receiver, Noise, fsync'd packs); restic/borg write a local "
+      "repository, `restic REST` goes through `rclone serve restic` on loopback, rsync copies locally "
+      "(no encryption, no fsync unless stated). MB = 10^6 bytes.\n")
+
+    def cell(ds, tool, phase, kind="s", col="wall_s"):
+        v, n = med(rows, ds, tool, phase, col)
+        if v is None:
+            return "—", None
+        if kind == "s":
+            return f"{fmt_s(v)} [{n}]", v
+        if kind == "mbs":
+            return f"{fmt_s(v)}, {sizes[ds] / 1e6 / v:.0f} MB/s [{n}]", v
+        if kind == "b":
+            return f"{fmt_b(v)} [{n}]", v
+        if kind == "rss":
+            return f"{fmt_rss(v)} [{n}]", v
+
+    table = []
+
+    def line(fig, ds, phase, kind, target, check, col="wall_s", coffer_phase=None, peer_phase=None,
+             rsync_phase=None):
+        c, cv = cell(ds, "coffer", coffer_phase or phase, kind, col)
+        r, rv = cell(ds, "restic-local", peer_phase or phase, kind, col)
+        b, _ = cell(ds, "borg", peer_phase or phase, kind, col)
+        y, _ = cell(ds, "rsync-local", rsync_phase or peer_phase or phase, kind, col)
+        if kind in ("s", "mbs"):
+            rat = ratio(cv, rv, invert=False)  # coffer time / restic time
+            if kind == "mbs" and cv and rv:
+                rat = f"{rv / cv:.2f}x speed"
+        else:
+            rat = ratio(cv, rv)
+        met = check(cv, rv) if (cv is not None) else None
+        tgt = target + ("" if met is None else (" — **met**" if met else " — **missed**"))
+        table.append((fig, c, r, b, y, rat, tgt))
+
+    has_small = "small" in sizes
+    has_mixed = "mixed" in sizes
+    if has_mixed:
+        line("initial backup `mixed`", "mixed", "initial", "mbs", ">= 3x restic's MB/s",
+             lambda c, r: None if r is None else c * 3 <= r)
+    if has_small:
+        line("initial backup `small`", "small", "initial", "s", "<= 0.5x restic's time",
+             lambda c, r: None if r is None else c <= 0.5 * r)
+    if has_mixed:
+        line("restart / no-op, nothing changed, `mixed`", "mixed", "noop", "s",
+             "<= 0.25x restic's no-op", lambda c, r: None if r is None else c <= 0.25 * r)
+    if has_small:
+        line("restart / no-op, nothing changed, `small`", "small", "noop", "s", "(none)",
+             lambda c, r: None)
+    if has_mixed:
+        line("1 MiB change: time to backed up (Coffer: incl. debounce)", "mixed", "mutate1MiB", "s",
+             "(none)", lambda c, r: None)
+        line("1 MiB change: bytes added to the store", "mixed", "mutate1MiB", "b", "<= restic's",
+             lambda c, r: None if r is None else c <= r, col="bytes_added")
+        line("restore `mixed`", "mixed", "restore", "mbs", ">= 2x restic restore speed",
+             lambda c, r: None if r is None else c * 2 <= r)
+        line("peak RSS on `mixed`: agent (Coffer) / backup client (peers)", "mixed", "initial", "rss",
+             "<= 96 MiB", lambda c, r: c <= 96 * 1024, col="maxrss_kib", coffer_phase="agent-peak")
+        line("peak RSS on `mixed`: receiver (Coffer) / server (restic REST: rclone)", "mixed", "x", "rss",
+             "<= 64 MiB", lambda c, r: c <= 64 * 1024, col="maxrss_kib", coffer_phase="receiver-peak",
+             peer_phase="peak")
+    deb = meta.get("debounce_s", 2.0)
+    for size, name in ((1024, "1 KiB"), (1 << 20, "1 MiB")):
+        d = lat.get(size)
+        if not d:
+            continue
+        tgt = f"p99 <= debounce + 200 ms = {deb + 0.2:.1f} s" if size == 1 << 20 else f"(debounce + 200 ms = {deb + 0.2:.1f} s)"
+        ok = d["p99"] <= deb + 0.2
+        if size == 1 << 20:
+            tgt += " — **met**" if ok else " — **missed**"
+        table.append((f"change-to-ack latency, {name} file (p50 / p99 over {d['n']})",
+                      f"{fmt_s(d['p50'])} / {fmt_s(d['p99'])}", "does not watch", "does not watch",
+                      "does not watch", "—", tgt))
+    # the REST peer RSS row: fix restic column to the rclone server RSS
+    P("## Results\n")
+    P("| figure | Coffer | restic | borg | rsync | ratio vs restic | target |")
+    P("|---|---|---|---|---|---|---|")
+    for t in table:
+        P("| " + " | ".join(t) + " |")
+    P("")
+    P("Ratios: for times, Coffer's time / restic's time (lower is better); for speeds, Coffer's "
+      "speed / restic's; for bytes and RSS, Coffer / restic. The receiver-RSS row's restic column "
+      "is `rclone serve restic` (the REST server), borg and rsync have no server here.\n")
+    notes = meta.get("notes", [])
+    if lat:
+        d = next(iter(lat.values()))
+        notes.append(
+            f"Latency = from the moment the new file is closed until `coffer-agent status --json PATH` "
+            f"reports it `backed_up`; polled every {d['poll_sleep'] * 1000:.0f} ms, each `status` call "
+            f"itself takes {d['status_call_p50'] * 1000:.1f} ms (p50, p99 {d['status_call_p99'] * 1000:.1f} ms) "
+            f"— so the figures overstate the true latency by up to ~{(d['poll_sleep'] + d['status_call_p50']) * 1000:.0f} ms. "
+            f"Debounce is the default {deb:g} s.")
+    if notes:
+        P("Notes:\n")
+        for n in notes:
+            P(f"- {n}")
+        P("")
+    # all rows
+    P("## All figures (medians)\n")
+    P("| data set | tool | phase | trials | wall | MB/s | peak RSS | bytes added |")
+    P("|---|---|---|---|---|---|---|---|")
+    seen = []
+    for r in rows:
+        k = (r["dataset"], r["tool"], r["phase"])
+        if k not in seen:
+            seen.append(k)
+    for ds, tool, phase in seen:
+        w, n = med(rows, ds, tool, phase)
+        m, nm = med(rows, ds, tool, phase, "maxrss_kib")
+        n = max(n, nm)
+        b, _ = med(rows, ds, tool, phase, "bytes_added")
+        mbs = f"{sizes[ds] / 1e6 / w:.0f}" if (w and phase in ("initial", "restore", "initial-fsync") and ds in sizes) else ""
+        P(f"| {ds} | {tool} | {phase} | {n} | {fmt_s(w) if w is not None else ''} | {mbs} | "
+          f"{fmt_rss(m) if m is not None else ''} | {fmt_b(b) if b is not None else ''} |")
+    P("")
+    if a.profile and os.path.exists(a.profile):
+        P("## Profile\n")
+        P(open(a.profile).read())
+    if a.extra and os.path.exists(a.extra):
+        P(open(a.extra).read())
+    P(f"Raw per-trial TSV and logs: `{meta['results']}` (not committed; `/bench-results` is ignored).")
+    with open(a.out, "w") as f:
+        f.write("\n".join(out) + "\n")
+    return 0
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    sp = ap.add_subparsers(dest="cmd", required=True)
+    p = sp.add_parser("wait")
+    p.add_argument("--agent", required=True); p.add_argument("--config", required=True)
+    p.add_argument("--files", type=int, required=True); p.add_argument("--t0", type=float, required=True)
+    p.add_argument("--log"); p.add_argument("--timeout", type=float, default=1800)
+    p.set_defaults(fn=cmd_wait)
+    p = sp.add_parser("file-version")
+    p.add_argument("--agent", required=True); p.add_argument("--config", required=True); p.add_argument("path")
+    p.set_defaults(fn=cmd_file_version)
+    p = sp.add_parser("wait-version")
+    p.add_argument("--agent", required=True); p.add_argument("--config", required=True)
+    p.add_argument("path"); p.add_argument("version", type=int)
+    p.add_argument("--t0", type=float, required=True); p.add_argument("--timeout", type=float, default=600)
+    p.set_defaults(fn=cmd_wait_version)
+    p = sp.add_parser("latency")
+    p.add_argument("--agent", required=True); p.add_argument("--config", required=True)
+    p.add_argument("--dir", required=True); p.add_argument("--size", type=int, required=True)
+    p.add_argument("--n", type=int, default=50); p.add_argument("--poll", type=float, default=0.02)
+    p.add_argument("--timeout", type=float, default=60)
+    p.set_defaults(fn=cmd_latency)
+    p = sp.add_parser("gen-tiny"); p.add_argument("dir"); p.set_defaults(fn=cmd_gen_tiny)
+    p = sp.add_parser("mutate-tiny"); p.add_argument("dir"); p.add_argument("round", type=int)
+    p.set_defaults(fn=cmd_mutate_tiny)
+    p = sp.add_parser("report")
+    p.add_argument("--tsv", nargs="+", required=True); p.add_argument("--meta", required=True)
+    p.add_argument("--latency", nargs="*"); p.add_argument("--profile"); p.add_argument("--extra")
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=cmd_report)
+    a = ap.parse_args()
+    sys.exit(a.fn(a))
+
+
+if __name__ == "__main__":
+    main()
