@@ -59,6 +59,8 @@ pub const MAX_BATCH_BYTES: u64 = 64 << 20;
 const QUEUE_MESSAGES: usize = 4096;
 /// Bytes of messages queued per session (a single larger message still passes alone).
 const QUEUE_BYTES: usize = 2 << 20;
+/// How long a closing connection keeps reading what the peer already sent.
+const LINGER: Duration = Duration::from_secs(2);
 /// How long `serve` retries the root's lock (a `status` may hold it for an instant).
 const LOCK_WAIT: Duration = Duration::from_secs(2);
 
@@ -251,7 +253,7 @@ async fn connection(shared: Arc<Shared>, stream: TcpStream, handshake_slot: Owne
         _ = shared.cancel.cancelled() => return,
     };
     drop(handshake_slot);
-    let (mut ch, key) = match hs {
+    let (ch, key) = match hs {
         Ok(x) => x,
         Err(e) => {
             tracing::debug!("handshake failed: {e}");
@@ -264,7 +266,7 @@ async fn connection(shared: Arc<Shared>, stream: TcpStream, handshake_slot: Owne
             ErrorCode::Unauthorized,
             format!("agent key {key} is not authorized on this receiver"),
         );
-        let _ = tokio::time::timeout(Duration::from_secs(5), ch.send(&m)).await;
+        refuse(ch, m).await;
         return;
     };
     let permit = match shared.sessions.clone().try_acquire_owned() {
@@ -286,7 +288,7 @@ async fn connection(shared: Arc<Shared>, stream: TcpStream, handshake_slot: Owne
                             shared.config.max_sessions
                         ),
                     );
-                    let _ = tokio::time::timeout(Duration::from_secs(5), ch.send(&m)).await;
+                    refuse(ch, m).await;
                     return;
                 }
             }
@@ -295,6 +297,16 @@ async fn connection(shared: Arc<Shared>, stream: TcpStream, handshake_slot: Owne
     let span = tracing::info_span!("session", %repo, key = %short(&key));
     session(shared, ch, repo).instrument(span).await;
     drop(permit);
+}
+
+/// Sends a last message, closes our side, and reads (discarding) what the peer had already
+/// sent for a moment, so that the close does not turn into a reset that could swallow the
+/// message before the agent reads it.
+async fn refuse(ch: channel::Channel<TcpStream>, m: Message) {
+    let (mut tx, mut rx) = ch.split();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tx.send(&m)).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), tx.shutdown()).await;
+    let _ = tokio::time::timeout(LINGER, async { while rx.recv_raw().await.is_ok() {} }).await;
 }
 
 fn short(k: &PublicKey) -> String {
@@ -326,7 +338,7 @@ async fn session(shared: Arc<Shared>, mut ch: channel::Channel<TcpStream>, repo_
                      speaks {protocol}; upgrade the older side"
                 );
                 tracing::warn!("{msg}");
-                let _ = ch.send(&error(ErrorCode::ProtocolVersion, msg)).await;
+                refuse(ch, error(ErrorCode::ProtocolVersion, msg)).await;
                 return;
             }
             tracing::info!(agent = %agent_name, %software, "session started");
@@ -335,13 +347,13 @@ async fn session(shared: Arc<Shared>, mut ch: channel::Channel<TcpStream>, repo_
         Ok(Ok(other)) => {
             let msg = format!("expected Hello as the first message, got {}", other.kind());
             tracing::warn!("{msg}");
-            let _ = ch.send(&error(ErrorCode::Malformed, msg)).await;
+            refuse(ch, error(ErrorCode::Malformed, msg)).await;
             return;
         }
         Ok(Err(ChannelError::Wire(WireError::Closed))) => return,
         Ok(Err(e)) => {
             tracing::warn!("bad first frame: {e}");
-            let _ = ch.send(&error(ErrorCode::Malformed, e.to_string())).await;
+            refuse(ch, error(ErrorCode::Malformed, e.to_string())).await;
             return;
         }
     };
@@ -354,9 +366,11 @@ async fn session(shared: Arc<Shared>, mut ch: channel::Channel<TcpStream>, repo_
             } else {
                 ErrorCode::Internal
             };
-            let _ = ch
-                .send(&error(code, format!("opening repository {repo_name}: {e}")))
-                .await;
+            refuse(
+                ch,
+                error(code, format!("opening repository {repo_name}: {e}")),
+            )
+            .await;
             return;
         }
     };
@@ -385,6 +399,11 @@ async fn session(shared: Arc<Shared>, mut ch: channel::Channel<TcpStream>, repo_
         stored_bytes: 0,
     };
     let end = s.run(qrx, &shared.cancel).await;
+    // Close our side after the last reply; let the reader drain what the agent had already
+    // pipelined (so the close is not a reset), for a moment.
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.tx.shutdown()).await;
+    let mut reader = reader;
+    let _ = tokio::time::timeout(LINGER, &mut reader).await;
     reader_cancel.cancel();
     reader.abort();
     match end {
@@ -434,11 +453,19 @@ enum Incoming {
 
 async fn read_loop(mut rx: Rx, q: mpsc::Sender<Incoming>, cancel: CancellationToken) {
     let budget = Arc::new(Semaphore::new(QUEUE_BYTES));
+    // Once the processor is gone, frames are read and dropped until the peer closes.
+    let mut draining = false;
     loop {
         let r = tokio::select! {
             r = rx.recv_raw() => r,
             _ = cancel.cancelled() => return,
         };
+        if draining {
+            if r.is_err() {
+                return;
+            }
+            continue;
+        }
         let item = match r.and_then(|b| {
             let n = b.len();
             Message::decode_owned(b)
@@ -459,9 +486,13 @@ async fn read_loop(mut rx: Rx, q: mpsc::Sender<Incoming>, cancel: CancellationTo
             Err(ChannelError::Wire(WireError::Closed)) => return,
             Err(e) => Incoming::Bad(e),
         };
-        let bad = matches!(item, Incoming::Bad(_));
-        if q.send(item).await.is_err() || bad {
+        if matches!(item, Incoming::Bad(_)) {
+            // After a frame error the stream cannot be read on.
+            let _ = q.send(item).await;
             return;
+        }
+        if q.send(item).await.is_err() {
+            draining = true;
         }
     }
 }

@@ -280,6 +280,20 @@ async fn unauthorized_and_revoked_keys_are_refused_without_restart() -> Result<(
         },
     )?;
     assert!(log.contains("not authorized"), "{log}");
+    // An agent that pipelines its Hello right after the handshake (as the real one does)
+    // still reads the refusal rather than a connection reset.
+    for _ in 0..20 {
+        let mut ch = stranger.handshake(rcv.addr()?, &rcv.public_key).await?;
+        let hello = Message::Hello {
+            protocol: coffer_common::wire::PROTOCOL_VERSION,
+            agent_name: "x".into(),
+            software: "x".into(),
+        };
+        ch.send(&hello).await?;
+        ch.send(&Message::GetKeyFile).await?;
+        let m = ch.recv().await?;
+        assert_eq!(error_code(&m), Some(ErrorCode::Unauthorized), "{m:?}");
+    }
     // The authorized agent works; a session open at revocation time is not needed again.
     let mut c = rcv.connect(&agent).await?;
     c.upload(&agent.seal_file("w/a", b"a")?).await?;
