@@ -9,6 +9,7 @@
 //! - [`store`]: pack and record formats behind the [`store::PackStore`] trait.
 //! - [`index`]: the repository's SQLite index, sole owner of its connection.
 //! - [`status`]: `status` and `scrub`.
+//! - [`notify`]: systemd readiness and watchdog notifications.
 //!
 //! `docs/design.md` ("Receiver store") describes the formats and the write ordering.
 
@@ -22,6 +23,7 @@ pub mod config;
 pub mod fsutil;
 pub mod index;
 pub mod layout;
+pub mod notify;
 pub mod repo;
 pub mod server;
 pub mod status;

@@ -172,6 +172,19 @@ async fn run(
     );
     on_ready(addr);
     spawn_signal_handler(shared.cancel.clone())?;
+    crate::notify::notify(&format!("READY=1\nSTATUS=listening on {addr}"));
+    if let Some(every) = crate::notify::watchdog_interval() {
+        let cancel = shared.cancel.clone();
+        tokio::spawn(async move {
+            loop {
+                crate::notify::notify("WATCHDOG=1");
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = cancel.cancelled() => return,
+                }
+            }
+        });
+    }
 
     loop {
         tokio::select! {
@@ -198,6 +211,7 @@ async fn run(
         }
     }
     drop(listener);
+    crate::notify::notify("STOPPING=1");
     tracing::info!("shutting down: no new connections; letting sessions finish");
     shared.tracker.close();
     let grace = shared.config.shutdown_grace();

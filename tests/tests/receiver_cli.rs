@@ -202,3 +202,35 @@ async fn scrub_names_damaged_records_and_damage_is_never_served() -> Result<()> 
     assert_eq!(error_code(&r), Some(ErrorCode::NotFound), "{r:?}");
     Ok(())
 }
+
+#[test]
+fn serve_tells_systemd_it_is_ready_and_alive() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let sock_path = tmp.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path)?;
+    sock.set_read_timeout(Some(T))?;
+    let mut rcv = Receiver::init(&tmp.path().join("root"))?;
+    rcv.env = vec![
+        ("NOTIFY_SOCKET".into(), sock_path.clone()),
+        ("WATCHDOG_USEC".into(), "200000".into()),
+    ];
+    let addr = rcv.serve()?;
+    let mut buf = [0u8; 256];
+    let n = sock.recv(&mut buf).context("no READY=1")?;
+    let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(msg.starts_with("READY=1"), "{msg}");
+    assert!(msg.contains(&addr.to_string()), "{msg}");
+    for _ in 0..2 {
+        let n = sock.recv(&mut buf).context("no WATCHDOG=1")?;
+        assert_eq!(&buf[..n], b"WATCHDOG=1");
+    }
+    let st = rcv.terminate(T)?;
+    assert!(st.success());
+    // STOPPING=1 arrives (after any further watchdog pings).
+    let stopping = wait_for("STOPPING=1", T, || {
+        let n = sock.recv(&mut buf).ok()?;
+        (&buf[..n] == b"STOPPING=1").then_some(())
+    });
+    assert!(stopping.is_ok(), "no STOPPING=1");
+    Ok(())
+}
