@@ -41,26 +41,28 @@ def status(agent, cfg, paths=()):
         return None
 
 
-def startup_scan(log):
-    """Return the changed= count of the startup scan line in LOG, or None if not seen yet."""
+def startup_scan(log, watches=1):
+    """Sum of changed= over the startup `scan done` lines in LOG once there are WATCHES of
+    them (one per watch), else None."""
+    seen, changed = 0, 0
     try:
         with open(log, errors="replace") as f:
             for line in f:
                 if "scan done" in line and 'reason="startup"' in line:
+                    seen += 1
                     for tok in line.split():
                         if tok.startswith("changed="):
-                            return int(tok.split("=", 1)[1])
-                    return -1
+                            changed += int(tok.split("=", 1)[1])
     except FileNotFoundError:
         pass
-    return None
+    return changed if seen >= watches else None
 
 
 def cmd_wait(a):
     deadline = time.time() + a.timeout
     last = None
     while time.time() < deadline:
-        scan = startup_scan(a.log) if a.log else 0
+        scan = startup_scan(a.log, a.watches) if a.log else 0
         if scan is not None:
             st = status(a.agent, a.config)
             if st is not None:
@@ -394,7 +396,8 @@ def main():
     p = sp.add_parser("wait")
     p.add_argument("--agent", required=True); p.add_argument("--config", required=True)
     p.add_argument("--files", type=int, required=True); p.add_argument("--t0", type=float, required=True)
-    p.add_argument("--log"); p.add_argument("--timeout", type=float, default=1800)
+    p.add_argument("--log"); p.add_argument("--watches", type=int, default=1)
+    p.add_argument("--timeout", type=float, default=1800)
     p.set_defaults(fn=cmd_wait)
     p = sp.add_parser("file-version")
     p.add_argument("--agent", required=True); p.add_argument("--config", required=True); p.add_argument("path")
