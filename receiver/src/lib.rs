@@ -10,6 +10,7 @@
 //! - [`index`]: the repository's SQLite index, sole owner of its connection.
 //! - [`status`]: `status` and `scrub`.
 //! - [`notify`]: systemd readiness and watchdog notifications.
+//! - [`service`]: `service install|uninstall` (the systemd unit).
 //!
 //! `docs/design.md` ("Receiver store") describes the formats and the write ordering.
 
@@ -26,6 +27,7 @@ pub mod layout;
 pub mod notify;
 pub mod repo;
 pub mod server;
+pub mod service;
 pub mod status;
 pub mod store;
 
@@ -59,6 +61,8 @@ pub enum Error {
     Bind { addr: SocketAddr, msg: String },
     #[error("starting the runtime: {0}")]
     Runtime(String),
+    #[error(transparent)]
+    Service(#[from] service::ServiceError),
 }
 
 /// `init`: creates the tree at `root`; returns the receiver's public key.

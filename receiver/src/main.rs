@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use coffer_receiver::{server, status, Authorized, Layout};
+use coffer_receiver::{server, service, status, Authorized, Layout};
 
 /// Coffer receiver: stores sealed chunks durably; never sees keys or plaintext.
 #[derive(Parser)]
@@ -83,6 +83,29 @@ enum Command {
     Scrub {
         #[command(flatten)]
         root: RootOpt,
+    },
+    /// Install or remove the systemd service that runs `serve`.
+    Service {
+        #[command(subcommand)]
+        action: ServiceAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum ServiceAction {
+    /// Write the unit for this binary and ROOT (run as the root's owner), enable, (re)start.
+    Install {
+        #[command(flatten)]
+        root: RootOpt,
+        /// Print the unit and the commands; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Stop and disable the service and remove its unit.
+    Uninstall {
+        /// Print what would be done; change nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -169,6 +192,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if !report.damaged.is_empty() {
                 return Ok(ExitCode::FAILURE);
             }
+        }
+        Command::Service { action } => {
+            let report = match action {
+                ServiceAction::Install { root, dry_run } => {
+                    service::install(&service::InstallOpts {
+                        dry_run,
+                        root: root.root,
+                        binary: None,
+                    })?
+                }
+                ServiceAction::Uninstall { dry_run } => {
+                    service::uninstall(&service::UninstallOpts { dry_run })?
+                }
+            };
+            print!("{report}");
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -234,3 +234,53 @@ fn serve_tells_systemd_it_is_ready_and_alive() -> Result<()> {
     assert!(stopping.is_ok(), "no STOPPING=1");
     Ok(())
 }
+
+#[test]
+fn service_install_dry_run_prints_the_unit_and_changes_nothing() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let rcv = Receiver::init(&tmp.path().join("root"))?;
+    let unit_path = std::path::Path::new("/etc/systemd/system/coffer-receiver.service");
+    let before = std::fs::read(unit_path).ok();
+    let o = rcv
+        .cmd()
+        .args(["service", "install", "--dry-run", "--root"])
+        .arg(&rcv.root)
+        .output()?;
+    let out = stdout_ok(&o)?;
+    let root = std::fs::canonicalize(&rcv.root)?;
+    let exec = out
+        .lines()
+        .find(|l| l.starts_with("ExecStart="))
+        .context("no ExecStart")?;
+    assert!(
+        exec.ends_with(&format!(" serve --root {}", root.display())),
+        "{exec}"
+    );
+    assert!(
+        out.contains(&format!("ReadWritePaths={}", root.display())),
+        "{out}"
+    );
+    assert!(out.contains("Type=notify"), "{out}");
+    assert!(
+        out.contains("would run: systemctl enable coffer-receiver.service"),
+        "{out}"
+    );
+    assert_eq!(
+        std::fs::read(unit_path).ok(),
+        before,
+        "dry run wrote the unit"
+    );
+    // A root that was never initialized is refused.
+    let o = rcv
+        .cmd()
+        .args(["service", "install", "--dry-run", "--root"])
+        .arg(tmp.path().join("nope"))
+        .output()?;
+    assert!(!o.status.success());
+    let o = rcv
+        .cmd()
+        .args(["service", "uninstall", "--dry-run"])
+        .output()?;
+    stdout_ok(&o)?;
+    Ok(())
+}
