@@ -119,8 +119,8 @@ pub struct InitArgs {
     /// Receiver address, host:port.
     #[arg(long)]
     pub receiver: String,
-    /// The receiver's public key (printed by `coffer-receiver init`).
-    #[arg(long)]
+    /// The receiver's public key (printed by `coffer-receiver init`; it may begin with `-`).
+    #[arg(long, allow_hyphen_values = true)]
     pub receiver_key: String,
     /// This machine's name in logs and status (default: the host name).
     #[arg(long)]

@@ -110,7 +110,6 @@ pub fn run(cfg: Config, opts: RunOpts) -> Result<(), RunError> {
         cfg: cfg.clone(),
         journal: Mutex::new(journal),
         crypto,
-        busy: Mutex::new(HashSet::new()),
         shutdown: Default::default(),
         wake: wake_tx,
         counters: Counters::default(),
@@ -342,15 +341,10 @@ fn scheduler(sh: &Arc<Shared>, jobs: Sender<crate::journal::Job>, wake: Receiver
         }
         let now = now_ms();
         let claimed = {
-            let busy = match sh.busy.lock() {
-                Ok(b) => b,
-                Err(_) => return,
-            };
             let r = match sh.journal.lock() {
-                Ok(j) => j.claim_due(now, 256, &busy),
+                Ok(mut j) => j.claim_due(now, 1024),
                 Err(_) => return,
             };
-            drop(busy);
             match r {
                 Ok(v) => v,
                 Err(e) => {
@@ -374,11 +368,6 @@ fn scheduler(sh: &Arc<Shared>, jobs: Sender<crate::journal::Job>, wake: Receiver
             };
             let _ = wake.recv_timeout(wait);
             continue;
-        }
-        if let Ok(mut b) = sh.busy.lock() {
-            for j in &claimed {
-                b.insert(j.path.clone());
-            }
         }
         for job in claimed {
             let mut job = job;

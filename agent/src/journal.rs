@@ -11,7 +11,10 @@ use std::path::Path;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-const MIGRATIONS: &[&str] = &[include_str!("../../migrations/agent/0001_journal.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../../migrations/agent/0001_journal.sql"),
+    include_str!("../../migrations/agent/0002_claimed.sql"),
+];
 
 /// Errors of the journal.
 #[derive(Debug, thiserror::Error)]
@@ -213,8 +216,10 @@ impl Journal {
     pub fn requeue_in_flight(&mut self) -> Result<usize, JournalError> {
         self.conn
             .execute(
-                "UPDATE files SET state = CASE WHEN state = 'pending' THEN 'dirty' ELSE state END, due_at = 0
-                 WHERE state IN ('pending', 'uploading')",
+                "UPDATE files SET state = CASE WHEN state = 'pending' THEN 'dirty' ELSE state END,
+                    due_at = CASE WHEN state IN ('pending', 'uploading') THEN 0 ELSE due_at END,
+                    claimed = 0
+                 WHERE state IN ('pending', 'uploading') OR claimed != 0",
                 [],
             )
             .map_err(|e| self.err(e))
@@ -297,57 +302,81 @@ impl Journal {
         Ok(out)
     }
 
-    /// Takes up to `limit` files that are due, skipping those in `busy`.
-    pub fn claim_due(
-        &self,
-        now: i64,
-        limit: usize,
-        busy: &std::collections::HashSet<Vec<u8>>,
-    ) -> Result<Vec<Job>, JournalError> {
-        let mut st = self
-            .conn
-            .prepare_cached(
-                "SELECT path, watch, gen, state, attempts, hash, commit_id, backed_hash, backed_kind, mode
-                 FROM files WHERE state IN ('dirty', 'uploading', 'failed') AND due_at <= ?1
-                 ORDER BY due_at LIMIT ?2",
-            )
-            .map_err(|e| self.err(e))?;
-        let rows = st
-            .query_map(params![now, (limit + busy.len()) as i64], |r| {
-                Ok(Job {
-                    path: r.get(0)?,
-                    watch: r.get(1)?,
-                    gen: r.get(2)?,
-                    state: r.get(3)?,
-                    attempts: r.get(4)?,
-                    hash: h32(r.get(5)?),
-                    commit_id: r
-                        .get::<_, Option<Vec<u8>>>(6)?
-                        .and_then(|b| b.try_into().ok()),
-                    backed_hash: h32(r.get(7)?),
-                    backed_kind: r.get(8)?,
-                    mode: r.get(9)?,
-                })
-            })
-            .map_err(|e| self.err(e))?;
+    /// Takes up to `limit` files that are due and marks them claimed (until their outcome is
+    /// recorded), in one transaction.
+    pub fn claim_due(&mut self, now: i64, limit: usize) -> Result<Vec<Job>, JournalError> {
+        let p = self.path.clone();
+        let e = |source| JournalError::Sql {
+            path: p.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(e)?;
         let mut out = Vec::new();
-        for row in rows {
-            let j = row.map_err(|e| self.err(e))?;
-            if !busy.contains(&j.path) {
-                out.push(j);
-                if out.len() >= limit {
-                    break;
-                }
+        {
+            let mut st = tx
+                .prepare_cached(
+                    "SELECT path, watch, gen, state, attempts, hash, commit_id, backed_hash, backed_kind, mode
+                     FROM files WHERE state IN ('dirty', 'uploading', 'failed') AND claimed = 0
+                       AND due_at <= ?1
+                     ORDER BY due_at LIMIT ?2",
+                )
+                .map_err(e)?;
+            let rows = st
+                .query_map(params![now, limit as i64], |r| {
+                    Ok(Job {
+                        path: r.get(0)?,
+                        watch: r.get(1)?,
+                        gen: r.get(2)?,
+                        state: r.get(3)?,
+                        attempts: r.get(4)?,
+                        hash: h32(r.get(5)?),
+                        commit_id: r
+                            .get::<_, Option<Vec<u8>>>(6)?
+                            .and_then(|b| b.try_into().ok()),
+                        backed_hash: h32(r.get(7)?),
+                        backed_kind: r.get(8)?,
+                        mode: r.get(9)?,
+                    })
+                })
+                .map_err(e)?;
+            for row in rows {
+                out.push(row.map_err(e)?);
+            }
+            let mut up = tx
+                .prepare_cached("UPDATE files SET claimed = 1 WHERE path = ?1")
+                .map_err(e)?;
+            for j in &out {
+                up.execute([&j.path]).map_err(e)?;
             }
         }
+        tx.commit().map_err(e)?;
         Ok(out)
+    }
+
+    /// Hands claimed files back without an outcome (the agent is stopping).
+    pub fn unclaim(&mut self, paths: &[Vec<u8>]) -> Result<(), JournalError> {
+        let p = self.path.clone();
+        let e = |source| JournalError::Sql {
+            path: p.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(e)?;
+        {
+            let mut st = tx
+                .prepare_cached("UPDATE files SET claimed = 0 WHERE path = ?1")
+                .map_err(e)?;
+            for path in paths {
+                st.execute([path]).map_err(e)?;
+            }
+        }
+        tx.commit().map_err(e)
     }
 
     /// When the next file becomes due, if any waits.
     pub fn next_due(&self) -> Result<Option<i64>, JournalError> {
         self.conn
             .query_row(
-                "SELECT MIN(due_at) FROM files WHERE state IN ('dirty', 'uploading', 'failed')",
+                "SELECT MIN(due_at) FROM files WHERE state IN ('dirty', 'uploading', 'failed') AND claimed = 0",
                 [],
                 |r| r.get(0),
             )
@@ -405,7 +434,7 @@ impl Journal {
             let mut st = tx
                 .prepare_cached(
                     "UPDATE files SET kind = ?2, size = ?3, mtime_ns = ?4, ctime_ns = ?5, inode = ?6,
-                        mode = ?7, hash = ?8, reason = NULL, attempts = 0,
+                        mode = ?7, hash = ?8, reason = NULL, attempts = 0, claimed = 0,
                         state = CASE WHEN gen = ?9 THEN 'backed_up' ELSE state END,
                         dirty_since = CASE WHEN gen = ?9 THEN NULL ELSE dirty_since END
                      WHERE path = ?1",
@@ -444,7 +473,7 @@ impl Journal {
             let mut st = tx
                 .prepare_cached(
                     "UPDATE files SET backed_version = ?2, backed_at = ?3, backed_hash = ?4,
-                        backed_kind = ?5, backed_size = ?6, reason = NULL, attempts = 0,
+                        backed_kind = ?5, backed_size = ?6, reason = NULL, attempts = 0, claimed = 0,
                         state = CASE WHEN gen = ?7 THEN 'backed_up' ELSE state END,
                         dirty_since = CASE WHEN gen = ?7 THEN NULL ELSE dirty_since END
                      WHERE path = ?1",
@@ -483,7 +512,7 @@ impl Journal {
         self.conn
             .execute(
                 "UPDATE files SET state = CASE WHEN gen = ?2 THEN 'failed' ELSE state END,
-                    attempts = attempts + 1, reason = ?3,
+                    attempts = attempts + 1, reason = ?3, claimed = 0,
                     due_at = CASE WHEN gen = ?2 THEN ?4 ELSE due_at END
                  WHERE path = ?1",
                 params![path, gen, reason, retry_at],
@@ -507,8 +536,10 @@ impl Journal {
         {
             let mut st = tx
                 .prepare_cached(
-                    "UPDATE files SET reason = ?2, due_at = MAX(due_at, ?3)
-                     WHERE path = ?1 AND state != 'backed_up'",
+                    "UPDATE files SET claimed = 0,
+                        reason = CASE WHEN state = 'backed_up' THEN reason ELSE ?2 END,
+                        due_at = CASE WHEN state = 'backed_up' THEN due_at ELSE MAX(due_at, ?3) END
+                     WHERE path = ?1",
                 )
                 .map_err(e)?;
             for (path, reason) in items {
@@ -525,6 +556,10 @@ impl Journal {
                 "DELETE FROM files WHERE path = ?1 AND gen = ?2",
                 params![path, gen],
             )
+            .and_then(|_| {
+                self.conn
+                    .execute("UPDATE files SET claimed = 0 WHERE path = ?1", [path])
+            })
             .map(|_| ())
             .map_err(|e| self.err(e))
     }
@@ -736,9 +771,8 @@ mod tests {
         let (_d, mut j) = j();
         j.mark_dirty(&[(b"w/a".to_vec(), "w".into())], 1000, 2000)
             .expect("dirty");
-        let busy = Default::default();
-        assert!(j.claim_due(2999, 10, &busy).expect("claim").is_empty());
-        let jobs = j.claim_due(3000, 10, &busy).expect("claim");
+        assert!(j.claim_due(2999, 10).expect("claim").is_empty());
+        let jobs = j.claim_due(3000, 10).expect("claim");
         assert_eq!(jobs.len(), 1);
         j.record_reads(&[read(b"w/a", jobs[0].gen)]).expect("reads");
         assert_eq!(j.summary().expect("s").uploading, 1);
@@ -762,10 +796,7 @@ mod tests {
         let (_d, mut j) = j();
         j.mark_dirty(&[(b"w/a".to_vec(), "w".into())], 0, 0)
             .expect("dirty");
-        let job = j
-            .claim_due(10, 1, &Default::default())
-            .expect("claim")
-            .remove(0);
+        let job = j.claim_due(10, 1).expect("claim").remove(0);
         j.record_reads(&[read(b"w/a", job.gen)]).expect("reads");
         j.mark_dirty(&[(b"w/a".to_vec(), "w".into())], 20, 0)
             .expect("dirty again");
@@ -789,16 +820,10 @@ mod tests {
         let (_d, mut j) = j();
         j.mark_dirty(&[(b"w/a".to_vec(), "w".into())], 0, 0)
             .expect("dirty");
-        let job = j
-            .claim_due(10, 1, &Default::default())
-            .expect("claim")
-            .remove(0);
+        let job = j.claim_due(10, 1).expect("claim").remove(0);
         j.record_reads(&[read(b"w/a", job.gen)]).expect("reads");
         j.requeue_in_flight().expect("requeue");
-        let again = j
-            .claim_due(0, 1, &Default::default())
-            .expect("claim")
-            .remove(0);
+        let again = j.claim_due(0, 1).expect("claim").remove(0);
         assert_eq!(again.commit_id, Some([2; 16]));
         assert_eq!(again.hash, Some([1; 32]));
     }
@@ -811,14 +836,8 @@ mod tests {
         j.record_failure(b"w/a", 1, "reading w/a: permission denied", 5000)
             .expect("fail");
         assert_eq!(j.summary().expect("s").failed, 1);
-        assert!(j
-            .claim_due(4999, 1, &Default::default())
-            .expect("c")
-            .is_empty());
-        assert_eq!(
-            j.claim_due(5000, 1, &Default::default()).expect("c").len(),
-            1
-        );
+        assert!(j.claim_due(4999, 1).expect("c").is_empty());
+        assert_eq!(j.claim_due(5000, 1).expect("c").len(), 1);
         assert_eq!(j.rows_in_state("failed", 10).expect("rows")[0].attempts, 1);
     }
 }

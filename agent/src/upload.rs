@@ -50,7 +50,6 @@ pub struct Shared {
     pub current: Mutex<String>,
     pub journal: Mutex<Journal>,
     pub crypto: Crypto,
-    pub busy: Mutex<HashSet<Vec<u8>>>,
     pub shutdown: AtomicBool,
     pub wake: Sender<()>,
     pub conn: ConnManager,
@@ -66,13 +65,16 @@ impl Shared {
         }
     }
 
-    fn release(&self, paths: impl IntoIterator<Item = Vec<u8>>) {
-        if let Ok(mut b) = self.busy.lock() {
-            for p in paths {
-                b.remove(&p);
-            }
-        }
+    /// Wakes the scheduler: files were released (their outcome written, which clears the
+    /// claim) and more may be taken.
+    fn wake(&self) {
         let _ = self.wake.try_send(());
+    }
+
+    /// Hands claimed files back without an outcome.
+    fn abandon(&self, paths: Vec<Vec<u8>>) {
+        self.journal(|j| j.unclaim(&paths));
+        self.wake();
     }
 
     fn journal<T>(
@@ -261,13 +263,13 @@ pub fn worker(sh: Arc<Shared>, jobs: Receiver<Job>, acks: Sender<AckWork>) {
             }
         };
         if sh.shutdown.load(Ordering::SeqCst) {
-            sh.release([job.path]);
-            let paths: Vec<_> = batch.drain(..).map(|r| r.read.path).collect();
-            sh.release(paths);
+            let mut paths: Vec<_> = batch.drain(..).map(|r| r.read.path).collect();
+            paths.push(job.path);
+            sh.abandon(paths);
             continue;
         }
         let Some(conn) = sh.conn.get(&sh) else {
-            sh.release([job.path]);
+            sh.abandon(vec![job.path]);
             continue;
         };
         let path = job.path.clone();
@@ -282,21 +284,21 @@ pub fn worker(sh: Arc<Shared>, jobs: Receiver<Job>, acks: Sender<AckWork>) {
             }
             Outcome::Unchanged(read) => {
                 sh.journal(|j| j.record_unchanged(std::slice::from_ref(&read)));
-                sh.release([path]);
+                sh.wake();
             }
             Outcome::Forget => {
                 sh.journal(|j| j.forget(&path, job.gen));
-                sh.release([path]);
+                sh.wake();
             }
             Outcome::Failed(reason) => {
                 tracing::warn!(path = %String::from_utf8_lossy(&path), %reason, "backup of file failed; will retry");
                 let at = now_ms() + backoff_ms(job.attempts);
                 sh.journal(|j| j.record_failure(&path, job.gen, &reason, at));
-                sh.release([path]);
+                sh.wake();
             }
             Outcome::Retry(reason, at) => {
                 sh.journal(|j| j.record_retry(&[(path.clone(), reason)], at));
-                sh.release([path]);
+                sh.wake();
             }
             Outcome::Lost(e) => {
                 sh.conn.invalidate();
@@ -306,7 +308,7 @@ pub fn worker(sh: Arc<Shared>, jobs: Receiver<Job>, acks: Sender<AckWork>) {
                         now_ms(),
                     )
                 });
-                sh.release([path]);
+                sh.wake();
             }
         }
     }
@@ -319,7 +321,7 @@ fn flush(sh: &Shared, batch: &mut Vec<Ready>, acks: &Sender<AckWork>) {
     let reads: Vec<Read> = batch.iter().map(|r| r.read.clone()).collect();
     if sh.journal(|j| j.record_reads(&reads)).is_none() {
         let paths: Vec<_> = batch.drain(..).map(|r| r.read.path).collect();
-        sh.release(paths);
+        sh.abandon(paths);
         return;
     }
     let conn = sh.conn.get(sh);
@@ -352,13 +354,13 @@ fn flush(sh: &Shared, batch: &mut Vec<Ready>, acks: &Sender<AckWork>) {
                         now_ms(),
                     )
                 });
-                sh.release([p]);
+                sh.wake();
             }
         }
     }
 }
 
-/// The ack collector: records acknowledgements in batches, releases files.
+/// The ack collector: records acknowledgements in batches.
 pub fn ack_collector(sh: Arc<Shared>, rx: Receiver<AckWork>) {
     let mut done: Vec<Ack> = Vec::new();
     let record = |done: &mut Vec<Ack>| {
@@ -369,8 +371,8 @@ pub fn ack_collector(sh: Arc<Shared>, rx: Receiver<AckWork>) {
         sh.counters
             .files_acked
             .fetch_add(done.len() as u64, Ordering::Relaxed);
-        let paths: Vec<_> = done.drain(..).map(|a| a.path).collect();
-        sh.release(paths);
+        done.clear();
+        sh.wake();
     };
     loop {
         let mut w = match rx.recv_timeout(Duration::from_millis(100)) {
@@ -425,7 +427,7 @@ pub fn ack_collector(sh: Arc<Shared>, rx: Receiver<AckWork>) {
                 sh.journal(|j| {
                     j.record_retry(&[(w.path.clone(), reason.clone())], now_ms() + 5000)
                 });
-                sh.release([w.path]);
+                sh.wake();
             }
             (Err(e), put_err) => {
                 let e = put_err.unwrap_or(e);
@@ -441,7 +443,7 @@ pub fn ack_collector(sh: Arc<Shared>, rx: Receiver<AckWork>) {
                 sh.journal(|j| {
                     j.record_retry(&[(w.path.clone(), reason.clone())], now_ms() + delay)
                 });
-                sh.release([w.path]);
+                sh.wake();
             }
         }
     }

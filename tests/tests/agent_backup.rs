@@ -141,7 +141,11 @@ fn restart_with_nothing_changed_rereads_and_resends_nothing() -> Result<()> {
     let after = agent.wait_settled(51, T)?;
     assert_eq!(before["last_backup_at"], after["last_backup_at"]);
     assert_eq!(rcv.pack_bytes("r"), packs, "nothing re-sent");
-    assert_eq!(rcv.status()?["repos"], rs["repos"], "no new versions");
+    assert_eq!(
+        rcv.status()?["repositories"],
+        rs["repositories"],
+        "no new versions"
+    );
     let log = agent.log();
     let scans: Vec<&str> = log.lines().filter(|l| l.contains("scan done")).collect();
     assert_eq!(scans.len(), 2, "{}", tail(&log));

@@ -12,8 +12,14 @@ use serde_json::Value;
 
 pub const PASS: &str = "correct horse battery staple";
 
+/// The binaries under test, built by this crate from the real `main.rs` files (so a fresh
+/// `cargo test` always runs current code).
 pub fn bin(name: &str) -> PathBuf {
-    assert_cmd::cargo::cargo_bin(name)
+    match name {
+        "coffer-agent" => PathBuf::from(env!("CARGO_BIN_EXE_coffer-agent-test")),
+        "coffer-receiver" => PathBuf::from(env!("CARGO_BIN_EXE_coffer-receiver-test")),
+        other => panic!("unknown binary {other}"),
+    }
 }
 
 /// Polls `f` until it returns `Some`, or fails after `limit`.
