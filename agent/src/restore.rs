@@ -271,7 +271,10 @@ const WINDOW: usize = 24;
 struct Target {
     path: PathBuf,
     tmp: PathBuf,
-    file: std::fs::File,
+    /// Opened when the first chunk lands, closed when the file is finished, so only files
+    /// with chunks in flight hold a descriptor (a restore of 100k files stays far below the
+    /// open-file limit).
+    file: Option<std::fs::File>,
     remaining: usize,
     failed: Option<String>,
     item: Item,
@@ -344,18 +347,6 @@ pub fn restore(cfg: &Config, o: RestoreOpts) -> Result<(), RestoreError> {
             }
             EntryKind::File => {
                 let tmp = temp_name(&dest);
-                let file = match std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .open(&tmp)
-                {
-                    Ok(f) => f,
-                    Err(e) => {
-                        eprintln!("error: {}: creating {}: {e}", show(&path), tmp.display());
-                        failed += 1;
-                        continue;
-                    }
-                };
                 let mut off = 0u64;
                 for c in &it.manifest.chunks {
                     order.push((n, off, c.id, c.len));
@@ -364,7 +355,7 @@ pub fn restore(cfg: &Config, o: RestoreOpts) -> Result<(), RestoreError> {
                 let t = Target {
                     path: dest,
                     tmp,
-                    file,
+                    file: None,
                     remaining: it.manifest.chunks.len(),
                     failed: None,
                     item: it,
@@ -463,8 +454,13 @@ fn fetch_all(
                     match res {
                         Ok(plain) => {
                             if tg.failed.is_none() {
-                                if let Err(e) = tg.file.write_all_at(&plain, off) {
-                                    tg.failed = Some(format!("writing {}: {e}", tg.tmp.display()));
+                                let shown = tg.tmp.display().to_string();
+                                let r = tg.open().and_then(|f| {
+                                    f.write_all_at(&plain, off)
+                                        .map_err(|e| format!("writing {shown}: {e}"))
+                                });
+                                if let Err(e) = r {
+                                    tg.failed = Some(e);
                                 }
                             }
                             if let Some(b) = &bar {
@@ -571,10 +567,31 @@ fn set_times(p: &Path, m: &Manifest, follow: bool) -> Result<(), String> {
         .map_err(|e| format!("setting mtime of {}: {e}", p.display()))
 }
 
-fn finish(t: Target, is_root: bool) -> Result<(), String> {
+impl Target {
+    /// The temporary file, created on first use.
+    fn open(&mut self) -> Result<&std::fs::File, String> {
+        if self.file.is_none() {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&self.tmp)
+                .map_err(|e| format!("creating {}: {e}", self.tmp.display()))?;
+            self.file = Some(f);
+        }
+        self.file
+            .as_ref()
+            .ok_or_else(|| format!("creating {}", self.tmp.display()))
+    }
+}
+
+fn finish(mut t: Target, is_root: bool) -> Result<(), String> {
+    let file = t
+        .open()?
+        .try_clone()
+        .map_err(|e| format!("{}: {e}", t.tmp.display()))?;
+    t.file = None;
     let m = &t.item.manifest;
-    let len = t
-        .file
+    let len = file
         .metadata()
         .map_err(|e| format!("{}: {e}", t.tmp.display()))?
         .len();
@@ -589,12 +606,11 @@ fn finish(t: Target, is_root: bool) -> Result<(), String> {
         )));
     }
     if is_root {
-        let _ = std::os::unix::fs::fchown(&t.file, Some(m.uid), Some(m.gid));
+        let _ = std::os::unix::fs::fchown(&file, Some(m.uid), Some(m.gid));
     }
-    t.file
-        .set_permissions(std::fs::Permissions::from_mode(m.mode & 0o7777))
+    file.set_permissions(std::fs::Permissions::from_mode(m.mode & 0o7777))
         .map_err(|e| cleanup(format!("setting mode of {}: {e}", t.tmp.display())))?;
-    drop(t.file);
+    drop(file);
     set_times(&t.tmp, m, false).map_err(cleanup)?;
     std::fs::rename(&t.tmp, &t.path)
         .map_err(|e| cleanup(format!("renaming into {}: {e}", t.path.display())))

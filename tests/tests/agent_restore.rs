@@ -394,3 +394,28 @@ fn a_hostile_repository_cannot_make_restore_write_outside_the_target() -> Result
     assert!(!std::path::Path::new("/tmp/abs-escape.txt").exists());
     Ok(())
 }
+
+#[test]
+fn restoring_more_files_than_the_open_file_limit_works() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let rcv = Receiver::start(&tmp.path().join("rcv"))?;
+    let mut agent = Agent::init(&tmp.path().join("agent"), &rcv, "r")?;
+    for i in 0..600u64 {
+        std::fs::write(agent.watch.join(format!("f{i:04}")), data(3000, i))?;
+    }
+    agent.run()?;
+    agent.wait_settled(600, T)?;
+    let dest = tmp.path().join("out");
+    // 128 descriptors for 600 files: only files with chunks in flight may hold one.
+    let o = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -n 128 && exec \"$0\" restore --config \"$1\" --to \"$2\"")
+        .arg(bin("coffer-agent"))
+        .arg(&agent.config)
+        .arg(&dest)
+        .env("COFFER_PASSPHRASE", PASS)
+        .output()?;
+    ok(&o);
+    assert_eq!(assert_same_tree(&agent.watch, &dest.join("w"))?, 600);
+    Ok(())
+}
