@@ -9,8 +9,10 @@
 //! - [`store`]: pack and record formats behind the [`store::PackStore`] trait.
 //! - [`index`]: the repository's SQLite index, sole owner of its connection.
 //! - [`status`]: `status` and `scrub`.
+//! - [`metrics`]: the session counters and `serve --metrics`'s `/metrics` endpoint.
 //! - [`notify`]: systemd readiness and watchdog notifications.
 //! - [`service`]: `service install|uninstall` (the systemd unit).
+//! - [`clidoc`]: shell completions and the man page from the command line's definition.
 //!
 //! `docs/design.md` ("Receiver store") describes the formats and the write ordering.
 
@@ -20,10 +22,12 @@ use std::path::{Path, PathBuf};
 use coffer_common::channel::PublicKey;
 
 pub mod auth;
+pub mod clidoc;
 pub mod config;
 pub mod fsutil;
 pub mod index;
 pub mod layout;
+pub mod metrics;
 pub mod notify;
 pub mod repo;
 pub mod server;
@@ -59,6 +63,8 @@ pub enum Error {
     Lock { path: PathBuf, msg: String },
     #[error("listening on {addr}: {msg}")]
     Bind { addr: SocketAddr, msg: String },
+    #[error("serving metrics on {addr} (--metrics): {msg}")]
+    MetricsBind { addr: SocketAddr, msg: String },
     #[error("starting the runtime: {0}")]
     Runtime(String),
     #[error(transparent)]

@@ -6,12 +6,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
-use coffer_receiver::{server, service, status, Authorized, Layout};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
+use coffer_receiver::{clidoc, server, service, status, Authorized, Layout};
 
 /// Coffer receiver: stores sealed chunks durably; never sees keys or plaintext.
 #[derive(Parser)]
-#[command(name = "coffer-receiver", version, about)]
+#[command(name = "coffer-receiver", version, about, propagate_version = true)]
 struct Cli {
     #[command(flatten)]
     log: LogOpts,
@@ -19,11 +19,27 @@ struct Cli {
     command: Command,
 }
 
+/// Logging options shared by every command (logs go to stderr).
 #[derive(Args)]
 struct LogOpts {
     /// More log output on stderr (-v debug, -vv trace); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
+    /// Less log output (warnings and errors only); RUST_LOG overrides.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    quiet: bool,
+    /// Log line format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+/// Log line format.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
 }
 
 #[derive(Args)]
@@ -70,6 +86,11 @@ enum Command {
         /// Address to listen on, overriding receiver.toml (port 0 picks a free port).
         #[arg(long, value_name = "ADDR")]
         listen: Option<SocketAddr>,
+        /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9465). Off by
+        /// default; ADDR is used as given, so keep it on loopback unless the network to it
+        /// is trusted.
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<SocketAddr>,
     },
     /// Show repositories, keys, counts and whether serve is running.
     Status {
@@ -89,6 +110,15 @@ enum Command {
         #[command(subcommand)]
         action: ServiceAction,
     },
+    /// Print shell completions.
+    #[command(hide = true)]
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clidoc::Shell,
+    },
+    /// Print the man page (roff).
+    #[command(hide = true)]
+    Man,
 }
 
 #[derive(Subcommand)]
@@ -109,19 +139,22 @@ enum ServiceAction {
     },
 }
 
-fn init_logging(verbose: u8) {
-    let default = match verbose {
-        0 => "info",
-        1 => "debug",
-        _ => "trace",
+fn init_logging(l: &LogOpts) {
+    let default = match (l.quiet, l.verbose) {
+        (true, _) => "warn",
+        (false, 0) => "info",
+        (false, 1) => "debug",
+        (false, _) => "trace",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_writer(std::io::stderr);
+    match l.log_format {
+        LogFormat::Json => b.json().init(),
+        LogFormat::Text => b.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
 }
 
 fn out(line: impl std::fmt::Display) -> anyhow::Result<()> {
@@ -150,12 +183,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let repo = coffer_receiver::revoke(&root.root, &key)?;
             tracing::info!("revoked agent key {key} (it wrote repository {repo})");
         }
-        Command::Serve { root, listen } => {
+        Command::Serve {
+            root,
+            listen,
+            metrics,
+        } => {
             let mut ready_err = None;
             server::serve(
                 server::ServeOptions {
                     root: root.root,
                     listen,
+                    metrics,
                 },
                 |addr| {
                     if let Err(e) = out(format_args!("listening on {addr}")) {
@@ -208,13 +246,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             print!("{report}");
         }
+        Command::Completions { shell } => {
+            clidoc::completions(shell, &mut Cli::command(), &mut std::io::stdout().lock())
+                .context("writing completions to stdout")?;
+        }
+        Command::Man => {
+            clidoc::man(Cli::command(), &mut std::io::stdout().lock())
+                .context("writing the man page to stdout")?;
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log.verbose);
+    init_logging(&cli.log);
     match run(cli) {
         Ok(c) => c,
         Err(e) => {
@@ -226,9 +272,70 @@ fn main() -> ExitCode {
 
 #[cfg(test)]
 mod tests {
+    use clap::{CommandFactory, Parser};
+    use coffer_receiver::clidoc::{self, Shell};
+
+    use super::{Cli, Command, LogFormat};
+
     #[test]
     fn verify_cli() {
-        use clap::CommandFactory;
-        super::Cli::command().debug_assert();
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn log_options_are_global() {
+        let c = Cli::try_parse_from([
+            "coffer-receiver",
+            "serve",
+            "--root",
+            "/r",
+            "-q",
+            "--log-format",
+            "json",
+            "--metrics",
+            "127.0.0.1:9465",
+        ])
+        .expect("parses");
+        assert!(c.log.quiet);
+        assert_eq!(c.log.log_format, LogFormat::Json);
+        match c.command {
+            Command::Serve { metrics, .. } => {
+                assert_eq!(metrics, Some("127.0.0.1:9465".parse().expect("addr")))
+            }
+            _ => panic!("not serve"),
+        }
+        assert!(
+            Cli::try_parse_from(["coffer-receiver", "-q", "-v", "status", "--root", "/r"]).is_err()
+        );
+        assert!(Cli::try_parse_from([
+            "coffer-receiver",
+            "--log-format",
+            "xml",
+            "status",
+            "--root",
+            "/r"
+        ])
+        .is_err());
+    }
+
+    #[test]
+    fn completions_and_man_page_render_and_stay_hidden() {
+        for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
+            let mut out = Vec::new();
+            clidoc::completions(shell, &mut Cli::command(), &mut out).expect("renders");
+            let text = String::from_utf8(out).expect("utf-8");
+            assert!(text.contains("coffer-receiver"), "{shell}");
+            assert!(text.contains("authorize"), "{shell}");
+        }
+        let mut out = Vec::new();
+        clidoc::man(Cli::command(), &mut out).expect("renders");
+        let man = String::from_utf8(out).expect("utf-8");
+        assert!(man.contains(".TH coffer-receiver"), "{man}");
+        assert!(man.contains("serve"), "{man}");
+        let help = Cli::command().render_long_help().to_string();
+        assert!(
+            !help.contains("completions") && !help.contains("\n  man"),
+            "{help}"
+        );
     }
 }

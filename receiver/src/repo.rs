@@ -522,6 +522,12 @@ impl Repo {
         }
     }
 
+    /// Durable, indexed bytes of all packs (headers included): the recorded pack lengths,
+    /// kept in memory, so this is cheap (for metrics).
+    pub fn stored_bytes(&self) -> u64 {
+        lock(&self.state).committed.values().sum()
+    }
+
     /// Bytes of chunks written but not yet flushed (for tests and logs).
     pub fn pending_chunks(&self) -> usize {
         lock(&self.state).pending.len()

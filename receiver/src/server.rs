@@ -20,6 +20,9 @@
 //! only (after a best-effort `Error{Malformed}`). SIGTERM/SIGINT stop the listener; each
 //! session handles what it has already received, flushes, answers `Error{ShuttingDown}`
 //! and closes, within `shutdown_grace_secs`.
+//!
+//! With `--metrics ADDR`, [`crate::metrics`] serves the counters the sessions keep at
+//! `http://ADDR/metrics`, on this same runtime.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -44,6 +47,7 @@ use crate::config::Config;
 use crate::fsutil::{write_atomic, Context};
 use crate::index::{CommitOutcome, NewCommit};
 use crate::layout::Layout;
+use crate::metrics::{ErrorKind, Metrics, Rejected};
 use crate::repo::{Repo, RepoError};
 use crate::Error;
 
@@ -70,6 +74,9 @@ pub struct ServeOptions {
     pub root: PathBuf,
     /// Overrides the configured listen address.
     pub listen: Option<SocketAddr>,
+    /// Serve Prometheus metrics at `http://ADDR/metrics` (off when `None`). Used as given:
+    /// keep it on loopback unless the network path to it is trusted.
+    pub metrics: Option<SocketAddr>,
 }
 
 struct Shared {
@@ -82,6 +89,7 @@ struct Shared {
     handshakes: Arc<Semaphore>,
     cancel: CancellationToken,
     tracker: TaskTracker,
+    metrics: Arc<Metrics>,
 }
 
 /// Takes the root's serve lock, refusing when another `serve` holds it.
@@ -127,7 +135,7 @@ pub fn serve(opts: ServeOptions, on_ready: impl FnOnce(SocketAddr)) -> Result<()
         .thread_name("coffer-receiver")
         .build()
         .map_err(|e| Error::Runtime(e.to_string()))?;
-    let r = rt.block_on(run(layout.clone(), config, keypair, on_ready));
+    let r = rt.block_on(run(layout.clone(), config, keypair, opts.metrics, on_ready));
     rt.shutdown_timeout(Duration::from_secs(2));
     let _ = std::fs::remove_file(layout.serve_addr());
     r
@@ -137,6 +145,7 @@ async fn run(
     layout: Layout,
     config: Config,
     keypair: StaticKeypair,
+    metrics_addr: Option<SocketAddr>,
     on_ready: impl FnOnce(SocketAddr),
 ) -> Result<(), Error> {
     let listener = TcpListener::bind(config.listen)
@@ -149,6 +158,13 @@ async fn run(
         addr: config.listen,
         msg: crate::fsutil::describe(&e),
     })?;
+    let metrics_listener = match metrics_addr {
+        Some(a) => Some(TcpListener::bind(a).await.map_err(|e| Error::MetricsBind {
+            addr: a,
+            msg: crate::fsutil::describe(&e),
+        })?),
+        None => None,
+    };
     write_atomic(&layout.serve_addr(), format!("{addr}\n").as_bytes(), 0o644)?;
     let shared = Arc::new(Shared {
         auth: AuthWatcher::new(layout.authorized()),
@@ -160,6 +176,7 @@ async fn run(
         repos: tokio::sync::Mutex::new(HashMap::new()),
         cancel: CancellationToken::new(),
         tracker: TaskTracker::new(),
+        metrics: Arc::new(Metrics::new()),
     });
     // Load the list once now so a broken file is reported at start.
     let _ = shared.auth.current();
@@ -170,6 +187,18 @@ async fn run(
         max_sessions = shared.config.max_sessions,
         "listening"
     );
+    if let Some(l) = metrics_listener {
+        match l.local_addr() {
+            Ok(a) => tracing::info!("metrics at http://{a}/metrics"),
+            Err(e) => tracing::warn!("metrics listener: {}", crate::fsutil::describe(&e)),
+        }
+        let s = shared.clone();
+        tokio::spawn(crate::metrics::serve_http(
+            l,
+            shared.cancel.clone(),
+            move || scrape(&s),
+        ));
+    }
     on_ready(addr);
     spawn_signal_handler(shared.cancel.clone())?;
     crate::notify::notify(&format!("READY=1\nSTATUS=listening on {addr}"));
@@ -240,6 +269,18 @@ async fn run(
     Ok(())
 }
 
+/// The metrics text, with the stored bytes of every repository opened so far (runs on a
+/// blocking thread).
+fn scrape(shared: &Shared) -> String {
+    let repos: Vec<Arc<Repo>> = shared.repos.blocking_lock().values().cloned().collect();
+    for r in repos {
+        shared
+            .metrics
+            .set_repository_bytes(r.name().as_str(), r.stored_bytes());
+    }
+    shared.metrics.render()
+}
+
 fn spawn_signal_handler(cancel: CancellationToken) -> Result<(), Error> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).map_err(|e| Error::Runtime(e.to_string()))?;
@@ -271,10 +312,12 @@ async fn connection(shared: Arc<Shared>, stream: TcpStream, handshake_slot: Owne
         Ok(x) => x,
         Err(e) => {
             tracing::debug!("handshake failed: {e}");
+            shared.metrics.rejected(Rejected::Failed);
             return;
         }
     };
     let Some(repo) = shared.auth.current().repo_of(&key).cloned() else {
+        shared.metrics.rejected(Rejected::Unauthorized);
         tracing::warn!(%key, "refused: agent key {key} is not authorized on this receiver");
         let m = error(
             ErrorCode::Unauthorized,
@@ -309,7 +352,10 @@ async fn connection(shared: Arc<Shared>, stream: TcpStream, handshake_slot: Owne
         }
     };
     let span = tracing::info_span!("session", %repo, key = %short(&key));
+    let metrics = shared.metrics.clone();
+    let active = metrics.session();
     session(shared, ch, repo).instrument(span).await;
+    drop(active);
     drop(permit);
 }
 
@@ -352,6 +398,7 @@ async fn session(shared: Arc<Shared>, mut ch: channel::Channel<TcpStream>, repo_
                      speaks {protocol}; upgrade the older side"
                 );
                 tracing::warn!("{msg}");
+                shared.metrics.error(ErrorKind::Protocol);
                 refuse(ch, error(ErrorCode::ProtocolVersion, msg)).await;
                 return;
             }
@@ -361,12 +408,14 @@ async fn session(shared: Arc<Shared>, mut ch: channel::Channel<TcpStream>, repo_
         Ok(Ok(other)) => {
             let msg = format!("expected Hello as the first message, got {}", other.kind());
             tracing::warn!("{msg}");
+            shared.metrics.error(ErrorKind::Protocol);
             refuse(ch, error(ErrorCode::Malformed, msg)).await;
             return;
         }
         Ok(Err(ChannelError::Wire(WireError::Closed))) => return,
         Ok(Err(e)) => {
             tracing::warn!("bad first frame: {e}");
+            shared.metrics.error(ErrorKind::Protocol);
             refuse(ch, error(ErrorCode::Malformed, e.to_string())).await;
             return;
         }
@@ -375,6 +424,7 @@ async fn session(shared: Arc<Shared>, mut ch: channel::Channel<TcpStream>, repo_
         Ok(r) => r,
         Err(e) => {
             tracing::error!("opening repository {repo_name}: {e}");
+            shared.metrics.error(error_kind(&e));
             let code = if e.is_storage() {
                 ErrorCode::Storage
             } else {
@@ -411,6 +461,7 @@ async fn session(shared: Arc<Shared>, mut ch: channel::Channel<TcpStream>, repo_
         unflushed: false,
         acked: 0,
         stored_bytes: 0,
+        metrics: shared.metrics.clone(),
     };
     let end = s.run(qrx, &shared.cancel).await;
     // Close our side after the last reply; let the reader drain what the agent had already
@@ -420,6 +471,9 @@ async fn session(shared: Arc<Shared>, mut ch: channel::Channel<TcpStream>, repo_
     let _ = tokio::time::timeout(LINGER, &mut reader).await;
     reader_cancel.cancel();
     reader.abort();
+    if matches!(end, Err(End::Internal(_))) {
+        shared.metrics.error(ErrorKind::Internal);
+    }
     match end {
         Ok(()) => {
             tracing::info!(agent = %agent, files = s.acked, bytes = s.stored_bytes, "session ended")
@@ -562,12 +616,21 @@ struct Session {
     unflushed: bool,
     acked: u64,
     stored_bytes: u64,
+    metrics: Arc<Metrics>,
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, End> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| End::Internal(e.to_string()))
+}
+
+fn error_kind(e: &RepoError) -> ErrorKind {
+    if e.is_storage() {
+        ErrorKind::Storage
+    } else {
+        ErrorKind::Internal
+    }
 }
 
 fn repo_error(e: &RepoError) -> Message {
@@ -673,6 +736,7 @@ impl Session {
                 }
                 Incoming::Bad(e) => {
                     tracing::warn!("ending session: {e}");
+                    self.metrics.error(ErrorKind::Protocol);
                     self.flush_now().await?;
                     let _ = self.send(error(ErrorCode::Malformed, e.to_string())).await;
                     return Err(End::Protocol(e.to_string()));
@@ -683,6 +747,12 @@ impl Session {
                 self.start_flush();
             }
         }
+    }
+
+    /// The reply for a failed request, counted.
+    fn failed(&self, e: &RepoError) -> Message {
+        self.metrics.error(error_kind(e));
+        repo_error(e)
     }
 
     async fn send(&mut self, m: Message) -> Result<(), End> {
@@ -705,6 +775,7 @@ impl Session {
 
     async fn malformed(&mut self, msg: String) -> Result<(), End> {
         tracing::warn!("ending session: {msg}");
+        self.metrics.error(ErrorKind::Protocol);
         self.flush_now().await?;
         let _ = self.send(error(ErrorCode::Malformed, msg.clone())).await;
         Err(End::Protocol(msg))
@@ -722,7 +793,7 @@ impl Session {
                 let r = blocking(move || repo.missing(&ids)).await?;
                 let reply = match r {
                     Ok(ids) => Message::Missing { ids },
-                    Err(e) => repo_error(&e),
+                    Err(e) => self.failed(&e),
                 };
                 self.reply(reply).await
             }
@@ -733,6 +804,7 @@ impl Session {
                          {MAX_SEALED} bytes",
                         sealed.len()
                     );
+                    self.metrics.error(ErrorKind::Protocol);
                     return self.reply(error(ErrorCode::Malformed, msg)).await;
                 }
                 let n = sealed.len() as u64;
@@ -744,12 +816,15 @@ impl Session {
                             self.unflushed = true;
                             self.batch_bytes += n;
                             self.stored_bytes += n;
+                            self.metrics.chunk_stored(n);
+                        } else {
+                            self.metrics.chunk_deduplicated();
                         }
                         Message::Stored { id }
                     }
                     Err(e) => {
                         tracing::warn!("storing chunk {id}: {e}");
-                        repo_error(&e)
+                        self.failed(&e)
                     }
                 };
                 self.reply(reply).await
@@ -784,11 +859,14 @@ impl Session {
                 let r = blocking(move || repo.put_keyfile(&data)).await?;
                 let reply = match r {
                     Ok(()) => Message::KeyFileStored,
-                    Err(RepoError::KeyFileTooLarge(n)) => error(
-                        ErrorCode::Malformed,
-                        RepoError::KeyFileTooLarge(n).to_string(),
-                    ),
-                    Err(e) => repo_error(&e),
+                    Err(RepoError::KeyFileTooLarge(n)) => {
+                        self.metrics.error(ErrorKind::Protocol);
+                        error(
+                            ErrorCode::Malformed,
+                            RepoError::KeyFileTooLarge(n).to_string(),
+                        )
+                    }
+                    Err(e) => self.failed(&e),
                 };
                 self.reply(reply).await
             }
@@ -796,7 +874,7 @@ impl Session {
                 let repo = self.repo.clone();
                 let reply = match blocking(move || repo.get_keyfile()).await? {
                     Ok(data) => Message::KeyFile { data },
-                    Err(e) => repo_error(&e),
+                    Err(e) => self.failed(&e),
                 };
                 self.reply(reply).await
             }
@@ -808,7 +886,7 @@ impl Session {
                 let repo = self.repo.clone();
                 let reply = match blocking(move || repo.list_versions(after, limit)).await? {
                     Ok((entries, more)) => Message::Versions { entries, more },
-                    Err(e) => repo_error(&e),
+                    Err(e) => self.failed(&e),
                 };
                 self.reply(reply).await
             }
@@ -823,6 +901,7 @@ impl Session {
                     Ok(None) => not_found(&id),
                     Err(e) => {
                         tracing::error!("reading chunk {id}: {e}");
+                        self.metrics.error(ErrorKind::Internal);
                         error(ErrorCode::Internal, format!("reading chunk {id}: {e}"))
                     }
                 };
@@ -881,6 +960,8 @@ impl Session {
         let (commits, outcome) = r.map_err(|e| End::Internal(e.to_string()))?;
         if let Err(e) = &outcome {
             tracing::warn!("flushing a batch of {} commits: {e}", commits.len());
+            // One failure, however many commits it answers.
+            self.metrics.error(error_kind(e));
         }
         for reply in f.replies {
             let m = match reply {
@@ -892,6 +973,7 @@ impl Session {
                             commit_time,
                         }) => {
                             self.acked += 1;
+                            self.metrics.commit();
                             Message::FileAcked {
                                 commit_id: c.commit_id,
                                 version: *version,

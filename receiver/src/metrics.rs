@@ -1,0 +1,483 @@
+//! `serve --metrics ADDR`: counters kept by the sessions, and the Prometheus (OpenMetrics)
+//! text exposition at `/metrics` (off by default).
+//!
+//! [`Metrics`] holds `prometheus-client` counters and gauges (atomics) registered once;
+//! the server bumps them where things happen and a scrape encodes their current values.
+//! Series (counters carry the `_total` suffix in the exposition):
+//!
+//! - `coffer_receiver_sessions_active`: sessions holding a slot now;
+//! - `coffer_receiver_sessions_total`: sessions started;
+//! - `coffer_receiver_bytes_stored_total`: sealed bytes appended to packs;
+//! - `coffer_receiver_chunks_stored_total`: chunks appended to packs;
+//! - `coffer_receiver_chunks_deduplicated_total`: `PutChunk`s of a chunk already present;
+//! - `coffer_receiver_commits_total`: files acknowledged (`FileAcked` sent);
+//! - `coffer_receiver_handshakes_rejected_total{reason="failed"|"unauthorized"}`;
+//! - `coffer_receiver_errors_total{kind="protocol"|"storage"|"internal"}`: errors reported to
+//!   agents (each ends the session, or fails that one request);
+//! - `coffer_receiver_repository_stored_bytes{repo}`: durable (indexed) pack bytes of each
+//!   repository opened since `serve` started.
+//!
+//! The endpoint is a deliberately tiny HTTP/1.1 responder on the server's runtime: one
+//! request per connection, a bounded request head, a read timeout, a cap on concurrent
+//! scrapes. It serves nothing but these numbers and repository names (no keys, file names
+//! or paths).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+/// The exposition's content type (what `prometheus-client` encodes).
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// Longest request head read.
+const MAX_REQUEST: usize = 8 * 1024;
+/// How long a scraper may take to send its request.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long writing the response may take.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Scrapes answered at once; connections past this are closed at once.
+const MAX_SCRAPES: usize = 16;
+
+type Labels = [(&'static str, String); 1];
+
+/// Why a connection was turned away before it became a session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rejected {
+    /// The Noise handshake failed or timed out (not a Coffer agent, wrong receiver key).
+    Failed,
+    /// The agent's key is not in `authorized.toml`.
+    Unauthorized,
+}
+
+/// What kind of error was reported to an agent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// A malformed frame or request, a wrong protocol version.
+    Protocol,
+    /// Storing or reading failed (disk full, I/O error, rolled-back batch).
+    Storage,
+    /// Anything else on the receiver's side.
+    Internal,
+}
+
+/// The receiver's counters and gauges, shared by every session.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    sessions_active: Gauge,
+    sessions: Counter,
+    bytes_stored: Counter,
+    chunks_stored: Counter,
+    chunks_deduplicated: Counter,
+    commits: Counter,
+    rejected_failed: Counter,
+    rejected_unauthorized: Counter,
+    errors_protocol: Counter,
+    errors_storage: Counter,
+    errors_internal: Counter,
+    repository_bytes: Family<Labels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Keeps `coffer_receiver_sessions_active` raised while alive.
+#[must_use = "the session counts as active only while this guard lives"]
+pub struct ActiveSession<'a>(&'a Gauge);
+
+impl Drop for ActiveSession<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+impl Metrics {
+    /// Every series registered, at zero (labelled children too, so each appears at once).
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let sessions_active = Gauge::default();
+        let sessions = Counter::default();
+        let bytes_stored = Counter::default();
+        let chunks_stored = Counter::default();
+        let chunks_deduplicated = Counter::default();
+        let commits = Counter::default();
+        let rejected = Family::<Labels, Counter>::default();
+        let errors = Family::<Labels, Counter>::default();
+        let repository_bytes = Family::<Labels, Gauge>::default();
+        let child = |f: &Family<Labels, Counter>, k: &'static str, v: &str| {
+            f.get_or_create(&[(k, v.to_string())]).clone()
+        };
+        let rejected_failed = child(&rejected, "reason", "failed");
+        let rejected_unauthorized = child(&rejected, "reason", "unauthorized");
+        let errors_protocol = child(&errors, "kind", "protocol");
+        let errors_storage = child(&errors, "kind", "storage");
+        let errors_internal = child(&errors, "kind", "internal");
+        registry.register(
+            "coffer_receiver_sessions_active",
+            "Agent sessions holding a slot now",
+            sessions_active.clone(),
+        );
+        registry.register(
+            "coffer_receiver_sessions",
+            "Agent sessions started",
+            sessions.clone(),
+        );
+        registry.register(
+            "coffer_receiver_bytes_stored",
+            "Sealed chunk bytes appended to packs",
+            bytes_stored.clone(),
+        );
+        registry.register(
+            "coffer_receiver_chunks_stored",
+            "Chunks appended to packs",
+            chunks_stored.clone(),
+        );
+        registry.register(
+            "coffer_receiver_chunks_deduplicated",
+            "Chunks sent that the repository already held (not stored again)",
+            chunks_deduplicated.clone(),
+        );
+        registry.register(
+            "coffer_receiver_commits",
+            "Files acknowledged to agents",
+            commits.clone(),
+        );
+        registry.register(
+            "coffer_receiver_handshakes_rejected",
+            "Connections refused: failed handshakes and unauthorized agent keys",
+            rejected,
+        );
+        registry.register(
+            "coffer_receiver_errors",
+            "Protocol, storage and internal errors reported to agents",
+            errors,
+        );
+        registry.register(
+            "coffer_receiver_repository_stored_bytes",
+            "Durable (indexed) pack bytes of each repository opened since serve started",
+            repository_bytes.clone(),
+        );
+        Self {
+            registry,
+            sessions_active,
+            sessions,
+            bytes_stored,
+            chunks_stored,
+            chunks_deduplicated,
+            commits,
+            rejected_failed,
+            rejected_unauthorized,
+            errors_protocol,
+            errors_storage,
+            errors_internal,
+            repository_bytes,
+        }
+    }
+
+    /// A session started; it counts as active until the guard is dropped.
+    pub fn session(&self) -> ActiveSession<'_> {
+        self.sessions.inc();
+        self.sessions_active.inc();
+        ActiveSession(&self.sessions_active)
+    }
+
+    /// A chunk of `sealed_len` bytes was appended to a pack.
+    pub fn chunk_stored(&self, sealed_len: u64) {
+        self.chunks_stored.inc();
+        self.bytes_stored.inc_by(sealed_len);
+    }
+
+    /// A chunk was sent that the repository already held.
+    pub fn chunk_deduplicated(&self) {
+        self.chunks_deduplicated.inc();
+    }
+
+    /// A file was acknowledged.
+    pub fn commit(&self) {
+        self.commits.inc();
+    }
+
+    /// A connection was refused before its session.
+    pub fn rejected(&self, why: Rejected) {
+        match why {
+            Rejected::Failed => self.rejected_failed.inc(),
+            Rejected::Unauthorized => self.rejected_unauthorized.inc(),
+        };
+    }
+
+    /// An error was reported to an agent (or ended its session).
+    pub fn error(&self, kind: ErrorKind) {
+        match kind {
+            ErrorKind::Protocol => self.errors_protocol.inc(),
+            ErrorKind::Storage => self.errors_storage.inc(),
+            ErrorKind::Internal => self.errors_internal.inc(),
+        };
+    }
+
+    /// Sets a repository's stored bytes.
+    pub fn set_repository_bytes(&self, repo: &str, bytes: u64) {
+        self.repository_bytes
+            .get_or_create(&[("repo", repo.to_string())])
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
+    /// The exposition text.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Answers `GET /metrics` on `listener` until `cancel`. `scrape` makes the body; it runs on
+/// a blocking thread (it may take locks that storage work holds).
+pub async fn serve_http<F>(listener: TcpListener, cancel: CancellationToken, scrape: F)
+where
+    F: Fn() -> String + Send + Sync + 'static,
+{
+    let scrape = Arc::new(scrape);
+    let slots = Arc::new(Semaphore::new(MAX_SCRAPES));
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = cancel.cancelled() => return,
+        };
+        let stream = match accepted {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::warn!(
+                    "metrics: accepting a connection: {}",
+                    crate::fsutil::describe(&e)
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    _ = cancel.cancelled() => return,
+                }
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            continue;
+        };
+        let scrape = scrape.clone();
+        tokio::spawn(async move {
+            answer(stream, scrape).await;
+            drop(slot);
+        });
+    }
+}
+
+/// What the request head asks for.
+#[derive(Debug, PartialEq, Eq)]
+enum Request {
+    Metrics,
+    NotFound,
+    BadMethod,
+    Bad,
+}
+
+fn parse_request(head: &[u8]) -> Request {
+    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let mut parts = line.trim_end().split(' ');
+    let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next())
+    else {
+        return Request::Bad;
+    };
+    if !version.starts_with("HTTP/1.") {
+        return Request::Bad;
+    }
+    let path = target.split('?').next().unwrap_or_default();
+    match (method, path) {
+        ("GET", "/metrics") => Request::Metrics,
+        (_, "/metrics") => Request::BadMethod,
+        _ => Request::NotFound,
+    }
+}
+
+async fn answer<F>(mut s: TcpStream, scrape: Arc<F>)
+where
+    F: Fn() -> String + Send + Sync + 'static,
+{
+    let mut buf = vec![0u8; MAX_REQUEST];
+    let mut n = 0;
+    let complete = loop {
+        if n == buf.len() {
+            break false;
+        }
+        match tokio::time::timeout(READ_TIMEOUT, s.read(&mut buf[n..])).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break false,
+            Ok(Ok(k)) => {
+                n += k;
+                if buf[..n].windows(4).any(|w| w == b"\r\n\r\n")
+                    || buf[..n].windows(2).any(|w| w == b"\n\n")
+                {
+                    break true;
+                }
+            }
+        }
+    };
+    let (status, ctype, body) = match (complete, parse_request(&buf[..n])) {
+        (false, _) | (true, Request::Bad) => ("400 Bad Request", "text/plain", String::new()),
+        (true, Request::NotFound) => (
+            "404 Not Found",
+            "text/plain",
+            "metrics are at /metrics\n".to_string(),
+        ),
+        (true, Request::BadMethod) => ("405 Method Not Allowed", "text/plain", String::new()),
+        (true, Request::Metrics) => match tokio::task::spawn_blocking(move || scrape()).await {
+            Ok(body) => ("200 OK", CONTENT_TYPE, body),
+            Err(e) => {
+                tracing::warn!("metrics: rendering failed: {e}");
+                ("500 Internal Server Error", "text/plain", String::new())
+            }
+        },
+    };
+    let resp = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(WRITE_TIMEOUT, async {
+        s.write_all(resp.as_bytes()).await?;
+        s.shutdown().await
+    })
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn value(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    #[test]
+    fn every_series_is_exposed_from_the_start() {
+        let m = Metrics::new();
+        let t = m.render();
+        for s in [
+            "coffer_receiver_sessions_active",
+            "coffer_receiver_sessions_total",
+            "coffer_receiver_bytes_stored_total",
+            "coffer_receiver_chunks_stored_total",
+            "coffer_receiver_chunks_deduplicated_total",
+            "coffer_receiver_commits_total",
+            "coffer_receiver_handshakes_rejected_total{reason=\"failed\"}",
+            "coffer_receiver_handshakes_rejected_total{reason=\"unauthorized\"}",
+            "coffer_receiver_errors_total{kind=\"protocol\"}",
+            "coffer_receiver_errors_total{kind=\"storage\"}",
+            "coffer_receiver_errors_total{kind=\"internal\"}",
+        ] {
+            assert_eq!(value(&t, s), Some(0.0), "{s} in\n{t}");
+        }
+        assert!(t.ends_with("# EOF\n"), "{t}");
+    }
+
+    #[test]
+    fn counters_and_the_session_gauge_move() {
+        let m = Metrics::new();
+        {
+            let _a = m.session();
+            let _b = m.session();
+            m.chunk_stored(100);
+            m.chunk_stored(50);
+            m.chunk_deduplicated();
+            m.commit();
+            m.rejected(Rejected::Unauthorized);
+            m.error(ErrorKind::Storage);
+            m.set_repository_bytes("photos", 4096);
+            let t = m.render();
+            assert_eq!(value(&t, "coffer_receiver_sessions_active"), Some(2.0));
+            assert_eq!(value(&t, "coffer_receiver_sessions_total"), Some(2.0));
+            assert_eq!(value(&t, "coffer_receiver_bytes_stored_total"), Some(150.0));
+            assert_eq!(value(&t, "coffer_receiver_chunks_stored_total"), Some(2.0));
+            assert_eq!(
+                value(&t, "coffer_receiver_chunks_deduplicated_total"),
+                Some(1.0)
+            );
+            assert_eq!(value(&t, "coffer_receiver_commits_total"), Some(1.0));
+            assert_eq!(
+                value(
+                    &t,
+                    "coffer_receiver_handshakes_rejected_total{reason=\"unauthorized\"}"
+                ),
+                Some(1.0)
+            );
+            assert_eq!(
+                value(&t, "coffer_receiver_errors_total{kind=\"storage\"}"),
+                Some(1.0)
+            );
+            assert_eq!(
+                value(
+                    &t,
+                    "coffer_receiver_repository_stored_bytes{repo=\"photos\"}"
+                ),
+                Some(4096.0)
+            );
+        }
+        let t = m.render();
+        assert_eq!(value(&t, "coffer_receiver_sessions_active"), Some(0.0));
+        assert_eq!(value(&t, "coffer_receiver_sessions_total"), Some(2.0));
+    }
+
+    #[test]
+    fn requests_are_routed() {
+        assert_eq!(
+            parse_request(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"),
+            Request::Metrics
+        );
+        assert_eq!(
+            parse_request(b"GET /metrics?x=1 HTTP/1.0\r\n\r\n"),
+            Request::Metrics
+        );
+        assert_eq!(
+            parse_request(b"POST /metrics HTTP/1.1\r\n\r\n"),
+            Request::BadMethod
+        );
+        assert_eq!(parse_request(b"GET / HTTP/1.1\r\n\r\n"), Request::NotFound);
+        assert_eq!(parse_request(b"hello\r\n\r\n"), Request::Bad);
+        assert_eq!(parse_request(b""), Request::Bad);
+    }
+
+    #[tokio::test]
+    async fn the_endpoint_answers_a_plain_get() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let m = Arc::new(Metrics::new());
+        m.commit();
+        let cancel = CancellationToken::new();
+        let m2 = m.clone();
+        let task = tokio::spawn(serve_http(listener, cancel.clone(), move || m2.render()));
+        let get = |path: &'static str| async move {
+            let mut s = TcpStream::connect(addr).await.expect("connect");
+            s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+                .await
+                .expect("write");
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.expect("read");
+            out
+        };
+        let r = get("/metrics").await;
+        assert!(r.starts_with("HTTP/1.1 200 OK\r\n"), "{r}");
+        assert!(r.contains(CONTENT_TYPE), "{r}");
+        assert!(r.contains("coffer_receiver_commits_total 1\n"), "{r}");
+        let r = get("/").await;
+        assert!(r.starts_with("HTTP/1.1 404"), "{r}");
+        cancel.cancel();
+        task.await.expect("serve_http ends on cancel");
+    }
+}
