@@ -261,13 +261,26 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Completions { shell } => {
             use clap::CommandFactory;
             let mut cmd = Cli::command();
-            clap_complete::generate(shell, &mut cmd, "coffer-agent", &mut std::io::stdout());
-            Ok(())
+            // Rendered to memory first: writing straight to a closed pipe would panic.
+            let mut buf = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "coffer-agent", &mut buf);
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            match out.write_all(&buf).and_then(|_| out.flush()) {
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+                r => Ok(r?),
+            }
         }
         Cmd::Man => {
             use clap::CommandFactory;
-            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
-            Ok(())
+            let mut buf = Vec::new();
+            clap_mangen::Man::new(Cli::command()).render(&mut buf)?;
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            match out.write_all(&buf).and_then(|_| out.flush()) {
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+                r => Ok(r?),
+            }
         }
         Cmd::Status(a) => {
             let cfg = load(&a.config)?;

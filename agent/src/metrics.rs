@@ -126,8 +126,14 @@ pub fn serve(rt: &tokio::runtime::Runtime, sh: Arc<Shared>, addr: &str) -> std::
     let last = Arc::new(Mutex::new((Instant::now(), 0u64)));
     rt.spawn(async move {
         loop {
-            let Ok((mut s, _)) = listener.accept().await else {
-                continue;
+            let mut s = match listener.accept().await {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    // E.g. out of descriptors: back off instead of spinning.
+                    tracing::warn!(error = %e, "metrics: accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                    continue;
+                }
             };
             let (sh, last) = (sh.clone(), last.clone());
             tokio::spawn(async move {
@@ -160,7 +166,7 @@ pub fn serve(rt: &tokio::runtime::Runtime, sh: Arc<Shared>, addr: &str) -> std::
                         .await
                         .unwrap_or_default();
                     format!(
-                        "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                         body.len()
                     )
                 } else {
