@@ -284,9 +284,9 @@ def cmd_report(a):
     table = []
 
     def line(fig, ds, phase, kind, target, check, col="wall_s", coffer_phase=None, peer_phase=None,
-             rsync_phase=None):
+             rsync_phase=None, peer_tool="restic-local"):
         c, cv = cell(ds, "coffer", coffer_phase or phase, kind, col)
-        r, rv = cell(ds, "restic-local", peer_phase or phase, kind, col)
+        r, rv = cell(ds, peer_tool, peer_phase or phase, kind, col)
         b, _ = cell(ds, "borg", peer_phase or phase, kind, col)
         y, _ = cell(ds, "rsync-local", rsync_phase or peer_phase or phase, kind, col)
         if kind in ("s", "mbs"):
@@ -324,7 +324,7 @@ def cmd_report(a):
              "<= 96 MiB", lambda c, r: c <= 96 * 1024, col="maxrss_kib", coffer_phase="agent-peak")
         line("peak RSS on `mixed`: receiver (Coffer) / server (restic REST: rclone)", "mixed", "x", "rss",
              "<= 64 MiB", lambda c, r: c <= 64 * 1024, col="maxrss_kib", coffer_phase="receiver-peak",
-             peer_phase="peak")
+             peer_phase="peak", peer_tool="rclone-server")
     deb = meta.get("debounce_s", 2.0)
     for size, name in ((1024, "1 KiB"), (1 << 20, "1 MiB")):
         d = lat.get(size)
