@@ -115,6 +115,8 @@ pub struct Conn {
 
 /// How many requests may wait unsent (bounds memory: each may hold a 4 MiB chunk).
 const QUEUE: usize = 8;
+/// Bytes gathered into one write at most.
+const WRITE_BATCH: usize = 1 << 20;
 
 impl Conn {
     /// Connects, authenticates the receiver by its pinned key, and says hello.
@@ -177,17 +179,28 @@ impl Conn {
         let (tx, mut rx) = mpsc::channel::<(Message, Reply)>(QUEUE);
         let sw = shared.clone();
         tokio::spawn(async move {
-            while let Some((msg, reply)) = rx.recv().await {
-                if sw.closed.load(Ordering::SeqCst) {
-                    let why = sw.reason.lock().map(|r| r.clone()).unwrap_or_default();
-                    let _ = reply.send(Err(ConnError::Lost(why)));
-                    continue;
+            // Everything already waiting is encrypted into one buffer and written with one
+            // system call (many small files cost one write, not one each).
+            while let Some(first) = rx.recv().await {
+                let mut next = Some(first);
+                while let Some((msg, reply)) = next.take() {
+                    if sw.closed.load(Ordering::SeqCst) {
+                        let why = sw.reason.lock().map(|r| r.clone()).unwrap_or_default();
+                        let _ = reply.send(Err(ConnError::Lost(why)));
+                    } else {
+                        match sw.pending.lock() {
+                            Ok(mut p) => p.push_back(reply),
+                            Err(_) => return,
+                        }
+                        if let Err(e) = w.queue(&msg) {
+                            sw.fail_all(&format!("sending: {e}"));
+                        }
+                    }
+                    if w.queued() < WRITE_BATCH {
+                        next = rx.try_recv().ok();
+                    }
                 }
-                match sw.pending.lock() {
-                    Ok(mut p) => p.push_back(reply),
-                    Err(_) => break,
-                }
-                if let Err(e) = w.send(&msg).await {
+                if let Err(e) = w.flush_queued().await {
                     sw.fail_all(&format!("sending: {e}"));
                 }
             }

@@ -175,6 +175,13 @@ impl Journal {
         Ok(Journal { conn, path: p })
     }
 
+    /// The applied schema version (0: a journal still being created).
+    pub fn schema_version(&self) -> Result<i64, JournalError> {
+        self.conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(|e| self.err(e))
+    }
+
     fn err(&self, source: rusqlite::Error) -> JournalError {
         JournalError::Sql {
             path: self.path.clone(),

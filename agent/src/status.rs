@@ -16,7 +16,9 @@ fn open(cfg: &Config) -> Result<Option<Journal>, JournalError> {
     if !p.exists() {
         return Ok(None);
     }
-    Journal::open_read_only(&p).map(Some)
+    let j = Journal::open_read_only(&p)?;
+    // A daemon that is just starting may not have created the tables yet.
+    Ok((j.schema_version()? > 0).then_some(j))
 }
 
 fn ms_to_rfc(ms: i64) -> String {

@@ -408,9 +408,7 @@ impl<W: AsyncWrite + Unpin> SendHalf<W> {
     /// Sends an already encoded body as one frame (also used by tests to send garbage).
     pub async fn send_raw(&mut self, body: &[u8]) -> Result<(), ChannelError> {
         self.encrypt_frame(&(body.len() as u32).to_le_bytes(), body)?;
-        self.w.write_all(&self.out).await?;
-        self.w.flush().await?;
-        Ok(())
+        self.flush_queued().await
     }
 
     /// Sends a frame whose length prefix claims `claimed` bytes but carries `body` (tests).
@@ -420,15 +418,36 @@ impl<W: AsyncWrite + Unpin> SendHalf<W> {
         body: &[u8],
     ) -> Result<(), ChannelError> {
         self.encrypt_frame(&claimed.to_le_bytes(), body)?;
-        self.w.write_all(&self.out).await?;
+        self.flush_queued().await
+    }
+
+    /// Encrypts one message and appends it to the outgoing buffer without writing it;
+    /// [`SendHalf::flush_queued`] writes everything queued with one system call.
+    pub fn queue(&mut self, m: &Message) -> Result<(), ChannelError> {
+        let body = m.encode()?;
+        self.encrypt_frame(&(body.len() as u32).to_le_bytes(), &body)
+    }
+
+    /// Bytes queued and not yet written.
+    pub fn queued(&self) -> usize {
+        self.out.len()
+    }
+
+    /// Writes everything queued.
+    pub async fn flush_queued(&mut self) -> Result<(), ChannelError> {
+        if !self.out.is_empty() {
+            let r = self.w.write_all(&self.out).await;
+            self.out.clear();
+            r?;
+        }
         self.w.flush().await?;
         Ok(())
     }
 
+    /// Appends the encrypted frame to `self.out`.
     fn encrypt_frame(&mut self, header: &[u8; 4], body: &[u8]) -> Result<(), ChannelError> {
         let total = 4 + body.len();
         let segments = total.div_ceil(SEGMENT).max(1);
-        self.out.clear();
         self.out.reserve(total + segments * (2 + TAG));
         let mut pos = 0usize; // position in header || body
         while pos < total {

@@ -194,7 +194,8 @@ impl Crypto {
 
     /// Seals a manifest, bound to its file id.
     pub fn seal_manifest(&self, file: &FileId, plain: &[u8]) -> Result<Vec<u8>, ChunkError> {
-        seal(&self.manifest, DOMAIN_MANIFEST, &file.0, plain, true)
+        // Manifests are small and mostly ids: not worth a compression attempt.
+        seal(&self.manifest, DOMAIN_MANIFEST, &file.0, plain, false)
     }
 
     /// Opens a sealed manifest, checking that it belongs to `file`.
@@ -211,17 +212,38 @@ fn aad(domain: u8, id: &[u8; 32]) -> [u8; 34] {
     a
 }
 
-/// True when compressing `plain` is likely to shrink it (a sample is tried first, so
-/// incompressible data costs little).
-fn worth_compressing(plain: &[u8]) -> bool {
+thread_local! {
+    /// One zstd compression context per thread, reused: creating a context costs more than
+    /// compressing a small file.
+    static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Compresses with the thread's reused context.
+fn compress(data: &[u8]) -> Option<Vec<u8>> {
+    COMPRESSOR.with(|c| {
+        let mut c = c.try_borrow_mut().ok()?;
+        if c.is_none() {
+            *c = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok();
+        }
+        c.as_mut()?.compress(data).ok()
+    })
+}
+
+/// The compressed form of `plain` when it is smaller. Large inputs are probed with a sample
+/// first, so incompressible data costs little; small ones are simply compressed once.
+fn compressed(plain: &[u8]) -> Option<Vec<u8>> {
     if plain.len() < 64 {
-        return false;
+        return None;
     }
-    let sample = &plain[..plain.len().min(PROBE)];
-    match zstd::bulk::compress(sample, ZSTD_LEVEL) {
-        Ok(c) => c.len() < sample.len() * 15 / 16,
-        Err(_) => false,
+    if plain.len() > PROBE {
+        let sample = &plain[..PROBE];
+        let c = compress(sample)?;
+        if c.len() >= sample.len() * 15 / 16 {
+            return None;
+        }
     }
+    compress(plain).filter(|c| c.len() < plain.len())
 }
 
 fn seal(
@@ -241,18 +263,12 @@ fn seal(
     out.push(VERSION);
     out.extend_from_slice(&nonce);
     out.push(FLAG_RAW);
-    let mut compressed = false;
-    if compress && worth_compressing(plain) {
-        if let Ok(c) = zstd::bulk::compress(plain, ZSTD_LEVEL) {
-            if c.len() < plain.len() {
-                out[25] = FLAG_ZSTD;
-                out.extend_from_slice(&c);
-                compressed = true;
-            }
+    match compress.then(|| compressed(plain)).flatten() {
+        Some(c) => {
+            out[25] = FLAG_ZSTD;
+            out.extend_from_slice(&c);
         }
-    }
-    if !compressed {
-        out.extend_from_slice(plain);
+        None => out.extend_from_slice(plain),
     }
     let a = aad(domain, id);
     let tag = cipher
