@@ -264,23 +264,13 @@ pub fn run(cli: Cli) -> Result<()> {
             // Rendered to memory first: writing straight to a closed pipe would panic.
             let mut buf = Vec::new();
             clap_complete::generate(shell, &mut cmd, "coffer-agent", &mut buf);
-            use std::io::Write;
-            let mut out = std::io::stdout().lock();
-            match out.write_all(&buf).and_then(|_| out.flush()) {
-                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-                r => Ok(r?),
-            }
+            print_bytes(&buf)
         }
         Cmd::Man => {
             use clap::CommandFactory;
             let mut buf = Vec::new();
             clap_mangen::Man::new(Cli::command()).render(&mut buf)?;
-            use std::io::Write;
-            let mut out = std::io::stdout().lock();
-            match out.write_all(&buf).and_then(|_| out.flush()) {
-                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-                r => Ok(r?),
-            }
+            print_bytes(&buf)
         }
         Cmd::Status(a) => {
             let cfg = load(&a.config)?;
@@ -325,6 +315,16 @@ pub fn run(cli: Cli) -> Result<()> {
             a.all,
             !cli.log.quiet,
         )?),
+    }
+}
+
+/// Writes generated text to stdout; a reader that went away (`| head`) is not an error.
+fn print_bytes(buf: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(buf).and_then(|_| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => Ok(r?),
     }
 }
 
