@@ -224,6 +224,13 @@ pub fn init_logging(l: &LogArgs) {
     };
 }
 
+/// Parses an optional `--at` (RFC 3339 or unix seconds).
+fn parse_at(at: Option<&str>) -> Result<Option<i64>> {
+    at.map(restore::parse_time)
+        .transpose()
+        .map_err(anyhow::Error::msg)
+}
+
 fn load(c: &ConfigArg) -> Result<Config> {
     Ok(Config::load(&c.config)?)
 }
@@ -283,21 +290,13 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Ls(a) => {
             let cfg = load(&a.config)?;
-            let at =
-                a.at.as_deref()
-                    .map(restore::parse_time)
-                    .transpose()
-                    .map_err(anyhow::Error::msg)?;
+            let at = parse_at(a.at.as_deref())?;
             Ok(restore::ls(&cfg, at, a.prefix.as_deref())?)
         }
         Cmd::Versions(a) => Ok(restore::versions(&load(&a.config)?, &a.path)?),
         Cmd::Restore(a) => {
             let cfg = load(&a.config)?;
-            let at =
-                a.at.as_deref()
-                    .map(restore::parse_time)
-                    .transpose()
-                    .map_err(anyhow::Error::msg)?;
+            let at = parse_at(a.at.as_deref())?;
             Ok(restore::restore(
                 &cfg,
                 restore::RestoreOpts {

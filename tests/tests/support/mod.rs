@@ -5,7 +5,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
@@ -22,19 +22,7 @@ pub fn bin(name: &str) -> PathBuf {
     }
 }
 
-/// Polls `f` until it returns `Some`, or fails after `limit`.
-pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> Result<T> {
-    let end = Instant::now() + limit;
-    loop {
-        if let Some(v) = f() {
-            return Ok(v);
-        }
-        if Instant::now() > end {
-            bail!("timed out after {limit:?} waiting for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
+pub use coffer_tests::{data, wait_for};
 
 /// A child process killed on drop.
 pub struct Proc(pub Option<Child>);
@@ -273,15 +261,6 @@ impl Agent {
 pub fn tail(s: &str) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(40)..].join("\n")
-}
-
-/// Deterministic pseudo-random bytes.
-pub fn data(n: usize, seed: u64) -> Vec<u8> {
-    let mut v = vec![0u8; n];
-    let mut h = blake3::Hasher::new();
-    h.update(&seed.to_le_bytes());
-    h.finalize_xof().fill(&mut v);
-    v
 }
 
 /// Compares two trees: same files, same bytes, same symlinks.
