@@ -153,6 +153,10 @@ impl Journal {
             .map_err(sql)?;
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(sql)?;
+        // Paths are looked up at random: a page cache that holds the journal's indexes
+        // (it fills as needed) keeps a large tree's updates off the disk.
+        conn.pragma_update(None, "cache_size", -16384)
+            .map_err(sql)?;
         let mut j = Journal { conn, path: p };
         j.migrate()?;
         Ok(j)

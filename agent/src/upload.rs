@@ -17,7 +17,9 @@ use std::time::Duration;
 use coffer_common::chunk::{chunk_stream, ChunkId, Crypto, HashingReader, MIN_CHUNK};
 use coffer_common::keys::fill_random;
 use coffer_common::manifest::{ChunkRef, EntryKind, Manifest};
-use coffer_common::wire::{CommitId, Message};
+use coffer_common::wire::{
+    CommitId, CommitResult, FileCommit, Message, SealedChunk, MAX_BATCH_FILES, MAX_FRAME,
+};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use crate::config::Config;
@@ -31,6 +33,11 @@ const WINDOW_BYTES: usize = 16 << 20;
 const BATCH_FILES: usize = 512;
 /// Bytes read per batch at most before its commits are sent.
 const BATCH_BYTES: u64 = 64 << 20;
+/// Bytes of small files' sealed chunks and manifests a worker holds at most before it
+/// sends them (bounds memory; one `PutFiles` frame carries them).
+const HELD_BYTES: usize = 2 << 20;
+/// Encoded size of one `PutFiles` at most (well under the frame cap).
+const PUT_FILES_BYTES: usize = MAX_FRAME - (512 << 10);
 
 /// Live counters (status line, metrics).
 #[derive(Default)]
@@ -206,18 +213,45 @@ impl ConnManager {
 /// A file read and ready to commit.
 struct Ready {
     read: Read,
-    commit: Message,
+    commit: FileCommit,
+    /// A small file's one sealed chunk: sent together with its commit in a `PutFiles`.
+    chunk: Option<SealedChunk>,
+    /// Puts already sent for a large file's chunks.
     puts: Vec<Pending>,
     size: i64,
 }
 
-/// Work for the ack collector.
-pub struct AckWork {
+impl Ready {
+    /// Bytes this file holds in memory until it is sent.
+    fn held(&self) -> usize {
+        self.chunk.as_ref().map_or(0, |c| c.sealed.len()) + self.commit.manifest.len() + 128
+    }
+}
+
+/// A file whose commit is on its way.
+struct AckItem {
     path: Vec<u8>,
     gen: i64,
     hash: [u8; 32],
     kind: &'static str,
     size: i64,
+}
+
+impl AckItem {
+    fn new(r: &Ready) -> Self {
+        AckItem {
+            path: r.read.path.clone(),
+            gen: r.read.gen,
+            hash: r.read.hash,
+            kind: r.read.kind,
+            size: r.size,
+        }
+    }
+}
+
+/// Work for the ack collector: one `CommitFile` (with its file's puts) or one `PutFiles`.
+pub struct AckWork {
+    items: Vec<AckItem>,
     puts: Vec<Pending>,
     commit: Pending,
 }
@@ -240,6 +274,7 @@ fn backoff_ms(attempts: i64) -> i64 {
 pub fn worker(sh: Arc<Shared>, jobs: Receiver<Job>, acks: Sender<AckWork>) {
     let mut batch: Vec<Ready> = Vec::new();
     let mut batch_bytes = 0u64;
+    let mut held = 0usize;
     loop {
         let job = if batch.is_empty() {
             match jobs.recv_timeout(Duration::from_millis(200)) {
@@ -257,7 +292,7 @@ pub fn worker(sh: Arc<Shared>, jobs: Receiver<Job>, acks: Sender<AckWork>) {
                 Ok(j) => j,
                 Err(_) => {
                     flush(&sh, &mut batch, &acks);
-                    batch_bytes = 0;
+                    (batch_bytes, held) = (0, 0);
                     continue;
                 }
             }
@@ -276,10 +311,11 @@ pub fn worker(sh: Arc<Shared>, jobs: Receiver<Job>, acks: Sender<AckWork>) {
         match process(&sh, &conn, &job) {
             Outcome::Ready(r) => {
                 batch_bytes += r.size as u64;
+                held += r.held();
                 batch.push(*r);
-                if batch.len() >= BATCH_FILES || batch_bytes >= BATCH_BYTES {
+                if batch.len() >= BATCH_FILES || batch_bytes >= BATCH_BYTES || held >= HELD_BYTES {
                     flush(&sh, &mut batch, &acks);
-                    batch_bytes = 0;
+                    (batch_bytes, held) = (0, 0);
                 }
             }
             Outcome::Unchanged(read) => {
@@ -325,38 +361,82 @@ fn flush(sh: &Shared, batch: &mut Vec<Ready>, acks: &Sender<AckWork>) {
         return;
     }
     let conn = sh.conn.get(sh);
-    for r in batch.drain(..) {
+    tracing::debug!(files = batch.len(), "sending a batch");
+    let send = |m: Message, items: Vec<AckItem>, puts: Vec<Pending>| -> bool {
         let sent = match conn.as_ref() {
-            Some(c) => c.start_blocking(r.commit).map_err(|e| e.to_string()),
+            Some(c) => c.start_blocking(m).map_err(|e| e.to_string()),
             None => Err("shutting down".into()),
         };
         match sent {
-            Ok(commit) => {
-                let w = AckWork {
-                    path: r.read.path,
-                    gen: r.read.gen,
-                    hash: r.read.hash,
-                    kind: r.read.kind,
-                    size: r.size,
-                    puts: r.puts,
+            Ok(commit) => acks
+                .send(AckWork {
+                    items,
+                    puts,
                     commit,
-                };
-                if acks.send(w).is_err() {
-                    return;
-                }
-            }
+                })
+                .is_ok(),
             Err(e) => {
                 sh.conn.invalidate();
-                let p = r.read.path;
-                sh.journal(|j| {
-                    j.record_retry(
-                        &[(p.clone(), format!("receiver unreachable: {e}"))],
-                        now_ms(),
-                    )
-                });
+                let reason = format!("receiver unreachable: {e}");
+                let paths: Vec<_> = items
+                    .into_iter()
+                    .map(|i| (i.path, reason.clone()))
+                    .collect();
+                sh.journal(|j| j.record_retry(&paths, now_ms()));
                 sh.wake();
+                true
             }
         }
+    };
+    // Large files whose chunks were put on their own: one commit each, answered after
+    // their puts. Everything else (small files with their chunk, links, deletions): as
+    // few `PutFiles` as fit in a frame.
+    let mut chunks: Vec<SealedChunk> = Vec::new();
+    let mut commits: Vec<FileCommit> = Vec::new();
+    let mut items: Vec<AckItem> = Vec::new();
+    let mut ids: HashSet<ChunkId> = HashSet::new();
+    let mut bytes = 0usize;
+    for r in batch.drain(..) {
+        if !r.puts.is_empty() {
+            let item = AckItem::new(&r);
+            let c = r.commit;
+            let m = Message::CommitFile {
+                commit_id: c.commit_id,
+                file_id: c.file_id,
+                manifest: c.manifest,
+                chunks: c.chunks,
+            };
+            if !send(m, vec![item], r.puts) {
+                return;
+            }
+            continue;
+        }
+        let held = r.held();
+        if !commits.is_empty()
+            && (bytes + held > PUT_FILES_BYTES || commits.len() >= MAX_BATCH_FILES)
+        {
+            let m = Message::PutFiles {
+                chunks: std::mem::take(&mut chunks),
+                commits: std::mem::take(&mut commits),
+            };
+            if !send(m, std::mem::take(&mut items), vec![]) {
+                return;
+            }
+            ids.clear();
+            bytes = 0;
+        }
+        bytes += held;
+        items.push(AckItem::new(&r));
+        if let Some(c) = r.chunk {
+            if ids.insert(c.id) {
+                chunks.push(c);
+            }
+        }
+        commits.push(r.commit);
+    }
+    if !commits.is_empty() {
+        let m = Message::PutFiles { chunks, commits };
+        send(m, items, vec![]);
     }
 }
 
@@ -367,7 +447,13 @@ pub fn ack_collector(sh: Arc<Shared>, rx: Receiver<AckWork>) {
         if done.is_empty() {
             return;
         }
+        let t = std::time::Instant::now();
         sh.journal(|j| j.record_acks(done));
+        tracing::debug!(
+            files = done.len(),
+            ms = t.elapsed().as_millis() as u64,
+            "acks recorded"
+        );
         sh.counters
             .files_acked
             .fetch_add(done.len() as u64, Ordering::Relaxed);
@@ -400,6 +486,23 @@ pub fn ack_collector(sh: Arc<Shared>, rx: Receiver<AckWork>) {
                 put_err.get_or_insert(e);
             }
         }
+        let retry = |items: Vec<AckItem>, reason: String, delay: i64| {
+            let paths: Vec<_> = items
+                .into_iter()
+                .map(|i| (i.path, reason.clone()))
+                .collect();
+            sh.journal(|j| j.record_retry(&paths, now_ms() + delay));
+            sh.wake();
+        };
+        let acked = |i: AckItem, version: u64, commit_time: i64| Ack {
+            path: i.path,
+            gen: i.gen,
+            version: version as i64,
+            commit_time,
+            hash: i.hash,
+            kind: i.kind,
+            size: i.size,
+        };
         match (reply, put_err) {
             (
                 Ok(Message::FileAcked {
@@ -408,26 +511,39 @@ pub fn ack_collector(sh: Arc<Shared>, rx: Receiver<AckWork>) {
                     ..
                 }),
                 _,
-            ) => {
-                done.push(Ack {
-                    path: w.path,
-                    gen: w.gen,
-                    version: version as i64,
-                    commit_time,
-                    hash: w.hash,
-                    kind: w.kind,
-                    size: w.size,
-                });
-                if done.len() >= 2048 {
-                    record(&mut done);
+            ) if w.items.len() == 1 => {
+                for i in w.items {
+                    done.push(acked(i, version, commit_time));
+                }
+            }
+            (Ok(Message::FilesAcked { results }), _) if results.len() == w.items.len() => {
+                let mut refused = Vec::new();
+                for (i, r) in w.items.into_iter().zip(results) {
+                    match r {
+                        CommitResult::Acked {
+                            version,
+                            commit_time,
+                            ..
+                        } => done.push(acked(i, version, commit_time)),
+                        CommitResult::Failed { code, message } => {
+                            refused.push((
+                                i.path,
+                                format!("receiver refused the upload: {code:?}: {message}"),
+                            ));
+                        }
+                    }
+                }
+                if !refused.is_empty() {
+                    sh.journal(|j| j.record_retry(&refused, now_ms() + 5000));
+                    sh.wake();
                 }
             }
             (Ok(m), _) => {
-                let reason = format!("unexpected reply {} to commit", m.kind());
-                sh.journal(|j| {
-                    j.record_retry(&[(w.path.clone(), reason.clone())], now_ms() + 5000)
-                });
-                sh.wake();
+                retry(
+                    w.items,
+                    format!("unexpected reply {} to commit", m.kind()),
+                    5000,
+                );
             }
             (Err(e), put_err) => {
                 let e = put_err.unwrap_or(e);
@@ -440,11 +556,11 @@ pub fn ack_collector(sh: Arc<Shared>, rx: Receiver<AckWork>) {
                     format!("receiver refused the upload: {e}")
                 };
                 let delay = if e.is_connection() { 0 } else { 5000 };
-                sh.journal(|j| {
-                    j.record_retry(&[(w.path.clone(), reason.clone())], now_ms() + delay)
-                });
-                sh.wake();
+                retry(w.items, reason, delay);
             }
+        }
+        if done.len() >= 2048 {
+            record(&mut done);
         }
     }
 }
@@ -484,6 +600,7 @@ fn ready(
     kind: EntryKind,
     meta: Option<&std::fs::Metadata>,
     chunks: Vec<ChunkRef>,
+    chunk: Option<SealedChunk>,
     puts: Vec<Pending>,
 ) -> Outcome {
     let manifest = Manifest {
@@ -503,7 +620,7 @@ fn ready(
         Err(e) => return Outcome::Failed(format!("sealing manifest: {e}")),
     };
     let size = read.stat.size;
-    let commit = Message::CommitFile {
+    let commit = FileCommit {
         commit_id: CommitId(read.commit_id),
         file_id,
         manifest: sealed,
@@ -512,6 +629,7 @@ fn ready(
     Outcome::Ready(Box::new(Ready {
         read,
         commit,
+        chunk,
         puts,
         size,
     }))
@@ -555,6 +673,7 @@ fn process(sh: &Shared, conn: &Conn, job: &Job) -> Outcome {
             EntryKind::Symlink { target },
             Some(&meta),
             vec![],
+            None,
             vec![],
         );
     }
@@ -599,6 +718,7 @@ fn process(sh: &Shared, conn: &Conn, job: &Job) -> Outcome {
             return Outcome::Unchanged(Box::new(read));
         }
         sh.counters.bytes_read.fetch_add(len, Ordering::Relaxed);
+        let mut chunk = None;
         if !data.is_empty() {
             let id = sh.crypto.chunk_id(&data);
             let sealed = match sh.crypto.seal_chunk(&id, &data) {
@@ -608,16 +728,22 @@ fn process(sh: &Shared, conn: &Conn, job: &Job) -> Outcome {
             sh.counters
                 .bytes_sent
                 .fetch_add(sealed.len() as u64, Ordering::Relaxed);
-            match conn.start_blocking(Message::PutChunk { id, sealed }) {
-                Ok(p) => puts.push(p),
-                Err(e) => return Outcome::Lost(e),
-            }
             chunks.push(ChunkRef {
                 id,
                 len: data.len() as u32,
             });
+            chunk = Some(SealedChunk { id, sealed });
         }
-        return ready(sh, job, read, EntryKind::File, Some(&before), chunks, puts);
+        return ready(
+            sh,
+            job,
+            read,
+            EntryKind::File,
+            Some(&before),
+            chunks,
+            chunk,
+            puts,
+        );
     }
     // Large file: stream it through the chunker in one read, hashing on the way.
     let mut reader = HashingReader::new(&file);
@@ -658,7 +784,16 @@ fn process(sh: &Shared, conn: &Conn, job: &Job) -> Outcome {
     if unchanged(job, &read) && puts.is_empty() {
         return Outcome::Unchanged(Box::new(read));
     }
-    ready(sh, job, read, EntryKind::File, Some(&before), chunks, puts)
+    ready(
+        sh,
+        job,
+        read,
+        EntryKind::File,
+        Some(&before),
+        chunks,
+        None,
+        puts,
+    )
 }
 
 fn unchanged(job: &Job, read: &Read) -> bool {
@@ -753,7 +888,16 @@ fn deletion(sh: &Shared, job: &Job) -> Outcome {
         ))),
         Some(_) => {
             let read = read_info(job, "deleted", StatKey::default(), 0, [0; 32]);
-            ready(sh, job, read, EntryKind::Deleted, None, vec![], vec![])
+            ready(
+                sh,
+                job,
+                read,
+                EntryKind::Deleted,
+                None,
+                vec![],
+                None,
+                vec![],
+            )
         }
     }
 }

@@ -10,13 +10,16 @@ use crate::chunk::{ChunkId, FileId, MAX_SEALED};
 
 /// Protocol version spoken by this build. Exchanged in the clear before the handshake (and
 /// bound into it as the Noise prologue); a mismatch is a clear error on both sides.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest encoded message: a sealed chunk at its largest plus room for the envelope.
 pub const MAX_FRAME: usize = MAX_SEALED + 64 * 1024;
 
 /// Largest number of ids in one presence query or commit (bounded by `MAX_FRAME`).
 pub const MAX_IDS: usize = 64 * 1024;
+
+/// Largest number of files committed by one `PutFiles` (and of chunks it carries).
+pub const MAX_BATCH_FILES: usize = 4096;
 
 /// A client-chosen commit id: stored in the agent's journal before the commit is sent, so a
 /// repeated commit after a crash is recognised and answered with the existing version.
@@ -138,10 +141,53 @@ pub enum Message {
         code: ErrorCode,
         message: String,
     },
+    /// The small-file fast path: store these sealed chunks, then record these file
+    /// versions (which may reference the chunks, or chunks stored earlier). One request and
+    /// one reply for many files. Reply, once every commit is durable: `FilesAcked`, or
+    /// `Error` when the chunks could not be stored (then nothing of it was acknowledged).
+    PutFiles {
+        chunks: Vec<SealedChunk>,
+        commits: Vec<FileCommit>,
+    },
+    /// One result per commit of a `PutFiles`, in the same order.
+    FilesAcked {
+        results: Vec<CommitResult>,
+    },
+}
+
+/// A sealed chunk inside a `PutFiles`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SealedChunk {
+    pub id: ChunkId,
+    #[serde(with = "serde_bytes")]
+    pub sealed: Vec<u8>,
+}
+
+/// A file version inside a `PutFiles` (the fields of `CommitFile`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileCommit {
+    pub commit_id: CommitId,
+    pub file_id: FileId,
+    #[serde(with = "serde_bytes")]
+    pub manifest: Vec<u8>,
+    pub chunks: Vec<ChunkId>,
+}
+
+/// The outcome of one commit of a `PutFiles`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CommitResult {
+    /// Durable: the same as a `FileAcked`.
+    Acked {
+        commit_id: CommitId,
+        version: u64,
+        commit_time: i64,
+    },
+    /// Not recorded (e.g. it references chunks the receiver lacks); the others are.
+    Failed { code: ErrorCode, message: String },
 }
 
 /// Number of kinds in [`Message`]; a first byte at or past this is an unknown kind.
-const KINDS: u8 = 17;
+const KINDS: u8 = 19;
 
 impl Message {
     /// Short name of the message kind, for logs and errors.
@@ -164,6 +210,8 @@ impl Message {
             Message::GetChunk { .. } => "GetChunk",
             Message::Chunk { .. } => "Chunk",
             Message::Error { .. } => "Error",
+            Message::PutFiles { .. } => "PutFiles",
+            Message::FilesAcked { .. } => "FilesAcked",
         }
     }
 
@@ -264,11 +312,8 @@ mod tests {
 
     #[test]
     fn kinds_constant_matches_the_enum() {
-        // `Error` is the last variant; postcard encodes the variant index first.
-        let e = Message::Error {
-            code: ErrorCode::Internal,
-            message: String::new(),
-        };
+        // `FilesAcked` is the last variant; postcard encodes the variant index first.
+        let e = Message::FilesAcked { results: vec![] };
         assert_eq!(e.encode().expect("encode")[0], KINDS - 1);
     }
 
@@ -363,6 +408,42 @@ mod tests {
             }),
             Just(Message::GetKeyFile),
             Just(Message::KeyFile { data: None }),
+            (
+                any::<[u8; 32]>(),
+                proptest::collection::vec(any::<u8>(), 0..2000),
+                0usize..4
+            )
+                .prop_map(|(id, sealed, n)| Message::PutFiles {
+                    chunks: vec![
+                        SealedChunk {
+                            id: ChunkId(id),
+                            sealed: sealed.clone()
+                        };
+                        n
+                    ],
+                    commits: vec![
+                        FileCommit {
+                            commit_id: CommitId([n as u8; 16]),
+                            file_id: FileId(id),
+                            manifest: sealed,
+                            chunks: vec![ChunkId(id); n],
+                        };
+                        n
+                    ],
+                }),
+            (any::<u64>(), any::<i64>(), ".{0,20}").prop_map(|(v, t, m)| Message::FilesAcked {
+                results: vec![
+                    CommitResult::Acked {
+                        commit_id: CommitId([3; 16]),
+                        version: v,
+                        commit_time: t
+                    },
+                    CommitResult::Failed {
+                        code: ErrorCode::MissingChunks,
+                        message: m
+                    },
+                ],
+            }),
         ]
     }
 

@@ -99,6 +99,9 @@ pub struct ChunkRow {
 }
 
 /// A repository's index database.
+/// Page cache of the writing connection, KiB.
+const INDEX_CACHE_KIB: i64 = 32 << 10;
+
 pub struct Index {
     conn: Connection,
     path: PathBuf,
@@ -142,6 +145,13 @@ impl Index {
                     .map_err(e)?;
                 idx.conn
                     .pragma_update(None, "synchronous", "FULL")
+                    .map_err(e)?;
+                // Chunk ids, commit ids and file ids are random keys: every insert touches a
+                // random page of each index. A page cache that holds them (allocated as it
+                // fills: ~5 MiB for 20,000 files) keeps inserts off the disk and out of the
+                // kernel.
+                idx.conn
+                    .pragma_update(None, "cache_size", -INDEX_CACHE_KIB)
                     .map_err(e)?;
                 idx.migrate()?;
             }

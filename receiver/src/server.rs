@@ -33,7 +33,9 @@ use std::time::Duration;
 
 use coffer_common::channel::{self, ChannelError, PublicKey, RecvHalf, SendHalf, StaticKeypair};
 use coffer_common::chunk::{ChunkId, MAX_SEALED, SEAL_OVERHEAD};
-use coffer_common::wire::{ErrorCode, Message, WireError, MAX_IDS, PROTOCOL_VERSION};
+use coffer_common::wire::{
+    CommitResult, ErrorCode, Message, WireError, MAX_BATCH_FILES, MAX_IDS, PROTOCOL_VERSION,
+};
 use nix::fcntl::{Flock, FlockArg};
 use tokio::io::{ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
@@ -59,6 +61,8 @@ pub const BUSY_WAIT: Duration = Duration::from_secs(5);
 pub const MAX_BATCH_COMMITS: usize = 1024;
 /// Bytes stored by a session before its batch is flushed regardless.
 pub const MAX_BATCH_BYTES: u64 = 64 << 20;
+/// Bytes of replies gathered into one write at most.
+const OUT_BATCH: usize = 1 << 20;
 /// Messages queued between a session's reader and processor.
 const QUEUE_MESSAGES: usize = 4096;
 /// Bytes of messages queued per session (a single larger message still passes alone).
@@ -585,6 +589,8 @@ enum End {
 enum Reply {
     Now(Message),
     Commit(usize),
+    /// The `FilesAcked` of a `PutFiles`: commits `start..start + len` of the batch.
+    Commits(usize, usize),
 }
 
 /// Commits and the replies queued behind them, in request order.
@@ -763,6 +769,28 @@ impl Session {
         }
     }
 
+    /// Adds a reply to the outgoing buffer, writing it out once it holds enough; many
+    /// small replies then cost one system call. [`Session::flush_out`] writes the rest.
+    async fn send_queued(&mut self, m: Message) -> Result<(), End> {
+        self.tx.queue(&m).map_err(End::Send)?;
+        if self.tx.queued() >= OUT_BATCH {
+            self.flush_out().await?;
+        }
+        Ok(())
+    }
+
+    /// Writes every queued reply.
+    async fn flush_out(&mut self) -> Result<(), End> {
+        if self.tx.queued() == 0 {
+            return Ok(());
+        }
+        match tokio::time::timeout(self.idle, self.tx.flush_queued()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(End::Send(e)),
+            Err(_) => Err(End::Stalled),
+        }
+    }
+
     /// Sends a reply now, or queues it behind unacknowledged commits.
     async fn reply(&mut self, m: Message) -> Result<(), End> {
         if self.pending() {
@@ -854,6 +882,85 @@ impl Session {
                 self.batch.replies.push(Reply::Commit(i));
                 Ok(())
             }
+            Message::PutFiles { chunks, commits } => {
+                if chunks.len() > MAX_BATCH_FILES || commits.len() > MAX_BATCH_FILES {
+                    return self
+                        .malformed(format!(
+                            "PutFiles with {} chunks and {} commits (max {MAX_BATCH_FILES} each)",
+                            chunks.len(),
+                            commits.len()
+                        ))
+                        .await;
+                }
+                if let Some(c) = commits.iter().find(|c| c.chunks.len() > MAX_IDS) {
+                    let n = c.chunks.len();
+                    return self
+                        .malformed(format!("PutFiles commit with {n} chunks (max {MAX_IDS})"))
+                        .await;
+                }
+                if let Some(c) = chunks
+                    .iter()
+                    .find(|c| c.sealed.len() > MAX_SEALED || c.sealed.len() < SEAL_OVERHEAD)
+                {
+                    let msg = format!(
+                        "sealed chunk {} is {} bytes; a sealed chunk has {SEAL_OVERHEAD} to \
+                         {MAX_SEALED} bytes",
+                        c.id,
+                        c.sealed.len()
+                    );
+                    self.metrics.error(ErrorKind::Protocol);
+                    return self.reply(error(ErrorCode::Malformed, msg)).await;
+                }
+                if !chunks.is_empty() {
+                    let repo = self.repo.clone();
+                    let r = blocking(move || {
+                        let mut stored = Vec::with_capacity(chunks.len());
+                        for c in &chunks {
+                            match repo.put(&c.id, &c.sealed) {
+                                Ok(w) => stored.push(w.then_some(c.sealed.len() as u64)),
+                                Err(e) => return Err(Box::new((c.id, e))),
+                            }
+                        }
+                        Ok(stored)
+                    })
+                    .await?;
+                    match r {
+                        Ok(stored) => {
+                            for s in stored {
+                                match s {
+                                    Some(n) => {
+                                        self.unflushed = true;
+                                        self.batch_bytes += n;
+                                        self.stored_bytes += n;
+                                        self.metrics.chunk_stored(n);
+                                    }
+                                    None => self.metrics.chunk_deduplicated(),
+                                }
+                            }
+                        }
+                        Err(b) => {
+                            let (id, e) = *b;
+                            // Nothing of this request is acknowledged; the agent sends it again.
+                            tracing::warn!("storing chunk {id}: {e}");
+                            let reply = self.failed(&e);
+                            return self.reply(reply).await;
+                        }
+                    }
+                }
+                let start = self.batch.commits.len();
+                let n = commits.len();
+                for c in commits {
+                    self.batch_bytes += c.manifest.len() as u64;
+                    self.batch.commits.push(NewCommit {
+                        commit_id: c.commit_id,
+                        file_id: c.file_id,
+                        manifest: c.manifest,
+                        chunks: c.chunks,
+                    });
+                }
+                self.batch.replies.push(Reply::Commits(start, n));
+                Ok(())
+            }
             Message::PutKeyFile { data } => {
                 let repo = self.repo.clone();
                 let r = blocking(move || repo.put_keyfile(&data)).await?;
@@ -926,7 +1033,13 @@ impl Session {
         self.unflushed = false;
         let repo = self.repo.clone();
         let task = tokio::task::spawn_blocking(move || {
+            let t = std::time::Instant::now();
             let r = repo.flush(&commits);
+            tracing::debug!(
+                commits = commits.len(),
+                ms = t.elapsed().as_millis() as u64,
+                "flushed"
+            );
             (commits, r)
         });
         self.flushing = Some(Flushing { task, replies });
@@ -986,17 +1099,53 @@ impl Session {
                     (Err(e), _) => repo_error(e),
                     (Ok(_), None) => error(ErrorCode::Internal, "commit lost"),
                 },
+                Reply::Commits(start, n) => match &outcome {
+                    Err(e) => repo_error(e),
+                    Ok(o) => {
+                        let mut results = Vec::with_capacity(n);
+                        for i in start..start + n {
+                            results.push(match (o.get(i), commits.get(i)) {
+                                (
+                                    Some(CommitOutcome::Acked {
+                                        version,
+                                        commit_time,
+                                    }),
+                                    Some(c),
+                                ) => {
+                                    self.acked += 1;
+                                    self.metrics.commit();
+                                    CommitResult::Acked {
+                                        commit_id: c.commit_id,
+                                        version: *version,
+                                        commit_time: *commit_time,
+                                    }
+                                }
+                                (Some(CommitOutcome::MissingChunks(ids)), _) => {
+                                    CommitResult::Failed {
+                                        code: ErrorCode::MissingChunks,
+                                        message: missing_chunks_text(ids),
+                                    }
+                                }
+                                _ => CommitResult::Failed {
+                                    code: ErrorCode::Internal,
+                                    message: "commit outcome lost".into(),
+                                },
+                            });
+                        }
+                        Message::FilesAcked { results }
+                    }
+                },
             };
-            self.send(m).await?;
+            self.send_queued(m).await?;
         }
         if self.batch.commits.is_empty() {
             for reply in std::mem::take(&mut self.batch.replies) {
                 if let Reply::Now(m) = reply {
-                    self.send(m).await?;
+                    self.send_queued(m).await?;
                 }
             }
         }
-        Ok(())
+        self.flush_out().await
     }
 }
 
@@ -1008,13 +1157,14 @@ fn not_found(id: &ChunkId) -> Message {
 }
 
 fn missing_chunks(ids: &[ChunkId]) -> Message {
+    error(ErrorCode::MissingChunks, missing_chunks_text(ids))
+}
+
+fn missing_chunks_text(ids: &[ChunkId]) -> String {
     let first = ids.first().map(|i| i.to_hex()).unwrap_or_default();
-    error(
-        ErrorCode::MissingChunks,
-        format!(
-            "commit references {} chunk(s) the receiver does not have (first: {first}); \
-             send them and commit again",
-            ids.len()
-        ),
+    format!(
+        "commit references {} chunk(s) the receiver does not have (first: {first}); \
+         send them and commit again",
+        ids.len()
     )
 }

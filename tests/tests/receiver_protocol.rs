@@ -390,3 +390,83 @@ async fn concurrent_sessions_share_a_repository_and_dedup() -> Result<()> {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn put_files_stores_and_acknowledges_many_files_in_one_request() -> Result<()> {
+    use coffer_common::wire::{CommitResult, FileCommit, SealedChunk};
+    let tmp = tempfile::tempdir()?;
+    let (rcv, agent) = setup(&tmp).await?;
+    let mut c = rcv.connect(&agent).await?;
+    let files: Vec<_> = (0..50)
+        .map(|i| agent.seal_file(&format!("w/f{i}"), &data(100 + i * 37, i as u64)))
+        .collect::<Result<_>>()?;
+    let commit = |f: &SealedFile| FileCommit {
+        commit_id: f.commit_id,
+        file_id: f.file_id,
+        manifest: f.manifest.clone(),
+        chunks: f.ids(),
+    };
+    let chunks: Vec<SealedChunk> = files
+        .iter()
+        .flat_map(|f| f.chunks.iter())
+        .map(|(id, sealed)| SealedChunk {
+            id: *id,
+            sealed: sealed.clone(),
+        })
+        .collect();
+    // One commit references a chunk that was never sent: only that one is refused.
+    let orphan = agent.seal_file("w/orphan", b"never sent")?;
+    let mut commits: Vec<FileCommit> = files.iter().map(commit).collect();
+    commits.push(commit(&orphan));
+    let req = Message::PutFiles { chunks, commits };
+    let results = match c.request(&req).await? {
+        Message::FilesAcked { results } => results,
+        m => anyhow::bail!("expected FilesAcked, got {m:?}"),
+    };
+    assert_eq!(results.len(), 51, "one result per commit, in order");
+    let mut versions = Vec::new();
+    for (r, f) in results.iter().zip(&files) {
+        match r {
+            CommitResult::Acked {
+                commit_id, version, ..
+            } => {
+                assert_eq!(*commit_id, f.commit_id);
+                versions.push(*version);
+            }
+            r => anyhow::bail!(
+                "{} not acknowledged: {r:?}",
+                String::from_utf8_lossy(&f.path)
+            ),
+        }
+    }
+    assert_eq!(versions, (1..=50).collect::<Vec<u64>>());
+    match &results[50] {
+        CommitResult::Failed { code, message } => {
+            assert_eq!(*code, ErrorCode::MissingChunks);
+            assert!(message.contains("does not have"), "{message}");
+        }
+        r => anyhow::bail!("the orphan commit was acknowledged: {r:?}"),
+    }
+    // Every file reads back; repeating the request changes nothing (idempotent).
+    for f in &files {
+        agent.verify(&mut c, f).await?;
+    }
+    let again = match c.request(&req).await? {
+        Message::FilesAcked { results } => results,
+        m => anyhow::bail!("expected FilesAcked, got {m:?}"),
+    };
+    assert_eq!(&again[..50], &results[..50], "same versions on a repeat");
+    assert_eq!(c.all_versions().await?.len(), 50);
+    // A chunk of an impossible size is refused without ending the session.
+    let bad = Message::PutFiles {
+        chunks: vec![SealedChunk {
+            id: ChunkId([9; 32]),
+            sealed: vec![1, 2, 3],
+        }],
+        commits: vec![],
+    };
+    let r = c.request(&bad).await?;
+    assert_eq!(error_code(&r), Some(ErrorCode::Malformed), "{r:?}");
+    assert_eq!(c.all_versions().await?.len(), 50, "the session goes on");
+    Ok(())
+}
