@@ -89,7 +89,18 @@ pub fn run(cfg: Config, opts: RunOpts) -> Result<(), RunError> {
             cfg.keyfile_path().display()
         ))
     })?;
-    let crypto = state::unlock_bytes(&cfg, &keyfile, &cfg.keyfile_path())?;
+    // The passphrase is read (or asked for) now; unwrapping the keys (Argon2id, a few
+    // hundred ms by design) runs beside the startup scan, which needs no key: a restart with
+    // nothing changed is settled as soon as the scan is.
+    let pass = state::unlock_passphrase(&cfg, &keyfile, &cfg.keyfile_path())?;
+    let unlocking = {
+        let (keyfile, origin) = (keyfile.clone(), cfg.keyfile_path());
+        std::thread::Builder::new()
+            .name("coffer-unlock".into())
+            .spawn(move || state::unlock_with(&keyfile, &pass, &origin))
+            .map_err(|e| RunError::Other(format!("starting a thread: {e}")))?
+    };
+    tracing::debug!("keys loaded; opening the journal");
     let mut journal = Journal::open(&cfg.journal_path())?;
     let requeued = journal.requeue_in_flight()?;
     if requeued > 0 {
@@ -109,7 +120,7 @@ pub fn run(cfg: Config, opts: RunOpts) -> Result<(), RunError> {
         current: Mutex::new(String::new()),
         cfg: cfg.clone(),
         journal: Mutex::new(journal),
-        crypto,
+        keys: std::sync::OnceLock::new(),
         shutdown: Default::default(),
         wake: wake_tx,
         counters: Counters::default(),
@@ -154,7 +165,9 @@ pub fn run(cfg: Config, opts: RunOpts) -> Result<(), RunError> {
     let (scan_tx, scan_rx) = unbounded::<ScanRequest>();
     let mut watching = Watching::new(chg_tx.clone());
     let startup_left = Arc::new(AtomicUsize::new(cfg.watches.len()));
+    tracing::debug!("journal open; adding watches");
     apply_watches(&sh, &mut watching, &scan_tx, "startup");
+    tracing::debug!("watches added");
     let mut threads = Vec::new();
     {
         let (sh, scan_tx) = (sh.clone(), scan_tx.clone());
@@ -182,7 +195,21 @@ pub fn run(cfg: Config, opts: RunOpts) -> Result<(), RunError> {
         threads.push(spawn("coffer-progress", move || progress(sh)));
     }
 
-    // Uploader.
+    // Uploader: once the keys are unwrapped.
+    let unlocked = match unlocking.join() {
+        Ok(r) => r,
+        Err(_) => Err(state::StateError::Passphrase(
+            "unwrapping the key file failed unexpectedly".into(),
+        )),
+    };
+    let crypto = match unlocked {
+        Ok(c) => c,
+        Err(e) => {
+            sh.shutdown.store(true, Ordering::SeqCst);
+            return Err(e.into());
+        }
+    };
+    let _ = sh.keys.set(crypto);
     let (job_tx, job_rx) = bounded(1024);
     let (ack_tx, ack_rx) = bounded(16 * 1024);
     let mut workers = Vec::new();

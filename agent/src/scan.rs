@@ -122,7 +122,8 @@ pub fn scan(
                 stats.skipped_special += 1;
                 continue;
             }
-            let meta = match std::fs::symlink_metadata(&path) {
+            // fstatat on the open folder: no walk of the whole path per file.
+            let meta = match entry.metadata() {
                 Ok(m) => m,
                 Err(_) => continue, // vanished: a watcher event or the next scan handles it
             };

@@ -115,13 +115,27 @@ pub fn unlock(cfg: &Config) -> Result<Crypto, StateError> {
 
 /// Opens key-file bytes (from disk or fetched from the receiver).
 pub fn unlock_bytes(cfg: &Config, bytes: &[u8], origin: &Path) -> Result<Crypto, StateError> {
-    // Check the file's structure before asking for a passphrase.
+    let pass = unlock_passphrase(cfg, bytes, origin)?;
+    unlock_with(bytes, &pass, origin)
+}
+
+/// Checks the key file's structure, then gets the passphrase (which may prompt): the
+/// cheap half of [`unlock_bytes`].
+pub fn unlock_passphrase(
+    cfg: &Config,
+    bytes: &[u8],
+    origin: &Path,
+) -> Result<Passphrase, StateError> {
     keys::key_file_params(bytes).map_err(|source| StateError::Key {
         path: origin.to_path_buf(),
         source,
     })?;
-    let pass = passphrase(cfg.passphrase_file.as_deref(), false)?;
-    let master = keys::unwrap_master(bytes, &pass).map_err(|source| StateError::Key {
+    passphrase(cfg.passphrase_file.as_deref(), false)
+}
+
+/// Unwraps the master secret (Argon2id: the expensive half of [`unlock_bytes`]).
+pub fn unlock_with(bytes: &[u8], pass: &Passphrase, origin: &Path) -> Result<Crypto, StateError> {
+    let master = keys::unwrap_master(bytes, pass).map_err(|source| StateError::Key {
         path: origin.to_path_buf(),
         source,
     })?;

@@ -56,7 +56,8 @@ pub struct Shared {
     /// The file a worker is reading (progress line).
     pub current: Mutex<String>,
     pub journal: Mutex<Journal>,
-    pub crypto: Crypto,
+    /// The keys, set once unwrapped (before any worker starts).
+    pub keys: std::sync::OnceLock<Crypto>,
     pub shutdown: AtomicBool,
     pub wake: Sender<()>,
     pub conn: ConnManager,
@@ -64,6 +65,11 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// The keys (waits until they are unwrapped).
+    pub fn crypto(&self) -> &Crypto {
+        self.keys.wait()
+    }
+
     /// The current watch list.
     pub fn watches(&self) -> Arc<Vec<crate::config::Watch>> {
         match self.watches.read() {
@@ -614,8 +620,8 @@ fn ready(
         content_hash: read.hash,
         chunks: chunks.clone(),
     };
-    let file_id = sh.crypto.file_id(&job.path);
-    let sealed = match sh.crypto.seal_manifest(&file_id, &manifest.encode()) {
+    let file_id = sh.crypto().file_id(&job.path);
+    let sealed = match sh.crypto().seal_manifest(&file_id, &manifest.encode()) {
         Ok(s) => s,
         Err(e) => return Outcome::Failed(format!("sealing manifest: {e}")),
     };
@@ -720,8 +726,8 @@ fn process(sh: &Shared, conn: &Conn, job: &Job) -> Outcome {
         sh.counters.bytes_read.fetch_add(len, Ordering::Relaxed);
         let mut chunk = None;
         if !data.is_empty() {
-            let id = sh.crypto.chunk_id(&data);
-            let sealed = match sh.crypto.seal_chunk(&id, &data) {
+            let id = sh.crypto().chunk_id(&data);
+            let sealed = match sh.crypto().seal_chunk(&id, &data) {
                 Ok(s) => s,
                 Err(e) => return Outcome::Failed(format!("sealing {shown}: {e}")),
             };
@@ -755,7 +761,7 @@ fn process(sh: &Shared, conn: &Conn, job: &Job) -> Outcome {
             Ok(d) => d,
             Err(e) => return Outcome::Failed(format!("reading {shown}: {e}")),
         };
-        let id = sh.crypto.chunk_id(&data);
+        let id = sh.crypto().chunk_id(&data);
         chunks.push(ChunkRef {
             id,
             len: data.len() as u32,
@@ -834,7 +840,7 @@ fn send_window(
             continue;
         }
         let sealed = sh
-            .crypto
+            .crypto()
             .seal_chunk(&id, &data)
             .map_err(|e| Outcome::Failed(format!("sealing {shown}: {e}")))?;
         sh.counters

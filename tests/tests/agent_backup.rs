@@ -310,6 +310,31 @@ fn wrong_passphrase_on_restore_is_clear_and_writes_nothing() -> Result<()> {
 }
 
 #[test]
+fn wrong_passphrase_on_run_is_clear_and_sends_nothing() -> Result<()> {
+    // The keys are unwrapped beside the startup scan; a wrong passphrase must still stop
+    // the daemon with a clear error before anything is uploaded.
+    let tmp = tempfile::tempdir()?;
+    let rcv = Receiver::start(&tmp.path().join("rcv"))?;
+    let agent = Agent::init(&tmp.path().join("agent"), &rcv, "r")?;
+    for i in 0..200 {
+        std::fs::write(agent.watch.join(format!("f{i}")), data(1000, i))?;
+    }
+    let r = agent
+        .cmd()
+        .env("COFFER_PASSPHRASE", "not the passphrase")
+        .args(["run", "--config"])
+        .arg(&agent.config)
+        .output()?;
+    assert!(!r.status.success(), "run with a wrong passphrase exited 0");
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(err.contains("wrong passphrase"), "{err}");
+    assert_eq!(rcv.pack_bytes("r"), 0, "chunks reached the receiver");
+    let st = agent.status()?;
+    assert_eq!(st["files"]["backed_up"], 0, "{st}");
+    Ok(())
+}
+
+#[test]
 fn twenty_thousand_files_created_at_once_all_end_backed_up() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let rcv = Receiver::start(&tmp.path().join("rcv"))?;
