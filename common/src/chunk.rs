@@ -24,11 +24,11 @@ use serde::{Deserialize, Serialize};
 use crate::keys::{fill_random, KeyError, SubKeys};
 
 /// Smallest chunk the chunker cuts (except a file's last chunk).
-pub const MIN_CHUNK: u32 = 256 * 1024;
+pub const MIN_CHUNK: u32 = 128 * 1024;
 /// Average chunk size the chunker aims for.
-pub const AVG_CHUNK: u32 = 1024 * 1024;
+pub const AVG_CHUNK: u32 = 512 * 1024;
 /// Largest chunk the chunker cuts.
-pub const MAX_CHUNK: u32 = 4 * 1024 * 1024;
+pub const MAX_CHUNK: u32 = 2 * 1024 * 1024;
 /// Largest plaintext that `seal` accepts and `open` will ever produce.
 pub const MAX_PLAIN: usize = 8 * 1024 * 1024;
 /// Bytes a sealed blob adds to at most `MAX_PLAIN`: version, nonce, flag and tag.
