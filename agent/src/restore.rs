@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use coffer_common::chunk::{ChunkId, Crypto, FileId};
+use coffer_common::chunk::{ChunkId, Crypto, FileId, MAX_PLAIN, SEAL_OVERHEAD};
 use coffer_common::manifest::{safe_components, EntryKind, Manifest};
 use coffer_common::wire::Message;
 
@@ -265,7 +265,7 @@ pub struct RestoreOpts {
     pub progress: bool,
 }
 
-/// Chunks fetched ahead of the writers.
+/// Chunks fetched ahead by `dump` and `verify`.
 const WINDOW: usize = 24;
 
 struct Target {
@@ -274,7 +274,7 @@ struct Target {
     /// Opened when the first chunk lands, closed when the file is finished, so only files
     /// with chunks in flight hold a descriptor (a restore of 100k files stays far below the
     /// open-file limit).
-    file: Option<std::fs::File>,
+    file: Option<Arc<std::fs::File>>,
     remaining: usize,
     failed: Option<String>,
     item: Item,
@@ -328,9 +328,10 @@ pub fn restore(cfg: &Config, o: RestoreOpts) -> Result<(), RestoreError> {
     let mut failed = 0usize;
     // Prepare targets; symlinks and empty files finish at once.
     let mut targets: HashMap<usize, Target> = HashMap::new();
-    let mut order: Vec<(usize, u64, ChunkId, u32)> = Vec::new();
+    let mut order: Vec<(Job, ChunkId, u32)> = Vec::new();
+    let mut dirs = HashSet::new();
     for (n, (path, it)) in sel.into_iter().enumerate() {
-        let dest = match prepare(&o.to, &path) {
+        let dest = match prepare(&o.to, &path, &mut dirs) {
             Ok(d) => d,
             Err(e) => {
                 eprintln!("error: {}: {e}", show(&path));
@@ -347,26 +348,32 @@ pub fn restore(cfg: &Config, o: RestoreOpts) -> Result<(), RestoreError> {
             }
             EntryKind::File => {
                 let tmp = temp_name(&dest);
-                let mut off = 0u64;
-                for c in &it.manifest.chunks {
-                    order.push((n, off, c.id, c.len));
-                    off += c.len as u64;
-                }
+                let chunks: Vec<(ChunkId, u32)> =
+                    it.manifest.chunks.iter().map(|c| (c.id, c.len)).collect();
                 let t = Target {
                     path: dest,
                     tmp,
                     file: None,
-                    remaining: it.manifest.chunks.len(),
+                    remaining: chunks.len(),
                     failed: None,
                     item: it,
                 };
-                if t.remaining == 0 {
-                    if let Err(e) = finish(t, is_root) {
-                        eprintln!("error: {}: {e}", show(&path));
-                        failed += 1;
+                match chunks.as_slice() {
+                    [] => {
+                        if let Err(e) = finish(t, 0, is_root) {
+                            eprintln!("error: {}: {e}", show(&path));
+                            failed += 1;
+                        }
                     }
-                } else {
-                    targets.insert(n, t);
+                    [(id, len)] => order.push((Job::Whole(Box::new(t)), *id, *len)),
+                    _ => {
+                        let mut off = 0u64;
+                        for (id, len) in chunks {
+                            order.push((Job::Part { n, off }, id, len));
+                            off += len as u64;
+                        }
+                        targets.insert(n, t);
+                    }
                 }
             }
             EntryKind::Deleted => {}
@@ -413,105 +420,224 @@ fn progress_bar(on: bool, total: u64, what: &'static str) -> Option<indicatif::P
     Some(b)
 }
 
-/// Fetches every chunk in `order` with a bounded window, opening and writing them on two
-/// threads. Completed files are finished (renamed into place) as their last chunk lands;
-/// files left in `targets` afterwards failed (their reason is recorded in them). Returns the
-/// number of files that failed while being finished (already reported).
+/// Bytes of chunk data requested and not yet written, at most: bounds memory whatever the
+/// sizes of the files (a 10 GiB file never has more than this in flight).
+const WINDOW_BYTES: u64 = 16 << 20;
+/// Requests in flight at most (a small file is one small chunk: many may be in flight so
+/// that round trips do not bound the rate).
+const WINDOW_CHUNKS: usize = 4096;
+/// Threads opening chunks and writing them.
+const WORKERS: usize = 2;
+
+/// The budget of bytes and requests in flight, shared by the thread that sends requests
+/// and the workers that finish them.
+struct Budget {
+    used: Mutex<(u64, usize)>,
+    freed: std::sync::Condvar,
+}
+
+impl Budget {
+    fn new() -> Self {
+        Budget {
+            used: Mutex::new((0, 0)),
+            freed: std::sync::Condvar::new(),
+        }
+    }
+
+    /// The bytes one request is charged: its sealed reply at most (a hostile manifest's
+    /// length cannot exceed what a reply can carry).
+    fn cost(len: u32) -> u64 {
+        (len as u64).min(MAX_PLAIN as u64) + SEAL_OVERHEAD as u64
+    }
+
+    /// Waits until `cost` more bytes fit (a request always fits when nothing is in flight).
+    fn take(&self, cost: u64) {
+        let Ok(mut u) = self.used.lock() else { return };
+        while u.1 > 0 && (u.0 + cost > WINDOW_BYTES || u.1 >= WINDOW_CHUNKS) {
+            u = match self.freed.wait(u) {
+                Ok(u) => u,
+                Err(_) => return,
+            };
+        }
+        u.0 += cost;
+        u.1 += 1;
+    }
+
+    fn give(&self, cost: u64) {
+        if let Ok(mut u) = self.used.lock() {
+            u.0 = u.0.saturating_sub(cost);
+            u.1 = u.1.saturating_sub(1);
+        }
+        self.freed.notify_one();
+    }
+}
+
+/// One chunk to fetch: a whole one-chunk file (finished by the worker that opens it, without
+/// touching the shared map), or a part of file `n` in the shared map.
+enum Job {
+    Whole(Box<Target>),
+    Part { n: usize, off: u64 },
+}
+
+/// Fetches every chunk in `order` with a window bounded in bytes and in requests, opening
+/// and writing them on worker threads. Completed files are finished (renamed into place) as
+/// their last chunk lands; files left in `targets` afterwards failed (their reason is
+/// recorded in them). Returns the number of files that failed otherwise (already reported).
 fn fetch_all(
     s: &Session,
-    order: Vec<(usize, u64, ChunkId, u32)>,
+    order: Vec<(Job, ChunkId, u32)>,
     targets: &Arc<Mutex<HashMap<usize, Target>>>,
     bar: &Option<indicatif::ProgressBar>,
 ) -> usize {
-    let (tx, rx) = crossbeam_channel::bounded::<(usize, u64, ChunkId, Pending)>(WINDOW);
-    let bad = Arc::new(AtomicU64::new(0));
+    let (tx, rx) = crossbeam_channel::unbounded::<(Job, ChunkId, u32, Result<Pending, String>)>();
+    let budget = Budget::new();
+    let bad = AtomicU64::new(0);
     let is_root = nix::unistd::geteuid().is_root();
     std::thread::scope(|scope| {
-        for _ in 0..2 {
+        for _ in 0..WORKERS {
             let rx = rx.clone();
-            let targets = targets.clone();
-            let bad = bad.clone();
+            let (budget, bad) = (&budget, &bad);
             let crypto = &s.crypto;
-            let bar = bar.clone();
             scope.spawn(move || {
-                while let Ok((n, off, id, p)) = rx.recv() {
-                    let res = p
-                        .wait_blocking()
-                        .map_err(|e| e.to_string())
-                        .and_then(|m| match m {
-                            Message::Chunk { sealed, .. } => {
-                                crypto.open_chunk(&id, &sealed).map_err(|e| {
-                                    format!("chunk {} is damaged: {e}", &id.to_hex()[..16])
-                                })
-                            }
-                            m => Err(format!("unexpected reply {}", m.kind())),
-                        });
-                    let mut t = match targets.lock() {
-                        Ok(t) => t,
-                        Err(_) => return,
-                    };
-                    let Some(tg) = t.get_mut(&n) else { continue };
-                    match res {
-                        Ok(plain) => {
-                            if tg.failed.is_none() {
-                                let shown = tg.tmp.display().to_string();
-                                let r = tg.open().and_then(|f| {
-                                    f.write_all_at(&plain, off)
-                                        .map_err(|e| format!("writing {shown}: {e}"))
-                                });
-                                if let Err(e) = r {
-                                    tg.failed = Some(e);
+                while let Ok((job, id, len, p)) = rx.recv() {
+                    let res = p.and_then(|p| {
+                        p.wait_blocking()
+                            .map_err(|e| e.to_string())
+                            .and_then(|m| match m {
+                                Message::Chunk { sealed, .. } => {
+                                    crypto.open_chunk_owned(&id, sealed).map_err(|e| {
+                                        format!("chunk {} is damaged: {e}", &id.to_hex()[..16])
+                                    })
                                 }
-                            }
-                            if let Some(b) = &bar {
-                                b.inc(plain.len() as u64);
+                                m => Err(format!("unexpected reply {}", m.kind())),
+                            })
+                    });
+                    let res = res.and_then(|plain| {
+                        if plain.len() as u64 == len as u64 {
+                            Ok(plain)
+                        } else {
+                            Err(format!(
+                                "chunk {} holds {} bytes but the manifest says {len}",
+                                &id.to_hex()[..16],
+                                plain.len()
+                            ))
+                        }
+                    });
+                    let written = res.as_ref().map(|p| p.len() as u64).unwrap_or(0);
+                    match job {
+                        Job::Whole(t) => {
+                            let name = show(&t.item.manifest.path);
+                            if let Err(e) = res.and_then(|plain| write_whole(*t, &plain, is_root)) {
+                                eprintln!("error: {name}: {e}");
+                                bad.fetch_add(1, Ordering::Relaxed);
                             }
                         }
-                        Err(e) => {
-                            tg.failed.get_or_insert(e);
+                        Job::Part { n, off } => {
+                            if !write_part(targets, n, off, res, is_root) {
+                                bad.fetch_add(1, Ordering::Relaxed);
+                            }
                         }
                     }
-                    tg.remaining -= 1;
-                    if tg.remaining == 0 {
-                        if let Some(tg) = t.remove(&n) {
-                            drop(t);
-                            if tg.failed.is_none() {
-                                let name = show(&tg.item.manifest.path);
-                                if let Err(e) = finish(tg, is_root) {
-                                    eprintln!("error: {name}: {e}");
-                                    bad.fetch_add(1, Ordering::Relaxed);
-                                }
-                            } else {
-                                // Reported by the caller.
-                                if let Ok(mut t) = targets.lock() {
-                                    t.insert(n, tg);
-                                }
-                            }
-                        }
+                    budget.give(Budget::cost(len));
+                    if let Some(b) = bar {
+                        b.inc(written);
                     }
                 }
             });
         }
         drop(rx);
-        for (n, off, id, _len) in order {
-            let p = match s.rt.block_on(s.conn.start(Message::GetChunk { id })) {
-                Ok(p) => p,
-                Err(e) => {
-                    if let Ok(mut t) = targets.lock() {
-                        if let Some(tg) = t.get_mut(&n) {
-                            tg.failed.get_or_insert(e.to_string());
-                        }
-                    }
-                    continue;
-                }
-            };
-            if tx.send((n, off, id, p)).is_err() {
+        for (job, id, len) in order {
+            budget.take(Budget::cost(len));
+            let p = s
+                .conn
+                .start_blocking(Message::GetChunk { id })
+                .map_err(|e| e.to_string());
+            if tx.send((job, id, len, p)).is_err() {
                 break;
             }
         }
         drop(tx);
     });
     bad.load(Ordering::Relaxed) as usize
+}
+
+/// Writes a one-chunk file and finishes it.
+fn write_whole(mut t: Target, plain: &[u8], is_root: bool) -> Result<(), String> {
+    let shown = t.tmp.display().to_string();
+    let wrote = t.open().and_then(|f| {
+        f.write_all_at(plain, 0)
+            .map_err(|e| format!("writing {shown}: {e}"))
+    });
+    match wrote {
+        Ok(()) => finish(t, plain.len() as u64, is_root),
+        Err(e) => {
+            t.file = None;
+            let _ = std::fs::remove_file(&t.tmp);
+            Err(e)
+        }
+    }
+}
+
+/// Writes one part of a file of several chunks, outside the map's lock, and finishes the
+/// file when it was the last. False when finishing failed (reported here); a failure to
+/// fetch or write is recorded in the target and reported by the caller.
+fn write_part(
+    targets: &Mutex<HashMap<usize, Target>>,
+    n: usize,
+    off: u64,
+    res: Result<Vec<u8>, String>,
+    is_root: bool,
+) -> bool {
+    let file = {
+        let Ok(mut t) = targets.lock() else {
+            return true;
+        };
+        let Some(tg) = t.get_mut(&n) else { return true };
+        match &res {
+            Ok(_) if tg.failed.is_none() => match tg.open_shared() {
+                Ok(f) => Some(f),
+                Err(e) => {
+                    tg.failed = Some(e);
+                    None
+                }
+            },
+            Ok(_) => None,
+            Err(e) => {
+                tg.failed.get_or_insert_with(|| e.clone());
+                None
+            }
+        }
+    };
+    let wrote = match (file, &res) {
+        (Some(f), Ok(plain)) => Some(f.write_all_at(plain, off).map_err(|e| e.to_string())),
+        _ => None,
+    };
+    let Ok(mut t) = targets.lock() else {
+        return true;
+    };
+    let Some(tg) = t.get_mut(&n) else { return true };
+    if let Some(Err(e)) = wrote {
+        tg.failed
+            .get_or_insert_with(|| format!("writing {}: {e}", tg.tmp.display()));
+    }
+    tg.remaining -= 1;
+    if tg.remaining == 0 && tg.failed.is_some() {
+        tg.file = None;
+    }
+    if tg.remaining > 0 || tg.failed.is_some() {
+        // A failed file stays in the map; the caller reports it once all its chunks are in.
+        return true;
+    }
+    let Some(tg) = t.remove(&n) else { return true };
+    drop(t);
+    let name = show(&tg.item.manifest.path);
+    match finish(tg, u64::MAX, is_root) {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("error: {name}: {e}");
+            false
+        }
+    }
 }
 
 fn temp_name(dest: &Path) -> PathBuf {
@@ -522,14 +648,18 @@ fn temp_name(dest: &Path) -> PathBuf {
 }
 
 /// Creates the folders for `path` under `root`, never following a symlink, and returns the
-/// destination path. Unsafe manifest paths are refused.
-fn prepare(root: &Path, path: &[u8]) -> Result<PathBuf, String> {
+/// destination path. Unsafe manifest paths are refused. `dirs` holds the folders this
+/// restore already created or checked, so each is looked at once, not once per file.
+fn prepare(root: &Path, path: &[u8], dirs: &mut HashSet<PathBuf>) -> Result<PathBuf, String> {
     let parts = safe_components(path).map_err(|e| e.to_string())?;
     let mut cur = root.to_path_buf();
     for (i, part) in parts.iter().enumerate() {
         cur.push(OsStr::from_bytes(part));
         if i + 1 == parts.len() {
             break;
+        }
+        if dirs.contains(&cur) {
+            continue;
         }
         match std::fs::symlink_metadata(&cur) {
             Ok(m) if m.file_type().is_symlink() => {
@@ -544,6 +674,7 @@ fn prepare(root: &Path, path: &[u8]) -> Result<PathBuf, String> {
                 std::fs::create_dir(&cur).map_err(|e| format!("creating {}: {e}", cur.display()))?
             }
         }
+        dirs.insert(cur.clone());
     }
     if let Ok(m) = std::fs::symlink_metadata(&cur) {
         if m.is_dir() {
@@ -570,50 +701,72 @@ fn set_times(p: &Path, m: &Manifest, follow: bool) -> Result<(), String> {
 impl Target {
     /// The temporary file, created on first use.
     fn open(&mut self) -> Result<&std::fs::File, String> {
-        if self.file.is_none() {
-            let f = std::fs::OpenOptions::new()
+        self.open_shared()?;
+        self.file
+            .as_deref()
+            .ok_or_else(|| format!("creating {}", self.tmp.display()))
+    }
+
+    /// The temporary file, created on first use, shared with writers outside the lock.
+    fn open_shared(&mut self) -> Result<Arc<std::fs::File>, String> {
+        if let Some(f) = &self.file {
+            return Ok(f.clone());
+        }
+        let f = Arc::new(
+            std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
                 .open(&self.tmp)
-                .map_err(|e| format!("creating {}: {e}", self.tmp.display()))?;
-            self.file = Some(f);
-        }
-        self.file
-            .as_ref()
-            .ok_or_else(|| format!("creating {}", self.tmp.display()))
+                .map_err(|e| format!("creating {}: {e}", self.tmp.display()))?,
+        );
+        self.file = Some(f.clone());
+        Ok(f)
     }
 }
 
-fn finish(mut t: Target, is_root: bool) -> Result<(), String> {
-    let file = t
-        .open()?
-        .try_clone()
-        .map_err(|e| format!("{}: {e}", t.tmp.display()))?;
-    t.file = None;
-    let m = &t.item.manifest;
-    let len = file
-        .metadata()
-        .map_err(|e| format!("{}: {e}", t.tmp.display()))?
-        .len();
-    let cleanup = |e: String| {
-        let _ = std::fs::remove_file(&t.tmp);
+/// Sets the temporary file's size check, owner, mode and times through its descriptor, then
+/// renames it into place. `written` is the byte count when the caller knows it (one write),
+/// `u64::MAX` to ask the file. The temporary file is removed on failure.
+fn finish(mut t: Target, written: u64, is_root: bool) -> Result<(), String> {
+    let cleanup = |tmp: &Path, e: String| {
+        let _ = std::fs::remove_file(tmp);
         e
     };
+    let file = match t.open() {
+        Ok(_) => t.file.take(),
+        Err(e) => return Err(cleanup(&t.tmp, e)),
+    };
+    let Some(file) = file else {
+        return Err(cleanup(&t.tmp, format!("creating {}", t.tmp.display())));
+    };
+    let m = &t.item.manifest;
+    let len = if written == u64::MAX {
+        file.metadata()
+            .map_err(|e| cleanup(&t.tmp, format!("{}: {e}", t.tmp.display())))?
+            .len()
+    } else {
+        written
+    };
     if len != m.size {
-        return Err(cleanup(format!(
-            "restored {len} bytes but the manifest says {}",
-            m.size
-        )));
+        return Err(cleanup(
+            &t.tmp,
+            format!("restored {len} bytes but the manifest says {}", m.size),
+        ));
     }
     if is_root {
-        let _ = std::os::unix::fs::fchown(&file, Some(m.uid), Some(m.gid));
+        let _ = std::os::unix::fs::fchown(&*file, Some(m.uid), Some(m.gid));
     }
     file.set_permissions(std::fs::Permissions::from_mode(m.mode & 0o7777))
-        .map_err(|e| cleanup(format!("setting mode of {}: {e}", t.tmp.display())))?;
+        .map_err(|e| cleanup(&t.tmp, format!("setting mode of {}: {e}", t.tmp.display())))?;
+    let ts = nix::sys::time::TimeSpec::new(
+        m.mtime_ns.div_euclid(1_000_000_000),
+        m.mtime_ns.rem_euclid(1_000_000_000),
+    );
+    nix::sys::stat::futimens(std::os::fd::AsRawFd::as_raw_fd(&*file), &ts, &ts)
+        .map_err(|e| cleanup(&t.tmp, format!("setting mtime of {}: {e}", t.tmp.display())))?;
     drop(file);
-    set_times(&t.tmp, m, false).map_err(cleanup)?;
     std::fs::rename(&t.tmp, &t.path)
-        .map_err(|e| cleanup(format!("renaming into {}: {e}", t.path.display())))
+        .map_err(|e| cleanup(&t.tmp, format!("renaming into {}: {e}", t.path.display())))
 }
 
 fn place_symlink(dest: &Path, target: &[u8], m: &Manifest, is_root: bool) -> Result<(), String> {

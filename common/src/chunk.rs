@@ -181,7 +181,12 @@ impl Crypto {
 
     /// Opens a sealed chunk and checks that its content matches `id`.
     pub fn open_chunk(&self, id: &ChunkId, sealed: &[u8]) -> Result<Vec<u8>, ChunkError> {
-        let plain = open(&self.chunk, DOMAIN_CHUNK, &id.0, sealed)?;
+        self.open_chunk_owned(id, sealed.to_vec())
+    }
+
+    /// [`Crypto::open_chunk`] on a buffer the caller gives up: decrypted in place.
+    pub fn open_chunk_owned(&self, id: &ChunkId, sealed: Vec<u8>) -> Result<Vec<u8>, ChunkError> {
+        let plain = open_owned(&self.chunk, DOMAIN_CHUNK, &id.0, sealed)?;
         let actual = self.chunk_id(&plain);
         if actual != *id {
             return Err(ChunkError::IdMismatch {
@@ -287,30 +292,67 @@ fn open(
     if sealed.len() < SEAL_OVERHEAD {
         return Err(ChunkError::TooShort(sealed.len()));
     }
+    open_owned(cipher, domain, id, sealed.to_vec())
+}
+
+/// Opens a sealed blob in its own buffer: decrypted in place, so a raw chunk costs no copy
+/// of its body and a compressed one only its decompression.
+fn open_owned(
+    cipher: &XChaCha20Poly1305,
+    domain: u8,
+    id: &[u8; 32],
+    mut sealed: Vec<u8>,
+) -> Result<Vec<u8>, ChunkError> {
+    if sealed.len() < SEAL_OVERHEAD {
+        return Err(ChunkError::TooShort(sealed.len()));
+    }
     if sealed[0] != VERSION {
         return Err(ChunkError::Version(sealed[0]));
     }
     let a = aad(domain, id);
     let tag_at = sealed.len() - 16;
-    let mut body = sealed[25..tag_at].to_vec();
+    let tag = *chacha20poly1305::Tag::from_slice(&sealed[tag_at..]);
+    let nonce = *XNonce::from_slice(&sealed[1..25]);
     cipher
-        .decrypt_in_place_detached(
-            XNonce::from_slice(&sealed[1..25]),
-            &a,
-            &mut body,
-            chacha20poly1305::Tag::from_slice(&sealed[tag_at..]),
-        )
+        .decrypt_in_place_detached(&nonce, &a, &mut sealed[25..tag_at], &tag)
         .map_err(|_| ChunkError::Auth)?;
-    match body.first().copied() {
-        Some(FLAG_RAW) => {
-            body.remove(0);
-            Ok(body)
+    match sealed[25] {
+        FLAG_RAW => {
+            sealed.truncate(tag_at);
+            sealed.drain(..26);
+            Ok(sealed)
         }
-        Some(FLAG_ZSTD) => zstd::bulk::decompress(&body[1..], MAX_PLAIN)
-            .map_err(|e| ChunkError::Decompress(e.to_string())),
-        Some(f) => Err(ChunkError::Flag(f)),
-        None => Err(ChunkError::TooShort(sealed.len())),
+        FLAG_ZSTD => decompress(&sealed[26..tag_at]),
+        f => Err(ChunkError::Flag(f)),
     }
+}
+
+thread_local! {
+    /// One zstd decompression context per thread, reused (restore opens many small chunks).
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Decompresses at most `MAX_PLAIN` bytes with the thread's reused context, allocating
+/// only what the frame declares (within the cap).
+fn decompress(data: &[u8]) -> Result<Vec<u8>, ChunkError> {
+    let err = |e: std::io::Error| ChunkError::Decompress(e.to_string());
+    let cap = match zstd::zstd_safe::get_frame_content_size(data) {
+        Ok(Some(n)) if n <= MAX_PLAIN as u64 => n as usize,
+        _ => MAX_PLAIN,
+    };
+    DECOMPRESSOR.with(|d| match d.try_borrow_mut() {
+        Ok(mut d) => {
+            if d.is_none() {
+                *d = Some(zstd::bulk::Decompressor::new().map_err(err)?);
+            }
+            match d.as_mut() {
+                Some(d) => d.decompress(data, cap).map_err(err),
+                None => zstd::bulk::decompress(data, cap).map_err(err),
+            }
+        }
+        Err(_) => zstd::bulk::decompress(data, cap).map_err(err),
+    })
 }
 
 /// A reader adapter that hashes everything read through it with BLAKE3.

@@ -24,7 +24,7 @@
 //! With `--metrics ADDR`, [`crate::metrics`] serves the counters the sessions keep at
 //! `http://ADDR/metrics`, on this same runtime.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -61,14 +61,17 @@ pub const BUSY_WAIT: Duration = Duration::from_secs(5);
 pub const MAX_BATCH_COMMITS: usize = 1024;
 /// Bytes stored by a session before its batch is flushed regardless.
 pub const MAX_BATCH_BYTES: u64 = 64 << 20;
-/// Bytes of replies gathered into one write at most.
-const OUT_BATCH: usize = 1 << 20;
 /// Messages queued between a session's reader and processor.
 const QUEUE_MESSAGES: usize = 4096;
 /// Bytes of messages queued per session (a single larger message still passes alone).
 const QUEUE_BYTES: usize = 2 << 20;
 /// How long a closing connection keeps reading what the peer already sent.
 const LINGER: Duration = Duration::from_secs(2);
+/// Bytes of queued `Chunk` replies written at once.
+const REPLY_BATCH: usize = 1 << 20;
+/// Chunk reads in flight per session, ahead of the replies being encrypted and written
+/// (each holds at most one sealed chunk).
+const READS_AHEAD: usize = 4;
 /// How long `serve` retries the root's lock (a `status` may hold it for an instant).
 const LOCK_WAIT: Duration = Duration::from_secs(2);
 
@@ -466,6 +469,7 @@ async fn session(shared: Arc<Shared>, mut ch: channel::Channel<TcpStream>, repo_
         acked: 0,
         stored_bytes: 0,
         metrics: shared.metrics.clone(),
+        reads: VecDeque::new(),
     };
     let end = s.run(qrx, &shared.cancel).await;
     // Close our side after the last reply; let the reader drain what the agent had already
@@ -623,7 +627,11 @@ struct Session {
     acked: u64,
     stored_bytes: u64,
     metrics: Arc<Metrics>,
+    /// `GetChunk` reads started and not yet answered, oldest first.
+    reads: VecDeque<(ChunkId, ChunkRead)>,
 }
+
+type ChunkRead = tokio::task::JoinHandle<Result<Option<Vec<u8>>, RepoError>>;
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, End> {
     tokio::task::spawn_blocking(f)
@@ -662,6 +670,10 @@ impl Session {
         cancel: &CancellationToken,
     ) -> Result<(), End> {
         let r = self.serve_queue(&mut q, cancel).await;
+        let r = match r {
+            Ok(()) => self.answer_reads().await,
+            e => e,
+        };
         // Whatever happened, make what was received durable (an ack that cannot be sent
         // is simply asked for again: commits are idempotent).
         let f = self.flush_now().await;
@@ -696,6 +708,7 @@ impl Session {
                 Ok(i) => i,
                 Err(mpsc::error::TryRecvError::Disconnected) => return Ok(()),
                 Err(mpsc::error::TryRecvError::Empty) => {
+                    self.answer_reads().await?;
                     if shutting_down {
                         return Err(End::Shutdown);
                     }
@@ -762,6 +775,7 @@ impl Session {
     }
 
     async fn send(&mut self, m: Message) -> Result<(), End> {
+        self.answer_reads().await?;
         match tokio::time::timeout(self.idle, self.tx.send(&m)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(End::Send(e)),
@@ -769,18 +783,55 @@ impl Session {
         }
     }
 
-    /// Adds a reply to the outgoing buffer, writing it out once it holds enough; many
-    /// small replies then cost one system call. [`Session::flush_out`] writes the rest.
+    /// Adds a reply to the outgoing buffer (after the chunk reads in flight, which come
+    /// first), writing it out once enough waits; many small replies then cost one system
+    /// call. [`Session::write_queued`] writes the rest.
     async fn send_queued(&mut self, m: Message) -> Result<(), End> {
+        while !self.reads.is_empty() {
+            self.answer_oldest_read().await?;
+        }
         self.tx.queue(&m).map_err(End::Send)?;
-        if self.tx.queued() >= OUT_BATCH {
-            self.flush_out().await?;
+        if self.tx.queued() >= REPLY_BATCH {
+            self.write_queued().await?;
         }
         Ok(())
     }
 
-    /// Writes every queued reply.
-    async fn flush_out(&mut self) -> Result<(), End> {
+    /// Answers the oldest chunk read in flight: its reply is encrypted into the outgoing
+    /// buffer, written with the replies queued after it (one system call for a run of
+    /// restore reads) once [`REPLY_BATCH`] bytes wait, when the request queue is momentarily
+    /// empty, or by the next `send`.
+    async fn answer_oldest_read(&mut self) -> Result<(), End> {
+        let Some((id, read)) = self.reads.pop_front() else {
+            return Ok(());
+        };
+        let reply = match read.await.map_err(|e| End::Internal(e.to_string()))? {
+            Ok(Some(sealed)) => Message::Chunk { id, sealed },
+            Ok(None) => not_found(&id),
+            Err(e) => {
+                tracing::error!("reading chunk {id}: {e}");
+                self.metrics.error(ErrorKind::Internal);
+                error(ErrorCode::Internal, format!("reading chunk {id}: {e}"))
+            }
+        };
+        self.tx.queue(&reply).map_err(End::Send)?;
+        if self.tx.queued() >= REPLY_BATCH {
+            self.write_queued().await?;
+        }
+        Ok(())
+    }
+
+    /// Answers every chunk read in flight and writes what is queued. Runs before any other
+    /// reply is sent, so replies keep request order.
+    async fn answer_reads(&mut self) -> Result<(), End> {
+        while !self.reads.is_empty() {
+            self.answer_oldest_read().await?;
+        }
+        self.write_queued().await
+    }
+
+    /// Writes the replies queued by [`Session::answer_oldest_read`].
+    async fn write_queued(&mut self) -> Result<(), End> {
         if self.tx.queued() == 0 {
             return Ok(());
         }
@@ -1002,17 +1053,15 @@ impl Session {
                 if self.pending() {
                     self.flush_now().await?;
                 }
+                // Read on a blocking thread while earlier chunks are encrypted and written;
+                // answered in order by `answer_reads`.
+                if self.reads.len() >= READS_AHEAD {
+                    self.answer_oldest_read().await?;
+                }
                 let repo = self.repo.clone();
-                let reply = match blocking(move || repo.get(&id)).await? {
-                    Ok(Some(sealed)) => Message::Chunk { id, sealed },
-                    Ok(None) => not_found(&id),
-                    Err(e) => {
-                        tracing::error!("reading chunk {id}: {e}");
-                        self.metrics.error(ErrorKind::Internal);
-                        error(ErrorCode::Internal, format!("reading chunk {id}: {e}"))
-                    }
-                };
-                self.reply(reply).await
+                let read = tokio::task::spawn_blocking(move || repo.get(&id));
+                self.reads.push_back((id, read));
+                Ok(())
             }
             Message::Hello { .. } => self.malformed("Hello sent twice".into()).await,
             other => {
@@ -1145,7 +1194,7 @@ impl Session {
                 }
             }
         }
-        self.flush_out().await
+        self.write_queued().await
     }
 }
 
