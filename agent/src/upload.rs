@@ -835,24 +835,60 @@ fn send_window(
             Err(e) => return Err(Outcome::Failed(format!("receiver: {e}"))),
         }
     };
-    for (id, data) in window.drain(..) {
-        if !missing.contains(&id) || !sent.insert(id) {
-            continue;
+    let todo: Vec<(ChunkId, Vec<u8>)> = window
+        .drain(..)
+        .filter(|(id, _)| missing.contains(id) && sent.insert(*id))
+        .collect();
+    // Sealing (zstd probe, XChaCha20-Poly1305) is the costliest step per byte: every other
+    // chunk is sealed by a helper thread while this one seals the next, and the puts still
+    // go out in order. At most two sealed chunks wait beside the window.
+    let seal = |id: &ChunkId, data: &[u8]| {
+        sh.crypto()
+            .seal_chunk(id, data)
+            .map_err(|e| format!("sealing {shown}: {e}"))
+    };
+    std::thread::scope(|scope| {
+        let (tx, rx) = crossbeam_channel::bounded::<Result<Vec<u8>, String>>(1);
+        if todo.len() > 1 {
+            let odd = &todo;
+            let seal = &seal;
+            let spawned = std::thread::Builder::new()
+                .name("coffer-seal".into())
+                .spawn_scoped(scope, move || {
+                    for (id, data) in odd.iter().skip(1).step_by(2) {
+                        if tx.send(seal(id, data)).is_err() {
+                            break;
+                        }
+                    }
+                });
+            if let Err(e) = spawned {
+                return Err(Outcome::Retry(
+                    format!("cannot start a thread: {e}"),
+                    now_ms() + 1000,
+                ));
+            }
+        } else {
+            drop(tx);
         }
-        let sealed = sh
-            .crypto()
-            .seal_chunk(&id, &data)
-            .map_err(|e| Outcome::Failed(format!("sealing {shown}: {e}")))?;
-        sh.counters
-            .bytes_sent
-            .fetch_add(sealed.len() as u64, Ordering::Relaxed);
-        sh.counters.chunks_sent.fetch_add(1, Ordering::Relaxed);
-        match conn.start_blocking(Message::PutChunk { id, sealed }) {
-            Ok(p) => puts.push(p),
-            Err(e) => return Err(Outcome::Lost(e)),
+        for (i, (id, data)) in todo.iter().enumerate() {
+            let sealed = if i % 2 == 0 {
+                seal(id, data)
+            } else {
+                rx.recv()
+                    .unwrap_or_else(|_| Err(format!("sealing {shown}: helper thread ended")))
+            }
+            .map_err(Outcome::Failed)?;
+            sh.counters
+                .bytes_sent
+                .fetch_add(sealed.len() as u64, Ordering::Relaxed);
+            sh.counters.chunks_sent.fetch_add(1, Ordering::Relaxed);
+            match conn.start_blocking(Message::PutChunk { id: *id, sealed }) {
+                Ok(p) => puts.push(p),
+                Err(e) => return Err(Outcome::Lost(e)),
+            }
         }
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 /// The settle check: the file must look the same after the read as before it, else the
