@@ -9,7 +9,7 @@
 //! scheduler loop pings the watchdog. SIGTERM/SIGINT stop taking work, let outstanding
 //! acknowledgements arrive (with a deadline), and exit 0: pending work stays pending.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 
 use crate::config::{Config, Watch};
-use crate::journal::{now_ms, Journal};
+use crate::journal::{now_ms, Journal, Known};
 use crate::scan;
 use crate::state;
 use crate::upload::{self, ConnManager, Counters, Shared};
@@ -93,13 +93,6 @@ pub fn run(cfg: Config, opts: RunOpts) -> Result<(), RunError> {
     // hundred ms by design) runs beside the startup scan, which needs no key: a restart with
     // nothing changed is settled as soon as the scan is.
     let pass = state::unlock_passphrase(&cfg, &keyfile, &cfg.keyfile_path())?;
-    let unlocking = {
-        let (keyfile, origin) = (keyfile.clone(), cfg.keyfile_path());
-        std::thread::Builder::new()
-            .name("coffer-unlock".into())
-            .spawn(move || state::unlock_with(&keyfile, &pass, &origin))
-            .map_err(|e| RunError::Other(format!("starting a thread: {e}")))?
-    };
     tracing::debug!("keys loaded; opening the journal");
     let mut journal = Journal::open(&cfg.journal_path())?;
     let requeued = journal.requeue_in_flight()?;
@@ -115,7 +108,7 @@ pub fn run(cfg: Config, opts: RunOpts) -> Result<(), RunError> {
         .map_err(|e| RunError::Other(format!("starting runtime: {e}")))?;
     let (wake_tx, wake_rx) = bounded::<()>(1);
     let sh = Arc::new(Shared {
-        conn: ConnManager::new(cfg.clone(), keypair, rt.handle().clone(), keyfile),
+        conn: ConnManager::new(cfg.clone(), keypair, rt.handle().clone(), keyfile.clone()),
         watches: RwLock::new(Arc::new(cfg.watches.clone())),
         current: Mutex::new(String::new()),
         cfg: cfg.clone(),
@@ -165,9 +158,40 @@ pub fn run(cfg: Config, opts: RunOpts) -> Result<(), RunError> {
     let (scan_tx, scan_rx) = unbounded::<ScanRequest>();
     let mut watching = Watching::new(chg_tx.clone());
     let startup_left = Arc::new(AtomicUsize::new(cfg.watches.len()));
+    // The startup scan's journal rows are read while the watches are added (reading them
+    // takes as long as walking a large tree's folders).
+    let preload = {
+        let sh = sh.clone();
+        let names: Vec<String> = cfg.watches.iter().map(|w| w.name.clone()).collect();
+        std::thread::Builder::new()
+            .name("coffer-preload".into())
+            .spawn(move || {
+                let mut out = HashMap::new();
+                for n in names {
+                    let rows = match sh.journal.lock() {
+                        Ok(j) => j.known(&n),
+                        Err(_) => break,
+                    };
+                    if let Ok(rows) = rows {
+                        out.insert(n, rows);
+                    }
+                }
+                out
+            })
+            .ok()
+    };
     tracing::debug!("journal open; adding watches");
     apply_watches(&sh, &mut watching, &scan_tx, "startup");
     tracing::debug!("watches added");
+    // Started once the watches are in place, so that the walk adding them does not share
+    // the two cores with it; it then runs beside the startup scan.
+    let unlocking = {
+        let (keyfile, origin) = (keyfile.clone(), cfg.keyfile_path());
+        std::thread::Builder::new()
+            .name("coffer-unlock".into())
+            .spawn(move || state::unlock_with(&keyfile, &pass, &origin))
+            .map_err(|e| RunError::Other(format!("starting a thread: {e}")))?
+    };
     let mut threads = Vec::new();
     {
         let (sh, scan_tx) = (sh.clone(), scan_tx.clone());
@@ -175,7 +199,9 @@ pub fn run(cfg: Config, opts: RunOpts) -> Result<(), RunError> {
     }
     {
         let (sh, left) = (sh.clone(), startup_left.clone());
-        threads.push(spawn("coffer-scan", move || scanner(sh, scan_rx, left)));
+        threads.push(spawn("coffer-scan", move || {
+            scanner(sh, scan_rx, left, preload)
+        }));
     }
     let fallback = Arc::new(Mutex::new(
         watching.fallback.keys().cloned().collect::<Vec<_>>(),
@@ -493,10 +519,20 @@ fn events(sh: Arc<Shared>, rx: Receiver<Change>, scans: Sender<ScanRequest>) {
 }
 
 /// Runs scans one at a time; reports readiness once the startup scans are journaled.
-fn scanner(sh: Arc<Shared>, rx: Receiver<ScanRequest>, startup_left: Arc<AtomicUsize>) {
+/// Each watch's journal rows, read for its startup scan while the watches are added.
+type Preloaded = HashMap<String, HashMap<Vec<u8>, Known>>;
+
+fn scanner(
+    sh: Arc<Shared>,
+    rx: Receiver<ScanRequest>,
+    startup_left: Arc<AtomicUsize>,
+    preload: Option<std::thread::JoinHandle<Preloaded>>,
+) {
     if startup_left.load(Ordering::SeqCst) == 0 {
         notify_systemd(&[sd_notify::NotifyState::Ready]);
     }
+    let mut preload = preload;
+    let mut preloaded: Preloaded = HashMap::new();
     while let Ok(req) = rx.recv() {
         if sh.shutdown.load(Ordering::SeqCst) {
             return;
@@ -506,7 +542,15 @@ fn scanner(sh: Arc<Shared>, rx: Receiver<ScanRequest>, startup_left: Arc<AtomicU
             continue;
         };
         let t = Instant::now();
-        match scan::scan(w, req.sub.as_deref(), &sh.journal, 0) {
+        let rows = if req.reason == "startup" && req.sub.is_none() {
+            if let Some(h) = preload.take() {
+                preloaded = h.join().unwrap_or_default();
+            }
+            preloaded.remove(&w.name)
+        } else {
+            None
+        };
+        match scan::scan(w, req.sub.as_deref(), &sh.journal, 0, rows) {
             Ok(s) => {
                 tracing::info!(watch = %w.name, reason = req.reason, files = s.files, changed = s.changed,
                     deleted = s.deleted, skipped = s.skipped_special, errors = s.errors,

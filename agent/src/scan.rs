@@ -4,7 +4,7 @@
 //! recorded when it was last read is not read again. Paths in the journal that are no longer
 //! on disk are marked dirty too; the uploader then records them as deletions.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use crate::config::Watch;
-use crate::journal::{now_ms, Journal, JournalError, StatKey};
+use crate::journal::{now_ms, Journal, JournalError, Known, StatKey};
 
 /// What a scan found.
 #[derive(Debug, Default, Clone, Copy)]
@@ -57,15 +57,22 @@ pub fn stat_key(m: &std::fs::Metadata) -> StatKey {
 }
 
 /// Scans `watch` (or only `sub`, a folder inside it) and marks changes in the journal.
+/// `preloaded`: the watch's journal rows read earlier (the startup scan reads them while the
+/// OS watches are being added). Rows that changed since only cause extra dirty marks,
+/// never a missed change: the comparison is with the file system as walked now.
 pub fn scan(
     watch: &Watch,
     sub: Option<&Path>,
     journal: &Mutex<Journal>,
     delay_ms: i64,
+    preloaded: Option<HashMap<Vec<u8>, Known>>,
 ) -> Result<ScanStats, JournalError> {
-    let known = match journal.lock() {
-        Ok(j) => j.known(&watch.name)?,
-        Err(_) => return Ok(ScanStats::default()),
+    let known = match preloaded {
+        Some(k) => k,
+        None => match journal.lock() {
+            Ok(j) => j.known(&watch.name)?,
+            Err(_) => return Ok(ScanStats::default()),
+        },
     };
     let start = match sub {
         Some(s) => s.to_path_buf(),
