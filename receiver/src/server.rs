@@ -877,12 +877,7 @@ impl Session {
                 self.reply(reply).await
             }
             Message::PutChunk { id, sealed } => {
-                if sealed.len() > MAX_SEALED || sealed.len() < SEAL_OVERHEAD {
-                    let msg = format!(
-                        "sealed chunk {id} is {} bytes; a sealed chunk has {SEAL_OVERHEAD} to \
-                         {MAX_SEALED} bytes",
-                        sealed.len()
-                    );
+                if let Some(msg) = bad_sealed_len(&id, sealed.len()) {
                     self.metrics.error(ErrorKind::Protocol);
                     return self.reply(error(ErrorCode::Malformed, msg)).await;
                 }
@@ -949,16 +944,10 @@ impl Session {
                         .malformed(format!("PutFiles commit with {n} chunks (max {MAX_IDS})"))
                         .await;
                 }
-                if let Some(c) = chunks
+                if let Some(msg) = chunks
                     .iter()
-                    .find(|c| c.sealed.len() > MAX_SEALED || c.sealed.len() < SEAL_OVERHEAD)
+                    .find_map(|c| bad_sealed_len(&c.id, c.sealed.len()))
                 {
-                    let msg = format!(
-                        "sealed chunk {} is {} bytes; a sealed chunk has {SEAL_OVERHEAD} to \
-                         {MAX_SEALED} bytes",
-                        c.id,
-                        c.sealed.len()
-                    );
                     self.metrics.error(ErrorKind::Protocol);
                     return self.reply(error(ErrorCode::Malformed, msg)).await;
                 }
@@ -1110,6 +1099,38 @@ impl Session {
         self.wait_flush().await
     }
 
+    /// The answer to the `i`th commit of a flushed batch (acknowledgements counted).
+    fn commit_result(
+        &mut self,
+        outcomes: &[CommitOutcome],
+        commits: &[NewCommit],
+        i: usize,
+    ) -> CommitResult {
+        let failed = |code, message: String| CommitResult::Failed { code, message };
+        match (outcomes.get(i), commits.get(i)) {
+            (
+                Some(CommitOutcome::Acked {
+                    version,
+                    commit_time,
+                }),
+                Some(c),
+            ) => {
+                self.acked += 1;
+                self.metrics.commit();
+                CommitResult::Acked {
+                    commit_id: c.commit_id,
+                    version: *version,
+                    commit_time: *commit_time,
+                }
+            }
+            (Some(CommitOutcome::MissingChunks(ids)), _) => {
+                failed(ErrorCode::MissingChunks, missing_chunks_text(ids))
+            }
+            (None, _) => failed(ErrorCode::Internal, "commit outcome lost".into()),
+            (Some(_), None) => failed(ErrorCode::Internal, "commit lost".into()),
+        }
+    }
+
     /// Sends the replies of a finished flush, in order, then any replies that only waited
     /// for it.
     async fn finish_flush(
@@ -1128,61 +1149,28 @@ impl Session {
         for reply in f.replies {
             let m = match reply {
                 Reply::Now(m) => m,
-                Reply::Commit(i) => match (&outcome, commits.get(i)) {
-                    (Ok(o), Some(c)) => match o.get(i) {
-                        Some(CommitOutcome::Acked {
+                Reply::Commit(i) => match &outcome {
+                    Err(e) => repo_error(e),
+                    Ok(o) => match self.commit_result(o, &commits, i) {
+                        CommitResult::Acked {
+                            commit_id,
                             version,
                             commit_time,
-                        }) => {
-                            self.acked += 1;
-                            self.metrics.commit();
-                            Message::FileAcked {
-                                commit_id: c.commit_id,
-                                version: *version,
-                                commit_time: *commit_time,
-                            }
-                        }
-                        Some(CommitOutcome::MissingChunks(ids)) => missing_chunks(ids),
-                        None => error(ErrorCode::Internal, "commit outcome lost"),
+                        } => Message::FileAcked {
+                            commit_id,
+                            version,
+                            commit_time,
+                        },
+                        CommitResult::Failed { code, message } => Message::Error { code, message },
                     },
-                    (Err(e), _) => repo_error(e),
-                    (Ok(_), None) => error(ErrorCode::Internal, "commit lost"),
                 },
                 Reply::Commits(start, n) => match &outcome {
                     Err(e) => repo_error(e),
-                    Ok(o) => {
-                        let mut results = Vec::with_capacity(n);
-                        for i in start..start + n {
-                            results.push(match (o.get(i), commits.get(i)) {
-                                (
-                                    Some(CommitOutcome::Acked {
-                                        version,
-                                        commit_time,
-                                    }),
-                                    Some(c),
-                                ) => {
-                                    self.acked += 1;
-                                    self.metrics.commit();
-                                    CommitResult::Acked {
-                                        commit_id: c.commit_id,
-                                        version: *version,
-                                        commit_time: *commit_time,
-                                    }
-                                }
-                                (Some(CommitOutcome::MissingChunks(ids)), _) => {
-                                    CommitResult::Failed {
-                                        code: ErrorCode::MissingChunks,
-                                        message: missing_chunks_text(ids),
-                                    }
-                                }
-                                _ => CommitResult::Failed {
-                                    code: ErrorCode::Internal,
-                                    message: "commit outcome lost".into(),
-                                },
-                            });
-                        }
-                        Message::FilesAcked { results }
-                    }
+                    Ok(o) => Message::FilesAcked {
+                        results: (start..start + n)
+                            .map(|i| self.commit_result(o, &commits, i))
+                            .collect(),
+                    },
                 },
             };
             self.send_queued(m).await?;
@@ -1205,8 +1193,14 @@ fn not_found(id: &ChunkId) -> Message {
     )
 }
 
-fn missing_chunks(ids: &[ChunkId]) -> Message {
-    error(ErrorCode::MissingChunks, missing_chunks_text(ids))
+/// Why a sealed chunk of `len` bytes is refused, if it is.
+fn bad_sealed_len(id: &ChunkId, len: usize) -> Option<String> {
+    (!(SEAL_OVERHEAD..=MAX_SEALED).contains(&len)).then(|| {
+        format!(
+            "sealed chunk {id} is {len} bytes; a sealed chunk has {SEAL_OVERHEAD} to \
+             {MAX_SEALED} bytes"
+        )
+    })
 }
 
 fn missing_chunks_text(ids: &[ChunkId]) -> String {
