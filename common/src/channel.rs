@@ -27,11 +27,12 @@ use std::time::Duration;
 use base64::Engine;
 use snow::StatelessTransportState;
 use tokio::io::{
-    AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadHalf, WriteHalf,
+    AsyncBufRead, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadHalf,
+    WriteHalf,
 };
 use zeroize::Zeroizing;
 
-use crate::wire::{check_len, Message, WireError, PROTOCOL_VERSION};
+use crate::wire::{check_len, ChunkHead, Message, WireError, PROTOCOL_VERSION};
 
 /// The Noise protocol name.
 pub const NOISE_PARAMS: &str = "Noise_XX_25519_ChaChaPoly_BLAKE2s";
@@ -346,6 +347,7 @@ impl<S: AsyncRead + AsyncWrite> Channel<S> {
                 t: t.clone(),
                 nonce: 0,
                 out: Vec::new(),
+                filled: 0,
                 seg: Vec::new(),
             },
             rx: RecvHalf {
@@ -394,20 +396,23 @@ pub struct SendHalf<W> {
     w: W,
     t: Arc<StatelessTransportState>,
     nonce: u64,
+    /// Encrypted bytes waiting to be written: `out[..filled]`. The buffer keeps its length
+    /// between writes, so it is not zeroed again for every frame.
     out: Vec<u8>,
+    filled: usize,
     seg: Vec<u8>,
 }
 
 impl<W: AsyncWrite + Unpin> SendHalf<W> {
     /// Sends one message.
     pub async fn send(&mut self, m: &Message) -> Result<(), ChannelError> {
-        let body = m.encode()?;
-        self.send_raw(&body).await
+        self.queue(m)?;
+        self.flush_queued().await
     }
 
     /// Sends an already encoded body as one frame (also used by tests to send garbage).
     pub async fn send_raw(&mut self, body: &[u8]) -> Result<(), ChannelError> {
-        self.encrypt_frame(&(body.len() as u32).to_le_bytes(), body)?;
+        self.encrypt_frame(&(body.len() as u32).to_le_bytes(), &[body])?;
         self.flush_queued().await
     }
 
@@ -417,58 +422,84 @@ impl<W: AsyncWrite + Unpin> SendHalf<W> {
         claimed: u32,
         body: &[u8],
     ) -> Result<(), ChannelError> {
-        self.encrypt_frame(&claimed.to_le_bytes(), body)?;
+        self.encrypt_frame(&claimed.to_le_bytes(), &[body])?;
         self.flush_queued().await
     }
 
     /// Encrypts one message and appends it to the outgoing buffer without writing it;
     /// [`SendHalf::flush_queued`] writes everything queued with one system call.
     pub fn queue(&mut self, m: &Message) -> Result<(), ChannelError> {
-        let body = m.encode()?;
-        self.encrypt_frame(&(body.len() as u32).to_le_bytes(), &body)
+        // A chunk's sealed bytes are encrypted where they lie, not copied into an encoding.
+        let (head, tail) = m.encode_split()?;
+        let len = (head.len() + tail.len()) as u32;
+        self.encrypt_frame(&len.to_le_bytes(), &[&head, tail])
     }
 
     /// Bytes queued and not yet written.
     pub fn queued(&self) -> usize {
-        self.out.len()
+        self.filled
     }
 
     /// Writes everything queued.
     pub async fn flush_queued(&mut self) -> Result<(), ChannelError> {
-        if !self.out.is_empty() {
-            let r = self.w.write_all(&self.out).await;
-            self.out.clear();
+        if self.filled > 0 {
+            let r = self.w.write_all(&self.out[..self.filled]).await;
+            self.filled = 0;
             r?;
         }
         self.w.flush().await?;
         Ok(())
     }
 
-    /// Appends the encrypted frame to `self.out`.
-    fn encrypt_frame(&mut self, header: &[u8; 4], body: &[u8]) -> Result<(), ChannelError> {
-        let total = 4 + body.len();
+    /// Appends the encrypted frame `header || parts...` to `self.out`. A transport message
+    /// that lies within one part is encrypted straight from it; one that spans parts (the
+    /// first always does: it starts with the length) is assembled in `self.seg`.
+    fn encrypt_frame(&mut self, header: &[u8; 4], parts: &[&[u8]]) -> Result<(), ChannelError> {
+        let mut all: Vec<&[u8]> = Vec::with_capacity(parts.len() + 1);
+        all.push(header);
+        all.extend(parts.iter().copied().filter(|p| !p.is_empty()));
+        let total: usize = all.iter().map(|p| p.len()).sum();
         let segments = total.div_ceil(SEGMENT).max(1);
-        self.out.reserve(total + segments * (2 + TAG));
-        let mut pos = 0usize; // position in header || body
-        while pos < total {
-            let end = (pos + SEGMENT).min(total);
-            self.seg.clear();
-            if pos < 4 {
-                self.seg.extend_from_slice(&header[pos..]);
-                self.seg.extend_from_slice(&body[..end - 4]);
+        let need = self.filled + total + segments * (2 + TAG);
+        if self.out.len() < need {
+            self.out.resize(need, 0);
+        }
+        // (part index, offset in it) of the next byte to send.
+        let (mut part, mut off) = (0usize, 0usize);
+        let mut left = total;
+        while left > 0 {
+            let want = left.min(SEGMENT);
+            let plain: &[u8] = if all[part].len() - off >= want {
+                let p = &all[part][off..off + want];
+                off += want;
+                p
             } else {
-                self.seg.extend_from_slice(&body[pos - 4..end - 4]);
+                self.seg.clear();
+                while self.seg.len() < want {
+                    let take = (all[part].len() - off).min(want - self.seg.len());
+                    self.seg.extend_from_slice(&all[part][off..off + take]);
+                    off += take;
+                    if off == all[part].len() && part + 1 < all.len() {
+                        part += 1;
+                        off = 0;
+                    }
+                }
+                &self.seg
+            };
+            if off == all[part].len() && part + 1 < all.len() {
+                part += 1;
+                off = 0;
             }
-            let at = self.out.len();
-            let n = self.seg.len() + TAG;
-            self.out.extend_from_slice(&(n as u16).to_be_bytes());
-            self.out.resize(at + 2 + n, 0);
-            let written = self
-                .t
-                .write_message(self.nonce, &self.seg, &mut self.out[at + 2..])?;
+            let at = self.filled;
+            let n = plain.len() + TAG;
+            self.out[at..at + 2].copy_from_slice(&(n as u16).to_be_bytes());
+            let written =
+                self.t
+                    .write_message(self.nonce, plain, &mut self.out[at + 2..at + 2 + n])?;
             debug_assert_eq!(written, n);
+            self.filled += 2 + n;
             self.nonce += 1;
-            pos = end;
+            left -= want;
         }
         Ok(())
     }
@@ -490,19 +521,62 @@ pub struct RecvHalf<R> {
 }
 
 impl<R: AsyncRead + Unpin> RecvHalf<R> {
-    async fn next_segment(&mut self) -> Result<usize, ChannelError> {
-        read_noise(&mut self.r, &mut self.msg).await?;
-        let n = self
-            .t
-            .read_message(self.nonce, &self.msg, &mut self.plain)
-            .map_err(|e| ChannelError::Noise(format!("transport message rejected: {e}")))?;
+    /// Reads the next transport message and decrypts it into `out`, returning the
+    /// plaintext's length. A message already whole in the read buffer is decrypted from
+    /// there; one that straddles the buffer's end is first gathered in `self.msg`. A
+    /// message whose plaintext would not fit in `out` is refused before it is read.
+    async fn segment_into(&mut self, out: &mut [u8]) -> Result<usize, ChannelError> {
+        let mut l = [0u8; 2];
+        match self.r.read_exact(&mut l).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return Err(WireError::Closed.into())
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let n = u16::from_be_bytes(l) as usize;
+        if n < TAG {
+            return Err(ChannelError::Noise(format!(
+                "transport message of {n} bytes is shorter than its tag"
+            )));
+        }
+        if n - TAG > out.len() {
+            return Err(WireError::Malformed("frame longer than its length prefix".into()).into());
+        }
+        let out = &mut out[..n - TAG];
+        let reject =
+            |e: snow::Error| ChannelError::Noise(format!("transport message rejected: {e}"));
+        let got = if self.r.buffer().len() >= n {
+            let got = self
+                .t
+                .read_message(self.nonce, &self.r.buffer()[..n], out)
+                .map_err(reject)?;
+            std::pin::Pin::new(&mut self.r).consume(n);
+            got
+        } else {
+            self.msg.resize(n, 0);
+            match self.r.read_exact(&mut self.msg).await {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    return Err(WireError::Truncated.into())
+                }
+                Err(e) => return Err(e.into()),
+            }
+            self.t
+                .read_message(self.nonce, &self.msg, out)
+                .map_err(reject)?
+        };
         self.nonce += 1;
-        Ok(n)
+        Ok(got)
     }
 
-    /// Receives one frame's body.
-    pub async fn recv_raw(&mut self) -> Result<Vec<u8>, ChannelError> {
-        let mut n = self.next_segment().await?;
+    /// Reads a frame's first transport message into `self.plain`; returns the frame's
+    /// length (checked against the cap) and the plaintext bytes in `self.plain`.
+    async fn first_segment(&mut self) -> Result<(usize, usize), ChannelError> {
+        let mut plain = std::mem::take(&mut self.plain);
+        let first = self.segment_into(&mut plain).await;
+        self.plain = plain;
+        let n = first?;
         if n < 4 {
             return Err(WireError::Malformed("frame header split across messages".into()).into());
         }
@@ -512,32 +586,57 @@ impl<R: AsyncRead + Unpin> RecvHalf<R> {
             self.plain[2],
             self.plain[3],
         ]) as u64)?;
-        let mut body = Vec::with_capacity(len);
-        let mut from = 4;
-        loop {
-            if body.len() + (n - from) > len {
-                return Err(
-                    WireError::Malformed("frame longer than its length prefix".into()).into(),
-                );
-            }
-            body.extend_from_slice(&self.plain[from..n]);
-            if body.len() == len {
-                return Ok(body);
-            }
-            n = match self.next_segment().await {
+        if n - 4 > len {
+            return Err(WireError::Malformed("frame longer than its length prefix".into()).into());
+        }
+        Ok((len, n))
+    }
+
+    /// Decrypts the frame's remaining transport messages into `buf[at..]`, which must end
+    /// where the frame ends.
+    async fn rest_into(&mut self, buf: &mut [u8], mut at: usize) -> Result<(), ChannelError> {
+        while at < buf.len() {
+            at += match self.segment_into(&mut buf[at..]).await {
                 Err(ChannelError::Wire(WireError::Closed)) => {
                     return Err(WireError::Truncated.into())
                 }
                 r => r?,
             };
-            from = 0;
         }
+        Ok(())
+    }
+
+    /// Receives one frame's body. The first transport message goes through `self.plain`
+    /// (it carries the length); the rest are decrypted straight into the body.
+    pub async fn recv_raw(&mut self) -> Result<Vec<u8>, ChannelError> {
+        let (len, n) = self.first_segment().await?;
+        let mut body = vec![0u8; len];
+        body[..n - 4].copy_from_slice(&self.plain[4..n]);
+        self.rest_into(&mut body, n - 4).await?;
+        Ok(body)
+    }
+
+    /// Receives one message and the size of its frame. A sealed chunk (`PutChunk`,
+    /// `Chunk`) is decrypted straight into a buffer of its own, which the message then
+    /// owns: no copy of the chunk is made after decryption.
+    pub async fn recv_sized(&mut self) -> Result<(Message, usize), ChannelError> {
+        let (len, n) = self.first_segment().await?;
+        if let Some(head) = ChunkHead::parse(&self.plain[4..n], len)? {
+            let mut sealed = vec![0u8; head.sealed_len];
+            let have = n - 4 - head.head_len;
+            sealed[..have].copy_from_slice(&self.plain[4 + head.head_len..n]);
+            self.rest_into(&mut sealed, have).await?;
+            return Ok((head.into_message(sealed), len));
+        }
+        let mut body = vec![0u8; len];
+        body[..n - 4].copy_from_slice(&self.plain[4..n]);
+        self.rest_into(&mut body, n - 4).await?;
+        Ok((Message::decode(&body)?, len))
     }
 
     /// Receives one message.
     pub async fn recv(&mut self) -> Result<Message, ChannelError> {
-        let body = self.recv_raw().await?;
-        Ok(Message::decode(&body)?)
+        Ok(self.recv_sized().await?.0)
     }
 }
 
@@ -566,18 +665,24 @@ mod tests {
     #[tokio::test]
     async fn messages_of_every_size_cross() {
         let (mut c, mut s, _) = pair().await;
-        for len in [
-            0usize,
-            1,
-            SEGMENT - 5,
-            SEGMENT - 4,
-            SEGMENT - 3,
-            SEGMENT * 3 + 7,
-            8 << 20,
-        ] {
-            let m = Message::PutChunk {
-                id: ChunkId([3; 32]),
-                sealed: vec![0xAB; len],
+        // Around every place a transport message boundary can fall: in the length, in the
+        // chunk's head (kind, id, length varint), and in the sealed bytes.
+        let lens = [0usize, 1, SEGMENT * 3 + 7, 8 << 20]
+            .into_iter()
+            .chain(SEGMENT - 48..=SEGMENT + 2)
+            .chain(2 * SEGMENT - 44..2 * SEGMENT - 32);
+        for (i, len) in lens.enumerate() {
+            let sealed: Vec<u8> = (0..len).map(|b| (b * 7 + i) as u8).collect();
+            let m = if i % 2 == 0 {
+                Message::PutChunk {
+                    id: ChunkId([3; 32]),
+                    sealed,
+                }
+            } else {
+                Message::Chunk {
+                    id: ChunkId([4; 32]),
+                    sealed,
+                }
             };
             let send = m.clone();
             let (r1, r2) = tokio::join!(c.send(&send), s.recv());

@@ -17,10 +17,9 @@
 use std::fmt;
 use std::io::Read;
 
-use chacha20poly1305::aead::{AeadInPlace, KeyInit};
-use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use serde::{Deserialize, Serialize};
 
+use crate::aead::{XChaCha, TAG_LEN};
 use crate::keys::{fill_random, KeyError, SubKeys};
 
 /// Smallest chunk the chunker cuts (except a file's last chunk).
@@ -133,8 +132,8 @@ pub fn from_hex(s: &str) -> Option<Vec<u8>> {
 pub struct Crypto {
     id_key: [u8; 32],
     file_id_key: [u8; 32],
-    chunk: XChaCha20Poly1305,
-    manifest: XChaCha20Poly1305,
+    chunk: XChaCha,
+    manifest: XChaCha,
 }
 
 impl fmt::Debug for Crypto {
@@ -148,8 +147,7 @@ impl Drop for Crypto {
         use zeroize::Zeroize;
         self.id_key.zeroize();
         self.file_id_key.zeroize();
-        // The cipher states zero themselves on drop (chacha20poly1305 "zeroize" feature is
-        // on by default in its key type).
+        // The sealing keys zero themselves on drop (`XChaCha` holds them in `Zeroizing`).
     }
 }
 
@@ -159,8 +157,8 @@ impl Crypto {
         Self {
             id_key: *keys.chunk_id.as_bytes(),
             file_id_key: *keys.file_id.as_bytes(),
-            chunk: XChaCha20Poly1305::new(keys.chunk_seal.as_bytes().into()),
-            manifest: XChaCha20Poly1305::new(keys.manifest_seal.as_bytes().into()),
+            chunk: XChaCha::new(keys.chunk_seal.as_bytes()),
+            manifest: XChaCha::new(keys.manifest_seal.as_bytes()),
         }
     }
 
@@ -252,7 +250,7 @@ fn compressed(plain: &[u8]) -> Option<Vec<u8>> {
 }
 
 fn seal(
-    cipher: &XChaCha20Poly1305,
+    cipher: &XChaCha,
     domain: u8,
     id: &[u8; 32],
     plain: &[u8],
@@ -277,18 +275,13 @@ fn seal(
     }
     let a = aad(domain, id);
     let tag = cipher
-        .encrypt_in_place_detached(XNonce::from_slice(&nonce), &a, &mut out[25..])
+        .seal_in_place(&nonce, &a, &mut out[25..])
         .map_err(|_| ChunkError::Auth)?;
     out.extend_from_slice(&tag);
     Ok(out)
 }
 
-fn open(
-    cipher: &XChaCha20Poly1305,
-    domain: u8,
-    id: &[u8; 32],
-    sealed: &[u8],
-) -> Result<Vec<u8>, ChunkError> {
+fn open(cipher: &XChaCha, domain: u8, id: &[u8; 32], sealed: &[u8]) -> Result<Vec<u8>, ChunkError> {
     if sealed.len() < SEAL_OVERHEAD {
         return Err(ChunkError::TooShort(sealed.len()));
     }
@@ -298,7 +291,7 @@ fn open(
 /// Opens a sealed blob in its own buffer: decrypted in place, so a raw chunk costs no copy
 /// of its body and a compressed one only its decompression.
 fn open_owned(
-    cipher: &XChaCha20Poly1305,
+    cipher: &XChaCha,
     domain: u8,
     id: &[u8; 32],
     mut sealed: Vec<u8>,
@@ -310,11 +303,13 @@ fn open_owned(
         return Err(ChunkError::Version(sealed[0]));
     }
     let a = aad(domain, id);
-    let tag_at = sealed.len() - 16;
-    let tag = *chacha20poly1305::Tag::from_slice(&sealed[tag_at..]);
-    let nonce = *XNonce::from_slice(&sealed[1..25]);
+    let tag_at = sealed.len() - TAG_LEN;
+    let mut tag = [0u8; TAG_LEN];
+    tag.copy_from_slice(&sealed[tag_at..]);
+    let mut nonce = [0u8; 24];
+    nonce.copy_from_slice(&sealed[1..25]);
     cipher
-        .decrypt_in_place_detached(&nonce, &a, &mut sealed[25..tag_at], &tag)
+        .open_in_place(&nonce, &a, &mut sealed[25..tag_at], &tag)
         .map_err(|_| ChunkError::Auth)?;
     match sealed[25] {
         FLAG_RAW => {
@@ -387,14 +382,94 @@ impl<R: Read> Read for HashingReader<R> {
     }
 }
 
-/// Splits a stream into content-defined chunks with bounded memory (at most a few
-/// `MAX_CHUNK`s are buffered, whatever the stream's length).
-pub fn chunk_stream<R: Read>(reader: R) -> impl Iterator<Item = Result<Vec<u8>, std::io::Error>> {
-    fastcdc::v2020::StreamCDC::new(reader, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK).map(|r| match r {
-        Ok(c) => Ok(c.data),
-        Err(fastcdc::v2020::Error::IoError(e)) => Err(e),
-        Err(e) => Err(std::io::Error::other(e.to_string())),
-    })
+/// Splits a stream into content-defined chunks with bounded memory: one buffer of
+/// `2 * MAX_CHUNK`, whatever the stream's length.
+pub fn chunk_stream<R: Read>(reader: R) -> Chunker<R> {
+    Chunker::new(reader)
+}
+
+/// The chunker behind [`chunk_stream`]: FastCDC 2020 (normalization level 1, the crate's
+/// standard gear table) over a window the reader fills, so each chunk costs one copy out
+/// of the window. Cut points are those of `fastcdc::v2020::StreamCDC` with the same sizes:
+/// the cut search always sees at least `MAX_CHUNK` bytes unless the stream ends first.
+pub struct Chunker<R> {
+    reader: R,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    eof: bool,
+    masks: [u64; 4],
+}
+
+impl<R: Read> Chunker<R> {
+    fn new(reader: R) -> Self {
+        use fastcdc::v2020::{logarithm2, MASKS};
+        let bits = logarithm2(AVG_CHUNK) as usize;
+        let (s, l) = (MASKS[bits + 1], MASKS[bits - 1]);
+        Self {
+            reader,
+            buf: Vec::new(),
+            start: 0,
+            end: 0,
+            eof: false,
+            masks: [s, l, s << 1, l << 1],
+        }
+    }
+
+    /// Tops the window up to at least `MAX_CHUNK` bytes, or to the end of the stream.
+    fn fill(&mut self) -> std::io::Result<()> {
+        let want = MAX_CHUNK as usize;
+        if self.eof || self.end - self.start >= want {
+            return Ok(());
+        }
+        if self.buf.is_empty() {
+            self.buf = vec![0; 2 * want];
+        }
+        if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        while self.end < self.buf.len() {
+            match self.reader.read(&mut self.buf[self.end..]) {
+                Ok(0) => {
+                    self.eof = true;
+                    break;
+                }
+                Ok(n) => self.end += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<R: Read> Iterator for Chunker<R> {
+    type Item = Result<Vec<u8>, std::io::Error>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if let Err(e) = self.fill() {
+            return Some(Err(e));
+        }
+        if self.start == self.end {
+            return None;
+        }
+        let [s, l, s_ls, l_ls] = self.masks;
+        let (_, n) = fastcdc::v2020::cut(
+            &self.buf[self.start..self.end],
+            MIN_CHUNK as usize,
+            AVG_CHUNK as usize,
+            MAX_CHUNK as usize,
+            s,
+            l,
+            s_ls,
+            l_ls,
+        );
+        let chunk = self.buf[self.start..self.start + n].to_vec();
+        self.start += n;
+        Some(Ok(chunk))
+    }
 }
 
 #[cfg(test)]
@@ -436,6 +511,30 @@ mod tests {
                 joined.extend_from_slice(&c);
             }
             prop_assert_eq!(joined, data);
+        }
+
+        /// Same cut points as the crate's own streaming chunker, even when the reader
+        /// hands out bytes in small, uneven pieces.
+        #[test]
+        fn chunker_cuts_where_streamcdc_cuts(len in 0usize..(9 << 20), seed in any::<u64>(), piece in 1usize..100_000) {
+            struct Trickle<'a>(&'a [u8], usize);
+            impl Read for Trickle<'_> {
+                fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+                    let n = buf.len().min(self.1).min(self.0.len());
+                    buf[..n].copy_from_slice(&self.0[..n]);
+                    self.0 = &self.0[n..];
+                    Ok(n)
+                }
+            }
+            let data = pseudo_random(len, seed);
+            let ours: Vec<usize> = chunk_stream(Trickle(&data, piece))
+                .map(|c| c.expect("chunk").len())
+                .collect();
+            let theirs: Vec<usize> =
+                fastcdc::v2020::StreamCDC::new(&data[..], MIN_CHUNK, AVG_CHUNK, MAX_CHUNK)
+                    .map(|c| c.expect("chunk").length)
+                    .collect();
+            prop_assert_eq!(ours, theirs);
         }
     }
 

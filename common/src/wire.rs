@@ -227,6 +227,30 @@ impl Message {
         Ok(v)
     }
 
+    /// [`Message::encode`]'s output in two pieces, head then tail: for a message carrying a
+    /// sealed chunk (`PutChunk`, `Chunk`) a short head and the sealed bytes themselves,
+    /// borrowed rather than copied; for any other message the whole encoding and nothing.
+    pub fn encode_split(&self) -> Result<(Vec<u8>, &[u8]), WireError> {
+        let (kind, id, sealed) = match self {
+            Message::PutChunk { id, sealed } => (PUT_CHUNK_KIND, id, sealed),
+            Message::Chunk { id, sealed } => (CHUNK_KIND, id, sealed),
+            _ => return Ok((self.encode()?, &[])),
+        };
+        let mut head = vec![kind];
+        // Postcard writes the id's 32 bytes, then the byte string's length as a varint
+        // (the same for a usize and a u64 of equal value).
+        head = postcard::to_extend(&(id, sealed.len() as u64), head)
+            .map_err(|e| WireError::Encode(e.to_string()))?;
+        let len = head.len() + sealed.len();
+        if len > MAX_FRAME {
+            return Err(WireError::TooLarge {
+                len: len as u64,
+                max: MAX_FRAME,
+            });
+        }
+        Ok((head, sealed))
+    }
+
     /// Decodes a message body. Unknown kinds and trailing bytes are errors.
     pub fn decode(body: &[u8]) -> Result<Self, WireError> {
         match body.first() {
@@ -246,12 +270,13 @@ impl Message {
     }
 
     /// Decodes a message body the caller owns. The result equals [`Message::decode`]'s, but
-    /// a `PutChunk`'s sealed bytes are moved out of `body` instead of copied, so a receiver
-    /// taking large chunks holds one buffer per chunk rather than two.
+    /// the sealed bytes of a `PutChunk` or `Chunk` are moved out of `body` instead of copied
+    /// into a new buffer, so whoever takes large chunks holds one buffer per chunk, not two.
     pub fn decode_owned(mut body: Vec<u8>) -> Result<Self, WireError> {
-        if body.first() != Some(&PUT_CHUNK_KIND) {
-            return Self::decode(&body);
-        }
+        let kind = match body.first() {
+            Some(&k) if k == PUT_CHUNK_KIND || k == CHUNK_KIND => k,
+            _ => return Self::decode(&body),
+        };
         let (id, len) = {
             let ((id, sealed), rest): ((ChunkId, &serde_bytes::Bytes), &[u8]) =
                 postcard::take_from_bytes(&body[1..])
@@ -268,12 +293,74 @@ impl Message {
         let start = body.len() - len;
         body.copy_within(start.., 0);
         body.truncate(len);
-        Ok(Message::PutChunk { id, sealed: body })
+        Ok(if kind == CHUNK_KIND {
+            Message::Chunk { id, sealed: body }
+        } else {
+            Message::PutChunk { id, sealed: body }
+        })
+    }
+}
+
+/// The head of a frame carrying a sealed chunk (`PutChunk` or `Chunk`): what comes before
+/// the sealed bytes, which a receiver can then decrypt straight into their own buffer.
+#[derive(Debug)]
+pub struct ChunkHead {
+    kind: u8,
+    id: ChunkId,
+    /// Bytes of the encoding before the sealed bytes.
+    pub head_len: usize,
+    /// Length of the sealed bytes (the rest of the frame).
+    pub sealed_len: usize,
+}
+
+impl ChunkHead {
+    /// Parses the head from the start of a frame's body (`start`) whose full length is
+    /// `frame_len`. `None` when the frame is not a chunk or `start` is too short to hold
+    /// the whole head (the caller then decodes the frame the general way); an error when
+    /// the head's length disagrees with the frame's.
+    pub fn parse(start: &[u8], frame_len: usize) -> Result<Option<Self>, WireError> {
+        let kind = match start.first() {
+            Some(&k) if k == PUT_CHUNK_KIND || k == CHUNK_KIND => k,
+            _ => return Ok(None),
+        };
+        let Ok(((id, sealed_len), rest)) = postcard::take_from_bytes::<(ChunkId, u64)>(&start[1..])
+        else {
+            return Ok(None);
+        };
+        let head_len = start.len() - rest.len();
+        if (head_len as u64).checked_add(sealed_len) != Some(frame_len as u64) {
+            return Err(WireError::Malformed(format!(
+                "chunk of {sealed_len} bytes does not fill its frame of {frame_len} bytes"
+            )));
+        }
+        Ok(Some(Self {
+            kind,
+            id,
+            head_len,
+            sealed_len: sealed_len as usize,
+        }))
+    }
+
+    /// The message, given its sealed bytes.
+    pub fn into_message(self, sealed: Vec<u8>) -> Message {
+        if self.kind == CHUNK_KIND {
+            Message::Chunk {
+                id: self.id,
+                sealed,
+            }
+        } else {
+            Message::PutChunk {
+                id: self.id,
+                sealed,
+            }
+        }
     }
 }
 
 /// Variant index of `PutChunk` (postcard encodes the variant index first).
 const PUT_CHUNK_KIND: u8 = 4;
+/// Variant index of `Chunk`.
+const CHUNK_KIND: u8 = 15;
 
 /// Errors from framing and decoding.
 #[derive(Debug, thiserror::Error)]
@@ -318,12 +405,30 @@ mod tests {
     }
 
     #[test]
-    fn put_chunk_kind_constant_matches_the_enum() {
+    fn chunk_kind_constants_match_the_enum() {
         let m = Message::PutChunk {
             id: ChunkId([1; 32]),
             sealed: vec![2; 3],
         };
         assert_eq!(m.encode().expect("encode")[0], PUT_CHUNK_KIND);
+        let m = Message::Chunk {
+            id: ChunkId([1; 32]),
+            sealed: vec![2; 3],
+        };
+        assert_eq!(m.encode().expect("encode")[0], CHUNK_KIND);
+    }
+
+    #[test]
+    fn chunk_head_disagreeing_with_its_frame_is_refused() {
+        let b = Message::PutChunk {
+            id: ChunkId([1; 32]),
+            sealed: vec![2; 100],
+        }
+        .encode()
+        .expect("encode");
+        assert!(ChunkHead::parse(&b, b.len() + 1).is_err());
+        assert!(ChunkHead::parse(&b, b.len() - 1).is_err());
+        assert!(ChunkHead::parse(&b, b.len()).expect("ok").is_some());
     }
 
     #[test]
@@ -383,6 +488,14 @@ mod tests {
                 proptest::collection::vec(any::<u8>(), 0..5000)
             )
                 .prop_map(|(id, sealed)| Message::PutChunk {
+                    id: ChunkId(id),
+                    sealed
+                }),
+            (
+                any::<[u8; 32]>(),
+                proptest::collection::vec(any::<u8>(), 0..5000)
+            )
+                .prop_map(|(id, sealed)| Message::Chunk {
                     id: ChunkId(id),
                     sealed
                 }),
@@ -458,6 +571,30 @@ mod tests {
         fn decoding_garbage_never_panics(b in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = Message::decode(&b);
             let _ = Message::decode_owned(b);
+        }
+
+        #[test]
+        fn encode_split_joins_to_encode(m in arb_message()) {
+            let (mut head, tail) = m.encode_split().expect("split");
+            head.extend_from_slice(tail);
+            prop_assert_eq!(head, m.encode().expect("encode"));
+        }
+
+        #[test]
+        fn chunk_head_and_rest_equal_decode(m in arb_message(), cut in 0usize..40) {
+            let b = m.encode().expect("encode");
+            let start = &b[..b.len().min(cut + 34)];
+            match ChunkHead::parse(start, b.len()).expect("consistent head") {
+                Some(h) => {
+                    let sealed = b[h.head_len..].to_vec();
+                    prop_assert_eq!(h.into_message(sealed), m);
+                }
+                None => {
+                    let is_chunk = matches!(m, Message::PutChunk { .. } | Message::Chunk { .. });
+                    // A chunk's head is kind (1), id (32) and a length varint (1..=10).
+                    prop_assert!(!is_chunk || start.len() < 1 + 32 + 10);
+                }
+            }
         }
 
         #[test]

@@ -533,7 +533,7 @@ async fn read_loop(mut rx: Rx, q: mpsc::Sender<Incoming>, cancel: CancellationTo
     let mut draining = false;
     loop {
         let r = tokio::select! {
-            r = rx.recv_raw() => r,
+            r = rx.recv_sized() => r,
             _ = cancel.cancelled() => return,
         };
         if draining {
@@ -542,12 +542,7 @@ async fn read_loop(mut rx: Rx, q: mpsc::Sender<Incoming>, cancel: CancellationTo
             }
             continue;
         }
-        let item = match r.and_then(|b| {
-            let n = b.len();
-            Message::decode_owned(b)
-                .map(|m| (m, n))
-                .map_err(ChannelError::from)
-        }) {
+        let item = match r {
             Ok((m, n)) => {
                 let want = n.clamp(1, QUEUE_BYTES) as u32;
                 let permit = tokio::select! {
