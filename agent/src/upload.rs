@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use coffer_common::chunk::{chunk_stream, ChunkId, Crypto, HashingReader, MIN_CHUNK};
+use coffer_common::chunk::{chunk_stream, ChunkId, Crypto, HashingReader, PlainChunk, MIN_CHUNK};
 use coffer_common::keys::fill_random;
 use coffer_common::manifest::{ChunkRef, EntryKind, Manifest};
 use coffer_common::wire::{
@@ -753,7 +753,7 @@ fn process(sh: &Shared, conn: &Conn, job: &Job) -> Outcome {
     }
     // Large file: stream it through the chunker in one read, hashing on the way.
     let mut reader = HashingReader::new(&file);
-    let mut window: Vec<(ChunkId, Vec<u8>)> = Vec::new();
+    let mut window: Vec<(ChunkId, PlainChunk)> = Vec::new();
     let mut window_bytes = 0usize;
     let mut sent: HashSet<ChunkId> = HashSet::new();
     for c in chunk_stream(&mut reader) {
@@ -813,7 +813,7 @@ fn send_window(
     sh: &Shared,
     conn: &Conn,
     shown: &str,
-    window: &mut Vec<(ChunkId, Vec<u8>)>,
+    window: &mut Vec<(ChunkId, PlainChunk)>,
     sent: &mut HashSet<ChunkId>,
     puts: &mut Vec<Pending>,
 ) -> Result<(), Outcome> {
@@ -835,28 +835,37 @@ fn send_window(
             Err(e) => return Err(Outcome::Failed(format!("receiver: {e}"))),
         }
     };
-    let todo: Vec<(ChunkId, Vec<u8>)> = window
+    let todo: Vec<(ChunkId, PlainChunk)> = window
         .drain(..)
         .filter(|(id, _)| missing.contains(id) && sent.insert(*id))
         .collect();
     // Sealing (zstd probe, XChaCha20-Poly1305) is the costliest step per byte: every other
     // chunk is sealed by a helper thread while this one seals the next, and the puts still
-    // go out in order. At most two sealed chunks wait beside the window.
-    let seal = |id: &ChunkId, data: &[u8]| {
+    // go out in order. At most two sealed chunks wait beside the window. Each chunk is
+    // sealed in its own buffer (no copy when it does not compress).
+    let seal = |id: &ChunkId, data: PlainChunk| {
         sh.crypto()
-            .seal_chunk(id, data)
+            .seal_chunk_owned(id, data)
             .map_err(|e| format!("sealing {shown}: {e}"))
     };
+    let ids: Vec<ChunkId> = todo.iter().map(|(id, _)| *id).collect();
+    let (mut evens, mut odds) = (Vec::new(), Vec::new());
+    for (i, item) in todo.into_iter().enumerate() {
+        if i % 2 == 0 {
+            evens.push(item);
+        } else {
+            odds.push(item);
+        }
+    }
     std::thread::scope(|scope| {
         let (tx, rx) = crossbeam_channel::bounded::<Result<Vec<u8>, String>>(1);
-        if todo.len() > 1 {
-            let odd = &todo;
+        if !odds.is_empty() {
             let seal = &seal;
             let spawned = std::thread::Builder::new()
                 .name("coffer-seal".into())
                 .spawn_scoped(scope, move || {
-                    for (id, data) in odd.iter().skip(1).step_by(2) {
-                        if tx.send(seal(id, data)).is_err() {
+                    for (id, data) in odds {
+                        if tx.send(seal(&id, data)).is_err() {
                             break;
                         }
                     }
@@ -870,9 +879,13 @@ fn send_window(
         } else {
             drop(tx);
         }
-        for (i, (id, data)) in todo.iter().enumerate() {
+        let mut evens = evens.into_iter();
+        for (i, id) in ids.iter().enumerate() {
             let sealed = if i % 2 == 0 {
-                seal(id, data)
+                match evens.next() {
+                    Some((id, data)) => seal(&id, data),
+                    None => Err(format!("sealing {shown}: chunk {i} missing")),
+                }
             } else {
                 rx.recv()
                     .unwrap_or_else(|_| Err(format!("sealing {shown}: helper thread ended")))

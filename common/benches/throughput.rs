@@ -93,7 +93,7 @@ fn building_blocks(trials: usize) -> anyhow::Result<()> {
         for c in chunk_stream(data) {
             let c = c?;
             let id = crypto.chunk_id(&c);
-            std::hint::black_box(crypto.seal_chunk(&id, &c)?);
+            std::hint::black_box(crypto.seal_chunk_owned(&id, c)?);
         }
         Ok(mbps(size, t.elapsed().as_secs_f64()))
     })?;
@@ -109,7 +109,7 @@ fn building_blocks(trials: usize) -> anyhow::Result<()> {
         for c in chunk_stream(&text[..]) {
             let c = c?;
             let id = crypto.chunk_id(&c);
-            std::hint::black_box(crypto.seal_chunk(&id, &c)?);
+            std::hint::black_box(crypto.seal_chunk_owned(&id, c)?);
         }
         Ok(mbps(text.len(), t.elapsed().as_secs_f64()))
     })?;

@@ -177,6 +177,18 @@ impl Crypto {
         seal(&self.chunk, DOMAIN_CHUNK, &id.0, plain, true)
     }
 
+    /// [`Crypto::seal_chunk`] on a chunk the caller gives up: an incompressible chunk is
+    /// encrypted in its own buffer, which becomes the sealed blob.
+    pub fn seal_chunk_owned(&self, id: &ChunkId, plain: PlainChunk) -> Result<Vec<u8>, ChunkError> {
+        if plain.len() > MAX_PLAIN {
+            return Err(ChunkError::TooLarge(plain.len()));
+        }
+        match compressed(&plain) {
+            Some(c) => envelope(&self.chunk, DOMAIN_CHUNK, &id.0, FLAG_ZSTD, with_head(&c)),
+            None => envelope(&self.chunk, DOMAIN_CHUNK, &id.0, FLAG_RAW, plain.buf),
+        }
+    }
+
     /// Opens a sealed chunk and checks that its content matches `id`.
     pub fn open_chunk(&self, id: &ChunkId, sealed: &[u8]) -> Result<Vec<u8>, ChunkError> {
         self.open_chunk_owned(id, sealed.to_vec())
@@ -249,6 +261,9 @@ fn compressed(plain: &[u8]) -> Option<Vec<u8>> {
     compress(plain).filter(|c| c.len() < plain.len())
 }
 
+/// Bytes of a sealed blob before its body: version, nonce, flag.
+const HEAD: usize = 1 + 24 + 1;
+
 fn seal(
     cipher: &XChaCha,
     domain: u8,
@@ -259,26 +274,68 @@ fn seal(
     if plain.len() > MAX_PLAIN {
         return Err(ChunkError::TooLarge(plain.len()));
     }
+    match compress.then(|| compressed(plain)).flatten() {
+        Some(c) => envelope(cipher, domain, id, FLAG_ZSTD, with_head(&c)),
+        None => envelope(cipher, domain, id, FLAG_RAW, with_head(plain)),
+    }
+}
+
+/// `HEAD` bytes to be filled in, then `body`, with room for the tag.
+fn with_head(body: &[u8]) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(SEAL_OVERHEAD + body.len());
+    buf.resize(HEAD, 0);
+    buf.extend_from_slice(body);
+    buf
+}
+
+/// Seals `buf` (`HEAD` bytes to fill in, then the body) where it lies: writes version,
+/// fresh nonce and flag, encrypts flag and body in place, appends the tag.
+fn envelope(
+    cipher: &XChaCha,
+    domain: u8,
+    id: &[u8; 32],
+    flag: u8,
+    mut buf: Vec<u8>,
+) -> Result<Vec<u8>, ChunkError> {
     let mut nonce = [0u8; 24];
     fill_random(&mut nonce)?;
-    // Build version || nonce || flag || body in one buffer and encrypt in place.
-    let mut out = Vec::with_capacity(SEAL_OVERHEAD + plain.len());
-    out.push(VERSION);
-    out.extend_from_slice(&nonce);
-    out.push(FLAG_RAW);
-    match compress.then(|| compressed(plain)).flatten() {
-        Some(c) => {
-            out[25] = FLAG_ZSTD;
-            out.extend_from_slice(&c);
-        }
-        None => out.extend_from_slice(plain),
-    }
-    let a = aad(domain, id);
+    buf[0] = VERSION;
+    buf[1..25].copy_from_slice(&nonce);
+    buf[25] = flag;
     let tag = cipher
-        .seal_in_place(&nonce, &a, &mut out[25..])
+        .seal_in_place(&nonce, &aad(domain, id), &mut buf[25..])
         .map_err(|_| ChunkError::Auth)?;
-    out.extend_from_slice(&tag);
-    Ok(out)
+    buf.extend_from_slice(&tag);
+    Ok(buf)
+}
+
+/// A chunk's plaintext held with room for the sealed envelope around it, so that sealing
+/// it without compression encrypts it where it lies instead of copying it first. Derefs to
+/// the plaintext.
+pub struct PlainChunk {
+    buf: Vec<u8>,
+}
+
+impl PlainChunk {
+    /// A copy of `plain` with the room around it.
+    pub fn copy_of(plain: &[u8]) -> Self {
+        Self {
+            buf: with_head(plain),
+        }
+    }
+}
+
+impl std::ops::Deref for PlainChunk {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf[HEAD..]
+    }
+}
+
+impl fmt::Debug for PlainChunk {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PlainChunk({} bytes)", self.len())
+    }
 }
 
 fn open(cipher: &XChaCha, domain: u8, id: &[u8; 32], sealed: &[u8]) -> Result<Vec<u8>, ChunkError> {
@@ -446,7 +503,7 @@ impl<R: Read> Chunker<R> {
 }
 
 impl<R: Read> Iterator for Chunker<R> {
-    type Item = Result<Vec<u8>, std::io::Error>;
+    type Item = Result<PlainChunk, std::io::Error>;
 
     fn next(&mut self) -> Option<Self::Item> {
         if let Err(e) = self.fill() {
@@ -466,7 +523,7 @@ impl<R: Read> Iterator for Chunker<R> {
             s_ls,
             l_ls,
         );
-        let chunk = self.buf[self.start..self.start + n].to_vec();
+        let chunk = PlainChunk::copy_of(&self.buf[self.start..self.start + n]);
         self.start += n;
         Some(Ok(chunk))
     }
@@ -498,7 +555,11 @@ mod tests {
             let data = if text { vec![b'a' + (seed % 26) as u8; len] } else { pseudo_random(len, seed) };
             let id = c.chunk_id(&data);
             let sealed = c.seal_chunk(&id, &data).expect("seal");
-            prop_assert_eq!(c.open_chunk(&id, &sealed).expect("open"), data);
+            prop_assert_eq!(c.open_chunk(&id, &sealed).expect("open"), data.clone());
+            // Sealed in its own buffer: the same format, opened the same way.
+            let owned = c.seal_chunk_owned(&id, PlainChunk::copy_of(&data)).expect("seal");
+            prop_assert_eq!(owned.len(), sealed.len());
+            prop_assert_eq!(c.open_chunk_owned(&id, owned).expect("open"), data);
         }
 
         #[test]
