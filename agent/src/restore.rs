@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 
 use coffer_common::chunk::{ChunkId, Crypto, FileId, MAX_PLAIN, SEAL_OVERHEAD};
 use coffer_common::manifest::{safe_components, EntryKind, Manifest};
-use coffer_common::wire::Message;
+use coffer_common::wire::{Message, VersionEntry};
 
 use crate::config::Config;
 use crate::conn::{Conn, ConnError, Pending};
@@ -83,9 +83,12 @@ pub struct Session {
 }
 
 impl Session {
-    /// Unlocks the keys (fetching the escrowed key file if this machine has none), then
-    /// connects. A wrong passphrase fails here, before anything is written.
-    pub fn open(cfg: &Config) -> Result<Self, RestoreError> {
+    /// Connects, unlocks the keys (fetching the escrowed key file if this machine has
+    /// none) and reads the catalog. Argon2id, slow by design, runs on its own thread while
+    /// the version list is fetched; the manifests are opened once the keys are there. A
+    /// wrong passphrase fails before anything is written.
+    pub fn open(cfg: &Config) -> Result<(Self, Vec<Item>), RestoreError> {
+        let t0 = std::time::Instant::now();
         let keypair = state::load_agent_key(cfg)?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -99,54 +102,95 @@ impl Session {
             &cfg.name,
         ))?;
         let kf = cfg.keyfile_path();
-        let crypto = if kf.exists() {
-            state::unlock(cfg)?
+        let (bytes, origin, escrowed) = if kf.exists() {
+            let bytes = std::fs::read(&kf).map_err(|source| RestoreError::Io {
+                path: kf.display().to_string(),
+                source,
+            })?;
+            (bytes, kf.clone(), false)
         } else {
             let bytes = fetch_keyfile(&rt, &conn)?;
-            let crypto = state::unlock_bytes(cfg, &bytes, Path::new("escrowed key file"))?;
-            state::write_private(&kf, &bytes)?;
-            crypto
+            (bytes, PathBuf::from("escrowed key file"), true)
         };
-        Ok(Session { rt, conn, crypto })
+        let pass = state::unlock_passphrase(cfg, &bytes, &origin)?;
+        let (crypto, entries) = std::thread::scope(|scope| {
+            let unwrap = || state::unlock_with(&bytes, &pass, &origin).map_err(RestoreError::from);
+            let thread = std::thread::Builder::new()
+                .name("coffer-unlock".into())
+                .spawn_scoped(scope, unwrap);
+            let entries = list_versions(&rt, &conn);
+            let crypto = match thread {
+                Ok(h) => h.join().unwrap_or_else(|_| {
+                    Err(RestoreError::Usage(
+                        "the key unwrapping thread failed".into(),
+                    ))
+                }),
+                Err(_) => unwrap(),
+            };
+            (crypto, entries)
+        });
+        let crypto = crypto?;
+        let entries = entries?;
+        if escrowed {
+            state::write_private(&kf, &bytes)?;
+        }
+        tracing::debug!(
+            ms = t0.elapsed().as_millis() as u64,
+            versions = entries.len(),
+            "connected, keys unlocked, versions listed"
+        );
+        let s = Session { rt, conn, crypto };
+        let items = s.open_entries(entries);
+        Ok((s, items))
     }
 
-    /// Every version in the repository, opened. Versions whose manifest does not open are
+    /// Opens every listed version's manifest. Versions whose manifest does not open are
     /// reported and skipped.
-    pub fn catalog(&self) -> Result<Vec<Item>, RestoreError> {
-        let mut out = Vec::new();
-        let mut after = 0u64;
-        loop {
-            let r = self.rt.block_on(self.conn.call(Message::ListVersions {
-                after,
-                limit: 10_000,
-            }))?;
-            let Message::Versions { entries, more } = r else {
-                return Err(ConnError::Unexpected(r.kind()).into());
-            };
-            for e in &entries {
-                after = after.max(e.version);
-                match self
-                    .crypto
-                    .open_manifest(&e.file_id, &e.manifest)
-                    .map_err(|x| x.to_string())
-                    .and_then(|b| Manifest::decode(&b).map_err(|x| x.to_string()))
-                {
-                    Ok(m) => out.push(Item {
-                        version: e.version,
-                        commit_time: e.commit_time,
-                        file_id: e.file_id,
-                        manifest: m,
-                    }),
-                    Err(err) => {
-                        tracing::error!(version = e.version, error = %err, "a version's manifest does not open (damaged repository); skipped")
-                    }
+    fn open_entries(&self, entries: Vec<VersionEntry>) -> Vec<Item> {
+        let mut out = Vec::with_capacity(entries.len());
+        for e in entries {
+            match self
+                .crypto
+                .open_manifest(&e.file_id, &e.manifest)
+                .map_err(|x| x.to_string())
+                .and_then(|b| Manifest::decode(&b).map_err(|x| x.to_string()))
+            {
+                Ok(m) => out.push(Item {
+                    version: e.version,
+                    commit_time: e.commit_time,
+                    file_id: e.file_id,
+                    manifest: m,
+                }),
+                Err(err) => {
+                    tracing::error!(version = e.version, error = %err, "a version's manifest does not open (damaged repository); skipped")
                 }
             }
-            if !more || entries.is_empty() {
-                break;
-            }
         }
-        Ok(out)
+        out
+    }
+}
+
+/// Every version in the repository, as listed (manifests still sealed), in pages.
+fn list_versions(
+    rt: &tokio::runtime::Runtime,
+    conn: &Conn,
+) -> Result<Vec<VersionEntry>, RestoreError> {
+    let mut out = Vec::new();
+    let mut after = 0u64;
+    loop {
+        let r = rt.block_on(conn.call(Message::ListVersions {
+            after,
+            limit: 10_000,
+        }))?;
+        let Message::Versions { entries, more } = r else {
+            return Err(ConnError::Unexpected(r.kind()).into());
+        };
+        let done = !more || entries.is_empty();
+        after = entries.iter().map(|e| e.version).fold(after, u64::max);
+        out.extend(entries);
+        if done {
+            return Ok(out);
+        }
     }
 }
 
@@ -195,8 +239,7 @@ fn show(p: &[u8]) -> String {
 
 /// `ls`: one line per file.
 pub fn ls(cfg: &Config, at: Option<i64>, prefix: Option<&str>) -> Result<(), RestoreError> {
-    let s = Session::open(cfg)?;
-    let items = s.catalog()?;
+    let (_session, items) = Session::open(cfg)?;
     let prefixes: Vec<Vec<u8>> = prefix.map(|p| p.as_bytes().to_vec()).into_iter().collect();
     let sel = select(&items, at, &prefixes);
     let mut out = std::io::stdout().lock();
@@ -221,8 +264,7 @@ pub fn ls(cfg: &Config, at: Option<i64>, prefix: Option<&str>) -> Result<(), Res
 
 /// `versions PATH`: every version of one file.
 pub fn versions(cfg: &Config, path: &str) -> Result<(), RestoreError> {
-    let s = Session::open(cfg)?;
-    let items = s.catalog()?;
+    let (_session, items) = Session::open(cfg)?;
     let mut v: Vec<&Item> = items
         .iter()
         .filter(|i| i.manifest.path == path.as_bytes())
@@ -282,8 +324,7 @@ struct Target {
 
 /// `restore`.
 pub fn restore(cfg: &Config, o: RestoreOpts) -> Result<(), RestoreError> {
-    let s = Session::open(cfg)?;
-    let items = s.catalog()?;
+    let (s, items) = Session::open(cfg)?;
     let prefixes: Vec<Vec<u8>> = o.paths.iter().map(|p| p.as_bytes().to_vec()).collect();
     let sel = select(&items, o.at, &prefixes);
     if sel.is_empty() {
@@ -839,8 +880,7 @@ pub fn verify(
     all: bool,
     progress: bool,
 ) -> Result<(), RestoreError> {
-    let s = Session::open(cfg)?;
-    let items = s.catalog()?;
+    let (s, items) = Session::open(cfg)?;
     let chosen: Vec<Item> = if all {
         items
             .into_iter()

@@ -291,15 +291,17 @@ pub fn read_record(
         id: *id,
         why,
     };
-    let total = RECORD_HEADER_LEN as usize + loc.len as usize;
-    let mut buf = vec![0u8; total];
-    if let Err(e) = store.read_at(loc.pack, loc.offset, &mut buf) {
-        if e.source.kind() == io::ErrorKind::UnexpectedEof {
-            return Err(damaged("the pack ends before the record does".into()));
+    // Header and sealed bytes are read into separate buffers, so the sealed bytes need no
+    // shift afterwards: their buffer is what goes out.
+    let read = |offset: u64, buf: &mut [u8]| match store.read_at(loc.pack, offset, buf) {
+        Err(e) if e.source.kind() == io::ErrorKind::UnexpectedEof => {
+            Err(damaged("the pack ends before the record does".into()))
         }
-        return Err(e.into());
-    }
-    let h = RecordHeader::decode(&buf).ok_or_else(|| damaged("bad record header".into()))?;
+        r => r.map_err(RecordError::from),
+    };
+    let mut head = [0u8; RECORD_HEADER_LEN as usize];
+    read(loc.offset, &mut head)?;
+    let h = RecordHeader::decode(&head).ok_or_else(|| damaged("bad record header".into()))?;
     if h.id != *id {
         return Err(damaged(format!("the record holds chunk {}", h.id)));
     }
@@ -309,13 +311,13 @@ pub fn read_record(
             h.len, loc.len
         )));
     }
-    let actual = blake3::hash(&buf[RECORD_HEADER_LEN as usize..]);
+    let mut sealed = vec![0u8; loc.len as usize];
+    read(loc.offset + RECORD_HEADER_LEN, &mut sealed)?;
+    let actual = blake3::hash(&sealed);
     if actual.as_bytes() != &h.hash || h.hash != loc.hash {
         return Err(damaged("the sealed bytes do not match their hash".into()));
     }
-    buf.copy_within(RECORD_HEADER_LEN as usize.., 0);
-    buf.truncate(loc.len as usize);
-    Ok(buf)
+    Ok(sealed)
 }
 
 /// A record found by [`scan`].
