@@ -113,84 +113,123 @@ impl Session {
             (bytes, PathBuf::from("escrowed key file"), true)
         };
         let pass = state::unlock_passphrase(cfg, &bytes, &origin)?;
-        let (crypto, entries) = std::thread::scope(|scope| {
+        // Pages listed before the keys are ready wait sealed; once they are, each page is
+        // opened as it arrives, so only the pages fetched during Argon2id are held twice.
+        let (crypto, items) = std::thread::scope(|scope| {
             let unwrap = || state::unlock_with(&bytes, &pass, &origin).map_err(RestoreError::from);
-            let thread = std::thread::Builder::new()
+            let mut thread = std::thread::Builder::new()
                 .name("coffer-unlock".into())
-                .spawn_scoped(scope, unwrap);
-            let entries = list_versions(&rt, &conn);
-            let crypto = match thread {
-                Ok(h) => h.join().unwrap_or_else(|_| {
-                    Err(RestoreError::Usage(
-                        "the key unwrapping thread failed".into(),
-                    ))
-                }),
-                Err(_) => unwrap(),
-            };
-            (crypto, entries)
-        });
-        let crypto = crypto?;
-        let entries = entries?;
+                .spawn_scoped(scope, unwrap)
+                .ok();
+            let mut crypto: Option<Crypto> = None;
+            let mut sealed: Vec<VersionEntry> = Vec::new();
+            let mut items = Vec::new();
+            let mut after = 0u64;
+            let mut listed = Ok(());
+            loop {
+                match list_page(&rt, &conn, after) {
+                    Ok((entries, more)) => {
+                        after = entries.iter().map(|e| e.version).fold(after, u64::max);
+                        let done = !more || entries.is_empty();
+                        sealed.extend(entries);
+                        keys_ready(&mut thread, &mut crypto, done, &unwrap)?;
+                        if let Some(c) = &crypto {
+                            open_entries(c, sealed.drain(..), &mut items);
+                        }
+                        if done {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        listed = Err(e);
+                        break;
+                    }
+                }
+            }
+            // A wrong passphrase is reported before a listing error.
+            keys_ready(&mut thread, &mut crypto, true, &unwrap)?;
+            listed?;
+            match crypto {
+                Some(c) => Ok((c, items)),
+                None => Err(RestoreError::Usage("keys not unlocked".into())),
+            }
+        })?;
         if escrowed {
             state::write_private(&kf, &bytes)?;
         }
         tracing::debug!(
             ms = t0.elapsed().as_millis() as u64,
-            versions = entries.len(),
-            "connected, keys unlocked, versions listed"
+            versions = items.len(),
+            "connected, keys unlocked, versions listed and opened"
         );
-        let s = Session { rt, conn, crypto };
-        let items = s.open_entries(entries);
-        Ok((s, items))
-    }
-
-    /// Opens every listed version's manifest. Versions whose manifest does not open are
-    /// reported and skipped.
-    fn open_entries(&self, entries: Vec<VersionEntry>) -> Vec<Item> {
-        let mut out = Vec::with_capacity(entries.len());
-        for e in entries {
-            match self
-                .crypto
-                .open_manifest(&e.file_id, &e.manifest)
-                .map_err(|x| x.to_string())
-                .and_then(|b| Manifest::decode(&b).map_err(|x| x.to_string()))
-            {
-                Ok(m) => out.push(Item {
-                    version: e.version,
-                    commit_time: e.commit_time,
-                    file_id: e.file_id,
-                    manifest: m,
-                }),
-                Err(err) => {
-                    tracing::error!(version = e.version, error = %err, "a version's manifest does not open (damaged repository); skipped")
-                }
-            }
-        }
-        out
+        Ok((Session { rt, conn, crypto }, items))
     }
 }
 
-/// Every version in the repository, as listed (manifests still sealed), in pages.
-fn list_versions(
+/// The key unwrapping thread of [`Session::open`].
+type Unlock<'s> = std::thread::ScopedJoinHandle<'s, Result<Crypto, RestoreError>>;
+
+/// Fills `crypto` once the unwrapping thread has finished (at once, waiting, with `wait`;
+/// on this thread when none could be started).
+fn keys_ready(
+    thread: &mut Option<Unlock<'_>>,
+    crypto: &mut Option<Crypto>,
+    wait: bool,
+    unwrap: &dyn Fn() -> Result<Crypto, RestoreError>,
+) -> Result<(), RestoreError> {
+    if crypto.is_some() {
+        return Ok(());
+    }
+    *crypto = Some(match thread.take() {
+        Some(h) if wait || h.is_finished() => h.join().unwrap_or_else(|_| {
+            Err(RestoreError::Usage(
+                "the key unwrapping thread failed".into(),
+            ))
+        })?,
+        Some(h) => {
+            *thread = Some(h);
+            return Ok(());
+        }
+        None => unwrap()?,
+    });
+    Ok(())
+}
+
+/// Opens listed versions' manifests into `out`. Versions whose manifest does not open are
+/// reported and skipped.
+fn open_entries(crypto: &Crypto, entries: impl Iterator<Item = VersionEntry>, out: &mut Vec<Item>) {
+    for e in entries {
+        match crypto
+            .open_manifest(&e.file_id, &e.manifest)
+            .map_err(|x| x.to_string())
+            .and_then(|b| Manifest::decode(&b).map_err(|x| x.to_string()))
+        {
+            Ok(m) => out.push(Item {
+                version: e.version,
+                commit_time: e.commit_time,
+                file_id: e.file_id,
+                manifest: m,
+            }),
+            Err(err) => {
+                tracing::error!(version = e.version, error = %err, "a version's manifest does not open (damaged repository); skipped")
+            }
+        }
+    }
+}
+
+/// One page of versions after `after` (manifests still sealed), and whether more follow.
+fn list_page(
     rt: &tokio::runtime::Runtime,
     conn: &Conn,
-) -> Result<Vec<VersionEntry>, RestoreError> {
-    let mut out = Vec::new();
-    let mut after = 0u64;
-    loop {
-        let r = rt.block_on(conn.call(Message::ListVersions {
-            after,
-            limit: 10_000,
-        }))?;
-        let Message::Versions { entries, more } = r else {
-            return Err(ConnError::Unexpected(r.kind()).into());
-        };
-        let done = !more || entries.is_empty();
-        after = entries.iter().map(|e| e.version).fold(after, u64::max);
-        out.extend(entries);
-        if done {
-            return Ok(out);
-        }
+    after: u64,
+) -> Result<(Vec<VersionEntry>, bool), RestoreError> {
+    let r = rt.block_on(conn.call(Message::ListVersions {
+        after,
+        limit: 10_000,
+    }))?;
+    match r {
+        Message::Versions { entries, more } => Ok((entries, more)),
+        r => Err(ConnError::Unexpected(r.kind()).into()),
     }
 }
 
