@@ -7,8 +7,9 @@
 //! draft's test vector. It runs at about twice the speed of the portable implementation.
 //!
 //! Secrets: the long-lived key lives in a zeroizing array here; the one-message key is
-//! zeroized after use in our buffer, but `ring` keeps its own copy in a stack value it
-//! does not wipe. That copy opens only the one message it was derived for.
+//! zeroized in our buffers, but unwiped copies remain on the stack: `chacha20::hchacha`'s
+//! working state and `ring`'s key value. Such a copy opens only the messages sealed under
+//! the same 16-byte nonce prefix, that is the one message (nonces are random, 24 bytes).
 
 use chacha20::cipher::consts::U10;
 use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, CHACHA20_POLY1305};
@@ -66,8 +67,9 @@ impl XChaCha {
         Ok(out)
     }
 
-    /// Checks `tag` and decrypts `buf` in place. On failure `buf` holds no plaintext
-    /// (ring verifies before it reveals anything).
+    /// Checks `tag` and decrypts `buf` in place. On failure `buf` holds no plaintext:
+    /// ring decrypts, compares the tags, and zeroes the buffer when they differ (so the
+    /// ciphertext is gone too).
     pub fn open_in_place(
         &self,
         nonce: &[u8; NONCE_LEN],

@@ -522,12 +522,23 @@ pub struct RecvHalf<R> {
 
 impl<R: AsyncRead + Unpin> RecvHalf<R> {
     /// Reads the next transport message and decrypts it into `out`, returning the
-    /// plaintext's length. A message already whole in the read buffer is decrypted from
-    /// there; one that straddles the buffer's end is first gathered in `self.msg`. A
-    /// message whose plaintext would not fit in `out` is refused before it is read.
-    async fn segment_into(&mut self, out: &mut [u8]) -> Result<usize, ChannelError> {
+    /// plaintext's length. A message whose plaintext exceeds `limit` (<= `out.len()`) is
+    /// refused before it is read. A message already whole in the read buffer is decrypted
+    /// from there; one that straddles the buffer's end is first gathered in `msg`. When
+    /// `out` has room for the whole message (plaintext and tag), snow decrypts in place;
+    /// with less it would copy the message into a fresh buffer first, so callers leave
+    /// `TAG` spare bytes after their frame. The buffers are passed as fields, not through
+    /// `self`, so none is ever moved out of `self` across an await.
+    async fn segment_into(
+        r: &mut BufReader<R>,
+        t: &StatelessTransportState,
+        nonce: &mut u64,
+        msg: &mut Vec<u8>,
+        out: &mut [u8],
+        limit: usize,
+    ) -> Result<usize, ChannelError> {
         let mut l = [0u8; 2];
-        match self.r.read_exact(&mut l).await {
+        match r.read_exact(&mut l).await {
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                 return Err(WireError::Closed.into())
@@ -540,43 +551,46 @@ impl<R: AsyncRead + Unpin> RecvHalf<R> {
                 "transport message of {n} bytes is shorter than its tag"
             )));
         }
-        if n - TAG > out.len() {
+        if n - TAG > limit.min(out.len()) {
             return Err(WireError::Malformed("frame longer than its length prefix".into()).into());
         }
-        let out = &mut out[..n - TAG];
+        let room = if out.len() >= n { n } else { n - TAG };
+        let out = &mut out[..room];
         let reject =
             |e: snow::Error| ChannelError::Noise(format!("transport message rejected: {e}"));
-        let got = if self.r.buffer().len() >= n {
-            let got = self
-                .t
-                .read_message(self.nonce, &self.r.buffer()[..n], out)
+        let got = if r.buffer().len() >= n {
+            let got = t
+                .read_message(*nonce, &r.buffer()[..n], out)
                 .map_err(reject)?;
-            std::pin::Pin::new(&mut self.r).consume(n);
+            std::pin::Pin::new(&mut *r).consume(n);
             got
         } else {
-            self.msg.resize(n, 0);
-            match self.r.read_exact(&mut self.msg).await {
+            msg.resize(n, 0);
+            match r.read_exact(msg).await {
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                     return Err(WireError::Truncated.into())
                 }
                 Err(e) => return Err(e.into()),
             }
-            self.t
-                .read_message(self.nonce, &self.msg, out)
-                .map_err(reject)?
+            t.read_message(*nonce, msg, out).map_err(reject)?
         };
-        self.nonce += 1;
+        *nonce += 1;
         Ok(got)
     }
 
     /// Reads a frame's first transport message into `self.plain`; returns the frame's
     /// length (checked against the cap) and the plaintext bytes in `self.plain`.
     async fn first_segment(&mut self) -> Result<(usize, usize), ChannelError> {
-        let mut plain = std::mem::take(&mut self.plain);
-        let first = self.segment_into(&mut plain).await;
-        self.plain = plain;
-        let n = first?;
+        let n = Self::segment_into(
+            &mut self.r,
+            &self.t,
+            &mut self.nonce,
+            &mut self.msg,
+            &mut self.plain,
+            NOISE_MAX - TAG,
+        )
+        .await?;
         if n < 4 {
             return Err(WireError::Malformed("frame header split across messages".into()).into());
         }
@@ -592,28 +606,39 @@ impl<R: AsyncRead + Unpin> RecvHalf<R> {
         Ok((len, n))
     }
 
-    /// Decrypts the frame's remaining transport messages into `buf[at..]`, which must end
-    /// where the frame ends.
-    async fn rest_into(&mut self, buf: &mut [u8], mut at: usize) -> Result<(), ChannelError> {
-        while at < buf.len() {
-            at += match self.segment_into(&mut buf[at..]).await {
+    /// The rest of a frame of `len` bytes whose first `self.plain[from..to]` came with its
+    /// first transport message, in a buffer of its own. The remaining transport messages
+    /// are decrypted straight into it (with `TAG` spare bytes, cut off at the end).
+    async fn rest(&mut self, from: usize, to: usize, len: usize) -> Result<Vec<u8>, ChannelError> {
+        let mut buf = vec![0u8; len + TAG];
+        let mut at = to - from;
+        buf[..at].copy_from_slice(&self.plain[from..to]);
+        while at < len {
+            at += match Self::segment_into(
+                &mut self.r,
+                &self.t,
+                &mut self.nonce,
+                &mut self.msg,
+                &mut buf[at..],
+                len - at,
+            )
+            .await
+            {
                 Err(ChannelError::Wire(WireError::Closed)) => {
                     return Err(WireError::Truncated.into())
                 }
                 r => r?,
             };
         }
-        Ok(())
+        buf.truncate(len);
+        Ok(buf)
     }
 
     /// Receives one frame's body. The first transport message goes through `self.plain`
     /// (it carries the length); the rest are decrypted straight into the body.
     pub async fn recv_raw(&mut self) -> Result<Vec<u8>, ChannelError> {
         let (len, n) = self.first_segment().await?;
-        let mut body = vec![0u8; len];
-        body[..n - 4].copy_from_slice(&self.plain[4..n]);
-        self.rest_into(&mut body, n - 4).await?;
-        Ok(body)
+        self.rest(4, n, len).await
     }
 
     /// Receives one message and the size of its frame. A sealed chunk (`PutChunk`,
@@ -622,15 +647,10 @@ impl<R: AsyncRead + Unpin> RecvHalf<R> {
     pub async fn recv_sized(&mut self) -> Result<(Message, usize), ChannelError> {
         let (len, n) = self.first_segment().await?;
         if let Some(head) = ChunkHead::parse(&self.plain[4..n], len)? {
-            let mut sealed = vec![0u8; head.sealed_len];
-            let have = n - 4 - head.head_len;
-            sealed[..have].copy_from_slice(&self.plain[4 + head.head_len..n]);
-            self.rest_into(&mut sealed, have).await?;
+            let sealed = self.rest(4 + head.head_len, n, head.sealed_len).await?;
             return Ok((head.into_message(sealed), len));
         }
-        let mut body = vec![0u8; len];
-        body[..n - 4].copy_from_slice(&self.plain[4..n]);
-        self.rest_into(&mut body, n - 4).await?;
+        let body = self.rest(4, n, len).await?;
         Ok((Message::decode(&body)?, len))
     }
 
