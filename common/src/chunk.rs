@@ -180,13 +180,7 @@ impl Crypto {
     /// [`Crypto::seal_chunk`] on a chunk the caller gives up: an incompressible chunk is
     /// encrypted in its own buffer, which becomes the sealed blob.
     pub fn seal_chunk_owned(&self, id: &ChunkId, plain: PlainChunk) -> Result<Vec<u8>, ChunkError> {
-        if plain.len() > MAX_PLAIN {
-            return Err(ChunkError::TooLarge(plain.len()));
-        }
-        match compressed(&plain) {
-            Some(c) => envelope(&self.chunk, DOMAIN_CHUNK, &id.0, FLAG_ZSTD, with_head(&c)),
-            None => envelope(&self.chunk, DOMAIN_CHUNK, &id.0, FLAG_RAW, plain.buf),
-        }
+        seal_buf(&self.chunk, DOMAIN_CHUNK, &id.0, plain.buf, true)
     }
 
     /// Opens a sealed chunk and checks that its content matches `id`.
@@ -274,9 +268,25 @@ fn seal(
     if plain.len() > MAX_PLAIN {
         return Err(ChunkError::TooLarge(plain.len()));
     }
+    seal_buf(cipher, domain, id, with_head(plain), compress)
+}
+
+/// Seals `buf` (`HEAD` bytes to fill in, then the plaintext): its compressed form when
+/// that pays, else the buffer itself, encrypted where it lies.
+fn seal_buf(
+    cipher: &XChaCha,
+    domain: u8,
+    id: &[u8; 32],
+    buf: Vec<u8>,
+    compress: bool,
+) -> Result<Vec<u8>, ChunkError> {
+    let plain = &buf[HEAD..];
+    if plain.len() > MAX_PLAIN {
+        return Err(ChunkError::TooLarge(plain.len()));
+    }
     match compress.then(|| compressed(plain)).flatten() {
         Some(c) => envelope(cipher, domain, id, FLAG_ZSTD, with_head(&c)),
-        None => envelope(cipher, domain, id, FLAG_RAW, with_head(plain)),
+        None => envelope(cipher, domain, id, FLAG_RAW, buf),
     }
 }
 

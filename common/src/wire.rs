@@ -268,37 +268,6 @@ impl Message {
         }
         Ok(m)
     }
-
-    /// Decodes a message body the caller owns. The result equals [`Message::decode`]'s, but
-    /// the sealed bytes of a `PutChunk` or `Chunk` are moved out of `body` instead of copied
-    /// into a new buffer, so whoever takes large chunks holds one buffer per chunk, not two.
-    pub fn decode_owned(mut body: Vec<u8>) -> Result<Self, WireError> {
-        let kind = match body.first() {
-            Some(&k) if k == PUT_CHUNK_KIND || k == CHUNK_KIND => k,
-            _ => return Self::decode(&body),
-        };
-        let (id, len) = {
-            let ((id, sealed), rest): ((ChunkId, &serde_bytes::Bytes), &[u8]) =
-                postcard::take_from_bytes(&body[1..])
-                    .map_err(|e| WireError::Malformed(e.to_string()))?;
-            if !rest.is_empty() {
-                return Err(WireError::Malformed(format!(
-                    "{} trailing bytes after message",
-                    rest.len()
-                )));
-            }
-            (id, sealed.len())
-        };
-        // The sealed bytes are the last field, so they end where the body ends.
-        let start = body.len() - len;
-        body.copy_within(start.., 0);
-        body.truncate(len);
-        Ok(if kind == CHUNK_KIND {
-            Message::Chunk { id, sealed: body }
-        } else {
-            Message::PutChunk { id, sealed: body }
-        })
-    }
 }
 
 /// The head of a frame carrying a sealed chunk (`PutChunk` or `Chunk`): what comes before
@@ -570,7 +539,7 @@ mod tests {
         #[test]
         fn decoding_garbage_never_panics(b in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = Message::decode(&b);
-            let _ = Message::decode_owned(b);
+            let _ = ChunkHead::parse(&b, b.len());
         }
 
         #[test]
@@ -597,16 +566,5 @@ mod tests {
             }
         }
 
-        #[test]
-        fn decode_owned_equals_decode(m in arb_message(), cut in 0usize..8) {
-            let b = m.encode().expect("encode");
-            prop_assert_eq!(Message::decode_owned(b.clone()).expect("decode"), m);
-            // Truncated and extended bodies fail the same way in both.
-            let short = &b[..b.len().saturating_sub(cut + 1)];
-            prop_assert_eq!(Message::decode(short).is_ok(), Message::decode_owned(short.to_vec()).is_ok());
-            let mut long = b.clone();
-            long.push(0);
-            prop_assert!(Message::decode_owned(long).is_err());
-        }
     }
 }
