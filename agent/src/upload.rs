@@ -14,11 +14,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use coffer_common::chunk::{chunk_stream, ChunkId, Crypto, HashingReader, PlainChunk, MIN_CHUNK};
+use coffer_common::chunk::{
+    chunk_stream_sized, ChunkId, Crypto, HashingReader, PlainChunk, MIN_CHUNK,
+};
 use coffer_common::keys::fill_random;
 use coffer_common::manifest::{ChunkRef, EntryKind, Manifest};
 use coffer_common::wire::{
-    CommitId, CommitResult, FileCommit, Message, SealedChunk, MAX_BATCH_FILES, MAX_FRAME,
+    sealed_hash, CommitId, CommitResult, FileCommit, Message, SealedChunk, MAX_BATCH_FILES,
+    MAX_FRAME,
 };
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
@@ -756,7 +759,7 @@ fn process(sh: &Shared, conn: &Conn, job: &Job) -> Outcome {
     let mut window: Vec<(ChunkId, PlainChunk)> = Vec::new();
     let mut window_bytes = 0usize;
     let mut sent: HashSet<ChunkId> = HashSet::new();
-    for c in chunk_stream(&mut reader) {
+    for c in chunk_stream_sized(&mut reader, before.len()) {
         let data = match c {
             Ok(d) => d,
             Err(e) => return Outcome::Failed(format!("reading {shown}: {e}")),
@@ -842,10 +845,12 @@ fn send_window(
     // Sealing (zstd probe, XChaCha20-Poly1305) is the costliest step per byte: every other
     // chunk is sealed by a helper thread while this one seals the next, and the puts still
     // go out in order. At most two sealed chunks wait beside the window. Each chunk is
-    // sealed in its own buffer (no copy when it does not compress).
+    // sealed in its own buffer (no copy when it does not compress). The hash that the
+    // put carries of the sealed bytes is taken on the same thread.
     let seal = |id: &ChunkId, data: PlainChunk| {
         sh.crypto()
             .seal_chunk_owned(id, data)
+            .map(|sealed| (sealed_hash(&sealed), sealed))
             .map_err(|e| format!("sealing {shown}: {e}"))
     };
     let ids: Vec<ChunkId> = todo.iter().map(|(id, _)| *id).collect();
@@ -858,7 +863,8 @@ fn send_window(
         }
     }
     std::thread::scope(|scope| {
-        let (tx, rx) = crossbeam_channel::bounded::<Result<Vec<u8>, String>>(1);
+        type Sealed = Result<([u8; 32], Vec<u8>), String>;
+        let (tx, rx) = crossbeam_channel::bounded::<Sealed>(1);
         if !odds.is_empty() {
             let seal = &seal;
             let spawned = std::thread::Builder::new()
@@ -881,7 +887,7 @@ fn send_window(
         }
         let mut evens = evens.into_iter();
         for (i, id) in ids.iter().enumerate() {
-            let sealed = if i % 2 == 0 {
+            let (hash, sealed) = if i % 2 == 0 {
                 match evens.next() {
                     Some((id, data)) => seal(&id, data),
                     None => Err(format!("sealing {shown}: chunk {i} missing")),
@@ -895,7 +901,12 @@ fn send_window(
                 .bytes_sent
                 .fetch_add(sealed.len() as u64, Ordering::Relaxed);
             sh.counters.chunks_sent.fetch_add(1, Ordering::Relaxed);
-            match conn.start_blocking(Message::PutChunk { id: *id, sealed }) {
+            let put = Message::PutChunk {
+                id: *id,
+                sealed_hash: hash,
+                sealed,
+            };
+            match conn.start_blocking(put) {
                 Ok(p) => puts.push(p),
                 Err(e) => return Err(Outcome::Lost(e)),
             }

@@ -13,7 +13,24 @@
 //!            An application frame is u32 LE length || body, split across as many
 //!            transport messages as needed; the length is checked against `MAX_FRAME`
 //!            before any buffer for the body is allocated.
+//! chunks     A frame carrying a sealed chunk (`PutChunk`, `Chunk`) is sent as one
+//!            transport message holding the length and the head (kind, chunk id, BLAKE3
+//!            of the sealed bytes, their length), followed by the sealed bytes as they
+//!            are, outside the Noise encryption.
 //! ```
+//!
+//! Why chunks are not encrypted a second time: a sealed chunk is already
+//! XChaCha20-Poly1305 ciphertext under a key that only the agent holds (the receiver stores
+//! exactly these bytes), so a second encryption hides nothing more from an eavesdropper
+//! and doubled the cipher work on both ends. Integrity is kept: the hash travels inside
+//! the authenticated transport message, and [`RecvHalf`] checks the bytes against it
+//! before returning the message, so an altered, truncated, replayed or reordered chunk
+//! is refused ([`ChannelError::Altered`]) and ends the session. What an eavesdropper
+//! sees beyond before: the sealed bytes themselves (random nonce, ciphertext, tag), which
+//! are unlinkable to their chunk id and plaintext without the agent's keys. What it
+//! gives up: Noise's forward secrecy for the chunk contents; someone who records the
+//! traffic and later steals the agent's master key can open those chunks, exactly as
+//! they could open the receiver's stored copies.
 //!
 //! The initiator (agent) refuses a responder whose static key is not the pinned one, before
 //! revealing its own static key. The responder (receiver) learns the initiator's static key
@@ -32,7 +49,8 @@ use tokio::io::{
 };
 use zeroize::Zeroizing;
 
-use crate::wire::{check_len, ChunkHead, Message, WireError, PROTOCOL_VERSION};
+use crate::chunk::ChunkId;
+use crate::wire::{check_len, sealed_hash, ChunkHead, Message, WireError, PROTOCOL_VERSION};
 
 /// The Noise protocol name.
 pub const NOISE_PARAMS: &str = "Noise_XX_25519_ChaChaPoly_BLAKE2s";
@@ -62,6 +80,8 @@ pub enum ChannelError {
     },
     #[error("noise error: {0}")]
     Noise(String),
+    #[error("the sealed bytes of chunk {0} do not match the hash in their authenticated head: altered in transit")]
+    Altered(ChunkId),
     #[error(transparent)]
     Wire(#[from] WireError),
 }
@@ -429,10 +449,21 @@ impl<W: AsyncWrite + Unpin> SendHalf<W> {
     /// Encrypts one message and appends it to the outgoing buffer without writing it;
     /// [`SendHalf::flush_queued`] writes everything queued with one system call.
     pub fn queue(&mut self, m: &Message) -> Result<(), ChannelError> {
-        // A chunk's sealed bytes are encrypted where they lie, not copied into an encoding.
         let (head, tail) = m.encode_split()?;
-        let len = (head.len() + tail.len()) as u32;
-        self.encrypt_frame(&len.to_le_bytes(), &[&head, tail])
+        let len = ((head.len() + tail.len()) as u32).to_le_bytes();
+        if !head.first().is_some_and(|&k| ChunkHead::is_chunk_kind(k)) {
+            return self.encrypt_frame(&len, &[&head]);
+        }
+        // A sealed chunk: its head in one transport message, its sealed bytes after it as
+        // they are (see the module documentation).
+        self.encrypt_frame(&len, &[&head])?;
+        let end = self.filled + tail.len();
+        if self.out.len() < end {
+            self.out.resize(end, 0);
+        }
+        self.out[self.filled..end].copy_from_slice(tail);
+        self.filled = end;
+        Ok(())
     }
 
     /// Bytes queued and not yet written.
@@ -634,20 +665,56 @@ impl<R: AsyncRead + Unpin> RecvHalf<R> {
         Ok(buf)
     }
 
+    /// The head of a chunk frame whose first transport message left `self.plain[..n]`, if
+    /// the frame carries a sealed chunk. Its head must fill that message exactly.
+    fn chunk_head(&self, len: usize, n: usize) -> Result<Option<ChunkHead>, ChannelError> {
+        if n == 4 || !ChunkHead::is_chunk_kind(self.plain[4]) {
+            return Ok(None);
+        }
+        match ChunkHead::parse(&self.plain[4..n], len)? {
+            Some(head) if 4 + head.head_len == n => Ok(Some(head)),
+            _ => Err(WireError::Malformed(
+                "a chunk frame's first transport message must hold exactly its head".into(),
+            )
+            .into()),
+        }
+    }
+
+    /// A chunk's sealed bytes, read as they are after its head and checked against the
+    /// hash the head carries.
+    async fn sealed_tail(&mut self, head: &ChunkHead) -> Result<Vec<u8>, ChannelError> {
+        let mut sealed = vec![0u8; head.sealed_len];
+        match self.r.read_exact(&mut sealed).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return Err(WireError::Truncated.into())
+            }
+            Err(e) => return Err(e.into()),
+        }
+        if sealed_hash(&sealed) != head.sealed_hash {
+            return Err(ChannelError::Altered(head.id()));
+        }
+        Ok(sealed)
+    }
+
     /// Receives one frame's body. The first transport message goes through `self.plain`
     /// (it carries the length); the rest are decrypted straight into the body.
     pub async fn recv_raw(&mut self) -> Result<Vec<u8>, ChannelError> {
         let (len, n) = self.first_segment().await?;
+        if let Some(head) = self.chunk_head(len, n)? {
+            let mut body = self.plain[4..n].to_vec();
+            body.extend_from_slice(&self.sealed_tail(&head).await?);
+            return Ok(body);
+        }
         self.rest(4, n, len).await
     }
 
     /// Receives one message and the size of its frame. A sealed chunk (`PutChunk`,
-    /// `Chunk`) is decrypted straight into a buffer of its own, which the message then
-    /// owns: no copy of the chunk is made after decryption.
+    /// `Chunk`) is read straight into a buffer of its own, which the message then owns.
     pub async fn recv_sized(&mut self) -> Result<(Message, usize), ChannelError> {
         let (len, n) = self.first_segment().await?;
-        if let Some(head) = ChunkHead::parse(&self.plain[4..n], len)? {
-            let sealed = self.rest(4 + head.head_len, n, head.sealed_len).await?;
+        if let Some(head) = self.chunk_head(len, n)? {
+            let sealed = self.sealed_tail(&head).await?;
             return Ok((head.into_message(sealed), len));
         }
         let body = self.rest(4, n, len).await?;
@@ -663,7 +730,6 @@ impl<R: AsyncRead + Unpin> RecvHalf<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chunk::ChunkId;
     use tokio::io::duplex;
 
     async fn pair() -> (
@@ -694,15 +760,9 @@ mod tests {
         for (i, len) in lens.enumerate() {
             let sealed: Vec<u8> = (0..len).map(|b| (b * 7 + i) as u8).collect();
             let m = if i % 2 == 0 {
-                Message::PutChunk {
-                    id: ChunkId([3; 32]),
-                    sealed,
-                }
+                Message::put_chunk(ChunkId([3; 32]), sealed)
             } else {
-                Message::Chunk {
-                    id: ChunkId([4; 32]),
-                    sealed,
-                }
+                Message::chunk(ChunkId([4; 32]), sealed)
             };
             let send = m.clone();
             let (r1, r2) = tokio::join!(c.send(&send), s.recv());
@@ -711,6 +771,55 @@ mod tests {
         }
         s.send(&Message::GetKeyFile).await.expect("send");
         assert_eq!(c.recv().await.expect("recv"), Message::GetKeyFile);
+    }
+
+    #[tokio::test]
+    async fn sealed_bytes_altered_in_transit_are_refused() {
+        for at in [0usize, 1, 1000, 4095] {
+            let (mut c, mut s, _) = pair().await;
+            let m = Message::put_chunk(ChunkId([5; 32]), vec![9; 4096]);
+            c.tx.queue(&m).expect("queue");
+            // The sealed bytes are the last 4096 queued; flip one as a network attacker would.
+            let end = c.tx.filled;
+            c.tx.out[end - 4096 + at] ^= 0x40;
+            let (r1, r2) = tokio::join!(c.tx.flush_queued(), s.recv());
+            r1.expect("send");
+            assert!(
+                matches!(r2, Err(ChannelError::Altered(id)) if id == ChunkId([5; 32])),
+                "{r2:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn sealed_bytes_cut_short_are_a_truncated_frame() {
+        let (mut c, mut s, _) = pair().await;
+        c.tx.queue(&Message::chunk(ChunkId([6; 32]), vec![1; 5000]))
+            .expect("queue");
+        c.tx.filled -= 1;
+        c.tx.flush_queued().await.expect("send");
+        c.tx.shutdown().await.expect("shutdown");
+        let r = s.recv().await;
+        assert!(
+            matches!(r, Err(ChannelError::Wire(WireError::Truncated))),
+            "{r:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_chunk_frame_encrypted_whole_is_malformed() {
+        // The sealed bytes inside the encrypted transport messages, as protocol 2 sent
+        // them: the head does not fill the first message exactly.
+        let (mut c, mut s, _) = pair().await;
+        let body = Message::put_chunk(ChunkId([7; 32]), vec![2; 300])
+            .encode()
+            .expect("encode");
+        let (r1, r2) = tokio::join!(c.tx.send_raw(&body), s.recv());
+        r1.expect("send");
+        assert!(
+            matches!(r2, Err(ChannelError::Wire(WireError::Malformed(_)))),
+            "{r2:?}"
+        );
     }
 
     #[tokio::test]

@@ -452,7 +452,15 @@ impl<R: Read> Read for HashingReader<R> {
 /// Splits a stream into content-defined chunks with bounded memory: one buffer of
 /// `2 * MAX_CHUNK`, whatever the stream's length.
 pub fn chunk_stream<R: Read>(reader: R) -> Chunker<R> {
-    Chunker::new(reader)
+    Chunker::new(reader, u64::MAX)
+}
+
+/// [`chunk_stream`] of a stream expected to be about `len` bytes long (a file's size): the
+/// buffer starts no larger than that and grows only if the stream turns out longer, so a
+/// file of 1 MiB does not cost a zeroed buffer of `2 * MAX_CHUNK`. The cut points do not
+/// depend on the hint.
+pub fn chunk_stream_sized<R: Read>(reader: R, len: u64) -> Chunker<R> {
+    Chunker::new(reader, len)
 }
 
 /// The chunker behind [`chunk_stream`]: FastCDC 2020 (normalization level 1, the crate's
@@ -461,6 +469,8 @@ pub fn chunk_stream<R: Read>(reader: R) -> Chunker<R> {
 /// the cut search always sees at least `MAX_CHUNK` bytes unless the stream ends first.
 pub struct Chunker<R> {
     reader: R,
+    /// Size of the buffer when it is first needed.
+    first_len: usize,
     buf: Vec<u8>,
     start: usize,
     end: usize,
@@ -469,12 +479,18 @@ pub struct Chunker<R> {
 }
 
 impl<R: Read> Chunker<R> {
-    fn new(reader: R) -> Self {
+    fn new(reader: R, len_hint: u64) -> Self {
         use fastcdc::v2020::{logarithm2, MASKS};
         let bits = logarithm2(AVG_CHUNK) as usize;
         let (s, l) = (MASKS[bits + 1], MASKS[bits - 1]);
+        // One byte more than expected, so that the end of the stream is seen without a
+        // move; at least a page of reads, at most the full window.
+        let first_len = len_hint
+            .saturating_add(1)
+            .clamp(64 * 1024, 2 * MAX_CHUNK as u64) as usize;
         Self {
             reader,
+            first_len,
             buf: Vec::new(),
             start: 0,
             end: 0,
@@ -484,20 +500,27 @@ impl<R: Read> Chunker<R> {
     }
 
     /// Tops the window up to at least `MAX_CHUNK` bytes, or to the end of the stream.
+    /// Unread bytes move to the front only when the buffer's end is reached; the buffer
+    /// grows (up to `2 * MAX_CHUNK`) only when it is too small to hold `MAX_CHUNK`.
     fn fill(&mut self) -> std::io::Result<()> {
         let want = MAX_CHUNK as usize;
         if self.eof || self.end - self.start >= want {
             return Ok(());
         }
         if self.buf.is_empty() {
-            self.buf = vec![0; 2 * want];
+            self.buf = vec![0; self.first_len];
         }
-        if self.start > 0 {
-            self.buf.copy_within(self.start..self.end, 0);
-            self.end -= self.start;
-            self.start = 0;
-        }
-        while self.end < self.buf.len() {
+        while !self.eof && self.end - self.start < want {
+            if self.end == self.buf.len() {
+                if self.start > 0 {
+                    self.buf.copy_within(self.start..self.end, 0);
+                    self.end -= self.start;
+                    self.start = 0;
+                } else {
+                    let grown = (self.buf.len() * 2).min(2 * want);
+                    self.buf.resize(grown, 0);
+                }
+            }
             match self.reader.read(&mut self.buf[self.end..]) {
                 Ok(0) => {
                     self.eof = true;
@@ -585,9 +608,10 @@ mod tests {
         }
 
         /// Same cut points as the crate's own streaming chunker, even when the reader
-        /// hands out bytes in small, uneven pieces.
+        /// hands out bytes in small, uneven pieces, and whatever length it was expected
+        /// to have (a file that grew or shrank since it was measured).
         #[test]
-        fn chunker_cuts_where_streamcdc_cuts(len in 0usize..(9 << 20), seed in any::<u64>(), piece in 1usize..100_000) {
+        fn chunker_cuts_where_streamcdc_cuts(len in 0usize..(9 << 20), seed in any::<u64>(), piece in 1usize..100_000, hint in prop_oneof![Just(u64::MAX), 0u64..(10 << 20)]) {
             struct Trickle<'a>(&'a [u8], usize);
             impl Read for Trickle<'_> {
                 fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -598,7 +622,7 @@ mod tests {
                 }
             }
             let data = pseudo_random(len, seed);
-            let ours: Vec<usize> = chunk_stream(Trickle(&data, piece))
+            let ours: Vec<usize> = chunk_stream_sized(Trickle(&data, piece), hint)
                 .map(|c| c.expect("chunk").len())
                 .collect();
             let theirs: Vec<usize> =

@@ -10,7 +10,7 @@ use crate::chunk::{ChunkId, FileId, MAX_SEALED};
 
 /// Protocol version spoken by this build. Exchanged in the clear before the handshake (and
 /// bound into it as the Noise prologue); a mismatch is a clear error on both sides.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Largest encoded message: a sealed chunk at its largest plus room for the envelope.
 pub const MAX_FRAME: usize = MAX_SEALED + 64 * 1024;
@@ -83,8 +83,11 @@ pub enum Message {
         ids: Vec<ChunkId>,
     },
     /// Store a sealed chunk (a chunk already present is not stored again). Reply: `Stored`.
+    /// `sealed_hash` is the BLAKE3 of `sealed`: the channel carries the sealed bytes
+    /// outside its own encryption and checks them against it (see [`Message::put_chunk`]).
     PutChunk {
         id: ChunkId,
+        sealed_hash: [u8; 32],
         #[serde(with = "serde_bytes")]
         sealed: Vec<u8>,
     },
@@ -131,8 +134,10 @@ pub enum Message {
     GetChunk {
         id: ChunkId,
     },
+    /// A stored chunk; `sealed_hash` as in `PutChunk`.
     Chunk {
         id: ChunkId,
+        sealed_hash: [u8; 32],
         #[serde(with = "serde_bytes")]
         sealed: Vec<u8>,
     },
@@ -189,7 +194,31 @@ pub enum CommitResult {
 /// Number of kinds in [`Message`]; a first byte at or past this is an unknown kind.
 const KINDS: u8 = 19;
 
+/// The hash that `PutChunk` and `Chunk` carry of their sealed bytes: BLAKE3, the same as
+/// the receiver's pack records hold.
+pub fn sealed_hash(sealed: &[u8]) -> [u8; 32] {
+    *blake3::hash(sealed).as_bytes()
+}
+
 impl Message {
+    /// A `PutChunk` of `sealed`, hashing it.
+    pub fn put_chunk(id: ChunkId, sealed: Vec<u8>) -> Self {
+        Message::PutChunk {
+            id,
+            sealed_hash: sealed_hash(&sealed),
+            sealed,
+        }
+    }
+
+    /// A `Chunk` reply of `sealed`, hashing it.
+    pub fn chunk(id: ChunkId, sealed: Vec<u8>) -> Self {
+        Message::Chunk {
+            id,
+            sealed_hash: sealed_hash(&sealed),
+            sealed,
+        }
+    }
+
     /// Short name of the message kind, for logs and errors.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -231,15 +260,23 @@ impl Message {
     /// sealed chunk (`PutChunk`, `Chunk`) a short head and the sealed bytes themselves,
     /// borrowed rather than copied; for any other message the whole encoding and nothing.
     pub fn encode_split(&self) -> Result<(Vec<u8>, &[u8]), WireError> {
-        let (kind, id, sealed) = match self {
-            Message::PutChunk { id, sealed } => (PUT_CHUNK_KIND, id, sealed),
-            Message::Chunk { id, sealed } => (CHUNK_KIND, id, sealed),
+        let (kind, id, hash, sealed) = match self {
+            Message::PutChunk {
+                id,
+                sealed_hash,
+                sealed,
+            } => (PUT_CHUNK_KIND, id, sealed_hash, sealed),
+            Message::Chunk {
+                id,
+                sealed_hash,
+                sealed,
+            } => (CHUNK_KIND, id, sealed_hash, sealed),
             _ => return Ok((self.encode()?, &[])),
         };
         let mut head = vec![kind];
-        // Postcard writes the id's 32 bytes, then the byte string's length as a varint
-        // (the same for a usize and a u64 of equal value).
-        head = postcard::to_extend(&(id, sealed.len() as u64), head)
+        // Postcard writes the id's 32 bytes, the hash's 32 bytes, then the byte string's
+        // length as a varint (the same for a usize and a u64 of equal value).
+        head = postcard::to_extend(&(id, hash, sealed.len() as u64), head)
             .map_err(|e| WireError::Encode(e.to_string()))?;
         let len = head.len() + sealed.len();
         if len > MAX_FRAME {
@@ -276,6 +313,8 @@ impl Message {
 pub struct ChunkHead {
     kind: u8,
     id: ChunkId,
+    /// The BLAKE3 of the sealed bytes, as the sender stated it.
+    pub sealed_hash: [u8; 32],
     /// Bytes of the encoding before the sealed bytes.
     pub head_len: usize,
     /// Length of the sealed bytes (the rest of the frame).
@@ -283,16 +322,21 @@ pub struct ChunkHead {
 }
 
 impl ChunkHead {
+    /// Whether a frame whose body starts with `first` carries a sealed chunk.
+    pub fn is_chunk_kind(first: u8) -> bool {
+        first == PUT_CHUNK_KIND || first == CHUNK_KIND
+    }
+
     /// Parses the head from the start of a frame's body (`start`) whose full length is
     /// `frame_len`. `None` when the frame is not a chunk or `start` is too short to hold
-    /// the whole head (the caller then decodes the frame the general way); an error when
-    /// the head's length disagrees with the frame's.
+    /// the whole head; an error when the head's length disagrees with the frame's.
     pub fn parse(start: &[u8], frame_len: usize) -> Result<Option<Self>, WireError> {
         let kind = match start.first() {
-            Some(&k) if k == PUT_CHUNK_KIND || k == CHUNK_KIND => k,
+            Some(&k) if Self::is_chunk_kind(k) => k,
             _ => return Ok(None),
         };
-        let Ok(((id, sealed_len), rest)) = postcard::take_from_bytes::<(ChunkId, u64)>(&start[1..])
+        let Ok(((id, sealed_hash, sealed_len), rest)) =
+            postcard::take_from_bytes::<(ChunkId, [u8; 32], u64)>(&start[1..])
         else {
             return Ok(None);
         };
@@ -305,21 +349,30 @@ impl ChunkHead {
         Ok(Some(Self {
             kind,
             id,
+            sealed_hash,
             head_len,
             sealed_len: sealed_len as usize,
         }))
     }
 
+    /// The chunk's id.
+    pub fn id(&self) -> ChunkId {
+        self.id
+    }
+
     /// The message, given its sealed bytes.
     pub fn into_message(self, sealed: Vec<u8>) -> Message {
+        let (id, sealed_hash) = (self.id, self.sealed_hash);
         if self.kind == CHUNK_KIND {
             Message::Chunk {
-                id: self.id,
+                id,
+                sealed_hash,
                 sealed,
             }
         } else {
             Message::PutChunk {
-                id: self.id,
+                id,
+                sealed_hash,
                 sealed,
             }
         }
@@ -375,26 +428,17 @@ mod tests {
 
     #[test]
     fn chunk_kind_constants_match_the_enum() {
-        let m = Message::PutChunk {
-            id: ChunkId([1; 32]),
-            sealed: vec![2; 3],
-        };
+        let m = Message::put_chunk(ChunkId([1; 32]), vec![2; 3]);
         assert_eq!(m.encode().expect("encode")[0], PUT_CHUNK_KIND);
-        let m = Message::Chunk {
-            id: ChunkId([1; 32]),
-            sealed: vec![2; 3],
-        };
+        let m = Message::chunk(ChunkId([1; 32]), vec![2; 3]);
         assert_eq!(m.encode().expect("encode")[0], CHUNK_KIND);
     }
 
     #[test]
     fn chunk_head_disagreeing_with_its_frame_is_refused() {
-        let b = Message::PutChunk {
-            id: ChunkId([1; 32]),
-            sealed: vec![2; 100],
-        }
-        .encode()
-        .expect("encode");
+        let b = Message::put_chunk(ChunkId([1; 32]), vec![2; 100])
+            .encode()
+            .expect("encode");
         assert!(ChunkHead::parse(&b, b.len() + 1).is_err());
         assert!(ChunkHead::parse(&b, b.len() - 1).is_err());
         assert!(ChunkHead::parse(&b, b.len()).expect("ok").is_some());
@@ -415,10 +459,7 @@ mod tests {
 
     #[test]
     fn truncated_and_trailing_bodies_are_malformed() {
-        let m = Message::PutChunk {
-            id: ChunkId([7; 32]),
-            sealed: vec![1; 100],
-        };
+        let m = Message::put_chunk(ChunkId([7; 32]), vec![1; 100]);
         let b = m.encode().expect("encode");
         assert!(Message::decode(&b[..b.len() - 1]).is_err());
         let mut t = b.clone();
@@ -433,10 +474,7 @@ mod tests {
             check_len(u32::MAX as u64),
             Err(WireError::TooLarge { .. })
         ));
-        let big = Message::PutChunk {
-            id: ChunkId([0; 32]),
-            sealed: vec![0; MAX_FRAME],
-        };
+        let big = Message::put_chunk(ChunkId([0; 32]), vec![0; MAX_FRAME]);
         assert!(matches!(big.encode(), Err(WireError::TooLarge { .. })));
     }
 
@@ -456,18 +494,12 @@ mod tests {
                 any::<[u8; 32]>(),
                 proptest::collection::vec(any::<u8>(), 0..5000)
             )
-                .prop_map(|(id, sealed)| Message::PutChunk {
-                    id: ChunkId(id),
-                    sealed
-                }),
+                .prop_map(|(id, sealed)| Message::put_chunk(ChunkId(id), sealed)),
             (
                 any::<[u8; 32]>(),
                 proptest::collection::vec(any::<u8>(), 0..5000)
             )
-                .prop_map(|(id, sealed)| Message::Chunk {
-                    id: ChunkId(id),
-                    sealed
-                }),
+                .prop_map(|(id, sealed)| Message::chunk(ChunkId(id), sealed)),
             (
                 any::<[u8; 16]>(),
                 any::<[u8; 32]>(),
@@ -552,7 +584,7 @@ mod tests {
         #[test]
         fn chunk_head_and_rest_equal_decode(m in arb_message(), cut in 0usize..40) {
             let b = m.encode().expect("encode");
-            let start = &b[..b.len().min(cut + 34)];
+            let start = &b[..b.len().min(cut + 66)];
             match ChunkHead::parse(start, b.len()).expect("consistent head") {
                 Some(h) => {
                     let sealed = b[h.head_len..].to_vec();
@@ -560,8 +592,9 @@ mod tests {
                 }
                 None => {
                     let is_chunk = matches!(m, Message::PutChunk { .. } | Message::Chunk { .. });
-                    // A chunk's head is kind (1), id (32) and a length varint (1..=10).
-                    prop_assert!(!is_chunk || start.len() < 1 + 32 + 10);
+                    // A chunk's head is kind (1), id (32), hash (32) and a length
+                    // varint (1..=10).
+                    prop_assert!(!is_chunk || start.len() < 1 + 32 + 32 + 10);
                 }
             }
         }

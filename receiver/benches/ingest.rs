@@ -85,11 +85,7 @@ async fn client(
             id[4..8].copy_from_slice(&n.to_le_bytes());
             let id = ChunkId(id);
             // Same bytes under distinct ids: the receiver neither knows nor checks.
-            tx.send(&Message::PutChunk {
-                id,
-                sealed: body.to_vec(),
-            })
-            .await?;
+            tx.send(&Message::put_chunk(id, body.to_vec())).await?;
             let mut c = [0u8; 16];
             c[..12].copy_from_slice(&id.0[..12]);
             tx.send(&Message::CommitFile {

@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use coffer_common::chunk::ChunkId;
-use coffer_common::wire::VersionEntry;
+use coffer_common::wire::{sealed_hash, VersionEntry};
 
 use crate::auth::RepoName;
 use crate::fsutil::{create_dir_all, write_atomic, Context, IoError};
@@ -34,6 +34,9 @@ use crate::store::{
     header_ok, pack_header, read_record, scan, LocalPacks, Location, PackNo, PackStore,
     RecordError, RecordHeader, PACK_HEADER_LEN, RECORD_HEADER_LEN,
 };
+
+/// A stored chunk as [`Repo::get`] returns it: its sealed bytes and their BLAKE3.
+pub type SealedRecord = (Vec<u8>, [u8; 32]);
 
 /// Records at most this large are gathered in memory and written together.
 const SMALL_RECORD: usize = 64 * 1024;
@@ -276,7 +279,17 @@ impl Repo {
 
     /// Appends a sealed chunk unless it is already present. Returns whether it was written.
     pub fn put(&self, id: &ChunkId, sealed: &[u8]) -> Result<bool, RepoError> {
-        let hash = *blake3::hash(sealed).as_bytes();
+        self.put_hashed(id, sealed, sealed_hash(sealed))
+    }
+
+    /// [`Repo::put`] of sealed bytes whose BLAKE3 the caller has already checked to be
+    /// `hash` (the channel checks every `PutChunk` against the hash it carries).
+    pub fn put_hashed(
+        &self,
+        id: &ChunkId,
+        sealed: &[u8],
+        hash: [u8; 32],
+    ) -> Result<bool, RepoError> {
         let r = {
             let mut st = lock(&self.state);
             if st.pending.contains_key(id) || lock(&self.reader).has_chunk(id)? {
@@ -460,8 +473,9 @@ impl Repo {
         st.epoch += 1;
     }
 
-    /// Reads a chunk's sealed bytes, verified against the hash stored with it.
-    pub fn get(&self, id: &ChunkId) -> Result<Option<Vec<u8>>, RepoError> {
+    /// Reads a chunk's sealed bytes, verified against the hash stored with it; returns
+    /// them with that hash.
+    pub fn get(&self, id: &ChunkId) -> Result<Option<SealedRecord>, RepoError> {
         let pending = {
             let st = lock(&self.state);
             match st.pending.get(id) {
@@ -470,7 +484,7 @@ impl Repo {
                     return Ok(st
                         .buf
                         .get(start..start + loc.len as usize)
-                        .map(|b| b.to_vec()));
+                        .map(|b| (b.to_vec(), loc.hash)));
                 }
                 Some((_, loc)) => Some(*loc),
                 None => None,
@@ -483,7 +497,9 @@ impl Repo {
                 None => return Ok(None),
             },
         };
-        Ok(Some(read_record(&*self.packs, id, &loc)?))
+        // `read_record` checked the bytes against the record's hash and that against the
+        // index's.
+        Ok(Some((read_record(&*self.packs, id, &loc)?, loc.hash)))
     }
 
     /// Versions after `after`, oldest first, paged.
@@ -583,7 +599,7 @@ mod tests {
             let (id, v) = data(i, if i % 3 == 0 { 200_000 } else { 3000 });
             assert!(r.put(&id, &v).expect("put"));
             assert!(!r.put(&id, &v).expect("dedup"));
-            assert_eq!(r.get(&id).expect("get"), Some(v));
+            assert_eq!(r.get(&id).expect("get"), Some((v.clone(), sealed_hash(&v))));
             ids.push(id);
         }
         assert!(r.missing(&ids).expect("missing").is_empty());
@@ -596,7 +612,7 @@ mod tests {
         assert_eq!(rec, Recovery::default());
         for (i, id) in ids.iter().enumerate() {
             let (_, v) = data(i as u32, if i % 3 == 0 { 200_000 } else { 3000 });
-            assert_eq!(r.get(id).expect("get"), Some(v));
+            assert_eq!(r.get(id).expect("get"), Some((v.clone(), sealed_hash(&v))));
         }
         assert!(
             LocalPacks::new(&d.path().join("packs"))
@@ -624,7 +640,10 @@ mod tests {
             Repo::open(d.path(), RepoName::new("r").expect("n"), 64 << 20).expect("reopen");
         assert_eq!(rec.reindexed, 1);
         assert_eq!(rec.cut_bytes, 9);
-        assert_eq!(r.get(&b).expect("get"), Some(vb));
+        assert_eq!(
+            r.get(&b).expect("get"),
+            Some((vb.clone(), sealed_hash(&vb)))
+        );
         assert_eq!(packs.len(PackNo(1)).expect("len"), len);
     }
 
@@ -649,6 +668,9 @@ mod tests {
         r.put(&b, &vb).expect("put again");
         let out = r.flush(&[commit(1, vec![a, b])]).expect("flush");
         assert!(matches!(out[0], CommitOutcome::Acked { .. }));
-        assert_eq!(r.get(&b).expect("get"), Some(vb));
+        assert_eq!(
+            r.get(&b).expect("get"),
+            Some((vb.clone(), sealed_hash(&vb)))
+        );
     }
 }

@@ -50,7 +50,7 @@ use crate::fsutil::{write_atomic, Context};
 use crate::index::{CommitOutcome, NewCommit};
 use crate::layout::Layout;
 use crate::metrics::{ErrorKind, Metrics, Rejected};
-use crate::repo::{Repo, RepoError};
+use crate::repo::{Repo, RepoError, SealedRecord};
 use crate::Error;
 
 /// Handshakes in progress at once; connections past this are dropped at once.
@@ -626,7 +626,7 @@ struct Session {
     reads: VecDeque<(ChunkId, ChunkRead)>,
 }
 
-type ChunkRead = tokio::task::JoinHandle<Result<Option<Vec<u8>>, RepoError>>;
+type ChunkRead = tokio::task::JoinHandle<Result<Option<SealedRecord>, RepoError>>;
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, End> {
     tokio::task::spawn_blocking(f)
@@ -801,7 +801,11 @@ impl Session {
             return Ok(());
         };
         let reply = match read.await.map_err(|e| End::Internal(e.to_string()))? {
-            Ok(Some(sealed)) => Message::Chunk { id, sealed },
+            Ok(Some((sealed, sealed_hash))) => Message::Chunk {
+                id,
+                sealed_hash,
+                sealed,
+            },
             Ok(None) => not_found(&id),
             Err(e) => {
                 tracing::error!("reading chunk {id}: {e}");
@@ -871,14 +875,19 @@ impl Session {
                 };
                 self.reply(reply).await
             }
-            Message::PutChunk { id, sealed } => {
+            Message::PutChunk {
+                id,
+                sealed_hash,
+                sealed,
+            } => {
                 if let Some(msg) = bad_sealed_len(&id, sealed.len()) {
                     self.metrics.error(ErrorKind::Protocol);
                     return self.reply(error(ErrorCode::Malformed, msg)).await;
                 }
                 let n = sealed.len() as u64;
                 let repo = self.repo.clone();
-                let r = blocking(move || repo.put(&id, &sealed)).await?;
+                // The channel checked the sealed bytes against `sealed_hash`.
+                let r = blocking(move || repo.put_hashed(&id, &sealed, sealed_hash)).await?;
                 let reply = match r {
                     Ok(written) => {
                         if written {

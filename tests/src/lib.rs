@@ -470,10 +470,7 @@ impl Client {
 
     /// Stores one sealed chunk.
     pub async fn put(&mut self, id: &ChunkId, sealed: &[u8]) -> Result<()> {
-        let m = Message::PutChunk {
-            id: *id,
-            sealed: sealed.to_vec(),
-        };
+        let m = Message::put_chunk(*id, sealed.to_vec());
         match expect_ok(self.request(&m).await?)? {
             Message::Stored { id: got } if got == *id => Ok(()),
             m => Err(anyhow!("expected Stored, got {}", m.kind())),
@@ -506,7 +503,9 @@ impl Client {
     /// Fetches a sealed chunk.
     pub async fn get_chunk(&mut self, id: &ChunkId) -> Result<Vec<u8>> {
         match expect_ok(self.request(&Message::GetChunk { id: *id }).await?)? {
-            Message::Chunk { id: got, sealed } if got == *id => Ok(sealed),
+            Message::Chunk {
+                id: got, sealed, ..
+            } if got == *id => Ok(sealed),
             m => Err(anyhow!("expected Chunk, got {}", m.kind())),
         }
     }

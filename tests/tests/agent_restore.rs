@@ -355,10 +355,7 @@ fn a_hostile_repository_cannot_make_restore_write_outside_the_target() -> Result
     ))?;
     let body = b"evil".to_vec();
     let id = crypto.chunk_id(&body);
-    rt.block_on(conn.call(Message::PutChunk {
-        id,
-        sealed: crypto.seal_chunk(&id, &body)?,
-    }))?;
+    rt.block_on(conn.call(Message::put_chunk(id, crypto.seal_chunk(&id, &body)?)))?;
     for (n, path) in ["w/../escape.txt", "/tmp/abs-escape.txt", "w/./x", "w//y"]
         .iter()
         .enumerate()

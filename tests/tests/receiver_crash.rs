@@ -44,11 +44,7 @@ async fn stream(
     let sender = tokio::spawn(async move {
         for f in &sent {
             for (id, s) in &f.chunks {
-                tx.send(&Message::PutChunk {
-                    id: *id,
-                    sealed: s.clone(),
-                })
-                .await?;
+                tx.send(&Message::put_chunk(*id, s.clone())).await?;
             }
             tx.send(&f.commit_message()).await?;
         }

@@ -79,12 +79,7 @@ async fn a_full_disk_fails_cleanly_keeps_serving_and_recovers() -> Result<()> {
     fill(&filler)?;
     let big = agent.seal_file("w/big", &data(2 << 20, 2))?;
     let (id, sealed) = &big.chunks[0];
-    let r = c
-        .request(&Message::PutChunk {
-            id: *id,
-            sealed: sealed.clone(),
-        })
-        .await?;
+    let r = c.request(&Message::put_chunk(*id, sealed.clone())).await?;
     match &r {
         Message::Error {
             code: ErrorCode::Storage,

@@ -148,10 +148,10 @@ async fn presence_queries_dedup_and_missing_chunks() -> Result<()> {
     assert_eq!(error_code(&r), Some(ErrorCode::NotFound), "{r:?}");
     // A sealed chunk larger than the limit is refused.
     let r = c
-        .request(&Message::PutChunk {
-            id: ChunkId([1; 32]),
-            sealed: vec![0; coffer_common::chunk::MAX_SEALED + 1],
-        })
+        .request(&Message::put_chunk(
+            ChunkId([1; 32]),
+            vec![0; coffer_common::chunk::MAX_SEALED + 1],
+        ))
         .await?;
     assert_eq!(error_code(&r), Some(ErrorCode::Malformed), "{r:?}");
     Ok(())
@@ -182,11 +182,7 @@ async fn pipelined_requests_are_answered_in_order() -> Result<()> {
         tokio::spawn(async move {
             for f in &files {
                 for (id, s) in &f.chunks {
-                    tx.send(&Message::PutChunk {
-                        id: *id,
-                        sealed: s.clone(),
-                    })
-                    .await?;
+                    tx.send(&Message::put_chunk(*id, s.clone())).await?;
                 }
                 tx.send(&f.commit_message()).await?;
                 tx.send(&Message::HaveChunks { ids: f.ids() }).await?;
