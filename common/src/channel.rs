@@ -14,23 +14,30 @@
 //!            transport messages as needed; the length is checked against `MAX_FRAME`
 //!            before any buffer for the body is allocated.
 //! chunks     A frame carrying a sealed chunk (`PutChunk`, `Chunk`) is sent as one
-//!            transport message holding the length and the head (kind, chunk id, BLAKE3
-//!            of the sealed bytes, their length), followed by the sealed bytes as they
-//!            are, outside the Noise encryption.
+//!            transport message holding the length and the head (kind, chunk id, for a
+//!            `PutChunk` the BLAKE3 of the sealed bytes, their length), followed by the
+//!            sealed bytes as they are, outside the Noise encryption.
 //! ```
 //!
 //! Why chunks are not encrypted a second time: a sealed chunk is already
 //! XChaCha20-Poly1305 ciphertext under a key that only the agent holds (the receiver stores
 //! exactly these bytes), so a second encryption hides nothing more from an eavesdropper
-//! and doubled the cipher work on both ends. Integrity is kept: the hash travels inside
-//! the authenticated transport message, and [`RecvHalf`] checks the bytes against it
-//! before returning the message, so an altered, truncated, replayed or reordered chunk
-//! is refused ([`ChannelError::Altered`]) and ends the session. What an eavesdropper
-//! sees beyond before: the sealed bytes themselves (random nonce, ciphertext, tag), which
-//! are unlinkable to their chunk id and plaintext without the agent's keys. What it
-//! gives up: Noise's forward secrecy for the chunk contents; someone who records the
-//! traffic and later steals the agent's master key can open those chunks, exactly as
-//! they could open the receiver's stored copies.
+//! and doubled the cipher work on both ends. Integrity is kept: for a `PutChunk` the hash
+//! travels inside the authenticated transport message, and [`RecvHalf`] checks the bytes
+//! against it before returning the message, so an altered, truncated, replayed or
+//! reordered chunk is refused ([`ChannelError::Altered`]) and ends the session (the
+//! receiver cannot open chunks, so it needs this check to store only what the agent
+//! sent). A `Chunk` reply carries no hash: the agent trusts neither the receiver nor the
+//! network for a chunk's bytes and opens every chunk (tag, then id) before using any of
+//! it, which catches an alteration in transit exactly as it catches a damaged or
+//! malicious store. What an eavesdropper
+//! sees beyond before: the sealed bytes themselves (random nonce, ciphertext, tag). They
+//! reveal nothing of a chunk's id or plaintext without the agent's keys, but a stored
+//! chunk's bytes never change, so an eavesdropper can tell when the same chunk is put
+//! and later fetched again, and which fetched files share chunks. What it gives up:
+//! Noise's forward secrecy for chunk contents; whoever records the traffic and later
+//! obtains the master secret (for instance the escrowed key file and the passphrase) can
+//! open the recorded chunks, including ones since deleted from the receiver.
 //!
 //! The initiator (agent) refuses a responder whose static key is not the pinned one, before
 //! revealing its own static key. The responder (receiver) learns the initiator's static key
@@ -681,7 +688,7 @@ impl<R: AsyncRead + Unpin> RecvHalf<R> {
     }
 
     /// A chunk's sealed bytes, read as they are after its head and checked against the
-    /// hash the head carries.
+    /// hash the head carries (a `PutChunk`'s; see the module documentation).
     async fn sealed_tail(&mut self, head: &ChunkHead) -> Result<Vec<u8>, ChannelError> {
         let mut sealed = vec![0u8; head.sealed_len];
         match self.r.read_exact(&mut sealed).await {
@@ -691,7 +698,7 @@ impl<R: AsyncRead + Unpin> RecvHalf<R> {
             }
             Err(e) => return Err(e.into()),
         }
-        if sealed_hash(&sealed) != head.sealed_hash {
+        if head.sealed_hash.is_some_and(|h| h != sealed_hash(&sealed)) {
             return Err(ChannelError::Altered(head.id()));
         }
         Ok(sealed)
@@ -706,7 +713,22 @@ impl<R: AsyncRead + Unpin> RecvHalf<R> {
             body.extend_from_slice(&self.sealed_tail(&head).await?);
             return Ok(body);
         }
-        self.rest(4, n, len).await
+        let body = self.rest(4, n, len).await?;
+        Self::not_a_chunk(&body)?;
+        Ok(body)
+    }
+
+    /// A frame that did not come as a chunk frame (its first transport message did not
+    /// start with a chunk's head) must not be one: otherwise a peer could send a
+    /// `PutChunk` whose sealed bytes no one checks against its hash.
+    fn not_a_chunk(body: &[u8]) -> Result<(), ChannelError> {
+        match body.first() {
+            Some(&k) if ChunkHead::is_chunk_kind(k) => Err(WireError::Malformed(
+                "a chunk frame must start with its whole head in one transport message".into(),
+            )
+            .into()),
+            _ => Ok(()),
+        }
     }
 
     /// Receives one message and the size of its frame. A sealed chunk (`PutChunk`,
@@ -718,6 +740,7 @@ impl<R: AsyncRead + Unpin> RecvHalf<R> {
             return Ok((head.into_message(sealed), len));
         }
         let body = self.rest(4, n, len).await?;
+        Self::not_a_chunk(&body)?;
         Ok((Message::decode(&body)?, len))
     }
 
@@ -762,7 +785,10 @@ mod tests {
             let m = if i % 2 == 0 {
                 Message::put_chunk(ChunkId([3; 32]), sealed)
             } else {
-                Message::chunk(ChunkId([4; 32]), sealed)
+                Message::Chunk {
+                    id: ChunkId([4; 32]),
+                    sealed,
+                }
             };
             let send = m.clone();
             let (r1, r2) = tokio::join!(c.send(&send), s.recv());
@@ -794,8 +820,11 @@ mod tests {
     #[tokio::test]
     async fn sealed_bytes_cut_short_are_a_truncated_frame() {
         let (mut c, mut s, _) = pair().await;
-        c.tx.queue(&Message::chunk(ChunkId([6; 32]), vec![1; 5000]))
-            .expect("queue");
+        c.tx.queue(&Message::Chunk {
+            id: ChunkId([6; 32]),
+            sealed: vec![1; 5000],
+        })
+        .expect("queue");
         c.tx.filled -= 1;
         c.tx.flush_queued().await.expect("send");
         c.tx.shutdown().await.expect("shutdown");
@@ -803,6 +832,30 @@ mod tests {
         assert!(
             matches!(r, Err(ChannelError::Wire(WireError::Truncated))),
             "{r:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_chunk_frame_behind_a_length_only_message_is_malformed() {
+        // A first transport message holding only the frame's length, then the whole
+        // encoding: the general path must not hand out a `PutChunk` with an unchecked hash.
+        let (mut c, mut s, _) = pair().await;
+        let body = Message::PutChunk {
+            id: ChunkId([8; 32]),
+            sealed_hash: [0xAA; 32],
+            sealed: vec![3; 100],
+        }
+        .encode()
+        .expect("encode");
+        let len = (body.len() as u32).to_le_bytes();
+        c.tx.encrypt_frame(&len, &[]).expect("length alone");
+        let first: [u8; 4] = body[..4].try_into().expect("4 bytes");
+        c.tx.encrypt_frame(&first, &[&body[4..]]).expect("the body");
+        let (r1, r2) = tokio::join!(c.tx.flush_queued(), s.recv());
+        r1.expect("send");
+        assert!(
+            matches!(r2, Err(ChannelError::Wire(WireError::Malformed(_)))),
+            "{r2:?}"
         );
     }
 

@@ -134,10 +134,11 @@ pub enum Message {
     GetChunk {
         id: ChunkId,
     },
-    /// A stored chunk; `sealed_hash` as in `PutChunk`.
+    /// A stored chunk. Its sealed bytes also cross the channel outside the Noise
+    /// encryption, but without a hash: the agent trusts neither the receiver nor the
+    /// network for them and opens each chunk (tag, then id) before using a byte.
     Chunk {
         id: ChunkId,
-        sealed_hash: [u8; 32],
         #[serde(with = "serde_bytes")]
         sealed: Vec<u8>,
     },
@@ -210,15 +211,6 @@ impl Message {
         }
     }
 
-    /// A `Chunk` reply of `sealed`, hashing it.
-    pub fn chunk(id: ChunkId, sealed: Vec<u8>) -> Self {
-        Message::Chunk {
-            id,
-            sealed_hash: sealed_hash(&sealed),
-            sealed,
-        }
-    }
-
     /// Short name of the message kind, for logs and errors.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -260,24 +252,28 @@ impl Message {
     /// sealed chunk (`PutChunk`, `Chunk`) a short head and the sealed bytes themselves,
     /// borrowed rather than copied; for any other message the whole encoding and nothing.
     pub fn encode_split(&self) -> Result<(Vec<u8>, &[u8]), WireError> {
-        let (kind, id, hash, sealed) = match self {
+        // Postcard writes the id's 32 bytes, for a `PutChunk` the hash's 32 bytes, then the
+        // byte string's length as a varint (the same for a usize and a u64 of equal value).
+        let enc = |e: postcard::Error| WireError::Encode(e.to_string());
+        let (head, sealed) = match self {
             Message::PutChunk {
                 id,
                 sealed_hash,
                 sealed,
-            } => (PUT_CHUNK_KIND, id, sealed_hash, sealed),
-            Message::Chunk {
-                id,
-                sealed_hash,
+            } => (
+                postcard::to_extend(
+                    &(id, sealed_hash, sealed.len() as u64),
+                    vec![PUT_CHUNK_KIND],
+                )
+                .map_err(enc)?,
                 sealed,
-            } => (CHUNK_KIND, id, sealed_hash, sealed),
+            ),
+            Message::Chunk { id, sealed } => (
+                postcard::to_extend(&(id, sealed.len() as u64), vec![CHUNK_KIND]).map_err(enc)?,
+                sealed,
+            ),
             _ => return Ok((self.encode()?, &[])),
         };
-        let mut head = vec![kind];
-        // Postcard writes the id's 32 bytes, the hash's 32 bytes, then the byte string's
-        // length as a varint (the same for a usize and a u64 of equal value).
-        head = postcard::to_extend(&(id, hash, sealed.len() as u64), head)
-            .map_err(|e| WireError::Encode(e.to_string()))?;
         let len = head.len() + sealed.len();
         if len > MAX_FRAME {
             return Err(WireError::TooLarge {
@@ -311,10 +307,9 @@ impl Message {
 /// the sealed bytes, which a receiver can then decrypt straight into their own buffer.
 #[derive(Debug)]
 pub struct ChunkHead {
-    kind: u8,
     id: ChunkId,
-    /// The BLAKE3 of the sealed bytes, as the sender stated it.
-    pub sealed_hash: [u8; 32],
+    /// The BLAKE3 of the sealed bytes as the sender stated it (`PutChunk` only).
+    pub sealed_hash: Option<[u8; 32]>,
     /// Bytes of the encoding before the sealed bytes.
     pub head_len: usize,
     /// Length of the sealed bytes (the rest of the frame).
@@ -335,9 +330,14 @@ impl ChunkHead {
             Some(&k) if Self::is_chunk_kind(k) => k,
             _ => return Ok(None),
         };
-        let Ok(((id, sealed_hash, sealed_len), rest)) =
+        let parsed = if kind == PUT_CHUNK_KIND {
             postcard::take_from_bytes::<(ChunkId, [u8; 32], u64)>(&start[1..])
-        else {
+                .map(|((id, hash, len), rest)| ((id, Some(hash), len), rest))
+        } else {
+            postcard::take_from_bytes::<(ChunkId, u64)>(&start[1..])
+                .map(|((id, len), rest)| ((id, None, len), rest))
+        };
+        let Ok(((id, sealed_hash, sealed_len), rest)) = parsed else {
             return Ok(None);
         };
         let head_len = start.len() - rest.len();
@@ -347,7 +347,6 @@ impl ChunkHead {
             )));
         }
         Ok(Some(Self {
-            kind,
             id,
             sealed_hash,
             head_len,
@@ -362,19 +361,16 @@ impl ChunkHead {
 
     /// The message, given its sealed bytes.
     pub fn into_message(self, sealed: Vec<u8>) -> Message {
-        let (id, sealed_hash) = (self.id, self.sealed_hash);
-        if self.kind == CHUNK_KIND {
-            Message::Chunk {
-                id,
+        match self.sealed_hash {
+            Some(sealed_hash) => Message::PutChunk {
+                id: self.id,
                 sealed_hash,
                 sealed,
-            }
-        } else {
-            Message::PutChunk {
-                id,
-                sealed_hash,
+            },
+            None => Message::Chunk {
+                id: self.id,
                 sealed,
-            }
+            },
         }
     }
 }
@@ -430,7 +426,10 @@ mod tests {
     fn chunk_kind_constants_match_the_enum() {
         let m = Message::put_chunk(ChunkId([1; 32]), vec![2; 3]);
         assert_eq!(m.encode().expect("encode")[0], PUT_CHUNK_KIND);
-        let m = Message::chunk(ChunkId([1; 32]), vec![2; 3]);
+        let m = Message::Chunk {
+            id: ChunkId([1; 32]),
+            sealed: vec![2; 3],
+        };
         assert_eq!(m.encode().expect("encode")[0], CHUNK_KIND);
     }
 
@@ -499,7 +498,10 @@ mod tests {
                 any::<[u8; 32]>(),
                 proptest::collection::vec(any::<u8>(), 0..5000)
             )
-                .prop_map(|(id, sealed)| Message::chunk(ChunkId(id), sealed)),
+                .prop_map(|(id, sealed)| Message::Chunk {
+                    id: ChunkId(id),
+                    sealed
+                }),
             (
                 any::<[u8; 16]>(),
                 any::<[u8; 32]>(),
@@ -592,8 +594,8 @@ mod tests {
                 }
                 None => {
                     let is_chunk = matches!(m, Message::PutChunk { .. } | Message::Chunk { .. });
-                    // A chunk's head is kind (1), id (32), hash (32) and a length
-                    // varint (1..=10).
+                    // A chunk's head is kind (1), id (32), for a `PutChunk` hash (32),
+                    // and a length varint (1..=10).
                     prop_assert!(!is_chunk || start.len() < 1 + 32 + 32 + 10);
                 }
             }

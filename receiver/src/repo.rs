@@ -35,9 +35,6 @@ use crate::store::{
     RecordError, RecordHeader, PACK_HEADER_LEN, RECORD_HEADER_LEN,
 };
 
-/// A stored chunk as [`Repo::get`] returns it: its sealed bytes and their BLAKE3.
-pub type SealedRecord = (Vec<u8>, [u8; 32]);
-
 /// Records at most this large are gathered in memory and written together.
 const SMALL_RECORD: usize = 64 * 1024;
 /// Size of that buffer.
@@ -290,6 +287,11 @@ impl Repo {
         sealed: &[u8],
         hash: [u8; 32],
     ) -> Result<bool, RepoError> {
+        debug_assert_eq!(
+            hash,
+            sealed_hash(sealed),
+            "put_hashed with an unchecked hash"
+        );
         let r = {
             let mut st = lock(&self.state);
             if st.pending.contains_key(id) || lock(&self.reader).has_chunk(id)? {
@@ -473,9 +475,8 @@ impl Repo {
         st.epoch += 1;
     }
 
-    /// Reads a chunk's sealed bytes, verified against the hash stored with it; returns
-    /// them with that hash.
-    pub fn get(&self, id: &ChunkId) -> Result<Option<SealedRecord>, RepoError> {
+    /// Reads a chunk's sealed bytes, verified against the hash stored with it.
+    pub fn get(&self, id: &ChunkId) -> Result<Option<Vec<u8>>, RepoError> {
         let pending = {
             let st = lock(&self.state);
             match st.pending.get(id) {
@@ -484,7 +485,7 @@ impl Repo {
                     return Ok(st
                         .buf
                         .get(start..start + loc.len as usize)
-                        .map(|b| (b.to_vec(), loc.hash)));
+                        .map(|b| b.to_vec()));
                 }
                 Some((_, loc)) => Some(*loc),
                 None => None,
@@ -497,9 +498,7 @@ impl Repo {
                 None => return Ok(None),
             },
         };
-        // `read_record` checked the bytes against the record's hash and that against the
-        // index's.
-        Ok(Some((read_record(&*self.packs, id, &loc)?, loc.hash)))
+        Ok(Some(read_record(&*self.packs, id, &loc)?))
     }
 
     /// Versions after `after`, oldest first, paged.
@@ -599,7 +598,7 @@ mod tests {
             let (id, v) = data(i, if i % 3 == 0 { 200_000 } else { 3000 });
             assert!(r.put(&id, &v).expect("put"));
             assert!(!r.put(&id, &v).expect("dedup"));
-            assert_eq!(r.get(&id).expect("get"), Some((v.clone(), sealed_hash(&v))));
+            assert_eq!(r.get(&id).expect("get"), Some(v));
             ids.push(id);
         }
         assert!(r.missing(&ids).expect("missing").is_empty());
@@ -612,7 +611,7 @@ mod tests {
         assert_eq!(rec, Recovery::default());
         for (i, id) in ids.iter().enumerate() {
             let (_, v) = data(i as u32, if i % 3 == 0 { 200_000 } else { 3000 });
-            assert_eq!(r.get(id).expect("get"), Some((v.clone(), sealed_hash(&v))));
+            assert_eq!(r.get(id).expect("get"), Some(v));
         }
         assert!(
             LocalPacks::new(&d.path().join("packs"))
@@ -640,10 +639,7 @@ mod tests {
             Repo::open(d.path(), RepoName::new("r").expect("n"), 64 << 20).expect("reopen");
         assert_eq!(rec.reindexed, 1);
         assert_eq!(rec.cut_bytes, 9);
-        assert_eq!(
-            r.get(&b).expect("get"),
-            Some((vb.clone(), sealed_hash(&vb)))
-        );
+        assert_eq!(r.get(&b).expect("get"), Some(vb));
         assert_eq!(packs.len(PackNo(1)).expect("len"), len);
     }
 
@@ -668,9 +664,6 @@ mod tests {
         r.put(&b, &vb).expect("put again");
         let out = r.flush(&[commit(1, vec![a, b])]).expect("flush");
         assert!(matches!(out[0], CommitOutcome::Acked { .. }));
-        assert_eq!(
-            r.get(&b).expect("get"),
-            Some((vb.clone(), sealed_hash(&vb)))
-        );
+        assert_eq!(r.get(&b).expect("get"), Some(vb));
     }
 }

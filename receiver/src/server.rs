@@ -50,7 +50,7 @@ use crate::fsutil::{write_atomic, Context};
 use crate::index::{CommitOutcome, NewCommit};
 use crate::layout::Layout;
 use crate::metrics::{ErrorKind, Metrics, Rejected};
-use crate::repo::{Repo, RepoError, SealedRecord};
+use crate::repo::{Repo, RepoError};
 use crate::Error;
 
 /// Handshakes in progress at once; connections past this are dropped at once.
@@ -626,7 +626,7 @@ struct Session {
     reads: VecDeque<(ChunkId, ChunkRead)>,
 }
 
-type ChunkRead = tokio::task::JoinHandle<Result<Option<SealedRecord>, RepoError>>;
+type ChunkRead = tokio::task::JoinHandle<Result<Option<Vec<u8>>, RepoError>>;
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, End> {
     tokio::task::spawn_blocking(f)
@@ -801,11 +801,7 @@ impl Session {
             return Ok(());
         };
         let reply = match read.await.map_err(|e| End::Internal(e.to_string()))? {
-            Ok(Some((sealed, sealed_hash))) => Message::Chunk {
-                id,
-                sealed_hash,
-                sealed,
-            },
+            Ok(Some(sealed)) => Message::Chunk { id, sealed },
             Ok(None) => not_found(&id),
             Err(e) => {
                 tracing::error!("reading chunk {id}: {e}");
