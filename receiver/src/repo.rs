@@ -31,7 +31,7 @@ use crate::auth::RepoName;
 use crate::fsutil::{create_dir_all, write_atomic, Context, IoError};
 use crate::index::{CommitOutcome, Index, IndexError, Mode, NewCommit};
 use crate::store::{
-    header_ok, pack_header, read_record, scan, LocalPacks, Location, PackNo, PackStore,
+    header_ok, pack_header, read_record, scan, Check, LocalPacks, Location, PackNo, PackStore,
     RecordError, RecordHeader, PACK_HEADER_LEN, RECORD_HEADER_LEN,
 };
 
@@ -475,7 +475,8 @@ impl Repo {
         st.epoch += 1;
     }
 
-    /// Reads a chunk's sealed bytes, verified against the hash stored with it.
+    /// Reads a chunk's sealed bytes, its record's header checked (not the bytes' hash:
+    /// see [`Check::Header`]).
     pub fn get(&self, id: &ChunkId) -> Result<Option<Vec<u8>>, RepoError> {
         let pending = {
             let st = lock(&self.state);
@@ -498,7 +499,7 @@ impl Repo {
                 None => return Ok(None),
             },
         };
-        Ok(Some(read_record(&*self.packs, id, &loc)?))
+        Ok(Some(read_record(&*self.packs, id, &loc, Check::Header)?))
     }
 
     /// Versions after `after`, oldest first, paged.

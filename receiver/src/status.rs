@@ -13,7 +13,7 @@ use crate::auth::{Authorizations, RepoName};
 use crate::fsutil::Context;
 use crate::index::{Index, Mode, Stats};
 use crate::layout::Layout;
-use crate::store::{read_record, LocalPacks, PackStore, RecordError};
+use crate::store::{read_record, Check, LocalPacks, PackStore, RecordError};
 use crate::Error;
 
 /// One repository in `status`.
@@ -258,7 +258,7 @@ fn scrub_repo(
     ix.for_each_chunk(|row| {
         report.records += 1;
         report.bytes += row.loc.len as u64;
-        let why = match read_record(&store, &row.id, &row.loc) {
+        let why = match read_record(&store, &row.id, &row.loc, Check::Full) {
             Ok(_) => return true,
             Err(RecordError::Damaged { why, .. }) => why,
             Err(RecordError::Io(e)) if e.source.kind() == std::io::ErrorKind::NotFound => {
