@@ -14,6 +14,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/agent/0001_journal.sql"),
     include_str!("../../migrations/agent/0002_claimed.sql"),
+    include_str!("../../migrations/agent/0003_drop_state_index.sql"),
 ];
 
 /// Errors of the journal.
