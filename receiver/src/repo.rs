@@ -31,7 +31,7 @@ use crate::auth::RepoName;
 use crate::fsutil::{create_dir_all, write_atomic, Context, IoError};
 use crate::index::{CommitOutcome, Index, IndexError, Mode, NewCommit};
 use crate::store::{
-    header_ok, pack_header, read_record, scan, Check, LocalPacks, Location, PackNo, PackStore,
+    header_ok, pack_header, read_record_into, scan, Check, LocalPacks, Location, PackNo, PackStore,
     RecordError, RecordHeader, PACK_HEADER_LEN, RECORD_HEADER_LEN,
 };
 
@@ -478,15 +478,22 @@ impl Repo {
     /// Reads a chunk's sealed bytes, its record's header checked (not the bytes' hash:
     /// see [`Check::Header`]).
     pub fn get(&self, id: &ChunkId) -> Result<Option<Vec<u8>>, RepoError> {
+        self.get_into(id, Vec::new())
+    }
+
+    /// [`Repo::get`] into `buf`, a buffer to reuse.
+    pub fn get_into(&self, id: &ChunkId, buf: Vec<u8>) -> Result<Option<Vec<u8>>, RepoError> {
         let pending = {
             let st = lock(&self.state);
             match st.pending.get(id) {
                 Some((_, loc)) if st.cur == Some(loc.pack) && loc.offset >= st.buf_at => {
                     let start = (loc.offset - st.buf_at + RECORD_HEADER_LEN) as usize;
-                    return Ok(st
-                        .buf
-                        .get(start..start + loc.len as usize)
-                        .map(|b| b.to_vec()));
+                    return Ok(st.buf.get(start..start + loc.len as usize).map(|b| {
+                        let mut out = buf;
+                        out.clear();
+                        out.extend_from_slice(b);
+                        out
+                    }));
                 }
                 Some((_, loc)) => Some(*loc),
                 None => None,
@@ -499,7 +506,13 @@ impl Repo {
                 None => return Ok(None),
             },
         };
-        Ok(Some(read_record(&*self.packs, id, &loc, Check::Header)?))
+        Ok(Some(read_record_into(
+            &*self.packs,
+            id,
+            &loc,
+            Check::Header,
+            buf,
+        )?))
     }
 
     /// Versions after `after`, oldest first, paged.

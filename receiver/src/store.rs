@@ -298,6 +298,17 @@ pub fn read_record(
     loc: &Location,
     check: Check,
 ) -> Result<Vec<u8>, RecordError> {
+    read_record_into(store, id, loc, check, Vec::new())
+}
+
+/// [`read_record`] into `buf`, a buffer to reuse (its contents are replaced).
+pub fn read_record_into(
+    store: &dyn PackStore,
+    id: &ChunkId,
+    loc: &Location,
+    check: Check,
+    mut buf: Vec<u8>,
+) -> Result<Vec<u8>, RecordError> {
     let damaged = |why: String| RecordError::Damaged {
         pack: store.describe(loc.pack),
         offset: loc.offset,
@@ -324,7 +335,9 @@ pub fn read_record(
             h.len, loc.len
         )));
     }
-    let mut sealed = vec![0u8; loc.len as usize];
+    // Only bytes past the buffer's current length are zeroed first.
+    buf.resize(loc.len as usize, 0);
+    let mut sealed = buf;
     read(loc.offset + RECORD_HEADER_LEN, &mut sealed)?;
     if check == Check::Full {
         let actual = blake3::hash(&sealed);
