@@ -458,11 +458,9 @@ impl<W: AsyncWrite + Unpin> SendHalf<W> {
     pub fn queue(&mut self, m: &Message) -> Result<(), ChannelError> {
         let (head, tail) = m.encode_split()?;
         let len = ((head.len() + tail.len()) as u32).to_le_bytes();
-        if !head.first().is_some_and(|&k| ChunkHead::is_chunk_kind(k)) {
-            return self.encrypt_frame(&len, &[&head]);
-        }
-        // A sealed chunk: its head in one transport message, its sealed bytes after it as
-        // they are (see the module documentation).
+        // The head (for any message but a sealed chunk, the whole encoding) in transport
+        // messages; a sealed chunk's bytes after it as they are (see the module
+        // documentation). Only a sealed chunk has a tail.
         self.encrypt_frame(&len, &[&head])?;
         let end = self.filled + tail.len();
         if self.out.len() < end {

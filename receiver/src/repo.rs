@@ -475,13 +475,14 @@ impl Repo {
         st.epoch += 1;
     }
 
-    /// Reads a chunk's sealed bytes, its record's header checked (not the bytes' hash:
-    /// see [`Check::Header`]).
+    /// [`Repo::get_into`] into a new buffer (tests).
+    #[cfg(test)]
     pub fn get(&self, id: &ChunkId) -> Result<Option<Vec<u8>>, RepoError> {
         self.get_into(id, Vec::new())
     }
 
-    /// [`Repo::get`] into `buf`, a buffer to reuse.
+    /// Reads a chunk's sealed bytes into `buf`, a buffer to reuse; the record's header is
+    /// checked, not the bytes' hash (see [`Check::Header`]).
     pub fn get_into(&self, id: &ChunkId, buf: Vec<u8>) -> Result<Option<Vec<u8>>, RepoError> {
         let pending = {
             let st = lock(&self.state);
