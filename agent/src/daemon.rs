@@ -61,9 +61,30 @@ pub fn lock_state(cfg: &Config) -> Result<RunLock, RunError> {
         .write(true)
         .open(&p)
         .map_err(|e| RunError::Other(format!("opening {}: {e}", p.display())))?;
-    let f = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock)
-        .map_err(|_| RunError::AlreadyRunning(cfg.state_dir.display().to_string()))?;
-    Ok(RunLock { _f: f })
+    // `status` probes the lock with a shared lock held for an instant (`is_running`), so
+    // a held lock is tried again for a moment before it counts as another daemon's: a
+    // daemon holds it for as long as it runs.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut f = f;
+    loop {
+        match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => return Ok(RunLock { _f: lock }),
+            Err((back, errno))
+                if matches!(
+                    errno,
+                    nix::errno::Errno::EWOULDBLOCK | nix::errno::Errno::EINTR
+                ) && Instant::now() < deadline =>
+            {
+                f = back;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(_) => {
+                return Err(RunError::AlreadyRunning(
+                    cfg.state_dir.display().to_string(),
+                ))
+            }
+        }
+    }
 }
 
 /// True when a daemon holds the state dir's run lock.
@@ -639,4 +660,51 @@ fn progress(sh: Arc<Shared>) {
         bar.tick();
     }
     bar.finish_and_clear();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(dir: &std::path::Path) -> Config {
+        let p = dir.join("agent.toml");
+        std::fs::write(
+            &p,
+            format!(
+                "receiver = \"127.0.0.1:1\"\nreceiver_key = \"{}\"\nstate_dir = \"{}\"\n",
+                "A".repeat(43),
+                dir.join("state").display()
+            ),
+        )
+        .expect("write config");
+        Config::load(&p).expect("config")
+    }
+
+    #[test]
+    fn a_status_probe_does_not_stop_the_daemon_from_starting() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = config(dir.path());
+        std::fs::create_dir_all(&cfg.state_dir).expect("state dir");
+        // What `status` does for an instant (`is_running`), held here for 200 ms.
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(cfg.state_dir.join("agent.lock"))
+            .expect("open");
+        let probe = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockSharedNonblock)
+            .map_err(|(_, e)| e)
+            .expect("shared lock");
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            drop(probe);
+        });
+        let lock = lock_state(&cfg).expect("the daemon starts once the probe is gone");
+        release.join().expect("join");
+        // A daemon that holds the lock still keeps a second one out.
+        assert!(matches!(lock_state(&cfg), Err(RunError::AlreadyRunning(_))));
+        assert!(is_running(&cfg));
+        drop(lock);
+        assert!(!is_running(&cfg));
+    }
 }
