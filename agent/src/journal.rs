@@ -15,6 +15,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/agent/0001_journal.sql"),
     include_str!("../../migrations/agent/0002_claimed.sql"),
     include_str!("../../migrations/agent/0003_drop_state_index.sql"),
+    include_str!("../../migrations/agent/0004_file_stats.sql"),
 ];
 
 /// Errors of the journal.
@@ -129,6 +130,24 @@ pub struct Summary {
     pub oldest_pending_ms: Option<i64>,
 }
 
+impl Summary {
+    /// Adds `n` rows in `state` (`deleted`: backed-up deletions) holding `bytes` pending.
+    fn add(&mut self, state: &str, deleted: bool, n: i64, bytes: i64) {
+        match (state, deleted) {
+            ("backed_up", true) => self.deleted += n,
+            ("backed_up", false) => self.backed_up += n,
+            ("dirty", _) => self.dirty += n,
+            ("pending", _) => self.pending += n,
+            ("uploading", _) => self.uploading += n,
+            ("failed", _) => self.failed += n,
+            _ => {}
+        }
+        if state != "backed_up" {
+            self.pending_bytes += bytes;
+        }
+    }
+}
+
 /// The journal.
 pub struct Journal {
     conn: Connection,
@@ -157,6 +176,10 @@ impl Journal {
         // Paths are looked up at random: a page cache that holds the journal's indexes
         // (it fills as needed) keeps a large tree's updates off the disk.
         conn.pragma_update(None, "cache_size", -16384)
+            .map_err(sql)?;
+        // A statement that fires the counting triggers (0004) keeps a statement journal to
+        // undo itself on error; in memory it is a copy, on disk a write per page changed.
+        conn.pragma_update(None, "temp_store", "MEMORY")
             .map_err(sql)?;
         let mut j = Journal { conn, path: p };
         j.migrate()?;
@@ -481,6 +504,7 @@ impl Journal {
             source,
         };
         let tx = self.conn.transaction().map_err(e)?;
+        let mut latest = None;
         {
             let mut st = tx
                 .prepare_cached(
@@ -492,16 +516,20 @@ impl Journal {
                 )
                 .map_err(e)?;
             for a in acks {
-                st.execute(params![
-                    a.path,
-                    a.version,
-                    a.commit_time,
-                    &a.hash[..],
-                    a.kind,
-                    a.size,
-                    a.gen
-                ])
-                .map_err(e)?;
+                let n = st
+                    .execute(params![
+                        a.path,
+                        a.version,
+                        a.commit_time,
+                        &a.hash[..],
+                        a.kind,
+                        a.size,
+                        a.gen
+                    ])
+                    .map_err(e)?;
+                if n > 0 {
+                    latest = latest.max(Some(a.commit_time));
+                }
             }
             tx.execute(
                 "INSERT INTO meta (key, value) VALUES ('last_ack_ms', ?1)
@@ -509,6 +537,15 @@ impl Journal {
                 [now_ms().to_string()],
             )
             .map_err(e)?;
+            if let Some(latest) = latest {
+                tx.execute(
+                    "INSERT INTO meta (key, value) VALUES ('last_backed_at', ?1)
+                     ON CONFLICT(key) DO UPDATE SET
+                        value = CAST(MAX(CAST(value AS INTEGER), ?2) AS TEXT)",
+                    params![latest.to_string(), latest],
+                )
+                .map_err(e)?;
+            }
         }
         tx.commit().map_err(e)
     }
@@ -632,51 +669,43 @@ impl Journal {
             .map_err(|e| self.err(e))
     }
 
-    /// Counts for `status`.
+    /// Counts for `status`: read from `file_stats` (kept by triggers) and two index lookups,
+    /// so it costs the same at 100 files and at 1,000,000.
     pub fn summary(&self) -> Result<Summary, JournalError> {
+        if self.schema_version()? < 4 {
+            // Read-only, under a daemon of the previous release that has not migrated yet.
+            return self.summary_by_scan();
+        }
         let mut s = Summary::default();
         let mut st = self
             .conn
-            .prepare(
-                "SELECT state, backed_kind = 'deleted' AND state = 'backed_up', COUNT(*),
-                        COALESCE(SUM(CASE WHEN state != 'backed_up' THEN COALESCE(size, 0) ELSE 0 END), 0),
-                        MIN(dirty_since)
-                 FROM files GROUP BY 1, 2",
-            )
+            .prepare_cached("SELECT state, deleted, n, bytes FROM file_stats")
             .map_err(|e| self.err(e))?;
         let rows = st
             .query_map([], |r| {
                 Ok((
                     r.get::<_, String>(0)?,
-                    r.get::<_, Option<bool>>(1)?.unwrap_or(false),
+                    r.get::<_, bool>(1)?,
                     r.get::<_, i64>(2)?,
                     r.get::<_, i64>(3)?,
-                    r.get::<_, Option<i64>>(4)?,
                 ))
             })
             .map_err(|e| self.err(e))?;
         for row in rows {
-            let (state, deleted, n, bytes, since) = row.map_err(|e| self.err(e))?;
-            match (state.as_str(), deleted) {
-                ("backed_up", true) => s.deleted += n,
-                ("backed_up", false) => s.backed_up += n,
-                ("dirty", _) => s.dirty += n,
-                ("pending", _) => s.pending += n,
-                ("uploading", _) => s.uploading += n,
-                ("failed", _) => s.failed += n,
-                _ => {}
-            }
-            if state != "backed_up" {
-                s.pending_bytes += bytes;
-                if let Some(t) = since {
-                    s.oldest_pending_ms = Some(s.oldest_pending_ms.map_or(t, |o: i64| o.min(t)));
-                }
-            }
+            let (state, deleted, n, bytes) = row.map_err(|e| self.err(e))?;
+            s.add(&state, deleted, n, bytes);
         }
-        s.last_backup_at = self
+        s.oldest_pending_ms = self
             .conn
-            .query_row("SELECT MAX(backed_at) FROM files", [], |r| r.get(0))
+            .prepare_cached(
+                "SELECT MIN(dirty_since) FROM files
+                 WHERE dirty_since IS NOT NULL AND state != 'backed_up'",
+            )
+            .and_then(|mut st| st.query_row([], |r| r.get(0)))
             .map_err(|e| self.err(e))?;
+        s.last_backup_at = self
+            .meta("last_backed_at")?
+            .and_then(|v| v.parse::<i64>().ok());
         Ok(s)
     }
 
@@ -718,17 +747,54 @@ impl Journal {
             .map_err(|e| self.err(e))
     }
 
-    /// Rows in a state (e.g. failed), up to `limit`.
-    pub fn rows_in_state(&self, state: &str, limit: usize) -> Result<Vec<Row>, JournalError> {
+    /// Counts by scanning every row, for a journal without `file_stats` (schema < 4).
+    fn summary_by_scan(&self) -> Result<Summary, JournalError> {
+        let mut s = Summary::default();
+        let mut st = self
+            .conn
+            .prepare(
+                "SELECT state, state = 'backed_up' AND backed_kind IS 'deleted', COUNT(*),
+                        COALESCE(SUM(CASE WHEN state != 'backed_up' THEN COALESCE(size, 0) ELSE 0 END), 0),
+                        MIN(CASE WHEN state != 'backed_up' THEN dirty_since END),
+                        MAX(backed_at)
+                 FROM files GROUP BY 1, 2",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, bool>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, Option<i64>>(4)?,
+                    r.get::<_, Option<i64>>(5)?,
+                ))
+            })
+            .map_err(|e| self.err(e))?;
+        for row in rows {
+            let (state, deleted, n, bytes, since, last) = row.map_err(|e| self.err(e))?;
+            s.add(&state, deleted, n, bytes);
+            s.oldest_pending_ms = match (s.oldest_pending_ms, since) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            s.last_backup_at = s.last_backup_at.max(last);
+        }
+        Ok(s)
+    }
+
+    /// Failed files, up to `limit` (through their partial index: no scan of every row).
+    pub fn failed_rows(&self, limit: usize) -> Result<Vec<Row>, JournalError> {
         let mut st = self
             .conn
             .prepare(&format!(
-                "SELECT {} FROM files WHERE state = ?1 ORDER BY path LIMIT ?2",
+                "SELECT {} FROM files WHERE state = 'failed' ORDER BY path LIMIT ?1",
                 Self::ROW_COLS
             ))
             .map_err(|e| self.err(e))?;
         let rows = st
-            .query_map(params![state, limit as i64], Self::row_from)
+            .query_map(params![limit as i64], Self::row_from)
             .map_err(|e| self.err(e))?;
         rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
     }
@@ -850,6 +916,152 @@ mod tests {
         assert_eq!(j.summary().expect("s").failed, 1);
         assert!(j.claim_due(4999, 1).expect("c").is_empty());
         assert_eq!(j.claim_due(5000, 1).expect("c").len(), 1);
-        assert_eq!(j.rows_in_state("failed", 10).expect("rows")[0].attempts, 1);
+        assert_eq!(j.failed_rows(10).expect("rows")[0].attempts, 1);
+    }
+
+    /// The counts `status` reads, computed the slow way: by scanning every row.
+    type Counts = (Vec<(String, bool, i64)>, i64, Option<i64>, Option<i64>);
+
+    /// `last` is the latest receiver time of an acknowledgement that was recorded.
+    fn recount(j: &Journal, last: Option<i64>) -> Counts {
+        let mut st = j
+            .conn
+            .prepare(
+                "SELECT state, state = 'backed_up' AND backed_kind IS 'deleted', COUNT(*),
+                        SUM(CASE WHEN state != 'backed_up' THEN COALESCE(size, 0) ELSE 0 END)
+                 FROM files GROUP BY 1, 2 ORDER BY 1, 2",
+            )
+            .expect("prepare");
+        let mut groups = Vec::new();
+        let mut bytes = 0;
+        for g in st
+            .query_map([], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get::<_, i64>(3)?))
+            })
+            .expect("query")
+        {
+            let (state, deleted, n, b) = g.expect("row");
+            groups.push((state, deleted, n));
+            bytes += b;
+        }
+        let since = j
+            .conn
+            .query_row(
+                "SELECT MIN(dirty_since) FROM files WHERE state != 'backed_up'",
+                [],
+                |r| r.get(0),
+            )
+            .expect("since");
+        (groups, bytes, since, last)
+    }
+
+    fn kept(j: &Journal) -> Counts {
+        let s = j.summary().expect("summary");
+        let mut groups = Vec::new();
+        for (state, deleted, n) in [
+            ("backed_up", false, s.backed_up),
+            ("backed_up", true, s.deleted),
+            ("dirty", false, s.dirty),
+            ("failed", false, s.failed),
+            ("pending", false, s.pending),
+            ("uploading", false, s.uploading),
+        ] {
+            if n > 0 {
+                groups.push((state.to_string(), deleted, n));
+            }
+        }
+        (
+            groups,
+            s.pending_bytes,
+            s.oldest_pending_ms,
+            s.last_backup_at,
+        )
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        /// The counts kept by triggers equal a full recount after any sequence of what the
+        /// daemon does to the journal (and the pending bytes their sum).
+        #[test]
+        fn kept_counts_equal_a_recount(ops in proptest::collection::vec((0u8..9, 0usize..6, 0i64..3), 1..60)) {
+            let (_d, mut j) = j();
+            let path = |i: usize| format!("w/{i}").into_bytes();
+            let mut now = 1_000;
+            let mut last = None;
+            for (op, i, x) in ops {
+                now += 10;
+                // The row's current generation, or (x == 0) a stale one: a change arrived.
+                let cur: Option<i64> = j
+                    .conn
+                    .query_row("SELECT gen FROM files WHERE path = ?1", [path(i)], |r| r.get(0))
+                    .optional()
+                    .expect("gen");
+                let gen = cur.unwrap_or(0) - i64::from(x == 0);
+                if op == 4 && cur.is_some() {
+                    last = last.max(Some(now / 10 - x));
+                }
+                match op {
+                    0 | 1 => j.mark_dirty(&[(path(i), "w".into())], now, 5).expect("dirty"),
+                    2 => { j.claim_due(now, 3).expect("claim"); }
+                    3 => j.record_reads(&[Read { stat: StatKey { size: x * 100, ..read(b"", 0).stat }, ..read(&path(i), gen) }]).expect("reads"),
+                    4 => j.record_acks(&[Ack {
+                        path: path(i), gen, version: now, commit_time: now / 10 - x,
+                        hash: [1; 32], kind: if x == 2 { "deleted" } else { "file" }, size: x,
+                    }]).expect("acks"),
+                    5 => j.record_failure(&path(i), gen, "unreadable", now + 5).expect("fail"),
+                    6 => j.record_unchanged(&[read(&path(i), gen)]).expect("unchanged"),
+                    7 => j.forget(&path(i), gen).expect("forget"),
+                    _ => { j.requeue_in_flight().expect("requeue"); }
+                }
+                proptest::prop_assert_eq!(kept(&j), recount(&j, last));
+                let (a, b) = (j.summary().expect("kept"), j.summary_by_scan().expect("scan"));
+                proptest::prop_assert_eq!(
+                    (a.dirty, a.pending, a.uploading, a.backed_up, a.deleted, a.failed),
+                    (b.dirty, b.pending, b.uploading, b.backed_up, b.deleted, b.failed)
+                );
+                proptest::prop_assert_eq!((a.pending_bytes, a.oldest_pending_ms), (b.pending_bytes, b.oldest_pending_ms));
+            }
+        }
+    }
+
+    #[test]
+    fn migration_0004_counts_an_existing_journal() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let p = d.path().join("j.sqlite");
+        {
+            let mut j = Journal::open(&p).expect("open");
+            j.mark_dirty(
+                &[(b"w/a".to_vec(), "w".into()), (b"w/b".to_vec(), "w".into())],
+                0,
+                0,
+            )
+            .expect("dirty");
+            let jobs = j.claim_due(10, 1).expect("claim");
+            j.record_reads(&[read(&jobs[0].path, jobs[0].gen)])
+                .expect("reads");
+            j.record_acks(&[Ack {
+                path: jobs[0].path.clone(),
+                gen: jobs[0].gen,
+                version: 1,
+                commit_time: 77,
+                hash: [1; 32],
+                kind: "file",
+                size: 3,
+            }])
+            .expect("ack");
+            // Back to schema 3, as a journal written by the previous release would be.
+            j.conn
+                .execute_batch(
+                    "DROP TRIGGER files_stats_insert; DROP TRIGGER files_stats_delete;
+                     DROP TRIGGER files_stats_update; DROP TABLE file_stats;
+                     DROP INDEX files_pending_since; DROP INDEX files_failed;
+                     DELETE FROM meta WHERE key = 'last_backed_at'; PRAGMA user_version = 3;",
+                )
+                .expect("downgrade");
+        }
+        let j = Journal::open(&p).expect("reopen");
+        let s = j.summary().expect("summary");
+        assert_eq!((s.backed_up, s.dirty, s.last_backup_at), (1, 1, Some(77)));
+        assert_eq!(kept(&j), recount(&j, Some(77)));
     }
 }

@@ -57,7 +57,7 @@ pub fn summary_json(cfg: &Config) -> Result<Value, JournalError> {
         .collect();
     let failed: Vec<Value> = match &j {
         Some(j) => j
-            .rows_in_state("failed", 1000)?
+            .failed_rows(1000)?
             .into_iter()
             .map(|r| json!({"path": String::from_utf8_lossy(&r.path), "reason": r.reason, "attempts": r.attempts}))
             .collect(),

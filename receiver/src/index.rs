@@ -16,7 +16,10 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBeha
 use crate::store::{Location, PackNo};
 
 /// The migrations, in order; migration `i` brings the schema to version `i + 1`.
-const MIGRATIONS: &[&str] = &[include_str!("../../migrations/receiver/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../../migrations/receiver/0001_init.sql"),
+    include_str!("../../migrations/receiver/0002_fewer_random_indexes.sql"),
+];
 
 /// Errors from the index.
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +104,8 @@ pub struct ChunkRow {
 /// A repository's index database.
 /// Page cache of the writing connection, KiB.
 const INDEX_CACHE_KIB: i64 = 32 << 10;
+/// WAL size (pages of 4 KiB) that triggers a checkpoint: 64 MiB.
+const WAL_CHECKPOINT_PAGES: i64 = 16 << 10;
 
 pub struct Index {
     conn: Connection,
@@ -152,6 +157,13 @@ impl Index {
                 // kernel.
                 idx.conn
                     .pragma_update(None, "cache_size", -INDEX_CACHE_KIB)
+                    .map_err(e)?;
+                // A checkpoint copies every page changed since the last one into the
+                // database file. Random keys change pages all over the indexes, so with the
+                // default (every 4 MiB of WAL) most pages were copied again at every
+                // checkpoint; every 64 MiB, a page changed by many batches is copied once.
+                idx.conn
+                    .pragma_update(None, "wal_autocheckpoint", WAL_CHECKPOINT_PAGES)
                     .map_err(e)?;
                 idx.migrate()?;
             }
@@ -297,7 +309,10 @@ impl Index {
                 ins_pack.execute(params![p.0, len]).map_err(e)?;
             }
             let mut existing = tx
-                .prepare_cached("SELECT version, commit_time FROM versions WHERE commit_id = ?1")
+                .prepare_cached(
+                    "SELECT version, commit_time FROM versions \
+                     WHERE file_id = ?1 AND commit_id = ?2",
+                )
                 .map_err(e)?;
             let mut has = tx
                 .prepare_cached("SELECT 1 FROM chunks WHERE id = ?1")
@@ -315,7 +330,7 @@ impl Index {
                 .map_err(e)?;
             for c in commits {
                 let known = existing
-                    .query_row([&c.commit_id.0[..]], |r| {
+                    .query_row([&c.file_id.0[..], &c.commit_id.0[..]], |r| {
                         Ok((r.get::<_, u64>(0)?, r.get::<_, i64>(1)?))
                     })
                     .optional()
@@ -548,5 +563,72 @@ mod tests {
         drop(ix);
         let e = Index::open(&p, Mode::Write).err().expect("too new");
         assert!(e.to_string().contains("newer"), "{e}");
+    }
+
+    #[test]
+    fn migration_0002_keeps_versions_and_their_numbering() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let p = d.path().join("index.sqlite");
+        {
+            // An index as the previous release left it: schema 1 only.
+            let mut conn = Connection::open(&p).expect("open");
+            let tx = conn.transaction().expect("tx");
+            tx.execute_batch(MIGRATIONS[0]).expect("schema 1");
+            tx.pragma_update(None, "user_version", 1).expect("version");
+            tx.commit().expect("commit");
+        }
+        {
+            let mut conn = Connection::open(&p).expect("open");
+            let tx = conn.transaction().expect("tx");
+            tx.execute(
+                "INSERT INTO chunks (id, pack, offset, len, hash) VALUES (?1, 1, 16, 10, ?2)",
+                params![&[1u8; 32][..], &[16u8; 32][..]],
+            )
+            .expect("chunk");
+            for (c, v) in [(1u8, 1i64), (2, 5)] {
+                tx.execute(
+                    "INSERT INTO versions (version, file_id, commit_id, commit_time, manifest)
+                     VALUES (?1, ?2, ?3, 100, ?4)",
+                    params![v, &[c; 32][..], &[c; 16][..], &[c; 40][..]],
+                )
+                .expect("version");
+            }
+            tx.commit().expect("commit");
+        }
+        let mut ix = Index::open(&p, Mode::Write).expect("migrates");
+        let v: i64 = ix
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .expect("version");
+        assert_eq!(v, 2);
+        // A repeated commit is still recognised; a new one continues after the highest.
+        let out = ix
+            .commit_batch(&[], &[], &[commit(2, &[]), commit(3, &[1])], 200)
+            .expect("batch");
+        assert_eq!(
+            out,
+            vec![
+                CommitOutcome::Acked {
+                    version: 5,
+                    commit_time: 100
+                },
+                CommitOutcome::Acked {
+                    version: 6,
+                    commit_time: 200
+                },
+            ]
+        );
+        let (v, more) = ix.list_versions(0, 10, 1 << 20).expect("list");
+        let got: Vec<u64> = v.iter().map(|e| e.version).collect();
+        assert_eq!((got, more), (vec![1, 5, 6], false));
+        let idx: i64 = ix
+            .conn
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE name = 'version_chunks_by_chunk'",
+                [],
+                |r| r.get(0),
+            )
+            .expect("q");
+        assert_eq!(idx, 0);
     }
 }
