@@ -679,21 +679,23 @@ impl Journal {
         let mut s = Summary::default();
         let mut st = self
             .conn
-            .prepare_cached("SELECT state, deleted, n, bytes FROM file_stats")
+            .prepare_cached("SELECT key, n, bytes FROM file_stats")
             .map_err(|e| self.err(e))?;
         let rows = st
             .query_map([], |r| {
                 Ok((
                     r.get::<_, String>(0)?,
-                    r.get::<_, bool>(1)?,
+                    r.get::<_, i64>(1)?,
                     r.get::<_, i64>(2)?,
-                    r.get::<_, i64>(3)?,
                 ))
             })
             .map_err(|e| self.err(e))?;
         for row in rows {
-            let (state, deleted, n, bytes) = row.map_err(|e| self.err(e))?;
-            s.add(&state, deleted, n, bytes);
+            let (key, n, bytes) = row.map_err(|e| self.err(e))?;
+            match key.as_str() {
+                "deleted" => s.add("backed_up", true, n, bytes),
+                state => s.add(state, false, n, bytes),
+            }
         }
         s.oldest_pending_ms = self
             .conn
