@@ -148,10 +148,25 @@ impl Summary {
     }
 }
 
+/// Files handed to the uploader and not yet released (by an outcome or `unclaim`). Kept in
+/// memory: a claim does not outlive the process (every restart starts with none), so writing
+/// it to the journal cost an UPDATE per file for nothing.
+#[derive(Default)]
+struct Claims {
+    held: std::collections::HashSet<Vec<u8>>,
+    /// `(due_at, path)` of the last file taken: the next claim reads on from there, in the
+    /// due index's order, instead of reading again past every file still held.
+    cursor: Option<(i64, Vec<u8>)>,
+    /// A released file may be due again at or before the cursor (a retry, a change seen
+    /// while it was held, a clock set back): the next claim reads from the start.
+    behind: bool,
+}
+
 /// The journal.
 pub struct Journal {
     conn: Connection,
     path: String,
+    claims: Claims,
 }
 
 fn h32(v: Option<Vec<u8>>) -> Option<[u8; 32]> {
@@ -181,7 +196,11 @@ impl Journal {
         // undo itself on error; in memory it is a copy, on disk a write per page changed.
         conn.pragma_update(None, "temp_store", "MEMORY")
             .map_err(sql)?;
-        let mut j = Journal { conn, path: p };
+        let mut j = Journal {
+            conn,
+            path: p,
+            claims: Claims::default(),
+        };
         j.migrate()?;
         Ok(j)
     }
@@ -200,7 +219,11 @@ impl Journal {
         .map_err(sql)?;
         conn.busy_timeout(std::time::Duration::from_secs(10))
             .map_err(sql)?;
-        Ok(Journal { conn, path: p })
+        Ok(Journal {
+            conn,
+            path: p,
+            claims: Claims::default(),
+        })
     }
 
     /// The applied schema version (0: a journal still being created).
@@ -249,6 +272,7 @@ impl Journal {
     /// After a restart: work that was in the hands of the uploader becomes due again
     /// (its hash and commit id stay, so a repeated commit is recognised by the receiver).
     pub fn requeue_in_flight(&mut self) -> Result<usize, JournalError> {
+        self.claims = Claims::default();
         self.conn
             .execute(
                 "UPDATE files SET state = CASE WHEN state = 'pending' THEN 'dirty' ELSE state END,
@@ -269,6 +293,10 @@ impl Journal {
     ) -> Result<(), JournalError> {
         if items.is_empty() {
             return Ok(());
+        }
+        if matches!(&self.claims.cursor, Some((d, _)) if now + delay_ms <= *d) {
+            // Due before the claim cursor (the clock was set back): read from the start.
+            self.claims.behind = true;
         }
         let tx = self.conn.transaction().map_err(|e| JournalError::Sql {
             path: self.path.clone(),
@@ -337,28 +365,38 @@ impl Journal {
         Ok(out)
     }
 
-    /// Takes up to `limit` files that are due and marks them claimed (until their outcome is
-    /// recorded), in one transaction.
+    /// Takes up to `limit` files that are due and holds them (until their outcome is
+    /// recorded or they are `unclaim`ed), in due order.
     pub fn claim_due(&mut self, now: i64, limit: usize) -> Result<Vec<Job>, JournalError> {
         let p = self.path.clone();
         let e = |source| JournalError::Sql {
             path: p.clone(),
             source,
         };
-        let tx = self.conn.transaction().map_err(e)?;
-        let mut out = Vec::new();
-        {
-            let mut st = tx
-                .prepare_cached(
-                    "SELECT path, watch, gen, state, attempts, hash, commit_id, backed_hash, backed_kind, mode
-                     FROM files WHERE state IN ('dirty', 'uploading', 'failed') AND claimed = 0
-                       AND due_at <= ?1
-                     ORDER BY due_at LIMIT ?2",
-                )
-                .map_err(e)?;
-            let rows = st
-                .query_map(params![now, limit as i64], |r| {
-                    Ok(Job {
+        let from_start = self.claims.behind || self.claims.cursor.is_none();
+        let (cd, cp) = match (&self.claims.cursor, from_start) {
+            (Some((d, p)), false) => (*d, p.clone()),
+            _ => (i64::MIN, Vec::new()),
+        };
+        // From the start, files still held are read again and skipped: read that many more.
+        let fetch = if from_start {
+            limit + self.claims.held.len()
+        } else {
+            limit
+        };
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT path, watch, gen, state, attempts, hash, commit_id, backed_hash, backed_kind, mode, due_at
+                 FROM files WHERE state IN ('dirty', 'uploading', 'failed') AND claimed = 0
+                   AND due_at <= ?1 AND (due_at, path) > (?2, ?3)
+                 ORDER BY due_at, path LIMIT ?4",
+            )
+            .map_err(e)?;
+        let rows = st
+            .query_map(params![now, cd, cp, fetch as i64], |r| {
+                Ok((
+                    Job {
                         path: r.get(0)?,
                         watch: r.get(1)?,
                         gen: r.get(2)?,
@@ -371,50 +409,83 @@ impl Journal {
                         backed_hash: h32(r.get(7)?),
                         backed_kind: r.get(8)?,
                         mode: r.get(9)?,
-                    })
-                })
-                .map_err(e)?;
-            for row in rows {
-                out.push(row.map_err(e)?);
+                    },
+                    r.get::<_, i64>(10)?,
+                ))
+            })
+            .map_err(e)?;
+        let mut out = Vec::new();
+        let mut last = None;
+        for row in rows {
+            let (job, due) = row.map_err(e)?;
+            if out.len() == limit {
+                break;
             }
-            let mut up = tx
-                .prepare_cached("UPDATE files SET claimed = 1 WHERE path = ?1")
-                .map_err(e)?;
-            for j in &out {
-                up.execute([&j.path]).map_err(e)?;
+            last = Some((due, job.path.clone()));
+            if self.claims.held.insert(job.path.clone()) {
+                out.push(job);
             }
         }
-        tx.commit().map_err(e)?;
+        if from_start {
+            self.claims.behind = false;
+        }
+        if let Some(c) = last {
+            self.claims.cursor = Some(c);
+        }
         Ok(out)
     }
 
-    /// Hands claimed files back without an outcome (the agent is stopping).
+    /// Hands held files back without an outcome (the agent is stopping, or a batch was
+    /// abandoned): they are due again as they were.
     pub fn unclaim(&mut self, paths: &[Vec<u8>]) -> Result<(), JournalError> {
-        let p = self.path.clone();
-        let e = |source| JournalError::Sql {
-            path: p.clone(),
-            source,
-        };
-        let tx = self.conn.transaction().map_err(e)?;
-        {
-            let mut st = tx
-                .prepare_cached("UPDATE files SET claimed = 0 WHERE path = ?1")
-                .map_err(e)?;
-            for path in paths {
-                st.execute([path]).map_err(e)?;
-            }
+        for path in paths {
+            self.release(path, true);
         }
-        tx.commit().map_err(e)
+        Ok(())
     }
 
-    /// When the next file becomes due, if any waits.
+    /// A held file's outcome was recorded (or it was handed back); `may_be_due`: it is
+    /// not backed up, so it may be due again, possibly before the claim cursor.
+    fn release(&mut self, path: &[u8], may_be_due: bool) {
+        if self.claims.held.remove(path) && may_be_due {
+            self.claims.behind = true;
+        }
+    }
+
+    /// Releases the files of a batch whose outcomes were (`failed` false) recorded: each
+    /// with whether it may be due again. If the batch failed, each may be.
+    fn release_all(&mut self, released: Vec<(&[u8], bool)>, failed: bool) {
+        let paths: Vec<(Vec<u8>, bool)> = released
+            .into_iter()
+            .map(|(p, due)| (p.to_vec(), due || failed))
+            .collect();
+        for (p, due) in paths {
+            self.release(&p, due);
+        }
+    }
+
+    /// Whether the uploader holds `path`.
+    pub fn is_claimed(&self, path: &[u8]) -> bool {
+        self.claims.held.contains(path)
+    }
+
+    /// When the next file not yet taken becomes due, if any waits.
     pub fn next_due(&self) -> Result<Option<i64>, JournalError> {
-        self.conn
-            .query_row(
-                "SELECT MIN(due_at) FROM files WHERE state IN ('dirty', 'uploading', 'failed') AND claimed = 0",
-                [],
-                |r| r.get(0),
+        let (cd, cp) = match (&self.claims.cursor, self.claims.behind) {
+            (Some((d, p)), false) => (*d, p.clone()),
+            _ => (i64::MIN, Vec::new()),
+        };
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT due_at FROM files
+                 WHERE state IN ('dirty', 'uploading', 'failed') AND claimed = 0
+                   AND (due_at, path) > (?1, ?2)
+                 ORDER BY due_at, path LIMIT 1",
             )
+            .map_err(|e| self.err(e))?;
+        st.query_row(params![cd, cp], |r| r.get(0))
+            .optional()
             .map_err(|e| self.err(e))
     }
 
@@ -465,32 +536,43 @@ impl Journal {
             source,
         };
         let tx = self.conn.transaction().map_err(e)?;
-        {
-            let mut st = tx
-                .prepare_cached(
-                    "UPDATE files SET kind = ?2, size = ?3, mtime_ns = ?4, ctime_ns = ?5, inode = ?6,
-                        mode = ?7, hash = ?8, reason = NULL, attempts = 0, claimed = 0,
-                        state = CASE WHEN gen = ?9 THEN 'backed_up' ELSE state END,
-                        dirty_since = CASE WHEN gen = ?9 THEN NULL ELSE dirty_since END
-                     WHERE path = ?1",
-                )
-                .map_err(e)?;
-            for r in reads {
-                st.execute(params![
-                    r.path,
-                    r.kind,
-                    r.stat.size,
-                    r.stat.mtime_ns,
-                    r.stat.ctime_ns,
-                    r.stat.inode,
-                    r.mode,
-                    &r.hash[..],
-                    r.gen
-                ])
-                .map_err(e)?;
+        let mut released = Vec::with_capacity(reads.len());
+        let r = (|| {
+            {
+                let mut st = tx
+                    .prepare_cached(
+                        "UPDATE files SET kind = ?2, size = ?3, mtime_ns = ?4, ctime_ns = ?5, inode = ?6,
+                            mode = ?7, hash = ?8, reason = NULL, attempts = 0,
+                            state = CASE WHEN gen = ?9 THEN 'backed_up' ELSE state END,
+                            dirty_since = CASE WHEN gen = ?9 THEN NULL ELSE dirty_since END
+                         WHERE path = ?1 RETURNING state",
+                    )
+                    .map_err(e)?;
+                for r in reads {
+                    let state = st
+                        .query_row(
+                            params![
+                                r.path,
+                                r.kind,
+                                r.stat.size,
+                                r.stat.mtime_ns,
+                                r.stat.ctime_ns,
+                                r.stat.inode,
+                                r.mode,
+                                &r.hash[..],
+                                r.gen
+                            ],
+                            |row| row.get::<_, String>(0),
+                        )
+                        .optional()
+                        .map_err(e)?;
+                    released.push((r.path.as_slice(), state.as_deref() != Some("backed_up")));
+                }
             }
-        }
-        tx.commit().map_err(e)
+            tx.commit().map_err(e)
+        })();
+        self.release_all(released, r.is_err());
+        r
     }
 
     /// Records acknowledgements in one transaction.
@@ -505,49 +587,73 @@ impl Journal {
         };
         let tx = self.conn.transaction().map_err(e)?;
         let mut latest = None;
-        {
-            let mut st = tx
-                .prepare_cached(
-                    "UPDATE files SET backed_version = ?2, backed_at = ?3, backed_hash = ?4,
-                        backed_kind = ?5, backed_size = ?6, reason = NULL, attempts = 0, claimed = 0,
-                        state = CASE WHEN gen = ?7 THEN 'backed_up' ELSE state END,
-                        dirty_since = CASE WHEN gen = ?7 THEN NULL ELSE dirty_since END
-                     WHERE path = ?1",
-                )
-                .map_err(e)?;
-            for a in acks {
-                let n = st
-                    .execute(params![
+        let mut released = Vec::with_capacity(acks.len());
+        let r = (|| {
+            {
+                // The usual case first: the file did not change since it was read.
+                let mut done = tx
+                    .prepare_cached(
+                        "UPDATE files SET backed_version = ?2, backed_at = ?3, backed_hash = ?4,
+                            backed_kind = ?5, backed_size = ?6, reason = NULL, attempts = 0,
+                            state = 'backed_up', dirty_since = NULL
+                         WHERE path = ?1 AND gen = ?7",
+                    )
+                    .map_err(e)?;
+                // It changed: the version is recorded, the file stays due.
+                let mut changed = tx
+                    .prepare_cached(
+                        "UPDATE files SET backed_version = ?2, backed_at = ?3, backed_hash = ?4,
+                            backed_kind = ?5, backed_size = ?6, reason = NULL, attempts = 0
+                         WHERE path = ?1",
+                    )
+                    .map_err(e)?;
+                for a in acks {
+                    let v = params![
                         a.path,
                         a.version,
                         a.commit_time,
                         &a.hash[..],
                         a.kind,
-                        a.size,
-                        a.gen
-                    ])
-                    .map_err(e)?;
-                if n > 0 {
-                    latest = latest.max(Some(a.commit_time));
+                        a.size
+                    ];
+                    let backed_up = done
+                        .execute(params![
+                            a.path,
+                            a.version,
+                            a.commit_time,
+                            &a.hash[..],
+                            a.kind,
+                            a.size,
+                            a.gen
+                        ])
+                        .map_err(e)?
+                        > 0;
+                    let known = backed_up || changed.execute(v).map_err(e)? > 0;
+                    if known {
+                        latest = latest.max(Some(a.commit_time));
+                    }
+                    released.push((a.path.as_slice(), !backed_up));
                 }
-            }
-            tx.execute(
-                "INSERT INTO meta (key, value) VALUES ('last_ack_ms', ?1)
-                 ON CONFLICT(key) DO UPDATE SET value = ?1",
-                [now_ms().to_string()],
-            )
-            .map_err(e)?;
-            if let Some(latest) = latest {
                 tx.execute(
-                    "INSERT INTO meta (key, value) VALUES ('last_backed_at', ?1)
-                     ON CONFLICT(key) DO UPDATE SET
-                        value = CAST(MAX(CAST(value AS INTEGER), ?2) AS TEXT)",
-                    params![latest.to_string(), latest],
+                    "INSERT INTO meta (key, value) VALUES ('last_ack_ms', ?1)
+                     ON CONFLICT(key) DO UPDATE SET value = ?1",
+                    [now_ms().to_string()],
                 )
                 .map_err(e)?;
+                if let Some(latest) = latest {
+                    tx.execute(
+                        "INSERT INTO meta (key, value) VALUES ('last_backed_at', ?1)
+                         ON CONFLICT(key) DO UPDATE SET
+                            value = CAST(MAX(CAST(value AS INTEGER), ?2) AS TEXT)",
+                        params![latest.to_string(), latest],
+                    )
+                    .map_err(e)?;
+                }
             }
-        }
-        tx.commit().map_err(e)
+            tx.commit().map_err(e)
+        })();
+        self.release_all(released, r.is_err());
+        r
     }
 
     /// Records a failure of the file itself (unreadable...): retried with back-off.
@@ -558,16 +664,19 @@ impl Journal {
         reason: &str,
         retry_at: i64,
     ) -> Result<(), JournalError> {
-        self.conn
+        let r = self
+            .conn
             .execute(
                 "UPDATE files SET state = CASE WHEN gen = ?2 THEN 'failed' ELSE state END,
-                    attempts = attempts + 1, reason = ?3, claimed = 0,
+                    attempts = attempts + 1, reason = ?3,
                     due_at = CASE WHEN gen = ?2 THEN ?4 ELSE due_at END
                  WHERE path = ?1",
                 params![path, gen, reason, retry_at],
             )
             .map(|_| ())
-            .map_err(|e| self.err(e))
+            .map_err(|e| self.err(e));
+        self.release(path, true);
+        r
     }
 
     /// Puts a file back to wait (receiver unreachable, changed while read...).
@@ -582,35 +691,40 @@ impl Journal {
             source,
         };
         let tx = self.conn.transaction().map_err(e)?;
-        {
-            let mut st = tx
-                .prepare_cached(
-                    "UPDATE files SET claimed = 0,
-                        reason = CASE WHEN state = 'backed_up' THEN reason ELSE ?2 END,
-                        due_at = CASE WHEN state = 'backed_up' THEN due_at ELSE MAX(due_at, ?3) END
-                     WHERE path = ?1",
-                )
-                .map_err(e)?;
-            for (path, reason) in items {
-                st.execute(params![path, reason, due_at]).map_err(e)?;
+        let r = (|| {
+            {
+                let mut st = tx
+                    .prepare_cached(
+                        "UPDATE files SET
+                            reason = CASE WHEN state = 'backed_up' THEN reason ELSE ?2 END,
+                            due_at = CASE WHEN state = 'backed_up' THEN due_at ELSE MAX(due_at, ?3) END
+                         WHERE path = ?1",
+                    )
+                    .map_err(e)?;
+                for (path, reason) in items {
+                    st.execute(params![path, reason, due_at]).map_err(e)?;
+                }
             }
+            tx.commit().map_err(e)
+        })();
+        for (path, _) in items {
+            self.release(path, true);
         }
-        tx.commit().map_err(e)
+        r
     }
 
     /// Forgets a path that vanished before it was ever backed up.
     pub fn forget(&mut self, path: &[u8], gen: i64) -> Result<(), JournalError> {
-        self.conn
+        let r = self
+            .conn
             .execute(
                 "DELETE FROM files WHERE path = ?1 AND gen = ?2",
                 params![path, gen],
             )
-            .and_then(|_| {
-                self.conn
-                    .execute("UPDATE files SET claimed = 0 WHERE path = ?1", [path])
-            })
             .map(|_| ())
-            .map_err(|e| self.err(e))
+            .map_err(|e| self.err(e));
+        self.release(path, true);
+        r
     }
 
     /// Adds to a named counter.
@@ -1023,6 +1137,77 @@ mod tests {
                 );
                 proptest::prop_assert_eq!((a.pending_bytes, a.oldest_pending_ms), (b.pending_bytes, b.oldest_pending_ms));
             }
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        /// Claims live in memory with a cursor: whatever happens to held files (acks of the
+        /// current or an older generation, retries, failures, hand-backs, changes, a clock
+        /// set back), a file is never handed out twice at once, and once everything is
+        /// released every file still due is handed out again.
+        #[test]
+        fn claims_are_exclusive_and_nothing_due_is_lost(
+            ops in proptest::collection::vec((0u8..8, 0usize..8, 0i64..3), 1..80)
+        ) {
+            let (_d, mut j) = j();
+            let path = |i: usize| format!("w/{i}").into_bytes();
+            let mut held: std::collections::HashMap<Vec<u8>, i64> = Default::default();
+            let mut now = 10_000;
+            for (op, i, x) in ops {
+                now += 7;
+                match op {
+                    0 | 1 => {
+                        // A change; x == 2: seen with a clock set back.
+                        let t = if x == 2 { now - 5_000 } else { now };
+                        j.mark_dirty(&[(path(i), "w".into())], t, 3).expect("dirty");
+                    }
+                    2 | 3 => {
+                        for job in j.claim_due(now, 1 + i).expect("claim") {
+                            proptest::prop_assert!(
+                                held.insert(job.path.clone(), job.gen).is_none(),
+                                "{:?} handed out twice", String::from_utf8_lossy(&job.path)
+                            );
+                        }
+                    }
+                    _ => {
+                        let Some((p, gen)) = held.iter().nth(i % held.len().max(1)).map(|(p, g)| (p.clone(), *g)) else {
+                            continue;
+                        };
+                        held.remove(&p);
+                        match op {
+                            4 => j.record_acks(&[Ack {
+                                path: p, gen: gen - i64::from(x == 0), version: now, commit_time: 1,
+                                hash: [1; 32], kind: "file", size: 1,
+                            }]).expect("ack"),
+                            5 => j.record_retry(&[(p, "receiver unreachable".into())], now + x).expect("retry"),
+                            6 => j.record_failure(&p, gen, "unreadable", now + x).expect("fail"),
+                            _ => j.unclaim(&[p]).expect("unclaim"),
+                        }
+                    }
+                }
+            }
+            let paths: Vec<Vec<u8>> = held.keys().cloned().collect();
+            j.unclaim(&paths).expect("unclaim all");
+            let mut want: Vec<Vec<u8>> = j
+                .conn
+                .prepare("SELECT path FROM files WHERE state != 'backed_up' ORDER BY path")
+                .expect("prepare")
+                .query_map([], |r| r.get(0))
+                .expect("query")
+                .collect::<Result<_, _>>()
+                .expect("rows");
+            let mut got = Vec::new();
+            loop {
+                let jobs = j.claim_due(now + 1_000_000, 3).expect("claim");
+                if jobs.is_empty() {
+                    break;
+                }
+                got.extend(jobs.into_iter().map(|j| j.path));
+            }
+            got.sort();
+            want.sort();
+            proptest::prop_assert_eq!(got, want);
         }
     }
 
