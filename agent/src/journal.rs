@@ -202,6 +202,9 @@ impl Journal {
         // written and 15% less CPU for the agent on 100,000 small files.
         conn.pragma_update(None, "wal_autocheckpoint", 16384)
             .map_err(sql)?;
+        // After a checkpoint the WAL file is cut back to 8 MiB.
+        conn.pragma_update(None, "journal_size_limit", 8 << 20)
+            .map_err(sql)?;
         let mut j = Journal {
             conn,
             path: p,

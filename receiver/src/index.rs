@@ -165,6 +165,11 @@ impl Index {
                 idx.conn
                     .pragma_update(None, "wal_autocheckpoint", WAL_CHECKPOINT_PAGES)
                     .map_err(e)?;
+                // ...and after a checkpoint the WAL file is cut back to 8 MiB, so it does not
+                // keep 64 MiB of disk once the burst is over.
+                idx.conn
+                    .pragma_update(None, "journal_size_limit", 8 << 20)
+                    .map_err(e)?;
                 idx.migrate()?;
             }
             Mode::Read => {
