@@ -356,6 +356,11 @@ struct Target {
     /// with chunks in flight hold a descriptor (a restore of 100k files stays far below the
     /// open-file limit).
     file: Option<Arc<std::fs::File>>,
+    /// Held while a part is written. Buffered writes to one file are serialized by the
+    /// kernel anyway (the inode lock), and a thread waiting there spins: two threads
+    /// writing the parts of one large file burned 7% of a restore's CPU spinning. This
+    /// lock makes the second writer sleep instead.
+    writing: Arc<Mutex<()>>,
     remaining: usize,
     failed: Option<String>,
     item: Item,
@@ -434,6 +439,7 @@ pub fn restore(cfg: &Config, o: RestoreOpts) -> Result<(), RestoreError> {
                     path: dest,
                     tmp,
                     file: None,
+                    writing: Arc::default(),
                     remaining: chunks.len(),
                     failed: None,
                     item: it,
@@ -675,7 +681,7 @@ fn write_part(
         let Some(tg) = t.get_mut(&n) else { return true };
         match &res {
             Ok(_) if tg.failed.is_none() => match tg.open_shared() {
-                Ok(f) => Some(f),
+                Ok(f) => Some((f, tg.writing.clone())),
                 Err(e) => {
                     tg.failed = Some(e);
                     None
@@ -689,7 +695,10 @@ fn write_part(
         }
     };
     let wrote = match (file, &res) {
-        (Some(f), Ok(plain)) => Some(f.write_all_at(plain, off).map_err(|e| e.to_string())),
+        (Some((f, writing)), Ok(plain)) => {
+            let _one_writer = writing.lock().unwrap_or_else(|p| p.into_inner());
+            Some(f.write_all_at(plain, off).map_err(|e| e.to_string()))
+        }
         _ => None,
     };
     let Ok(mut t) = targets.lock() else {
