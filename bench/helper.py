@@ -390,6 +390,23 @@ def cmd_report(a):
     return 0
 
 
+def cmd_checkpoint(a):
+    """Moves every receiver index's WAL into its database and empties the WAL (as the
+    receiver's own checkpoints do), so that a size taken next counts what the store holds,
+    not how much of it still sits in a WAL of varying length."""
+    import glob
+    import sqlite3
+    for db in sorted(glob.glob(os.path.join(a.root, "repos", "*", "index.sqlite"))):
+        con = sqlite3.connect(db, timeout=10)
+        try:
+            busy, _, _ = con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            if busy:
+                print(f"checkpoint of {db} was busy", file=sys.stderr)
+        finally:
+            con.close()
+    return 0
+
+
 def main():
     ap = argparse.ArgumentParser()
     sp = ap.add_subparsers(dest="cmd", required=True)
@@ -416,6 +433,7 @@ def main():
     p = sp.add_parser("gen-tiny"); p.add_argument("dir"); p.set_defaults(fn=cmd_gen_tiny)
     p = sp.add_parser("mutate-tiny"); p.add_argument("dir"); p.add_argument("round", type=int)
     p.set_defaults(fn=cmd_mutate_tiny)
+    p = sp.add_parser("checkpoint"); p.add_argument("root"); p.set_defaults(fn=cmd_checkpoint)
     p = sp.add_parser("report")
     p.add_argument("--tsv", nargs="+", required=True); p.add_argument("--meta", required=True)
     p.add_argument("--latency", nargs="*"); p.add_argument("--profile"); p.add_argument("--extra")
