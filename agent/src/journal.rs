@@ -162,6 +162,15 @@ struct Claims {
     behind: bool,
 }
 
+impl Claims {
+    /// See `Journal::release`.
+    fn release(&mut self, path: &[u8], may_be_due: bool) {
+        if self.held.remove(path) && may_be_due {
+            self.behind = true;
+        }
+    }
+}
+
 /// The journal.
 pub struct Journal {
     conn: Connection,
@@ -456,26 +465,15 @@ impl Journal {
     /// A held file's outcome was recorded (or it was handed back); `may_be_due`: it is
     /// not backed up, so it may be due again, possibly before the claim cursor.
     fn release(&mut self, path: &[u8], may_be_due: bool) {
-        if self.claims.held.remove(path) && may_be_due {
-            self.claims.behind = true;
-        }
+        self.claims.release(path, may_be_due);
     }
 
     /// Releases the files of a batch whose outcomes were (`failed` false) recorded: each
     /// with whether it may be due again. If the batch failed, each may be.
     fn release_all(&mut self, released: Vec<(&[u8], bool)>, failed: bool) {
-        let paths: Vec<(Vec<u8>, bool)> = released
-            .into_iter()
-            .map(|(p, due)| (p.to_vec(), due || failed))
-            .collect();
-        for (p, due) in paths {
-            self.release(&p, due);
+        for (path, due) in released {
+            self.claims.release(path, due || failed);
         }
-    }
-
-    /// Whether the uploader holds `path`.
-    pub fn is_claimed(&self, path: &[u8]) -> bool {
-        self.claims.held.contains(path)
     }
 
     /// When the next file not yet taken becomes due, if any waits.
@@ -544,7 +542,15 @@ impl Journal {
             path: p.clone(),
             source,
         };
-        let tx = self.conn.transaction().map_err(e)?;
+        let tx = match self.conn.transaction() {
+            Ok(tx) => tx,
+            Err(err) => {
+                for r in reads {
+                    self.claims.release(&r.path, true);
+                }
+                return Err(e(err));
+            }
+        };
         let mut released = Vec::with_capacity(reads.len());
         let r = (|| {
             {
@@ -594,7 +600,15 @@ impl Journal {
             path: p.clone(),
             source,
         };
-        let tx = self.conn.transaction().map_err(e)?;
+        let tx = match self.conn.transaction() {
+            Ok(tx) => tx,
+            Err(err) => {
+                for a in acks {
+                    self.claims.release(&a.path, true);
+                }
+                return Err(e(err));
+            }
+        };
         let mut latest = None;
         let mut released = Vec::with_capacity(acks.len());
         let r = (|| {
@@ -699,7 +713,15 @@ impl Journal {
             path: p.clone(),
             source,
         };
-        let tx = self.conn.transaction().map_err(e)?;
+        let tx = match self.conn.transaction() {
+            Ok(tx) => tx,
+            Err(err) => {
+                for (path, _) in items {
+                    self.claims.release(path, true);
+                }
+                return Err(e(err));
+            }
+        };
         let r = (|| {
             {
                 let mut st = tx
