@@ -468,11 +468,11 @@ impl Journal {
         self.claims.release(path, may_be_due);
     }
 
-    /// Releases the files of a batch whose outcomes were (`failed` false) recorded: each
-    /// with whether it may be due again. If the batch failed, each may be.
-    fn release_all(&mut self, released: Vec<(&[u8], bool)>, failed: bool) {
+    /// Releases a batch's files, each with whether it may be due again (all may be when the
+    /// batch's outcomes could not be recorded).
+    fn release_all<'a>(&mut self, released: impl IntoIterator<Item = (&'a [u8], bool)>) {
         for (path, due) in released {
-            self.claims.release(path, due || failed);
+            self.claims.release(path, due);
         }
     }
 
@@ -542,17 +542,9 @@ impl Journal {
             path: p.clone(),
             source,
         };
-        let tx = match self.conn.transaction() {
-            Ok(tx) => tx,
-            Err(err) => {
-                for r in reads {
-                    self.claims.release(&r.path, true);
-                }
-                return Err(e(err));
-            }
-        };
         let mut released = Vec::with_capacity(reads.len());
         let r = (|| {
+            let tx = self.conn.transaction().map_err(e)?;
             {
                 let mut st = tx
                     .prepare_cached(
@@ -586,7 +578,10 @@ impl Journal {
             }
             tx.commit().map_err(e)
         })();
-        self.release_all(released, r.is_err());
+        match r {
+            Ok(()) => self.release_all(released),
+            Err(_) => self.release_all(reads.iter().map(|r| (r.path.as_slice(), true))),
+        }
         r
     }
 
@@ -600,18 +595,10 @@ impl Journal {
             path: p.clone(),
             source,
         };
-        let tx = match self.conn.transaction() {
-            Ok(tx) => tx,
-            Err(err) => {
-                for a in acks {
-                    self.claims.release(&a.path, true);
-                }
-                return Err(e(err));
-            }
-        };
         let mut latest = None;
         let mut released = Vec::with_capacity(acks.len());
         let r = (|| {
+            let tx = self.conn.transaction().map_err(e)?;
             {
                 // The usual case first: the file did not change since it was read.
                 let mut done = tx
@@ -675,7 +662,10 @@ impl Journal {
             }
             tx.commit().map_err(e)
         })();
-        self.release_all(released, r.is_err());
+        match r {
+            Ok(()) => self.release_all(released),
+            Err(_) => self.release_all(acks.iter().map(|a| (a.path.as_slice(), true))),
+        }
         r
     }
 
@@ -713,16 +703,8 @@ impl Journal {
             path: p.clone(),
             source,
         };
-        let tx = match self.conn.transaction() {
-            Ok(tx) => tx,
-            Err(err) => {
-                for (path, _) in items {
-                    self.claims.release(path, true);
-                }
-                return Err(e(err));
-            }
-        };
         let r = (|| {
+            let tx = self.conn.transaction().map_err(e)?;
             {
                 let mut st = tx
                     .prepare_cached(
