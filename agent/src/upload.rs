@@ -110,14 +110,41 @@ impl Shared {
     }
 }
 
-/// Keeps one connection to the receiver, reconnecting with capped exponential back-off.
+/// Keeps the connection to the receiver, reconnecting with capped exponential back-off, and
+/// a second one for presence questions (the *query lane*).
+///
+/// Why two: the receiver answers a session's requests in order, and a reply that follows a
+/// commit waits until that commit is durable (group commit: packs fsynced, one index
+/// transaction). A worker that asks which chunks of a file the receiver lacks then waited
+/// behind the fsync of earlier files' data (64 MiB batches: a few hundred milliseconds),
+/// idle. On its own session the question is answered at once. Chunks put and not yet
+/// flushed by any session are visible to every session's presence query, and a commit's
+/// flush makes every such chunk durable before it is acknowledged, so the answer is as
+/// sound as on the main connection. A chunk whose put is still queued on the main
+/// connection may be reported missing and be put twice; the receiver stores it once.
+///
+/// The query lane is connected in the background and used once it is up; until then, and
+/// whenever it fails, questions go on the main connection, so it never delays an upload.
 pub struct ConnManager {
     cfg: Config,
-    keypair: coffer_common::channel::StaticKeypair,
+    keypair: Arc<coffer_common::channel::StaticKeypair>,
     rt: tokio::runtime::Handle,
     cur: Mutex<Option<Conn>>,
+    query: Arc<Mutex<QueryLane>>,
     keyfile: Vec<u8>,
 }
+
+/// The query lane's state.
+#[derive(Default)]
+struct QueryLane {
+    conn: Option<Conn>,
+    connecting: bool,
+    /// Not before this (after a failed attempt).
+    retry_at: Option<std::time::Instant>,
+}
+
+/// Wait after a failed attempt to open the query lane.
+const QUERY_RETRY: Duration = Duration::from_secs(30);
 
 impl ConnManager {
     pub fn new(
@@ -128,10 +155,58 @@ impl ConnManager {
     ) -> Self {
         Self {
             cfg,
-            keypair,
+            keypair: Arc::new(keypair),
             rt,
             cur: Mutex::new(None),
+            query: Arc::default(),
             keyfile,
+        }
+    }
+
+    /// The query lane if it is up; otherwise starts opening it in the background (at most
+    /// one attempt at a time, one per [`QUERY_RETRY`] after a failure) and returns `None`.
+    pub fn query(&self) -> Option<Conn> {
+        let mut q = self.query.lock().ok()?;
+        if let Some(c) = &q.conn {
+            if !c.is_closed() {
+                return Some(c.clone());
+            }
+            q.conn = None;
+        }
+        let now = std::time::Instant::now();
+        if q.connecting || q.retry_at.is_some_and(|t| now < t) {
+            return None;
+        }
+        q.connecting = true;
+        drop(q);
+        let (lane, keypair) = (self.query.clone(), self.keypair.clone());
+        let (addr, key, name) = (
+            self.cfg.receiver.clone(),
+            self.cfg.receiver_key,
+            self.cfg.name.clone(),
+        );
+        self.rt.spawn(async move {
+            let r = Conn::connect(&addr, &key, &keypair, &name).await;
+            let Ok(mut q) = lane.lock() else { return };
+            q.connecting = false;
+            match r {
+                Ok(c) => {
+                    tracing::debug!(receiver = %addr, "query lane connected");
+                    q.conn = Some(c);
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "query lane not available; asking on the main connection");
+                    q.retry_at = Some(std::time::Instant::now() + QUERY_RETRY);
+                }
+            }
+        });
+        None
+    }
+
+    /// Forgets a query lane that failed.
+    fn drop_query(&self) {
+        if let Ok(mut q) = self.query.lock() {
+            q.conn = None;
         }
     }
 
@@ -811,6 +886,21 @@ fn unchanged(job: &Job, read: &Read) -> bool {
         && job.mode.is_none_or(|m| m == read.mode)
 }
 
+/// Asks the receiver which of `ids` it lacks: on the query lane when it is up (falling back
+/// to the main connection if the lane fails), else on the main connection.
+fn ask_missing(sh: &Shared, conn: &Conn, ids: Vec<ChunkId>) -> Result<Message, ConnError> {
+    if let Some(q) = sh.conn.query() {
+        match q.call_blocking(Message::HaveChunks { ids: ids.clone() }) {
+            Err(e) if e.is_connection() => {
+                tracing::debug!(error = %e, "query lane lost; asking on the main connection");
+                sh.conn.drop_query();
+            }
+            r => return r,
+        }
+    }
+    conn.call_blocking(Message::HaveChunks { ids })
+}
+
 /// Asks which of the window's chunks the receiver lacks, then seals and puts those.
 fn send_window(
     sh: &Shared,
@@ -831,7 +921,7 @@ fn send_window(
     let missing: HashSet<ChunkId> = if ask.is_empty() {
         HashSet::new()
     } else {
-        match conn.call_blocking(Message::HaveChunks { ids: ask }) {
+        match ask_missing(sh, conn, ask) {
             Ok(Message::Missing { ids }) => ids.into_iter().collect(),
             Ok(m) => return Err(Outcome::Failed(format!("unexpected reply {}", m.kind()))),
             Err(e) if e.is_connection() => return Err(Outcome::Lost(e)),

@@ -116,6 +116,67 @@ fn changes_while_running_are_backed_up_and_status_says_so() -> Result<()> {
     Ok(())
 }
 
+/// The agent asks which chunks the receiver lacks on a second session when it can (so the
+/// question does not wait behind other files' commits). A receiver that allows a single
+/// session refuses that second one: the agent asks on its one connection instead, and
+/// every file, new or changed, still ends backed up and restores byte-exact.
+#[test]
+fn a_receiver_allowing_one_session_still_gets_every_file() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let mut rcv = Receiver::start(&tmp.path().join("rcv"))?;
+    rcv.proc.term();
+    let cfg = rcv.root.join("receiver.toml");
+    let text = std::fs::read_to_string(&cfg)?;
+    anyhow::ensure!(text.contains("max_sessions = 64"), "{text}");
+    std::fs::write(&cfg, text.replace("max_sessions = 64", "max_sessions = 1"))?;
+    rcv.serve()?;
+    let mut agent = Agent::init(&tmp.path().join("agent"), &rcv, "r")?;
+    // Files above the small-file size go through the presence question.
+    for i in 0..4 {
+        std::fs::write(
+            agent.watch.join(format!("m{i}")),
+            data((1 << 20) + i, i as u64),
+        )?;
+    }
+    agent.run()?;
+    agent.wait_settled(4, T)?;
+    let paths = |a: &Agent| -> Option<serde_json::Value> {
+        let o = a
+            .cmd()
+            .args(["status", "--json", "--config"])
+            .arg(&a.config)
+            .args(["w/m1", "w/m4"])
+            .output()
+            .ok()?;
+        serde_json::from_slice(&o.stdout).ok()
+    };
+    let first = paths(&agent).context("status of m1")?[0]["version"].clone();
+    anyhow::ensure!(first.is_u64(), "m1 has no version: {first}");
+    let serve_log = rcv.root.with_extension("serve.log");
+    wait_for("the receiver to refuse the second session", T, || {
+        let log = std::fs::read_to_string(&serve_log).ok()?;
+        log.contains("sessions in use").then_some(())
+    })?;
+    // A changed file (its first chunk new) and a new one, asked about after the refusal.
+    let mut changed = data((1 << 20) + 1, 1);
+    changed[..1000].copy_from_slice(&data(1000, 77));
+    std::fs::write(agent.watch.join("m1"), &changed)?;
+    std::fs::write(agent.watch.join("m4"), data(3 << 20, 4))?;
+    wait_for("the change to m1 and the new m4 backed up", T, || {
+        let v = paths(&agent)?;
+        let safe = |x: &serde_json::Value| x["state"] == "backed_up" && x["changed_since"] == false;
+        (safe(&v[0]) && safe(&v[1]) && v[0]["version"] != first).then_some(())
+    })
+    .with_context(|| tail(&agent.log()))?;
+    // Restoring needs the one session.
+    assert_eq!(agent.proc.term().map(|s| s.success()), Some(true));
+    let out = tmp.path().join("restored");
+    let r = agent.restore(&out, &[])?;
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!(assert_same_tree(&agent.watch, &out.join("w"))?, 5);
+    Ok(())
+}
+
 #[test]
 fn restart_with_nothing_changed_rereads_and_resends_nothing() -> Result<()> {
     let tmp = tempfile::tempdir()?;
