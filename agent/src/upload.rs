@@ -33,12 +33,12 @@ use crate::scan::{fs_path, stat_key};
 /// Plaintext bytes of chunks held before asking the receiver which it lacks.
 const WINDOW_BYTES: usize = 16 << 20;
 /// Commits sent per journal transaction at most.
-const BATCH_FILES: usize = 512;
+const BATCH_FILES: usize = 4096;
 /// Bytes read per batch at most before its commits are sent.
 const BATCH_BYTES: u64 = 64 << 20;
 /// Bytes of small files' sealed chunks and manifests a worker holds at most before it
 /// sends them (bounds memory; one `PutFiles` frame carries them).
-const HELD_BYTES: usize = 2 << 20;
+const HELD_BYTES: usize = 4 << 20;
 /// Encoded size of one `PutFiles` at most (well under the frame cap).
 const PUT_FILES_BYTES: usize = MAX_FRAME - (512 << 10);
 

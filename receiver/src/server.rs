@@ -58,7 +58,7 @@ pub const MAX_HANDSHAKES: usize = 512;
 /// How long a connection over `max_sessions` waits for a slot.
 pub const BUSY_WAIT: Duration = Duration::from_secs(5);
 /// Commits in one batch before it is flushed regardless.
-pub const MAX_BATCH_COMMITS: usize = 1024;
+pub const MAX_BATCH_COMMITS: usize = 4096;
 /// Bytes stored by a session before its batch is flushed regardless.
 pub const MAX_BATCH_BYTES: u64 = 64 << 20;
 /// Messages queued between a session's reader and processor.
