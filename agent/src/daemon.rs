@@ -605,6 +605,7 @@ fn periodic(sh: Arc<Shared>, scans: Sender<ScanRequest>, fallback: Arc<Mutex<Vec
     let mut last_fast = Instant::now();
     while !sh.shutdown.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(200));
+        sh.conn.close_idle_query();
         if last_full.elapsed() >= full {
             last_full = Instant::now();
             for w in sh.watches().iter() {

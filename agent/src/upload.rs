@@ -125,6 +125,8 @@ impl Shared {
 ///
 /// The query lane is connected in the background and used once it is up; until then, and
 /// whenever it fails, questions go on the main connection, so it never delays an upload.
+/// It is closed after [`QUERY_IDLE`] without a question, so an idle agent holds one of
+/// the receiver's sessions (`max_sessions`), not two.
 pub struct ConnManager {
     cfg: Config,
     keypair: Arc<coffer_common::channel::StaticKeypair>,
@@ -141,10 +143,14 @@ struct QueryLane {
     connecting: bool,
     /// Not before this (after a failed attempt).
     retry_at: Option<std::time::Instant>,
+    /// When the lane last carried (or was opened for) a question.
+    last_used: Option<std::time::Instant>,
 }
 
 /// Wait after a failed attempt to open the query lane.
 const QUERY_RETRY: Duration = Duration::from_secs(30);
+/// The query lane is closed after this long without a question.
+pub const QUERY_IDLE: Duration = Duration::from_secs(10);
 
 impl ConnManager {
     pub fn new(
@@ -167,13 +173,15 @@ impl ConnManager {
     /// one attempt at a time, one per [`QUERY_RETRY`] after a failure) and returns `None`.
     pub fn query(&self) -> Option<Conn> {
         let mut q = self.query.lock().ok()?;
+        let now = std::time::Instant::now();
         if let Some(c) = &q.conn {
             if !c.is_closed() {
-                return Some(c.clone());
+                let c = c.clone();
+                q.last_used = Some(now);
+                return Some(c);
             }
             q.conn = None;
         }
-        let now = std::time::Instant::now();
         if q.connecting || q.retry_at.is_some_and(|t| now < t) {
             return None;
         }
@@ -193,6 +201,7 @@ impl ConnManager {
                 Ok(c) => {
                     tracing::debug!(receiver = %addr, "query lane connected");
                     q.conn = Some(c);
+                    q.last_used = Some(std::time::Instant::now());
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "query lane not available; asking on the main connection");
@@ -201,6 +210,17 @@ impl ConnManager {
             }
         });
         None
+    }
+
+    /// Closes the query lane if it has carried no question for [`QUERY_IDLE`] (called
+    /// periodically).
+    pub fn close_idle_query(&self) {
+        if let Ok(mut q) = self.query.lock() {
+            if q.conn.is_some() && q.last_used.is_none_or(|t| t.elapsed() >= QUERY_IDLE) {
+                tracing::debug!("query lane idle; closing it");
+                q.conn = None;
+            }
+        }
     }
 
     /// Forgets a query lane that failed.

@@ -177,6 +177,35 @@ fn a_receiver_allowing_one_session_still_gets_every_file() -> Result<()> {
     Ok(())
 }
 
+/// The query lane is closed once the agent has asked nothing for a while: an idle agent
+/// holds one of the receiver's sessions (`max_sessions`), not two.
+#[test]
+fn an_idle_agent_holds_one_session() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let rcv = Receiver::start(&tmp.path().join("rcv"))?;
+    let mut agent = Agent::init(&tmp.path().join("agent"), &rcv, "r")?;
+    std::fs::write(agent.watch.join("big"), data(3 << 20, 9))?;
+    agent.run()?;
+    agent.wait_settled(1, T)?;
+    let serve_log = rcv.root.with_extension("serve.log");
+    let sessions = || -> Option<(usize, usize)> {
+        let l = std::fs::read_to_string(&serve_log).ok()?;
+        Some((
+            l.matches("session started").count(),
+            l.matches("session ended").count(),
+        ))
+    };
+    wait_for("the query lane to open, then close when idle", T, || {
+        (sessions()? == (2, 1)).then_some(())
+    })
+    .with_context(|| format!("sessions (started, ended): {:?}", sessions()))?;
+    // The main session stays: a new file is backed up without a new session.
+    std::fs::write(agent.watch.join("small"), b"after the lane closed")?;
+    agent.wait_settled(2, T)?;
+    assert_eq!(sessions(), Some((2, 1)));
+    Ok(())
+}
+
 #[test]
 fn restart_with_nothing_changed_rereads_and_resends_nothing() -> Result<()> {
     let tmp = tempfile::tempdir()?;
