@@ -38,7 +38,7 @@ const BATCH_FILES: usize = 4096;
 const BATCH_BYTES: u64 = 64 << 20;
 /// Bytes of small files' sealed chunks and manifests a worker holds at most before it
 /// sends them (bounds memory; one `PutFiles` frame carries them).
-const HELD_BYTES: usize = 4 << 20;
+const HELD_BYTES: usize = 2 << 20;
 /// Encoded size of one `PutFiles` at most (well under the frame cap).
 const PUT_FILES_BYTES: usize = MAX_FRAME - (512 << 10);
 
