@@ -171,9 +171,7 @@ fn a_receiver_allowing_one_session_still_gets_every_file() -> Result<()> {
     // Restoring needs the one session.
     assert_eq!(agent.proc.term().map(|s| s.success()), Some(true));
     let out = tmp.path().join("restored");
-    let r = agent.restore(&out, &[])?;
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-    assert_eq!(assert_same_tree(&agent.watch, &out.join("w"))?, 5);
+    assert_eq!(agent.restore_all_and_compare(&out)?, 5);
     Ok(())
 }
 
@@ -274,9 +272,7 @@ fn kill_9_of_the_agent_mid_upload_loses_and_duplicates_nothing() -> Result<()> {
         "store inflated by re-uploads: {stored} bytes for {total}"
     );
     let out = tmp.path().join("out");
-    let r = agent.restore(&out, &[])?;
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-    assert_eq!(assert_same_tree(&agent.watch, &out.join("w"))?, 201);
+    assert_eq!(agent.restore_all_and_compare(&out)?, 201);
     Ok(())
 }
 
@@ -304,9 +300,7 @@ fn kill_9_of_the_receiver_mid_upload_the_agent_reconnects_and_finishes() -> Resu
     rcv.serve()?;
     agent.wait_settled(101, T)?;
     let out = tmp.path().join("out");
-    let r = agent.restore(&out, &[])?;
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-    assert_eq!(assert_same_tree(&agent.watch, &out.join("w"))?, 101);
+    assert_eq!(agent.restore_all_and_compare(&out)?, 101);
     Ok(())
 }
 

@@ -256,6 +256,16 @@ impl Agent {
             .args(extra)
             .output()?)
     }
+
+    /// Restores everything into `to`, checks that the restore succeeded, and compares the
+    /// restored watch folder with the watched one; returns the number of files compared.
+    pub fn restore_all_and_compare(&self, to: &Path) -> Result<usize> {
+        let r = self.restore(to, &[])?;
+        if !r.status.success() {
+            bail!("restore failed: {}", String::from_utf8_lossy(&r.stderr));
+        }
+        assert_same_tree(&self.watch, &to.join("w"))
+    }
 }
 
 pub fn tail(s: &str) -> String {
