@@ -4,8 +4,11 @@
 //! opened with the manifest key. A point in time picks, per path, the latest version
 //! committed at or before it; a deletion hides the file. Restore fetches chunks pipelined
 //! (a bounded window in flight), opens and verifies each on worker threads, and writes them
-//! at their offsets into a temporary file next to the target, renamed into place when
-//! complete. It never follows a symlink in the target and refuses unsafe manifest paths.
+//! at their offsets: a file that does not exist yet is created under its own name
+//! (`O_EXCL`, so nothing that appeared there meanwhile is followed or replaced); a file
+//! that exists (`--overwrite`) is written to a temporary file beside it and renamed over it
+//! when complete, so it is never left half-replaced. A file that fails is removed. It never
+//! follows a symlink in the target and refuses unsafe manifest paths.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsStr;
@@ -16,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use coffer_common::chunk::{ChunkId, Crypto, FileId, MAX_PLAIN, SEAL_OVERHEAD};
+use coffer_common::chunk::{ChunkId, Crypto, FileId, Opened, MAX_PLAIN, SEAL_OVERHEAD};
 use coffer_common::manifest::{safe_components, EntryKind, Manifest};
 use coffer_common::wire::{Message, VersionEntry};
 
@@ -356,6 +359,9 @@ struct Target {
     /// with chunks in flight hold a descriptor (a restore of 100k files stays far below the
     /// open-file limit).
     file: Option<Arc<std::fs::File>>,
+    /// Whether this restore created `tmp` (so may remove it): when `tmp` is the destination
+    /// itself, a file that appeared there meanwhile is someone else's and stays.
+    created: bool,
     /// Held while a part is written. Buffered writes to one file are serialized by the
     /// kernel anyway (the inode lock), and a thread waiting there spins: two threads
     /// writing the parts of one large file burned 7% of a restore's CPU spinning. This
@@ -416,7 +422,7 @@ pub fn restore(cfg: &Config, o: RestoreOpts) -> Result<(), RestoreError> {
     let mut order: Vec<(Job, ChunkId, u32)> = Vec::new();
     let mut dirs = HashSet::new();
     for (n, (path, it)) in sel.into_iter().enumerate() {
-        let dest = match prepare(&o.to, &path, &mut dirs) {
+        let (dest, fresh) = match prepare(&o.to, &path, &mut dirs) {
             Ok(d) => d,
             Err(e) => {
                 eprintln!("error: {}: {e}", show(&path));
@@ -432,13 +438,18 @@ pub fn restore(cfg: &Config, o: RestoreOpts) -> Result<(), RestoreError> {
                 }
             }
             EntryKind::File => {
-                let tmp = temp_name(&dest);
+                let tmp = if fresh {
+                    dest.clone()
+                } else {
+                    temp_name(&dest)
+                };
                 let chunks: Vec<(ChunkId, u32)> =
                     it.manifest.chunks.iter().map(|c| (c.id, c.len)).collect();
                 let t = Target {
                     path: dest,
                     tmp,
                     file: None,
+                    created: false,
                     writing: Arc::default(),
                     remaining: chunks.len(),
                     failed: None,
@@ -475,7 +486,7 @@ pub fn restore(cfg: &Config, o: RestoreOpts) -> Result<(), RestoreError> {
         // Files whose chunks did not all arrive.
         let name = show(&t.item.manifest.path);
         let why = t.failed.clone().unwrap_or_else(|| "incomplete".into());
-        let _ = std::fs::remove_file(&t.tmp);
+        t.discard();
         eprintln!("error: {name}: {why}");
         failed += 1;
     }
@@ -658,7 +669,7 @@ fn write_whole(mut t: Target, plain: &[u8], is_root: bool) -> Result<(), String>
         Ok(()) => finish(t, plain.len() as u64, is_root),
         Err(e) => {
             t.file = None;
-            let _ = std::fs::remove_file(&t.tmp);
+            t.discard();
             Err(e)
         }
     }
@@ -671,7 +682,7 @@ fn write_part(
     targets: &Mutex<HashMap<usize, Target>>,
     n: usize,
     off: u64,
-    res: Result<Vec<u8>, String>,
+    res: Result<Opened, String>,
     is_root: bool,
 ) -> bool {
     let file = {
@@ -739,7 +750,11 @@ fn temp_name(dest: &Path) -> PathBuf {
 /// Creates the folders for `path` under `root`, never following a symlink, and returns the
 /// destination path. Unsafe manifest paths are refused. `dirs` holds the folders this
 /// restore already created or checked, so each is looked at once, not once per file.
-fn prepare(root: &Path, path: &[u8], dirs: &mut HashSet<PathBuf>) -> Result<PathBuf, String> {
+fn prepare(
+    root: &Path,
+    path: &[u8],
+    dirs: &mut HashSet<PathBuf>,
+) -> Result<(PathBuf, bool), String> {
     let parts = safe_components(path).map_err(|e| e.to_string())?;
     let mut cur = root.to_path_buf();
     for (i, part) in parts.iter().enumerate() {
@@ -765,12 +780,11 @@ fn prepare(root: &Path, path: &[u8], dirs: &mut HashSet<PathBuf>) -> Result<Path
         }
         dirs.insert(cur.clone());
     }
-    if let Ok(m) = std::fs::symlink_metadata(&cur) {
-        if m.is_dir() {
-            return Err(format!("{} exists and is a folder", cur.display()));
-        }
+    match std::fs::symlink_metadata(&cur) {
+        Ok(m) if m.is_dir() => Err(format!("{} exists and is a folder", cur.display())),
+        Ok(_) => Ok((cur, false)),
+        Err(_) => Ok((cur, true)),
     }
-    Ok(cur)
 }
 
 fn set_times(p: &Path, m: &Manifest, follow: bool) -> Result<(), String> {
@@ -788,7 +802,8 @@ fn set_times(p: &Path, m: &Manifest, follow: bool) -> Result<(), String> {
 }
 
 impl Target {
-    /// The temporary file, created on first use.
+    /// The file being written (`tmp`: the destination itself when it did not exist),
+    /// created on first use.
     fn open(&mut self) -> Result<&std::fs::File, String> {
         self.open_shared()?;
         self.file
@@ -809,53 +824,63 @@ impl Target {
                 .map_err(|e| format!("creating {}: {e}", self.tmp.display()))?,
         );
         self.file = Some(f.clone());
+        self.created = true;
         Ok(f)
+    }
+
+    /// Removes the file this restore created for the target, if any.
+    fn discard(&self) {
+        if self.created {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
     }
 }
 
-/// Sets the temporary file's size check, owner, mode and times through its descriptor, then
-/// renames it into place. `written` is the byte count when the caller knows it (one write),
-/// `u64::MAX` to ask the file. The temporary file is removed on failure.
+/// Checks the written file's size and sets its owner, mode and times through its descriptor,
+/// then renames it into place if it is a temporary file. `written` is the byte count when
+/// the caller knows it (one write), `u64::MAX` to ask the file. The file written is removed
+/// on failure.
 fn finish(mut t: Target, written: u64, is_root: bool) -> Result<(), String> {
-    let cleanup = |tmp: &Path, e: String| {
-        let _ = std::fs::remove_file(tmp);
+    t.open()?;
+    let Some(file) = t.file.take() else {
+        t.discard();
+        return Err(format!("creating {}", t.tmp.display()));
+    };
+    let cleanup = |e: String| {
+        t.discard();
         e
-    };
-    let file = match t.open() {
-        Ok(_) => t.file.take(),
-        Err(e) => return Err(cleanup(&t.tmp, e)),
-    };
-    let Some(file) = file else {
-        return Err(cleanup(&t.tmp, format!("creating {}", t.tmp.display())));
     };
     let m = &t.item.manifest;
     let len = if written == u64::MAX {
         file.metadata()
-            .map_err(|e| cleanup(&t.tmp, format!("{}: {e}", t.tmp.display())))?
+            .map_err(|e| cleanup(format!("{}: {e}", t.tmp.display())))?
             .len()
     } else {
         written
     };
     if len != m.size {
-        return Err(cleanup(
-            &t.tmp,
-            format!("restored {len} bytes but the manifest says {}", m.size),
-        ));
+        return Err(cleanup(format!(
+            "restored {len} bytes but the manifest says {}",
+            m.size
+        )));
     }
     if is_root {
         let _ = std::os::unix::fs::fchown(&*file, Some(m.uid), Some(m.gid));
     }
     file.set_permissions(std::fs::Permissions::from_mode(m.mode & 0o7777))
-        .map_err(|e| cleanup(&t.tmp, format!("setting mode of {}: {e}", t.tmp.display())))?;
+        .map_err(|e| cleanup(format!("setting mode of {}: {e}", t.tmp.display())))?;
     let ts = nix::sys::time::TimeSpec::new(
         m.mtime_ns.div_euclid(1_000_000_000),
         m.mtime_ns.rem_euclid(1_000_000_000),
     );
     nix::sys::stat::futimens(std::os::fd::AsRawFd::as_raw_fd(&*file), &ts, &ts)
-        .map_err(|e| cleanup(&t.tmp, format!("setting mtime of {}: {e}", t.tmp.display())))?;
+        .map_err(|e| cleanup(format!("setting mtime of {}: {e}", t.tmp.display())))?;
     drop(file);
+    if t.tmp == t.path {
+        return Ok(());
+    }
     std::fs::rename(&t.tmp, &t.path)
-        .map_err(|e| cleanup(&t.tmp, format!("renaming into {}: {e}", t.path.display())))
+        .map_err(|e| cleanup(format!("renaming into {}: {e}", t.path.display())))
 }
 
 fn place_symlink(dest: &Path, target: &[u8], m: &Manifest, is_root: bool) -> Result<(), String> {
@@ -900,13 +925,15 @@ fn dump(s: &Session, sel: &BTreeMap<Vec<u8>, Item>, o: &RestoreOpts) -> Result<(
             break;
         };
         let plain = match p.wait_blocking()? {
-            Message::Chunk { sealed, .. } => s.crypto.open_chunk(&id, &sealed).map_err(|e| {
-                RestoreError::Usage(format!(
-                    "{}: chunk {} is damaged: {e}",
-                    o.paths[0],
-                    &id.to_hex()[..16]
-                ))
-            })?,
+            Message::Chunk { sealed, .. } => {
+                s.crypto.open_chunk_owned(&id, sealed).map_err(|e| {
+                    RestoreError::Usage(format!(
+                        "{}: chunk {} is damaged: {e}",
+                        o.paths[0],
+                        &id.to_hex()[..16]
+                    ))
+                })?
+            }
             m => return Err(ConnError::Unexpected(m.kind()).into()),
         };
         out.write_all(&plain).map_err(|e| RestoreError::Io {
@@ -984,7 +1011,7 @@ pub fn verify(
             let res = match p.wait_blocking() {
                 Ok(Message::Chunk { sealed, .. }) => s
                     .crypto
-                    .open_chunk(&id, &sealed)
+                    .open_chunk_owned(&id, sealed)
                     .map(|_| ())
                     .map_err(|e| e.to_string()),
                 Ok(m) => Err(format!("unexpected reply {}", m.kind())),

@@ -185,11 +185,12 @@ impl Crypto {
 
     /// Opens a sealed chunk and checks that its content matches `id`.
     pub fn open_chunk(&self, id: &ChunkId, sealed: &[u8]) -> Result<Vec<u8>, ChunkError> {
-        self.open_chunk_owned(id, sealed.to_vec())
+        Ok(self.open_chunk_owned(id, sealed.to_vec())?.into_vec())
     }
 
-    /// [`Crypto::open_chunk`] on a buffer the caller gives up: decrypted in place.
-    pub fn open_chunk_owned(&self, id: &ChunkId, sealed: Vec<u8>) -> Result<Vec<u8>, ChunkError> {
+    /// [`Crypto::open_chunk`] on a buffer the caller gives up: decrypted in place, and an
+    /// uncompressed chunk's plaintext is left where it lies in that buffer.
+    pub fn open_chunk_owned(&self, id: &ChunkId, sealed: Vec<u8>) -> Result<Opened, ChunkError> {
         let plain = open_owned(&self.chunk, DOMAIN_CHUNK, &id.0, sealed)?;
         let actual = self.chunk_id(&plain);
         if actual != *id {
@@ -209,7 +210,7 @@ impl Crypto {
 
     /// Opens a sealed manifest, checking that it belongs to `file`.
     pub fn open_manifest(&self, file: &FileId, sealed: &[u8]) -> Result<Vec<u8>, ChunkError> {
-        open(&self.manifest, DOMAIN_MANIFEST, &file.0, sealed)
+        Ok(open(&self.manifest, DOMAIN_MANIFEST, &file.0, sealed)?.into_vec())
     }
 }
 
@@ -348,7 +349,34 @@ impl fmt::Debug for PlainChunk {
     }
 }
 
-fn open(cipher: &XChaCha, domain: u8, id: &[u8; 32], sealed: &[u8]) -> Result<Vec<u8>, ChunkError> {
+/// An opened blob's plaintext, in the buffer it was opened in. Derefs to the plaintext.
+pub struct Opened {
+    buf: Vec<u8>,
+    start: usize,
+}
+
+impl Opened {
+    /// The plaintext in a buffer of its own (moved to the buffer's start if need be).
+    pub fn into_vec(mut self) -> Vec<u8> {
+        self.buf.drain(..self.start);
+        self.buf
+    }
+}
+
+impl std::ops::Deref for Opened {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf[self.start..]
+    }
+}
+
+impl fmt::Debug for Opened {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Opened({} bytes)", self.len())
+    }
+}
+
+fn open(cipher: &XChaCha, domain: u8, id: &[u8; 32], sealed: &[u8]) -> Result<Opened, ChunkError> {
     if sealed.len() < SEAL_OVERHEAD {
         return Err(ChunkError::TooShort(sealed.len()));
     }
@@ -362,7 +390,7 @@ fn open_owned(
     domain: u8,
     id: &[u8; 32],
     mut sealed: Vec<u8>,
-) -> Result<Vec<u8>, ChunkError> {
+) -> Result<Opened, ChunkError> {
     if sealed.len() < SEAL_OVERHEAD {
         return Err(ChunkError::TooShort(sealed.len()));
     }
@@ -381,10 +409,15 @@ fn open_owned(
     match sealed[25] {
         FLAG_RAW => {
             sealed.truncate(tag_at);
-            sealed.drain(..26);
-            Ok(sealed)
+            Ok(Opened {
+                buf: sealed,
+                start: 26,
+            })
         }
-        FLAG_ZSTD => decompress(&sealed[26..tag_at]),
+        FLAG_ZSTD => Ok(Opened {
+            buf: decompress(&sealed[26..tag_at])?,
+            start: 0,
+        }),
         f => Err(ChunkError::Flag(f)),
     }
 }
@@ -592,7 +625,9 @@ mod tests {
             // Sealed in its own buffer: the same format, opened the same way.
             let owned = c.seal_chunk_owned(&id, PlainChunk::copy_of(&data)).expect("seal");
             prop_assert_eq!(owned.len(), sealed.len());
-            prop_assert_eq!(c.open_chunk_owned(&id, owned).expect("open"), data);
+            let opened = c.open_chunk_owned(&id, owned).expect("open");
+            prop_assert_eq!(&*opened, &data[..]);
+            prop_assert_eq!(opened.into_vec(), data);
         }
 
         #[test]

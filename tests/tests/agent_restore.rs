@@ -220,7 +220,8 @@ fn a_tampered_pack_is_found_by_verify_and_scrub_and_fails_only_its_file() -> Res
     let tmp = tempfile::tempdir()?;
     let rcv = Receiver::start(&tmp.path().join("rcv"))?;
     let mut agent = Agent::init(&tmp.path().join("agent"), &rcv, "r")?;
-    std::fs::write(agent.watch.join("victim.bin"), data(100_000, 11))?;
+    // Several chunks: the parts that open are written before the damaged one fails the file.
+    std::fs::write(agent.watch.join("victim.bin"), data(3 << 20, 11))?;
     agent.run()?;
     agent.wait_settled(1, T)?;
     let after_first = rcv.pack_bytes("r");
@@ -264,6 +265,11 @@ fn a_tampered_pack_is_found_by_verify_and_scrub_and_fails_only_its_file() -> Res
     );
     assert_eq!(std::fs::read(dest.join("w/other.bin"))?, data(50_000, 12));
     assert!(!dest.join("w/victim.bin").exists(), "wrong bytes written");
+    let left: Vec<_> = std::fs::read_dir(dest.join("w"))?
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(left, ["other.bin"], "only the intact file is left");
     Ok(())
 }
 
