@@ -266,7 +266,10 @@ def cmd_report(a):
     P(f"Each figure is the median of the trials shown in brackets; trials per set: {meta['runs_desc']}. "
       "Coffer runs over loopback (agent → receiver, Noise, fsync'd packs); restic/borg write a local "
       "repository, `restic REST` goes through `rclone serve restic` on loopback, rsync copies locally "
-      "(no encryption, no fsync unless stated). MB = 10^6 bytes.\n")
+      "(no encryption, no fsync unless stated). MB = 10^6 bytes. Before every trial, of every tool, "
+      "`bench/run` syncs, empties the page cache and reads the trial's inputs back in (the data set; "
+      "for a restore, the repository), so all trials start from the same memory state (why: "
+      "`settle` in `bench/run`).\n")
 
     def cell(ds, tool, phase, kind="s", col="wall_s"):
         v, n = med(rows, ds, tool, phase, col)
