@@ -9,13 +9,14 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
 const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/agent/0001_journal.sql"),
     include_str!("../../migrations/agent/0002_claimed.sql"),
     include_str!("../../migrations/agent/0003_drop_state_index.sql"),
     include_str!("../../migrations/agent/0004_file_stats.sql"),
+    include_str!("../../migrations/agent/0005_counts_in_code.sql"),
 ];
 
 /// Errors of the journal.
@@ -171,6 +172,99 @@ impl Claims {
     }
 }
 
+/// What `file_stats` counts of one row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Counted {
+    state: String,
+    size: Option<i64>,
+    backed_kind: Option<String>,
+}
+
+impl Counted {
+    /// The `file_stats` row it counts in: its state, or `deleted` for a backed-up deletion.
+    fn key(&self) -> &str {
+        if self.state == "backed_up" && self.backed_kind.as_deref() == Some("deleted") {
+            "deleted"
+        } else {
+            &self.state
+        }
+    }
+
+    /// The bytes it adds to its state's pending bytes.
+    fn bytes(&self) -> i64 {
+        if self.state == "backed_up" {
+            0
+        } else {
+            self.size.unwrap_or(0)
+        }
+    }
+
+    /// The counted columns of `path`'s row, if there is one.
+    fn of(tx: &Connection, path: &[u8]) -> rusqlite::Result<Option<Counted>> {
+        tx.prepare_cached("SELECT state, size, backed_kind FROM files WHERE path = ?1")?
+            .query_row([path], |r| {
+                Ok(Counted {
+                    state: r.get(0)?,
+                    size: r.get(1)?,
+                    backed_kind: r.get(2)?,
+                })
+            })
+            .optional()
+    }
+}
+
+/// The changes one transaction makes to `file_stats`, written by [`Tally::write`] before it
+/// commits. Every write to `files` goes through [`Tally::row`], which reads the row's
+/// counted columns before and after it, so the counts stay exact whatever the statement
+/// did (checked against a full recount by `kept_counts_equal_a_recount`).
+#[derive(Default)]
+struct Tally(HashMap<String, (i64, i64)>);
+
+impl Tally {
+    /// Runs `write` on `path`'s row and counts its effect.
+    fn row<T>(
+        &mut self,
+        tx: &Connection,
+        path: &[u8],
+        write: impl FnOnce() -> rusqlite::Result<T>,
+    ) -> rusqlite::Result<(T, Option<Counted>)> {
+        let old = Counted::of(tx, path)?;
+        let out = write()?;
+        let new = Counted::of(tx, path)?;
+        self.change(old.as_ref(), new.as_ref());
+        Ok((out, new))
+    }
+
+    fn change(&mut self, old: Option<&Counted>, new: Option<&Counted>) {
+        if old == new {
+            return;
+        }
+        if let Some(o) = old {
+            let e = self.0.entry(o.key().to_string()).or_default();
+            e.0 -= 1;
+            e.1 -= o.bytes();
+        }
+        if let Some(n) = new {
+            let e = self.0.entry(n.key().to_string()).or_default();
+            e.0 += 1;
+            e.1 += n.bytes();
+        }
+    }
+
+    /// Adds the counted changes to `file_stats`.
+    fn write(self, tx: &Transaction<'_>) -> rusqlite::Result<()> {
+        let mut st = tx.prepare_cached(
+            "UPDATE file_stats SET n = n + ?2, bytes = bytes + ?3 WHERE key = ?1",
+        )?;
+        for (key, (n, bytes)) in self.0 {
+            if n != 0 || bytes != 0 {
+                st.execute(params![key, n, bytes])?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The journal.
 pub struct Journal {
     conn: Connection,
@@ -201,8 +295,8 @@ impl Journal {
         // (it fills as needed) keeps a large tree's updates off the disk.
         conn.pragma_update(None, "cache_size", -16384)
             .map_err(sql)?;
-        // A statement that fires the counting triggers (0004) keeps a statement journal to
-        // undo itself on error; in memory it is a copy, on disk a write per page changed.
+        // A statement that may need undoing on error (an upsert) keeps a statement journal;
+        // in memory it is a copy, on disk a write per page changed.
         conn.pragma_update(None, "temp_store", "MEMORY")
             .map_err(sql)?;
         // A checkpoint copies every page changed since the last one into the database;
@@ -291,7 +385,21 @@ impl Journal {
     /// (its hash and commit id stay, so a repeated commit is recognised by the receiver).
     pub fn requeue_in_flight(&mut self) -> Result<usize, JournalError> {
         self.claims = Claims::default();
-        self.conn
+        let p = self.path.clone();
+        let e = |source| JournalError::Sql {
+            path: p.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(e)?;
+        // Only `pending` rows change what is counted: they become `dirty`, sizes unchanged.
+        let (n, bytes): (i64, i64) = tx
+            .query_row(
+                "SELECT COUNT(*), COALESCE(SUM(COALESCE(size, 0)), 0) FROM files WHERE state = 'pending'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map_err(e)?;
+        let changed = tx
             .execute(
                 "UPDATE files SET state = CASE WHEN state = 'pending' THEN 'dirty' ELSE state END,
                     due_at = CASE WHEN state IN ('pending', 'uploading') THEN 0 ELSE due_at END,
@@ -299,7 +407,13 @@ impl Journal {
                  WHERE state IN ('pending', 'uploading') OR claimed != 0",
                 [],
             )
-            .map_err(|e| self.err(e))
+            .map_err(e)?;
+        let mut tally = Tally::default();
+        tally.0.insert("pending".into(), (-n, -bytes));
+        tally.0.insert("dirty".into(), (n, bytes));
+        tally.write(&tx).map_err(e)?;
+        tx.commit().map_err(e)?;
+        Ok(changed)
     }
 
     /// Records that paths changed (or may have): they become dirty and due after `delay_ms`.
@@ -334,13 +448,19 @@ impl Journal {
                     path: self.path.clone(),
                     source: e,
                 })?;
+            let mut tally = Tally::default();
             for (p, w) in items {
-                st.execute(params![p, w, now + delay_ms, now])
+                tally
+                    .row(&tx, p, || st.execute(params![p, w, now + delay_ms, now]))
                     .map_err(|e| JournalError::Sql {
                         path: self.path.clone(),
                         source: e,
                     })?;
             }
+            tally.write(&tx).map_err(|e| JournalError::Sql {
+                path: self.path.clone(),
+                source: e,
+            })?;
         }
         tx.commit().map_err(|e| self.err(e))
     }
@@ -516,21 +636,26 @@ impl Journal {
                      WHERE path = ?1",
                 )
                 .map_err(e)?;
+            let mut tally = Tally::default();
             for r in reads {
-                st.execute(params![
-                    r.path,
-                    r.kind,
-                    r.stat.size,
-                    r.stat.mtime_ns,
-                    r.stat.ctime_ns,
-                    r.stat.inode,
-                    r.mode,
-                    &r.hash[..],
-                    &r.commit_id[..],
-                    r.gen
-                ])
-                .map_err(e)?;
+                tally
+                    .row(&tx, &r.path, || {
+                        st.execute(params![
+                            r.path,
+                            r.kind,
+                            r.stat.size,
+                            r.stat.mtime_ns,
+                            r.stat.ctime_ns,
+                            r.stat.inode,
+                            r.mode,
+                            &r.hash[..],
+                            &r.commit_id[..],
+                            r.gen
+                        ])
+                    })
+                    .map_err(e)?;
             }
+            tally.write(&tx).map_err(e)?;
         }
         tx.commit().map_err(e)
     }
@@ -552,13 +677,14 @@ impl Journal {
                             mode = ?7, hash = ?8, reason = NULL, attempts = 0,
                             state = CASE WHEN gen = ?9 THEN 'backed_up' ELSE state END,
                             dirty_since = CASE WHEN gen = ?9 THEN NULL ELSE dirty_since END
-                         WHERE path = ?1 RETURNING state",
+                         WHERE path = ?1",
                     )
                     .map_err(e)?;
+                let mut tally = Tally::default();
                 for r in reads {
-                    let state = st
-                        .query_row(
-                            params![
+                    let (_, now) = tally
+                        .row(&tx, &r.path, || {
+                            st.execute(params![
                                 r.path,
                                 r.kind,
                                 r.stat.size,
@@ -568,13 +694,13 @@ impl Journal {
                                 r.mode,
                                 &r.hash[..],
                                 r.gen
-                            ],
-                            |row| row.get::<_, String>(0),
-                        )
-                        .optional()
+                            ])
+                        })
                         .map_err(e)?;
-                    released.push((r.path.as_slice(), state.as_deref() != Some("backed_up")));
+                    let backed_up = now.is_some_and(|c| c.state == "backed_up");
+                    released.push((r.path.as_slice(), !backed_up));
                 }
+                tally.write(&tx).map_err(e)?;
             }
             tx.commit().map_err(e)
         })();
@@ -617,6 +743,7 @@ impl Journal {
                          WHERE path = ?1",
                     )
                     .map_err(e)?;
+                let mut tally = Tally::default();
                 for a in acks {
                     let v = params![
                         a.path,
@@ -626,24 +753,26 @@ impl Journal {
                         a.kind,
                         a.size
                     ];
-                    let backed_up = done
-                        .execute(params![
-                            a.path,
-                            a.version,
-                            a.commit_time,
-                            &a.hash[..],
-                            a.kind,
-                            a.size,
-                            a.gen
-                        ])
-                        .map_err(e)?
-                        > 0;
-                    let known = backed_up || changed.execute(v).map_err(e)? > 0;
+                    let ((backed_up, known), _) = tally
+                        .row(&tx, &a.path, || {
+                            let backed_up = done.execute(params![
+                                a.path,
+                                a.version,
+                                a.commit_time,
+                                &a.hash[..],
+                                a.kind,
+                                a.size,
+                                a.gen
+                            ])? > 0;
+                            Ok((backed_up, backed_up || changed.execute(v)? > 0))
+                        })
+                        .map_err(e)?;
                     if known {
                         latest = latest.max(Some(a.commit_time));
                     }
                     released.push((a.path.as_slice(), !backed_up));
                 }
+                tally.write(&tx).map_err(e)?;
                 tx.execute(
                     "INSERT INTO meta (key, value) VALUES ('last_ack_ms', ?1)
                      ON CONFLICT(key) DO UPDATE SET value = ?1",
@@ -677,17 +806,22 @@ impl Journal {
         reason: &str,
         retry_at: i64,
     ) -> Result<(), JournalError> {
-        let r = self
-            .conn
-            .execute(
-                "UPDATE files SET state = CASE WHEN gen = ?2 THEN 'failed' ELSE state END,
-                    attempts = attempts + 1, reason = ?3,
-                    due_at = CASE WHEN gen = ?2 THEN ?4 ELSE due_at END
-                 WHERE path = ?1",
-                params![path, gen, reason, retry_at],
-            )
-            .map(|_| ())
-            .map_err(|e| self.err(e));
+        let r = (|| {
+            let tx = self.conn.transaction()?;
+            let mut tally = Tally::default();
+            tally.row(&tx, path, || {
+                tx.execute(
+                    "UPDATE files SET state = CASE WHEN gen = ?2 THEN 'failed' ELSE state END,
+                        attempts = attempts + 1, reason = ?3,
+                        due_at = CASE WHEN gen = ?2 THEN ?4 ELSE due_at END
+                     WHERE path = ?1",
+                    params![path, gen, reason, retry_at],
+                )
+            })?;
+            tally.write(&tx)?;
+            tx.commit()
+        })()
+        .map_err(|e| self.err(e));
         self.release(path, true);
         r
     }
@@ -728,14 +862,19 @@ impl Journal {
 
     /// Forgets a path that vanished before it was ever backed up.
     pub fn forget(&mut self, path: &[u8], gen: i64) -> Result<(), JournalError> {
-        let r = self
-            .conn
-            .execute(
-                "DELETE FROM files WHERE path = ?1 AND gen = ?2",
-                params![path, gen],
-            )
-            .map(|_| ())
-            .map_err(|e| self.err(e));
+        let r = (|| {
+            let tx = self.conn.transaction()?;
+            let mut tally = Tally::default();
+            tally.row(&tx, path, || {
+                tx.execute(
+                    "DELETE FROM files WHERE path = ?1 AND gen = ?2",
+                    params![path, gen],
+                )
+            })?;
+            tally.write(&tx)?;
+            tx.commit()
+        })()
+        .map_err(|e| self.err(e));
         self.release(path, true);
         r
     }
@@ -796,7 +935,7 @@ impl Journal {
             .map_err(|e| self.err(e))
     }
 
-    /// Counts for `status`: read from `file_stats` (kept by triggers) and two index lookups,
+    /// Counts for `status`: read from `file_stats` (kept by [`Tally`]) and two index lookups,
     /// so it costs the same at 100 files and at 1,000,000.
     pub fn summary(&self) -> Result<Summary, JournalError> {
         if self.schema_version()? < 4 {
@@ -1109,10 +1248,10 @@ mod tests {
 
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
-        /// The counts kept by triggers equal a full recount after any sequence of what the
+        /// The counts kept in `file_stats` equal a full recount after any sequence of what the
         /// daemon does to the journal (and the pending bytes their sum).
         #[test]
-        fn kept_counts_equal_a_recount(ops in proptest::collection::vec((0u8..9, 0usize..6, 0i64..3), 1..60)) {
+        fn kept_counts_equal_a_recount(ops in proptest::collection::vec((0u8..10, 0usize..6, 0i64..3), 1..60)) {
             let (_d, mut j) = j();
             let path = |i: usize| format!("w/{i}").into_bytes();
             let mut now = 1_000;
@@ -1140,6 +1279,7 @@ mod tests {
                     5 => j.record_failure(&path(i), gen, "unreadable", now + 5).expect("fail"),
                     6 => j.record_unchanged(&[read(&path(i), gen)]).expect("unchanged"),
                     7 => j.forget(&path(i), gen).expect("forget"),
+                    8 => j.record_retry(&[(path(i), "unreachable".into())], now + x).expect("retry"),
                     _ => { j.requeue_in_flight().expect("requeue"); }
                 }
                 proptest::prop_assert_eq!(kept(&j), recount(&j, last));
@@ -1252,16 +1392,29 @@ mod tests {
             // Back to schema 3, as a journal written by the previous release would be.
             j.conn
                 .execute_batch(
-                    "DROP TRIGGER files_stats_insert; DROP TRIGGER files_stats_delete;
-                     DROP TRIGGER files_stats_update; DROP TABLE file_stats;
+                    "DROP TABLE file_stats;
                      DROP INDEX files_pending_since; DROP INDEX files_failed;
                      DELETE FROM meta WHERE key = 'last_backed_at'; PRAGMA user_version = 3;",
                 )
                 .expect("downgrade");
         }
-        let j = Journal::open(&p).expect("reopen");
+        // 0004 counts the rows (with its triggers), 0005 hands the counting to the code.
+        let mut j = Journal::open(&p).expect("reopen");
         let s = j.summary().expect("summary");
         assert_eq!((s.backed_up, s.dirty, s.last_backup_at), (1, 1, Some(77)));
+        assert_eq!(kept(&j), recount(&j, Some(77)));
+        let triggers: i64 = j
+            .conn
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'trigger'",
+                [],
+                |r| r.get(0),
+            )
+            .expect("triggers");
+        assert_eq!(triggers, 0);
+        j.mark_dirty(&[(b"w/c".to_vec(), "w".into())], 20, 0)
+            .expect("dirty");
+        assert_eq!(j.summary().expect("summary").dirty, 2);
         assert_eq!(kept(&j), recount(&j, Some(77)));
     }
 }
