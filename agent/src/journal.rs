@@ -17,7 +17,22 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/agent/0003_drop_state_index.sql"),
     include_str!("../../migrations/agent/0004_file_stats.sql"),
     include_str!("../../migrations/agent/0005_counts_in_code.sql"),
+    include_str!("../../migrations/agent/0006_due_index_without_in.sql"),
 ];
+
+/// Due files in claim order, read through the partial index `files_due` (migration 0006):
+/// the condition repeats the index's word for word, or the planner scans every row.
+const CLAIM_SQL: &str =
+    "SELECT path, watch, gen, state, attempts, hash, commit_id, backed_hash, backed_kind, mode, due_at
+     FROM files WHERE (state = 'dirty' OR state = 'uploading' OR state = 'failed') AND claimed = 0
+       AND due_at <= ?1 AND (due_at, path) > (?2, ?3)
+     ORDER BY due_at, path LIMIT ?4";
+
+/// The next due time after the claim cursor, through the same index.
+const NEXT_DUE_SQL: &str = "SELECT due_at FROM files
+     WHERE (state = 'dirty' OR state = 'uploading' OR state = 'failed') AND claimed = 0
+       AND (due_at, path) > (?1, ?2)
+     ORDER BY due_at, path LIMIT 1";
 
 /// Errors of the journal.
 #[derive(Debug, thiserror::Error)]
@@ -522,15 +537,7 @@ impl Journal {
         } else {
             limit
         };
-        let mut st = self
-            .conn
-            .prepare_cached(
-                "SELECT path, watch, gen, state, attempts, hash, commit_id, backed_hash, backed_kind, mode, due_at
-                 FROM files WHERE state IN ('dirty', 'uploading', 'failed') AND claimed = 0
-                   AND due_at <= ?1 AND (due_at, path) > (?2, ?3)
-                 ORDER BY due_at, path LIMIT ?4",
-            )
-            .map_err(e)?;
+        let mut st = self.conn.prepare_cached(CLAIM_SQL).map_err(e)?;
         let rows = st
             .query_map(params![now, cd, cp, fetch as i64], |r| {
                 Ok((
@@ -604,12 +611,7 @@ impl Journal {
         };
         let mut st = self
             .conn
-            .prepare_cached(
-                "SELECT due_at FROM files
-                 WHERE state IN ('dirty', 'uploading', 'failed') AND claimed = 0
-                   AND (due_at, path) > (?1, ?2)
-                 ORDER BY due_at, path LIMIT 1",
-            )
+            .prepare_cached(NEXT_DUE_SQL)
             .map_err(|e| self.err(e))?;
         st.query_row(params![cd, cp], |r| r.get(0))
             .optional()
@@ -1361,6 +1363,35 @@ mod tests {
             got.sort();
             want.sort();
             proptest::prop_assert_eq!(got, want);
+        }
+    }
+
+    /// The claim's queries must use the partial index: the planner only does when their
+    /// condition repeats the index's term by term, and otherwise scans every row.
+    #[test]
+    fn claiming_uses_the_due_index() {
+        let (_d, j) = j();
+        let claim = j
+            .conn
+            .prepare("SELECT sql FROM sqlite_master WHERE name = 'files_due'")
+            .and_then(|mut s| s.query_row([], |r| r.get::<_, String>(0)))
+            .expect("index");
+        assert!(claim.contains("claimed = 0"), "{claim}");
+        for (name, sql, n) in [("claim_due", CLAIM_SQL, 4), ("next_due", NEXT_DUE_SQL, 2)] {
+            let mut st = j
+                .conn
+                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+                .expect("explain");
+            let args: Vec<i64> = vec![0; n];
+            let plan: Vec<String> = st
+                .query_map(rusqlite::params_from_iter(args), |r| r.get(3))
+                .expect("plan")
+                .map(|r| r.expect("row"))
+                .collect();
+            assert!(
+                plan.iter().any(|p| p.contains("USING INDEX files_due")),
+                "{name}: {plan:?}"
+            );
         }
     }
 
