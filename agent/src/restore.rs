@@ -4,17 +4,18 @@
 //! opened with the manifest key. A point in time picks, per path, the latest version
 //! committed at or before it; a deletion hides the file. Restore fetches chunks pipelined
 //! (a bounded window in flight), opens and verifies each on worker threads, and writes them
-//! at their offsets: a file that does not exist yet is created under its own name
-//! (`O_EXCL`, so nothing that appeared there meanwhile is followed or replaced); a file
-//! that exists (`--overwrite`) is written to a temporary file beside it and renamed over it
-//! when complete, so it is never left half-replaced. A file that fails is removed. It never
-//! follows a symlink in the target and refuses unsafe manifest paths.
+//! at their offsets: a new file of at most one chunk is created under its own name
+//! (`O_EXCL`, so nothing that appeared there meanwhile is followed or replaced) and written
+//! with one write; a file of several chunks, or one that exists (`--overwrite`), is written
+//! to a temporary file beside it and renamed into place when complete, so no file is left
+//! half-written or half-replaced under its name by a restore that stops. A file that fails
+//! is removed. It never follows a symlink in the target and refuses unsafe manifest paths.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsStr;
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -438,13 +439,16 @@ pub fn restore(cfg: &Config, o: RestoreOpts) -> Result<(), RestoreError> {
                 }
             }
             EntryKind::File => {
-                let tmp = if fresh {
+                let chunks: Vec<(ChunkId, u32)> =
+                    it.manifest.chunks.iter().map(|c| (c.id, c.len)).collect();
+                // A new file of at most one chunk is created under its own name and written
+                // with one write; a larger one, written part by part, and any file that
+                // exists are written beside the destination and renamed into place whole.
+                let tmp = if fresh && chunks.len() <= 1 {
                     dest.clone()
                 } else {
                     temp_name(&dest)
                 };
-                let chunks: Vec<(ChunkId, u32)> =
-                    it.manifest.chunks.iter().map(|c| (c.id, c.len)).collect();
                 let t = Target {
                     path: dest,
                     tmp,
@@ -820,6 +824,8 @@ impl Target {
             std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
+                // Readable by no one else until `finish` sets the file's own mode.
+                .mode(0o600)
                 .open(&self.tmp)
                 .map_err(|e| format!("creating {}: {e}", self.tmp.display()))?,
         );
