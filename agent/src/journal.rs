@@ -828,7 +828,9 @@ impl Journal {
         r
     }
 
-    /// Puts a file back to wait (receiver unreachable, changed while read...).
+    /// Puts a file back to wait (receiver unreachable, changed while read...). It changes
+    /// only `reason` and `due_at`, nothing `file_stats` counts, so it needs no [`Tally`]; a
+    /// change here that touches state, size or backed kind must go through one.
     pub fn record_retry(
         &mut self,
         items: &[(Vec<u8>, String)],
