@@ -475,45 +475,90 @@ impl Repo {
         st.epoch += 1;
     }
 
-    /// [`Repo::get_into`] into a new buffer (tests).
+    /// One chunk's sealed bytes (tests).
     #[cfg(test)]
     pub fn get(&self, id: &ChunkId) -> Result<Option<Vec<u8>>, RepoError> {
-        self.get_into(id, Vec::new())
+        self.get_many(std::slice::from_ref(id), Vec::new())
+            .pop()
+            .unwrap_or(Ok(None))
     }
 
-    /// Reads a chunk's sealed bytes into `buf`, a buffer to reuse; the record's header is
-    /// checked, not the bytes' hash (see [`Check::Header`]).
-    pub fn get_into(&self, id: &ChunkId, buf: Vec<u8>) -> Result<Option<Vec<u8>>, RepoError> {
-        let pending = {
+    /// Reads chunks' sealed bytes, in order: from the pack buffer for those not yet written
+    /// out, else from their packs, with one index transaction for the lookups. A record's
+    /// header is checked, not its bytes' hash (see [`Check::Header`]). Each result is that
+    /// chunk's alone: a damaged record fails its own read, not the others'.
+    /// Buffers from `bufs` are reused for the reads (a buffer per chunk read from a pack).
+    pub fn get_many(
+        &self,
+        ids: &[ChunkId],
+        mut bufs: Vec<Vec<u8>>,
+    ) -> Vec<Result<Option<Vec<u8>>, RepoError>> {
+        let mut out: Vec<Option<Result<Option<Vec<u8>>, RepoError>>> = Vec::new();
+        let mut locs: Vec<Option<Location>> = Vec::with_capacity(ids.len());
+        let mut lookup = Vec::new();
+        {
             let st = lock(&self.state);
-            match st.pending.get(id) {
-                Some((_, loc)) if st.cur == Some(loc.pack) && loc.offset >= st.buf_at => {
-                    let start = (loc.offset - st.buf_at + RECORD_HEADER_LEN) as usize;
-                    return Ok(st.buf.get(start..start + loc.len as usize).map(|b| {
-                        let mut out = buf;
-                        out.clear();
-                        out.extend_from_slice(b);
-                        out
-                    }));
+            for id in ids {
+                match st.pending.get(id) {
+                    Some((_, loc)) if st.cur == Some(loc.pack) && loc.offset >= st.buf_at => {
+                        let start = (loc.offset - st.buf_at + RECORD_HEADER_LEN) as usize;
+                        let bytes = st.buf.get(start..start + loc.len as usize);
+                        out.push(Some(Ok(bytes.map(|b| {
+                            let mut v = bufs.pop().unwrap_or_default();
+                            v.clear();
+                            v.extend_from_slice(b);
+                            v
+                        }))));
+                        locs.push(None);
+                    }
+                    Some((_, loc)) => {
+                        out.push(None);
+                        locs.push(Some(*loc));
+                    }
+                    None => {
+                        out.push(None);
+                        locs.push(None);
+                        lookup.push(*id);
+                    }
                 }
-                Some((_, loc)) => Some(*loc),
-                None => None,
             }
-        };
-        let loc = match pending {
-            Some(l) => l,
-            None => match lock(&self.reader).chunk(id)? {
-                Some(l) => l,
-                None => return Ok(None),
-            },
-        };
-        Ok(Some(read_record_into(
-            &*self.packs,
-            id,
-            &loc,
-            Check::Header,
-            buf,
-        )?))
+        }
+        let mut looked = {
+            let r = lock(&self.reader);
+            match r.chunks(&lookup) {
+                Ok(l) => l.into_iter().map(Ok).collect::<Vec<_>>(),
+                // Failed as a whole: each chunk gets its own lookup and its own error.
+                Err(_) => lookup.iter().map(|id| r.chunk(id)).collect(),
+            }
+        }
+        .into_iter();
+        ids.iter()
+            .zip(out)
+            .zip(locs)
+            .map(|((id, done), loc)| {
+                if let Some(r) = done {
+                    return r;
+                }
+                let loc = match loc {
+                    Some(l) => l,
+                    None => match looked.next() {
+                        Some(Ok(Some(l))) => l,
+                        Some(Err(e)) => return Err(e.into()),
+                        Some(Ok(None)) | None => return Ok(None),
+                    },
+                };
+                let buf = bufs
+                    .pop()
+                    .unwrap_or_else(|| Vec::with_capacity(loc.len as usize));
+                Ok(Some(read_record_into(
+                    &*self.packs,
+                    id,
+                    &loc,
+                    Check::Header,
+                    buf,
+                )?))
+            })
+            .collect()
     }
 
     /// Versions after `after`, oldest first, paged.
@@ -635,6 +680,48 @@ mod tests {
                 .len()
                 > 2
         );
+    }
+
+    #[test]
+    fn get_many_answers_each_chunk_in_order_wherever_it_is() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let r = repo(d.path(), 1 << 20);
+        let sizes = |i: u32| if i.is_multiple_of(4) { 300_000 } else { 5000 };
+        let mut flushed = Vec::new();
+        for i in 0..12 {
+            let (id, v) = data(i, sizes(i));
+            r.put(&id, &v).expect("put");
+            flushed.push(id);
+        }
+        r.flush(&[commit(1, flushed.clone())]).expect("flush");
+        // Two chunks put after the flush: in the pack buffer, not yet in the index.
+        let (p1, vp1) = data(100, 4000);
+        let (p2, vp2) = data(101, 250_000);
+        r.put(&p1, &vp1).expect("put");
+        r.put(&p2, &vp2).expect("put");
+        // One record damaged on disk: its read fails alone.
+        let broken = flushed[5];
+        let loc = lock(&r.reader)
+            .chunk(&broken)
+            .expect("lookup")
+            .expect("indexed");
+        LocalPacks::new(&d.path().join("packs"))
+            .write_at(loc.pack, loc.offset, b"XXXX")
+            .expect("damage");
+        let absent = data(999, 10).0;
+        let ask = vec![flushed[3], p2, absent, broken, flushed[0], p1, flushed[11]];
+        let bufs = (0..3).map(|_| Vec::with_capacity(16)).collect();
+        let got = r.get_many(&ask, bufs);
+        assert_eq!(got.len(), ask.len());
+        let want = |i: u32| Some(data(i, sizes(i)).1);
+        assert_eq!(got[0].as_ref().expect("read"), &want(3));
+        assert_eq!(got[1].as_ref().expect("read"), &Some(vp2));
+        assert_eq!(got[2].as_ref().expect("read"), &None);
+        let e = got[3].as_ref().expect_err("damaged record read");
+        assert!(e.to_string().contains("damaged record"), "{e}");
+        assert_eq!(got[4].as_ref().expect("read"), &want(0));
+        assert_eq!(got[5].as_ref().expect("read"), &Some(vp1));
+        assert_eq!(got[6].as_ref().expect("read"), &want(11));
     }
 
     #[test]
