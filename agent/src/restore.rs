@@ -392,7 +392,7 @@ pub fn restore(cfg: &Config, o: RestoreOpts) -> Result<(), RestoreError> {
         path: p.display().to_string(),
         source,
     };
-    match std::fs::symlink_metadata(&o.to) {
+    let root_empty = match std::fs::symlink_metadata(&o.to) {
         Ok(m) if m.is_dir() => {
             let nonempty = std::fs::read_dir(&o.to)
                 .map_err(|e| io(&o.to, e))?
@@ -404,6 +404,7 @@ pub fn restore(cfg: &Config, o: RestoreOpts) -> Result<(), RestoreError> {
                     o.to.display()
                 )));
             }
+            !nonempty
         }
         Ok(_) => {
             return Err(RestoreError::Usage(format!(
@@ -411,8 +412,11 @@ pub fn restore(cfg: &Config, o: RestoreOpts) -> Result<(), RestoreError> {
                 o.to.display()
             )))
         }
-        Err(_) => std::fs::create_dir_all(&o.to).map_err(|e| io(&o.to, e))?,
-    }
+        Err(_) => {
+            std::fs::create_dir_all(&o.to).map_err(|e| io(&o.to, e))?;
+            true
+        }
+    };
     let total = sel.len();
     let total_bytes: u64 = sel.values().map(|i| i.manifest.size).sum();
     let bar = progress_bar(o.progress, total_bytes, "restoring");
@@ -421,7 +425,7 @@ pub fn restore(cfg: &Config, o: RestoreOpts) -> Result<(), RestoreError> {
     // Prepare targets; symlinks and empty files finish at once.
     let mut targets: HashMap<usize, Target> = HashMap::new();
     let mut order: Vec<(Job, ChunkId, u32)> = Vec::new();
-    let mut dirs = HashSet::new();
+    let mut dirs = HashMap::from([(o.to.clone(), root_empty)]);
     for (n, (path, it)) in sel.into_iter().enumerate() {
         let (dest, fresh) = match prepare(&o.to, &path, &mut dirs) {
             Ok(d) => d,
@@ -752,12 +756,15 @@ fn temp_name(dest: &Path) -> PathBuf {
 }
 
 /// Creates the folders for `path` under `root`, never following a symlink, and returns the
-/// destination path. Unsafe manifest paths are refused. `dirs` holds the folders this
-/// restore already created or checked, so each is looked at once, not once per file.
+/// destination path and whether it is free (nothing there yet). Unsafe manifest paths are
+/// refused. `dirs` holds the folders this restore already created or checked, so each is
+/// looked at once, not once per file, and whether each was empty then: a file in a folder
+/// that was empty needs no look of its own (paths are distinct, and a file that appears
+/// there meanwhile makes creating it fail, since it is created exclusively).
 fn prepare(
     root: &Path,
     path: &[u8],
-    dirs: &mut HashSet<PathBuf>,
+    dirs: &mut HashMap<PathBuf, bool>,
 ) -> Result<(PathBuf, bool), String> {
     let parts = safe_components(path).map_err(|e| e.to_string())?;
     let mut cur = root.to_path_buf();
@@ -766,7 +773,7 @@ fn prepare(
         if i + 1 == parts.len() {
             break;
         }
-        if dirs.contains(&cur) {
+        if dirs.contains_key(&cur) {
             continue;
         }
         match std::fs::symlink_metadata(&cur) {
@@ -776,13 +783,19 @@ fn prepare(
                     cur.display()
                 ))
             }
-            Ok(m) if m.is_dir() => {}
+            Ok(m) if m.is_dir() => {
+                dirs.insert(cur.clone(), false);
+            }
             Ok(_) => return Err(format!("{} exists and is not a folder", cur.display())),
             Err(_) => {
-                std::fs::create_dir(&cur).map_err(|e| format!("creating {}: {e}", cur.display()))?
+                std::fs::create_dir(&cur)
+                    .map_err(|e| format!("creating {}: {e}", cur.display()))?;
+                dirs.insert(cur.clone(), true);
             }
         }
-        dirs.insert(cur.clone());
+    }
+    if cur.parent().is_some_and(|p| dirs.get(p) == Some(&true)) {
+        return Ok((cur, true));
     }
     match std::fs::symlink_metadata(&cur) {
         Ok(m) if m.is_dir() => Err(format!("{} exists and is a folder", cur.display())),
