@@ -67,12 +67,27 @@ pub struct StatKey {
     pub inode: i64,
 }
 
-/// What a scan needs to know about a known path.
+/// Where a known path stands, as far as a scan cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    /// Backed up as it was last read.
+    BackedUp,
+    /// Backed up as a deletion.
+    Deleted,
+    /// Failed; read again when its stat changes or it disappears.
+    Failed,
+    /// Queued (dirty, pending or uploading): the uploader reads it anyway.
+    Queued,
+}
+
+/// What a scan needs to know about a known path. A scan holds one per file of the watch,
+/// so it is kept small: no strings.
 #[derive(Debug, Clone)]
 pub struct Known {
-    pub state: String,
+    pub standing: Standing,
     pub stat: Option<StatKey>,
-    pub kind: Option<String>,
+    /// Set by the scan when it finds the path; those left unset are gone.
+    pub seen: bool,
 }
 
 /// A file handed to the uploader.
@@ -485,7 +500,9 @@ impl Journal {
         let mut st = self
             .conn
             .prepare_cached(
-                "SELECT path, state, size, mtime_ns, ctime_ns, inode, kind FROM files WHERE watch = ?1",
+                "SELECT path, CASE WHEN state = 'backed_up' AND kind = 'deleted' THEN 1 \
+                 WHEN state = 'backed_up' THEN 0 WHEN state = 'failed' THEN 2 ELSE 3 END, \
+                 size, mtime_ns, ctime_ns, inode FROM files WHERE watch = ?1",
             )
             .map_err(|e| self.err(e))?;
         let rows = st
@@ -500,12 +517,18 @@ impl Journal {
                     }),
                     None => None,
                 };
+                let standing = match r.get::<_, i64>(1)? {
+                    0 => Standing::BackedUp,
+                    1 => Standing::Deleted,
+                    2 => Standing::Failed,
+                    _ => Standing::Queued,
+                };
                 Ok((
                     r.get::<_, Vec<u8>>(0)?,
                     Known {
-                        state: r.get(1)?,
+                        standing,
                         stat,
-                        kind: r.get(6)?,
+                        seen: false,
                     },
                 ))
             })

@@ -4,7 +4,7 @@
 //! recorded when it was last read is not read again. Paths in the journal that are no longer
 //! on disk are marked dirty too; the uploader then records them as deletions.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use crate::config::Watch;
-use crate::journal::{now_ms, Journal, JournalError, Known, StatKey};
+use crate::journal::{now_ms, Journal, JournalError, Known, Standing, StatKey};
 
 /// What a scan found.
 #[derive(Debug, Default, Clone, Copy)]
@@ -70,7 +70,7 @@ pub fn scan(
     delay_ms: i64,
     preloaded: Option<HashMap<Vec<u8>, Known>>,
 ) -> Result<ScanStats, JournalError> {
-    let known = match preloaded {
+    let mut known = match preloaded {
         Some(k) => k,
         None => match journal.lock() {
             Ok(j) => j.known(&watch.name)?,
@@ -82,7 +82,6 @@ pub fn scan(
         None => watch.path.clone(),
     };
     let mut stats = ScanStats::default();
-    let mut seen: HashSet<Vec<u8>> = HashSet::with_capacity(known.len());
     let mut unreadable: Vec<Vec<u8>> = Vec::new();
     let mut dirty: Vec<(Vec<u8>, String)> = Vec::new();
     let mut stack = vec![start.clone()];
@@ -139,19 +138,21 @@ pub fn scan(
             };
             stats.files += 1;
             let cur = stat_key(&meta);
-            let changed = match known.get(&jp) {
+            let changed = match known.get_mut(&jp) {
                 None => true,
-                Some(k) => match k.state.as_str() {
-                    "backed_up" => k.stat != Some(cur) || k.kind.as_deref() == Some("deleted"),
-                    "failed" => k.stat != Some(cur),
-                    _ => false, // already queued
-                },
+                Some(k) => {
+                    k.seen = true;
+                    match k.standing {
+                        Standing::BackedUp | Standing::Failed => k.stat != Some(cur),
+                        Standing::Deleted => true, // back after its deletion
+                        Standing::Queued => false, // read anyway
+                    }
+                }
             };
             if changed {
                 stats.changed += 1;
-                dirty.push((jp.clone(), watch.name.clone()));
+                dirty.push((jp, watch.name.clone()));
             }
-            seen.insert(jp);
         }
         if dirty.len() >= SCAN_FLUSH {
             // Journal what was found so far: the uploader starts on it while the walk goes
@@ -169,15 +170,16 @@ pub fn scan(
         start.strip_prefix(&watch.path).unwrap_or(Path::new("")),
     );
     for (p, k) in &known {
-        if seen.contains(p) || !under(p, &prefix) || unreadable.iter().any(|u| under(p, u)) {
+        if k.seen || !under(p, &prefix) || unreadable.iter().any(|u| under(p, u)) {
             continue;
         }
-        let already_deleted = k.state == "backed_up" && k.kind.as_deref() == Some("deleted");
-        if !already_deleted && k.state == "backed_up" {
-            stats.deleted += 1;
-            dirty.push((p.clone(), watch.name.clone()));
-        } else if k.state == "failed" {
-            dirty.push((p.clone(), watch.name.clone()));
+        match k.standing {
+            Standing::BackedUp => {
+                stats.deleted += 1;
+                dirty.push((p.clone(), watch.name.clone()));
+            }
+            Standing::Failed => dirty.push((p.clone(), watch.name.clone())),
+            Standing::Deleted | Standing::Queued => {}
         }
     }
     if let Ok(mut j) = journal.lock() {
@@ -194,4 +196,118 @@ pub fn scan(
 
 fn under(p: &[u8], prefix: &[u8]) -> bool {
     p.len() > prefix.len() && p.starts_with(prefix) && p[prefix.len()] == b'/'
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::{Ack, Read};
+
+    /// Claims `path` once it was marked dirty.
+    fn claim(j: &mut Journal, path: &[u8]) -> i64 {
+        j.mark_dirty(&[(path.to_vec(), "w".into())], 0, 0)
+            .expect("dirty");
+        j.claim_due(i64::MAX, 1000)
+            .expect("claim")
+            .into_iter()
+            .find(|job| job.path == path)
+            .expect("claimed")
+            .gen
+    }
+
+    /// Takes `path` through the journal to backed up (as `kind`, with `stat`), then, with
+    /// `fail`, through a failed read.
+    fn settle(j: &mut Journal, path: &[u8], kind: &'static str, stat: StatKey, fail: bool) {
+        let gen = claim(j, path);
+        let read = Read {
+            path: path.to_vec(),
+            gen,
+            kind,
+            stat,
+            mode: 0o644,
+            hash: [1; 32],
+            commit_id: [2; 16],
+        };
+        j.record_reads(&[read]).expect("reads");
+        j.record_acks(&[Ack {
+            path: path.to_vec(),
+            gen,
+            version: 1,
+            commit_time: 5,
+            hash: [1; 32],
+            kind,
+            size: stat.size,
+        }])
+        .expect("ack");
+        if fail {
+            let gen = claim(j, path);
+            j.record_failure(path, gen, "reading: permission denied", 0)
+                .expect("fail");
+        }
+    }
+
+    #[test]
+    fn a_scan_queues_exactly_what_changed_appeared_or_went() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let root = d.path().join("tree");
+        std::fs::create_dir(&root).expect("mkdir");
+        for name in ["same", "changed", "back", "failed-same", "new"] {
+            std::fs::write(root.join(name), name).expect("write");
+        }
+        let stat_of = |n: &str| stat_key(&std::fs::symlink_metadata(root.join(n)).expect("stat"));
+        let other = StatKey {
+            size: 999,
+            ..stat_of("changed")
+        };
+        let watch = Watch {
+            path: root.clone(),
+            name: "w".into(),
+            exclude: globset::GlobSet::empty(),
+            exclude_patterns: Vec::new(),
+        };
+        let mut j = Journal::open(&d.path().join("j.sqlite")).expect("journal");
+        settle(&mut j, b"w/same", "file", stat_of("same"), false);
+        settle(&mut j, b"w/changed", "file", other, false);
+        settle(&mut j, b"w/back", "deleted", StatKey::default(), false);
+        settle(
+            &mut j,
+            b"w/failed-same",
+            "file",
+            stat_of("failed-same"),
+            true,
+        );
+        settle(&mut j, b"w/gone", "file", other, false);
+        settle(&mut j, b"w/gone-failed", "file", other, true);
+        settle(
+            &mut j,
+            b"w/gone-long-ago",
+            "deleted",
+            StatKey::default(),
+            false,
+        );
+        j.mark_dirty(&[(b"w/queued-gone".to_vec(), "w".into())], 0, 0)
+            .expect("dirty");
+        let j = Mutex::new(j);
+        let stats = scan(&watch, None, &j, 0, None).expect("scan");
+        assert_eq!(stats.files, 5);
+        // changed, back (it returned after its deletion), new
+        assert_eq!(stats.changed, 3);
+        assert_eq!(stats.deleted, 1);
+        let j = j.lock().expect("journal");
+        let state = |p: &[u8]| j.row(p).expect("row").expect("exists").state;
+        for p in [&b"w/same"[..], b"w/gone-long-ago"] {
+            assert_eq!(state(p), "backed_up", "{}", String::from_utf8_lossy(p));
+        }
+        assert_eq!(state(b"w/failed-same"), "failed");
+        for p in [
+            &b"w/changed"[..],
+            b"w/back",
+            b"w/new",
+            b"w/gone",
+            b"w/gone-failed",
+            b"w/queued-gone",
+        ] {
+            assert_eq!(state(p), "dirty", "{}", String::from_utf8_lossy(p));
+        }
+    }
 }
