@@ -15,7 +15,9 @@ if ! command -v cargo >/dev/null; then
 fi
 echo "== building (release)"
 cargo build --release --locked -q -p coffer-agent -p coffer-receiver
-BIN=$ROOT/target/release
+TARGET=${CARGO_TARGET_DIR:-target}
+case $TARGET in /*) ;; *) TARGET=$ROOT/$TARGET ;; esac
+BIN=$TARGET/release
 AGENT=$BIN/coffer-agent
 RECV=$BIN/coffer-receiver
 
