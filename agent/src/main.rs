@@ -7,7 +7,7 @@ fn main() -> std::process::ExitCode {
     match cli::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", coffer_common::error_text(e.as_ref()));
             std::process::ExitCode::FAILURE
         }
     }

@@ -16,3 +16,54 @@ pub mod wire;
 
 /// This build's version, as reported in `Hello` and `--version`.
 pub const SOFTWARE: &str = concat!("coffer ", env!("CARGO_PKG_VERSION"));
+
+/// An error and its causes as one line, `outer: cause: cause`, for the command line. A
+/// cause whose text the line already holds is left out: most errors here name their cause
+/// in their own message (`reading config agent.toml: No such file or directory`), and
+/// printing the chain as well said it twice.
+pub fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        cause = c.source();
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_text;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("reading config {path}: {source}")]
+    struct Named {
+        path: String,
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn each_cause_is_said_once() {
+        let io = || std::io::Error::new(std::io::ErrorKind::NotFound, "No such file");
+        let named = Named {
+            path: "agent.toml".into(),
+            source: io(),
+        };
+        assert_eq!(
+            error_text(&named),
+            "reading config agent.toml: No such file"
+        );
+        // A context that does not name its cause gets it appended, once.
+        let ctx = anyhow::Error::new(io()).context("loading keys");
+        assert_eq!(error_text(ctx.as_ref()), "loading keys: No such file");
+        let both = anyhow::Error::new(named).context("starting");
+        assert_eq!(
+            error_text(both.as_ref()),
+            "starting: reading config agent.toml: No such file"
+        );
+    }
+}

@@ -264,7 +264,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", coffer_common::error_text(e.as_ref()));
             ExitCode::FAILURE
         }
     }
