@@ -493,36 +493,38 @@ impl Repo {
         ids: &[ChunkId],
         mut bufs: Vec<Vec<u8>>,
     ) -> Vec<Result<Option<Vec<u8>>, RepoError>> {
-        let mut out: Vec<Option<Result<Option<Vec<u8>>, RepoError>>> = Vec::new();
-        let mut locs: Vec<Option<Location>> = Vec::with_capacity(ids.len());
+        /// What each requested chunk needs.
+        enum Step {
+            /// Answered from the pack buffer.
+            Done(Option<Vec<u8>>),
+            /// In a pack, not yet in the index.
+            At(Location),
+            /// To be looked up in the index.
+            Lookup,
+        }
         let mut lookup = Vec::new();
-        {
+        let steps: Vec<Step> = {
             let st = lock(&self.state);
-            for id in ids {
-                match st.pending.get(id) {
+            ids.iter()
+                .map(|id| match st.pending.get(id) {
                     Some((_, loc)) if st.cur == Some(loc.pack) && loc.offset >= st.buf_at => {
                         let start = (loc.offset - st.buf_at + RECORD_HEADER_LEN) as usize;
                         let bytes = st.buf.get(start..start + loc.len as usize);
-                        out.push(Some(Ok(bytes.map(|b| {
+                        Step::Done(bytes.map(|b| {
                             let mut v = bufs.pop().unwrap_or_default();
                             v.clear();
                             v.extend_from_slice(b);
                             v
-                        }))));
-                        locs.push(None);
+                        }))
                     }
-                    Some((_, loc)) => {
-                        out.push(None);
-                        locs.push(Some(*loc));
-                    }
+                    Some((_, loc)) => Step::At(*loc),
                     None => {
-                        out.push(None);
-                        locs.push(None);
                         lookup.push(*id);
+                        Step::Lookup
                     }
-                }
-            }
-        }
+                })
+                .collect()
+        };
         let mut looked = {
             let r = lock(&self.reader);
             match r.chunks(&lookup) {
@@ -533,15 +535,12 @@ impl Repo {
         }
         .into_iter();
         ids.iter()
-            .zip(out)
-            .zip(locs)
-            .map(|((id, done), loc)| {
-                if let Some(r) = done {
-                    return r;
-                }
-                let loc = match loc {
-                    Some(l) => l,
-                    None => match looked.next() {
+            .zip(steps)
+            .map(|(id, step)| {
+                let loc = match step {
+                    Step::Done(r) => return Ok(r),
+                    Step::At(l) => l,
+                    Step::Lookup => match looked.next() {
                         Some(Ok(Some(l))) => l,
                         Some(Err(e)) => return Err(e.into()),
                         Some(Ok(None)) | None => return Ok(None),
