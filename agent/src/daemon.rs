@@ -231,6 +231,15 @@ pub fn run(cfg: Config, opts: RunOpts) -> Result<(), RunError> {
         let (sh, scan_tx, fb) = (sh.clone(), scan_tx.clone(), fallback.clone());
         threads.push(spawn("coffer-timer", move || periodic(sh, scan_tx, fb)));
     }
+    match crate::journal::Checkpointer::open(&cfg.journal_path()) {
+        Ok(c) => {
+            let sh = sh.clone();
+            threads.push(spawn("coffer-checkpoint", move || checkpoints(sh, c)));
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "no checkpoint thread; commits checkpoint the journal")
+        }
+    }
     {
         let (sh, scan_tx, fb) = (sh.clone(), scan_tx.clone(), fallback.clone());
         threads.push(spawn("coffer-control", move || {
@@ -625,6 +634,30 @@ fn periodic(sh: Arc<Shared>, scans: Sender<ScanRequest>, fallback: Arc<Mutex<Vec
                     sub: None,
                     reason: "no OS watch",
                 });
+            }
+        }
+    }
+}
+
+/// WAL bytes after which the checkpoint thread copies the journal's WAL into the database.
+const CHECKPOINT_WAL_BYTES: u64 = 64 << 20;
+
+/// Checkpoints the journal off the writers' path (see [`crate::journal::Checkpointer`]).
+fn checkpoints(sh: Arc<Shared>, c: crate::journal::Checkpointer) {
+    while !sh.shutdown.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(100));
+        let t = Instant::now();
+        match c.maybe_run(CHECKPOINT_WAL_BYTES) {
+            Ok(Some((frames, done))) => tracing::debug!(
+                frames,
+                done,
+                ms = t.elapsed().as_millis() as u64,
+                "journal checkpointed"
+            ),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "checkpointing the journal failed; will retry");
+                std::thread::sleep(Duration::from_secs(5));
             }
         }
     }
