@@ -312,18 +312,14 @@ pub struct Checkpointer {
 impl Checkpointer {
     /// A connection to the journal at `path` (which `Journal::open` has created).
     pub fn open(path: &Path) -> Result<Self, JournalError> {
-        let p = path.display().to_string();
+        let (conn, p) = connect(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
         let sql = |source| JournalError::Sql {
             path: p.clone(),
             source,
         };
-        let conn = Connection::open_with_flags(
-            path,
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(sql)?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))
-            .map_err(sql)?;
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(sql)?;
         // This connection writes nothing: it never checkpoints on commit.
@@ -364,6 +360,20 @@ pub struct Journal {
     claims: Claims,
 }
 
+/// A connection to the journal at `path` with `flags`, waiting up to 10 s for locks; and
+/// the path as errors name it.
+fn connect(path: &Path, flags: rusqlite::OpenFlags) -> Result<(Connection, String), JournalError> {
+    let p = path.display().to_string();
+    let sql = |source| JournalError::Sql {
+        path: p.clone(),
+        source,
+    };
+    let conn = Connection::open_with_flags(path, flags).map_err(sql)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))
+        .map_err(sql)?;
+    Ok((conn, p))
+}
+
 fn h32(v: Option<Vec<u8>>) -> Option<[u8; 32]> {
     v.and_then(|b| b.try_into().ok())
 }
@@ -371,14 +381,11 @@ fn h32(v: Option<Vec<u8>>) -> Option<[u8; 32]> {
 impl Journal {
     /// Opens (creating if needed) the journal and applies pending migrations.
     pub fn open(path: &Path) -> Result<Self, JournalError> {
-        let p = path.display().to_string();
+        let (conn, p) = connect(path, rusqlite::OpenFlags::default())?;
         let sql = |source| JournalError::Sql {
             path: p.clone(),
             source,
         };
-        let conn = Connection::open(path).map_err(sql)?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))
-            .map_err(sql)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(sql)?;
         conn.pragma_update(None, "synchronous", "NORMAL")
@@ -414,18 +421,10 @@ impl Journal {
 
     /// Opens the journal for reading only (status while the daemon runs).
     pub fn open_read_only(path: &Path) -> Result<Self, JournalError> {
-        let p = path.display().to_string();
-        let sql = |source| JournalError::Sql {
-            path: p.clone(),
-            source,
-        };
-        let conn = Connection::open_with_flags(
+        let (conn, p) = connect(
             path,
             rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(sql)?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))
-            .map_err(sql)?;
+        )?;
         Ok(Journal {
             conn,
             path: p,
