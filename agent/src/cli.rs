@@ -3,8 +3,9 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 use coffer_common::channel::{PublicKey, StaticKeypair};
+use coffer_common::host::log::LogArgs;
 use coffer_common::keys::{self, KdfParams, MasterSecret};
 
 use crate::config::{check_watch_name, host_name, Config, RawConfig, RawWatch};
@@ -18,27 +19,6 @@ pub struct Cli {
     pub log: LogArgs,
     #[command(subcommand)]
     pub cmd: Cmd,
-}
-
-/// Logging options shared by every command (logs go to stderr).
-#[derive(Args, Debug, Clone)]
-pub struct LogArgs {
-    /// More log output (-v debug, -vv trace). RUST_LOG overrides.
-    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
-    pub verbose: u8,
-    /// Less log output (warnings and errors only).
-    #[arg(short, long, global = true)]
-    pub quiet: bool,
-    /// Log format.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
-}
-
-/// Log line format.
-#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
-pub enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -201,32 +181,9 @@ pub struct VerifyArgs {
     pub all: bool,
 }
 
-/// Sets up logging to stderr.
-pub fn init_logging(l: &LogArgs) {
-    let default = if l.quiet {
-        "warn"
-    } else {
-        match l.verbose {
-            0 => "info",
-            1 => "debug",
-            _ => "trace",
-        }
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    let _ = match l.log_format {
-        LogFormat::Json => b.json().try_init(),
-        LogFormat::Text => b.try_init(),
-    };
-}
-
 /// Parses an optional `--at` (RFC 3339 or unix seconds).
 fn parse_at(at: Option<&str>) -> Result<Option<i64>> {
-    at.map(restore::parse_time)
+    at.map(coffer_common::host::time::parse_time)
         .transpose()
         .map_err(anyhow::Error::msg)
 }

@@ -17,11 +17,12 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 
 use crate::config::{Config, Watch};
-use crate::journal::{now_ms, Journal, Known};
+use crate::journal::{Journal, Known};
 use crate::scan;
 use crate::state;
 use crate::upload::{self, ConnManager, Counters, Shared};
 use crate::watch::{self, Change, ScanRequest, Watching};
+use coffer_common::host::time::now_ms;
 
 /// Errors that stop the daemon.
 #[derive(Debug, thiserror::Error)]

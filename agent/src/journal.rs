@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use coffer_common::host::time::now_ms;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
 const MIGRATIONS: &[&str] = &[
@@ -48,14 +49,6 @@ pub enum JournalError {
         found: i64,
         known: i64,
     },
-}
-
-/// Unix time in milliseconds.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 /// Stat fields compared to decide whether a file changed.

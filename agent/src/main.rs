@@ -3,7 +3,7 @@ use coffer_agent::cli::{self, Cli};
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    cli::init_logging(&cli.log);
+    coffer_common::host::log::init(&cli.log);
     match cli::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use coffer_common::chunk::{ChunkId, Crypto, FileId, Opened, MAX_PLAIN, SEAL_OVERHEAD};
+use coffer_common::host::time::rfc3339;
 use coffer_common::manifest::{safe_components, EntryKind, Manifest};
 use coffer_common::wire::{Message, VersionEntry};
 
@@ -55,28 +56,6 @@ pub struct Item {
     pub commit_time: i64,
     pub file_id: FileId,
     pub manifest: Manifest,
-}
-
-/// Parses `--at`: RFC 3339 or unix seconds.
-pub fn parse_time(s: &str) -> Result<i64, String> {
-    if let Ok(n) = s.trim().parse::<i64>() {
-        return Ok(n);
-    }
-    humantime::parse_rfc3339_weak(s.trim())
-        .map_err(|e| {
-            format!("--at {s:?}: expected RFC 3339 (2026-11-25T21:00:00Z) or unix seconds: {e}")
-        })
-        .and_then(|t| {
-            t.duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs() as i64)
-                .map_err(|_| format!("--at {s:?}: before 1970"))
-        })
-}
-
-/// Formats unix seconds as RFC 3339 (UTC).
-pub fn rfc3339(secs: i64) -> String {
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs.max(0) as u64);
-    humantime::format_rfc3339_seconds(t).to_string()
 }
 
 /// A connected session for restore-side commands: runtime, connection, keys.
@@ -1117,13 +1096,5 @@ mod tests {
         let sub = select(&items, None, &[b"w/sub".to_vec()]);
         assert_eq!(sub.len(), 1);
         assert!(sub.contains_key(b"w/sub/b".as_slice()));
-    }
-
-    #[test]
-    fn times_parse() {
-        assert_eq!(parse_time("1700000000"), Ok(1_700_000_000));
-        assert_eq!(parse_time("2023-11-14T22:13:20Z"), Ok(1_700_000_000));
-        assert!(parse_time("yesterday").is_err());
-        assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
     }
 }

@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use crate::config::Watch;
-use crate::journal::{now_ms, Journal, JournalError, Known, Standing, StatKey};
+use crate::journal::{Journal, JournalError, Known, Standing, StatKey};
+use coffer_common::host::time::now_ms;
 
 /// What a scan found.
 #[derive(Debug, Default, Clone, Copy)]

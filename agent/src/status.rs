@@ -7,9 +7,9 @@ use serde_json::{json, Value};
 
 use crate::config::Config;
 use crate::daemon;
-use crate::journal::{now_ms, Journal, JournalError, Row, Summary};
-use crate::restore::rfc3339;
+use crate::journal::{Journal, JournalError, Row, Summary};
 use crate::scan::{journal_path, stat_key};
+use coffer_common::host::time::{now_ms, rfc3339};
 
 fn open(cfg: &Config) -> Result<Option<Journal>, JournalError> {
     let p = cfg.journal_path();

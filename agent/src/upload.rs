@@ -27,8 +27,9 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use crate::config::Config;
 use crate::conn::{Conn, ConnError, Pending};
-use crate::journal::{now_ms, Ack, Job, Journal, Read, StatKey};
+use crate::journal::{Ack, Job, Journal, Read, StatKey};
 use crate::scan::{fs_path, stat_key};
+use coffer_common::host::time::now_ms;
 
 /// Plaintext bytes of chunks held before asking the receiver which it lacks.
 const WINDOW_BYTES: usize = 16 << 20;

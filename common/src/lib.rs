@@ -6,10 +6,14 @@
 //! - [`manifest`]: what the agent records about one version of a file (sealed before sending).
 //! - [`wire`]: the protocol's one message enum and its frame limits.
 //! - [`channel`]: the Noise XX secure channel with pinned static keys that carries messages.
+//! - [`host`] (feature `host`): what both daemons need from the operating system: atomic
+//!   writes, I/O errors that name their path, run locks, SQLite migrations, time, logging.
 
 pub mod aead;
 pub mod channel;
 pub mod chunk;
+#[cfg(feature = "host")]
+pub mod host;
 pub mod keys;
 pub mod manifest;
 pub mod wire;

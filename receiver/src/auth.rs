@@ -18,7 +18,7 @@ use coffer_common::channel::PublicKey;
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
-use crate::fsutil::{write_atomic, Context, IoError};
+use coffer_common::host::fs::{write_atomic, Context, IoError};
 
 /// Longest repository name.
 pub const MAX_REPO_NAME: usize = 64;

@@ -20,7 +20,7 @@ use coffer_common::channel::{PublicKey, StaticKeypair};
 
 use crate::auth::RepoName;
 use crate::config::Config;
-use crate::fsutil::{create_dir_all, write_atomic, Context, IoError};
+use coffer_common::host::fs::{create_dir_all, write_atomic, Context, IoError};
 
 /// Paths of one backup tree.
 #[derive(Clone, Debug)]

@@ -20,11 +20,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use coffer_common::channel::PublicKey;
+use coffer_common::host::fs;
 
 pub mod auth;
 pub mod clidoc;
 pub mod config;
-pub mod fsutil;
 pub mod index;
 pub mod layout;
 pub mod metrics;
@@ -48,7 +48,7 @@ pub enum Error {
     #[error(transparent)]
     Auth(#[from] auth::AuthError),
     #[error(transparent)]
-    Io(#[from] fsutil::IoError),
+    Io(#[from] fs::IoError),
     #[error(transparent)]
     Index(#[from] index::IndexError),
     #[error(transparent)]
@@ -89,7 +89,7 @@ pub fn authorize(root: &Path, name: &str, key: &str) -> Result<Authorized, Error
     let _lock = auth::EditLock::acquire(&layout.authorized_lock())?;
     let mut list = auth::Authorizations::load(&layout.authorized())?;
     let r = list.authorize(key, name.clone())?;
-    fsutil::create_dir_all(&layout.repo(&name).join("packs"), 0o700)?;
+    fs::create_dir_all(&layout.repo(&name).join("packs"), 0o700)?;
     if r == Authorized::Added {
         list.save(&layout.authorized())?;
     }

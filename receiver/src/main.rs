@@ -1,12 +1,13 @@
 //! The `coffer-receiver` command line: parses arguments and calls the library.
 
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, Parser, Subcommand};
+use coffer_common::host::log::LogArgs;
 use coffer_receiver::{clidoc, server, service, status, Authorized, Layout};
 
 /// Coffer receiver: stores sealed chunks durably; never sees keys or plaintext.
@@ -14,32 +15,9 @@ use coffer_receiver::{clidoc, server, service, status, Authorized, Layout};
 #[command(name = "coffer-receiver", version, about, propagate_version = true)]
 struct Cli {
     #[command(flatten)]
-    log: LogOpts,
+    log: LogArgs,
     #[command(subcommand)]
     command: Command,
-}
-
-/// Logging options shared by every command (logs go to stderr).
-#[derive(Args)]
-struct LogOpts {
-    /// More log output on stderr (-v debug, -vv trace); RUST_LOG overrides.
-    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
-    verbose: u8,
-    /// Less log output (warnings and errors only); RUST_LOG overrides.
-    #[arg(short, long, global = true, conflicts_with = "verbose")]
-    quiet: bool,
-    /// Log line format.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
-    log_format: LogFormat,
-}
-
-/// Log line format.
-#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
-enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line, for log shippers.
-    Json,
 }
 
 #[derive(Args)]
@@ -137,24 +115,6 @@ enum ServiceAction {
         #[arg(long)]
         dry_run: bool,
     },
-}
-
-fn init_logging(l: &LogOpts) {
-    let default = match (l.quiet, l.verbose) {
-        (true, _) => "warn",
-        (false, 0) => "info",
-        (false, 1) => "debug",
-        (false, _) => "trace",
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match l.log_format {
-        LogFormat::Json => b.json().init(),
-        LogFormat::Text => b.with_ansi(std::io::stderr().is_terminal()).init(),
-    }
 }
 
 fn out(line: impl std::fmt::Display) -> anyhow::Result<()> {
@@ -260,7 +220,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli.log);
+    coffer_common::host::log::init(&cli.log);
     match run(cli) {
         Ok(c) => c,
         Err(e) => {
@@ -275,7 +235,8 @@ mod tests {
     use clap::{CommandFactory, Parser};
     use coffer_receiver::clidoc::{self, Shell};
 
-    use super::{Cli, Command, LogFormat};
+    use super::{Cli, Command};
+    use coffer_common::host::log::LogFormat;
 
     #[test]
     fn verify_cli() {

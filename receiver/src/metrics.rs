@@ -259,7 +259,7 @@ where
             Err(e) => {
                 tracing::warn!(
                     "metrics: accepting a connection: {}",
-                    crate::fsutil::describe(&e)
+                    coffer_common::host::fs::describe(&e)
                 );
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(100)) => {}

@@ -28,12 +28,12 @@ use coffer_common::chunk::ChunkId;
 use coffer_common::wire::{sealed_hash, VersionEntry};
 
 use crate::auth::RepoName;
-use crate::fsutil::{create_dir_all, write_atomic, Context, IoError};
 use crate::index::{CommitOutcome, Index, IndexError, Mode, NewCommit};
 use crate::store::{
     header_ok, pack_header, read_record_into, scan, Check, LocalPacks, Location, PackNo, PackStore,
     RecordError, RecordHeader, PACK_HEADER_LEN, RECORD_HEADER_LEN,
 };
+use coffer_common::host::fs::{create_dir_all, write_atomic, Context, IoError};
 
 /// Records at most this large are gathered in memory and written together.
 const SMALL_RECORD: usize = 64 * 1024;

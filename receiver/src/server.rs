@@ -46,12 +46,12 @@ use tracing::Instrument;
 
 use crate::auth::{AuthWatcher, RepoName};
 use crate::config::Config;
-use crate::fsutil::{write_atomic, Context};
 use crate::index::{CommitOutcome, NewCommit};
 use crate::layout::Layout;
 use crate::metrics::{ErrorKind, Metrics, Rejected};
 use crate::repo::{Repo, RepoError};
 use crate::Error;
+use coffer_common::host::fs::{write_atomic, Context};
 
 /// Handshakes in progress at once; connections past this are dropped at once.
 pub const MAX_HANDSHAKES: usize = 512;
@@ -168,16 +168,16 @@ async fn run(
         .await
         .map_err(|e| Error::Bind {
             addr: config.listen,
-            msg: crate::fsutil::describe(&e),
+            msg: coffer_common::host::fs::describe(&e),
         })?;
     let addr = listener.local_addr().map_err(|e| Error::Bind {
         addr: config.listen,
-        msg: crate::fsutil::describe(&e),
+        msg: coffer_common::host::fs::describe(&e),
     })?;
     let metrics_listener = match metrics_addr {
         Some(a) => Some(TcpListener::bind(a).await.map_err(|e| Error::MetricsBind {
             addr: a,
-            msg: crate::fsutil::describe(&e),
+            msg: coffer_common::host::fs::describe(&e),
         })?),
         None => None,
     };
@@ -206,7 +206,10 @@ async fn run(
     if let Some(l) = metrics_listener {
         match l.local_addr() {
             Ok(a) => tracing::info!("metrics at http://{a}/metrics"),
-            Err(e) => tracing::warn!("metrics listener: {}", crate::fsutil::describe(&e)),
+            Err(e) => tracing::warn!(
+                "metrics listener: {}",
+                coffer_common::host::fs::describe(&e)
+            ),
         }
         let s = shared.clone();
         tokio::spawn(crate::metrics::serve_http(
@@ -246,7 +249,7 @@ async fn run(
                     shared.tracker.spawn(connection(s, stream, hs).instrument(span));
                 }
                 Err(e) => {
-                    tracing::warn!("accepting a connection: {}", crate::fsutil::describe(&e));
+                    tracing::warn!("accepting a connection: {}", coffer_common::host::fs::describe(&e));
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_millis(100)) => {}
                         _ = shared.cancel.cancelled() => break,
@@ -514,7 +517,7 @@ async fn open_repo(shared: &Arc<Shared>, name: &RepoName) -> Result<Arc<Repo>, R
     let (repo, rec) = tokio::task::spawn_blocking(move || Repo::open(&dir, n, max))
         .await
         .map_err(|e| {
-            RepoError::Io(crate::fsutil::IoError::new(
+            RepoError::Io(coffer_common::host::fs::IoError::new(
                 "opening repository",
                 shared.layout.repo(name),
                 std::io::Error::other(e.to_string()),

@@ -4,17 +4,17 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::Path;
-use std::time::{Duration, UNIX_EPOCH};
 
 use nix::fcntl::{Flock, FlockArg};
 use serde::Serialize;
 
 use crate::auth::{Authorizations, RepoName};
-use crate::fsutil::Context;
 use crate::index::{Index, Mode, Stats};
 use crate::layout::Layout;
 use crate::store::{read_record, Check, LocalPacks, PackStore, RecordError};
 use crate::Error;
+use coffer_common::host::fs::Context;
+use coffer_common::host::time::rfc3339;
 
 /// One repository in `status`.
 #[derive(Clone, Debug, Serialize)]
@@ -55,7 +55,7 @@ pub fn serve_running(layout: &Layout) -> Result<bool, Error> {
     let f = match File::open(&path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-        Err(e) => return Err(crate::fsutil::IoError::new("opening", path, e).into()),
+        Err(e) => return Err(coffer_common::host::fs::IoError::new("opening", path, e).into()),
     };
     match Flock::lock(f, FlockArg::LockSharedNonblock) {
         Ok(_) => Ok(false),
@@ -65,11 +65,6 @@ pub fn serve_running(layout: &Layout) -> Result<bool, Error> {
             msg: e.desc().to_lowercase(),
         }),
     }
-}
-
-fn rfc3339(secs: i64) -> String {
-    let t = UNIX_EPOCH + Duration::from_secs(secs.max(0) as u64);
-    humantime::format_rfc3339_seconds(t).to_string()
 }
 
 /// Repository names: every directory under `repos/` plus every authorized one.

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 
 use coffer_common::chunk::{ChunkId, MAX_SEALED};
 
-use crate::fsutil::{sync_dir, Context, IoError};
+use coffer_common::host::fs::{sync_dir, Context, IoError};
 
 /// Magic at the start of every pack.
 pub const PACK_MAGIC: &[u8; 8] = b"COFRPACK";

@@ -1,4 +1,5 @@
-//! Small file-system helpers: errors that name their path, atomic writes, directory fsync.
+//! File-system helpers: I/O errors that name their operation and path, atomic small-file
+//! writes, directory creation and fsync.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -82,10 +83,16 @@ pub fn create_dir_all(dir: &Path, mode: u32) -> Result<(), IoError> {
         .ctx("creating directory", dir)
 }
 
-/// Writes `data` to `path` atomically: a temporary file in the same directory, fsync,
-/// rename over `path`, fsync of the directory. A crash leaves the old or the new content.
+/// Writes `data` to `path` atomically: a temporary file in the same directory (created with
+/// `mode`, and set to it should a stale one be left over), fsync, rename over `path`, fsync
+/// of the directory. A crash leaves the old or the new content; every error is returned,
+/// the directory's fsync included.
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), IoError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
+    use std::os::unix::fs::PermissionsExt;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -99,8 +106,11 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), IoError> 
             .mode(mode)
             .open(&tmp)
             .ctx("creating", &tmp)?;
+        f.set_permissions(fs::Permissions::from_mode(mode))
+            .ctx("setting the mode of", &tmp)?;
         f.write_all(data).ctx("writing", &tmp)?;
         f.sync_all().ctx("syncing", &tmp)?;
+        drop(f);
         fs::rename(&tmp, path).ctx("renaming into place", path)?;
         sync_dir(dir)
     })();
@@ -125,6 +135,29 @@ mod tests {
         let mode = fs::metadata(&p).expect("meta").permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         assert_eq!(fs::read_dir(d.path()).expect("ls").count(), 1);
+    }
+
+    #[test]
+    fn a_stale_temp_file_does_not_lend_its_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().expect("tempdir");
+        let stale = d.path().join(".key.tmp");
+        fs::write(&stale, b"old").expect("stale");
+        fs::set_permissions(&stale, fs::Permissions::from_mode(0o644)).expect("chmod");
+        let p = d.path().join("key");
+        write_atomic(&p, b"secret", 0o600).expect("write");
+        let mode = fs::metadata(&p).expect("meta").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(fs::read(&p).expect("read"), b"secret");
+    }
+
+    #[test]
+    fn a_failed_write_names_the_path_and_leaves_nothing() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let p = d.path().join("missing-dir").join("f");
+        let e = write_atomic(&p, b"x", 0o600).expect_err("no such folder");
+        assert!(e.to_string().contains("missing-dir"), "{e}");
+        assert_eq!(fs::read_dir(d.path()).expect("ls").count(), 0);
     }
 
     #[test]
