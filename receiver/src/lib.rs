@@ -12,6 +12,7 @@
 //! - [`metrics`]: the session counters and `serve --metrics`'s `/metrics` endpoint.
 //! - [`notify`]: systemd readiness and watchdog notifications.
 //! - [`service`]: `service install|uninstall` (the systemd unit).
+//! - [`cli`]: the command line (clap definitions) and what each command does.
 //! - [`clidoc`]: shell completions and the man page from the command line's definition.
 //!
 //! `docs/design.md` ("Receiver store") describes the formats and the write ordering.
@@ -23,6 +24,7 @@ use coffer_common::channel::PublicKey;
 use coffer_common::host::fs;
 
 pub mod auth;
+pub mod cli;
 pub mod clidoc;
 pub mod config;
 pub mod index;
