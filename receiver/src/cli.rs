@@ -3,11 +3,10 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use crate::{clidoc, server, service, status, Authorized, Layout};
-use anyhow::Context;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use coffer_common::host::log::LogArgs;
 
@@ -118,14 +117,35 @@ pub enum ServiceAction {
     },
 }
 
-fn out(line: impl std::fmt::Display) -> anyhow::Result<()> {
+/// Errors of the command line: a command's own, or writing what it prints.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Command(#[from] crate::Error),
+    #[error("writing to stdout")]
+    Stdout(#[source] std::io::Error),
+    #[error("encoding status")]
+    EncodeStatus(#[source] serde_json::Error),
+    #[error("writing completions to stdout")]
+    Completions(#[source] std::io::Error),
+    #[error("writing the man page to stdout")]
+    Man(#[source] std::io::Error),
+}
+
+impl From<service::ServiceError> for CliError {
+    fn from(e: service::ServiceError) -> Self {
+        CliError::Command(e.into())
+    }
+}
+
+fn out(line: impl std::fmt::Display) -> Result<(), CliError> {
     let mut o = std::io::stdout().lock();
-    writeln!(o, "{line}").context("writing to stdout")?;
-    o.flush().context("writing to stdout")
+    writeln!(o, "{line}").map_err(CliError::Stdout)?;
+    o.flush().map_err(CliError::Stdout)
 }
 
 /// Runs the parsed command; the exit code is a failure when `scrub` found damage.
-pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
     match cli.command {
         Command::Init { root, listen } => {
             let key = crate::init(&root.root, listen)?;
@@ -149,50 +169,16 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             root,
             listen,
             metrics,
-        } => {
-            let mut ready_err = None;
-            server::serve(
-                server::ServeOptions {
-                    root: root.root,
-                    listen,
-                    metrics,
-                },
-                |addr| {
-                    if let Err(e) = out(format_args!("listening on {addr}")) {
-                        ready_err = Some(e);
-                    }
-                },
-            )?;
-            if let Some(e) = ready_err {
-                return Err(e);
-            }
-        }
+        } => serve(root.root, listen, metrics)?,
         Command::Status { root, json } => {
             let s = status::status(&Layout::new(&root.root))?;
             if json {
-                out(serde_json::to_string(&s).context("encoding status")?)?;
+                out(serde_json::to_string(&s).map_err(CliError::EncodeStatus)?)?;
             } else {
                 print!("{}", s.render());
             }
         }
-        Command::Scrub { root } => {
-            let report = status::scrub(&Layout::new(&root.root), |d| {
-                let _ = out(format_args!(
-                    "damaged: repository {} pack {} offset {} chunk {}: {}",
-                    d.repo, d.pack, d.offset, d.chunk, d.why
-                ));
-            })?;
-            out(format_args!(
-                "scrub: {} records ({} bytes) in {} repositories checked, {} damaged",
-                report.records,
-                report.bytes,
-                report.repositories,
-                report.damaged.len()
-            ))?;
-            if !report.damaged.is_empty() {
-                return Ok(ExitCode::FAILURE);
-            }
-        }
+        Command::Scrub { root } => return scrub(&root.root),
         Command::Service { action } => {
             let report = match action {
                 ServiceAction::Install { root, dry_run } => {
@@ -210,14 +196,61 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Completions { shell } => {
             clidoc::completions(shell, &mut Cli::command(), &mut std::io::stdout().lock())
-                .context("writing completions to stdout")?;
+                .map_err(CliError::Completions)?;
         }
         Command::Man => {
-            clidoc::man(Cli::command(), &mut std::io::stdout().lock())
-                .context("writing the man page to stdout")?;
+            clidoc::man(Cli::command(), &mut std::io::stdout().lock()).map_err(CliError::Man)?;
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `serve`: prints the bound address once listening, runs until SIGTERM/SIGINT.
+fn serve(
+    root: PathBuf,
+    listen: Option<SocketAddr>,
+    metrics: Option<SocketAddr>,
+) -> Result<(), CliError> {
+    let mut ready_err = None;
+    server::serve(
+        server::ServeOptions {
+            root,
+            listen,
+            metrics,
+        },
+        |addr| {
+            if let Err(e) = out(format_args!("listening on {addr}")) {
+                ready_err = Some(e);
+            }
+        },
+    )?;
+    match ready_err {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// `scrub`: prints each damaged record as it is found, then the totals; fails when any
+/// record is damaged.
+fn scrub(root: &Path) -> Result<ExitCode, CliError> {
+    let report = status::scrub(&Layout::new(root), |d| {
+        let _ = out(format_args!(
+            "damaged: repository {} pack {} offset {} chunk {}: {}",
+            d.repo, d.pack, d.offset, d.chunk, d.why
+        ));
+    })?;
+    out(format_args!(
+        "scrub: {} records ({} bytes) in {} repositories checked, {} damaged",
+        report.records,
+        report.bytes,
+        report.repositories,
+        report.damaged.len()
+    ))?;
+    Ok(if report.damaged.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ fn main() -> ExitCode {
     match cli::run(cli) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("error: {}", coffer_common::error_text(e.as_ref()));
+            eprintln!("error: {}", coffer_common::error_text(&e));
             ExitCode::FAILURE
         }
     }
