@@ -61,8 +61,6 @@ pub enum Error {
         .0.display()
     )]
     AlreadyServing(PathBuf),
-    #[error("locking {}: {msg}", path.display())]
-    Lock { path: PathBuf, msg: String },
     #[error("listening on {addr}: {msg}")]
     Bind { addr: SocketAddr, msg: String },
     #[error("serving metrics on {addr} (--metrics): {msg}")]

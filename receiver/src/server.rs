@@ -25,7 +25,6 @@
 //! `http://ADDR/metrics`, on this same runtime.
 
 use std::collections::{HashMap, VecDeque};
-use std::fs::{File, OpenOptions};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -36,7 +35,6 @@ use coffer_common::chunk::{ChunkId, MAX_CHUNK, MAX_SEALED, SEAL_OVERHEAD};
 use coffer_common::wire::{
     CommitResult, ErrorCode, Message, WireError, MAX_BATCH_FILES, MAX_IDS, PROTOCOL_VERSION,
 };
-use nix::fcntl::{Flock, FlockArg};
 use tokio::io::{ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
@@ -51,7 +49,8 @@ use crate::layout::Layout;
 use crate::metrics::{ErrorKind, Metrics, Rejected};
 use crate::repo::{Repo, RepoError};
 use crate::Error;
-use coffer_common::host::fs::{write_atomic, Context};
+use coffer_common::host::fs::write_atomic;
+use coffer_common::host::lock::{Lock, LockError, Wait};
 
 /// Handshakes in progress at once; connections past this are dropped at once.
 pub const MAX_HANDSHAKES: usize = 512;
@@ -108,32 +107,13 @@ struct Shared {
     metrics: Arc<Metrics>,
 }
 
-/// Takes the root's serve lock, refusing when another `serve` holds it.
-fn lock_root(layout: &Layout) -> Result<Flock<File>, Error> {
-    let path = layout.serve_lock();
-    let deadline = std::time::Instant::now() + LOCK_WAIT;
-    loop {
-        let f = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .ctx("opening", &path)?;
-        match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
-            Ok(l) => return Ok(l),
-            Err((_, nix::errno::Errno::EWOULDBLOCK)) if std::time::Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
-                return Err(Error::AlreadyServing(layout.root().to_path_buf()))
-            }
-            Err((_, e)) => {
-                return Err(Error::Lock {
-                    path,
-                    msg: e.desc().to_lowercase(),
-                })
-            }
-        }
+/// Takes the root's serve lock, refusing when another `serve` holds it. Failing to open
+/// or lock the file is an I/O error, not another `serve`.
+fn lock_root(layout: &Layout) -> Result<Lock, Error> {
+    match Lock::exclusive(&layout.serve_lock(), Wait::For(LOCK_WAIT)) {
+        Ok(l) => Ok(l),
+        Err(LockError::Held { .. }) => Err(Error::AlreadyServing(layout.root().to_path_buf())),
+        Err(LockError::Io(e)) => Err(e.into()),
     }
 }
 
@@ -1275,4 +1255,31 @@ fn missing_chunks_text(ids: &[ChunkId]) -> String {
          send them and commit again",
         ids.len()
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_held_lock_is_another_serve_and_an_io_failure_is_not() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let layout = Layout::new(d.path());
+        let held = lock_root(&layout).expect("free");
+        match lock_root(&layout) {
+            Err(Error::AlreadyServing(root)) => assert_eq!(root, d.path()),
+            other => panic!("expected AlreadyServing, got {other:?}"),
+        }
+        drop(held);
+        drop(lock_root(&layout).expect("free again"));
+        // A root that cannot hold the lock file: an I/O error naming the file.
+        let missing = Layout::new(&d.path().join("no-such-root"));
+        match lock_root(&missing) {
+            Err(e @ Error::Io(_)) => {
+                assert!(e.to_string().contains("serve.lock"), "{e}");
+                assert!(!e.to_string().contains("already running"), "{e}");
+            }
+            other => panic!("expected an I/O error, got {other:?}"),
+        }
+    }
 }

@@ -2,10 +2,8 @@
 //! Both only read; they can run while `serve` does.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::path::Path;
 
-use nix::fcntl::{Flock, FlockArg};
 use serde::Serialize;
 
 use crate::auth::{Authorizations, RepoName};
@@ -14,6 +12,7 @@ use crate::layout::Layout;
 use crate::store::{read_record, Check, LocalPacks, PackStore, RecordError};
 use crate::Error;
 use coffer_common::host::fs::Context;
+use coffer_common::host::lock;
 use coffer_common::host::time::rfc3339;
 
 /// One repository in `status`.
@@ -51,20 +50,7 @@ pub struct Status {
 
 /// True when a `serve` holds the root's lock.
 pub fn serve_running(layout: &Layout) -> Result<bool, Error> {
-    let path = layout.serve_lock();
-    let f = match File::open(&path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-        Err(e) => return Err(coffer_common::host::fs::IoError::new("opening", path, e).into()),
-    };
-    match Flock::lock(f, FlockArg::LockSharedNonblock) {
-        Ok(_) => Ok(false),
-        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(true),
-        Err((_, e)) => Err(Error::Lock {
-            path,
-            msg: e.desc().to_lowercase(),
-        }),
-    }
+    Ok(lock::is_held(&layout.serve_lock())?)
 }
 
 /// Repository names: every directory under `repos/` plus every authorized one.
