@@ -5,7 +5,9 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
+use crate::store::{LocalDisk, PackStores};
 use crate::{clidoc, server, service, status, Authorized, Layout};
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use coffer_common::host::log::LogArgs;
@@ -144,6 +146,11 @@ fn out(line: impl std::fmt::Display) -> Result<(), CliError> {
     o.flush().map_err(CliError::Stdout)
 }
 
+/// Where every command finds repositories' packs: the one place the store is chosen.
+fn pack_stores() -> Arc<dyn PackStores> {
+    Arc::new(LocalDisk)
+}
+
 /// Runs the parsed command; the exit code is a failure when `scrub` found damage.
 pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
     match cli.command {
@@ -171,7 +178,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
             metrics,
         } => serve(root.root, listen, metrics)?,
         Command::Status { root, json } => {
-            let s = status::status(&Layout::new(&root.root))?;
+            let s = status::status(&Layout::new(&root.root), &*pack_stores())?;
             if json {
                 out(serde_json::to_string(&s).map_err(CliError::EncodeStatus)?)?;
             } else {
@@ -217,6 +224,7 @@ fn serve(
             root,
             listen,
             metrics,
+            stores: pack_stores(),
         },
         |addr| {
             if let Err(e) = out(format_args!("listening on {addr}")) {
@@ -233,7 +241,7 @@ fn serve(
 /// `scrub`: prints each damaged record as it is found, then the totals; fails when any
 /// record is damaged.
 fn scrub(root: &Path) -> Result<ExitCode, CliError> {
-    let report = status::scrub(&Layout::new(root), |d| {
+    let report = status::scrub(&Layout::new(root), &*pack_stores(), |d| {
         let _ = out(format_args!(
             "damaged: repository {} pack {} offset {} chunk {}: {}",
             d.repo, d.pack, d.offset, d.chunk, d.why

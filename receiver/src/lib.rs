@@ -89,7 +89,7 @@ pub fn authorize(root: &Path, name: &str, key: &str) -> Result<Authorized, Error
     let _lock = auth::EditLock::acquire(&layout.authorized_lock())?;
     let mut list = auth::Authorizations::load(&layout.authorized())?;
     let r = list.authorize(key, name.clone())?;
-    fs::create_dir_all(&layout.repo(&name).join("packs"), 0o700)?;
+    layout.repo(&name).create()?;
     if r == Authorized::Added {
         list.save(&layout.authorized())?;
     }

@@ -48,6 +48,7 @@ use crate::index::{CommitOutcome, NewCommit};
 use crate::layout::Layout;
 use crate::metrics::{ErrorKind, Metrics, Rejected};
 use crate::repo::{Repo, RepoError};
+use crate::store::PackStores;
 use crate::Error;
 use coffer_common::host::fs::write_atomic;
 use coffer_common::host::lock::{Lock, LockError, Wait};
@@ -92,6 +93,8 @@ pub struct ServeOptions {
     /// Serve Prometheus metrics at `http://ADDR/metrics` (off when `None`). Used as given:
     /// keep it on loopback unless the network path to it is trusted.
     pub metrics: Option<SocketAddr>,
+    /// Where repositories keep their packs.
+    pub stores: Arc<dyn PackStores>,
 }
 
 struct Shared {
@@ -105,6 +108,7 @@ struct Shared {
     cancel: CancellationToken,
     tracker: TaskTracker,
     metrics: Arc<Metrics>,
+    stores: Arc<dyn PackStores>,
 }
 
 /// Takes the root's serve lock, refusing when another `serve` holds it. Failing to open
@@ -131,7 +135,14 @@ pub fn serve(opts: ServeOptions, on_ready: impl FnOnce(SocketAddr)) -> Result<()
         .thread_name("coffer-receiver")
         .build()
         .map_err(|e| Error::Runtime(e.to_string()))?;
-    let r = rt.block_on(run(layout.clone(), config, keypair, opts.metrics, on_ready));
+    let r = rt.block_on(run(
+        layout.clone(),
+        config,
+        keypair,
+        opts.metrics,
+        opts.stores,
+        on_ready,
+    ));
     rt.shutdown_timeout(Duration::from_secs(2));
     let _ = std::fs::remove_file(layout.serve_addr());
     r
@@ -142,6 +153,7 @@ async fn run(
     config: Config,
     keypair: StaticKeypair,
     metrics_addr: Option<SocketAddr>,
+    stores: Arc<dyn PackStores>,
     on_ready: impl FnOnce(SocketAddr),
 ) -> Result<(), Error> {
     let listener = TcpListener::bind(config.listen)
@@ -173,6 +185,7 @@ async fn run(
         cancel: CancellationToken::new(),
         tracker: TaskTracker::new(),
         metrics: Arc::new(Metrics::new()),
+        stores,
     });
     // Load the list once now so a broken file is reported at start.
     let _ = shared.auth.current();
@@ -492,14 +505,15 @@ async fn open_repo(shared: &Arc<Shared>, name: &RepoName) -> Result<Arc<Repo>, R
         return Ok(r.clone());
     }
     let dir = shared.layout.repo(name);
+    let packs = shared.stores.open(&dir);
     let n = name.clone();
     let max = shared.config.pack_max_bytes;
-    let (repo, rec) = tokio::task::spawn_blocking(move || Repo::open(&dir, n, max))
+    let (repo, rec) = tokio::task::spawn_blocking(move || Repo::open(&dir, n, packs, max))
         .await
         .map_err(|e| {
             RepoError::Io(coffer_common::host::fs::IoError::new(
                 "opening repository",
-                shared.layout.repo(name),
+                shared.layout.repo(name).path(),
                 std::io::Error::other(e.to_string()),
             ))
         })??;
