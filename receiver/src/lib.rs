@@ -4,7 +4,8 @@
 //! - [`layout`]: the backup tree under `--root`, and `init`.
 //! - [`config`]: the configuration file, `receiver.toml`.
 //! - [`auth`]: agent key -> repository (`authorized.toml`), repository names.
-//! - [`server`]: listener, handshake, authorization, sessions with group commit, shutdown.
+//! - [`server`]: listener, handshake, authorization, session slots, shutdown.
+//! - [`session`]: one agent's session: requests in order, group commit, chunk reads.
 //! - [`repo`]: one repository's write path (append, flush, rollback) and crash recovery.
 //! - [`store`]: pack and record formats behind the [`store::PackStore`] trait.
 //! - [`index`]: the repository's SQLite index, sole owner of its connection.
@@ -34,6 +35,7 @@ pub mod notify;
 pub mod repo;
 pub mod server;
 pub mod service;
+pub mod session;
 pub mod status;
 pub mod store;
 
