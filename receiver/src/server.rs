@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use coffer_common::channel::{self, PublicKey, StaticKeypair};
-use coffer_common::host::fs::write_atomic;
+use coffer_common::host::fs::{describe, write_atomic, IoError};
 use coffer_common::host::lock::{Lock, LockError, Wait};
 use coffer_common::wire::{ErrorCode, Message};
 use tokio::net::{TcpListener, TcpStream};
@@ -59,15 +59,21 @@ pub struct ServeOptions {
     pub stores: Arc<dyn PackStores>,
 }
 
-pub(crate) struct Shared {
+/// A running `serve`: what every connection and session shares.
+pub(crate) struct Server {
     layout: Layout,
     pub(crate) config: Config,
     keypair: StaticKeypair,
     auth: AuthWatcher,
+    /// Repositories opened so far, each opened once and shared by its sessions.
     repos: tokio::sync::Mutex<HashMap<RepoName, Arc<Repo>>>,
+    /// Session slots (`max_sessions`).
     sessions: Arc<Semaphore>,
+    /// Handshakes in progress ([`MAX_HANDSHAKES`]).
     handshakes: Arc<Semaphore>,
+    /// Cancelled by SIGTERM/SIGINT.
     pub(crate) cancel: CancellationToken,
+    /// Every connection's task, waited for on shutdown.
     tracker: TaskTracker,
     pub(crate) metrics: Arc<Metrics>,
     stores: Arc<dyn PackStores>,
@@ -97,162 +103,170 @@ pub fn serve(opts: ServeOptions, on_ready: impl FnOnce(SocketAddr)) -> Result<()
         .thread_name("coffer-receiver")
         .build()
         .map_err(|e| Error::Runtime(e.to_string()))?;
-    let r = rt.block_on(run(
-        layout.clone(),
-        config,
-        keypair,
-        opts.metrics,
-        opts.stores,
-        on_ready,
-    ));
+    let server = Server::new(layout.clone(), config, keypair, opts.stores);
+    let r = rt.block_on(run(server, opts.metrics, on_ready));
     rt.shutdown_timeout(Duration::from_secs(2));
     let _ = std::fs::remove_file(layout.serve_addr());
     r
 }
 
+/// Listens, serves until cancelled, then shuts down.
 async fn run(
-    layout: Layout,
-    config: Config,
-    keypair: StaticKeypair,
+    server: Arc<Server>,
     metrics_addr: Option<SocketAddr>,
-    stores: Arc<dyn PackStores>,
     on_ready: impl FnOnce(SocketAddr),
 ) -> Result<(), Error> {
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|e| Error::Bind {
-            addr: config.listen,
-            msg: coffer_common::host::fs::describe(&e),
-        })?;
-    let addr = listener.local_addr().map_err(|e| Error::Bind {
-        addr: config.listen,
-        msg: coffer_common::host::fs::describe(&e),
-    })?;
+    let listen = server.config.listen;
+    let bind_error = |e: std::io::Error| Error::Bind {
+        addr: listen,
+        msg: describe(&e),
+    };
+    let listener = TcpListener::bind(listen).await.map_err(bind_error)?;
+    let addr = listener.local_addr().map_err(bind_error)?;
     let metrics_listener = match metrics_addr {
         Some(a) => Some(TcpListener::bind(a).await.map_err(|e| Error::MetricsBind {
             addr: a,
-            msg: coffer_common::host::fs::describe(&e),
+            msg: describe(&e),
         })?),
         None => None,
     };
-    write_atomic(&layout.serve_addr(), format!("{addr}\n").as_bytes(), 0o644)?;
-    let shared = Arc::new(Shared {
-        auth: AuthWatcher::new(layout.authorized()),
-        layout,
-        sessions: Arc::new(Semaphore::new(config.max_sessions)),
-        handshakes: Arc::new(Semaphore::new(MAX_HANDSHAKES)),
-        config,
-        keypair,
-        repos: tokio::sync::Mutex::new(HashMap::new()),
-        cancel: CancellationToken::new(),
-        tracker: TaskTracker::new(),
-        metrics: Arc::new(Metrics::new()),
-        stores,
-    });
+    write_atomic(
+        &server.layout.serve_addr(),
+        format!("{addr}\n").as_bytes(),
+        0o644,
+    )?;
     // Load the list once now so a broken file is reported at start.
-    let _ = shared.auth.current();
+    let _ = server.auth.current();
     tracing::info!(
         %addr,
-        key = %shared.keypair.public(),
-        root = %shared.layout.root().display(),
-        max_sessions = shared.config.max_sessions,
+        key = %server.keypair.public(),
+        root = %server.layout.root().display(),
+        max_sessions = server.config.max_sessions,
         "listening"
     );
     if let Some(l) = metrics_listener {
-        match l.local_addr() {
-            Ok(a) => tracing::info!("metrics at http://{a}/metrics"),
-            Err(e) => tracing::warn!(
-                "metrics listener: {}",
-                coffer_common::host::fs::describe(&e)
-            ),
-        }
-        let s = shared.clone();
-        tokio::spawn(crate::metrics::serve_http(
-            l,
-            shared.cancel.clone(),
-            move || scrape(&s),
-        ));
+        serve_metrics(&server, l);
     }
     on_ready(addr);
-    spawn_signal_handler(shared.cancel.clone())?;
+    spawn_signal_handler(server.cancel.clone())?;
     crate::notify::notify(&format!("READY=1\nSTATUS=listening on {addr}"));
-    if let Some(every) = crate::notify::watchdog_interval() {
-        let cancel = shared.cancel.clone();
-        tokio::spawn(async move {
-            loop {
-                crate::notify::notify("WATCHDOG=1");
-                tokio::select! {
-                    _ = tokio::time::sleep(every) => {}
-                    _ = cancel.cancelled() => return,
-                }
-            }
-        });
+    spawn_watchdog(server.cancel.clone());
+    accept(&server, &listener).await;
+    drop(listener);
+    server.shut_down().await;
+    Ok(())
+}
+
+impl Server {
+    fn new(
+        layout: Layout,
+        config: Config,
+        keypair: StaticKeypair,
+        stores: Arc<dyn PackStores>,
+    ) -> Arc<Self> {
+        Arc::new(Server {
+            auth: AuthWatcher::new(layout.authorized()),
+            layout,
+            sessions: Arc::new(Semaphore::new(config.max_sessions)),
+            handshakes: Arc::new(Semaphore::new(MAX_HANDSHAKES)),
+            config,
+            keypair,
+            repos: tokio::sync::Mutex::new(HashMap::new()),
+            cancel: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            metrics: Arc::new(Metrics::new()),
+            stores,
+        })
     }
 
-    loop {
-        tokio::select! {
-            _ = shared.cancel.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok((stream, peer)) => {
-                    let Ok(hs) = shared.handshakes.clone().try_acquire_owned() else {
-                        tracing::warn!(%peer, "too many handshakes in progress; dropping connection");
-                        continue;
-                    };
-                    let _ = stream.set_nodelay(true);
-                    let s = shared.clone();
-                    let span = tracing::info_span!("conn", %peer);
-                    shared.tracker.spawn(connection(s, stream, hs).instrument(span));
-                }
-                Err(e) => {
-                    tracing::warn!("accepting a connection: {}", coffer_common::host::fs::describe(&e));
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-                        _ = shared.cancel.cancelled() => break,
-                    }
-                }
+    /// After the listener is closed: lets sessions finish within the grace period, then
+    /// flushes every repository once more.
+    async fn shut_down(&self) {
+        crate::notify::notify("STOPPING=1");
+        tracing::info!("shutting down: no new connections; letting sessions finish");
+        self.tracker.close();
+        let grace = self.config.shutdown_grace();
+        if tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "sessions still running after the shutdown grace of {}s; exiting anyway \
+                 (anything unacknowledged will be sent again)",
+                grace.as_secs()
+            );
+        }
+        let repos: Vec<Arc<Repo>> = self.repos.lock().await.values().cloned().collect();
+        for repo in repos {
+            let r = tokio::task::spawn_blocking(move || {
+                let name = repo.name().clone();
+                (name, repo.flush(&[]))
+            })
+            .await;
+            if let Ok((name, Err(e))) = r {
+                tracing::warn!(repo = %name, "final flush: {e}");
             }
         }
+        tracing::info!("stopped");
     }
-    drop(listener);
-    crate::notify::notify("STOPPING=1");
-    tracing::info!("shutting down: no new connections; letting sessions finish");
-    shared.tracker.close();
-    let grace = shared.config.shutdown_grace();
-    if tokio::time::timeout(grace, shared.tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            "sessions still running after the shutdown grace of {}s; exiting anyway \
-             (anything unacknowledged will be sent again)",
-            grace.as_secs()
-        );
-    }
-    let repos: Vec<Arc<Repo>> = shared.repos.lock().await.values().cloned().collect();
-    for repo in repos {
-        let r = tokio::task::spawn_blocking(move || {
-            let name = repo.name().clone();
-            (name, repo.flush(&[]))
-        })
-        .await;
-        if let Ok((name, Err(e))) = r {
-            tracing::warn!(repo = %name, "final flush: {e}");
+
+    /// The repository `name`, opened (and recovered) on first use.
+    pub(crate) async fn open_repo(&self, name: &RepoName) -> Result<Arc<Repo>, RepoError> {
+        let mut repos = self.repos.lock().await;
+        if let Some(r) = repos.get(name) {
+            return Ok(r.clone());
         }
+        let dir = self.layout.repo(name);
+        let packs = self.stores.open(&dir);
+        let n = name.clone();
+        let max = self.config.pack_max_bytes;
+        let (repo, rec) = tokio::task::spawn_blocking(move || Repo::open(&dir, n, packs, max))
+            .await
+            .map_err(|e| {
+                RepoError::Io(IoError::new(
+                    "opening repository",
+                    self.layout.repo(name).path(),
+                    std::io::Error::other(e.to_string()),
+                ))
+            })??;
+        if rec.reindexed > 0 || rec.cut_bytes > 0 {
+            tracing::info!(
+                repo = %name,
+                reindexed = rec.reindexed,
+                cut_bytes = rec.cut_bytes,
+                "recovered after an unclean stop"
+            );
+        }
+        let repo = Arc::new(repo);
+        repos.insert(name.clone(), repo.clone());
+        Ok(repo)
     }
-    tracing::info!("stopped");
-    Ok(())
+}
+
+/// Serves `/metrics` on `listener` until shutdown.
+fn serve_metrics(server: &Arc<Server>, listener: TcpListener) {
+    match listener.local_addr() {
+        Ok(a) => tracing::info!("metrics at http://{a}/metrics"),
+        Err(e) => tracing::warn!("metrics listener: {}", describe(&e)),
+    }
+    let s = server.clone();
+    tokio::spawn(crate::metrics::serve_http(
+        listener,
+        server.cancel.clone(),
+        move || scrape(&s),
+    ));
 }
 
 /// The metrics text, with the stored bytes of every repository opened so far (runs on a
 /// blocking thread).
-fn scrape(shared: &Shared) -> String {
-    let repos: Vec<Arc<Repo>> = shared.repos.blocking_lock().values().cloned().collect();
+fn scrape(server: &Server) -> String {
+    let repos: Vec<Arc<Repo>> = server.repos.blocking_lock().values().cloned().collect();
     for r in repos {
-        shared
+        server
             .metrics
             .set_repository_bytes(r.name().as_str(), r.stored_bytes());
     }
-    shared.metrics.render()
+    server.metrics.render()
 }
 
 fn spawn_signal_handler(cancel: CancellationToken) -> Result<(), Error> {
@@ -269,6 +283,51 @@ fn spawn_signal_handler(cancel: CancellationToken) -> Result<(), Error> {
     Ok(())
 }
 
+/// Tells systemd we are alive, as often as its watchdog asks (when it does).
+fn spawn_watchdog(cancel: CancellationToken) {
+    let Some(every) = crate::notify::watchdog_interval() else {
+        return;
+    };
+    tokio::spawn(async move {
+        loop {
+            crate::notify::notify("WATCHDOG=1");
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = cancel.cancelled() => return,
+            }
+        }
+    });
+}
+
+/// Accepts connections until shutdown, each on a task of its own (past
+/// [`MAX_HANDSHAKES`] handshakes in progress, a connection is dropped at once).
+async fn accept(server: &Arc<Server>, listener: &TcpListener) {
+    loop {
+        tokio::select! {
+            _ = server.cancel.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok((stream, peer)) => {
+                    let Ok(hs) = server.handshakes.clone().try_acquire_owned() else {
+                        tracing::warn!(%peer, "too many handshakes in progress; dropping connection");
+                        continue;
+                    };
+                    let _ = stream.set_nodelay(true);
+                    let s = server.clone();
+                    let span = tracing::info_span!("conn", %peer);
+                    server.tracker.spawn(connection(s, stream, hs).instrument(span));
+                }
+                Err(e) => {
+                    tracing::warn!("accepting a connection: {}", describe(&e));
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                        _ = server.cancel.cancelled() => return,
+                    }
+                }
+            }
+        }
+    }
+}
+
 pub(crate) fn error(code: ErrorCode, message: impl Into<String>) -> Message {
     Message::Error {
         code,
@@ -276,63 +335,79 @@ pub(crate) fn error(code: ErrorCode, message: impl Into<String>) -> Message {
     }
 }
 
-async fn connection(shared: Arc<Shared>, stream: TcpStream, handshake_slot: OwnedSemaphorePermit) {
+/// One connection: handshake, authorization, a session slot, then the session.
+async fn connection(server: Arc<Server>, stream: TcpStream, handshake_slot: OwnedSemaphorePermit) {
     let hs = tokio::select! {
-        r = channel::accept(stream, &shared.keypair) => r,
-        _ = shared.cancel.cancelled() => return,
+        r = channel::accept(stream, &server.keypair) => r,
+        _ = server.cancel.cancelled() => return,
     };
     drop(handshake_slot);
     let (ch, key) = match hs {
         Ok(x) => x,
         Err(e) => {
             tracing::debug!("handshake failed: {e}");
-            shared.metrics.rejected(Rejected::Failed);
+            server.metrics.rejected(Rejected::Failed);
             return;
         }
     };
-    let Some(repo) = shared.auth.current().repo_of(&key).cloned() else {
-        shared.metrics.rejected(Rejected::Unauthorized);
+    let Some(repo) = server.auth.current().repo_of(&key).cloned() else {
+        server.metrics.rejected(Rejected::Unauthorized);
         tracing::warn!(%key, "refused: agent key {key} is not authorized on this receiver");
         let m = error(
             ErrorCode::Unauthorized,
             format!("agent key {key} is not authorized on this receiver"),
         );
-        refuse(ch, m).await;
-        return;
+        return refuse(ch, m).await;
     };
-    let permit = match shared.sessions.clone().try_acquire_owned() {
-        Ok(p) => p,
-        Err(_) => {
-            let waited = tokio::select! {
-                r = tokio::time::timeout(BUSY_WAIT, shared.sessions.clone().acquire_owned()) => r,
-                _ = shared.cancel.cancelled() => return,
-            };
-            match waited {
-                Ok(Ok(p)) => p,
-                _ => {
-                    tracing::warn!(%key, "refused: all {} sessions in use", shared.config.max_sessions);
-                    let m = error(
-                        ErrorCode::Internal,
-                        format!(
-                            "receiver busy: all {} sessions are in use (max_sessions in \
-                             receiver.toml); try again later",
-                            shared.config.max_sessions
-                        ),
-                    );
-                    refuse(ch, m).await;
-                    return;
-                }
-            }
-        }
+    let permit = match session_slot(&server).await {
+        Slot::Free(p) => p,
+        Slot::Busy => return refuse(ch, busy(&server, &key)).await,
+        Slot::ShuttingDown => return,
     };
     let span = tracing::info_span!("session", %repo, key = %short(&key));
-    let metrics = shared.metrics.clone();
+    let metrics = server.metrics.clone();
     let active = metrics.session();
-    crate::session::session(shared, ch, repo)
+    crate::session::session(server, ch, repo)
         .instrument(span)
         .await;
     drop(active);
     drop(permit);
+}
+
+/// What waiting for a session slot came to.
+enum Slot {
+    Free(OwnedSemaphorePermit),
+    /// None freed up within [`BUSY_WAIT`].
+    Busy,
+    ShuttingDown,
+}
+
+/// A session slot, waiting up to [`BUSY_WAIT`] for one when all are in use.
+async fn session_slot(server: &Server) -> Slot {
+    if let Ok(p) = server.sessions.clone().try_acquire_owned() {
+        return Slot::Free(p);
+    }
+    let waited = tokio::select! {
+        r = tokio::time::timeout(BUSY_WAIT, server.sessions.clone().acquire_owned()) => r,
+        _ = server.cancel.cancelled() => return Slot::ShuttingDown,
+    };
+    match waited {
+        Ok(Ok(p)) => Slot::Free(p),
+        _ => Slot::Busy,
+    }
+}
+
+/// The refusal of a connection that found every session slot taken.
+fn busy(server: &Server, key: &PublicKey) -> Message {
+    let max = server.config.max_sessions;
+    tracing::warn!(%key, "refused: all {max} sessions in use");
+    error(
+        ErrorCode::Internal,
+        format!(
+            "receiver busy: all {max} sessions are in use (max_sessions in receiver.toml); \
+             try again later"
+        ),
+    )
 }
 
 /// Sends a last message, closes our side, and reads (discarding) what the peer had already
@@ -347,40 +422,6 @@ pub(crate) async fn refuse(ch: channel::Channel<TcpStream>, m: Message) {
 
 fn short(k: &PublicKey) -> String {
     k.to_string().chars().take(8).collect()
-}
-
-pub(crate) async fn open_repo(
-    shared: &Arc<Shared>,
-    name: &RepoName,
-) -> Result<Arc<Repo>, RepoError> {
-    let mut repos = shared.repos.lock().await;
-    if let Some(r) = repos.get(name) {
-        return Ok(r.clone());
-    }
-    let dir = shared.layout.repo(name);
-    let packs = shared.stores.open(&dir);
-    let n = name.clone();
-    let max = shared.config.pack_max_bytes;
-    let (repo, rec) = tokio::task::spawn_blocking(move || Repo::open(&dir, n, packs, max))
-        .await
-        .map_err(|e| {
-            RepoError::Io(coffer_common::host::fs::IoError::new(
-                "opening repository",
-                shared.layout.repo(name).path(),
-                std::io::Error::other(e.to_string()),
-            ))
-        })??;
-    if rec.reindexed > 0 || rec.cut_bytes > 0 {
-        tracing::info!(
-            repo = %name,
-            reindexed = rec.reindexed,
-            cut_bytes = rec.cut_bytes,
-            "recovered after an unclean stop"
-        );
-    }
-    let repo = Arc::new(repo);
-    repos.insert(name.clone(), repo.clone());
-    Ok(repo)
 }
 
 #[cfg(test)]

@@ -21,7 +21,8 @@ use std::time::Duration;
 use coffer_common::channel::{self, ChannelError, RecvHalf, SendHalf};
 use coffer_common::chunk::{ChunkId, MAX_CHUNK, MAX_SEALED, SEAL_OVERHEAD};
 use coffer_common::wire::{
-    CommitResult, ErrorCode, Message, WireError, MAX_BATCH_FILES, MAX_IDS, PROTOCOL_VERSION,
+    CommitResult, ErrorCode, FileCommit, Message, SealedChunk, WireError, MAX_BATCH_FILES, MAX_IDS,
+    PROTOCOL_VERSION,
 };
 use tokio::io::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
@@ -33,7 +34,7 @@ use crate::auth::RepoName;
 use crate::index::{CommitOutcome, NewCommit};
 use crate::metrics::{ErrorKind, Metrics};
 use crate::repo::{Repo, RepoError};
-use crate::server::{error, open_repo, refuse, Shared, LINGER};
+use crate::server::{error, refuse, Server, LINGER};
 
 /// Commits in one batch before it is flushed regardless.
 pub const MAX_BATCH_COMMITS: usize = 4096;
@@ -61,71 +62,21 @@ const READ_BUF: usize = MAX_CHUNK as usize + SEAL_OVERHEAD;
 type Tx = SendHalf<WriteHalf<TcpStream>>;
 type Rx = RecvHalf<ReadHalf<TcpStream>>;
 
+/// Runs one agent's session on an authenticated, authorized connection: `Hello`, the
+/// repository opened, `Welcome`, then requests until the session ends.
 pub(crate) async fn session(
-    shared: Arc<Shared>,
+    server: Arc<Server>,
     mut ch: channel::Channel<TcpStream>,
     repo_name: RepoName,
 ) {
-    let idle = shared.config.idle_timeout();
-    let first = tokio::select! {
-        r = tokio::time::timeout(idle, ch.recv()) => r,
-        _ = shared.cancel.cancelled() => return,
+    let agent = match hello(&server, &mut ch).await {
+        Hello::Agent(a) => a,
+        Hello::Refuse(m) => return refuse(ch, m).await,
+        Hello::Gone => return,
     };
-    let agent = match first {
-        Err(_) => {
-            tracing::info!("no Hello within the idle timeout; closing");
-            return;
-        }
-        Ok(Ok(Message::Hello {
-            protocol,
-            agent_name,
-            software,
-        })) => {
-            if protocol != PROTOCOL_VERSION {
-                let msg = format!(
-                    "protocol version mismatch: the receiver speaks {PROTOCOL_VERSION}, the agent \
-                     speaks {protocol}; upgrade the older side"
-                );
-                tracing::warn!("{msg}");
-                shared.metrics.error(ErrorKind::Protocol);
-                refuse(ch, error(ErrorCode::ProtocolVersion, msg)).await;
-                return;
-            }
-            tracing::info!(agent = %agent_name, %software, "session started");
-            agent_name
-        }
-        Ok(Ok(other)) => {
-            let msg = format!("expected Hello as the first message, got {}", other.kind());
-            tracing::warn!("{msg}");
-            shared.metrics.error(ErrorKind::Protocol);
-            refuse(ch, error(ErrorCode::Malformed, msg)).await;
-            return;
-        }
-        Ok(Err(ChannelError::Wire(WireError::Closed))) => return,
-        Ok(Err(e)) => {
-            tracing::warn!("bad first frame: {e}");
-            shared.metrics.error(ErrorKind::Protocol);
-            refuse(ch, error(ErrorCode::Malformed, e.to_string())).await;
-            return;
-        }
-    };
-    let repo = match open_repo(&shared, &repo_name).await {
+    let repo = match open_repo(&server, &repo_name).await {
         Ok(r) => r,
-        Err(e) => {
-            tracing::error!("opening repository {repo_name}: {e}");
-            shared.metrics.error(error_kind(&e));
-            let code = if e.is_storage() {
-                ErrorCode::Storage
-            } else {
-                ErrorCode::Internal
-            };
-            refuse(
-                ch,
-                error(code, format!("opening repository {repo_name}: {e}")),
-            )
-            .await;
-            return;
-        }
+        Err(m) => return refuse(ch, m).await,
     };
     let welcome = Message::Welcome {
         protocol: PROTOCOL_VERSION,
@@ -134,37 +85,106 @@ pub(crate) async fn session(
     if ch.send(&welcome).await.is_err() {
         return;
     }
+    serve_requests(&server, ch, repo, &agent).await;
+}
+
+/// What the agent's first message came to.
+enum Hello {
+    /// A `Hello` of our protocol version, from the agent so named.
+    Agent(String),
+    /// Anything else: the connection is refused with this message.
+    Refuse(Message),
+    /// The agent closed the connection, went quiet past the idle timeout, or the receiver
+    /// is shutting down.
+    Gone,
+}
+
+/// Reads the agent's first message, which must be a `Hello` of our protocol version.
+async fn hello(server: &Server, ch: &mut channel::Channel<TcpStream>) -> Hello {
+    let first = tokio::select! {
+        r = tokio::time::timeout(server.config.idle_timeout(), ch.recv()) => r,
+        _ = server.cancel.cancelled() => return Hello::Gone,
+    };
+    let (code, msg) = match first {
+        Err(_) => {
+            tracing::info!("no Hello within the idle timeout; closing");
+            return Hello::Gone;
+        }
+        Ok(Ok(Message::Hello {
+            protocol,
+            agent_name,
+            software,
+        })) => {
+            if protocol == PROTOCOL_VERSION {
+                tracing::info!(agent = %agent_name, %software, "session started");
+                return Hello::Agent(agent_name);
+            }
+            let msg = format!(
+                "protocol version mismatch: the receiver speaks {PROTOCOL_VERSION}, the agent \
+                 speaks {protocol}; upgrade the older side"
+            );
+            tracing::warn!("{msg}");
+            (ErrorCode::ProtocolVersion, msg)
+        }
+        Ok(Ok(other)) => {
+            let msg = format!("expected Hello as the first message, got {}", other.kind());
+            tracing::warn!("{msg}");
+            (ErrorCode::Malformed, msg)
+        }
+        Ok(Err(ChannelError::Wire(WireError::Closed))) => return Hello::Gone,
+        Ok(Err(e)) => {
+            tracing::warn!("bad first frame: {e}");
+            (ErrorCode::Malformed, e.to_string())
+        }
+    };
+    server.metrics.error(ErrorKind::Protocol);
+    Hello::Refuse(error(code, msg))
+}
+
+/// The session's repository, or the message refusing the session when it cannot be
+/// opened.
+async fn open_repo(server: &Server, name: &RepoName) -> Result<Arc<Repo>, Message> {
+    server.open_repo(name).await.map_err(|e| {
+        tracing::error!("opening repository {name}: {e}");
+        server.metrics.error(error_kind(&e));
+        let code = if e.is_storage() {
+            ErrorCode::Storage
+        } else {
+            ErrorCode::Internal
+        };
+        error(code, format!("opening repository {name}: {e}"))
+    })
+}
+
+/// Reads requests on a task of its own and answers them in order until the session
+/// ends; then closes the connection.
+async fn serve_requests(
+    server: &Server,
+    ch: channel::Channel<TcpStream>,
+    repo: Arc<Repo>,
+    agent: &str,
+) {
     let (tx, rx) = ch.split();
     let (qtx, qrx) = mpsc::channel(QUEUE_MESSAGES);
-    let reader_cancel = shared.cancel.child_token();
-    let reader = tokio::spawn(
+    let reader_cancel = server.cancel.child_token();
+    let mut reader = tokio::spawn(
         read_loop(rx, qtx, reader_cancel.clone()).instrument(tracing::Span::current()),
     );
-    let mut s = Session {
+    let mut s = Session::new(
         repo,
         tx,
-        idle,
-        batch: Batch::default(),
-        flushing: None,
-        batch_bytes: 0,
-        unflushed: false,
-        acked: 0,
-        stored_bytes: 0,
-        metrics: shared.metrics.clone(),
-        reads: VecDeque::new(),
-        gathering: Vec::new(),
-        read_bufs: Vec::new(),
-    };
-    let end = s.run(qrx, &shared.cancel).await;
+        server.config.idle_timeout(),
+        server.metrics.clone(),
+    );
+    let end = s.run(qrx, &server.cancel).await;
     // Close our side after the last reply; let the reader drain what the agent had already
     // pipelined (so the close is not a reset), for a moment.
     let _ = tokio::time::timeout(Duration::from_secs(5), s.tx.shutdown()).await;
-    let mut reader = reader;
     let _ = tokio::time::timeout(LINGER, &mut reader).await;
     reader_cancel.cancel();
     reader.abort();
     if matches!(end, Err(End::Internal(_))) {
-        shared.metrics.error(ErrorKind::Internal);
+        server.metrics.error(ErrorKind::Internal);
     }
     match end {
         Ok(()) => {
@@ -320,6 +340,26 @@ enum Event {
 }
 
 impl Session {
+    fn new(repo: Arc<Repo>, tx: Tx, idle: Duration, metrics: Arc<Metrics>) -> Self {
+        Session {
+            repo,
+            tx,
+            idle,
+            batch: Batch::default(),
+            flushing: None,
+            batch_bytes: 0,
+            unflushed: false,
+            acked: 0,
+            stored_bytes: 0,
+            metrics,
+            reads: VecDeque::new(),
+            gathering: Vec::new(),
+            read_bufs: Vec::new(),
+        }
+    }
+
+    /// Answers the requests of `q` until the agent closes, an error ends the session or the
+    /// receiver shuts down; then makes what was received durable and acknowledges it.
     async fn run(
         &mut self,
         mut q: mpsc::Receiver<Incoming>,
@@ -353,6 +393,9 @@ impl Session {
         self.batch.commits.len() >= MAX_BATCH_COMMITS || self.batch_bytes >= MAX_BATCH_BYTES
     }
 
+    /// Handles queued requests in order. Whenever the queue is momentarily empty, answers
+    /// the chunk reads asked for, starts flushing the gathered commits and waits for what
+    /// comes next; a full batch is flushed at once.
     async fn serve_queue(
         &mut self,
         q: &mut mpsc::Receiver<Incoming>,
@@ -368,28 +411,11 @@ impl Session {
                     if shutting_down {
                         return Err(End::Shutdown);
                     }
-                    // The queue is momentarily empty: make the gathered commits durable,
-                    // while reading on.
+                    // Make the gathered commits durable, while reading on.
                     if self.flushing.is_none() && !self.batch.commits.is_empty() {
                         self.start_flush();
                     }
-                    let idle = !self.pending();
-                    let ev = {
-                        let flushing = async {
-                            match self.flushing.as_mut() {
-                                Some(f) => (&mut f.task).await,
-                                None => std::future::pending().await,
-                            }
-                        };
-                        tokio::select! {
-                            biased;
-                            r = flushing => Event::Flushed(r),
-                            i = q.recv() => Event::Item(i),
-                            _ = cancel.cancelled(), if !shutting_down => Event::Cancel,
-                            _ = tokio::time::sleep(self.idle), if idle => Event::Idle,
-                        }
-                    };
-                    match ev {
+                    match self.next_event(q, cancel, shutting_down).await {
                         Event::Flushed(r) => {
                             self.finish_flush(r).await?;
                             continue;
@@ -409,18 +435,36 @@ impl Session {
                     self.handle(m).await?;
                     drop(permit);
                 }
-                Incoming::Bad(e) => {
-                    tracing::warn!("ending session: {e}");
-                    self.metrics.error(ErrorKind::Protocol);
-                    self.flush_now().await?;
-                    let _ = self.send(error(ErrorCode::Malformed, e.to_string())).await;
-                    return Err(End::Protocol(e.to_string()));
-                }
+                Incoming::Bad(e) => return self.malformed(e.to_string()).await,
             }
             if self.batch_full() {
                 self.wait_flush().await?;
                 self.start_flush();
             }
+        }
+    }
+
+    /// Waits for the first of: the flush in flight finishing, the next request, shutdown
+    /// (once), or the idle timeout (only while no commit is pending).
+    async fn next_event(
+        &mut self,
+        q: &mut mpsc::Receiver<Incoming>,
+        cancel: &CancellationToken,
+        shutting_down: bool,
+    ) -> Event {
+        let idle = !self.pending();
+        let flushing = async {
+            match self.flushing.as_mut() {
+                Some(f) => (&mut f.task).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            r = flushing => Event::Flushed(r),
+            i = q.recv() => Event::Item(i),
+            _ = cancel.cancelled(), if !shutting_down => Event::Cancel,
+            _ = tokio::time::sleep(self.idle), if idle => Event::Idle,
         }
     }
 
@@ -562,207 +606,239 @@ impl Session {
         Err(End::Protocol(msg))
     }
 
+    /// Handles one request.
     async fn handle(&mut self, m: Message) -> Result<(), End> {
         match m {
-            Message::HaveChunks { ids } => {
-                if ids.len() > MAX_IDS {
-                    return self
-                        .malformed(format!("HaveChunks with {} ids (max {MAX_IDS})", ids.len()))
-                        .await;
-                }
-                let repo = self.repo.clone();
-                let r = blocking(move || repo.missing(&ids)).await?;
-                let reply = match r {
-                    Ok(ids) => Message::Missing { ids },
-                    Err(e) => self.failed(&e),
-                };
-                self.reply(reply).await
-            }
+            Message::HaveChunks { ids } => self.have_chunks(ids).await,
             Message::PutChunk {
                 id,
                 sealed_hash,
                 sealed,
-            } => {
-                if let Some(msg) = bad_sealed_len(&id, sealed.len()) {
-                    self.metrics.error(ErrorKind::Protocol);
-                    return self.reply(error(ErrorCode::Malformed, msg)).await;
-                }
-                let n = sealed.len() as u64;
-                let repo = self.repo.clone();
-                // The channel checked the sealed bytes against `sealed_hash`.
-                let r = blocking(move || repo.put_hashed(&id, &sealed, sealed_hash)).await?;
-                let reply = match r {
-                    Ok(written) => {
-                        if written {
-                            self.unflushed = true;
-                            self.batch_bytes += n;
-                            self.stored_bytes += n;
-                            self.metrics.chunk_stored(n);
-                        } else {
-                            self.metrics.chunk_deduplicated();
-                        }
-                        Message::Stored { id }
-                    }
-                    Err(e) => {
-                        tracing::warn!("storing chunk {id}: {e}");
-                        self.failed(&e)
-                    }
-                };
-                self.reply(reply).await
-            }
+            } => self.put_chunk(id, sealed_hash, sealed).await,
             Message::CommitFile {
                 commit_id,
                 file_id,
                 manifest,
                 chunks,
             } => {
-                if chunks.len() > MAX_IDS {
-                    return self
-                        .malformed(format!(
-                            "CommitFile with {} chunks (max {MAX_IDS})",
-                            chunks.len()
-                        ))
-                        .await;
-                }
-                self.batch_bytes += manifest.len() as u64;
-                self.batch.commits.push(NewCommit {
+                self.commit_file(NewCommit {
                     commit_id,
                     file_id,
                     manifest,
                     chunks,
-                });
-                let i = self.batch.commits.len() - 1;
-                self.batch.replies.push(Reply::Commit(i));
-                Ok(())
+                })
+                .await
             }
-            Message::PutFiles { chunks, commits } => {
-                if chunks.len() > MAX_BATCH_FILES || commits.len() > MAX_BATCH_FILES {
-                    return self
-                        .malformed(format!(
-                            "PutFiles with {} chunks and {} commits (max {MAX_BATCH_FILES} each)",
-                            chunks.len(),
-                            commits.len()
-                        ))
-                        .await;
-                }
-                if let Some(c) = commits.iter().find(|c| c.chunks.len() > MAX_IDS) {
-                    let n = c.chunks.len();
-                    return self
-                        .malformed(format!("PutFiles commit with {n} chunks (max {MAX_IDS})"))
-                        .await;
-                }
-                if let Some(msg) = chunks
-                    .iter()
-                    .find_map(|c| bad_sealed_len(&c.id, c.sealed.len()))
-                {
-                    self.metrics.error(ErrorKind::Protocol);
-                    return self.reply(error(ErrorCode::Malformed, msg)).await;
-                }
-                if !chunks.is_empty() {
-                    let repo = self.repo.clone();
-                    let r = blocking(move || {
-                        let mut stored = Vec::with_capacity(chunks.len());
-                        for c in &chunks {
-                            match repo.put(&c.id, &c.sealed) {
-                                Ok(w) => stored.push(w.then_some(c.sealed.len() as u64)),
-                                Err(e) => return Err(Box::new((c.id, e))),
-                            }
-                        }
-                        Ok(stored)
-                    })
-                    .await?;
-                    match r {
-                        Ok(stored) => {
-                            for s in stored {
-                                match s {
-                                    Some(n) => {
-                                        self.unflushed = true;
-                                        self.batch_bytes += n;
-                                        self.stored_bytes += n;
-                                        self.metrics.chunk_stored(n);
-                                    }
-                                    None => self.metrics.chunk_deduplicated(),
-                                }
-                            }
-                        }
-                        Err(b) => {
-                            let (id, e) = *b;
-                            // Nothing of this request is acknowledged; the agent sends it again.
-                            tracing::warn!("storing chunk {id}: {e}");
-                            let reply = self.failed(&e);
-                            return self.reply(reply).await;
-                        }
-                    }
-                }
-                let start = self.batch.commits.len();
-                let n = commits.len();
-                for c in commits {
-                    self.batch_bytes += c.manifest.len() as u64;
-                    self.batch.commits.push(NewCommit {
-                        commit_id: c.commit_id,
-                        file_id: c.file_id,
-                        manifest: c.manifest,
-                        chunks: c.chunks,
-                    });
-                }
-                self.batch.replies.push(Reply::Commits(start, n));
-                Ok(())
-            }
-            Message::PutKeyFile { data } => {
-                let repo = self.repo.clone();
-                let r = blocking(move || repo.put_keyfile(&data)).await?;
-                let reply = match r {
-                    Ok(()) => Message::KeyFileStored,
-                    Err(RepoError::KeyFileTooLarge(n)) => {
-                        self.metrics.error(ErrorKind::Protocol);
-                        error(
-                            ErrorCode::Malformed,
-                            RepoError::KeyFileTooLarge(n).to_string(),
-                        )
-                    }
-                    Err(e) => self.failed(&e),
-                };
-                self.reply(reply).await
-            }
-            Message::GetKeyFile => {
-                let repo = self.repo.clone();
-                let reply = match blocking(move || repo.get_keyfile()).await? {
-                    Ok(data) => Message::KeyFile { data },
-                    Err(e) => self.failed(&e),
-                };
-                self.reply(reply).await
-            }
-            Message::ListVersions { after, limit } => {
-                // The listing must include this session's own earlier commits.
-                if self.pending() {
-                    self.flush_now().await?;
-                }
-                let repo = self.repo.clone();
-                let reply = match blocking(move || repo.list_versions(after, limit)).await? {
-                    Ok((entries, more)) => Message::Versions { entries, more },
-                    Err(e) => self.failed(&e),
-                };
-                self.reply(reply).await
-            }
-            Message::GetChunk { id } => {
-                // Sent at once rather than held (with its data) behind pending commits.
-                if self.pending() {
-                    self.flush_now().await?;
-                }
-                // Gathered, then read in a group on a blocking thread while earlier
-                // chunks are encrypted and written; answered in order by `answer_reads`.
-                self.gathering.push(id);
-                if self.gathering.len() >= READ_GROUP {
-                    self.start_reads().await?;
-                }
-                Ok(())
-            }
+            Message::PutFiles { chunks, commits } => self.put_files(chunks, commits).await,
+            Message::PutKeyFile { data } => self.put_keyfile(data).await,
+            Message::GetKeyFile => self.get_keyfile().await,
+            Message::ListVersions { after, limit } => self.list_versions(after, limit).await,
+            Message::GetChunk { id } => self.get_chunk(id).await,
             Message::Hello { .. } => self.malformed("Hello sent twice".into()).await,
             other => {
                 self.malformed(format!("{} is a reply, not a request", other.kind()))
                     .await
             }
         }
+    }
+
+    /// `HaveChunks`: answered with the ids the repository lacks.
+    async fn have_chunks(&mut self, ids: Vec<ChunkId>) -> Result<(), End> {
+        if ids.len() > MAX_IDS {
+            return self
+                .malformed(format!("HaveChunks with {} ids (max {MAX_IDS})", ids.len()))
+                .await;
+        }
+        let repo = self.repo.clone();
+        let r = blocking(move || repo.missing(&ids)).await?;
+        let reply = match r {
+            Ok(ids) => Message::Missing { ids },
+            Err(e) => self.failed(&e),
+        };
+        self.reply(reply).await
+    }
+
+    /// `PutChunk`: the chunk is appended to a pack (made durable by the next flush) and
+    /// answered with `Stored` at once.
+    async fn put_chunk(
+        &mut self,
+        id: ChunkId,
+        sealed_hash: [u8; 32],
+        sealed: Vec<u8>,
+    ) -> Result<(), End> {
+        if let Some(msg) = bad_sealed_len(&id, sealed.len()) {
+            self.metrics.error(ErrorKind::Protocol);
+            return self.reply(error(ErrorCode::Malformed, msg)).await;
+        }
+        let n = sealed.len() as u64;
+        let repo = self.repo.clone();
+        // The channel checked the sealed bytes against `sealed_hash`.
+        let r = blocking(move || repo.put_hashed(&id, &sealed, sealed_hash)).await?;
+        let reply = match r {
+            Ok(written) => {
+                self.count_chunk(written.then_some(n));
+                Message::Stored { id }
+            }
+            Err(e) => {
+                tracing::warn!("storing chunk {id}: {e}");
+                self.failed(&e)
+            }
+        };
+        self.reply(reply).await
+    }
+
+    /// Counts a chunk stored (`Some(bytes)`) or found already present (`None`).
+    fn count_chunk(&mut self, stored: Option<u64>) {
+        match stored {
+            Some(n) => {
+                self.unflushed = true;
+                self.batch_bytes += n;
+                self.stored_bytes += n;
+                self.metrics.chunk_stored(n);
+            }
+            None => self.metrics.chunk_deduplicated(),
+        }
+    }
+
+    /// `CommitFile`: joins the batch; answered with `FileAcked` once the batch is durable.
+    async fn commit_file(&mut self, c: NewCommit) -> Result<(), End> {
+        if c.chunks.len() > MAX_IDS {
+            return self
+                .malformed(format!(
+                    "CommitFile with {} chunks (max {MAX_IDS})",
+                    c.chunks.len()
+                ))
+                .await;
+        }
+        self.batch_bytes += c.manifest.len() as u64;
+        self.batch.commits.push(c);
+        let i = self.batch.commits.len() - 1;
+        self.batch.replies.push(Reply::Commit(i));
+        Ok(())
+    }
+
+    /// `PutFiles`: its chunks are stored in one blocking call, then its commits join the
+    /// batch; answered with one `FilesAcked` once the batch is durable. A chunk that cannot
+    /// be stored fails the whole request (nothing of it is acknowledged).
+    async fn put_files(
+        &mut self,
+        chunks: Vec<SealedChunk>,
+        commits: Vec<FileCommit>,
+    ) -> Result<(), End> {
+        if let Some(msg) = bad_put_files(&chunks, &commits) {
+            return self.malformed(msg).await;
+        }
+        if let Some(msg) = chunks
+            .iter()
+            .find_map(|c| bad_sealed_len(&c.id, c.sealed.len()))
+        {
+            self.metrics.error(ErrorKind::Protocol);
+            return self.reply(error(ErrorCode::Malformed, msg)).await;
+        }
+        if !chunks.is_empty() {
+            if let Some(reply) = self.store_chunks(chunks).await? {
+                return self.reply(reply).await;
+            }
+        }
+        let start = self.batch.commits.len();
+        let n = commits.len();
+        for c in commits {
+            self.batch_bytes += c.manifest.len() as u64;
+            self.batch.commits.push(NewCommit {
+                commit_id: c.commit_id,
+                file_id: c.file_id,
+                manifest: c.manifest,
+                chunks: c.chunks,
+            });
+        }
+        self.batch.replies.push(Reply::Commits(start, n));
+        Ok(())
+    }
+
+    /// Stores a `PutFiles`'s chunks on one blocking thread and counts them; on a failure,
+    /// the reply that fails the request.
+    async fn store_chunks(&mut self, chunks: Vec<SealedChunk>) -> Result<Option<Message>, End> {
+        let repo = self.repo.clone();
+        let r = blocking(move || {
+            let mut stored = Vec::with_capacity(chunks.len());
+            for c in &chunks {
+                match repo.put(&c.id, &c.sealed) {
+                    Ok(w) => stored.push(w.then_some(c.sealed.len() as u64)),
+                    Err(e) => return Err(Box::new((c.id, e))),
+                }
+            }
+            Ok(stored)
+        })
+        .await?;
+        match r {
+            Ok(stored) => {
+                for s in stored {
+                    self.count_chunk(s);
+                }
+                Ok(None)
+            }
+            Err(b) => {
+                let (id, e) = *b;
+                // Nothing of this request is acknowledged; the agent sends it again.
+                tracing::warn!("storing chunk {id}: {e}");
+                Ok(Some(self.failed(&e)))
+            }
+        }
+    }
+
+    /// `PutKeyFile`: the escrowed key file is replaced.
+    async fn put_keyfile(&mut self, data: Vec<u8>) -> Result<(), End> {
+        let repo = self.repo.clone();
+        let r = blocking(move || repo.put_keyfile(&data)).await?;
+        let reply = match r {
+            Ok(()) => Message::KeyFileStored,
+            Err(RepoError::KeyFileTooLarge(n)) => {
+                self.metrics.error(ErrorKind::Protocol);
+                error(
+                    ErrorCode::Malformed,
+                    RepoError::KeyFileTooLarge(n).to_string(),
+                )
+            }
+            Err(e) => self.failed(&e),
+        };
+        self.reply(reply).await
+    }
+
+    /// `GetKeyFile`: the escrowed key file, if any.
+    async fn get_keyfile(&mut self) -> Result<(), End> {
+        let repo = self.repo.clone();
+        let reply = match blocking(move || repo.get_keyfile()).await? {
+            Ok(data) => Message::KeyFile { data },
+            Err(e) => self.failed(&e),
+        };
+        self.reply(reply).await
+    }
+
+    /// `ListVersions`: a page of versions, this session's own commits included.
+    async fn list_versions(&mut self, after: u64, limit: u32) -> Result<(), End> {
+        if self.pending() {
+            self.flush_now().await?;
+        }
+        let repo = self.repo.clone();
+        let reply = match blocking(move || repo.list_versions(after, limit)).await? {
+            Ok((entries, more)) => Message::Versions { entries, more },
+            Err(e) => self.failed(&e),
+        };
+        self.reply(reply).await
+    }
+
+    /// `GetChunk`: gathered, then read in a group on a blocking thread while earlier
+    /// chunks are encrypted and written; answered in order by [`Session::answer_reads`].
+    async fn get_chunk(&mut self, id: ChunkId) -> Result<(), End> {
+        // Sent at once rather than held (with its data) behind pending commits.
+        if self.pending() {
+            self.flush_now().await?;
+        }
+        self.gathering.push(id);
+        if self.gathering.len() >= READ_GROUP {
+            self.start_reads().await?;
+        }
+        Ok(())
     }
 
     /// Starts making the gathered batch durable (packs fsynced, one index transaction)
@@ -852,32 +928,7 @@ impl Session {
             self.metrics.error(error_kind(e));
         }
         for reply in f.replies {
-            let m = match reply {
-                Reply::Now(m) => m,
-                Reply::Commit(i) => match &outcome {
-                    Err(e) => repo_error(e),
-                    Ok(o) => match self.commit_result(o, &commits, i) {
-                        CommitResult::Acked {
-                            commit_id,
-                            version,
-                            commit_time,
-                        } => Message::FileAcked {
-                            commit_id,
-                            version,
-                            commit_time,
-                        },
-                        CommitResult::Failed { code, message } => Message::Error { code, message },
-                    },
-                },
-                Reply::Commits(start, n) => match &outcome {
-                    Err(e) => repo_error(e),
-                    Ok(o) => Message::FilesAcked {
-                        results: (start..start + n)
-                            .map(|i| self.commit_result(o, &commits, i))
-                            .collect(),
-                    },
-                },
-            };
+            let m = self.flushed_reply(reply, &outcome, &commits);
             self.send_queued(m).await?;
         }
         if self.batch.commits.is_empty() {
@@ -888,6 +939,41 @@ impl Session {
             }
         }
         self.write_queued().await
+    }
+
+    /// The message answering `reply` once its batch, `commits`, was flushed with `outcome`.
+    fn flushed_reply(
+        &mut self,
+        reply: Reply,
+        outcome: &Result<Vec<CommitOutcome>, RepoError>,
+        commits: &[NewCommit],
+    ) -> Message {
+        match reply {
+            Reply::Now(m) => m,
+            Reply::Commit(i) => match outcome {
+                Err(e) => repo_error(e),
+                Ok(o) => match self.commit_result(o, commits, i) {
+                    CommitResult::Acked {
+                        commit_id,
+                        version,
+                        commit_time,
+                    } => Message::FileAcked {
+                        commit_id,
+                        version,
+                        commit_time,
+                    },
+                    CommitResult::Failed { code, message } => Message::Error { code, message },
+                },
+            },
+            Reply::Commits(start, n) => match outcome {
+                Err(e) => repo_error(e),
+                Ok(o) => Message::FilesAcked {
+                    results: (start..start + n)
+                        .map(|i| self.commit_result(o, commits, i))
+                        .collect(),
+                },
+            },
+        }
     }
 }
 
@@ -904,6 +990,23 @@ fn bad_sealed_len(id: &ChunkId, len: usize) -> Option<String> {
         format!(
             "sealed chunk {id} is {len} bytes; a sealed chunk has {SEAL_OVERHEAD} to \
              {MAX_SEALED} bytes"
+        )
+    })
+}
+
+/// Why a `PutFiles` is malformed (past the protocol's limits), if it is.
+fn bad_put_files(chunks: &[SealedChunk], commits: &[FileCommit]) -> Option<String> {
+    if chunks.len() > MAX_BATCH_FILES || commits.len() > MAX_BATCH_FILES {
+        return Some(format!(
+            "PutFiles with {} chunks and {} commits (max {MAX_BATCH_FILES} each)",
+            chunks.len(),
+            commits.len()
+        ));
+    }
+    commits.iter().find(|c| c.chunks.len() > MAX_IDS).map(|c| {
+        format!(
+            "PutFiles commit with {} chunks (max {MAX_IDS})",
+            c.chunks.len()
         )
     })
 }
