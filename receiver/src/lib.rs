@@ -1,15 +1,18 @@
 //! coffer-receiver: stores agents' sealed chunks durably and acknowledges each file once it
 //! is safe; it never sees a key, a file name or a byte of plaintext.
 //!
-//! - [`layout`]: the backup tree under `--root`, and `init`.
+//! - [`layout`]: the backup tree under `--root` (every path the receiver writes), and
+//!   `init`.
 //! - [`config`]: the configuration file, `receiver.toml`.
 //! - [`auth`]: agent key -> repository (`authorized.toml`), repository names.
 //! - [`server`]: listener, handshake, authorization, session slots, shutdown.
 //! - [`session`]: one agent's session: requests in order, group commit, chunk reads.
-//! - [`repo`]: one repository's write path (append, flush, rollback) and crash recovery.
-//! - [`store`]: pack and record formats behind the [`store::PackStore`] trait.
+//! - [`repo`]: one repository's write path (append, flush, rollback), reads and crash
+//!   recovery.
+//! - [`store`]: pack and record formats behind the [`store::PackStore`] trait; where packs
+//!   live is chosen once ([`store::PackStores`]).
 //! - [`index`]: the repository's SQLite index, sole owner of its connection.
-//! - [`status`]: `status` and `scrub`.
+//! - [`status`]: `status` and `scrub` (and whether a `serve` holds the root).
 //! - [`metrics`]: the session counters and `serve --metrics`'s `/metrics` endpoint.
 //! - [`notify`]: systemd readiness and watchdog notifications.
 //! - [`service`]: `service install|uninstall` (the systemd unit).

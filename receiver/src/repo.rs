@@ -1,5 +1,6 @@
-//! One repository's write path: appending chunks to packs, group commit into the index,
-//! rollback after a storage failure, and recovery when the repository is opened.
+//! One repository: its write path (appending chunks to packs, group commit into the
+//! index, rollback after a storage failure), its reads (chunks, versions, the escrowed key
+//! file), and recovery when it is opened. Its packs are in the [`PackStore`] it is given.
 //!
 //! Write order (the durability contract):
 //! 1. `put` appends a record to the open pack (through a small buffer) and remembers the
