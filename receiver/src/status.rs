@@ -1,13 +1,13 @@
 //! `status` and `scrub`: what the backup tree holds, and whether every record is intact.
 //! Both only read; they can run while `serve` does.
 
-use serde::Serialize;
 use std::collections::BTreeMap;
+
+use serde::Serialize;
 
 use crate::auth::{Authorizations, RepoName};
 use crate::index::{Index, Mode, Stats};
-use crate::layout::Layout;
-use crate::layout::RepoDir;
+use crate::layout::{Layout, RepoDir};
 use crate::store::{read_record, Check, PackStore, PackStores, RecordError};
 use crate::Error;
 use coffer_common::host::fs::Context;
