@@ -8,17 +8,15 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::fs::{File, OpenOptions};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 
 use coffer_common::channel::PublicKey;
-use nix::fcntl::{Flock, FlockArg};
+use coffer_common::host::fs::{write_atomic, IoError};
+use coffer_common::host::lock::{Lock, LockError, Wait};
 use serde::{Deserialize, Serialize};
-
-use coffer_common::host::fs::{write_atomic, Context, IoError};
 
 /// Longest repository name.
 pub const MAX_REPO_NAME: usize = 64;
@@ -116,8 +114,8 @@ pub enum AuthError {
     },
     #[error("agent key {0} is not authorized on this receiver")]
     NotAuthorized(PublicKey),
-    #[error("locking {}: {msg}", path.display())]
-    Lock { path: PathBuf, msg: String },
+    #[error(transparent)]
+    Lock(#[from] LockError),
 }
 
 #[derive(Serialize, Deserialize, Default)]
@@ -223,23 +221,15 @@ impl Authorizations {
 
 /// Holds `<root>/authorized.lock` for a read-modify-write of the list.
 pub struct EditLock {
-    _lock: Flock<File>,
+    _lock: Lock,
 }
 
 impl EditLock {
     /// Waits for the edit lock.
     pub fn acquire(path: &Path) -> Result<Self, AuthError> {
-        let f = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(path)
-            .ctx("opening", path)?;
-        let lock = Flock::lock(f, FlockArg::LockExclusive).map_err(|(_, e)| AuthError::Lock {
-            path: path.to_path_buf(),
-            msg: e.desc().to_lowercase(),
-        })?;
-        Ok(Self { _lock: lock })
+        Ok(Self {
+            _lock: Lock::exclusive(path, Wait::Forever)?,
+        })
     }
 }
 

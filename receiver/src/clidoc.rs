@@ -2,8 +2,8 @@
 //! (`coffer-receiver completions SHELL` and `coffer-receiver man`, which
 //! `packaging/build-deb.sh` runs).
 //!
-//! Here rather than in `main.rs` so that every build of the command line (including the
-//! tests crate's `coffer-receiver-test`) needs no generator crates of its own.
+//! In the library, like [`crate::cli`], so that every build of the command line (including
+//! the tests crate's `coffer-receiver-test`) needs no generator crates of its own.
 
 use std::io::Write;
 

@@ -3,43 +3,36 @@
 //! methods; no SQL leaves this module.
 //!
 //! The schema comes from `migrations/receiver/*.sql`, applied in order by
-//! `PRAGMA user_version`, each in its own transaction. WAL mode with `synchronous=FULL`:
-//! a committed transaction is durable before an acknowledgement is sent.
+//! `PRAGMA user_version` through [`coffer_common::host::sqlite::Schema`] (each in its own
+//! transaction; a newer schema refused, on read-only opens too). Ids are stored through
+//! their `ToSql`/`FromSql`. WAL mode with `synchronous=FULL`: a committed transaction is
+//! durable before an acknowledgement is sent.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use coffer_common::chunk::{ChunkId, FileId};
+use coffer_common::host::sqlite::{DbError, Schema};
 use coffer_common::wire::{CommitId, VersionEntry};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 
 use crate::store::{Location, PackNo};
 
-/// The migrations, in order; migration `i` brings the schema to version `i + 1`.
-const MIGRATIONS: &[&str] = &[
-    include_str!("../../migrations/receiver/0001_init.sql"),
-    include_str!("../../migrations/receiver/0002_fewer_random_indexes.sql"),
-];
+/// The index's schema: migration `i` brings it to version `i + 1`.
+static SCHEMA: Schema = Schema {
+    what: "index",
+    program: "coffer-receiver",
+    migrations: &[
+        include_str!("../../migrations/receiver/0001_init.sql"),
+        include_str!("../../migrations/receiver/0002_fewer_random_indexes.sql"),
+    ],
+};
 
 /// Errors from the index.
 #[derive(Debug, thiserror::Error)]
 pub enum IndexError {
-    #[error("index {}: {source}", path.display())]
-    Sql {
-        path: PathBuf,
-        #[source]
-        source: rusqlite::Error,
-    },
-    #[error(
-        "index {} has schema version {found}, newer than this build knows ({known}); \
-         upgrade coffer-receiver",
-        path.display()
-    )]
-    TooNew {
-        path: PathBuf,
-        found: i64,
-        known: usize,
-    },
+    /// A SQLite error, or a schema newer than this build knows.
+    #[error(transparent)]
+    Db(#[from] DbError),
     #[error("index {}: {what} is not 32 bytes", path.display())]
     BadBlob { path: PathBuf, what: &'static str },
 }
@@ -47,13 +40,7 @@ pub enum IndexError {
 impl IndexError {
     /// True when SQLite reported a full disk.
     pub fn is_no_space(&self) -> bool {
-        matches!(
-            self,
-            IndexError::Sql {
-                source: rusqlite::Error::SqliteFailure(e, _),
-                ..
-            } if e.code == rusqlite::ErrorCode::DiskFull
-        )
+        matches!(self, IndexError::Db(e) if e.is_no_space())
     }
 }
 
@@ -101,128 +88,91 @@ pub struct ChunkRow {
     pub loc: Location,
 }
 
-/// A repository's index database.
 /// Page cache of the writing connection, KiB.
 const INDEX_CACHE_KIB: i64 = 32 << 10;
 /// WAL size (pages of 4 KiB) that triggers a checkpoint: 64 MiB.
 const WAL_CHECKPOINT_PAGES: i64 = 16 << 10;
 
+/// A repository's index database.
 pub struct Index {
     conn: Connection,
     path: PathBuf,
 }
 
-fn blob32(path: &Path, what: &'static str, v: Vec<u8>) -> Result<[u8; 32], IndexError> {
-    v.try_into().map_err(|_| IndexError::BadBlob {
-        path: path.to_path_buf(),
-        what,
-    })
+/// Wraps a SQLite error with the index's path (which is cloned only on error).
+fn sql_err(path: &Path) -> impl Fn(rusqlite::Error) -> IndexError + Copy + '_ {
+    move |source| {
+        IndexError::Db(DbError::Sql {
+            what: SCHEMA.what,
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+}
+
+/// Like [`sql_err`], for reading a 32-byte column (an id or a hash): a blob of another
+/// size is [`IndexError::BadBlob`] naming `what`.
+fn blob_err<'a>(
+    path: &'a Path,
+    what: &'static str,
+) -> impl Fn(rusqlite::Error) -> IndexError + Copy + 'a {
+    move |e| match e {
+        rusqlite::Error::FromSqlConversionFailure(_, rusqlite::types::Type::Blob, _) => {
+            IndexError::BadBlob {
+                path: path.to_path_buf(),
+                what,
+            }
+        }
+        e => sql_err(path)(e),
+    }
 }
 
 impl Index {
     fn err(&self) -> impl Fn(rusqlite::Error) -> IndexError + '_ {
-        |source| IndexError::Sql {
-            path: self.path.clone(),
-            source,
-        }
+        sql_err(&self.path)
     }
 
-    /// Opens the index at `path`.
+    /// Opens the index at `path`: for writing, created if missing and migrated; for
+    /// reading, an existing one whose schema this build knows.
     pub fn open(path: &Path, mode: Mode) -> Result<Self, IndexError> {
-        let e = |source| IndexError::Sql {
-            path: path.to_path_buf(),
-            source,
-        };
+        let e = sql_err(path);
         let flags = match mode {
             Mode::Write => OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
             Mode::Read => OpenFlags::SQLITE_OPEN_READ_WRITE,
         } | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        let conn = Connection::open_with_flags(path, flags).map_err(e)?;
-        conn.busy_timeout(Duration::from_secs(10)).map_err(e)?;
-        let mut idx = Self {
-            conn,
-            path: path.to_path_buf(),
-        };
+        let mut conn = SCHEMA.connect(path, flags)?;
         match mode {
             Mode::Write => {
-                idx.conn
-                    .pragma_update(None, "journal_mode", "WAL")
-                    .map_err(e)?;
-                idx.conn
-                    .pragma_update(None, "synchronous", "FULL")
-                    .map_err(e)?;
+                conn.pragma_update(None, "journal_mode", "WAL")
+                    .map_err(&e)?;
+                conn.pragma_update(None, "synchronous", "FULL")
+                    .map_err(&e)?;
                 // Chunk ids, commit ids and file ids are random keys: every insert touches a
                 // random page of each index. A page cache that holds them (allocated as it
-                // fills: ~5 MiB for 20,000 files) keeps inserts off the disk and out of the
-                // kernel.
-                idx.conn
-                    .pragma_update(None, "cache_size", -INDEX_CACHE_KIB)
-                    .map_err(e)?;
+                // fills) keeps inserts off the disk and out of the kernel.
+                conn.pragma_update(None, "cache_size", -INDEX_CACHE_KIB)
+                    .map_err(&e)?;
                 // A checkpoint copies every page changed since the last one into the
                 // database file. Random keys change pages all over the indexes, so with the
                 // default (every 4 MiB of WAL) most pages were copied again at every
                 // checkpoint; every 64 MiB, a page changed by many batches is copied once.
-                idx.conn
-                    .pragma_update(None, "wal_autocheckpoint", WAL_CHECKPOINT_PAGES)
-                    .map_err(e)?;
+                conn.pragma_update(None, "wal_autocheckpoint", WAL_CHECKPOINT_PAGES)
+                    .map_err(&e)?;
                 // ...and after a checkpoint the WAL file is cut back to 8 MiB, so it does not
                 // keep 64 MiB of disk once the burst is over.
-                idx.conn
-                    .pragma_update(None, "journal_size_limit", 8 << 20)
-                    .map_err(e)?;
-                idx.migrate()?;
+                conn.pragma_update(None, "journal_size_limit", 8 << 20)
+                    .map_err(&e)?;
+                SCHEMA.migrate(&mut conn, path)?;
             }
             Mode::Read => {
-                idx.conn
-                    .pragma_update(None, "query_only", true)
-                    .map_err(e)?;
-                let v: i64 = idx
-                    .conn
-                    .pragma_query_value(None, "user_version", |r| r.get(0))
-                    .map_err(e)?;
-                if v as usize > MIGRATIONS.len() {
-                    return Err(IndexError::TooNew {
-                        path: path.to_path_buf(),
-                        found: v,
-                        known: MIGRATIONS.len(),
-                    });
-                }
+                conn.pragma_update(None, "query_only", true).map_err(&e)?;
+                SCHEMA.check(&conn, path)?;
             }
         }
-        Ok(idx)
-    }
-
-    fn migrate(&mut self) -> Result<(), IndexError> {
-        let path = self.path.clone();
-        let e = |source| IndexError::Sql {
-            path: path.clone(),
-            source,
-        };
-        loop {
-            let tx = self
-                .conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(e)?;
-            let v: i64 = tx
-                .pragma_query_value(None, "user_version", |r| r.get(0))
-                .map_err(e)?;
-            let v = usize::try_from(v).unwrap_or(usize::MAX);
-            if v > MIGRATIONS.len() {
-                return Err(IndexError::TooNew {
-                    path: path.clone(),
-                    found: v as i64,
-                    known: MIGRATIONS.len(),
-                });
-            }
-            let Some(sql) = MIGRATIONS.get(v) else {
-                return Ok(());
-            };
-            tx.execute_batch(sql).map_err(e)?;
-            tx.pragma_update(None, "user_version", (v + 1) as i64)
-                .map_err(e)?;
-            tx.commit().map_err(e)?;
-            tracing::debug!(index = %path.display(), version = v + 1, "applied index migration");
-        }
+        Ok(Self {
+            conn,
+            path: path.to_path_buf(),
+        })
     }
 
     /// Where each of `ids` is, if indexed, looked up in one read transaction: a lookup on
@@ -242,37 +192,27 @@ impl Index {
 
     /// Where chunk `id` is, if indexed.
     pub fn chunk(&self, id: &ChunkId) -> Result<Option<Location>, IndexError> {
-        let row = self
-            .conn
+        self.conn
             .prepare_cached("SELECT pack, offset, len, hash FROM chunks WHERE id = ?1")
             .and_then(|mut s| {
-                s.query_row([&id.0[..]], |r| {
-                    Ok((
-                        r.get::<_, u32>(0)?,
-                        r.get::<_, u64>(1)?,
-                        r.get::<_, u32>(2)?,
-                        r.get::<_, Vec<u8>>(3)?,
-                    ))
+                s.query_row([id], |r| {
+                    Ok(Location {
+                        pack: PackNo(r.get(0)?),
+                        offset: r.get(1)?,
+                        len: r.get(2)?,
+                        hash: r.get(3)?,
+                    })
                 })
                 .optional()
             })
-            .map_err(self.err())?;
-        match row {
-            None => Ok(None),
-            Some((pack, offset, len, hash)) => Ok(Some(Location {
-                pack: PackNo(pack),
-                offset,
-                len,
-                hash: blob32(&self.path, "a chunk hash", hash)?,
-            })),
-        }
+            .map_err(blob_err(&self.path, "a chunk hash"))
     }
 
     /// True when chunk `id` is indexed.
     pub fn has_chunk(&self, id: &ChunkId) -> Result<bool, IndexError> {
         self.conn
             .prepare_cached("SELECT 1 FROM chunks WHERE id = ?1")
-            .and_then(|mut s| s.exists([&id.0[..]]))
+            .and_then(|mut s| s.exists([id]))
             .map_err(self.err())
     }
 
@@ -297,11 +237,7 @@ impl Index {
         commits: &[NewCommit],
         now: i64,
     ) -> Result<Vec<CommitOutcome>, IndexError> {
-        let path = self.path.clone();
-        let e = |source| IndexError::Sql {
-            path: path.clone(),
-            source,
-        };
+        let e = sql_err(&self.path);
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -316,7 +252,7 @@ impl Index {
                 .map_err(e)?;
             for (id, l) in chunks {
                 ins_chunk
-                    .execute(params![&id.0[..], l.pack.0, l.offset, l.len, &l.hash[..]])
+                    .execute(params![id, l.pack.0, l.offset, l.len, &l.hash[..]])
                     .map_err(e)?;
             }
             let mut ins_pack = tx
@@ -350,7 +286,7 @@ impl Index {
                 .map_err(e)?;
             for c in commits {
                 let known = existing
-                    .query_row([&c.file_id.0[..], &c.commit_id.0[..]], |r| {
+                    .query_row(params![c.file_id, c.commit_id], |r| {
                         Ok((r.get::<_, u64>(0)?, r.get::<_, i64>(1)?))
                     })
                     .optional()
@@ -364,7 +300,7 @@ impl Index {
                 }
                 let mut missing = Vec::new();
                 for id in &c.chunks {
-                    if !has.exists([&id.0[..]]).map_err(e)? && !missing.contains(id) {
+                    if !has.exists([id]).map_err(e)? && !missing.contains(id) {
                         missing.push(*id);
                     }
                 }
@@ -373,16 +309,11 @@ impl Index {
                     continue;
                 }
                 ins_version
-                    .execute(params![
-                        &c.file_id.0[..],
-                        &c.commit_id.0[..],
-                        now,
-                        &c.manifest[..]
-                    ])
+                    .execute(params![c.file_id, c.commit_id, now, &c.manifest[..]])
                     .map_err(e)?;
                 let version = tx.last_insert_rowid() as u64;
                 for id in &c.chunks {
-                    ins_ref.execute(params![version, &id.0[..]]).map_err(e)?;
+                    ins_ref.execute(params![version, id]).map_err(e)?;
                 }
                 out.push(CommitOutcome::Acked {
                     version,
@@ -422,11 +353,7 @@ impl Index {
             bytes += manifest.len() + 64;
             out.push(VersionEntry {
                 version: r.get(0).map_err(self.err())?,
-                file_id: FileId(blob32(
-                    &self.path,
-                    "a file id",
-                    r.get(1).map_err(self.err())?,
-                )?),
+                file_id: r.get(1).map_err(blob_err(&self.path, "a file id"))?,
                 commit_time: r.get(2).map_err(self.err())?,
                 manifest,
             });
@@ -464,14 +391,13 @@ impl Index {
             .map_err(self.err())?;
         let mut rows = s.query([]).map_err(self.err())?;
         while let Some(r) = rows.next().map_err(self.err())? {
-            let id = blob32(&self.path, "a chunk id", r.get(0).map_err(self.err())?)?;
             let row = ChunkRow {
-                id: ChunkId(id),
+                id: r.get(0).map_err(blob_err(&self.path, "a chunk id"))?,
                 loc: Location {
                     pack: PackNo(r.get(1).map_err(self.err())?),
                     offset: r.get(2).map_err(self.err())?,
                     len: r.get(3).map_err(self.err())?,
-                    hash: blob32(&self.path, "a chunk hash", r.get(4).map_err(self.err())?)?,
+                    hash: r.get(4).map_err(blob_err(&self.path, "a chunk hash"))?,
                 },
             };
             if !f(row) {
@@ -583,6 +509,44 @@ mod tests {
         drop(ix);
         let e = Index::open(&p, Mode::Write).err().expect("too new");
         assert!(e.to_string().contains("newer"), "{e}");
+        // Read-only opens, which do not migrate, refuse it too.
+        let e = Index::open(&p, Mode::Read).err().expect("too new");
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "index {} has schema version 99, newer than this build knows (2); upgrade \
+                 coffer-receiver",
+                p.display()
+            )
+        );
+    }
+
+    #[test]
+    fn a_wrong_sized_id_or_hash_is_named() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let p = d.path().join("index.sqlite");
+        let ix = Index::open(&p, Mode::Write).expect("open");
+        ix.conn
+            .execute(
+                "INSERT INTO chunks (id, pack, offset, len, hash) VALUES (?1, 1, 16, 10, ?2)",
+                params![ChunkId([1; 32]), &[16u8; 31][..]],
+            )
+            .expect("chunk");
+        let e = ix.chunk(&ChunkId([1; 32])).expect_err("short hash");
+        assert_eq!(
+            e.to_string(),
+            format!("index {}: a chunk hash is not 32 bytes", p.display())
+        );
+        assert!(ix.has_chunk(&ChunkId([1; 32])).expect("present"));
+        ix.conn
+            .execute(
+                "INSERT INTO versions (file_id, commit_id, commit_time, manifest) \
+                 VALUES (?1, ?2, 1, x'00')",
+                params![&[2u8; 5][..], CommitId([2; 16])],
+            )
+            .expect("version");
+        let e = ix.list_versions(0, 10, 1 << 20).expect_err("short file id");
+        assert!(e.to_string().ends_with("a file id is not 32 bytes"), "{e}");
     }
 
     #[test]
@@ -593,7 +557,7 @@ mod tests {
             // An index as the previous release left it: schema 1 only.
             let mut conn = Connection::open(&p).expect("open");
             let tx = conn.transaction().expect("tx");
-            tx.execute_batch(MIGRATIONS[0]).expect("schema 1");
+            tx.execute_batch(SCHEMA.migrations[0]).expect("schema 1");
             tx.pragma_update(None, "user_version", 1).expect("version");
             tx.commit().expect("commit");
         }

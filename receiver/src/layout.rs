@@ -8,11 +8,16 @@
 //! <root>/serve.lock                     held (flock) by a running serve
 //! <root>/serve.addr                     the address serve is listening on
 //! <root>/repos/<name>/keyfile           escrowed wrapped key file (opaque)
-//! <root>/repos/<name>/packs/NNNNNNNN.pack
-//! <root>/repos/<name>/index.sqlite
+//! <root>/repos/<name>/packs/NNNNNNNN.pack   eight decimal digits
+//! <root>/repos/<name>/index.sqlite      (+ -wal, -shm, SQLite's own)
 //! ```
 //!
-//! Every path the receiver writes is built here from the root and validated names.
+//! Files written whole (the key, `receiver.toml`, `authorized.toml`, `serve.addr`, a
+//! `keyfile`) go through a temporary `.<name>.tmp` beside them
+//! ([`coffer_common::host::fs::write_atomic`]).
+//!
+//! Every path the receiver writes is built here from the root, validated repository names
+//! ([`RepoDir`]) and pack numbers ([`PacksDir`]).
 
 use std::path::{Path, PathBuf};
 
@@ -20,6 +25,7 @@ use coffer_common::channel::{PublicKey, StaticKeypair};
 
 use crate::auth::RepoName;
 use crate::config::Config;
+use crate::store::PackNo;
 use coffer_common::host::fs::{create_dir_all, write_atomic, Context, IoError};
 
 /// Paths of one backup tree.
@@ -87,8 +93,10 @@ impl Layout {
     pub fn repos(&self) -> PathBuf {
         self.root.join("repos")
     }
-    pub fn repo(&self, name: &RepoName) -> PathBuf {
-        self.repos().join(name.as_str())
+    pub fn repo(&self, name: &RepoName) -> RepoDir {
+        RepoDir {
+            dir: self.repos().join(name.as_str()),
+        }
     }
 
     /// Creates the tree and the receiver key; returns the public key. Refuses a root that
@@ -133,6 +141,64 @@ impl Layout {
     }
 }
 
+/// One repository's directory, `<root>/repos/<name>/`.
+#[derive(Clone, Debug)]
+pub struct RepoDir {
+    dir: PathBuf,
+}
+
+impl RepoDir {
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+    /// The escrowed wrapped key file.
+    pub fn keyfile(&self) -> PathBuf {
+        self.dir.join("keyfile")
+    }
+    /// The repository's index.
+    pub fn index(&self) -> PathBuf {
+        self.dir.join("index.sqlite")
+    }
+    /// Where its packs are.
+    pub fn packs(&self) -> PacksDir {
+        PacksDir {
+            dir: self.dir.join("packs"),
+        }
+    }
+
+    /// Creates the repository's directory and its pack directory (mode 0700) if missing.
+    pub fn create(&self) -> Result<(), IoError> {
+        create_dir_all(self.packs().path(), 0o700)
+    }
+}
+
+/// A repository's pack directory, `<root>/repos/<name>/packs/`: pack `n` is the file
+/// `NNNNNNNN.pack` (`n` in eight decimal digits).
+#[derive(Clone, Debug)]
+pub struct PacksDir {
+    dir: PathBuf,
+}
+
+impl PacksDir {
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The file of pack `pack`.
+    pub fn pack(&self, pack: PackNo) -> PathBuf {
+        self.dir.join(format!("{:08}.pack", pack.0))
+    }
+
+    /// The pack whose file is called `name`, if that is a pack file's name.
+    pub fn pack_named(name: &str) -> Option<PackNo> {
+        let digits = name.strip_suffix(".pack")?;
+        if digits.len() != 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        digits.parse().ok().map(PackNo)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,5 +220,28 @@ mod tests {
         let e = l.init(&Config::default()).expect_err("second init");
         assert!(e.to_string().contains("already initialized"), "{e}");
         assert_eq!(l.load_keypair().expect("key").public(), pk);
+    }
+
+    #[test]
+    fn repository_paths_and_pack_names_round_trip() {
+        let l = Layout::new(Path::new("/r"));
+        let repo = l.repo(&RepoName::new("laptop").expect("name"));
+        assert_eq!(repo.path(), Path::new("/r/repos/laptop"));
+        assert_eq!(repo.index(), Path::new("/r/repos/laptop/index.sqlite"));
+        assert_eq!(repo.keyfile(), Path::new("/r/repos/laptop/keyfile"));
+        let packs = repo.packs();
+        assert_eq!(
+            packs.pack(PackNo(7)),
+            Path::new("/r/repos/laptop/packs/00000007.pack")
+        );
+        assert_eq!(PacksDir::pack_named("00000007.pack"), Some(PackNo(7)));
+        for bad in [
+            "7.pack",
+            "0000000x.pack",
+            "00000007.pack.tmp",
+            "000000007.pack",
+        ] {
+            assert_eq!(PacksDir::pack_named(bad), None, "{bad}");
+        }
     }
 }

@@ -1,17 +1,22 @@
 //! coffer-receiver: stores agents' sealed chunks durably and acknowledges each file once it
 //! is safe; it never sees a key, a file name or a byte of plaintext.
 //!
-//! - [`layout`]: the backup tree under `--root`, and `init`.
+//! - [`layout`]: the backup tree under `--root` (every path the receiver writes), and
+//!   `init`.
 //! - [`config`]: the configuration file, `receiver.toml`.
 //! - [`auth`]: agent key -> repository (`authorized.toml`), repository names.
-//! - [`server`]: listener, handshake, authorization, sessions with group commit, shutdown.
-//! - [`repo`]: one repository's write path (append, flush, rollback) and crash recovery.
-//! - [`store`]: pack and record formats behind the [`store::PackStore`] trait.
+//! - [`server`]: listener, handshake, authorization, session slots, shutdown.
+//! - [`session`]: one agent's session: requests in order, group commit, chunk reads.
+//! - [`repo`]: one repository's write path (append, flush, rollback), reads and crash
+//!   recovery.
+//! - [`store`]: pack and record formats behind the [`store::PackStore`] trait; where packs
+//!   live is chosen once ([`store::PackStores`]).
 //! - [`index`]: the repository's SQLite index, sole owner of its connection.
-//! - [`status`]: `status` and `scrub`.
+//! - [`status`]: `status` and `scrub` (and whether a `serve` holds the root).
 //! - [`metrics`]: the session counters and `serve --metrics`'s `/metrics` endpoint.
 //! - [`notify`]: systemd readiness and watchdog notifications.
 //! - [`service`]: `service install|uninstall` (the systemd unit).
+//! - [`cli`]: the command line (clap definitions) and what each command does.
 //! - [`clidoc`]: shell completions and the man page from the command line's definition.
 //!
 //! `docs/design.md` ("Receiver store") describes the formats and the write ordering.
@@ -23,6 +28,7 @@ use coffer_common::channel::PublicKey;
 use coffer_common::host::fs;
 
 pub mod auth;
+pub mod cli;
 pub mod clidoc;
 pub mod config;
 pub mod index;
@@ -32,6 +38,7 @@ pub mod notify;
 pub mod repo;
 pub mod server;
 pub mod service;
+pub mod session;
 pub mod status;
 pub mod store;
 
@@ -59,8 +66,6 @@ pub enum Error {
         .0.display()
     )]
     AlreadyServing(PathBuf),
-    #[error("locking {}: {msg}", path.display())]
-    Lock { path: PathBuf, msg: String },
     #[error("listening on {addr}: {msg}")]
     Bind { addr: SocketAddr, msg: String },
     #[error("serving metrics on {addr} (--metrics): {msg}")]
@@ -89,7 +94,7 @@ pub fn authorize(root: &Path, name: &str, key: &str) -> Result<Authorized, Error
     let _lock = auth::EditLock::acquire(&layout.authorized_lock())?;
     let mut list = auth::Authorizations::load(&layout.authorized())?;
     let r = list.authorize(key, name.clone())?;
-    fs::create_dir_all(&layout.repo(&name).join("packs"), 0o700)?;
+    layout.repo(&name).create()?;
     if r == Authorized::Added {
         list.save(&layout.authorized())?;
     }

@@ -1,5 +1,6 @@
-//! One repository's write path: appending chunks to packs, group commit into the index,
-//! rollback after a storage failure, and recovery when the repository is opened.
+//! One repository: its write path (appending chunks to packs, group commit into the
+//! index, rollback after a storage failure), its reads (chunks, versions, the escrowed key
+//! file), and recovery when it is opened. Its packs are in the [`PackStore`] it is given.
 //!
 //! Write order (the durability contract):
 //! 1. `put` appends a record to the open pack (through a small buffer) and remembers the
@@ -20,20 +21,20 @@
 //! the failed batch is acknowledged; the agent sends it again.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use coffer_common::chunk::ChunkId;
+use coffer_common::host::fs::{write_atomic, IoError};
+use coffer_common::host::time::now_secs;
 use coffer_common::wire::{sealed_hash, VersionEntry};
 
 use crate::auth::RepoName;
 use crate::index::{CommitOutcome, Index, IndexError, Mode, NewCommit};
+use crate::layout::RepoDir;
 use crate::store::{
-    header_ok, pack_header, read_record_into, scan, Check, LocalPacks, Location, PackNo, PackStore,
+    header_ok, pack_header, read_record_into, scan, Check, Location, PackNo, PackStore,
     RecordError, RecordHeader, PACK_HEADER_LEN, RECORD_HEADER_LEN,
 };
-use coffer_common::host::fs::{create_dir_all, write_atomic, Context, IoError};
 
 /// Records at most this large are gathered in memory and written together.
 const SMALL_RECORD: usize = 64 * 1024;
@@ -113,7 +114,7 @@ impl WriteState {
 /// A repository: its packs, its index and the state of its open pack.
 pub struct Repo {
     name: RepoName,
-    dir: PathBuf,
+    dir: RepoDir,
     packs: Arc<dyn PackStore>,
     writer: Mutex<Index>,
     reader: Mutex<Index>,
@@ -128,13 +129,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     }
 }
 
-fn now_secs() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
 /// What `open` found and repaired.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Recovery {
@@ -145,14 +139,18 @@ pub struct Recovery {
 }
 
 impl Repo {
-    /// Opens (creating if needed) the repository in `dir` and repairs what a crash left:
-    /// intact records past a pack's recorded length are fsynced and indexed, a torn tail
-    /// is cut. Packs shorter than recorded are reported and never appended to.
-    pub fn open(dir: &Path, name: RepoName, pack_max: u64) -> Result<(Self, Recovery), RepoError> {
-        let packs_dir = dir.join("packs");
-        create_dir_all(&packs_dir, 0o700)?;
-        let packs: Arc<dyn PackStore> = Arc::new(LocalPacks::new(&packs_dir));
-        let index_path = dir.join("index.sqlite");
+    /// Opens (creating if needed) the repository in `dir`, whose packs are in `packs`, and
+    /// repairs what a crash left: intact records past a pack's recorded length are fsynced
+    /// and indexed, a torn tail is cut. Packs shorter than recorded are reported and never
+    /// appended to.
+    pub fn open(
+        dir: &RepoDir,
+        name: RepoName,
+        packs: Arc<dyn PackStore>,
+        pack_max: u64,
+    ) -> Result<(Self, Recovery), RepoError> {
+        dir.create()?;
+        let index_path = dir.index();
         let mut writer = Index::open(&index_path, Mode::Write)?;
         let recorded: HashMap<PackNo, u64> = writer.pack_lengths()?.into_iter().collect();
         let on_disk = packs.list()?;
@@ -239,7 +237,7 @@ impl Repo {
         Ok((
             Self {
                 name,
-                dir: dir.to_path_buf(),
+                dir: dir.clone(),
                 packs,
                 writer: Mutex::new(writer),
                 reader: Mutex::new(reader),
@@ -573,22 +571,18 @@ impl Repo {
         Ok(lock(&self.reader).list_versions(after, limit, MAX_LIST_BYTES)?)
     }
 
-    fn keyfile_path(&self) -> PathBuf {
-        self.dir.join("keyfile")
-    }
-
     /// Stores the escrowed key file (opaque), atomically.
     pub fn put_keyfile(&self, data: &[u8]) -> Result<(), RepoError> {
         if data.len() > MAX_KEYFILE {
             return Err(RepoError::KeyFileTooLarge(data.len()));
         }
-        write_atomic(&self.keyfile_path(), data, 0o600)?;
+        write_atomic(&self.dir.keyfile(), data, 0o600)?;
         Ok(())
     }
 
     /// The escrowed key file, if any.
     pub fn get_keyfile(&self) -> Result<Option<Vec<u8>>, RepoError> {
-        let p = self.keyfile_path();
+        let p = self.dir.keyfile();
         match std::fs::read(&p) {
             Ok(d) => Ok(Some(d)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -608,26 +602,30 @@ impl Repo {
     }
 }
 
-/// Reads a repository's pack directory path (for status and scrub).
-pub fn packs_dir(repo_dir: &Path) -> PathBuf {
-    repo_dir.join("packs")
-}
-
-/// Reads a file's size, for status.
-pub fn file_len(path: &Path) -> Result<u64, IoError> {
-    Ok(std::fs::metadata(path).ctx("reading size of", path)?.len())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::layout::Layout;
+    use crate::store::LocalPacks;
     use coffer_common::chunk::FileId;
     use coffer_common::wire::CommitId;
+    use std::path::Path;
 
-    fn repo(dir: &Path, pack_max: u64) -> Repo {
-        Repo::open(dir, RepoName::new("r").expect("name"), pack_max)
-            .expect("open")
-            .0
+    fn dir(root: &Path) -> RepoDir {
+        Layout::new(root).repo(&RepoName::new("r").expect("name"))
+    }
+
+    fn packs(root: &Path) -> LocalPacks {
+        LocalPacks::new(dir(root).packs())
+    }
+
+    fn open(root: &Path, pack_max: u64) -> (Repo, Recovery) {
+        let name = RepoName::new("r").expect("name");
+        Repo::open(&dir(root), name, Arc::new(packs(root)), pack_max).expect("open")
+    }
+
+    fn repo(root: &Path, pack_max: u64) -> Repo {
+        open(root, pack_max).0
     }
 
     fn data(i: u32, len: usize) -> (ChunkId, Vec<u8>) {
@@ -665,20 +663,13 @@ mod tests {
         assert!(matches!(out[0], CommitOutcome::Acked { version: 1, .. }));
         assert_eq!(r.pending_chunks(), 0);
         drop(r);
-        let (r, rec) =
-            Repo::open(d.path(), RepoName::new("r").expect("n"), 1 << 20).expect("reopen");
+        let (r, rec) = open(d.path(), 1 << 20);
         assert_eq!(rec, Recovery::default());
         for (i, id) in ids.iter().enumerate() {
             let (_, v) = data(i as u32, if i % 3 == 0 { 200_000 } else { 3000 });
             assert_eq!(r.get(id).expect("get"), Some(v));
         }
-        assert!(
-            LocalPacks::new(&d.path().join("packs"))
-                .list()
-                .expect("ls")
-                .len()
-                > 2
-        );
+        assert!(packs(d.path()).list().expect("ls").len() > 2);
     }
 
     #[test]
@@ -704,7 +695,7 @@ mod tests {
             .chunk(&broken)
             .expect("lookup")
             .expect("indexed");
-        LocalPacks::new(&d.path().join("packs"))
+        packs(d.path())
             .write_at(loc.pack, loc.offset, b"XXXX")
             .expect("damage");
         let absent = data(999, 10).0;
@@ -733,11 +724,10 @@ mod tests {
         r.flush(&[]).expect("flush");
         r.put(&b, &vb).expect("put");
         drop(r); // as after kill -9: b is in the pack, not in the index
-        let packs = LocalPacks::new(&d.path().join("packs"));
+        let packs = packs(d.path());
         let len = packs.len(PackNo(1)).expect("len");
         packs.write_at(PackNo(1), len, b"CREC torn").expect("tear");
-        let (r, rec) =
-            Repo::open(d.path(), RepoName::new("r").expect("n"), 64 << 20).expect("reopen");
+        let (r, rec) = open(d.path(), 64 << 20);
         assert_eq!(rec.reindexed, 1);
         assert_eq!(rec.cut_bytes, 9);
         assert_eq!(r.get(&b).expect("get"), Some(vb));
@@ -757,7 +747,7 @@ mod tests {
         assert_eq!(r.missing(&[a, b]).expect("missing"), vec![b]);
         let out = r.flush(&[commit(1, vec![a, b])]).expect("flush");
         assert_eq!(out[0], CommitOutcome::MissingChunks(vec![b]));
-        let packs = LocalPacks::new(&d.path().join("packs"));
+        let packs = packs(d.path());
         assert_eq!(
             packs.len(PackNo(1)).expect("len"),
             PACK_HEADER_LEN + RECORD_HEADER_LEN + 100_000

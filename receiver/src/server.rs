@@ -1,4 +1,5 @@
-//! `serve`: the listener, per-connection authentication and the sessions.
+//! `serve`: the listener, per-connection authentication, session slots and shutdown.
+//! What happens inside a session is [`crate::session`]'s.
 //!
 //! A connection goes: handshake (Noise XX, 10 s timeout, at most [`MAX_HANDSHAKES`] at
 //! once) -> authorization of the agent's static key (unknown: `Error{Unauthorized}`,
@@ -6,81 +7,42 @@
 //! connection over the cap waits up to [`BUSY_WAIT`], then gets a "busy" error) ->
 //! `Hello`/`Welcome` -> requests.
 //!
-//! A session is two tasks. The *reader* decodes frames into a bounded queue (bounded in
-//! messages and in bytes). The *processor* handles them in order and runs the group
-//! commit: a `CommitFile` is queued in the session's batch, and whenever the queue is
-//! momentarily empty (or the batch reaches [`MAX_BATCH_COMMITS`] commits or
-//! [`MAX_BATCH_BYTES`] bytes) the batch is flushed: packs fsynced, one index transaction,
-//! then the batch's `FileAcked` replies. The flush runs on a blocking thread while the
-//! processor goes on storing what arrives, which becomes the next batch (one flush in
-//! flight per session). Replies keep request order: while a commit is unacknowledged,
-//! every later reply waits for the flush that acknowledges it.
-//!
-//! A malformed frame, an unknown kind or a reply sent as a request ends that session
-//! only (after a best-effort `Error{Malformed}`). SIGTERM/SIGINT stop the listener; each
-//! session handles what it has already received, flushes, answers `Error{ShuttingDown}`
-//! and closes, within `shutdown_grace_secs`.
+//! SIGTERM/SIGINT stop the listener; each session handles what it has already received,
+//! flushes, answers `Error{ShuttingDown}` and closes, within `shutdown_grace_secs`.
 //!
 //! With `--metrics ADDR`, [`crate::metrics`] serves the counters the sessions keep at
 //! `http://ADDR/metrics`, on this same runtime.
 
-use std::collections::{HashMap, VecDeque};
-use std::fs::{File, OpenOptions};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use coffer_common::channel::{self, ChannelError, PublicKey, RecvHalf, SendHalf, StaticKeypair};
-use coffer_common::chunk::{ChunkId, MAX_CHUNK, MAX_SEALED, SEAL_OVERHEAD};
-use coffer_common::wire::{
-    CommitResult, ErrorCode, Message, WireError, MAX_BATCH_FILES, MAX_IDS, PROTOCOL_VERSION,
-};
-use nix::fcntl::{Flock, FlockArg};
-use tokio::io::{ReadHalf, WriteHalf};
+use coffer_common::channel::{self, PublicKey, StaticKeypair};
+use coffer_common::host::fs::{describe, write_atomic, IoError};
+use coffer_common::host::lock::{Lock, LockError, Wait};
+use coffer_common::wire::{ErrorCode, Message};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::auth::{AuthWatcher, RepoName};
 use crate::config::Config;
-use crate::index::{CommitOutcome, NewCommit};
 use crate::layout::Layout;
-use crate::metrics::{ErrorKind, Metrics, Rejected};
+use crate::metrics::{Metrics, Rejected};
 use crate::repo::{Repo, RepoError};
+use crate::store::PackStores;
 use crate::Error;
-use coffer_common::host::fs::{write_atomic, Context};
 
 /// Handshakes in progress at once; connections past this are dropped at once.
 pub const MAX_HANDSHAKES: usize = 512;
 /// How long a connection over `max_sessions` waits for a slot.
 pub const BUSY_WAIT: Duration = Duration::from_secs(5);
-/// Commits in one batch before it is flushed regardless.
-pub const MAX_BATCH_COMMITS: usize = 4096;
-/// Bytes stored by a session before its batch is flushed regardless.
-pub const MAX_BATCH_BYTES: u64 = 64 << 20;
-/// Messages queued between a session's reader and processor.
-const QUEUE_MESSAGES: usize = 4096;
-/// Bytes of messages queued per session (a single larger message still passes alone).
-const QUEUE_BYTES: usize = 2 << 20;
 /// How long a closing connection keeps reading what the peer already sent.
-const LINGER: Duration = Duration::from_secs(2);
-/// Bytes of queued `Chunk` replies written at once.
-const REPLY_BATCH: usize = 1 << 20;
-/// `GetChunk` requests read together on one blocking thread, in one index transaction:
-/// a thread hand-off and an index lookup per chunk cost a restore's receiver more than
-/// reading the chunks did.
-const READ_GROUP: usize = 8;
-/// Groups of chunk reads in flight per session, ahead of the replies being encrypted and
-/// written (each chunk read holds at most one sealed chunk, in a buffer that is reused:
-/// the receiver's peak RSS grows with their count). One group reads while the next is
-/// gathered; two (16 buffers) took the receiver's peak while serving a restore of
-/// `mixed` from 25 to 40 MiB for no measurable gain.
-const GROUPS_AHEAD: usize = 1;
-/// Capacity of a chunk read's buffer: the largest chunk the agent's chunker cuts, sealed.
-const READ_BUF: usize = MAX_CHUNK as usize + SEAL_OVERHEAD;
+pub(crate) const LINGER: Duration = Duration::from_secs(2);
 /// How long `serve` retries the root's lock (a `status` may hold it for an instant).
 const LOCK_WAIT: Duration = Duration::from_secs(2);
 
@@ -93,47 +55,37 @@ pub struct ServeOptions {
     /// Serve Prometheus metrics at `http://ADDR/metrics` (off when `None`). Used as given:
     /// keep it on loopback unless the network path to it is trusted.
     pub metrics: Option<SocketAddr>,
+    /// Where repositories keep their packs.
+    pub stores: Arc<dyn PackStores>,
 }
 
-struct Shared {
+/// A running `serve`: what every connection and session shares.
+pub(crate) struct Server {
     layout: Layout,
-    config: Config,
+    pub(crate) config: Config,
     keypair: StaticKeypair,
     auth: AuthWatcher,
+    /// Repositories opened so far, each opened once and shared by its sessions.
     repos: tokio::sync::Mutex<HashMap<RepoName, Arc<Repo>>>,
+    /// Session slots (`max_sessions`).
     sessions: Arc<Semaphore>,
+    /// Handshakes in progress ([`MAX_HANDSHAKES`]).
     handshakes: Arc<Semaphore>,
-    cancel: CancellationToken,
+    /// Cancelled by SIGTERM/SIGINT.
+    pub(crate) cancel: CancellationToken,
+    /// Every connection's task, waited for on shutdown.
     tracker: TaskTracker,
-    metrics: Arc<Metrics>,
+    pub(crate) metrics: Arc<Metrics>,
+    stores: Arc<dyn PackStores>,
 }
 
-/// Takes the root's serve lock, refusing when another `serve` holds it.
-fn lock_root(layout: &Layout) -> Result<Flock<File>, Error> {
-    let path = layout.serve_lock();
-    let deadline = std::time::Instant::now() + LOCK_WAIT;
-    loop {
-        let f = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .ctx("opening", &path)?;
-        match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
-            Ok(l) => return Ok(l),
-            Err((_, nix::errno::Errno::EWOULDBLOCK)) if std::time::Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
-                return Err(Error::AlreadyServing(layout.root().to_path_buf()))
-            }
-            Err((_, e)) => {
-                return Err(Error::Lock {
-                    path,
-                    msg: e.desc().to_lowercase(),
-                })
-            }
-        }
+/// Takes the root's serve lock, refusing when another `serve` holds it. Failing to open
+/// or lock the file is an I/O error, not another `serve`.
+fn lock_root(layout: &Layout) -> Result<Lock, Error> {
+    match Lock::exclusive(&layout.serve_lock(), Wait::For(LOCK_WAIT)) {
+        Ok(l) => Ok(l),
+        Err(LockError::Held { .. }) => Err(Error::AlreadyServing(layout.root().to_path_buf())),
+        Err(LockError::Io(e)) => Err(e.into()),
     }
 }
 
@@ -151,153 +103,170 @@ pub fn serve(opts: ServeOptions, on_ready: impl FnOnce(SocketAddr)) -> Result<()
         .thread_name("coffer-receiver")
         .build()
         .map_err(|e| Error::Runtime(e.to_string()))?;
-    let r = rt.block_on(run(layout.clone(), config, keypair, opts.metrics, on_ready));
+    let server = Server::new(layout.clone(), config, keypair, opts.stores);
+    let r = rt.block_on(run(server, opts.metrics, on_ready));
     rt.shutdown_timeout(Duration::from_secs(2));
     let _ = std::fs::remove_file(layout.serve_addr());
     r
 }
 
+/// Listens, serves until cancelled, then shuts down.
 async fn run(
-    layout: Layout,
-    config: Config,
-    keypair: StaticKeypair,
+    server: Arc<Server>,
     metrics_addr: Option<SocketAddr>,
     on_ready: impl FnOnce(SocketAddr),
 ) -> Result<(), Error> {
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|e| Error::Bind {
-            addr: config.listen,
-            msg: coffer_common::host::fs::describe(&e),
-        })?;
-    let addr = listener.local_addr().map_err(|e| Error::Bind {
-        addr: config.listen,
-        msg: coffer_common::host::fs::describe(&e),
-    })?;
+    let listen = server.config.listen;
+    let bind_error = |e: std::io::Error| Error::Bind {
+        addr: listen,
+        msg: describe(&e),
+    };
+    let listener = TcpListener::bind(listen).await.map_err(bind_error)?;
+    let addr = listener.local_addr().map_err(bind_error)?;
     let metrics_listener = match metrics_addr {
         Some(a) => Some(TcpListener::bind(a).await.map_err(|e| Error::MetricsBind {
             addr: a,
-            msg: coffer_common::host::fs::describe(&e),
+            msg: describe(&e),
         })?),
         None => None,
     };
-    write_atomic(&layout.serve_addr(), format!("{addr}\n").as_bytes(), 0o644)?;
-    let shared = Arc::new(Shared {
-        auth: AuthWatcher::new(layout.authorized()),
-        layout,
-        sessions: Arc::new(Semaphore::new(config.max_sessions)),
-        handshakes: Arc::new(Semaphore::new(MAX_HANDSHAKES)),
-        config,
-        keypair,
-        repos: tokio::sync::Mutex::new(HashMap::new()),
-        cancel: CancellationToken::new(),
-        tracker: TaskTracker::new(),
-        metrics: Arc::new(Metrics::new()),
-    });
+    write_atomic(
+        &server.layout.serve_addr(),
+        format!("{addr}\n").as_bytes(),
+        0o644,
+    )?;
     // Load the list once now so a broken file is reported at start.
-    let _ = shared.auth.current();
+    let _ = server.auth.current();
     tracing::info!(
         %addr,
-        key = %shared.keypair.public(),
-        root = %shared.layout.root().display(),
-        max_sessions = shared.config.max_sessions,
+        key = %server.keypair.public(),
+        root = %server.layout.root().display(),
+        max_sessions = server.config.max_sessions,
         "listening"
     );
     if let Some(l) = metrics_listener {
-        match l.local_addr() {
-            Ok(a) => tracing::info!("metrics at http://{a}/metrics"),
-            Err(e) => tracing::warn!(
-                "metrics listener: {}",
-                coffer_common::host::fs::describe(&e)
-            ),
-        }
-        let s = shared.clone();
-        tokio::spawn(crate::metrics::serve_http(
-            l,
-            shared.cancel.clone(),
-            move || scrape(&s),
-        ));
+        serve_metrics(&server, l);
     }
     on_ready(addr);
-    spawn_signal_handler(shared.cancel.clone())?;
+    spawn_signal_handler(server.cancel.clone())?;
     crate::notify::notify(&format!("READY=1\nSTATUS=listening on {addr}"));
-    if let Some(every) = crate::notify::watchdog_interval() {
-        let cancel = shared.cancel.clone();
-        tokio::spawn(async move {
-            loop {
-                crate::notify::notify("WATCHDOG=1");
-                tokio::select! {
-                    _ = tokio::time::sleep(every) => {}
-                    _ = cancel.cancelled() => return,
-                }
-            }
-        });
+    spawn_watchdog(server.cancel.clone());
+    accept(&server, &listener).await;
+    drop(listener);
+    server.shut_down().await;
+    Ok(())
+}
+
+impl Server {
+    fn new(
+        layout: Layout,
+        config: Config,
+        keypair: StaticKeypair,
+        stores: Arc<dyn PackStores>,
+    ) -> Arc<Self> {
+        Arc::new(Server {
+            auth: AuthWatcher::new(layout.authorized()),
+            layout,
+            sessions: Arc::new(Semaphore::new(config.max_sessions)),
+            handshakes: Arc::new(Semaphore::new(MAX_HANDSHAKES)),
+            config,
+            keypair,
+            repos: tokio::sync::Mutex::new(HashMap::new()),
+            cancel: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            metrics: Arc::new(Metrics::new()),
+            stores,
+        })
     }
 
-    loop {
-        tokio::select! {
-            _ = shared.cancel.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok((stream, peer)) => {
-                    let Ok(hs) = shared.handshakes.clone().try_acquire_owned() else {
-                        tracing::warn!(%peer, "too many handshakes in progress; dropping connection");
-                        continue;
-                    };
-                    let _ = stream.set_nodelay(true);
-                    let s = shared.clone();
-                    let span = tracing::info_span!("conn", %peer);
-                    shared.tracker.spawn(connection(s, stream, hs).instrument(span));
-                }
-                Err(e) => {
-                    tracing::warn!("accepting a connection: {}", coffer_common::host::fs::describe(&e));
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-                        _ = shared.cancel.cancelled() => break,
-                    }
-                }
+    /// After the listener is closed: lets sessions finish within the grace period, then
+    /// flushes every repository once more.
+    async fn shut_down(&self) {
+        crate::notify::notify("STOPPING=1");
+        tracing::info!("shutting down: no new connections; letting sessions finish");
+        self.tracker.close();
+        let grace = self.config.shutdown_grace();
+        if tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "sessions still running after the shutdown grace of {}s; exiting anyway \
+                 (anything unacknowledged will be sent again)",
+                grace.as_secs()
+            );
+        }
+        let repos: Vec<Arc<Repo>> = self.repos.lock().await.values().cloned().collect();
+        for repo in repos {
+            let r = tokio::task::spawn_blocking(move || {
+                let name = repo.name().clone();
+                (name, repo.flush(&[]))
+            })
+            .await;
+            if let Ok((name, Err(e))) = r {
+                tracing::warn!(repo = %name, "final flush: {e}");
             }
         }
+        tracing::info!("stopped");
     }
-    drop(listener);
-    crate::notify::notify("STOPPING=1");
-    tracing::info!("shutting down: no new connections; letting sessions finish");
-    shared.tracker.close();
-    let grace = shared.config.shutdown_grace();
-    if tokio::time::timeout(grace, shared.tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            "sessions still running after the shutdown grace of {}s; exiting anyway \
-             (anything unacknowledged will be sent again)",
-            grace.as_secs()
-        );
-    }
-    let repos: Vec<Arc<Repo>> = shared.repos.lock().await.values().cloned().collect();
-    for repo in repos {
-        let r = tokio::task::spawn_blocking(move || {
-            let name = repo.name().clone();
-            (name, repo.flush(&[]))
-        })
-        .await;
-        if let Ok((name, Err(e))) = r {
-            tracing::warn!(repo = %name, "final flush: {e}");
+
+    /// The repository `name`, opened (and recovered) on first use.
+    pub(crate) async fn open_repo(&self, name: &RepoName) -> Result<Arc<Repo>, RepoError> {
+        let mut repos = self.repos.lock().await;
+        if let Some(r) = repos.get(name) {
+            return Ok(r.clone());
         }
+        let dir = self.layout.repo(name);
+        let packs = self.stores.open(&dir);
+        let n = name.clone();
+        let max = self.config.pack_max_bytes;
+        let (repo, rec) = tokio::task::spawn_blocking(move || Repo::open(&dir, n, packs, max))
+            .await
+            .map_err(|e| {
+                RepoError::Io(IoError::new(
+                    "opening repository",
+                    self.layout.repo(name).path(),
+                    std::io::Error::other(e.to_string()),
+                ))
+            })??;
+        if rec.reindexed > 0 || rec.cut_bytes > 0 {
+            tracing::info!(
+                repo = %name,
+                reindexed = rec.reindexed,
+                cut_bytes = rec.cut_bytes,
+                "recovered after an unclean stop"
+            );
+        }
+        let repo = Arc::new(repo);
+        repos.insert(name.clone(), repo.clone());
+        Ok(repo)
     }
-    tracing::info!("stopped");
-    Ok(())
+}
+
+/// Serves `/metrics` on `listener` until shutdown.
+fn serve_metrics(server: &Arc<Server>, listener: TcpListener) {
+    match listener.local_addr() {
+        Ok(a) => tracing::info!("metrics at http://{a}/metrics"),
+        Err(e) => tracing::warn!("metrics listener: {}", describe(&e)),
+    }
+    let s = server.clone();
+    tokio::spawn(crate::metrics::serve_http(
+        listener,
+        server.cancel.clone(),
+        move || scrape(&s),
+    ));
 }
 
 /// The metrics text, with the stored bytes of every repository opened so far (runs on a
 /// blocking thread).
-fn scrape(shared: &Shared) -> String {
-    let repos: Vec<Arc<Repo>> = shared.repos.blocking_lock().values().cloned().collect();
+fn scrape(server: &Server) -> String {
+    let repos: Vec<Arc<Repo>> = server.repos.blocking_lock().values().cloned().collect();
     for r in repos {
-        shared
+        server
             .metrics
             .set_repository_bytes(r.name().as_str(), r.stored_bytes());
     }
-    shared.metrics.render()
+    server.metrics.render()
 }
 
 fn spawn_signal_handler(cancel: CancellationToken) -> Result<(), Error> {
@@ -314,74 +283,137 @@ fn spawn_signal_handler(cancel: CancellationToken) -> Result<(), Error> {
     Ok(())
 }
 
-fn error(code: ErrorCode, message: impl Into<String>) -> Message {
+/// Tells systemd we are alive, as often as its watchdog asks (when it does).
+fn spawn_watchdog(cancel: CancellationToken) {
+    let Some(every) = crate::notify::watchdog_interval() else {
+        return;
+    };
+    tokio::spawn(async move {
+        loop {
+            crate::notify::notify("WATCHDOG=1");
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = cancel.cancelled() => return,
+            }
+        }
+    });
+}
+
+/// Accepts connections until shutdown, each on a task of its own (past
+/// [`MAX_HANDSHAKES`] handshakes in progress, a connection is dropped at once).
+async fn accept(server: &Arc<Server>, listener: &TcpListener) {
+    loop {
+        tokio::select! {
+            _ = server.cancel.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok((stream, peer)) => {
+                    let Ok(hs) = server.handshakes.clone().try_acquire_owned() else {
+                        tracing::warn!(%peer, "too many handshakes in progress; dropping connection");
+                        continue;
+                    };
+                    let _ = stream.set_nodelay(true);
+                    let s = server.clone();
+                    let span = tracing::info_span!("conn", %peer);
+                    server.tracker.spawn(connection(s, stream, hs).instrument(span));
+                }
+                Err(e) => {
+                    tracing::warn!("accepting a connection: {}", describe(&e));
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                        _ = server.cancel.cancelled() => return,
+                    }
+                }
+            }
+        }
+    }
+}
+
+pub(crate) fn error(code: ErrorCode, message: impl Into<String>) -> Message {
     Message::Error {
         code,
         message: message.into(),
     }
 }
 
-async fn connection(shared: Arc<Shared>, stream: TcpStream, handshake_slot: OwnedSemaphorePermit) {
+/// One connection: handshake, authorization, a session slot, then the session.
+async fn connection(server: Arc<Server>, stream: TcpStream, handshake_slot: OwnedSemaphorePermit) {
     let hs = tokio::select! {
-        r = channel::accept(stream, &shared.keypair) => r,
-        _ = shared.cancel.cancelled() => return,
+        r = channel::accept(stream, &server.keypair) => r,
+        _ = server.cancel.cancelled() => return,
     };
     drop(handshake_slot);
     let (ch, key) = match hs {
         Ok(x) => x,
         Err(e) => {
             tracing::debug!("handshake failed: {e}");
-            shared.metrics.rejected(Rejected::Failed);
+            server.metrics.rejected(Rejected::Failed);
             return;
         }
     };
-    let Some(repo) = shared.auth.current().repo_of(&key).cloned() else {
-        shared.metrics.rejected(Rejected::Unauthorized);
+    let Some(repo) = server.auth.current().repo_of(&key).cloned() else {
+        server.metrics.rejected(Rejected::Unauthorized);
         tracing::warn!(%key, "refused: agent key {key} is not authorized on this receiver");
         let m = error(
             ErrorCode::Unauthorized,
             format!("agent key {key} is not authorized on this receiver"),
         );
-        refuse(ch, m).await;
-        return;
+        return refuse(ch, m).await;
     };
-    let permit = match shared.sessions.clone().try_acquire_owned() {
-        Ok(p) => p,
-        Err(_) => {
-            let waited = tokio::select! {
-                r = tokio::time::timeout(BUSY_WAIT, shared.sessions.clone().acquire_owned()) => r,
-                _ = shared.cancel.cancelled() => return,
-            };
-            match waited {
-                Ok(Ok(p)) => p,
-                _ => {
-                    tracing::warn!(%key, "refused: all {} sessions in use", shared.config.max_sessions);
-                    let m = error(
-                        ErrorCode::Internal,
-                        format!(
-                            "receiver busy: all {} sessions are in use (max_sessions in \
-                             receiver.toml); try again later",
-                            shared.config.max_sessions
-                        ),
-                    );
-                    refuse(ch, m).await;
-                    return;
-                }
-            }
-        }
+    let permit = match session_slot(&server).await {
+        Slot::Free(p) => p,
+        Slot::Busy => return refuse(ch, busy(&server, &key)).await,
+        Slot::ShuttingDown => return,
     };
     let span = tracing::info_span!("session", %repo, key = %short(&key));
-    let metrics = shared.metrics.clone();
+    let metrics = server.metrics.clone();
     let active = metrics.session();
-    session(shared, ch, repo).instrument(span).await;
+    crate::session::session(server, ch, repo)
+        .instrument(span)
+        .await;
     drop(active);
     drop(permit);
+}
+
+/// What waiting for a session slot came to.
+enum Slot {
+    Free(OwnedSemaphorePermit),
+    /// None freed up within [`BUSY_WAIT`].
+    Busy,
+    ShuttingDown,
+}
+
+/// A session slot, waiting up to [`BUSY_WAIT`] for one when all are in use.
+async fn session_slot(server: &Server) -> Slot {
+    if let Ok(p) = server.sessions.clone().try_acquire_owned() {
+        return Slot::Free(p);
+    }
+    let waited = tokio::select! {
+        r = tokio::time::timeout(BUSY_WAIT, server.sessions.clone().acquire_owned()) => r,
+        _ = server.cancel.cancelled() => return Slot::ShuttingDown,
+    };
+    match waited {
+        Ok(Ok(p)) => Slot::Free(p),
+        _ => Slot::Busy,
+    }
+}
+
+/// The refusal of a connection that found every session slot taken.
+fn busy(server: &Server, key: &PublicKey) -> Message {
+    let max = server.config.max_sessions;
+    tracing::warn!(%key, "refused: all {max} sessions in use");
+    error(
+        ErrorCode::Internal,
+        format!(
+            "receiver busy: all {max} sessions are in use (max_sessions in receiver.toml); \
+             try again later"
+        ),
+    )
 }
 
 /// Sends a last message, closes our side, and reads (discarding) what the peer had already
 /// sent for a moment, so that the close does not turn into a reset that could swallow the
 /// message before the agent reads it.
-async fn refuse(ch: channel::Channel<TcpStream>, m: Message) {
+pub(crate) async fn refuse(ch: channel::Channel<TcpStream>, m: Message) {
     let (mut tx, mut rx) = ch.split();
     let _ = tokio::time::timeout(Duration::from_secs(5), tx.send(&m)).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), tx.shutdown()).await;
@@ -392,887 +424,29 @@ fn short(k: &PublicKey) -> String {
     k.to_string().chars().take(8).collect()
 }
 
-type Tx = SendHalf<WriteHalf<TcpStream>>;
-type Rx = RecvHalf<ReadHalf<TcpStream>>;
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-async fn session(shared: Arc<Shared>, mut ch: channel::Channel<TcpStream>, repo_name: RepoName) {
-    let idle = shared.config.idle_timeout();
-    let first = tokio::select! {
-        r = tokio::time::timeout(idle, ch.recv()) => r,
-        _ = shared.cancel.cancelled() => return,
-    };
-    let agent = match first {
-        Err(_) => {
-            tracing::info!("no Hello within the idle timeout; closing");
-            return;
+    #[test]
+    fn a_held_lock_is_another_serve_and_an_io_failure_is_not() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let layout = Layout::new(d.path());
+        let held = lock_root(&layout).expect("free");
+        match lock_root(&layout) {
+            Err(Error::AlreadyServing(root)) => assert_eq!(root, d.path()),
+            other => panic!("expected AlreadyServing, got {other:?}"),
         }
-        Ok(Ok(Message::Hello {
-            protocol,
-            agent_name,
-            software,
-        })) => {
-            if protocol != PROTOCOL_VERSION {
-                let msg = format!(
-                    "protocol version mismatch: the receiver speaks {PROTOCOL_VERSION}, the agent \
-                     speaks {protocol}; upgrade the older side"
-                );
-                tracing::warn!("{msg}");
-                shared.metrics.error(ErrorKind::Protocol);
-                refuse(ch, error(ErrorCode::ProtocolVersion, msg)).await;
-                return;
+        drop(held);
+        drop(lock_root(&layout).expect("free again"));
+        // A root that cannot hold the lock file: an I/O error naming the file.
+        let missing = Layout::new(&d.path().join("no-such-root"));
+        match lock_root(&missing) {
+            Err(e @ Error::Io(_)) => {
+                assert!(e.to_string().contains("serve.lock"), "{e}");
+                assert!(!e.to_string().contains("already running"), "{e}");
             }
-            tracing::info!(agent = %agent_name, %software, "session started");
-            agent_name
-        }
-        Ok(Ok(other)) => {
-            let msg = format!("expected Hello as the first message, got {}", other.kind());
-            tracing::warn!("{msg}");
-            shared.metrics.error(ErrorKind::Protocol);
-            refuse(ch, error(ErrorCode::Malformed, msg)).await;
-            return;
-        }
-        Ok(Err(ChannelError::Wire(WireError::Closed))) => return,
-        Ok(Err(e)) => {
-            tracing::warn!("bad first frame: {e}");
-            shared.metrics.error(ErrorKind::Protocol);
-            refuse(ch, error(ErrorCode::Malformed, e.to_string())).await;
-            return;
-        }
-    };
-    let repo = match open_repo(&shared, &repo_name).await {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::error!("opening repository {repo_name}: {e}");
-            shared.metrics.error(error_kind(&e));
-            let code = if e.is_storage() {
-                ErrorCode::Storage
-            } else {
-                ErrorCode::Internal
-            };
-            refuse(
-                ch,
-                error(code, format!("opening repository {repo_name}: {e}")),
-            )
-            .await;
-            return;
-        }
-    };
-    let welcome = Message::Welcome {
-        protocol: PROTOCOL_VERSION,
-        repo: repo_name.to_string(),
-    };
-    if ch.send(&welcome).await.is_err() {
-        return;
-    }
-    let (tx, rx) = ch.split();
-    let (qtx, qrx) = mpsc::channel(QUEUE_MESSAGES);
-    let reader_cancel = shared.cancel.child_token();
-    let reader = tokio::spawn(
-        read_loop(rx, qtx, reader_cancel.clone()).instrument(tracing::Span::current()),
-    );
-    let mut s = Session {
-        repo,
-        tx,
-        idle,
-        batch: Batch::default(),
-        flushing: None,
-        batch_bytes: 0,
-        unflushed: false,
-        acked: 0,
-        stored_bytes: 0,
-        metrics: shared.metrics.clone(),
-        reads: VecDeque::new(),
-        gathering: Vec::new(),
-        read_bufs: Vec::new(),
-    };
-    let end = s.run(qrx, &shared.cancel).await;
-    // Close our side after the last reply; let the reader drain what the agent had already
-    // pipelined (so the close is not a reset), for a moment.
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.tx.shutdown()).await;
-    let mut reader = reader;
-    let _ = tokio::time::timeout(LINGER, &mut reader).await;
-    reader_cancel.cancel();
-    reader.abort();
-    if matches!(end, Err(End::Internal(_))) {
-        shared.metrics.error(ErrorKind::Internal);
-    }
-    match end {
-        Ok(()) => {
-            tracing::info!(agent = %agent, files = s.acked, bytes = s.stored_bytes, "session ended")
-        }
-        Err(e) => {
-            tracing::info!(agent = %agent, files = s.acked, bytes = s.stored_bytes, "session ended: {e}")
+            other => panic!("expected an I/O error, got {other:?}"),
         }
     }
-}
-
-async fn open_repo(shared: &Arc<Shared>, name: &RepoName) -> Result<Arc<Repo>, RepoError> {
-    let mut repos = shared.repos.lock().await;
-    if let Some(r) = repos.get(name) {
-        return Ok(r.clone());
-    }
-    let dir = shared.layout.repo(name);
-    let n = name.clone();
-    let max = shared.config.pack_max_bytes;
-    let (repo, rec) = tokio::task::spawn_blocking(move || Repo::open(&dir, n, max))
-        .await
-        .map_err(|e| {
-            RepoError::Io(coffer_common::host::fs::IoError::new(
-                "opening repository",
-                shared.layout.repo(name),
-                std::io::Error::other(e.to_string()),
-            ))
-        })??;
-    if rec.reindexed > 0 || rec.cut_bytes > 0 {
-        tracing::info!(
-            repo = %name,
-            reindexed = rec.reindexed,
-            cut_bytes = rec.cut_bytes,
-            "recovered after an unclean stop"
-        );
-    }
-    let repo = Arc::new(repo);
-    repos.insert(name.clone(), repo.clone());
-    Ok(repo)
-}
-
-enum Incoming {
-    Msg(Message, OwnedSemaphorePermit),
-    Bad(ChannelError),
-}
-
-async fn read_loop(mut rx: Rx, q: mpsc::Sender<Incoming>, cancel: CancellationToken) {
-    let budget = Arc::new(Semaphore::new(QUEUE_BYTES));
-    // Once the processor is gone, frames are read and dropped until the peer closes.
-    let mut draining = false;
-    loop {
-        let r = tokio::select! {
-            r = rx.recv_sized() => r,
-            _ = cancel.cancelled() => return,
-        };
-        if draining {
-            if r.is_err() {
-                return;
-            }
-            continue;
-        }
-        let item = match r {
-            Ok((m, n)) => {
-                let want = n.clamp(1, QUEUE_BYTES) as u32;
-                let permit = tokio::select! {
-                    p = budget.clone().acquire_many_owned(want) => match p {
-                        Ok(p) => p,
-                        Err(_) => return,
-                    },
-                    _ = cancel.cancelled() => return,
-                };
-                Incoming::Msg(m, permit)
-            }
-            Err(ChannelError::Wire(WireError::Closed)) => return,
-            Err(e) => Incoming::Bad(e),
-        };
-        if matches!(item, Incoming::Bad(_)) {
-            // After a frame error the stream cannot be read on.
-            let _ = q.send(item).await;
-            return;
-        }
-        if q.send(item).await.is_err() {
-            draining = true;
-        }
-    }
-}
-
-/// Why a session ended early.
-#[derive(Debug, thiserror::Error)]
-enum End {
-    #[error("sending to the agent failed: {0}")]
-    Send(ChannelError),
-    #[error("the agent did not read replies within the idle timeout")]
-    Stalled,
-    #[error("protocol error: {0}")]
-    Protocol(String),
-    #[error("internal error: {0}")]
-    Internal(String),
-    #[error("idle timeout")]
-    Idle,
-    #[error("receiver shutting down")]
-    Shutdown,
-}
-
-enum Reply {
-    Now(Message),
-    Commit(usize),
-    /// The `FilesAcked` of a `PutFiles`: commits `start..start + len` of the batch.
-    Commits(usize, usize),
-}
-
-/// Commits and the replies queued behind them, in request order.
-#[derive(Default)]
-struct Batch {
-    commits: Vec<NewCommit>,
-    replies: Vec<Reply>,
-}
-
-type FlushResult = (Vec<NewCommit>, Result<Vec<CommitOutcome>, RepoError>);
-
-/// A batch being made durable on a blocking thread while the session reads on.
-struct Flushing {
-    task: tokio::task::JoinHandle<FlushResult>,
-    replies: Vec<Reply>,
-}
-
-struct Session {
-    repo: Arc<Repo>,
-    tx: Tx,
-    idle: Duration,
-    /// The batch being gathered.
-    batch: Batch,
-    /// The batch being flushed (at most one at a time).
-    flushing: Option<Flushing>,
-    /// Bytes stored since the gathered batch began.
-    batch_bytes: u64,
-    /// Chunks were stored since the last flush began.
-    unflushed: bool,
-    acked: u64,
-    stored_bytes: u64,
-    metrics: Arc<Metrics>,
-    /// Groups of `GetChunk` reads started and not yet answered, oldest first.
-    reads: VecDeque<(Vec<ChunkId>, ChunkReads)>,
-    /// `GetChunk` requests not yet started, gathered into the next group.
-    gathering: Vec<ChunkId>,
-    /// Buffers of answered chunk reads, reused by the next ones: allocating a fresh one for
-    /// each read on whichever blocking thread ran it spread freed megabytes over glibc's
-    /// per-thread arenas, and the receiver's peak RSS grew from ~40 to ~70-80 MiB while
-    /// serving a restore.
-    read_bufs: Vec<Vec<u8>>,
-}
-
-type ChunkReads = tokio::task::JoinHandle<Vec<Result<Option<Vec<u8>>, RepoError>>>;
-
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, End> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| End::Internal(e.to_string()))
-}
-
-fn error_kind(e: &RepoError) -> ErrorKind {
-    if e.is_storage() {
-        ErrorKind::Storage
-    } else {
-        ErrorKind::Internal
-    }
-}
-
-fn repo_error(e: &RepoError) -> Message {
-    let code = if e.is_storage() {
-        ErrorCode::Storage
-    } else {
-        ErrorCode::Internal
-    };
-    error(code, e.to_string())
-}
-
-enum Event {
-    Flushed(Result<FlushResult, tokio::task::JoinError>),
-    Item(Option<Incoming>),
-    Cancel,
-    Idle,
-}
-
-impl Session {
-    async fn run(
-        &mut self,
-        mut q: mpsc::Receiver<Incoming>,
-        cancel: &CancellationToken,
-    ) -> Result<(), End> {
-        let r = self.serve_queue(&mut q, cancel).await;
-        let r = match r {
-            Ok(()) => self.answer_reads().await,
-            e => e,
-        };
-        // Whatever happened, make what was received durable (an ack that cannot be sent
-        // is simply asked for again: commits are idempotent).
-        let f = self.flush_now().await;
-        if matches!(r, Err(End::Shutdown)) {
-            let _ = self
-                .send(error(
-                    ErrorCode::ShuttingDown,
-                    "the receiver is shutting down; reconnect later",
-                ))
-                .await;
-        }
-        r.and(f)
-    }
-
-    /// True while some commit is not yet acknowledged (so replies must wait their turn).
-    fn pending(&self) -> bool {
-        self.flushing.is_some() || !self.batch.commits.is_empty()
-    }
-
-    fn batch_full(&self) -> bool {
-        self.batch.commits.len() >= MAX_BATCH_COMMITS || self.batch_bytes >= MAX_BATCH_BYTES
-    }
-
-    async fn serve_queue(
-        &mut self,
-        q: &mut mpsc::Receiver<Incoming>,
-        cancel: &CancellationToken,
-    ) -> Result<(), End> {
-        let mut shutting_down = false;
-        loop {
-            let item = match q.try_recv() {
-                Ok(i) => i,
-                Err(mpsc::error::TryRecvError::Disconnected) => return Ok(()),
-                Err(mpsc::error::TryRecvError::Empty) => {
-                    self.answer_reads().await?;
-                    if shutting_down {
-                        return Err(End::Shutdown);
-                    }
-                    // The queue is momentarily empty: make the gathered commits durable,
-                    // while reading on.
-                    if self.flushing.is_none() && !self.batch.commits.is_empty() {
-                        self.start_flush();
-                    }
-                    let idle = !self.pending();
-                    let ev = {
-                        let flushing = async {
-                            match self.flushing.as_mut() {
-                                Some(f) => (&mut f.task).await,
-                                None => std::future::pending().await,
-                            }
-                        };
-                        tokio::select! {
-                            biased;
-                            r = flushing => Event::Flushed(r),
-                            i = q.recv() => Event::Item(i),
-                            _ = cancel.cancelled(), if !shutting_down => Event::Cancel,
-                            _ = tokio::time::sleep(self.idle), if idle => Event::Idle,
-                        }
-                    };
-                    match ev {
-                        Event::Flushed(r) => {
-                            self.finish_flush(r).await?;
-                            continue;
-                        }
-                        Event::Item(Some(i)) => i,
-                        Event::Item(None) => return Ok(()),
-                        Event::Cancel => {
-                            shutting_down = true;
-                            continue;
-                        }
-                        Event::Idle => return Err(End::Idle),
-                    }
-                }
-            };
-            match item {
-                Incoming::Msg(m, permit) => {
-                    self.handle(m).await?;
-                    drop(permit);
-                }
-                Incoming::Bad(e) => {
-                    tracing::warn!("ending session: {e}");
-                    self.metrics.error(ErrorKind::Protocol);
-                    self.flush_now().await?;
-                    let _ = self.send(error(ErrorCode::Malformed, e.to_string())).await;
-                    return Err(End::Protocol(e.to_string()));
-                }
-            }
-            if self.batch_full() {
-                self.wait_flush().await?;
-                self.start_flush();
-            }
-        }
-    }
-
-    /// The reply for a failed request, counted.
-    fn failed(&self, e: &RepoError) -> Message {
-        self.metrics.error(error_kind(e));
-        repo_error(e)
-    }
-
-    async fn send(&mut self, m: Message) -> Result<(), End> {
-        self.answer_reads().await?;
-        match tokio::time::timeout(self.idle, self.tx.send(&m)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(End::Send(e)),
-            Err(_) => Err(End::Stalled),
-        }
-    }
-
-    /// Adds a reply to the outgoing buffer (after the chunk reads in flight, which come
-    /// first), writing it out once enough waits; many small replies then cost one system
-    /// call. [`Session::write_queued`] writes the rest.
-    async fn send_queued(&mut self, m: Message) -> Result<(), End> {
-        self.start_reads().await?;
-        while !self.reads.is_empty() {
-            self.answer_oldest_reads().await?;
-        }
-        self.tx.queue(&m).map_err(End::Send)?;
-        if self.tx.queued() >= REPLY_BATCH {
-            self.write_queued().await?;
-        }
-        Ok(())
-    }
-
-    /// Starts reading the gathered `GetChunk` requests on a blocking thread, after
-    /// answering the oldest group when [`GROUPS_AHEAD`] are in flight already.
-    async fn start_reads(&mut self) -> Result<(), End> {
-        if self.gathering.is_empty() {
-            return Ok(());
-        }
-        if self.reads.len() >= GROUPS_AHEAD {
-            self.answer_oldest_reads().await?;
-        }
-        let ids = std::mem::take(&mut self.gathering);
-        let repo = self.repo.clone();
-        // Buffers are allocated here, on the session's thread, with room for any chunk
-        // the agent cuts, so the blocking thread never grows one.
-        let bufs: Vec<Vec<u8>> = (0..ids.len())
-            .map(|_| {
-                self.read_bufs
-                    .pop()
-                    .unwrap_or_else(|| Vec::with_capacity(READ_BUF))
-            })
-            .collect();
-        let group = ids.clone();
-        let read = tokio::task::spawn_blocking(move || repo.get_many(&group, bufs));
-        self.reads.push_back((ids, read));
-        Ok(())
-    }
-
-    /// Answers the oldest group of chunk reads in flight: its replies are encrypted into
-    /// the outgoing buffer, written with the replies queued after them (one system call
-    /// for a run of restore reads) once [`REPLY_BATCH`] bytes wait, when the request queue
-    /// is momentarily empty, or by the next `send`.
-    async fn answer_oldest_reads(&mut self) -> Result<(), End> {
-        let Some((ids, read)) = self.reads.pop_front() else {
-            return Ok(());
-        };
-        let results = read.await.map_err(|e| End::Internal(e.to_string()))?;
-        if results.len() != ids.len() {
-            // Every request gets its reply, or the agent would wait for it forever.
-            return Err(End::Internal(format!(
-                "{} chunk reads gave {} results",
-                ids.len(),
-                results.len()
-            )));
-        }
-        for (id, result) in ids.into_iter().zip(results) {
-            let reply = match result {
-                Ok(Some(sealed)) => Message::Chunk { id, sealed },
-                Ok(None) => not_found(&id),
-                Err(e) => {
-                    tracing::error!("reading chunk {id}: {e}");
-                    self.metrics.error(ErrorKind::Internal);
-                    error(ErrorCode::Internal, format!("reading chunk {id}: {e}"))
-                }
-            };
-            self.tx.queue(&reply).map_err(End::Send)?;
-            // The reply's bytes are in the outgoing buffer now; its buffer serves a later
-            // read.
-            if let Message::Chunk { sealed, .. } = reply {
-                if self.read_bufs.len() < READ_GROUP * GROUPS_AHEAD {
-                    self.read_bufs.push(sealed);
-                }
-            }
-            if self.tx.queued() >= REPLY_BATCH {
-                self.write_queued().await?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Answers every chunk read asked for (gathered or in flight) and writes what is
-    /// queued. Runs before any other reply is sent, so replies keep request order.
-    async fn answer_reads(&mut self) -> Result<(), End> {
-        self.start_reads().await?;
-        while !self.reads.is_empty() {
-            self.answer_oldest_reads().await?;
-        }
-        self.write_queued().await
-    }
-
-    /// Writes the replies queued by [`Session::answer_oldest_read`].
-    async fn write_queued(&mut self) -> Result<(), End> {
-        if self.tx.queued() == 0 {
-            return Ok(());
-        }
-        match tokio::time::timeout(self.idle, self.tx.flush_queued()).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(End::Send(e)),
-            Err(_) => Err(End::Stalled),
-        }
-    }
-
-    /// Sends a reply now, or queues it behind unacknowledged commits.
-    async fn reply(&mut self, m: Message) -> Result<(), End> {
-        if self.pending() {
-            self.batch.replies.push(Reply::Now(m));
-            Ok(())
-        } else {
-            self.send(m).await
-        }
-    }
-
-    async fn malformed(&mut self, msg: String) -> Result<(), End> {
-        tracing::warn!("ending session: {msg}");
-        self.metrics.error(ErrorKind::Protocol);
-        self.flush_now().await?;
-        let _ = self.send(error(ErrorCode::Malformed, msg.clone())).await;
-        Err(End::Protocol(msg))
-    }
-
-    async fn handle(&mut self, m: Message) -> Result<(), End> {
-        match m {
-            Message::HaveChunks { ids } => {
-                if ids.len() > MAX_IDS {
-                    return self
-                        .malformed(format!("HaveChunks with {} ids (max {MAX_IDS})", ids.len()))
-                        .await;
-                }
-                let repo = self.repo.clone();
-                let r = blocking(move || repo.missing(&ids)).await?;
-                let reply = match r {
-                    Ok(ids) => Message::Missing { ids },
-                    Err(e) => self.failed(&e),
-                };
-                self.reply(reply).await
-            }
-            Message::PutChunk {
-                id,
-                sealed_hash,
-                sealed,
-            } => {
-                if let Some(msg) = bad_sealed_len(&id, sealed.len()) {
-                    self.metrics.error(ErrorKind::Protocol);
-                    return self.reply(error(ErrorCode::Malformed, msg)).await;
-                }
-                let n = sealed.len() as u64;
-                let repo = self.repo.clone();
-                // The channel checked the sealed bytes against `sealed_hash`.
-                let r = blocking(move || repo.put_hashed(&id, &sealed, sealed_hash)).await?;
-                let reply = match r {
-                    Ok(written) => {
-                        if written {
-                            self.unflushed = true;
-                            self.batch_bytes += n;
-                            self.stored_bytes += n;
-                            self.metrics.chunk_stored(n);
-                        } else {
-                            self.metrics.chunk_deduplicated();
-                        }
-                        Message::Stored { id }
-                    }
-                    Err(e) => {
-                        tracing::warn!("storing chunk {id}: {e}");
-                        self.failed(&e)
-                    }
-                };
-                self.reply(reply).await
-            }
-            Message::CommitFile {
-                commit_id,
-                file_id,
-                manifest,
-                chunks,
-            } => {
-                if chunks.len() > MAX_IDS {
-                    return self
-                        .malformed(format!(
-                            "CommitFile with {} chunks (max {MAX_IDS})",
-                            chunks.len()
-                        ))
-                        .await;
-                }
-                self.batch_bytes += manifest.len() as u64;
-                self.batch.commits.push(NewCommit {
-                    commit_id,
-                    file_id,
-                    manifest,
-                    chunks,
-                });
-                let i = self.batch.commits.len() - 1;
-                self.batch.replies.push(Reply::Commit(i));
-                Ok(())
-            }
-            Message::PutFiles { chunks, commits } => {
-                if chunks.len() > MAX_BATCH_FILES || commits.len() > MAX_BATCH_FILES {
-                    return self
-                        .malformed(format!(
-                            "PutFiles with {} chunks and {} commits (max {MAX_BATCH_FILES} each)",
-                            chunks.len(),
-                            commits.len()
-                        ))
-                        .await;
-                }
-                if let Some(c) = commits.iter().find(|c| c.chunks.len() > MAX_IDS) {
-                    let n = c.chunks.len();
-                    return self
-                        .malformed(format!("PutFiles commit with {n} chunks (max {MAX_IDS})"))
-                        .await;
-                }
-                if let Some(msg) = chunks
-                    .iter()
-                    .find_map(|c| bad_sealed_len(&c.id, c.sealed.len()))
-                {
-                    self.metrics.error(ErrorKind::Protocol);
-                    return self.reply(error(ErrorCode::Malformed, msg)).await;
-                }
-                if !chunks.is_empty() {
-                    let repo = self.repo.clone();
-                    let r = blocking(move || {
-                        let mut stored = Vec::with_capacity(chunks.len());
-                        for c in &chunks {
-                            match repo.put(&c.id, &c.sealed) {
-                                Ok(w) => stored.push(w.then_some(c.sealed.len() as u64)),
-                                Err(e) => return Err(Box::new((c.id, e))),
-                            }
-                        }
-                        Ok(stored)
-                    })
-                    .await?;
-                    match r {
-                        Ok(stored) => {
-                            for s in stored {
-                                match s {
-                                    Some(n) => {
-                                        self.unflushed = true;
-                                        self.batch_bytes += n;
-                                        self.stored_bytes += n;
-                                        self.metrics.chunk_stored(n);
-                                    }
-                                    None => self.metrics.chunk_deduplicated(),
-                                }
-                            }
-                        }
-                        Err(b) => {
-                            let (id, e) = *b;
-                            // Nothing of this request is acknowledged; the agent sends it again.
-                            tracing::warn!("storing chunk {id}: {e}");
-                            let reply = self.failed(&e);
-                            return self.reply(reply).await;
-                        }
-                    }
-                }
-                let start = self.batch.commits.len();
-                let n = commits.len();
-                for c in commits {
-                    self.batch_bytes += c.manifest.len() as u64;
-                    self.batch.commits.push(NewCommit {
-                        commit_id: c.commit_id,
-                        file_id: c.file_id,
-                        manifest: c.manifest,
-                        chunks: c.chunks,
-                    });
-                }
-                self.batch.replies.push(Reply::Commits(start, n));
-                Ok(())
-            }
-            Message::PutKeyFile { data } => {
-                let repo = self.repo.clone();
-                let r = blocking(move || repo.put_keyfile(&data)).await?;
-                let reply = match r {
-                    Ok(()) => Message::KeyFileStored,
-                    Err(RepoError::KeyFileTooLarge(n)) => {
-                        self.metrics.error(ErrorKind::Protocol);
-                        error(
-                            ErrorCode::Malformed,
-                            RepoError::KeyFileTooLarge(n).to_string(),
-                        )
-                    }
-                    Err(e) => self.failed(&e),
-                };
-                self.reply(reply).await
-            }
-            Message::GetKeyFile => {
-                let repo = self.repo.clone();
-                let reply = match blocking(move || repo.get_keyfile()).await? {
-                    Ok(data) => Message::KeyFile { data },
-                    Err(e) => self.failed(&e),
-                };
-                self.reply(reply).await
-            }
-            Message::ListVersions { after, limit } => {
-                // The listing must include this session's own earlier commits.
-                if self.pending() {
-                    self.flush_now().await?;
-                }
-                let repo = self.repo.clone();
-                let reply = match blocking(move || repo.list_versions(after, limit)).await? {
-                    Ok((entries, more)) => Message::Versions { entries, more },
-                    Err(e) => self.failed(&e),
-                };
-                self.reply(reply).await
-            }
-            Message::GetChunk { id } => {
-                // Sent at once rather than held (with its data) behind pending commits.
-                if self.pending() {
-                    self.flush_now().await?;
-                }
-                // Gathered, then read in a group on a blocking thread while earlier
-                // chunks are encrypted and written; answered in order by `answer_reads`.
-                self.gathering.push(id);
-                if self.gathering.len() >= READ_GROUP {
-                    self.start_reads().await?;
-                }
-                Ok(())
-            }
-            Message::Hello { .. } => self.malformed("Hello sent twice".into()).await,
-            other => {
-                self.malformed(format!("{} is a reply, not a request", other.kind()))
-                    .await
-            }
-        }
-    }
-
-    /// Starts making the gathered batch durable (packs fsynced, one index transaction)
-    /// on a blocking thread. The caller has checked that no flush is in flight.
-    fn start_flush(&mut self) {
-        if self.batch.commits.is_empty() && !self.unflushed {
-            return;
-        }
-        let Batch { commits, replies } = std::mem::take(&mut self.batch);
-        self.batch_bytes = 0;
-        self.unflushed = false;
-        let repo = self.repo.clone();
-        let task = tokio::task::spawn_blocking(move || {
-            let t = std::time::Instant::now();
-            let r = repo.flush(&commits);
-            tracing::debug!(
-                commits = commits.len(),
-                ms = t.elapsed().as_millis() as u64,
-                "flushed"
-            );
-            (commits, r)
-        });
-        self.flushing = Some(Flushing { task, replies });
-    }
-
-    /// Waits for the flush in flight, if any, and sends its replies.
-    async fn wait_flush(&mut self) -> Result<(), End> {
-        if let Some(f) = self.flushing.as_mut() {
-            let r = (&mut f.task).await;
-            self.finish_flush(r).await?;
-        }
-        Ok(())
-    }
-
-    /// Flushes everything gathered so far and sends every waiting reply.
-    async fn flush_now(&mut self) -> Result<(), End> {
-        self.wait_flush().await?;
-        self.start_flush();
-        self.wait_flush().await
-    }
-
-    /// The answer to the `i`th commit of a flushed batch (acknowledgements counted).
-    fn commit_result(
-        &mut self,
-        outcomes: &[CommitOutcome],
-        commits: &[NewCommit],
-        i: usize,
-    ) -> CommitResult {
-        let failed = |code, message: String| CommitResult::Failed { code, message };
-        match (outcomes.get(i), commits.get(i)) {
-            (
-                Some(CommitOutcome::Acked {
-                    version,
-                    commit_time,
-                }),
-                Some(c),
-            ) => {
-                self.acked += 1;
-                self.metrics.commit();
-                CommitResult::Acked {
-                    commit_id: c.commit_id,
-                    version: *version,
-                    commit_time: *commit_time,
-                }
-            }
-            (Some(CommitOutcome::MissingChunks(ids)), _) => {
-                failed(ErrorCode::MissingChunks, missing_chunks_text(ids))
-            }
-            (None, _) => failed(ErrorCode::Internal, "commit outcome lost".into()),
-            (Some(_), None) => failed(ErrorCode::Internal, "commit lost".into()),
-        }
-    }
-
-    /// Sends the replies of a finished flush, in order, then any replies that only waited
-    /// for it.
-    async fn finish_flush(
-        &mut self,
-        r: Result<FlushResult, tokio::task::JoinError>,
-    ) -> Result<(), End> {
-        let Some(f) = self.flushing.take() else {
-            return Ok(());
-        };
-        let (commits, outcome) = r.map_err(|e| End::Internal(e.to_string()))?;
-        if let Err(e) = &outcome {
-            tracing::warn!("flushing a batch of {} commits: {e}", commits.len());
-            // One failure, however many commits it answers.
-            self.metrics.error(error_kind(e));
-        }
-        for reply in f.replies {
-            let m = match reply {
-                Reply::Now(m) => m,
-                Reply::Commit(i) => match &outcome {
-                    Err(e) => repo_error(e),
-                    Ok(o) => match self.commit_result(o, &commits, i) {
-                        CommitResult::Acked {
-                            commit_id,
-                            version,
-                            commit_time,
-                        } => Message::FileAcked {
-                            commit_id,
-                            version,
-                            commit_time,
-                        },
-                        CommitResult::Failed { code, message } => Message::Error { code, message },
-                    },
-                },
-                Reply::Commits(start, n) => match &outcome {
-                    Err(e) => repo_error(e),
-                    Ok(o) => Message::FilesAcked {
-                        results: (start..start + n)
-                            .map(|i| self.commit_result(o, &commits, i))
-                            .collect(),
-                    },
-                },
-            };
-            self.send_queued(m).await?;
-        }
-        if self.batch.commits.is_empty() {
-            for reply in std::mem::take(&mut self.batch.replies) {
-                if let Reply::Now(m) = reply {
-                    self.send_queued(m).await?;
-                }
-            }
-        }
-        self.write_queued().await
-    }
-}
-
-fn not_found(id: &ChunkId) -> Message {
-    error(
-        ErrorCode::NotFound,
-        format!("chunk {id} is not in this repository"),
-    )
-}
-
-/// Why a sealed chunk of `len` bytes is refused, if it is.
-fn bad_sealed_len(id: &ChunkId, len: usize) -> Option<String> {
-    (!(SEAL_OVERHEAD..=MAX_SEALED).contains(&len)).then(|| {
-        format!(
-            "sealed chunk {id} is {len} bytes; a sealed chunk has {SEAL_OVERHEAD} to \
-             {MAX_SEALED} bytes"
-        )
-    })
-}
-
-fn missing_chunks_text(ids: &[ChunkId]) -> String {
-    let first = ids.first().map(|i| i.to_hex()).unwrap_or_default();
-    format!(
-        "commit references {} chunk(s) the receiver does not have (first: {first}); \
-         send them and commit again",
-        ids.len()
-    )
 }

@@ -2,18 +2,16 @@
 //! Both only read; they can run while `serve` does.
 
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::path::Path;
 
-use nix::fcntl::{Flock, FlockArg};
 use serde::Serialize;
 
 use crate::auth::{Authorizations, RepoName};
 use crate::index::{Index, Mode, Stats};
-use crate::layout::Layout;
-use crate::store::{read_record, Check, LocalPacks, PackStore, RecordError};
+use crate::layout::{Layout, RepoDir};
+use crate::store::{read_record, Check, PackStore, PackStores, RecordError};
 use crate::Error;
 use coffer_common::host::fs::Context;
+use coffer_common::host::lock;
 use coffer_common::host::time::rfc3339;
 
 /// One repository in `status`.
@@ -51,20 +49,7 @@ pub struct Status {
 
 /// True when a `serve` holds the root's lock.
 pub fn serve_running(layout: &Layout) -> Result<bool, Error> {
-    let path = layout.serve_lock();
-    let f = match File::open(&path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-        Err(e) => return Err(coffer_common::host::fs::IoError::new("opening", path, e).into()),
-    };
-    match Flock::lock(f, FlockArg::LockSharedNonblock) {
-        Ok(_) => Ok(false),
-        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(true),
-        Err((_, e)) => Err(Error::Lock {
-            path,
-            msg: e.desc().to_lowercase(),
-        }),
-    }
+    Ok(lock::is_held(&layout.serve_lock())?)
 }
 
 /// Repository names: every directory under `repos/` plus every authorized one.
@@ -86,8 +71,8 @@ fn repo_names(layout: &Layout, auth: &Authorizations) -> Result<Vec<RepoName>, E
     Ok(names)
 }
 
-/// Gathers `status`.
-pub fn status(layout: &Layout) -> Result<Status, Error> {
+/// Gathers `status`; each repository's packs are in the store `stores` gives.
+pub fn status(layout: &Layout, stores: &dyn PackStores) -> Result<Status, Error> {
     let config = layout.load_config()?;
     let key = layout.load_keypair()?.public();
     let auth = Authorizations::load(&layout.authorized())?;
@@ -106,20 +91,17 @@ pub fn status(layout: &Layout) -> Result<Status, Error> {
     let mut repositories = Vec::new();
     for name in repo_names(layout, &auth)? {
         let dir = layout.repo(&name);
-        let index = dir.join("index.sqlite");
+        let index = dir.index();
         let stats = if index.exists() {
             Index::open(&index, Mode::Read)?.stats()?
         } else {
             Stats::default()
         };
         let (mut packs, mut stored) = (0u64, 0u64);
-        let pdir = dir.join("packs");
-        if pdir.exists() {
-            let store = LocalPacks::new(&pdir);
-            for p in store.list()? {
-                packs += 1;
-                stored += store.len(p)?;
-            }
+        let store = stores.open(&dir);
+        for p in store.list()? {
+            packs += 1;
+            stored += store.len(p)?;
         }
         repositories.push(RepoStatus {
             keys: keys.remove(&name).unwrap_or_default(),
@@ -222,38 +204,42 @@ pub struct ScrubReport {
     pub damaged: Vec<Damage>,
 }
 
-/// Reads back every indexed record of every repository and checks it against its header
-/// and hash; `on_damage` is called for each damaged one as it is found.
-pub fn scrub(layout: &Layout, mut on_damage: impl FnMut(&Damage)) -> Result<ScrubReport, Error> {
+/// Reads back every indexed record of every repository (from the store `stores` gives)
+/// and checks it against its header and hash; `on_damage` is called for each damaged one
+/// as it is found.
+pub fn scrub(
+    layout: &Layout,
+    stores: &dyn PackStores,
+    mut on_damage: impl FnMut(&Damage),
+) -> Result<ScrubReport, Error> {
     layout.load_config()?;
     let auth = Authorizations::load(&layout.authorized())?;
     let mut report = ScrubReport::default();
     for name in repo_names(layout, &auth)? {
         let dir = layout.repo(&name);
-        let index = dir.join("index.sqlite");
-        if !index.exists() {
+        if !dir.index().exists() {
             continue;
         }
         report.repositories += 1;
-        scrub_repo(&name, &dir, &index, &mut report, &mut on_damage)?;
+        let store = stores.open(&dir);
+        scrub_repo(&name, &dir, &*store, &mut report, &mut on_damage)?;
     }
     Ok(report)
 }
 
 fn scrub_repo(
     name: &RepoName,
-    dir: &Path,
-    index: &Path,
+    dir: &RepoDir,
+    store: &dyn PackStore,
     report: &mut ScrubReport,
     on_damage: &mut impl FnMut(&Damage),
 ) -> Result<(), Error> {
-    let ix = Index::open(index, Mode::Read)?;
-    let store = LocalPacks::new(&dir.join("packs"));
+    let ix = Index::open(&dir.index(), Mode::Read)?;
     let mut fatal = None;
     ix.for_each_chunk(|row| {
         report.records += 1;
         report.bytes += row.loc.len as u64;
-        let why = match read_record(&store, &row.id, &row.loc, Check::Full) {
+        let why = match read_record(store, &row.id, &row.loc, Check::Full) {
             Ok(_) => return true,
             Err(RecordError::Damaged { why, .. }) => why,
             Err(RecordError::Io(e)) if e.source.kind() == std::io::ErrorKind::NotFound => {

@@ -9,17 +9,22 @@
 //! Records are self-describing, so `scrub` checks them without a key and the index can be
 //! rebuilt from the packs. The store only moves bytes; when they are durable and which
 //! records count is decided by [`crate::repo`].
+//!
+//! Which store holds a repository's packs is chosen once, by the command line, as a
+//! [`PackStores`] given to `serve`, `status` and `scrub`: [`LocalDisk`] keeps them as
+//! files ([`LocalPacks`]) where [`crate::layout`] puts them.
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use coffer_common::chunk::{ChunkId, MAX_SEALED};
-
 use coffer_common::host::fs::{sync_dir, Context, IoError};
+
+use crate::layout::{PacksDir, RepoDir};
 
 /// Magic at the start of every pack.
 pub const PACK_MAGIC: &[u8; 8] = b"COFRPACK";
@@ -32,25 +37,9 @@ pub const RECORD_MAGIC: &[u8; 4] = b"CREC";
 /// Length of a record header.
 pub const RECORD_HEADER_LEN: u64 = 72;
 
-/// A pack's number (its file is `packs/NNNNNNNN.pack`, eight decimal digits).
+/// A pack's number (its file name is [`PacksDir::pack`]'s).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PackNo(pub u32);
-
-impl PackNo {
-    /// The pack's file name.
-    pub fn file_name(self) -> String {
-        format!("{:08}.pack", self.0)
-    }
-
-    /// Parses a pack file name.
-    pub fn from_file_name(name: &str) -> Option<Self> {
-        let digits = name.strip_suffix(".pack")?;
-        if digits.len() != 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
-            return None;
-        }
-        digits.parse().ok().map(PackNo)
-    }
-}
 
 /// The pack header bytes.
 pub fn pack_header() -> [u8; PACK_HEADER_LEN as usize] {
@@ -145,26 +134,47 @@ pub trait PackStore: Send + Sync {
     fn truncate(&self, pack: PackNo, len: u64) -> Result<(), IoError>;
 }
 
+/// Chooses where repositories keep their packs: the one place a [`PackStore`] is built.
+pub trait PackStores: Send + Sync + std::fmt::Debug {
+    /// The pack store of the repository in `repo` (nothing is created or read yet).
+    fn open(&self, repo: &RepoDir) -> Arc<dyn PackStore>;
+}
+
+/// Packs as files on the local disk, in each repository's `packs/` directory.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LocalDisk;
+
+impl PackStores for LocalDisk {
+    fn open(&self, repo: &RepoDir) -> Arc<dyn PackStore> {
+        Arc::new(LocalPacks::new(repo.packs()))
+    }
+}
+
 /// How many pack files [`LocalPacks`] keeps open.
 const OPEN_FILES: usize = 8;
 
 /// Packs as files in a local directory.
 pub struct LocalPacks {
-    dir: PathBuf,
+    dir: PacksDir,
     open: Mutex<VecDeque<(PackNo, Arc<File>)>>,
 }
 
 impl LocalPacks {
-    /// Packs in `dir` (which must exist).
-    pub fn new(dir: &Path) -> Self {
+    /// Packs in `dir` (created by [`RepoDir::create`] before any is written).
+    pub fn new(dir: PacksDir) -> Self {
         Self {
-            dir: dir.to_path_buf(),
+            dir,
             open: Mutex::new(VecDeque::new()),
         }
     }
 
     fn path(&self, pack: PackNo) -> PathBuf {
-        self.dir.join(pack.file_name())
+        self.dir.pack(pack)
+    }
+
+    /// An error of `what` on `pack`'s file (its path built only on error).
+    fn err(&self, what: &'static str, pack: PackNo) -> impl FnOnce(io::Error) -> IoError + '_ {
+        move |e| IoError::new(what, self.path(pack), e)
     }
 
     fn file(&self, pack: PackNo) -> Result<Arc<File>, IoError> {
@@ -198,11 +208,18 @@ impl PackStore for LocalPacks {
         self.path(pack).display().to_string()
     }
 
+    /// A missing directory holds no packs.
     fn list(&self) -> Result<Vec<PackNo>, IoError> {
+        let dir = self.dir.path();
+        let entries = match std::fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(IoError::new("listing", dir, e)),
+        };
         let mut v = Vec::new();
-        for e in std::fs::read_dir(&self.dir).ctx("listing", &self.dir)? {
-            let e = e.ctx("listing", &self.dir)?;
-            if let Some(p) = e.file_name().to_str().and_then(PackNo::from_file_name) {
+        for e in entries {
+            let e = e.ctx("listing", dir)?;
+            if let Some(p) = e.file_name().to_str().and_then(PacksDir::pack_named) {
                 v.push(p);
             }
         }
@@ -211,11 +228,10 @@ impl PackStore for LocalPacks {
     }
 
     fn len(&self, pack: PackNo) -> Result<u64, IoError> {
-        let path = self.path(pack);
         Ok(self
             .file(pack)?
             .metadata()
-            .ctx("reading size of", &path)?
+            .map_err(self.err("reading size of", pack))?
             .len())
     }
 
@@ -231,7 +247,7 @@ impl PackStore for LocalPacks {
             .write_all_at(&pack_header(), 0)
             .and_then(|_| f.sync_all())
             .ctx("writing", &path)
-            .and_then(|_| sync_dir(&self.dir));
+            .and_then(|_| sync_dir(self.dir.path()));
         if r.is_err() {
             let _ = std::fs::remove_file(&path);
         }
@@ -241,19 +257,19 @@ impl PackStore for LocalPacks {
     fn write_at(&self, pack: PackNo, offset: u64, data: &[u8]) -> Result<(), IoError> {
         self.file(pack)?
             .write_all_at(data, offset)
-            .ctx("writing", &self.path(pack))
+            .map_err(self.err("writing", pack))
     }
 
     fn sync(&self, pack: PackNo) -> Result<(), IoError> {
         self.file(pack)?
             .sync_data()
-            .ctx("syncing", &self.path(pack))
+            .map_err(self.err("syncing", pack))
     }
 
     fn read_at(&self, pack: PackNo, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
         self.file(pack)?
             .read_exact_at(buf, offset)
-            .ctx("reading", &self.path(pack))
+            .map_err(self.err("reading", pack))
     }
 
     fn truncate(&self, pack: PackNo, len: u64) -> Result<(), IoError> {
@@ -285,8 +301,8 @@ pub enum Check {
     /// record's and the index's hash: `scrub`, which has no other way to find damage.
     Full,
     /// The header only: serving a chunk to the agent, which opens it (tag, then id)
-    /// before using a byte, so damage reaches it as a failed open naming the file.
-    /// Hashing every record again cost the receiver 15% of its CPU on a restore.
+    /// before using a byte, so damage reaches it as a failed open naming the file; hashing
+    /// every record again would cost the receiver a large share of its CPU on a restore.
     Header,
 }
 
@@ -424,23 +440,11 @@ mod tests {
     }
 
     #[test]
-    fn pack_names_round_trip() {
-        assert_eq!(PackNo(7).file_name(), "00000007.pack");
-        assert_eq!(PackNo::from_file_name("00000007.pack"), Some(PackNo(7)));
-        for bad in [
-            "7.pack",
-            "0000000x.pack",
-            "00000007.pack.tmp",
-            "000000007.pack",
-        ] {
-            assert_eq!(PackNo::from_file_name(bad), None, "{bad}");
-        }
-    }
-
-    #[test]
     fn scan_stops_at_a_torn_or_damaged_tail_and_reads_verify() {
         let d = tempfile::tempdir().expect("tempdir");
-        let s = LocalPacks::new(d.path());
+        let repo = crate::Layout::new(d.path()).repo(&"r".parse().expect("name"));
+        repo.create().expect("create");
+        let s = LocalPacks::new(repo.packs());
         let p = PackNo(1);
         s.create(p).expect("create");
         assert!(header_ok(&s, p).expect("header"));
