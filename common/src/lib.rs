@@ -24,19 +24,30 @@ pub const SOFTWARE: &str = concat!("coffer ", env!("CARGO_PKG_VERSION"));
 /// An error and its causes as one line, `outer: cause: cause`, for the command line. A
 /// cause whose text the line already holds is left out: most errors here name their cause
 /// in their own message (`reading config agent.toml: No such file or directory`), and
-/// printing the chain as well said it twice.
+/// printing the chain as well said it twice. The comparison ignores case and the
+/// `(os error N)` suffix, since an error that names its path may word its cause in
+/// lower case (`reading /srv/x: permission denied`).
 pub fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
     let mut line = e.to_string();
     let mut cause = e.source();
     while let Some(c) = cause {
         let text = c.to_string();
-        if !line.contains(&text) {
+        if !plain(&line).contains(&plain(&text)) {
             line.push_str(": ");
             line.push_str(&text);
         }
         cause = c.source();
     }
     line
+}
+
+/// `text` in lower case without an `(os error N)` suffix, for comparing error texts.
+fn plain(text: &str) -> String {
+    let text = match text.find(" (os error ") {
+        Some(i) => &text[..i],
+        None => text,
+    };
+    text.to_lowercase()
 }
 
 #[cfg(test)]
@@ -69,5 +80,20 @@ mod tests {
             error_text(both.as_ref()),
             "starting: reading config agent.toml: No such file"
         );
+        // A cause worded in lower case and without its `(os error N)` (as
+        // `host::fs::IoError` words it) is the same cause.
+        #[derive(Debug, thiserror::Error)]
+        #[error("opening lock file /r/serve.lock: is a directory")]
+        struct Lower(#[source] std::io::Error);
+        let lower = Lower(std::io::Error::from_raw_os_error(libc_eisdir()));
+        assert_eq!(
+            error_text(&lower),
+            "opening lock file /r/serve.lock: is a directory"
+        );
+    }
+
+    /// EISDIR, whose text is "Is a directory" on Linux.
+    fn libc_eisdir() -> i32 {
+        21
     }
 }
