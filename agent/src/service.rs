@@ -5,17 +5,23 @@
 //! full content), the files to remove and the commands to run, in order. With `dry_run`
 //! that is all they do and the caller prints the report; otherwise they check that the
 //! service manager is there, carry out each step (unit files are written atomically) and
-//! return the same report of what was done.
+//! return the same report of what was done. That machinery is
+//! `coffer_common::host::service`'s, shared with the receiver; this file holds what is the
+//! agent's own: its user and system units, the launchd plist, where each goes and the
+//! commands that load it.
 //!
 //! The systemd units are the files under `packaging/systemd/` with their `ExecStart=`,
 //! `ReadWritePaths=` and state-directory lines rewritten, so a generated unit and a
 //! packaged one never drift apart; the launchd plist is [`launchd_plist`] (the file in
 //! `packaging/launchd/` is its output for example paths).
 
-use std::fmt;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+
+use coffer_common::host::service::{
+    self as engine, build_dir_note, edit_unit, nothing_to_uninstall, service_path, systemctl,
+    unit_word, Edit, EngineError,
+};
+pub use coffer_common::host::service::{Action, FileWrite, Report, ServiceCommand};
 
 use crate::config::{Config, ConfigError};
 
@@ -56,144 +62,16 @@ pub struct UninstallOpts {
 pub enum ServiceError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("finding this program's path: {0}")]
-    CurrentExe(std::io::Error),
-    #[error("binary {path}: {msg}")]
-    Binary { path: PathBuf, msg: String },
     #[error(
         "state dir {path} (from {config}) does not exist: run `coffer-agent init --config {config}` first"
     )]
     StateDirMissing { path: PathBuf, config: PathBuf },
-    #[error("path {path:?} cannot go into a service file: {msg}")]
-    BadPath { path: PathBuf, msg: &'static str },
     #[error("cannot find your home directory: HOME is not set to an absolute path")]
     NoHome,
     #[error("installing or removing a system service needs root: run it with sudo, or pass --user for a per-user service")]
     NotRoot,
-    #[error("systemd is not running on this system (no /run/systemd/system): use --dry-run to see the unit and install it by hand")]
-    SystemdNotRunning,
-    #[error("{program} not found: {hint}")]
-    CommandNotFound { program: String, hint: &'static str },
-    #[error("running `{command}`: {source}")]
-    Spawn {
-        command: String,
-        source: std::io::Error,
-    },
-    #[error("`{command}` failed ({status}){stderr}{done}")]
-    CommandFailed {
-        command: String,
-        status: String,
-        /// ": <stderr>" or empty.
-        stderr: String,
-        /// " (already done: ...)" or empty.
-        done: String,
-    },
-    #[error("{what} {path}: {source}")]
-    Io {
-        what: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
-}
-
-/// A file a service install writes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FileWrite {
-    pub path: PathBuf,
-    pub content: String,
-}
-
-/// A command a service install runs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ServiceCommand {
-    pub program: String,
-    pub args: Vec<String>,
-    /// A failure is expected in normal use (e.g. unloading a job that is not loaded) and
-    /// ignored.
-    pub may_fail: bool,
-}
-
-/// One step of an install or uninstall, in the order they are (or would be) carried out.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Action {
-    Write(FileWrite),
-    Remove(PathBuf),
-    Run(ServiceCommand),
-}
-
-/// What an install or uninstall did, or with `dry_run` would do.
-#[derive(Debug, Clone, Default)]
-pub struct Report {
-    pub dry_run: bool,
-    pub actions: Vec<Action>,
-    /// Things the user should know (printed after the actions).
-    pub notes: Vec<String>,
-}
-
-impl Report {
-    /// The files written, in order.
-    pub fn files(&self) -> impl Iterator<Item = &FileWrite> {
-        self.actions.iter().filter_map(|a| match a {
-            Action::Write(f) => Some(f),
-            _ => None,
-        })
-    }
-
-    /// The files removed, in order.
-    pub fn removed(&self) -> impl Iterator<Item = &Path> {
-        self.actions.iter().filter_map(|a| match a {
-            Action::Remove(p) => Some(p.as_path()),
-            _ => None,
-        })
-    }
-
-    /// The commands run, in order.
-    pub fn commands(&self) -> impl Iterator<Item = &ServiceCommand> {
-        self.actions.iter().filter_map(|a| match a {
-            Action::Run(c) => Some(c),
-            _ => None,
-        })
-    }
-}
-
-impl fmt::Display for ServiceCommand {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&shell_quote(&self.program))?;
-        for a in &self.args {
-            write!(f, " {}", shell_quote(a))?;
-        }
-        Ok(())
-    }
-}
-
-impl fmt::Display for Report {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let (write, remove, run) = if self.dry_run {
-            ("would write", "would remove", "would run")
-        } else {
-            ("wrote", "removed", "ran")
-        };
-        for a in &self.actions {
-            match a {
-                Action::Write(w) if self.dry_run => {
-                    writeln!(f, "{write} {}:", w.path.display())?;
-                    f.write_str(&w.content)?;
-                    if !w.content.ends_with('\n') {
-                        writeln!(f)?;
-                    }
-                    writeln!(f)?;
-                }
-                Action::Write(w) => writeln!(f, "{write} {}", w.path.display())?,
-                Action::Remove(p) => writeln!(f, "{remove} {}", p.display())?,
-                Action::Run(c) if c.may_fail => writeln!(f, "{run}: {c}  (failure ignored)")?,
-                Action::Run(c) => writeln!(f, "{run}: {c}")?,
-            }
-        }
-        for n in &self.notes {
-            writeln!(f, "note: {n}")?;
-        }
-        Ok(())
-    }
+    #[error(transparent)]
+    Engine(#[from] EngineError),
 }
 
 /// The service manager in charge.
@@ -269,11 +147,7 @@ impl Env {
 /// (re)starts it. With `dry_run`, only returns what it would do.
 pub fn install(opts: &InstallOpts) -> Result<Report, ServiceError> {
     let env = Env::detect();
-    let binary = match &opts.binary {
-        Some(b) => b.clone(),
-        None => std::env::current_exe().map_err(ServiceError::CurrentExe)?,
-    };
-    let binary = check_binary(&binary)?;
+    let binary = engine::service_binary(opts.binary.as_deref())?;
     let cfg = Config::load(&opts.config)?;
     if !cfg.state_dir.is_dir() {
         return Err(ServiceError::StateDirMissing {
@@ -285,8 +159,7 @@ pub fn install(opts: &InstallOpts) -> Result<Report, ServiceError> {
     if opts.dry_run {
         return Ok(report);
     }
-    preflight(&env, opts.user, &report)?;
-    execute(report)
+    apply(&env, opts.user, report)
 }
 
 /// `service uninstall`: stops and disables the service and removes its unit (or plist).
@@ -297,8 +170,17 @@ pub fn uninstall(opts: &UninstallOpts) -> Result<Report, ServiceError> {
     if opts.dry_run || report.actions.is_empty() {
         return Ok(report);
     }
-    preflight(&env, opts.user, &report)?;
-    execute(report)
+    apply(&env, opts.user, report)
+}
+
+/// Carries out a plan after checking for root (for a system service), a running service
+/// manager and every command on PATH.
+fn apply(env: &Env, user: bool, report: Report) -> Result<Report, ServiceError> {
+    if !user && !nix::unistd::geteuid().is_root() {
+        return Err(ServiceError::NotRoot);
+    }
+    engine::preflight(&report, env.platform == Platform::Systemd)?;
+    Ok(engine::execute(report)?)
 }
 
 fn plan_install(
@@ -308,10 +190,7 @@ fn plan_install(
     cfg: &Config,
 ) -> Result<Report, ServiceError> {
     let path = env.service_file(opts.user)?;
-    let mut report = Report {
-        dry_run: opts.dry_run,
-        ..Report::default()
-    };
+    let mut report = Report::new(opts.dry_run);
     match env.platform {
         Platform::Systemd => {
             let content = systemd_unit(opts.user, binary, &cfg.file, &cfg.state_dir)?;
@@ -378,28 +257,16 @@ fn plan_install(
             }
         }
     }
-    let b = binary.to_string_lossy();
-    if b.contains("/target/debug/") || b.contains("/target/release/") {
-        report.notes.push(format!(
-            "the service runs {b} from a build directory; a rebuild or `cargo clean` changes it under the running service (install it first: `cargo install --path agent` or the .deb)"
-        ));
-    }
+    report.notes.extend(build_dir_note(binary, "agent"));
     Ok(report)
 }
 
 fn plan_uninstall(opts: &UninstallOpts, env: &Env) -> Result<Report, ServiceError> {
     let path = env.service_file(opts.user)?;
-    let mut report = Report {
-        dry_run: opts.dry_run,
-        ..Report::default()
-    };
-    if !path.exists() {
-        report.notes.push(format!(
-            "nothing to uninstall: {} does not exist",
-            path.display()
-        ));
-        return Ok(report);
+    if let Some(nothing) = nothing_to_uninstall(opts.dry_run, &path) {
+        return Ok(nothing);
     }
+    let mut report = Report::new(opts.dry_run);
     match env.platform {
         Platform::Systemd => {
             report
@@ -423,25 +290,8 @@ fn plan_uninstall(opts: &UninstallOpts, env: &Env) -> Result<Report, ServiceErro
     Ok(report)
 }
 
-fn systemctl(user: bool, args: &[&str]) -> Action {
-    let mut all = Vec::new();
-    if user {
-        all.push("--user".to_string());
-    }
-    all.extend(args.iter().map(|s| s.to_string()));
-    Action::Run(ServiceCommand {
-        program: "systemctl".into(),
-        args: all,
-        may_fail: false,
-    })
-}
-
 fn launchctl(args: &[&str], may_fail: bool) -> Action {
-    Action::Run(ServiceCommand {
-        program: "launchctl".into(),
-        args: args.iter().map(|s| s.to_string()).collect(),
-        may_fail,
-    })
+    Action::run("launchctl", args, may_fail)
 }
 
 /// The systemd unit for `binary` and `config`, with `state_dir` writable.
@@ -485,78 +335,9 @@ pub fn systemd_unit(
     ))
 }
 
-/// How [`edit_unit`] changes a `Key=` line.
-#[derive(Debug, Clone)]
-enum Edit {
-    Set(String),
-    Remove,
-    Keep,
-}
-
-/// Replaces the template's leading comment block with `header` and applies `edits` to the
-/// `Key=value` lines they name.
-fn edit_unit(template: &str, header: &str, edits: &[(&str, Edit)]) -> String {
-    let mut out = String::from(header);
-    let mut lines = template.lines().peekable();
-    while lines.peek().is_some_and(|l| l.starts_with('#')) {
-        lines.next();
-    }
-    for line in lines {
-        let key = line.split_once('=').map(|(k, _)| k.trim());
-        match edits
-            .iter()
-            .find(|(k, _)| Some(*k) == key && !line.starts_with('#'))
-        {
-            Some((k, Edit::Set(v))) => {
-                out.push_str(k);
-                out.push('=');
-                out.push_str(v);
-            }
-            Some((_, Edit::Remove)) => continue,
-            Some((_, Edit::Keep)) | None => out.push_str(line),
-        }
-        out.push('\n');
-    }
-    out
-}
-
-/// A path as one word of a unit setting: specifiers (`%`) escaped, and for command lines
-/// `$` too; quoted when it holds spaces, quotes or backslashes.
-fn unit_word(path: &Path, exec: bool) -> Result<String, ServiceError> {
-    let s = utf8(path)?;
-    let mut w = s.replace('%', "%%");
-    if exec {
-        w = w.replace('$', "$$");
-    }
-    if w.contains(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '\\' | ';')) {
-        w = format!("\"{}\"", w.replace('\\', "\\\\").replace('"', "\\\""));
-    }
-    Ok(w)
-}
-
-fn utf8(path: &Path) -> Result<&str, ServiceError> {
-    let s = path.to_str().ok_or_else(|| ServiceError::BadPath {
-        path: path.to_path_buf(),
-        msg: "it is not valid UTF-8",
-    })?;
-    if s.chars().any(char::is_control) {
-        return Err(ServiceError::BadPath {
-            path: path.to_path_buf(),
-            msg: "it holds control characters",
-        });
-    }
-    if !path.is_absolute() {
-        return Err(ServiceError::BadPath {
-            path: path.to_path_buf(),
-            msg: "it is not absolute",
-        });
-    }
-    Ok(s)
-}
-
 /// The launchd plist that runs `binary run --config config`, logging to `log`.
 pub fn launchd_plist(binary: &Path, config: &Path, log: &Path) -> Result<String, ServiceError> {
-    let s = |p: &Path| utf8(p).map(xml_escape);
+    let s = |p: &Path| service_path(p).map(xml_escape);
     Ok(format!(
         r#"<?xml version="1.0" encoding="UTF-8"?>
 <!DOCTYPE plist PUBLIC "-//Apple//DTD PLIST 1.0//EN" "http://www.apple.com/DTDs/PropertyList-1.0.dtd">
@@ -614,196 +395,6 @@ fn xml_escape(s: &str) -> String {
         }
     }
     out
-}
-
-fn shell_quote(s: &str) -> String {
-    if !s.is_empty()
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_./:=@%+,".contains(c))
-    {
-        s.to_string()
-    } else {
-        format!("'{}'", s.replace('\'', r"'\''"))
-    }
-}
-
-fn check_binary(binary: &Path) -> Result<PathBuf, ServiceError> {
-    let abs = std::path::absolute(binary).map_err(|e| ServiceError::Binary {
-        path: binary.to_path_buf(),
-        msg: e.to_string(),
-    })?;
-    match std::fs::metadata(&abs) {
-        Ok(m) if m.is_file() => Ok(abs),
-        Ok(_) => Err(ServiceError::Binary {
-            path: abs,
-            msg: "not a file".into(),
-        }),
-        Err(e) => Err(ServiceError::Binary {
-            path: abs,
-            msg: e.to_string(),
-        }),
-    }
-}
-
-/// Checks before changing anything: root for a system service, a running service manager
-/// and every command on PATH.
-fn preflight(env: &Env, user: bool, report: &Report) -> Result<(), ServiceError> {
-    if !user && !nix::unistd::geteuid().is_root() {
-        return Err(ServiceError::NotRoot);
-    }
-    if env.platform == Platform::Systemd && !Path::new("/run/systemd/system").is_dir() {
-        return Err(ServiceError::SystemdNotRunning);
-    }
-    for c in report.commands() {
-        if find_on_path(&c.program).is_none() {
-            return Err(ServiceError::CommandNotFound {
-                program: c.program.clone(),
-                hint: hint_for(&c.program),
-            });
-        }
-    }
-    Ok(())
-}
-
-fn hint_for(program: &str) -> &'static str {
-    match program {
-        "systemctl" => {
-            "this system does not use systemd; use --dry-run to see the unit and install it by hand"
-        }
-        "launchctl" => {
-            "launchctl comes with macOS; use --dry-run to see the plist and load it by hand"
-        }
-        _ => "use --dry-run to see what to do by hand",
-    }
-}
-
-fn find_on_path(program: &str) -> Option<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(program))
-        .find(|p| {
-            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        })
-}
-
-/// Carries out the report's actions in order; stops at the first failure, naming it and
-/// what was already done.
-fn execute(report: Report) -> Result<Report, ServiceError> {
-    let mut done: Vec<String> = Vec::new();
-    for a in &report.actions {
-        match a {
-            Action::Write(w) => {
-                write_atomic(&w.path, w.content.as_bytes(), 0o644)?;
-                done.push(format!("wrote {}", w.path.display()));
-            }
-            Action::Remove(p) => {
-                match std::fs::remove_file(p) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(source) => {
-                        return Err(ServiceError::Io {
-                            what: "removing",
-                            path: p.clone(),
-                            source,
-                        })
-                    }
-                }
-                done.push(format!("removed {}", p.display()));
-            }
-            Action::Run(c) => {
-                run(c, &done)?;
-                done.push(format!("ran `{c}`"));
-            }
-        }
-    }
-    Ok(Report {
-        dry_run: false,
-        ..report
-    })
-}
-
-fn run(c: &ServiceCommand, done: &[String]) -> Result<(), ServiceError> {
-    let out = match Command::new(&c.program).args(&c.args).output() {
-        Ok(out) => out,
-        Err(_) if c.may_fail => return Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(ServiceError::CommandNotFound {
-                program: c.program.clone(),
-                hint: hint_for(&c.program),
-            })
-        }
-        Err(source) => {
-            return Err(ServiceError::Spawn {
-                command: c.to_string(),
-                source,
-            })
-        }
-    };
-    if out.status.success() || c.may_fail {
-        return Ok(());
-    }
-    let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
-    let mut stderr = if err.is_empty() {
-        String::new()
-    } else {
-        format!(": {err}")
-    };
-    if err.contains("Failed to connect to bus") && c.args.first().is_some_and(|a| a == "--user") {
-        stderr.push_str(
-            " (a user service needs your login session: run this as yourself, not with sudo or su)",
-        );
-    }
-    Err(ServiceError::CommandFailed {
-        command: c.to_string(),
-        status: out.status.to_string(),
-        stderr,
-        done: if done.is_empty() {
-            String::new()
-        } else {
-            format!(" (already done: {})", done.join("; "))
-        },
-    })
-}
-
-/// Writes `path` as temp file + fsync + rename + fsync(dir), creating its folder.
-fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), ServiceError> {
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let io = |what: &'static str, p: &Path| {
-        let path = p.to_path_buf();
-        move |source| ServiceError::Io { what, path, source }
-    };
-    let dir = path.parent().ok_or_else(|| ServiceError::BadPath {
-        path: path.to_path_buf(),
-        msg: "it has no parent folder",
-    })?;
-    std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)
-            .map_err(io("creating", &tmp))?;
-        f.write_all(data).map_err(io("writing", &tmp))?;
-        f.set_permissions(std::fs::Permissions::from_mode(mode))
-            .map_err(io("setting permissions of", &tmp))?;
-        f.sync_all().map_err(io("syncing", &tmp))?;
-        std::fs::rename(&tmp, path).map_err(io("renaming into place", path))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io("syncing", dir))
 }
 
 #[cfg(test)]
@@ -991,12 +582,7 @@ mod tests {
         .expect("unit");
         assert_eq!(line(&unit, "StateDirectory"), ["coffer-agent"]);
         // Apart from its header, the unit for the packaged paths is the packaged unit.
-        let body = |s: &str| -> String {
-            s.lines()
-                .skip_while(|l| l.starts_with('#'))
-                .collect::<Vec<_>>()
-                .join("\n")
-        };
+        let body = |s| engine::unit_body(s).collect::<Vec<_>>();
         assert_eq!(body(&unit), body(SYSTEM_UNIT_TEMPLATE));
     }
 
@@ -1102,7 +688,7 @@ mod tests {
         assert!(r.actions.is_empty());
         assert!(r.notes[0].contains("nothing to uninstall"), "{r}");
         let unit = dir.path().join("systemd/user").join(UNIT_NAME);
-        write_atomic(&unit, b"[Unit]\n", 0o644).expect("write");
+        engine::write_atomic(&unit, b"[Unit]\n", 0o644).expect("write");
         assert_eq!(std::fs::read(&unit).expect("read"), b"[Unit]\n");
         let r = plan_uninstall(&u, &e).expect("plan");
         let shown: Vec<String> = r
@@ -1124,48 +710,9 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_failing_command_is_named_with_what_was_done() {
-        let c = ServiceCommand {
-            program: "sh".into(),
-            args: vec!["-c".into(), "echo nope >&2; exit 3".into()],
-            may_fail: false,
-        };
-        let e = run(&c, &["wrote /x".into()]).expect_err("fails");
-        let s = e.to_string();
-        assert!(s.contains("`sh -c 'echo nope >&2; exit 3'` failed"), "{s}");
-        assert!(
-            s.contains(": nope") && s.contains("already done: wrote /x"),
-            "{s}"
-        );
-        let ok = ServiceCommand {
-            may_fail: true,
-            ..c
-        };
-        run(&ok, &[]).expect("ignored failure");
-        let missing = ServiceCommand {
-            program: "coffer-no-such-program".into(),
-            args: vec![],
-            may_fail: false,
-        };
-        let e = run(&missing, &[]).expect_err("missing");
-        assert!(
-            e.to_string().contains("coffer-no-such-program not found"),
-            "{e}"
-        );
-        assert_eq!(
-            hint_for("systemctl"),
-            "this system does not use systemd; use --dry-run to see the unit and install it by hand"
-        );
-    }
-
     /// `systemd-analyze verify` on generated units, where systemd-analyze exists.
     #[test]
     fn generated_units_pass_systemd_analyze() {
-        if find_on_path("systemd-analyze").is_none() {
-            eprintln!("SKIP: systemd-analyze not available");
-            return;
-        }
         let dir = tempfile::tempdir().expect("tempdir");
         let runtime = dir.path().join("runtime");
         std::fs::create_dir(&runtime).expect("runtime dir");
@@ -1180,21 +727,10 @@ mod tests {
             .expect("unit");
             let path = dir.path().join(UNIT_NAME);
             std::fs::write(&path, unit).expect("write unit");
-            let mut cmd = Command::new("systemd-analyze");
-            if user {
-                cmd.arg("--user").env("XDG_RUNTIME_DIR", &runtime);
+            match engine::systemd_analyze_verify(&path, user.then_some(runtime.as_path())) {
+                None => return eprintln!("SKIP: systemd-analyze not available"),
+                Some(verdict) => verdict.unwrap_or_else(|e| panic!("user={user}: {e}")),
             }
-            let out = cmd
-                .args(["verify", "--man=no"])
-                .arg(&path)
-                .output()
-                .expect("run systemd-analyze");
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            assert!(
-                out.status.success() && stderr.trim().is_empty(),
-                "user={user}: {}\n{stderr}",
-                out.status
-            );
         }
     }
 }

@@ -11,10 +11,13 @@
 //!   `PRAGMA user_version` (read inside the write transaction; a newer schema refused, also
 //!   on read-only opens), and `ToSql`/`FromSql` for the shared ids.
 //! - [`time`]: unix time, RFC 3339 formatting and the `--at` parser.
+//! - [`service`]: the engine of `service install|uninstall`: the plan of files and commands,
+//!   its dry-run printing, the checks before a change and carrying the plan out.
 //! - [`log`]: the `-v`/`-q`/`--log-format` options and the `tracing` subscriber behind them.
 
 pub mod fs;
 pub mod lock;
 pub mod log;
+pub mod service;
 pub mod sqlite;
 pub mod time;
