@@ -1,0 +1,269 @@
+//! The journal: the agent's SQLite database and the only owner of its connection.
+//!
+//! One row per path. A file's state moves `dirty` (seen, not yet read) -> `uploading` (hash
+//! and commit id recorded, commit sent) -> `backed_up` (receiver version recorded), or
+//! `failed` (reason, retried with back-off). `gen` is bumped on every change seen, so an
+//! acknowledgement for bytes read before a newer change leaves the file dirty. Writes come
+//! in batches, one transaction each.
+
+mod checkpoint;
+mod claims;
+mod counts;
+mod record;
+mod rows;
+
+pub use checkpoint::Checkpointer;
+pub use claims::Job;
+pub use counts::Summary;
+pub use record::{Ack, Read};
+pub use rows::{Known, Row, Standing};
+
+use claims::Claims;
+use counts::Tally;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use coffer_common::host::time::now_ms;
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+
+const MIGRATIONS: &[&str] = &[
+    include_str!("../../../migrations/agent/0001_journal.sql"),
+    include_str!("../../../migrations/agent/0002_claimed.sql"),
+    include_str!("../../../migrations/agent/0003_drop_state_index.sql"),
+    include_str!("../../../migrations/agent/0004_file_stats.sql"),
+    include_str!("../../../migrations/agent/0005_counts_in_code.sql"),
+    include_str!("../../../migrations/agent/0006_due_index_without_in.sql"),
+];
+
+/// Errors of the journal.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("journal {path}: {source}")]
+    Sql {
+        path: String,
+        source: rusqlite::Error,
+    },
+    #[error("journal {path} has schema version {found}, newer than this build knows ({known}); upgrade coffer-agent")]
+    TooNew {
+        path: String,
+        found: i64,
+        known: i64,
+    },
+}
+
+/// Stat fields compared to decide whether a file changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StatKey {
+    pub size: i64,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+    pub inode: i64,
+}
+
+/// The journal.
+pub struct Journal {
+    conn: Connection,
+    path: String,
+    claims: Claims,
+}
+
+/// A connection to the journal at `path` with `flags`, waiting up to 10 s for locks; and
+/// the path as errors name it.
+fn connect(path: &Path, flags: rusqlite::OpenFlags) -> Result<(Connection, String), JournalError> {
+    let p = path.display().to_string();
+    let sql = |source| JournalError::Sql {
+        path: p.clone(),
+        source,
+    };
+    let conn = Connection::open_with_flags(path, flags).map_err(sql)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))
+        .map_err(sql)?;
+    Ok((conn, p))
+}
+
+fn h32(v: Option<Vec<u8>>) -> Option<[u8; 32]> {
+    v.and_then(|b| b.try_into().ok())
+}
+
+impl Journal {
+    /// Opens (creating if needed) the journal and applies pending migrations.
+    pub fn open(path: &Path) -> Result<Self, JournalError> {
+        let (conn, p) = connect(path, rusqlite::OpenFlags::default())?;
+        let sql = |source| JournalError::Sql {
+            path: p.clone(),
+            source,
+        };
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(sql)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(sql)?;
+        // Paths are looked up at random: a page cache that holds the journal's indexes
+        // (it fills as needed) keeps a large tree's updates off the disk.
+        conn.pragma_update(None, "cache_size", -16384)
+            .map_err(sql)?;
+        // A statement that may need undoing on error (an upsert) keeps a statement journal;
+        // in memory it is a copy, on disk a write per page changed.
+        conn.pragma_update(None, "temp_store", "MEMORY")
+            .map_err(sql)?;
+        // A checkpoint copies every page changed since the last one into the database;
+        // files are updated three times on their way to backed up, so with SQLite's default
+        // (every 4 MiB of WAL) most pages were copied several times. The daemon checkpoints
+        // from a thread of its own ([`Checkpointer`], every 64 MiB of WAL), so no writer
+        // does it while holding the journal; this connection checkpoints only as a
+        // backstop, at 256 MiB (a process without that thread, or one it cannot keep up
+        // with).
+        conn.pragma_update(None, "wal_autocheckpoint", 65536)
+            .map_err(sql)?;
+        // After a checkpoint the WAL file is cut back to 8 MiB.
+        conn.pragma_update(None, "journal_size_limit", 8 << 20)
+            .map_err(sql)?;
+        let mut j = Journal {
+            conn,
+            path: p,
+            claims: Claims::default(),
+        };
+        j.migrate()?;
+        Ok(j)
+    }
+
+    /// Opens the journal for reading only (status while the daemon runs).
+    pub fn open_read_only(path: &Path) -> Result<Self, JournalError> {
+        let (conn, p) = connect(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        Ok(Journal {
+            conn,
+            path: p,
+            claims: Claims::default(),
+        })
+    }
+
+    /// The applied schema version (0: a journal still being created).
+    pub fn schema_version(&self) -> Result<i64, JournalError> {
+        self.conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(|e| self.err(e))
+    }
+
+    fn err(&self, source: rusqlite::Error) -> JournalError {
+        JournalError::Sql {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn migrate(&mut self) -> Result<(), JournalError> {
+        let v: i64 = self
+            .conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(|e| self.err(e))?;
+        let known = MIGRATIONS.len() as i64;
+        if v > known {
+            return Err(JournalError::TooNew {
+                path: self.path.clone(),
+                found: v,
+                known,
+            });
+        }
+        for (i, m) in MIGRATIONS.iter().enumerate().skip(v as usize) {
+            let tx = self.conn.transaction().map_err(|e| JournalError::Sql {
+                path: self.path.clone(),
+                source: e,
+            })?;
+            tx.execute_batch(m)
+                .and_then(|_| tx.pragma_update(None, "user_version", (i + 1) as i64))
+                .and_then(|_| tx.commit())
+                .map_err(|e| JournalError::Sql {
+                    path: self.path.clone(),
+                    source: e,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Adds to a named counter.
+    pub fn bump(&mut self, name: &str, by: i64) -> Result<(), JournalError> {
+        self.conn
+            .execute(
+                "INSERT INTO counters (name, value) VALUES (?1, ?2)
+                 ON CONFLICT(name) DO UPDATE SET value = value + ?2",
+                params![name, by],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// Sets a named counter.
+    pub fn set_counter(&mut self, name: &str, v: i64) -> Result<(), JournalError> {
+        self.conn
+            .execute(
+                "INSERT INTO counters (name, value) VALUES (?1, ?2)
+                 ON CONFLICT(name) DO UPDATE SET value = ?2",
+                params![name, v],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// All counters.
+    pub fn counters(&self) -> Result<Vec<(String, i64)>, JournalError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT name, value FROM counters ORDER BY name")
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(|e| self.err(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
+    }
+
+    /// Sets a meta value.
+    pub fn set_meta(&mut self, key: &str, value: &str) -> Result<(), JournalError> {
+        self.conn
+            .execute(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2)
+                 ON CONFLICT(key) DO UPDATE SET value = ?2",
+                params![key, value],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// Reads a meta value.
+    pub fn meta(&self, key: &str) -> Result<Option<String>, JournalError> {
+        self.conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(super) fn j() -> (tempfile::TempDir, Journal) {
+        let d = tempfile::tempdir().expect("tempdir");
+        let j = Journal::open(&d.path().join("j.sqlite")).expect("open");
+        (d, j)
+    }
+
+    pub(super) fn read(path: &[u8], gen: i64) -> Read {
+        Read {
+            path: path.to_vec(),
+            gen,
+            kind: "file",
+            stat: StatKey {
+                size: 3,
+                mtime_ns: 1,
+                ctime_ns: 1,
+                inode: 1,
+            },
+            mode: 0o644,
+            hash: [1; 32],
+            commit_id: [2; 16],
+        }
+    }
+}
