@@ -15,20 +15,17 @@ use super::*;
 pub struct Checkpointer {
     conn: Connection,
     wal: std::path::PathBuf,
-    path: String,
+    path: PathBuf,
 }
 
 impl Checkpointer {
     /// A connection to the journal at `path` (which `Journal::open` has created).
     pub fn open(path: &Path) -> Result<Self, JournalError> {
-        let (conn, p) = connect(
+        let conn = SCHEMA.connect(
             path,
             rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
-        let sql = |source| JournalError::Sql {
-            path: p.clone(),
-            source,
-        };
+        let sql = sql_err(path);
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(sql)?;
         // This connection writes nothing: it never checkpoints on commit.
@@ -39,7 +36,7 @@ impl Checkpointer {
         Ok(Self {
             conn,
             wal: wal.into(),
-            path: p,
+            path: path.to_path_buf(),
         })
     }
 
@@ -55,10 +52,7 @@ impl Checkpointer {
                 Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
             })
             .map(Some)
-            .map_err(|source| JournalError::Sql {
-                path: self.path.clone(),
-                source,
-            })
+            .map_err(sql_err(&self.path))
     }
 }
 

@@ -61,11 +61,7 @@ impl Journal {
     /// Takes up to `limit` files that are due and holds them (until their outcome is
     /// recorded or they are `unclaim`ed), in due order.
     pub fn claim_due(&mut self, now: i64, limit: usize) -> Result<Vec<Job>, JournalError> {
-        let p = self.path.clone();
-        let e = |source| JournalError::Sql {
-            path: p.clone(),
-            source,
-        };
+        let e = sql_err(&self.path);
         let from_start = self.claims.behind || self.claims.cursor.is_none();
         let (cd, cp) = match (&self.claims.cursor, from_start) {
             (Some((d, p)), false) => (*d, p.clone()),

@@ -22,8 +22,9 @@ use claims::Claims;
 use counts::Tally;
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
+use coffer_common::host::sqlite::{DbError, Schema};
 use coffer_common::host::time::now_ms;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
@@ -36,20 +37,28 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/agent/0006_due_index_without_in.sql"),
 ];
 
-/// Errors of the journal.
+/// The journal's schema: what errors call it, who reads it, and its migrations.
+static SCHEMA: Schema = Schema {
+    what: "journal",
+    program: "coffer-agent",
+    migrations: MIGRATIONS,
+};
+
+/// Errors of the journal: a SQLite error, named with the journal's path ("journal PATH:
+/// ..."), or a schema newer than this build knows.
 #[derive(Debug, thiserror::Error)]
-pub enum JournalError {
-    #[error("journal {path}: {source}")]
-    Sql {
-        path: String,
-        source: rusqlite::Error,
-    },
-    #[error("journal {path} has schema version {found}, newer than this build knows ({known}); upgrade coffer-agent")]
-    TooNew {
-        path: String,
-        found: i64,
-        known: i64,
-    },
+#[error(transparent)]
+pub struct JournalError(#[from] pub DbError);
+
+/// A function that wraps a SQLite error with the journal's `path` (copied only on error).
+fn sql_err(path: &Path) -> impl Fn(rusqlite::Error) -> JournalError + Copy + '_ {
+    move |source| {
+        JournalError(DbError::Sql {
+            what: SCHEMA.what,
+            path: path.to_path_buf(),
+            source,
+        })
+    }
 }
 
 /// Stat fields compared to decide whether a file changed.
@@ -64,22 +73,8 @@ pub struct StatKey {
 /// The journal.
 pub struct Journal {
     conn: Connection,
-    path: String,
+    path: PathBuf,
     claims: Claims,
-}
-
-/// A connection to the journal at `path` with `flags`, waiting up to 10 s for locks; and
-/// the path as errors name it.
-fn connect(path: &Path, flags: rusqlite::OpenFlags) -> Result<(Connection, String), JournalError> {
-    let p = path.display().to_string();
-    let sql = |source| JournalError::Sql {
-        path: p.clone(),
-        source,
-    };
-    let conn = Connection::open_with_flags(path, flags).map_err(sql)?;
-    conn.busy_timeout(std::time::Duration::from_secs(10))
-        .map_err(sql)?;
-    Ok((conn, p))
 }
 
 fn h32(v: Option<Vec<u8>>) -> Option<[u8; 32]> {
@@ -89,11 +84,8 @@ fn h32(v: Option<Vec<u8>>) -> Option<[u8; 32]> {
 impl Journal {
     /// Opens (creating if needed) the journal and applies pending migrations.
     pub fn open(path: &Path) -> Result<Self, JournalError> {
-        let (conn, p) = connect(path, rusqlite::OpenFlags::default())?;
-        let sql = |source| JournalError::Sql {
-            path: p.clone(),
-            source,
-        };
+        let mut conn = SCHEMA.connect(path, rusqlite::OpenFlags::default())?;
+        let sql = sql_err(path);
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(sql)?;
         conn.pragma_update(None, "synchronous", "NORMAL")
@@ -118,69 +110,37 @@ impl Journal {
         // After a checkpoint the WAL file is cut back to 8 MiB.
         conn.pragma_update(None, "journal_size_limit", 8 << 20)
             .map_err(sql)?;
-        let mut j = Journal {
-            conn,
-            path: p,
-            claims: Claims::default(),
-        };
-        j.migrate()?;
-        Ok(j)
-    }
-
-    /// Opens the journal for reading only (status while the daemon runs).
-    pub fn open_read_only(path: &Path) -> Result<Self, JournalError> {
-        let (conn, p) = connect(
-            path,
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )?;
+        SCHEMA.migrate(&mut conn, path)?;
         Ok(Journal {
             conn,
-            path: p,
+            path: path.to_path_buf(),
             claims: Claims::default(),
         })
     }
 
-    /// The applied schema version (0: a journal still being created).
-    pub fn schema_version(&self) -> Result<i64, JournalError> {
-        self.conn
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .map_err(|e| self.err(e))
+    /// Opens the journal for reading only (status while the daemon runs). It is not
+    /// migrated; a schema newer than this build knows is refused.
+    pub fn open_read_only(path: &Path) -> Result<Self, JournalError> {
+        let conn = SCHEMA.connect(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        SCHEMA.check(&conn, path)?;
+        Ok(Journal {
+            conn,
+            path: path.to_path_buf(),
+            claims: Claims::default(),
+        })
+    }
+
+    /// The applied schema version (0: a journal still being created); a newer schema than
+    /// this build knows is refused.
+    pub fn schema_version(&self) -> Result<usize, JournalError> {
+        Ok(SCHEMA.check(&self.conn, &self.path)?)
     }
 
     fn err(&self, source: rusqlite::Error) -> JournalError {
-        JournalError::Sql {
-            path: self.path.clone(),
-            source,
-        }
-    }
-
-    fn migrate(&mut self) -> Result<(), JournalError> {
-        let v: i64 = self
-            .conn
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .map_err(|e| self.err(e))?;
-        let known = MIGRATIONS.len() as i64;
-        if v > known {
-            return Err(JournalError::TooNew {
-                path: self.path.clone(),
-                found: v,
-                known,
-            });
-        }
-        for (i, m) in MIGRATIONS.iter().enumerate().skip(v as usize) {
-            let tx = self.conn.transaction().map_err(|e| JournalError::Sql {
-                path: self.path.clone(),
-                source: e,
-            })?;
-            tx.execute_batch(m)
-                .and_then(|_| tx.pragma_update(None, "user_version", (i + 1) as i64))
-                .and_then(|_| tx.commit())
-                .map_err(|e| JournalError::Sql {
-                    path: self.path.clone(),
-                    source: e,
-                })?;
-        }
-        Ok(())
+        sql_err(&self.path)(source)
     }
 
     /// Adds to a named counter.
@@ -265,5 +225,37 @@ mod tests {
             hash: [1; 32],
             commit_id: [2; 16],
         }
+    }
+
+    #[test]
+    fn a_newer_journal_is_refused_also_when_read_only() {
+        let (d, j) = j();
+        let p = d.path().join("j.sqlite");
+        let newer = MIGRATIONS.len() + 1;
+        j.conn
+            .pragma_update(None, "user_version", newer as i64)
+            .expect("bump");
+        drop(j);
+        let want = format!(
+            "journal {} has schema version {newer}, newer than this build knows ({}); \
+             upgrade coffer-agent",
+            p.display(),
+            MIGRATIONS.len()
+        );
+        let e = Journal::open(&p).err().expect("refused");
+        assert_eq!(e.to_string(), want);
+        let e = Journal::open_read_only(&p)
+            .err()
+            .expect("refused read-only");
+        assert_eq!(e.to_string(), want);
+    }
+
+    #[test]
+    fn sql_errors_name_the_journal_and_its_path() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let p = d.path().join("missing").join("j.sqlite");
+        let e = Journal::open_read_only(&p).err().expect("no such journal");
+        let s = e.to_string();
+        assert!(s.starts_with(&format!("journal {}: ", p.display())), "{s}");
     }
 }

@@ -33,11 +33,7 @@ impl Journal {
     /// (its hash and commit id stay, so a repeated commit is recognised by the receiver).
     pub fn requeue_in_flight(&mut self) -> Result<usize, JournalError> {
         self.claims = Claims::default();
-        let p = self.path.clone();
-        let e = |source| JournalError::Sql {
-            path: p.clone(),
-            source,
-        };
+        let e = sql_err(&self.path);
         let tx = self.conn.transaction().map_err(e)?;
         // Only `pending` rows change what is counted: they become `dirty`, sizes unchanged.
         let (n, bytes): (i64, i64) = tx
@@ -78,10 +74,7 @@ impl Journal {
             // Due before the claim cursor (the clock was set back): read from the start.
             self.claims.behind = true;
         }
-        let tx = self.conn.transaction().map_err(|e| JournalError::Sql {
-            path: self.path.clone(),
-            source: e,
-        })?;
+        let tx = self.conn.transaction().map_err(sql_err(&self.path))?;
         {
             let mut st = tx
                 .prepare_cached(
@@ -92,23 +85,14 @@ impl Journal {
                         dirty_since = COALESCE(dirty_since, ?4), reason = NULL,
                         attempts = CASE WHEN state = 'failed' THEN 0 ELSE attempts END",
                 )
-                .map_err(|e| JournalError::Sql {
-                    path: self.path.clone(),
-                    source: e,
-                })?;
+                .map_err(sql_err(&self.path))?;
             let mut tally = Tally::default();
             for (p, w) in items {
                 tally
                     .row(&tx, p, || st.execute(params![p, w, now + delay_ms, now]))
-                    .map_err(|e| JournalError::Sql {
-                        path: self.path.clone(),
-                        source: e,
-                    })?;
+                    .map_err(sql_err(&self.path))?;
             }
-            tally.write(&tx).map_err(|e| JournalError::Sql {
-                path: self.path.clone(),
-                source: e,
-            })?;
+            tally.write(&tx).map_err(sql_err(&self.path))?;
         }
         tx.commit().map_err(|e| self.err(e))
     }
@@ -118,11 +102,7 @@ impl Journal {
         if reads.is_empty() {
             return Ok(());
         }
-        let p = self.path.clone();
-        let e = |source| JournalError::Sql {
-            path: p.clone(),
-            source,
-        };
+        let e = sql_err(&self.path);
         let tx = self.conn.transaction().map_err(e)?;
         {
             let mut st = tx
@@ -159,11 +139,7 @@ impl Journal {
 
     /// Records files whose content equals their last backup: nothing to send.
     pub fn record_unchanged(&mut self, reads: &[Read]) -> Result<(), JournalError> {
-        let p = self.path.clone();
-        let e = |source| JournalError::Sql {
-            path: p.clone(),
-            source,
-        };
+        let e = sql_err(&self.path);
         let mut released = Vec::with_capacity(reads.len());
         let r = (|| {
             let tx = self.conn.transaction().map_err(e)?;
@@ -213,11 +189,7 @@ impl Journal {
         if acks.is_empty() {
             return Ok(());
         }
-        let p = self.path.clone();
-        let e = |source| JournalError::Sql {
-            path: p.clone(),
-            source,
-        };
+        let e = sql_err(&self.path);
         let mut latest = None;
         let mut released = Vec::with_capacity(acks.len());
         let r = (|| {
@@ -331,11 +303,7 @@ impl Journal {
         items: &[(Vec<u8>, String)],
         due_at: i64,
     ) -> Result<(), JournalError> {
-        let p = self.path.clone();
-        let e = |source| JournalError::Sql {
-            path: p.clone(),
-            source,
-        };
+        let e = sql_err(&self.path);
         let r = (|| {
             let tx = self.conn.transaction().map_err(e)?;
             {
