@@ -5,17 +5,17 @@
 
 use super::*;
 
-/// Due files in claim order, read through the partial index `files_due` (migration 0006):
+/// Due files in claim order, read through the partial index `files_due` (migration 0007):
 /// the condition repeats the index's word for word, or the planner scans every row.
 const CLAIM_SQL: &str =
     "SELECT path, watch, gen, state, attempts, hash, commit_id, backed_hash, backed_kind, mode, due_at
-     FROM files WHERE (state = 'dirty' OR state = 'uploading' OR state = 'failed') AND claimed = 0
+     FROM files WHERE (state = 'dirty' OR state = 'uploading' OR state = 'failed')
        AND due_at <= ?1 AND (due_at, path) > (?2, ?3)
      ORDER BY due_at, path LIMIT ?4";
 
 /// The next due time after the claim cursor, through the same index.
 const NEXT_DUE_SQL: &str = "SELECT due_at FROM files
-     WHERE (state = 'dirty' OR state = 'uploading' OR state = 'failed') AND claimed = 0
+     WHERE (state = 'dirty' OR state = 'uploading' OR state = 'failed')
        AND (due_at, path) > (?1, ?2)
      ORDER BY due_at, path LIMIT 1";
 
@@ -242,7 +242,8 @@ mod tests {
             .prepare("SELECT sql FROM sqlite_master WHERE name = 'files_due'")
             .and_then(|mut s| s.query_row([], |r| r.get::<_, String>(0)))
             .expect("index");
-        assert!(claim.contains("claimed = 0"), "{claim}");
+        let condition = "WHERE (state = 'dirty' OR state = 'uploading' OR state = 'failed')";
+        assert!(claim.contains(condition), "{claim}");
         for (name, sql, n) in [("claim_due", CLAIM_SQL, 4), ("next_due", NEXT_DUE_SQL, 2)] {
             let mut st = j
                 .conn

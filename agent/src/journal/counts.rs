@@ -211,16 +211,16 @@ impl Journal {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::journal::record::{Ack, Read};
     use crate::journal::tests::{j, read};
 
     /// The counts `status` reads, computed the slow way: by scanning every row.
-    type Counts = (Vec<(String, bool, i64)>, i64, Option<i64>, Option<i64>);
+    pub(in crate::journal) type Counts = (Vec<(String, bool, i64)>, i64, Option<i64>, Option<i64>);
 
     /// `last` is the latest receiver time of an acknowledgement that was recorded.
-    fn recount(j: &Journal, last: Option<i64>) -> Counts {
+    pub(in crate::journal) fn recount(j: &Journal, last: Option<i64>) -> Counts {
         let mut st = j
             .conn
             .prepare(
@@ -252,7 +252,7 @@ mod tests {
         (groups, bytes, since, last)
     }
 
-    fn kept(j: &Journal) -> Counts {
+    pub(in crate::journal) fn kept(j: &Journal) -> Counts {
         let s = j.summary().expect("summary");
         let mut groups = Vec::new();
         for (state, deleted, n) in [
@@ -352,6 +352,7 @@ mod tests {
                 .execute_batch(
                     "DROP TABLE file_stats;
                      DROP INDEX files_pending_since; DROP INDEX files_failed;
+                     ALTER TABLE files ADD COLUMN claimed INTEGER NOT NULL DEFAULT 0;
                      DELETE FROM meta WHERE key = 'last_backed_at'; PRAGMA user_version = 3;",
                 )
                 .expect("downgrade");

@@ -35,6 +35,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/agent/0004_file_stats.sql"),
     include_str!("../../../migrations/agent/0005_counts_in_code.sql"),
     include_str!("../../../migrations/agent/0006_due_index_without_in.sql"),
+    include_str!("../../../migrations/agent/0007_drop_pending_and_claimed.sql"),
 ];
 
 /// The journal's schema: what errors call it, who reads it, and its migrations.
@@ -257,5 +258,107 @@ mod tests {
         let e = Journal::open_read_only(&p).err().expect("no such journal");
         let s = e.to_string();
         assert!(s.starts_with(&format!("journal {}: ", p.display())), "{s}");
+    }
+
+    /// A journal written by a build of schema 6 can hold `pending` rows and rows left
+    /// `claimed`: migration 0007 makes them due as the restart requeue did, keeps the counts
+    /// exact, and they are claimed and backed up as before.
+    #[test]
+    fn migration_0007_queues_pending_and_claimed_rows_as_before() {
+        use crate::journal::counts::tests::{kept, recount};
+        let d = tempfile::tempdir().expect("tempdir");
+        let p = d.path().join("j.sqlite");
+        {
+            let v6 = Schema {
+                migrations: &MIGRATIONS[..6],
+                ..SCHEMA
+            };
+            let mut c = v6
+                .connect(&p, rusqlite::OpenFlags::default())
+                .expect("open");
+            v6.migrate(&mut c, &p).expect("schema 6");
+            c.execute_batch(
+                "INSERT INTO files (path, watch, state, gen, due_at, dirty_since, size, hash,
+                                    commit_id, claimed, backed_hash, backed_kind, backed_at)
+                 VALUES
+                    (x'772f70656e64696e672d61', 'w', 'pending', 1, 9000000, 100, 10,
+                     zeroblob(32), zeroblob(16), 0, NULL, NULL, NULL),
+                    (x'772f70656e64696e672d62', 'w', 'pending', 1, 9000000, 100, 20,
+                     NULL, NULL, 1, NULL, NULL, NULL),
+                    (x'772f636c61696d65642d6469727479', 'w', 'dirty', 2, 50, 100, NULL,
+                     NULL, NULL, 1, NULL, NULL, NULL),
+                    (x'772f636c61696d65642d6661696c6564', 'w', 'failed', 1, 60, 100, 4,
+                     NULL, NULL, 1, NULL, NULL, NULL),
+                    (x'772f75706c6f6164696e67', 'w', 'uploading', 1, 9000000, 100, 8,
+                     zeroblob(32), zeroblob(16), 1, NULL, NULL, NULL),
+                    (x'772f646f6e65', 'w', 'backed_up', 1, 0, NULL, 5,
+                     NULL, NULL, 0, zeroblob(32), 'file', 77);
+                 -- Counted as the code of schema 6 kept them (migration 0004's recount).
+                 UPDATE file_stats SET
+                    n = (SELECT COUNT(*) FROM files WHERE CASE WHEN state = 'backed_up'
+                         AND backed_kind IS 'deleted' THEN 'deleted' ELSE state END = key),
+                    bytes = (SELECT COALESCE(SUM(COALESCE(size, 0)), 0) FROM files
+                             WHERE state = key AND state != 'backed_up');
+                 INSERT INTO meta (key, value) VALUES ('last_backed_at', '77');",
+            )
+            .expect("rows of a schema 6 journal");
+        }
+        let mut j = Journal::open(&p).expect("migrate");
+        assert_eq!(j.schema_version().expect("version"), MIGRATIONS.len());
+        let columns: i64 = j
+            .conn
+            .query_row(
+                "SELECT COUNT(*) FROM pragma_table_info('files') WHERE name = 'claimed'",
+                [],
+                |r| r.get(0),
+            )
+            .expect("columns");
+        assert_eq!(columns, 0, "`claimed` is gone");
+        let s = j.summary().expect("summary");
+        assert_eq!(
+            (s.dirty, s.pending, s.uploading, s.failed, s.backed_up),
+            (3, 0, 1, 1, 1)
+        );
+        assert_eq!(s.pending_bytes, 10 + 20 + 4 + 8);
+        assert_eq!(kept(&j), recount(&j, Some(77)));
+        for p in [&b"w/pending-a"[..], b"w/pending-b"] {
+            let r = j.row(p).expect("row").expect("exists");
+            assert_eq!((r.state.as_str(), r.due_at), ("dirty", 0));
+        }
+        assert_eq!(j.requeue_in_flight().expect("requeue"), 1);
+        let mut jobs = j.claim_due(1_000, 100).expect("claim");
+        jobs.sort_by(|a, b| a.path.cmp(&b.path));
+        let paths: Vec<&[u8]> = jobs.iter().map(|j| &j.path[..]).collect();
+        assert_eq!(
+            paths,
+            [
+                &b"w/claimed-dirty"[..],
+                b"w/claimed-failed",
+                b"w/pending-a",
+                b"w/pending-b",
+                b"w/uploading"
+            ]
+        );
+        // A pending file read before keeps its commit id: a repeated commit is recognised.
+        assert_eq!(jobs[2].commit_id, Some([0; 16]));
+        let reads: Vec<Read> = jobs.iter().map(|job| read(&job.path, job.gen)).collect();
+        j.record_reads(&reads).expect("reads");
+        let acks: Vec<Ack> = jobs
+            .iter()
+            .map(|job| Ack {
+                path: job.path.clone(),
+                gen: job.gen,
+                version: 2,
+                commit_time: 90,
+                hash: [1; 32],
+                kind: "file",
+                size: 3,
+            })
+            .collect();
+        j.record_acks(&acks).expect("acks");
+        let s = j.summary().expect("summary");
+        assert_eq!((s.backed_up, s.dirty, s.pending_bytes), (6, 0, 0));
+        assert_eq!(kept(&j), recount(&j, Some(90)));
+        assert!(j.claim_due(i64::MAX, 100).expect("claim").is_empty());
     }
 }

@@ -31,33 +31,12 @@ pub struct Ack {
 impl Journal {
     /// After a restart: work that was in the hands of the uploader becomes due again
     /// (its hash and commit id stay, so a repeated commit is recognised by the receiver).
+    /// It changes only `due_at`, nothing `file_stats` counts, so it needs no [`Tally`].
     pub fn requeue_in_flight(&mut self) -> Result<usize, JournalError> {
         self.claims = Claims::default();
-        let e = sql_err(&self.path);
-        let tx = self.conn.transaction().map_err(e)?;
-        // Only `pending` rows change what is counted: they become `dirty`, sizes unchanged.
-        let (n, bytes): (i64, i64) = tx
-            .query_row(
-                "SELECT COUNT(*), COALESCE(SUM(COALESCE(size, 0)), 0) FROM files WHERE state = 'pending'",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .map_err(e)?;
-        let changed = tx
-            .execute(
-                "UPDATE files SET state = CASE WHEN state = 'pending' THEN 'dirty' ELSE state END,
-                    due_at = CASE WHEN state IN ('pending', 'uploading') THEN 0 ELSE due_at END,
-                    claimed = 0
-                 WHERE state IN ('pending', 'uploading') OR claimed != 0",
-                [],
-            )
-            .map_err(e)?;
-        let mut tally = Tally::default();
-        tally.0.insert("pending".into(), (-n, -bytes));
-        tally.0.insert("dirty".into(), (n, bytes));
-        tally.write(&tx).map_err(e)?;
-        tx.commit().map_err(e)?;
-        Ok(changed)
+        self.conn
+            .execute("UPDATE files SET due_at = 0 WHERE state = 'uploading'", [])
+            .map_err(|e| self.err(e))
     }
 
     /// Records that paths changed (or may have): they become dirty and due after `delay_ms`.

@@ -12,7 +12,7 @@ pub enum Standing {
     Deleted,
     /// Failed; read again when its stat changes or it disappears.
     Failed,
-    /// Queued (dirty, pending or uploading): the uploader reads it anyway.
+    /// Queued (dirty or uploading): the uploader reads it anyway.
     Queued,
 }
 
