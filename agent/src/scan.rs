@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use crate::config::Watch;
-use crate::journal::{Journal, JournalError, Known, Standing, StatKey};
+use crate::journal::{CounterKey, Journal, JournalError, Known, Standing, StatKey};
 use coffer_common::host::time::now_ms;
 
 /// What a scan found.
@@ -187,7 +187,7 @@ pub fn scan(
         j.mark_dirty(&dirty, now_ms(), delay_ms)?;
         if stats.skipped_special > 0 {
             j.set_counter(
-                &format!("skipped_special:{}", watch.name),
+                CounterKey::SkippedSpecialIn(&watch.name),
                 stats.skipped_special as i64,
             )?;
         }
@@ -202,7 +202,8 @@ fn under(p: &[u8], prefix: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::journal::{Ack, Read};
+    use crate::journal::{Ack, FileState, Read};
+    use coffer_common::wire::CommitId;
 
     /// Claims `path` once it was marked dirty.
     fn claim(j: &mut Journal, path: &[u8]) -> i64 {
@@ -227,7 +228,7 @@ mod tests {
             stat,
             mode: 0o644,
             hash: [1; 32],
-            commit_id: [2; 16],
+            commit_id: CommitId([2; 16]),
         };
         j.record_reads(&[read]).expect("reads");
         j.record_acks(&[Ack {
@@ -297,9 +298,14 @@ mod tests {
         let j = j.lock().expect("journal");
         let state = |p: &[u8]| j.row(p).expect("row").expect("exists").state;
         for p in [&b"w/same"[..], b"w/gone-long-ago"] {
-            assert_eq!(state(p), "backed_up", "{}", String::from_utf8_lossy(p));
+            assert_eq!(
+                state(p),
+                FileState::BackedUp,
+                "{}",
+                String::from_utf8_lossy(p)
+            );
         }
-        assert_eq!(state(b"w/failed-same"), "failed");
+        assert_eq!(state(b"w/failed-same"), FileState::Failed);
         for p in [
             &b"w/changed"[..],
             b"w/back",
@@ -308,7 +314,7 @@ mod tests {
             b"w/gone-failed",
             b"w/queued-gone",
         ] {
-            assert_eq!(state(p), "dirty", "{}", String::from_utf8_lossy(p));
+            assert_eq!(state(p), FileState::Dirty, "{}", String::from_utf8_lossy(p));
         }
     }
 }

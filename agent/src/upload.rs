@@ -27,7 +27,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use crate::config::Config;
 use crate::conn::{Conn, ConnError, Pending};
-use crate::journal::{Ack, Job, Journal, Read, StatKey};
+use crate::journal::{Ack, CounterKey, Job, Journal, MetaKey, Read, StatKey};
 use crate::scan::{fs_path, stat_key};
 use coffer_common::host::time::now_ms;
 
@@ -255,8 +255,8 @@ impl ConnManager {
                 Ok(c) => {
                     tracing::info!(receiver = %self.cfg.receiver, repo = %c.repo, "connected to receiver");
                     sh.journal(|j| {
-                        j.set_meta("receiver_state", "connected")?;
-                        j.set_meta("receiver_state_at", &now_ms().to_string())
+                        j.set_meta(MetaKey::ReceiverState, "connected")?;
+                        j.set_meta(MetaKey::ReceiverStateAt, &now_ms().to_string())
                     });
                     self.escrow(sh, &c);
                     *cur = Some(c.clone());
@@ -266,8 +266,8 @@ impl ConnManager {
                     drop(cur);
                     tracing::warn!(error = %e, retry_in = ?backoff, "receiver not available");
                     sh.journal(|j| {
-                        j.set_meta("receiver_state", &format!("unreachable: {e}"))?;
-                        j.set_meta("receiver_state_at", &now_ms().to_string())
+                        j.set_meta(MetaKey::ReceiverState, &format!("unreachable: {e}"))?;
+                        j.set_meta(MetaKey::ReceiverStateAt, &now_ms().to_string())
                     });
                     let until = std::time::Instant::now() + backoff;
                     while std::time::Instant::now() < until {
@@ -293,7 +293,7 @@ impl ConnManager {
 
     fn escrow(&self, sh: &Shared, c: &Conn) {
         let done = sh
-            .journal(|j| j.meta("key_escrowed"))
+            .journal(|j| j.meta(MetaKey::KeyEscrowed))
             .flatten()
             .is_some_and(|v| v == "1");
         if done || self.keyfile.is_empty() {
@@ -307,7 +307,7 @@ impl ConnManager {
                 tracing::info!(
                     "wrapped key file escrowed on the receiver (for recovery with the passphrase)"
                 );
-                sh.journal(|j| j.set_meta("key_escrowed", "1"));
+                sh.journal(|j| j.set_meta(MetaKey::KeyEscrowed, "1"));
             }
             Ok(m) => tracing::warn!(reply = m.kind(), "unexpected reply to key escrow"),
             Err(e) => tracing::warn!(error = %e, "escrowing the key file failed; will retry"),
@@ -683,7 +683,7 @@ fn read_info(job: &Job, kind: &'static str, stat: StatKey, mode: i64, hash: [u8;
                 h.update(&now_ms().to_le_bytes());
                 c.copy_from_slice(&h.finalize().as_bytes()[..16]);
             }
-            c
+            CommitId(c)
         }
     };
     Read {
@@ -726,7 +726,7 @@ fn ready(
     };
     let size = read.stat.size;
     let commit = FileCommit {
-        commit_id: CommitId(read.commit_id),
+        commit_id: read.commit_id,
         file_id,
         manifest: sealed,
         chunks: chunks.iter().map(|c| c.id).collect(),
@@ -783,7 +783,7 @@ fn process(sh: &Shared, conn: &Conn, job: &Job) -> Outcome {
         );
     }
     if !ft.is_file() {
-        let _ = sh.journal(|j| j.bump("skipped_special", 1));
+        let _ = sh.journal(|j| j.bump(CounterKey::SkippedSpecial, 1));
         return Outcome::Forget;
     }
     let file = match std::fs::OpenOptions::new()

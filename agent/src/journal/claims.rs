@@ -1,23 +1,30 @@
 //! Claims: which due files the uploader holds. Held in memory (a claim does not outlive the
 //! process) with a cursor over the due index; the claim queries and their index are here.
-//! Only this file touches `Journal::claims`' cursor; writes elsewhere release through
-//! [`Journal::release`].
+//! Only this file touches `Journal::claims`; writes elsewhere release files through
+//! [`Journal::release`] and report changes through [`Claims::due_at`].
 
 use super::*;
 
 /// Due files in claim order, read through the partial index `files_due` (migration 0007):
 /// the condition repeats the index's word for word, or the planner scans every row.
-const CLAIM_SQL: &str =
-    "SELECT path, watch, gen, state, attempts, hash, commit_id, backed_hash, backed_kind, mode, due_at
-     FROM files WHERE (state = 'dirty' OR state = 'uploading' OR state = 'failed')
-       AND due_at <= ?1 AND (due_at, path) > (?2, ?3)
-     ORDER BY due_at, path LIMIT ?4";
+fn claim_sql() -> &'static str {
+    sql!(
+        "SELECT path, watch, gen, state, attempts, hash, commit_id, backed_hash, backed_kind, mode, due_at
+         FROM files WHERE {DUE}
+           AND due_at <= ?1 AND (due_at, path) > (?2, ?3)
+         ORDER BY due_at, path LIMIT ?4"
+    )
+}
 
 /// The next due time after the claim cursor, through the same index.
-const NEXT_DUE_SQL: &str = "SELECT due_at FROM files
-     WHERE (state = 'dirty' OR state = 'uploading' OR state = 'failed')
-       AND (due_at, path) > (?1, ?2)
-     ORDER BY due_at, path LIMIT 1";
+fn next_due_sql() -> &'static str {
+    sql!(
+        "SELECT due_at FROM files
+         WHERE {DUE}
+           AND (due_at, path) > (?1, ?2)
+         ORDER BY due_at, path LIMIT 1"
+    )
+}
 
 /// A file handed to the uploader.
 #[derive(Debug, Clone)]
@@ -25,10 +32,13 @@ pub struct Job {
     pub path: Vec<u8>,
     pub watch: String,
     pub gen: i64,
-    pub state: String,
+    pub state: FileState,
     pub attempts: i64,
+    /// BLAKE3 of the bytes last read (and sent), if it was read.
     pub hash: Option<[u8; 32]>,
-    pub commit_id: Option<[u8; 16]>,
+    /// The commit id recorded with `hash`: reused when the bytes are the same, so a commit
+    /// repeated after a restart is recognised by the receiver.
+    pub commit_id: Option<CommitId>,
     pub backed_hash: Option<[u8; 32]>,
     pub backed_kind: Option<String>,
     pub mode: Option<i64>,
@@ -39,16 +49,24 @@ pub struct Job {
 /// it to the journal cost an UPDATE per file for nothing.
 #[derive(Default)]
 pub(super) struct Claims {
-    pub(super) held: std::collections::HashSet<Vec<u8>>,
+    held: std::collections::HashSet<Vec<u8>>,
     /// `(due_at, path)` of the last file taken: the next claim reads on from there, in the
     /// due index's order, instead of reading again past every file still held.
-    pub(super) cursor: Option<(i64, Vec<u8>)>,
+    cursor: Option<(i64, Vec<u8>)>,
     /// A released file may be due again at or before the cursor (a retry, a change seen
     /// while it was held, a clock set back): the next claim reads from the start.
-    pub(super) behind: bool,
+    behind: bool,
 }
 
 impl Claims {
+    /// A file becomes due at `due`: if that is at or before the cursor (the clock was set
+    /// back), the next claim reads from the start.
+    pub(super) fn due_at(&mut self, due: i64) {
+        if matches!(&self.cursor, Some((d, _)) if due <= *d) {
+            self.behind = true;
+        }
+    }
+
     /// See `Journal::release`.
     fn release(&mut self, path: &[u8], may_be_due: bool) {
         if self.held.remove(path) && may_be_due {
@@ -73,7 +91,7 @@ impl Journal {
         } else {
             limit
         };
-        let mut st = self.conn.prepare_cached(CLAIM_SQL).map_err(e)?;
+        let mut st = self.conn.prepare_cached(claim_sql()).map_err(e)?;
         let rows = st
             .query_map(params![now, cd, cp, fetch as i64], |r| {
                 Ok((
@@ -83,11 +101,9 @@ impl Journal {
                         gen: r.get(2)?,
                         state: r.get(3)?,
                         attempts: r.get(4)?,
-                        hash: h32(r.get(5)?),
-                        commit_id: r
-                            .get::<_, Option<Vec<u8>>>(6)?
-                            .and_then(|b| b.try_into().ok()),
-                        backed_hash: h32(r.get(7)?),
+                        hash: h32(r.get_ref(5)?),
+                        commit_id: CommitId::column_result(r.get_ref(6)?).ok(),
+                        backed_hash: h32(r.get_ref(7)?),
                         backed_kind: r.get(8)?,
                         mode: r.get(9)?,
                     },
@@ -147,7 +163,7 @@ impl Journal {
         };
         let mut st = self
             .conn
-            .prepare_cached(NEXT_DUE_SQL)
+            .prepare_cached(next_due_sql())
             .map_err(|e| self.err(e))?;
         st.query_row(params![cd, cp], |r| r.get(0))
             .optional()
@@ -212,7 +228,7 @@ mod tests {
             j.unclaim(&paths).expect("unclaim all");
             let mut want: Vec<Vec<u8>> = j
                 .conn
-                .prepare("SELECT path FROM files WHERE state != 'backed_up' ORDER BY path")
+                .prepare(sql!("SELECT path FROM files WHERE state != {BACKED_UP} ORDER BY path"))
                 .expect("prepare")
                 .query_map([], |r| r.get(0))
                 .expect("query")
@@ -242,9 +258,11 @@ mod tests {
             .prepare("SELECT sql FROM sqlite_master WHERE name = 'files_due'")
             .and_then(|mut s| s.query_row([], |r| r.get::<_, String>(0)))
             .expect("index");
-        let condition = "WHERE (state = 'dirty' OR state = 'uploading' OR state = 'failed')";
-        assert!(claim.contains(condition), "{claim}");
-        for (name, sql, n) in [("claim_due", CLAIM_SQL, 4), ("next_due", NEXT_DUE_SQL, 2)] {
+        assert!(claim.ends_with(sql!("WHERE {DUE}")), "{claim}");
+        for (name, sql, n) in [
+            ("claim_due", claim_sql(), 4),
+            ("next_due", next_due_sql(), 2),
+        ] {
             let mut st = j
                 .conn
                 .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))

@@ -8,7 +8,6 @@ use super::*;
 #[derive(Debug, Clone, Default)]
 pub struct Summary {
     pub dirty: i64,
-    pub pending: i64,
     pub uploading: i64,
     pub backed_up: i64,
     pub deleted: i64,
@@ -19,47 +18,106 @@ pub struct Summary {
 }
 
 impl Summary {
-    /// Adds `n` rows in `state` (`deleted`: backed-up deletions) holding `bytes` pending.
-    fn add(&mut self, state: &str, deleted: bool, n: i64, bytes: i64) {
-        match (state, deleted) {
-            ("backed_up", true) => self.deleted += n,
-            ("backed_up", false) => self.backed_up += n,
-            ("dirty", _) => self.dirty += n,
-            ("pending", _) => self.pending += n,
-            ("uploading", _) => self.uploading += n,
-            ("failed", _) => self.failed += n,
-            _ => {}
-        }
-        if state != "backed_up" {
+    /// Files not backed up (dirty, uploading or failed): what `status` calls pending.
+    pub fn pending(&self) -> i64 {
+        self.dirty + self.uploading + self.failed
+    }
+
+    /// Adds `n` rows counted in `b` holding `bytes` pending.
+    fn add(&mut self, b: Bucket, n: i64, bytes: i64) {
+        *match b {
+            Bucket::Dirty => &mut self.dirty,
+            Bucket::Uploading => &mut self.uploading,
+            Bucket::BackedUp => &mut self.backed_up,
+            Bucket::Deleted => &mut self.deleted,
+            Bucket::Failed => &mut self.failed,
+        } += n;
+        if b.state().is_pending() {
             self.pending_bytes += bytes;
         }
+    }
+}
+
+/// A row of `file_stats` (its `key`): the files in one state, with backed-up deletions
+/// counted apart from the other backed-up files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Bucket {
+    Dirty,
+    Uploading,
+    BackedUp,
+    /// Backed up as a deletion.
+    Deleted,
+    Failed,
+}
+
+impl Bucket {
+    const ALL: [Bucket; 5] = [
+        Bucket::Dirty,
+        Bucket::Uploading,
+        Bucket::BackedUp,
+        Bucket::Deleted,
+        Bucket::Failed,
+    ];
+
+    /// The bucket of a row in `state`; `deletion`: backed up as a deletion.
+    fn of(state: FileState, deletion: bool) -> Bucket {
+        match state {
+            FileState::Dirty => Bucket::Dirty,
+            FileState::Uploading => Bucket::Uploading,
+            FileState::BackedUp if deletion => Bucket::Deleted,
+            FileState::BackedUp => Bucket::BackedUp,
+            FileState::Failed => Bucket::Failed,
+        }
+    }
+
+    /// The state of the rows it counts.
+    fn state(self) -> FileState {
+        match self {
+            Bucket::Dirty => FileState::Dirty,
+            Bucket::Uploading => FileState::Uploading,
+            Bucket::BackedUp | Bucket::Deleted => FileState::BackedUp,
+            Bucket::Failed => FileState::Failed,
+        }
+    }
+
+    /// Its `file_stats.key`: its state's name, or `deleted`.
+    fn key(self) -> &'static str {
+        match self {
+            Bucket::Deleted => "deleted",
+            b => b.state().as_str(),
+        }
+    }
+
+    /// The bucket a `file_stats.key` names, if any.
+    fn from_key(key: &str) -> Option<Bucket> {
+        Bucket::ALL
+            .into_iter()
+            .find(|b| b.key() == key)
+            .or_else(|| FileState::from_name(key).map(|s| Bucket::of(s, false)))
     }
 }
 
 /// What `file_stats` counts of one row.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Counted {
-    pub(super) state: String,
+    pub(super) state: FileState,
     size: Option<i64>,
-    backed_kind: Option<String>,
+    /// Backed up as a deletion (`backed_kind` is `deleted`).
+    deletion: bool,
 }
 
 impl Counted {
-    /// The `file_stats` row it counts in: its state, or `deleted` for a backed-up deletion.
-    fn key(&self) -> &str {
-        if self.state == "backed_up" && self.backed_kind.as_deref() == Some("deleted") {
-            "deleted"
-        } else {
-            &self.state
-        }
+    /// The `file_stats` row it counts in.
+    fn bucket(&self) -> Bucket {
+        Bucket::of(self.state, self.deletion)
     }
 
     /// The bytes it adds to its state's pending bytes.
     fn bytes(&self) -> i64 {
-        if self.state == "backed_up" {
-            0
-        } else {
+        if self.state.is_pending() {
             self.size.unwrap_or(0)
+        } else {
+            0
         }
     }
 
@@ -70,19 +128,20 @@ impl Counted {
                 Ok(Counted {
                     state: r.get(0)?,
                     size: r.get(1)?,
-                    backed_kind: r.get(2)?,
+                    deletion: r.get_ref(2)? == ValueRef::Text(b"deleted"),
                 })
             })
             .optional()
     }
 }
 
-/// The changes one transaction makes to `file_stats`, written by [`Tally::write`] before it
-/// commits. Every write to `files` goes through [`Tally::row`], which reads the row's
-/// counted columns before and after it, so the counts stay exact whatever the statement
-/// did (checked against a full recount by `kept_counts_equal_a_recount`).
+/// The changes one transaction makes to `file_stats` (rows and pending bytes, by
+/// [`Bucket`]), written by [`Tally::write`] before it commits. Every write to `files` goes
+/// through [`Tally::row`], which reads the row's counted columns before and after it, so
+/// the counts stay exact whatever the statement did (checked against a full recount by
+/// `kept_counts_equal_a_recount`).
 #[derive(Default)]
-pub(super) struct Tally(pub(super) HashMap<String, (i64, i64)>);
+pub(super) struct Tally([(i64, i64); Bucket::ALL.len()]);
 
 impl Tally {
     /// Runs `write` on `path`'s row and counts its effect.
@@ -104,12 +163,12 @@ impl Tally {
             return;
         }
         if let Some(o) = old {
-            let e = self.0.entry(o.key().to_string()).or_default();
+            let e = &mut self.0[o.bucket() as usize];
             e.0 -= 1;
             e.1 -= o.bytes();
         }
         if let Some(n) = new {
-            let e = self.0.entry(n.key().to_string()).or_default();
+            let e = &mut self.0[n.bucket() as usize];
             e.0 += 1;
             e.1 += n.bytes();
         }
@@ -120,9 +179,10 @@ impl Tally {
         let mut st = tx.prepare_cached(
             "UPDATE file_stats SET n = n + ?2, bytes = bytes + ?3 WHERE key = ?1",
         )?;
-        for (key, (n, bytes)) in self.0 {
+        for b in Bucket::ALL {
+            let (n, bytes) = self.0[b as usize];
             if n != 0 || bytes != 0 {
-                st.execute(params![key, n, bytes])?;
+                st.execute(params![b.key(), n, bytes])?;
             }
         }
         Ok(())
@@ -145,29 +205,28 @@ impl Journal {
         let rows = st
             .query_map([], |r| {
                 Ok((
-                    r.get::<_, String>(0)?,
+                    Bucket::from_key(r.get_ref(0)?.as_str()?),
                     r.get::<_, i64>(1)?,
                     r.get::<_, i64>(2)?,
                 ))
             })
             .map_err(|e| self.err(e))?;
         for row in rows {
-            let (key, n, bytes) = row.map_err(|e| self.err(e))?;
-            match key.as_str() {
-                "deleted" => s.add("backed_up", true, n, bytes),
-                state => s.add(state, false, n, bytes),
+            // A key this build does not count in (none in a journal of schema 7) is left out.
+            if let (Some(b), n, bytes) = row.map_err(|e| self.err(e))? {
+                s.add(b, n, bytes);
             }
         }
         s.oldest_pending_ms = self
             .conn
-            .prepare_cached(
+            .prepare_cached(sql!(
                 "SELECT MIN(dirty_since) FROM files
-                 WHERE dirty_since IS NOT NULL AND state != 'backed_up'",
-            )
+                 WHERE dirty_since IS NOT NULL AND state != {BACKED_UP}"
+            ))
             .and_then(|mut st| st.query_row([], |r| r.get(0)))
             .map_err(|e| self.err(e))?;
         s.last_backup_at = self
-            .meta("last_backed_at")?
+            .meta(MetaKey::LastBackedAt)?
             .and_then(|v| v.parse::<i64>().ok());
         Ok(s)
     }
@@ -177,18 +236,18 @@ impl Journal {
         let mut s = Summary::default();
         let mut st = self
             .conn
-            .prepare(
-                "SELECT state, state = 'backed_up' AND backed_kind IS 'deleted', COUNT(*),
-                        COALESCE(SUM(CASE WHEN state != 'backed_up' THEN COALESCE(size, 0) ELSE 0 END), 0),
-                        MIN(CASE WHEN state != 'backed_up' THEN dirty_since END),
+            .prepare(sql!(
+                "SELECT state, state = {BACKED_UP} AND backed_kind IS 'deleted', COUNT(*),
+                        COALESCE(SUM(CASE WHEN state != {BACKED_UP} THEN COALESCE(size, 0) ELSE 0 END), 0),
+                        MIN(CASE WHEN state != {BACKED_UP} THEN dirty_since END),
                         MAX(backed_at)
-                 FROM files GROUP BY 1, 2",
-            )
+                 FROM files GROUP BY 1, 2"
+            ))
             .map_err(|e| self.err(e))?;
         let rows = st
             .query_map([], |r| {
                 Ok((
-                    r.get::<_, String>(0)?,
+                    r.get::<_, FileState>(0)?,
                     r.get::<_, bool>(1)?,
                     r.get::<_, i64>(2)?,
                     r.get::<_, i64>(3)?,
@@ -199,7 +258,7 @@ impl Journal {
             .map_err(|e| self.err(e))?;
         for row in rows {
             let (state, deleted, n, bytes, since, last) = row.map_err(|e| self.err(e))?;
-            s.add(&state, deleted, n, bytes);
+            s.add(Bucket::of(state, deleted), n, bytes);
             s.oldest_pending_ms = match (s.oldest_pending_ms, since) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
@@ -223,11 +282,11 @@ pub(super) mod tests {
     pub(in crate::journal) fn recount(j: &Journal, last: Option<i64>) -> Counts {
         let mut st = j
             .conn
-            .prepare(
-                "SELECT state, state = 'backed_up' AND backed_kind IS 'deleted', COUNT(*),
-                        SUM(CASE WHEN state != 'backed_up' THEN COALESCE(size, 0) ELSE 0 END)
-                 FROM files GROUP BY 1, 2 ORDER BY 1, 2",
-            )
+            .prepare(sql!(
+                "SELECT state, state = {BACKED_UP} AND backed_kind IS 'deleted', COUNT(*),
+                        SUM(CASE WHEN state != {BACKED_UP} THEN COALESCE(size, 0) ELSE 0 END)
+                 FROM files GROUP BY 1, 2 ORDER BY 1, 2"
+            ))
             .expect("prepare");
         let mut groups = Vec::new();
         let mut bytes = 0;
@@ -244,7 +303,7 @@ pub(super) mod tests {
         let since = j
             .conn
             .query_row(
-                "SELECT MIN(dirty_since) FROM files WHERE state != 'backed_up'",
+                sql!("SELECT MIN(dirty_since) FROM files WHERE state != {BACKED_UP}"),
                 [],
                 |r| r.get(0),
             )
@@ -255,16 +314,16 @@ pub(super) mod tests {
     pub(in crate::journal) fn kept(j: &Journal) -> Counts {
         let s = j.summary().expect("summary");
         let mut groups = Vec::new();
+        // In the recount's order: by state name, deletions after.
         for (state, deleted, n) in [
-            ("backed_up", false, s.backed_up),
-            ("backed_up", true, s.deleted),
-            ("dirty", false, s.dirty),
-            ("failed", false, s.failed),
-            ("pending", false, s.pending),
-            ("uploading", false, s.uploading),
+            (FileState::BackedUp, false, s.backed_up),
+            (FileState::BackedUp, true, s.deleted),
+            (FileState::Dirty, false, s.dirty),
+            (FileState::Failed, false, s.failed),
+            (FileState::Uploading, false, s.uploading),
         ] {
             if n > 0 {
-                groups.push((state.to_string(), deleted, n));
+                groups.push((state.as_str().to_string(), deleted, n));
             }
         }
         (
@@ -314,8 +373,8 @@ pub(super) mod tests {
                 proptest::prop_assert_eq!(kept(&j), recount(&j, last));
                 let (a, b) = (j.summary().expect("kept"), j.summary_by_scan().expect("scan"));
                 proptest::prop_assert_eq!(
-                    (a.dirty, a.pending, a.uploading, a.backed_up, a.deleted, a.failed),
-                    (b.dirty, b.pending, b.uploading, b.backed_up, b.deleted, b.failed)
+                    (a.dirty, a.uploading, a.backed_up, a.deleted, a.failed),
+                    (b.dirty, b.uploading, b.backed_up, b.deleted, b.failed)
                 );
                 proptest::prop_assert_eq!((a.pending_bytes, a.oldest_pending_ms), (b.pending_bytes, b.oldest_pending_ms));
             }

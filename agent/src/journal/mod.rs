@@ -1,49 +1,47 @@
-//! The journal: the agent's SQLite database and the only owner of its connection.
+//! The journal: the agent's SQLite database and the only owner of its connection. No SQL
+//! leaves this module; callers get typed methods.
 //!
-//! One row per path. A file's state moves `dirty` (seen, not yet read) -> `uploading` (hash
-//! and commit id recorded, commit sent) -> `backed_up` (receiver version recorded), or
-//! `failed` (reason, retried with back-off). `gen` is bumped on every change seen, so an
-//! acknowledgement for bytes read before a newer change leaves the file dirty. Writes come
-//! in batches, one transaction each.
+//! One row per path. A file's state ([`FileState`]) moves `dirty` (seen, not yet read) ->
+//! `uploading` (hash and commit id recorded, commit sent) -> `backed_up` (receiver version
+//! recorded), or `failed` (reason, retried with back-off). `gen` is bumped on every change
+//! seen, so an acknowledgement for bytes read before a newer change leaves the file dirty.
+//! Writes come in batches, one transaction each.
+//!
+//! This file opens the journal (through `host::sqlite`'s `Schema`) and keeps `meta` and
+//! `counters`. The rest, one job a file:
+//! - `schema`: the migrations, the states and the `meta`/`counters` keys, each spelled once;
+//! - `record`: what the daemon records (changes seen, reads, outcomes, the restart requeue);
+//! - `claims`: which due files the uploader holds, and the claim queries;
+//! - `counts`: `file_stats`, kept exact by every write, and `status`'s [`Summary`];
+//! - `rows`: single rows for scans and `status PATH`;
+//! - `checkpoint`: the WAL checkpointer's own connection.
 
 mod checkpoint;
 mod claims;
 mod counts;
 mod record;
 mod rows;
+mod schema;
 
 pub use checkpoint::Checkpointer;
 pub use claims::Job;
 pub use counts::Summary;
 pub use record::{Ack, Read};
 pub use rows::{Known, Row, Standing};
+pub use schema::{CounterKey, FileState, MetaKey};
 
 use claims::Claims;
 use counts::Tally;
+use schema::{sql, BACKED_UP, DIRTY, DUE, FAILED, SCHEMA, UPLOADING};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use coffer_common::host::sqlite::{DbError, Schema};
+use coffer_common::host::sqlite::DbError;
 use coffer_common::host::time::now_ms;
+use coffer_common::wire::CommitId;
+use rusqlite::types::{FromSql, ValueRef};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
-
-const MIGRATIONS: &[&str] = &[
-    include_str!("../../../migrations/agent/0001_journal.sql"),
-    include_str!("../../../migrations/agent/0002_claimed.sql"),
-    include_str!("../../../migrations/agent/0003_drop_state_index.sql"),
-    include_str!("../../../migrations/agent/0004_file_stats.sql"),
-    include_str!("../../../migrations/agent/0005_counts_in_code.sql"),
-    include_str!("../../../migrations/agent/0006_due_index_without_in.sql"),
-    include_str!("../../../migrations/agent/0007_drop_pending_and_claimed.sql"),
-];
-
-/// The journal's schema: what errors call it, who reads it, and its migrations.
-static SCHEMA: Schema = Schema {
-    what: "journal",
-    program: "coffer-agent",
-    migrations: MIGRATIONS,
-};
 
 /// Errors of the journal: a SQLite error, named with the journal's path ("journal PATH:
 /// ..."), or a schema newer than this build knows.
@@ -78,8 +76,9 @@ pub struct Journal {
     claims: Claims,
 }
 
-fn h32(v: Option<Vec<u8>>) -> Option<[u8; 32]> {
-    v.and_then(|b| b.try_into().ok())
+/// A 32-byte hash column (`None`: null, or not 32 bytes).
+fn h32(v: ValueRef<'_>) -> Option<[u8; 32]> {
+    v.as_blob().ok().and_then(|b| b.try_into().ok())
 }
 
 impl Journal {
@@ -144,31 +143,33 @@ impl Journal {
         sql_err(&self.path)(source)
     }
 
-    /// Adds to a named counter.
-    pub fn bump(&mut self, name: &str, by: i64) -> Result<(), JournalError> {
+    /// Adds to a counter.
+    pub fn bump(&mut self, key: CounterKey<'_>, by: i64) -> Result<(), JournalError> {
+        let name = key.name();
         self.conn
             .execute(
                 "INSERT INTO counters (name, value) VALUES (?1, ?2)
                  ON CONFLICT(name) DO UPDATE SET value = value + ?2",
-                params![name, by],
+                params![&*name, by],
             )
             .map(|_| ())
             .map_err(|e| self.err(e))
     }
 
-    /// Sets a named counter.
-    pub fn set_counter(&mut self, name: &str, v: i64) -> Result<(), JournalError> {
+    /// Sets a counter.
+    pub fn set_counter(&mut self, key: CounterKey<'_>, v: i64) -> Result<(), JournalError> {
+        let name = key.name();
         self.conn
             .execute(
                 "INSERT INTO counters (name, value) VALUES (?1, ?2)
                  ON CONFLICT(name) DO UPDATE SET value = ?2",
-                params![name, v],
+                params![&*name, v],
             )
             .map(|_| ())
             .map_err(|e| self.err(e))
     }
 
-    /// All counters.
+    /// All counters, by name.
     pub fn counters(&self) -> Result<Vec<(String, i64)>, JournalError> {
         let mut st = self
             .conn
@@ -181,21 +182,25 @@ impl Journal {
     }
 
     /// Sets a meta value.
-    pub fn set_meta(&mut self, key: &str, value: &str) -> Result<(), JournalError> {
+    pub fn set_meta(&mut self, key: MetaKey<'_>, value: &str) -> Result<(), JournalError> {
+        let key = key.name();
         self.conn
             .execute(
                 "INSERT INTO meta (key, value) VALUES (?1, ?2)
                  ON CONFLICT(key) DO UPDATE SET value = ?2",
-                params![key, value],
+                params![&*key, value],
             )
             .map(|_| ())
             .map_err(|e| self.err(e))
     }
 
     /// Reads a meta value.
-    pub fn meta(&self, key: &str) -> Result<Option<String>, JournalError> {
+    pub fn meta(&self, key: MetaKey<'_>) -> Result<Option<String>, JournalError> {
+        let key = key.name();
         self.conn
-            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .query_row("SELECT value FROM meta WHERE key = ?1", [&*key], |r| {
+                r.get(0)
+            })
             .optional()
             .map_err(|e| self.err(e))
     }
@@ -224,7 +229,7 @@ mod tests {
             },
             mode: 0o644,
             hash: [1; 32],
-            commit_id: [2; 16],
+            commit_id: CommitId([2; 16]),
         }
     }
 
@@ -232,7 +237,7 @@ mod tests {
     fn a_newer_journal_is_refused_also_when_read_only() {
         let (d, j) = j();
         let p = d.path().join("j.sqlite");
-        let newer = MIGRATIONS.len() + 1;
+        let newer = SCHEMA.latest() + 1;
         j.conn
             .pragma_update(None, "user_version", newer as i64)
             .expect("bump");
@@ -241,7 +246,7 @@ mod tests {
             "journal {} has schema version {newer}, newer than this build knows ({}); \
              upgrade coffer-agent",
             p.display(),
-            MIGRATIONS.len()
+            SCHEMA.latest()
         );
         let e = Journal::open(&p).err().expect("refused");
         assert_eq!(e.to_string(), want);
@@ -269,8 +274,8 @@ mod tests {
         let d = tempfile::tempdir().expect("tempdir");
         let p = d.path().join("j.sqlite");
         {
-            let v6 = Schema {
-                migrations: &MIGRATIONS[..6],
+            let v6 = coffer_common::host::sqlite::Schema {
+                migrations: &SCHEMA.migrations[..6],
                 ..SCHEMA
             };
             let mut c = v6
@@ -304,7 +309,7 @@ mod tests {
             .expect("rows of a schema 6 journal");
         }
         let mut j = Journal::open(&p).expect("migrate");
-        assert_eq!(j.schema_version().expect("version"), MIGRATIONS.len());
+        assert_eq!(j.schema_version().expect("version"), SCHEMA.latest());
         let columns: i64 = j
             .conn
             .query_row(
@@ -315,15 +320,12 @@ mod tests {
             .expect("columns");
         assert_eq!(columns, 0, "`claimed` is gone");
         let s = j.summary().expect("summary");
-        assert_eq!(
-            (s.dirty, s.pending, s.uploading, s.failed, s.backed_up),
-            (3, 0, 1, 1, 1)
-        );
+        assert_eq!((s.dirty, s.uploading, s.failed, s.backed_up), (3, 1, 1, 1));
         assert_eq!(s.pending_bytes, 10 + 20 + 4 + 8);
         assert_eq!(kept(&j), recount(&j, Some(77)));
         for p in [&b"w/pending-a"[..], b"w/pending-b"] {
             let r = j.row(p).expect("row").expect("exists");
-            assert_eq!((r.state.as_str(), r.due_at), ("dirty", 0));
+            assert_eq!((r.state, r.due_at), (FileState::Dirty, 0));
         }
         assert_eq!(j.requeue_in_flight().expect("requeue"), 1);
         let mut jobs = j.claim_due(1_000, 100).expect("claim");
@@ -340,7 +342,7 @@ mod tests {
             ]
         );
         // A pending file read before keeps its commit id: a repeated commit is recognised.
-        assert_eq!(jobs[2].commit_id, Some([0; 16]));
+        assert_eq!(jobs[2].commit_id, Some(CommitId([0; 16])));
         let reads: Vec<Read> = jobs.iter().map(|job| read(&job.path, job.gen)).collect();
         j.record_reads(&reads).expect("reads");
         let acks: Vec<Ack> = jobs

@@ -12,8 +12,9 @@ pub struct Read {
     pub kind: &'static str,
     pub stat: StatKey,
     pub mode: i64,
+    /// BLAKE3 of the bytes read.
     pub hash: [u8; 32],
-    pub commit_id: [u8; 16],
+    pub commit_id: CommitId,
 }
 
 /// An acknowledgement to record.
@@ -35,7 +36,10 @@ impl Journal {
     pub fn requeue_in_flight(&mut self) -> Result<usize, JournalError> {
         self.claims = Claims::default();
         self.conn
-            .execute("UPDATE files SET due_at = 0 WHERE state = 'uploading'", [])
+            .execute(
+                sql!("UPDATE files SET due_at = 0 WHERE state = {UPLOADING}"),
+                [],
+            )
             .map_err(|e| self.err(e))
     }
 
@@ -49,21 +53,18 @@ impl Journal {
         if items.is_empty() {
             return Ok(());
         }
-        if matches!(&self.claims.cursor, Some((d, _)) if now + delay_ms <= *d) {
-            // Due before the claim cursor (the clock was set back): read from the start.
-            self.claims.behind = true;
-        }
+        self.claims.due_at(now + delay_ms);
         let tx = self.conn.transaction().map_err(sql_err(&self.path))?;
         {
             let mut st = tx
-                .prepare_cached(
+                .prepare_cached(sql!(
                     "INSERT INTO files (path, watch, state, gen, due_at, dirty_since)
-                     VALUES (?1, ?2, 'dirty', 1, ?3, ?4)
+                     VALUES (?1, ?2, {DIRTY}, 1, ?3, ?4)
                      ON CONFLICT(path) DO UPDATE SET
-                        state = 'dirty', gen = gen + 1, due_at = ?3,
+                        state = {DIRTY}, gen = gen + 1, due_at = ?3,
                         dirty_since = COALESCE(dirty_since, ?4), reason = NULL,
-                        attempts = CASE WHEN state = 'failed' THEN 0 ELSE attempts END",
-                )
+                        attempts = CASE WHEN state = {FAILED} THEN 0 ELSE attempts END"
+                ))
                 .map_err(sql_err(&self.path))?;
             let mut tally = Tally::default();
             for (p, w) in items {
@@ -85,12 +86,12 @@ impl Journal {
         let tx = self.conn.transaction().map_err(e)?;
         {
             let mut st = tx
-                .prepare_cached(
+                .prepare_cached(sql!(
                     "UPDATE files SET kind = ?2, size = ?3, mtime_ns = ?4, ctime_ns = ?5, inode = ?6,
                         mode = ?7, hash = ?8, commit_id = ?9,
-                        state = CASE WHEN gen = ?10 THEN 'uploading' ELSE state END
-                     WHERE path = ?1",
-                )
+                        state = CASE WHEN gen = ?10 THEN {UPLOADING} ELSE state END
+                     WHERE path = ?1"
+                ))
                 .map_err(e)?;
             let mut tally = Tally::default();
             for r in reads {
@@ -105,7 +106,7 @@ impl Journal {
                             r.stat.inode,
                             r.mode,
                             &r.hash[..],
-                            &r.commit_id[..],
+                            r.commit_id,
                             r.gen
                         ])
                     })
@@ -124,13 +125,13 @@ impl Journal {
             let tx = self.conn.transaction().map_err(e)?;
             {
                 let mut st = tx
-                    .prepare_cached(
+                    .prepare_cached(sql!(
                         "UPDATE files SET kind = ?2, size = ?3, mtime_ns = ?4, ctime_ns = ?5, inode = ?6,
                             mode = ?7, hash = ?8, reason = NULL, attempts = 0,
-                            state = CASE WHEN gen = ?9 THEN 'backed_up' ELSE state END,
+                            state = CASE WHEN gen = ?9 THEN {BACKED_UP} ELSE state END,
                             dirty_since = CASE WHEN gen = ?9 THEN NULL ELSE dirty_since END
-                         WHERE path = ?1",
-                    )
+                         WHERE path = ?1"
+                    ))
                     .map_err(e)?;
                 let mut tally = Tally::default();
                 for r in reads {
@@ -149,7 +150,7 @@ impl Journal {
                             ])
                         })
                         .map_err(e)?;
-                    let backed_up = now.is_some_and(|c| c.state == "backed_up");
+                    let backed_up = now.is_some_and(|c| c.state == FileState::BackedUp);
                     released.push((r.path.as_slice(), !backed_up));
                 }
                 tally.write(&tx).map_err(e)?;
@@ -176,12 +177,12 @@ impl Journal {
             {
                 // The usual case first: the file did not change since it was read.
                 let mut done = tx
-                    .prepare_cached(
+                    .prepare_cached(sql!(
                         "UPDATE files SET backed_version = ?2, backed_at = ?3, backed_hash = ?4,
                             backed_kind = ?5, backed_size = ?6, reason = NULL, attempts = 0,
-                            state = 'backed_up', dirty_since = NULL
-                         WHERE path = ?1 AND gen = ?7",
-                    )
+                            state = {BACKED_UP}, dirty_since = NULL
+                         WHERE path = ?1 AND gen = ?7"
+                    ))
                     .map_err(e)?;
                 // It changed: the version is recorded, the file stays due.
                 let mut changed = tx
@@ -222,17 +223,17 @@ impl Journal {
                 }
                 tally.write(&tx).map_err(e)?;
                 tx.execute(
-                    "INSERT INTO meta (key, value) VALUES ('last_ack_ms', ?1)
-                     ON CONFLICT(key) DO UPDATE SET value = ?1",
-                    [now_ms().to_string()],
+                    "INSERT INTO meta (key, value) VALUES (?1, ?2)
+                     ON CONFLICT(key) DO UPDATE SET value = ?2",
+                    params![&*MetaKey::LastAckMs.name(), now_ms().to_string()],
                 )
                 .map_err(e)?;
                 if let Some(latest) = latest {
                     tx.execute(
-                        "INSERT INTO meta (key, value) VALUES ('last_backed_at', ?1)
+                        "INSERT INTO meta (key, value) VALUES (?1, ?2)
                          ON CONFLICT(key) DO UPDATE SET
-                            value = CAST(MAX(CAST(value AS INTEGER), ?2) AS TEXT)",
-                        params![latest.to_string(), latest],
+                            value = CAST(MAX(CAST(value AS INTEGER), ?3) AS TEXT)",
+                        params![&*MetaKey::LastBackedAt.name(), latest.to_string(), latest],
                     )
                     .map_err(e)?;
                 }
@@ -259,10 +260,12 @@ impl Journal {
             let mut tally = Tally::default();
             tally.row(&tx, path, || {
                 tx.execute(
-                    "UPDATE files SET state = CASE WHEN gen = ?2 THEN 'failed' ELSE state END,
-                        attempts = attempts + 1, reason = ?3,
-                        due_at = CASE WHEN gen = ?2 THEN ?4 ELSE due_at END
-                     WHERE path = ?1",
+                    sql!(
+                        "UPDATE files SET state = CASE WHEN gen = ?2 THEN {FAILED} ELSE state END,
+                            attempts = attempts + 1, reason = ?3,
+                            due_at = CASE WHEN gen = ?2 THEN ?4 ELSE due_at END
+                         WHERE path = ?1"
+                    ),
                     params![path, gen, reason, retry_at],
                 )
             })?;
@@ -287,12 +290,12 @@ impl Journal {
             let tx = self.conn.transaction().map_err(e)?;
             {
                 let mut st = tx
-                    .prepare_cached(
+                    .prepare_cached(sql!(
                         "UPDATE files SET
-                            reason = CASE WHEN state = 'backed_up' THEN reason ELSE ?2 END,
-                            due_at = CASE WHEN state = 'backed_up' THEN due_at ELSE MAX(due_at, ?3) END
-                         WHERE path = ?1",
-                    )
+                            reason = CASE WHEN state = {BACKED_UP} THEN reason ELSE ?2 END,
+                            due_at = CASE WHEN state = {BACKED_UP} THEN due_at ELSE MAX(due_at, ?3) END
+                         WHERE path = ?1"
+                    ))
                     .map_err(e)?;
                 for (path, reason) in items {
                     st.execute(params![path, reason, due_at]).map_err(e)?;
@@ -376,7 +379,7 @@ mod tests {
         }])
         .expect("ack");
         let r = j.row(b"w/a").expect("row").expect("exists");
-        assert_eq!(r.state, "dirty");
+        assert_eq!(r.state, FileState::Dirty);
         assert_eq!(r.backed_version, Some(1));
     }
 
@@ -389,7 +392,7 @@ mod tests {
         j.record_reads(&[read(b"w/a", job.gen)]).expect("reads");
         j.requeue_in_flight().expect("requeue");
         let again = j.claim_due(0, 1).expect("claim").remove(0);
-        assert_eq!(again.commit_id, Some([2; 16]));
+        assert_eq!(again.commit_id, Some(CommitId([2; 16])));
         assert_eq!(again.hash, Some([1; 32]));
     }
 

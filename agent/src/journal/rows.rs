@@ -30,7 +30,7 @@ pub struct Known {
 #[derive(Debug, Clone)]
 pub struct Row {
     pub path: Vec<u8>,
-    pub state: String,
+    pub state: FileState,
     pub kind: Option<String>,
     pub size: Option<i64>,
     pub dirty_since: Option<i64>,
@@ -49,11 +49,11 @@ impl Journal {
     pub fn known(&self, watch: &str) -> Result<HashMap<Vec<u8>, Known>, JournalError> {
         let mut st = self
             .conn
-            .prepare_cached(
-                "SELECT path, CASE WHEN state = 'backed_up' AND kind = 'deleted' THEN 1 \
-                 WHEN state = 'backed_up' THEN 0 WHEN state = 'failed' THEN 2 ELSE 3 END, \
-                 size, mtime_ns, ctime_ns, inode FROM files WHERE watch = ?1",
-            )
+            .prepare_cached(sql!(
+                "SELECT path, CASE WHEN state = {BACKED_UP} AND kind = 'deleted' THEN 1 \
+                 WHEN state = {BACKED_UP} THEN 0 WHEN state = {FAILED} THEN 2 ELSE 3 END, \
+                 size, mtime_ns, ctime_ns, inode FROM files WHERE watch = ?1"
+            ))
             .map_err(|e| self.err(e))?;
         let rows = st
             .query_map([watch], |r| {
@@ -134,7 +134,7 @@ impl Journal {
         let mut st = self
             .conn
             .prepare(&format!(
-                "SELECT {} FROM files WHERE state = 'failed' ORDER BY path LIMIT ?1",
+                "SELECT {} FROM files WHERE state = {FAILED} ORDER BY path LIMIT ?1",
                 Self::ROW_COLS
             ))
             .map_err(|e| self.err(e))?;
