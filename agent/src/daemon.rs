@@ -514,7 +514,7 @@ fn events(sh: Arc<Shared>, rx: Receiver<Change>, scans: Sender<ScanRequest>) {
             if rel.as_os_str().is_empty() || w.excluded(rel) {
                 continue;
             }
-            let jp = scan::journal_path(w, rel);
+            let jp = scan::journal_key(w, rel);
             if !seen.insert(jp.clone()) {
                 continue;
             }

@@ -25,8 +25,9 @@ pub struct ScanStats {
     pub errors: u64,
 }
 
-/// The journal path (`name/rel`) of a path relative to a watch.
-pub fn journal_path(watch: &Watch, rel: &Path) -> Vec<u8> {
+/// The journal key of a path relative to a watch: `name/rel`, the path a file is known by
+/// (its row in the journal, its manifest's path).
+pub fn journal_key(watch: &Watch, rel: &Path) -> Vec<u8> {
     let mut p = Vec::with_capacity(watch.name.len() + 1 + rel.as_os_str().len());
     p.extend_from_slice(watch.name.as_bytes());
     if !rel.as_os_str().is_empty() {
@@ -36,12 +37,12 @@ pub fn journal_path(watch: &Watch, rel: &Path) -> Vec<u8> {
     p
 }
 
-/// The file-system path of a journal path, if it belongs to one of `watches`.
-pub fn fs_path<'a>(watches: &'a [Watch], jpath: &[u8]) -> Option<(&'a Watch, PathBuf)> {
-    let slash = jpath.iter().position(|&b| b == b'/');
+/// The file-system path of a journal key, if it belongs to one of `watches`.
+pub fn fs_path<'a>(watches: &'a [Watch], key: &[u8]) -> Option<(&'a Watch, PathBuf)> {
+    let slash = key.iter().position(|&b| b == b'/');
     let (name, rel) = match slash {
-        Some(i) => (&jpath[..i], &jpath[i + 1..]),
-        None => (jpath, &b""[..]),
+        Some(i) => (&key[..i], &key[i + 1..]),
+        None => (key, &b""[..]),
     };
     let w = watches.iter().find(|w| w.name.as_bytes() == name)?;
     Some((w, w.path.join(OsStr::from_bytes(rel))))
@@ -97,7 +98,7 @@ pub fn scan(
                 }
                 stats.errors += 1;
                 if let Ok(rel) = dir.strip_prefix(&watch.path) {
-                    unreadable.push(journal_path(watch, rel));
+                    unreadable.push(journal_key(watch, rel));
                 }
                 continue;
             }
@@ -127,7 +128,7 @@ pub fn scan(
                 stack.push(path);
                 continue;
             }
-            let jp = journal_path(watch, &rel);
+            let jp = journal_key(watch, &rel);
             if !(ft.is_file() || ft.is_symlink()) {
                 stats.skipped_special += 1;
                 continue;
@@ -166,7 +167,7 @@ pub fn scan(
     }
     // Paths known under the scanned folder but not seen are gone (unless their folder could
     // not be read).
-    let prefix = journal_path(
+    let prefix = journal_key(
         watch,
         start.strip_prefix(&watch.path).unwrap_or(Path::new("")),
     );
@@ -202,7 +203,7 @@ fn under(p: &[u8], prefix: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::journal::{Ack, FileState, Read};
+    use crate::journal::{Ack, FileRead, FileState};
     use coffer_common::wire::CommitId;
 
     /// Claims `path` once it was marked dirty.
@@ -221,7 +222,7 @@ mod tests {
     /// `fail`, through a failed read.
     fn settle(j: &mut Journal, path: &[u8], kind: &'static str, stat: StatKey, fail: bool) {
         let gen = claim(j, path);
-        let read = Read {
+        let read = FileRead {
             path: path.to_vec(),
             gen,
             kind,

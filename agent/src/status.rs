@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use crate::config::Config;
 use crate::daemon;
 use crate::journal::{CounterKey, FileState, Journal, JournalError, MetaKey, Row, Summary};
-use crate::scan::{journal_path, stat_key};
+use crate::scan::{journal_key, stat_key};
 use coffer_common::host::time::{now_ms, rfc3339};
 
 fn open(cfg: &Config) -> Result<Option<Journal>, JournalError> {
@@ -200,13 +200,13 @@ pub fn print(cfg: &Config, json_out: bool, failed_only: bool) -> Result<(), Jour
     Ok(())
 }
 
-/// Maps a user-given path (file-system path or `watch/relative`) to a journal path.
+/// Maps a user-given path (file-system path or `watch/relative`) to a journal key.
 fn resolve(cfg: &Config, arg: &str) -> Vec<u8> {
     let p = Path::new(arg);
     let abs = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
     for w in &cfg.watches {
         if let Ok(rel) = abs.strip_prefix(&w.path) {
-            return journal_path(w, rel);
+            return journal_key(w, rel);
         }
     }
     arg.trim_end_matches('/').as_bytes().to_vec()

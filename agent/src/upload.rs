@@ -27,7 +27,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use crate::config::Config;
 use crate::conn::{Conn, ConnError, Pending};
-use crate::journal::{Ack, CounterKey, Job, Journal, MetaKey, Read, StatKey};
+use crate::journal::{Ack, CounterKey, FileRead, Job, Journal, MetaKey, StatKey};
 use crate::scan::{fs_path, stat_key};
 use coffer_common::host::time::now_ms;
 
@@ -317,7 +317,7 @@ impl ConnManager {
 
 /// A file read and ready to commit.
 struct Ready {
-    read: Read,
+    read: FileRead,
     commit: FileCommit,
     /// A small file's one sealed chunk: sent together with its commit in a `PutFiles`.
     chunk: Option<SealedChunk>,
@@ -363,7 +363,7 @@ pub struct AckWork {
 
 enum Outcome {
     Ready(Box<Ready>),
-    Unchanged(Box<Read>),
+    Unchanged(Box<FileRead>),
     Forget,
     Failed(String),
     Retry(String, i64),
@@ -459,7 +459,7 @@ fn flush(sh: &Shared, batch: &mut Vec<Ready>, acks: &Sender<AckWork>) {
     if batch.is_empty() {
         return;
     }
-    let reads: Vec<Read> = batch.iter().map(|r| r.read.clone()).collect();
+    let reads: Vec<FileRead> = batch.iter().map(|r| r.read.clone()).collect();
     if sh.journal(|j| j.record_reads(&reads)).is_none() {
         let paths: Vec<_> = batch.drain(..).map(|r| r.read.path).collect();
         sh.abandon(paths);
@@ -670,7 +670,7 @@ pub fn ack_collector(sh: Arc<Shared>, rx: Receiver<AckWork>) {
     }
 }
 
-fn read_info(job: &Job, kind: &'static str, stat: StatKey, mode: i64, hash: [u8; 32]) -> Read {
+fn read_info(job: &Job, kind: &'static str, stat: StatKey, mode: i64, hash: [u8; 32]) -> FileRead {
     let commit_id = match (job.hash, job.commit_id) {
         (Some(h), Some(c)) if h == hash => c,
         _ => {
@@ -686,7 +686,7 @@ fn read_info(job: &Job, kind: &'static str, stat: StatKey, mode: i64, hash: [u8;
             CommitId(c)
         }
     };
-    Read {
+    FileRead {
         path: job.path.clone(),
         gen: job.gen,
         kind,
@@ -701,7 +701,7 @@ fn read_info(job: &Job, kind: &'static str, stat: StatKey, mode: i64, hash: [u8;
 fn ready(
     sh: &Shared,
     job: &Job,
-    read: Read,
+    read: FileRead,
     kind: EntryKind,
     meta: Option<&std::fs::Metadata>,
     chunks: Vec<ChunkRef>,
@@ -901,7 +901,7 @@ fn process(sh: &Shared, conn: &Conn, job: &Job) -> Outcome {
     )
 }
 
-fn unchanged(job: &Job, read: &Read) -> bool {
+fn unchanged(job: &Job, read: &FileRead) -> bool {
     job.backed_hash == Some(read.hash)
         && job.backed_kind.as_deref() == Some(read.kind)
         && job.mode.is_none_or(|m| m == read.mode)

@@ -272,7 +272,7 @@ impl Journal {
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
-    use crate::journal::record::{Ack, Read};
+    use crate::journal::record::{Ack, FileRead};
     use crate::journal::tests::{j, read};
 
     /// The counts `status` reads, computed the slow way: by scanning every row.
@@ -359,7 +359,7 @@ pub(super) mod tests {
                 match op {
                     0 | 1 => j.mark_dirty(&[(path(i), "w".into())], now, 5).expect("dirty"),
                     2 => { j.claim_due(now, 3).expect("claim"); }
-                    3 => j.record_reads(&[Read { stat: StatKey { size: x * 100, ..read(b"", 0).stat }, ..read(&path(i), gen) }]).expect("reads"),
+                    3 => j.record_reads(&[FileRead { stat: StatKey { size: x * 100, ..read(b"", 0).stat }, ..read(&path(i), gen) }]).expect("reads"),
                     4 => j.record_acks(&[Ack {
                         path: path(i), gen, version: now, commit_time: now / 10 - x,
                         hash: [1; 32], kind: if x == 2 { "deleted" } else { "file" }, size: x,

@@ -26,7 +26,7 @@ mod schema;
 pub use checkpoint::Checkpointer;
 pub use claims::Job;
 pub use counts::Summary;
-pub use record::{Ack, Read};
+pub use record::{Ack, FileRead};
 pub use rows::{Known, Row, Standing};
 pub use schema::{CounterKey, FileState, MetaKey};
 
@@ -216,8 +216,8 @@ mod tests {
         (d, j)
     }
 
-    pub(super) fn read(path: &[u8], gen: i64) -> Read {
-        Read {
+    pub(super) fn read(path: &[u8], gen: i64) -> FileRead {
+        FileRead {
             path: path.to_vec(),
             gen,
             kind: "file",
@@ -343,7 +343,7 @@ mod tests {
         );
         // A pending file read before keeps its commit id: a repeated commit is recognised.
         assert_eq!(jobs[2].commit_id, Some(CommitId([0; 16])));
-        let reads: Vec<Read> = jobs.iter().map(|job| read(&job.path, job.gen)).collect();
+        let reads: Vec<FileRead> = jobs.iter().map(|job| read(&job.path, job.gen)).collect();
         j.record_reads(&reads).expect("reads");
         let acks: Vec<Ack> = jobs
             .iter()

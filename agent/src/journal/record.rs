@@ -6,7 +6,7 @@ use super::*;
 
 /// What was read of a file, recorded before its commit is sent.
 #[derive(Debug, Clone)]
-pub struct Read {
+pub struct FileRead {
     pub path: Vec<u8>,
     pub gen: i64,
     pub kind: &'static str,
@@ -78,7 +78,7 @@ impl Journal {
     }
 
     /// Records what was read and the commit id, before the commits are sent.
-    pub fn record_reads(&mut self, reads: &[Read]) -> Result<(), JournalError> {
+    pub fn record_reads(&mut self, reads: &[FileRead]) -> Result<(), JournalError> {
         if reads.is_empty() {
             return Ok(());
         }
@@ -118,7 +118,7 @@ impl Journal {
     }
 
     /// Records files whose content equals their last backup: nothing to send.
-    pub fn record_unchanged(&mut self, reads: &[Read]) -> Result<(), JournalError> {
+    pub fn record_unchanged(&mut self, reads: &[FileRead]) -> Result<(), JournalError> {
         let e = sql_err(&self.path);
         let mut released = Vec::with_capacity(reads.len());
         let r = (|| {
