@@ -157,8 +157,7 @@ pub fn scan(
             }
         }
         if dirty.len() >= SCAN_FLUSH {
-            // Journal what was found so far: the uploader starts on it while the walk goes
-            // on (a first scan of 100,000 files walks for about a second).
+            // Journal what was found so far, so the uploader starts on it while the walk goes on.
             if let Ok(mut j) = journal.lock() {
                 j.mark_dirty(&dirty, now_ms(), delay_ms)?;
             }

@@ -6,12 +6,11 @@ use super::*;
 
 /// Checkpoints the journal's WAL from a connection of its own, so that no writer does it.
 ///
-/// Why: a checkpoint copies the WAL's pages into the database file and syncs both. Run by
-/// the connection that commits, it ran while that thread held the journal's lock, and every
-/// thread that needed the journal waited: ~0.3 s with all of the agent's threads stalled,
-/// sampled during a backup of 100,000 small files. A `PASSIVE` checkpoint on another
-/// connection takes no lock that writers need (WAL mode: they append while it copies), and
-/// the next write after a complete one starts the WAL over from its beginning.
+/// Why: a checkpoint copies the WAL's pages into the database file and syncs both, and run
+/// by the committing connection it would hold the journal's lock, stalling every thread
+/// that needs the journal, for that long. A `PASSIVE` checkpoint on another connection
+/// takes no lock that writers need (WAL mode: they append while it copies), and the next
+/// write after a complete one starts the WAL over from its beginning.
 pub struct Checkpointer {
     conn: Connection,
     wal: std::path::PathBuf,

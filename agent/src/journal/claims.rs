@@ -45,8 +45,8 @@ pub struct Job {
 }
 
 /// Files handed to the uploader and not yet released (by an outcome or `unclaim`). Kept in
-/// memory: a claim does not outlive the process (every restart starts with none), so writing
-/// it to the journal cost an UPDATE per file for nothing.
+/// memory: a claim never outlives the process (every restart starts with none), so the
+/// journal need not record it.
 #[derive(Default)]
 pub(super) struct Claims {
     held: std::collections::HashSet<Vec<u8>>,

@@ -99,12 +99,11 @@ impl Journal {
         conn.pragma_update(None, "temp_store", "MEMORY")
             .map_err(sql)?;
         // A checkpoint copies every page changed since the last one into the database;
-        // files are updated three times on their way to backed up, so with SQLite's default
-        // (every 4 MiB of WAL) most pages were copied several times. The daemon checkpoints
-        // from a thread of its own ([`Checkpointer`], every 64 MiB of WAL), so no writer
-        // does it while holding the journal; this connection checkpoints only as a
-        // backstop, at 256 MiB (a process without that thread, or one it cannot keep up
-        // with).
+        // files are updated three times on their way to backed up, so a long interval lets a
+        // page changed by several batches be copied once. The daemon checkpoints from a
+        // thread of its own ([`Checkpointer`], every 64 MiB of WAL), so no writer does it
+        // while holding the journal; this connection checkpoints only as a backstop, at
+        // 256 MiB (a process without that thread, or one it cannot keep up with).
         conn.pragma_update(None, "wal_autocheckpoint", 65536)
             .map_err(sql)?;
         // After a checkpoint the WAL file is cut back to 8 MiB.
