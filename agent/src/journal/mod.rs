@@ -264,6 +264,45 @@ mod tests {
         assert!(s.starts_with(&format!("journal {}: ", p.display())), "{s}");
     }
 
+    /// A journal as a build of schema 6 could leave it, at `p`: two `pending` rows (one
+    /// read before, with its hash and commit id), rows left `claimed` (dirty, failed,
+    /// uploading) and a backed-up one, counted in `file_stats` as that build kept them.
+    fn schema_6_journal(p: &Path) {
+        let v6 = coffer_common::host::sqlite::Schema {
+            migrations: &SCHEMA.migrations[..6],
+            ..SCHEMA
+        };
+        let mut c = v6
+            .connect(&p, rusqlite::OpenFlags::default())
+            .expect("open");
+        v6.migrate(&mut c, &p).expect("schema 6");
+        c.execute_batch(
+            "INSERT INTO files (path, watch, state, gen, due_at, dirty_since, size, hash,
+                                commit_id, claimed, backed_hash, backed_kind, backed_at)
+             VALUES
+                (x'772f70656e64696e672d61', 'w', 'pending', 1, 9000000, 100, 10,
+                 zeroblob(32), zeroblob(16), 0, NULL, NULL, NULL),
+                (x'772f70656e64696e672d62', 'w', 'pending', 1, 9000000, 100, 20,
+                 NULL, NULL, 1, NULL, NULL, NULL),
+                (x'772f636c61696d65642d6469727479', 'w', 'dirty', 2, 50, 100, NULL,
+                 NULL, NULL, 1, NULL, NULL, NULL),
+                (x'772f636c61696d65642d6661696c6564', 'w', 'failed', 1, 60, 100, 4,
+                 NULL, NULL, 1, NULL, NULL, NULL),
+                (x'772f75706c6f6164696e67', 'w', 'uploading', 1, 9000000, 100, 8,
+                 zeroblob(32), zeroblob(16), 1, NULL, NULL, NULL),
+                (x'772f646f6e65', 'w', 'backed_up', 1, 0, NULL, 5,
+                 NULL, NULL, 0, zeroblob(32), 'file', 77);
+             -- Counted as the code of schema 6 kept them (migration 0004's recount).
+             UPDATE file_stats SET
+                n = (SELECT COUNT(*) FROM files WHERE CASE WHEN state = 'backed_up'
+                     AND backed_kind IS 'deleted' THEN 'deleted' ELSE state END = key),
+                bytes = (SELECT COALESCE(SUM(COALESCE(size, 0)), 0) FROM files
+                         WHERE state = key AND state != 'backed_up');
+             INSERT INTO meta (key, value) VALUES ('last_backed_at', '77');",
+        )
+        .expect("rows of a schema 6 journal");
+    }
+
     /// A journal written by a build of schema 6 can hold `pending` rows and rows left
     /// `claimed`: migration 0007 makes them due as the restart requeue did, keeps the counts
     /// exact, and they are claimed and backed up as before.
@@ -272,41 +311,7 @@ mod tests {
         use crate::journal::counts::tests::{kept, recount};
         let d = tempfile::tempdir().expect("tempdir");
         let p = d.path().join("j.sqlite");
-        {
-            let v6 = coffer_common::host::sqlite::Schema {
-                migrations: &SCHEMA.migrations[..6],
-                ..SCHEMA
-            };
-            let mut c = v6
-                .connect(&p, rusqlite::OpenFlags::default())
-                .expect("open");
-            v6.migrate(&mut c, &p).expect("schema 6");
-            c.execute_batch(
-                "INSERT INTO files (path, watch, state, gen, due_at, dirty_since, size, hash,
-                                    commit_id, claimed, backed_hash, backed_kind, backed_at)
-                 VALUES
-                    (x'772f70656e64696e672d61', 'w', 'pending', 1, 9000000, 100, 10,
-                     zeroblob(32), zeroblob(16), 0, NULL, NULL, NULL),
-                    (x'772f70656e64696e672d62', 'w', 'pending', 1, 9000000, 100, 20,
-                     NULL, NULL, 1, NULL, NULL, NULL),
-                    (x'772f636c61696d65642d6469727479', 'w', 'dirty', 2, 50, 100, NULL,
-                     NULL, NULL, 1, NULL, NULL, NULL),
-                    (x'772f636c61696d65642d6661696c6564', 'w', 'failed', 1, 60, 100, 4,
-                     NULL, NULL, 1, NULL, NULL, NULL),
-                    (x'772f75706c6f6164696e67', 'w', 'uploading', 1, 9000000, 100, 8,
-                     zeroblob(32), zeroblob(16), 1, NULL, NULL, NULL),
-                    (x'772f646f6e65', 'w', 'backed_up', 1, 0, NULL, 5,
-                     NULL, NULL, 0, zeroblob(32), 'file', 77);
-                 -- Counted as the code of schema 6 kept them (migration 0004's recount).
-                 UPDATE file_stats SET
-                    n = (SELECT COUNT(*) FROM files WHERE CASE WHEN state = 'backed_up'
-                         AND backed_kind IS 'deleted' THEN 'deleted' ELSE state END = key),
-                    bytes = (SELECT COALESCE(SUM(COALESCE(size, 0)), 0) FROM files
-                             WHERE state = key AND state != 'backed_up');
-                 INSERT INTO meta (key, value) VALUES ('last_backed_at', '77');",
-            )
-            .expect("rows of a schema 6 journal");
-        }
+        schema_6_journal(&p);
         let mut j = Journal::open(&p).expect("migrate");
         assert_eq!(j.schema_version().expect("version"), SCHEMA.latest());
         let columns: i64 = j
@@ -361,5 +366,25 @@ mod tests {
         assert_eq!((s.backed_up, s.dirty, s.pending_bytes), (6, 0, 0));
         assert_eq!(kept(&j), recount(&j, Some(90)));
         assert!(j.claim_due(i64::MAX, 100).expect("claim").is_empty());
+    }
+
+    /// `status` reads a journal of schema 6 that a running older daemon has not migrated:
+    /// its `pending` rows count, and read, as `dirty`, which 0007 makes them.
+    #[test]
+    fn an_unmigrated_journal_reads_pending_as_dirty() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let p = d.path().join("j.sqlite");
+        schema_6_journal(&p);
+        let j = Journal::open_read_only(&p).expect("read-only");
+        assert_eq!(j.schema_version().expect("version"), 6);
+        let s = j.summary().expect("summary");
+        assert_eq!(
+            (s.dirty, s.uploading, s.failed, s.backed_up, s.pending()),
+            (3, 1, 1, 1, 5)
+        );
+        assert_eq!(s.pending_bytes, 10 + 20 + 4 + 8);
+        let r = j.row(b"w/pending-a").expect("row").expect("exists");
+        assert_eq!(r.state, FileState::Dirty);
+        assert_eq!(j.failed_rows(10).expect("failed").len(), 1);
     }
 }
