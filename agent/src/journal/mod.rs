@@ -272,10 +272,8 @@ mod tests {
             migrations: &SCHEMA.migrations[..6],
             ..SCHEMA
         };
-        let mut c = v6
-            .connect(&p, rusqlite::OpenFlags::default())
-            .expect("open");
-        v6.migrate(&mut c, &p).expect("schema 6");
+        let mut c = v6.connect(p, rusqlite::OpenFlags::default()).expect("open");
+        v6.migrate(&mut c, p).expect("schema 6");
         c.execute_batch(
             "INSERT INTO files (path, watch, state, gen, due_at, dirty_since, size, hash,
                                 commit_id, claimed, backed_hash, backed_kind, backed_at)
