@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 
 use crate::config::{Config, Watch};
-use crate::journal::{Journal, Known};
+use crate::journal::{CounterKey, Journal, Known, MetaKey};
 use crate::scan;
 use crate::state;
 use crate::upload::{self, ConnManager, Counters, Shared};
@@ -121,7 +121,7 @@ pub fn run(cfg: Config, opts: RunOpts) -> Result<(), RunError> {
     if requeued > 0 {
         tracing::info!(files = requeued, "resuming work left from the last run");
     }
-    journal.set_meta("agent_started_ms", &now_ms().to_string())?;
+    journal.set_meta(MetaKey::AgentStartedMs, &now_ms().to_string())?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -321,7 +321,7 @@ fn apply_watches(
     if let Ok(mut j) = sh.journal.lock() {
         for w in ws.iter() {
             let v = watching.fallback.get(&w.name).cloned().unwrap_or_default();
-            let _ = j.set_meta(&format!("watch_fallback:{}", w.name), &v);
+            let _ = j.set_meta(MetaKey::WatchFallback(&w.name), &v);
         }
     }
     for name in &removed {
@@ -494,7 +494,7 @@ fn events(sh: Arc<Shared>, rx: Receiver<Change>, scans: Sender<ScanRequest>) {
             };
             tracing::warn!(watches = ?names, "file events were lost (queue overflow); rescanning");
             if let Ok(mut j) = sh.journal.lock() {
-                let _ = j.bump("rescans_overflow", 1);
+                let _ = j.bump(CounterKey::RescansOverflow, 1);
             }
             for n in names {
                 let _ = scans.send(ScanRequest {
@@ -514,7 +514,7 @@ fn events(sh: Arc<Shared>, rx: Receiver<Change>, scans: Sender<ScanRequest>) {
             if rel.as_os_str().is_empty() || w.excluded(rel) {
                 continue;
             }
-            let jp = scan::journal_path(w, rel);
+            let jp = scan::journal_key(w, rel);
             if !seen.insert(jp.clone()) {
                 continue;
             }
@@ -588,9 +588,8 @@ fn scanner(
                     ms = t.elapsed().as_millis() as u64, "scan done");
                 if let Ok(mut j) = sh.journal.lock() {
                     if req.sub.is_none() {
-                        let _ = j.bump("scans", 1);
-                        let _ =
-                            j.set_meta(&format!("last_scan_ms:{}", w.name), &now_ms().to_string());
+                        let _ = j.bump(CounterKey::Scans, 1);
+                        let _ = j.set_meta(MetaKey::LastScanMs(&w.name), &now_ms().to_string());
                     }
                 }
             }
@@ -681,7 +680,7 @@ fn progress(sh: Arc<Shared>) {
         last = Instant::now();
         let cur = sh.current.lock().map(|c| c.clone()).unwrap_or_default();
         if let Some(s) = s {
-            let pending = s.dirty + s.pending + s.uploading + s.failed;
+            let pending = s.pending();
             bar.set_message(if pending == 0 {
                 format!("all {} files backed up; watching", s.backed_up)
             } else {

@@ -16,6 +16,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::journal::{CounterKey, MetaKey};
 use crate::upload::Shared;
 
 /// Renders the metrics text.
@@ -34,7 +35,7 @@ pub fn render(sh: &Shared, rate: f64) -> String {
     if let Ok(j) = sh.journal.lock() {
         if let Ok(s) = j.summary() {
             for (state, n) in [
-                ("pending", s.dirty + s.pending + s.uploading + s.failed),
+                ("pending", s.pending()),
                 ("backed_up", s.backed_up),
                 ("failed", s.failed),
                 ("deleted", s.deleted),
@@ -45,26 +46,24 @@ pub fn render(sh: &Shared, rate: f64) -> String {
             }
             pending_bytes.set(s.pending_bytes);
         }
+        let (scans_name, rescans_name) =
+            (CounterKey::Scans.name(), CounterKey::RescansOverflow.name());
         for (name, v) in j.counters().unwrap_or_default() {
-            match name.as_str() {
-                "scans" => {
-                    scans.inc_by(v.max(0) as u64);
-                }
-                "rescans_overflow" => {
-                    rescans.inc_by(v.max(0) as u64);
-                }
-                _ => {}
+            if name == scans_name {
+                scans.inc_by(v.max(0) as u64);
+            } else if name == rescans_name {
+                rescans.inc_by(v.max(0) as u64);
             }
         }
         if let Some(ms) = j
-            .meta("last_ack_ms")
+            .meta(MetaKey::LastAckMs)
             .ok()
             .flatten()
             .and_then(|v| v.parse::<i64>().ok())
         {
             last_ack.set(ms / 1000);
         }
-        if j.meta("receiver_state").ok().flatten().as_deref() == Some("connected") {
+        if j.meta(MetaKey::ReceiverState).ok().flatten().as_deref() == Some("connected") {
             connected.set(1);
         }
     }

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use crate::config::Watch;
-use crate::journal::{Journal, JournalError, Known, Standing, StatKey};
+use crate::journal::{CounterKey, Journal, JournalError, Known, Standing, StatKey};
 use coffer_common::host::time::now_ms;
 
 /// What a scan found.
@@ -25,8 +25,9 @@ pub struct ScanStats {
     pub errors: u64,
 }
 
-/// The journal path (`name/rel`) of a path relative to a watch.
-pub fn journal_path(watch: &Watch, rel: &Path) -> Vec<u8> {
+/// The journal key of a path relative to a watch: `name/rel`, the path a file is known by
+/// (its row in the journal, its manifest's path).
+pub fn journal_key(watch: &Watch, rel: &Path) -> Vec<u8> {
     let mut p = Vec::with_capacity(watch.name.len() + 1 + rel.as_os_str().len());
     p.extend_from_slice(watch.name.as_bytes());
     if !rel.as_os_str().is_empty() {
@@ -36,12 +37,12 @@ pub fn journal_path(watch: &Watch, rel: &Path) -> Vec<u8> {
     p
 }
 
-/// The file-system path of a journal path, if it belongs to one of `watches`.
-pub fn fs_path<'a>(watches: &'a [Watch], jpath: &[u8]) -> Option<(&'a Watch, PathBuf)> {
-    let slash = jpath.iter().position(|&b| b == b'/');
+/// The file-system path of a journal key, if it belongs to one of `watches`.
+pub fn fs_path<'a>(watches: &'a [Watch], key: &[u8]) -> Option<(&'a Watch, PathBuf)> {
+    let slash = key.iter().position(|&b| b == b'/');
     let (name, rel) = match slash {
-        Some(i) => (&jpath[..i], &jpath[i + 1..]),
-        None => (jpath, &b""[..]),
+        Some(i) => (&key[..i], &key[i + 1..]),
+        None => (key, &b""[..]),
     };
     let w = watches.iter().find(|w| w.name.as_bytes() == name)?;
     Some((w, w.path.join(OsStr::from_bytes(rel))))
@@ -97,7 +98,7 @@ pub fn scan(
                 }
                 stats.errors += 1;
                 if let Ok(rel) = dir.strip_prefix(&watch.path) {
-                    unreadable.push(journal_path(watch, rel));
+                    unreadable.push(journal_key(watch, rel));
                 }
                 continue;
             }
@@ -127,7 +128,7 @@ pub fn scan(
                 stack.push(path);
                 continue;
             }
-            let jp = journal_path(watch, &rel);
+            let jp = journal_key(watch, &rel);
             if !(ft.is_file() || ft.is_symlink()) {
                 stats.skipped_special += 1;
                 continue;
@@ -156,8 +157,7 @@ pub fn scan(
             }
         }
         if dirty.len() >= SCAN_FLUSH {
-            // Journal what was found so far: the uploader starts on it while the walk goes
-            // on (a first scan of 100,000 files walks for about a second).
+            // Journal what was found so far, so the uploader starts on it while the walk goes on.
             if let Ok(mut j) = journal.lock() {
                 j.mark_dirty(&dirty, now_ms(), delay_ms)?;
             }
@@ -166,7 +166,7 @@ pub fn scan(
     }
     // Paths known under the scanned folder but not seen are gone (unless their folder could
     // not be read).
-    let prefix = journal_path(
+    let prefix = journal_key(
         watch,
         start.strip_prefix(&watch.path).unwrap_or(Path::new("")),
     );
@@ -187,7 +187,7 @@ pub fn scan(
         j.mark_dirty(&dirty, now_ms(), delay_ms)?;
         if stats.skipped_special > 0 {
             j.set_counter(
-                &format!("skipped_special:{}", watch.name),
+                CounterKey::SkippedSpecialIn(&watch.name),
                 stats.skipped_special as i64,
             )?;
         }
@@ -202,7 +202,8 @@ fn under(p: &[u8], prefix: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::journal::{Ack, Read};
+    use crate::journal::{Ack, FileRead, FileState};
+    use coffer_common::wire::CommitId;
 
     /// Claims `path` once it was marked dirty.
     fn claim(j: &mut Journal, path: &[u8]) -> i64 {
@@ -220,14 +221,14 @@ mod tests {
     /// `fail`, through a failed read.
     fn settle(j: &mut Journal, path: &[u8], kind: &'static str, stat: StatKey, fail: bool) {
         let gen = claim(j, path);
-        let read = Read {
+        let read = FileRead {
             path: path.to_vec(),
             gen,
             kind,
             stat,
             mode: 0o644,
             hash: [1; 32],
-            commit_id: [2; 16],
+            commit_id: CommitId([2; 16]),
         };
         j.record_reads(&[read]).expect("reads");
         j.record_acks(&[Ack {
@@ -297,9 +298,14 @@ mod tests {
         let j = j.lock().expect("journal");
         let state = |p: &[u8]| j.row(p).expect("row").expect("exists").state;
         for p in [&b"w/same"[..], b"w/gone-long-ago"] {
-            assert_eq!(state(p), "backed_up", "{}", String::from_utf8_lossy(p));
+            assert_eq!(
+                state(p),
+                FileState::BackedUp,
+                "{}",
+                String::from_utf8_lossy(p)
+            );
         }
-        assert_eq!(state(b"w/failed-same"), "failed");
+        assert_eq!(state(b"w/failed-same"), FileState::Failed);
         for p in [
             &b"w/changed"[..],
             b"w/back",
@@ -308,7 +314,7 @@ mod tests {
             b"w/gone-failed",
             b"w/queued-gone",
         ] {
-            assert_eq!(state(p), "dirty", "{}", String::from_utf8_lossy(p));
+            assert_eq!(state(p), FileState::Dirty, "{}", String::from_utf8_lossy(p));
         }
     }
 }

@@ -7,8 +7,8 @@ use serde_json::{json, Value};
 
 use crate::config::Config;
 use crate::daemon;
-use crate::journal::{Journal, JournalError, Row, Summary};
-use crate::scan::{journal_path, stat_key};
+use crate::journal::{CounterKey, FileState, Journal, JournalError, MetaKey, Row, Summary};
+use crate::scan::{journal_key, stat_key};
 use coffer_common::host::time::{now_ms, rfc3339};
 
 fn open(cfg: &Config) -> Result<Option<Journal>, JournalError> {
@@ -32,7 +32,7 @@ pub fn summary_json(cfg: &Config) -> Result<Value, JournalError> {
         Some(j) => j.summary()?,
         None => Summary::default(),
     };
-    let meta = |k: &str| j.as_ref().and_then(|j| j.meta(k).ok().flatten());
+    let meta = |k: MetaKey<'_>| j.as_ref().and_then(|j| j.meta(k).ok().flatten());
     let counters: serde_json::Map<String, Value> = match &j {
         Some(j) => j
             .counters()?
@@ -45,13 +45,13 @@ pub fn summary_json(cfg: &Config) -> Result<Value, JournalError> {
         .watches
         .iter()
         .map(|w| {
-            let fb = meta(&format!("watch_fallback:{}", w.name)).filter(|s| !s.is_empty());
+            let fb = meta(MetaKey::WatchFallback(&w.name)).filter(|s| !s.is_empty());
             json!({
                 "name": w.name,
                 "path": w.path.display().to_string(),
                 "mode": if fb.is_some() { "periodic scan" } else { "watching" },
                 "fallback_reason": fb,
-                "last_scan_at": meta(&format!("last_scan_ms:{}", w.name)).and_then(|v| v.parse::<i64>().ok()).map(ms_to_rfc),
+                "last_scan_at": meta(MetaKey::LastScanMs(&w.name)).and_then(|v| v.parse::<i64>().ok()).map(ms_to_rfc),
             })
         })
         .collect();
@@ -63,7 +63,7 @@ pub fn summary_json(cfg: &Config) -> Result<Value, JournalError> {
             .collect(),
         None => vec![],
     };
-    let not_acked = s.dirty + s.pending + s.uploading + s.failed;
+    let not_acked = s.pending();
     Ok(json!({
         "agent": cfg.name,
         "running": daemon::is_running(cfg),
@@ -73,17 +73,17 @@ pub fn summary_json(cfg: &Config) -> Result<Value, JournalError> {
             "failed": s.failed,
             "deleted": s.deleted,
             "dirty": s.dirty,
-            "uploading": s.uploading + s.pending,
+            "uploading": s.uploading,
         },
         "pending_bytes": s.pending_bytes,
         "pending_since": s.oldest_pending_ms.map(ms_to_rfc),
         "last_backup_at": s.last_backup_at.map(rfc3339),
         "receiver": {
             "address": cfg.receiver,
-            "state": meta("receiver_state").unwrap_or_else(|| "never connected".into()),
-            "since": meta("receiver_state_at").and_then(|v| v.parse::<i64>().ok()).map(ms_to_rfc),
+            "state": meta(MetaKey::ReceiverState).unwrap_or_else(|| "never connected".into()),
+            "since": meta(MetaKey::ReceiverStateAt).and_then(|v| v.parse::<i64>().ok()).map(ms_to_rfc),
         },
-        "key_escrowed": meta("key_escrowed").is_some_and(|v| v == "1"),
+        "key_escrowed": meta(MetaKey::KeyEscrowed).is_some_and(|v| v == "1"),
         "watches": watches,
         "watcher": counters,
         "failed": failed,
@@ -165,6 +165,7 @@ pub fn print(cfg: &Config, json_out: bool, failed_only: bool) -> Result<(), Jour
         v["last_backup_at"].as_str().unwrap_or("never")
     );
     let w = &v["watcher"];
+    let skipped_special = CounterKey::SkippedSpecial.name();
     let _ = writeln!(
         out,
         "watcher: {} scans, {} rescans after event overflow, {} special files skipped",
@@ -173,7 +174,7 @@ pub fn print(cfg: &Config, json_out: bool, failed_only: bool) -> Result<(), Jour
         w.as_object()
             .map(|o| o
                 .iter()
-                .filter(|(k, _)| k.starts_with("skipped_special"))
+                .filter(|(k, _)| k.starts_with(&*skipped_special))
                 .filter_map(|(_, v)| v.as_i64())
                 .sum::<i64>())
             .unwrap_or(0)
@@ -199,13 +200,13 @@ pub fn print(cfg: &Config, json_out: bool, failed_only: bool) -> Result<(), Jour
     Ok(())
 }
 
-/// Maps a user-given path (file-system path or `watch/relative`) to a journal path.
+/// Maps a user-given path (file-system path or `watch/relative`) to a journal key.
 fn resolve(cfg: &Config, arg: &str) -> Vec<u8> {
     let p = Path::new(arg);
     let abs = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
     for w in &cfg.watches {
         if let Ok(rel) = abs.strip_prefix(&w.path) {
-            return journal_path(w, rel);
+            return journal_key(w, rel);
         }
     }
     arg.trim_end_matches('/').as_bytes().to_vec()
@@ -222,25 +223,25 @@ fn describe(cfg: &Config, row: &Row) -> Value {
         _ => true,
     };
     let path = String::from_utf8_lossy(&row.path).into_owned();
-    match row.state.as_str() {
-        "backed_up" => json!({
+    match row.state {
+        FileState::BackedUp => json!({
             "path": path,
             "state": if row.backed_kind.as_deref() == Some("deleted") { "deleted" } else { "backed_up" },
             "version": row.backed_version,
             "backed_up_at": row.backed_at.map(rfc3339),
             "changed_since": changed_since,
         }),
-        "failed" => {
+        FileState::Failed => {
             json!({"path": path, "state": "failed", "reason": row.reason, "attempts": row.attempts,
             "version": row.backed_version, "backed_up_at": row.backed_at.map(rfc3339)})
         }
-        st => {
+        st @ (FileState::Dirty | FileState::Uploading) => {
             let why = match (st, &row.reason) {
                 (_, Some(r)) => r.clone(),
-                ("dirty", None) if row.due_at > now => {
+                (FileState::Dirty, None) if row.due_at > now => {
                     "settling (waiting for the file to stay unchanged)".into()
                 }
-                ("dirty", None) => "queued for upload".into(),
+                (FileState::Dirty, None) => "queued for upload".into(),
                 _ => "uploading".into(),
             };
             json!({"path": path, "state": "pending", "since": row.dirty_since.map(ms_to_rfc), "why": why,
@@ -269,7 +270,10 @@ pub fn print_paths(cfg: &Config, paths: &[String], json_out: bool) -> Result<(),
                 if under.is_empty() {
                     json!({"path": String::from_utf8_lossy(&jp), "state": "unknown"})
                 } else {
-                    let safe = under.iter().filter(|r| r.state == "backed_up").count();
+                    let safe = under
+                        .iter()
+                        .filter(|r| r.state == FileState::BackedUp)
+                        .count();
                     json!({"path": String::from_utf8_lossy(&jp), "state": if safe == under.len() { "backed_up" } else { "pending" },
                         "files": under.len(), "backed_up_files": safe})
                 }

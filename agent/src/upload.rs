@@ -27,7 +27,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use crate::config::Config;
 use crate::conn::{Conn, ConnError, Pending};
-use crate::journal::{Ack, Job, Journal, Read, StatKey};
+use crate::journal::{Ack, CounterKey, FileRead, Job, Journal, MetaKey, StatKey};
 use crate::scan::{fs_path, stat_key};
 use coffer_common::host::time::now_ms;
 
@@ -255,8 +255,8 @@ impl ConnManager {
                 Ok(c) => {
                     tracing::info!(receiver = %self.cfg.receiver, repo = %c.repo, "connected to receiver");
                     sh.journal(|j| {
-                        j.set_meta("receiver_state", "connected")?;
-                        j.set_meta("receiver_state_at", &now_ms().to_string())
+                        j.set_meta(MetaKey::ReceiverState, "connected")?;
+                        j.set_meta(MetaKey::ReceiverStateAt, &now_ms().to_string())
                     });
                     self.escrow(sh, &c);
                     *cur = Some(c.clone());
@@ -266,8 +266,8 @@ impl ConnManager {
                     drop(cur);
                     tracing::warn!(error = %e, retry_in = ?backoff, "receiver not available");
                     sh.journal(|j| {
-                        j.set_meta("receiver_state", &format!("unreachable: {e}"))?;
-                        j.set_meta("receiver_state_at", &now_ms().to_string())
+                        j.set_meta(MetaKey::ReceiverState, &format!("unreachable: {e}"))?;
+                        j.set_meta(MetaKey::ReceiverStateAt, &now_ms().to_string())
                     });
                     let until = std::time::Instant::now() + backoff;
                     while std::time::Instant::now() < until {
@@ -293,7 +293,7 @@ impl ConnManager {
 
     fn escrow(&self, sh: &Shared, c: &Conn) {
         let done = sh
-            .journal(|j| j.meta("key_escrowed"))
+            .journal(|j| j.meta(MetaKey::KeyEscrowed))
             .flatten()
             .is_some_and(|v| v == "1");
         if done || self.keyfile.is_empty() {
@@ -307,7 +307,7 @@ impl ConnManager {
                 tracing::info!(
                     "wrapped key file escrowed on the receiver (for recovery with the passphrase)"
                 );
-                sh.journal(|j| j.set_meta("key_escrowed", "1"));
+                sh.journal(|j| j.set_meta(MetaKey::KeyEscrowed, "1"));
             }
             Ok(m) => tracing::warn!(reply = m.kind(), "unexpected reply to key escrow"),
             Err(e) => tracing::warn!(error = %e, "escrowing the key file failed; will retry"),
@@ -317,7 +317,7 @@ impl ConnManager {
 
 /// A file read and ready to commit.
 struct Ready {
-    read: Read,
+    read: FileRead,
     commit: FileCommit,
     /// A small file's one sealed chunk: sent together with its commit in a `PutFiles`.
     chunk: Option<SealedChunk>,
@@ -363,7 +363,7 @@ pub struct AckWork {
 
 enum Outcome {
     Ready(Box<Ready>),
-    Unchanged(Box<Read>),
+    Unchanged(Box<FileRead>),
     Forget,
     Failed(String),
     Retry(String, i64),
@@ -459,7 +459,7 @@ fn flush(sh: &Shared, batch: &mut Vec<Ready>, acks: &Sender<AckWork>) {
     if batch.is_empty() {
         return;
     }
-    let reads: Vec<Read> = batch.iter().map(|r| r.read.clone()).collect();
+    let reads: Vec<FileRead> = batch.iter().map(|r| r.read.clone()).collect();
     if sh.journal(|j| j.record_reads(&reads)).is_none() {
         let paths: Vec<_> = batch.drain(..).map(|r| r.read.path).collect();
         sh.abandon(paths);
@@ -670,7 +670,7 @@ pub fn ack_collector(sh: Arc<Shared>, rx: Receiver<AckWork>) {
     }
 }
 
-fn read_info(job: &Job, kind: &'static str, stat: StatKey, mode: i64, hash: [u8; 32]) -> Read {
+fn read_info(job: &Job, kind: &'static str, stat: StatKey, mode: i64, hash: [u8; 32]) -> FileRead {
     let commit_id = match (job.hash, job.commit_id) {
         (Some(h), Some(c)) if h == hash => c,
         _ => {
@@ -683,10 +683,10 @@ fn read_info(job: &Job, kind: &'static str, stat: StatKey, mode: i64, hash: [u8;
                 h.update(&now_ms().to_le_bytes());
                 c.copy_from_slice(&h.finalize().as_bytes()[..16]);
             }
-            c
+            CommitId(c)
         }
     };
-    Read {
+    FileRead {
         path: job.path.clone(),
         gen: job.gen,
         kind,
@@ -701,7 +701,7 @@ fn read_info(job: &Job, kind: &'static str, stat: StatKey, mode: i64, hash: [u8;
 fn ready(
     sh: &Shared,
     job: &Job,
-    read: Read,
+    read: FileRead,
     kind: EntryKind,
     meta: Option<&std::fs::Metadata>,
     chunks: Vec<ChunkRef>,
@@ -726,7 +726,7 @@ fn ready(
     };
     let size = read.stat.size;
     let commit = FileCommit {
-        commit_id: CommitId(read.commit_id),
+        commit_id: read.commit_id,
         file_id,
         manifest: sealed,
         chunks: chunks.iter().map(|c| c.id).collect(),
@@ -783,7 +783,7 @@ fn process(sh: &Shared, conn: &Conn, job: &Job) -> Outcome {
         );
     }
     if !ft.is_file() {
-        let _ = sh.journal(|j| j.bump("skipped_special", 1));
+        let _ = sh.journal(|j| j.bump(CounterKey::SkippedSpecial, 1));
         return Outcome::Forget;
     }
     let file = match std::fs::OpenOptions::new()
@@ -901,7 +901,7 @@ fn process(sh: &Shared, conn: &Conn, job: &Job) -> Outcome {
     )
 }
 
-fn unchanged(job: &Job, read: &Read) -> bool {
+fn unchanged(job: &Job, read: &FileRead) -> bool {
     job.backed_hash == Some(read.hash)
         && job.backed_kind.as_deref() == Some(read.kind)
         && job.mode.is_none_or(|m| m == read.mode)

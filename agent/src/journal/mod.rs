@@ -1,0 +1,388 @@
+//! The journal: the agent's SQLite database and the only owner of its connection. No SQL
+//! leaves this module; callers get typed methods.
+//!
+//! One row per path. A file's state ([`FileState`]) moves `dirty` (seen, not yet read) ->
+//! `uploading` (hash and commit id recorded, commit sent) -> `backed_up` (receiver version
+//! recorded), or `failed` (reason, retried with back-off). `gen` is bumped on every change
+//! seen, so an acknowledgement for bytes read before a newer change leaves the file dirty.
+//! Writes come in batches, one transaction each.
+//!
+//! This file opens the journal (through `host::sqlite`'s `Schema`) and keeps `meta` and
+//! `counters`. The rest, one job a file:
+//! - `schema`: the migrations, the states and the `meta`/`counters` keys, each spelled once;
+//! - `record`: what the daemon records (changes seen, reads, outcomes, the restart requeue);
+//! - `claims`: which due files the uploader holds, and the claim queries;
+//! - `counts`: `file_stats`, kept exact by every write, and `status`'s [`Summary`];
+//! - `rows`: single rows for scans and `status PATH`;
+//! - `checkpoint`: the WAL checkpointer's own connection.
+
+mod checkpoint;
+mod claims;
+mod counts;
+mod record;
+mod rows;
+mod schema;
+
+pub use checkpoint::Checkpointer;
+pub use claims::Job;
+pub use counts::Summary;
+pub use record::{Ack, FileRead};
+pub use rows::{Known, Row, Standing};
+pub use schema::{CounterKey, FileState, MetaKey};
+
+use claims::Claims;
+use counts::Tally;
+use schema::{sql, BACKED_UP, DIRTY, DUE, FAILED, SCHEMA, UPLOADING};
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use coffer_common::host::sqlite::DbError;
+use coffer_common::host::time::now_ms;
+use coffer_common::wire::CommitId;
+use rusqlite::types::{FromSql, ValueRef};
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+
+/// Errors of the journal: a SQLite error, named with the journal's path ("journal PATH:
+/// ..."), or a schema newer than this build knows.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct JournalError(#[from] pub DbError);
+
+/// A function that wraps a SQLite error with the journal's `path` (copied only on error).
+fn sql_err(path: &Path) -> impl Fn(rusqlite::Error) -> JournalError + Copy + '_ {
+    move |source| {
+        JournalError(DbError::Sql {
+            what: SCHEMA.what,
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+}
+
+/// Stat fields compared to decide whether a file changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StatKey {
+    pub size: i64,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+    pub inode: i64,
+}
+
+/// The journal.
+pub struct Journal {
+    conn: Connection,
+    path: PathBuf,
+    claims: Claims,
+}
+
+/// A 32-byte hash column (`None`: null, or not 32 bytes).
+fn h32(v: ValueRef<'_>) -> Option<[u8; 32]> {
+    v.as_blob().ok().and_then(|b| b.try_into().ok())
+}
+
+impl Journal {
+    /// Opens (creating if needed) the journal and applies pending migrations.
+    pub fn open(path: &Path) -> Result<Self, JournalError> {
+        let mut conn = SCHEMA.connect(path, rusqlite::OpenFlags::default())?;
+        let sql = sql_err(path);
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(sql)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(sql)?;
+        // Paths are looked up at random: a page cache that holds the journal's indexes
+        // (it fills as needed) keeps a large tree's updates off the disk.
+        conn.pragma_update(None, "cache_size", -16384)
+            .map_err(sql)?;
+        // A statement that may need undoing on error (an upsert) keeps a statement journal;
+        // in memory it is a copy, on disk a write per page changed.
+        conn.pragma_update(None, "temp_store", "MEMORY")
+            .map_err(sql)?;
+        // A checkpoint copies every page changed since the last one into the database;
+        // files are updated three times on their way to backed up, so a long interval lets a
+        // page changed by several batches be copied once. The daemon checkpoints from a
+        // thread of its own ([`Checkpointer`], every 64 MiB of WAL), so no writer does it
+        // while holding the journal; this connection checkpoints only as a backstop, at
+        // 256 MiB (a process without that thread, or one it cannot keep up with).
+        conn.pragma_update(None, "wal_autocheckpoint", 65536)
+            .map_err(sql)?;
+        // After a checkpoint the WAL file is cut back to 8 MiB.
+        conn.pragma_update(None, "journal_size_limit", 8 << 20)
+            .map_err(sql)?;
+        SCHEMA.migrate(&mut conn, path)?;
+        Ok(Journal {
+            conn,
+            path: path.to_path_buf(),
+            claims: Claims::default(),
+        })
+    }
+
+    /// Opens the journal for reading only (status while the daemon runs). It is not
+    /// migrated; a schema newer than this build knows is refused.
+    pub fn open_read_only(path: &Path) -> Result<Self, JournalError> {
+        let conn = SCHEMA.connect(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        SCHEMA.check(&conn, path)?;
+        Ok(Journal {
+            conn,
+            path: path.to_path_buf(),
+            claims: Claims::default(),
+        })
+    }
+
+    /// The applied schema version (0: a journal still being created); a newer schema than
+    /// this build knows is refused.
+    pub fn schema_version(&self) -> Result<usize, JournalError> {
+        Ok(SCHEMA.check(&self.conn, &self.path)?)
+    }
+
+    fn err(&self, source: rusqlite::Error) -> JournalError {
+        sql_err(&self.path)(source)
+    }
+
+    /// Adds to a counter.
+    pub fn bump(&mut self, key: CounterKey<'_>, by: i64) -> Result<(), JournalError> {
+        let name = key.name();
+        self.conn
+            .execute(
+                "INSERT INTO counters (name, value) VALUES (?1, ?2)
+                 ON CONFLICT(name) DO UPDATE SET value = value + ?2",
+                params![&*name, by],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// Sets a counter.
+    pub fn set_counter(&mut self, key: CounterKey<'_>, v: i64) -> Result<(), JournalError> {
+        let name = key.name();
+        self.conn
+            .execute(
+                "INSERT INTO counters (name, value) VALUES (?1, ?2)
+                 ON CONFLICT(name) DO UPDATE SET value = ?2",
+                params![&*name, v],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// All counters, by name.
+    pub fn counters(&self) -> Result<Vec<(String, i64)>, JournalError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT name, value FROM counters ORDER BY name")
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(|e| self.err(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
+    }
+
+    /// Sets a meta value.
+    pub fn set_meta(&mut self, key: MetaKey<'_>, value: &str) -> Result<(), JournalError> {
+        let key = key.name();
+        self.conn
+            .execute(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2)
+                 ON CONFLICT(key) DO UPDATE SET value = ?2",
+                params![&*key, value],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// Reads a meta value.
+    pub fn meta(&self, key: MetaKey<'_>) -> Result<Option<String>, JournalError> {
+        let key = key.name();
+        self.conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", [&*key], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(super) fn j() -> (tempfile::TempDir, Journal) {
+        let d = tempfile::tempdir().expect("tempdir");
+        let j = Journal::open(&d.path().join("j.sqlite")).expect("open");
+        (d, j)
+    }
+
+    pub(super) fn read(path: &[u8], gen: i64) -> FileRead {
+        FileRead {
+            path: path.to_vec(),
+            gen,
+            kind: "file",
+            stat: StatKey {
+                size: 3,
+                mtime_ns: 1,
+                ctime_ns: 1,
+                inode: 1,
+            },
+            mode: 0o644,
+            hash: [1; 32],
+            commit_id: CommitId([2; 16]),
+        }
+    }
+
+    #[test]
+    fn a_newer_journal_is_refused_also_when_read_only() {
+        let (d, j) = j();
+        let p = d.path().join("j.sqlite");
+        let newer = SCHEMA.latest() + 1;
+        j.conn
+            .pragma_update(None, "user_version", newer as i64)
+            .expect("bump");
+        drop(j);
+        let want = format!(
+            "journal {} has schema version {newer}, newer than this build knows ({}); \
+             upgrade coffer-agent",
+            p.display(),
+            SCHEMA.latest()
+        );
+        let e = Journal::open(&p).err().expect("refused");
+        assert_eq!(e.to_string(), want);
+        let e = Journal::open_read_only(&p)
+            .err()
+            .expect("refused read-only");
+        assert_eq!(e.to_string(), want);
+    }
+
+    #[test]
+    fn sql_errors_name_the_journal_and_its_path() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let p = d.path().join("missing").join("j.sqlite");
+        let e = Journal::open_read_only(&p).err().expect("no such journal");
+        let s = e.to_string();
+        assert!(s.starts_with(&format!("journal {}: ", p.display())), "{s}");
+    }
+
+    /// A journal as a build of schema 6 could leave it, at `p`: two `pending` rows (one
+    /// read before, with its hash and commit id), rows left `claimed` (dirty, failed,
+    /// uploading) and a backed-up one, counted in `file_stats` as that build kept them.
+    fn schema_6_journal(p: &Path) {
+        let v6 = coffer_common::host::sqlite::Schema {
+            migrations: &SCHEMA.migrations[..6],
+            ..SCHEMA
+        };
+        let mut c = v6.connect(p, rusqlite::OpenFlags::default()).expect("open");
+        v6.migrate(&mut c, p).expect("schema 6");
+        c.execute_batch(
+            "INSERT INTO files (path, watch, state, gen, due_at, dirty_since, size, hash,
+                                commit_id, claimed, backed_hash, backed_kind, backed_at)
+             VALUES
+                (x'772f70656e64696e672d61', 'w', 'pending', 1, 9000000, 100, 10,
+                 zeroblob(32), zeroblob(16), 0, NULL, NULL, NULL),
+                (x'772f70656e64696e672d62', 'w', 'pending', 1, 9000000, 100, 20,
+                 NULL, NULL, 1, NULL, NULL, NULL),
+                (x'772f636c61696d65642d6469727479', 'w', 'dirty', 2, 50, 100, NULL,
+                 NULL, NULL, 1, NULL, NULL, NULL),
+                (x'772f636c61696d65642d6661696c6564', 'w', 'failed', 1, 60, 100, 4,
+                 NULL, NULL, 1, NULL, NULL, NULL),
+                (x'772f75706c6f6164696e67', 'w', 'uploading', 1, 9000000, 100, 8,
+                 zeroblob(32), zeroblob(16), 1, NULL, NULL, NULL),
+                (x'772f646f6e65', 'w', 'backed_up', 1, 0, NULL, 5,
+                 NULL, NULL, 0, zeroblob(32), 'file', 77);
+             -- Counted as the code of schema 6 kept them (migration 0004's recount).
+             UPDATE file_stats SET
+                n = (SELECT COUNT(*) FROM files WHERE CASE WHEN state = 'backed_up'
+                     AND backed_kind IS 'deleted' THEN 'deleted' ELSE state END = key),
+                bytes = (SELECT COALESCE(SUM(COALESCE(size, 0)), 0) FROM files
+                         WHERE state = key AND state != 'backed_up');
+             INSERT INTO meta (key, value) VALUES ('last_backed_at', '77');",
+        )
+        .expect("rows of a schema 6 journal");
+    }
+
+    /// A journal written by a build of schema 6 can hold `pending` rows and rows left
+    /// `claimed`: migration 0007 makes them due as the restart requeue did, keeps the counts
+    /// exact, and they are claimed and backed up as before.
+    #[test]
+    fn migration_0007_queues_pending_and_claimed_rows_as_before() {
+        use crate::journal::counts::tests::{kept, recount};
+        let d = tempfile::tempdir().expect("tempdir");
+        let p = d.path().join("j.sqlite");
+        schema_6_journal(&p);
+        let mut j = Journal::open(&p).expect("migrate");
+        assert_eq!(j.schema_version().expect("version"), SCHEMA.latest());
+        let columns: i64 = j
+            .conn
+            .query_row(
+                "SELECT COUNT(*) FROM pragma_table_info('files') WHERE name = 'claimed'",
+                [],
+                |r| r.get(0),
+            )
+            .expect("columns");
+        assert_eq!(columns, 0, "`claimed` is gone");
+        let s = j.summary().expect("summary");
+        assert_eq!((s.dirty, s.uploading, s.failed, s.backed_up), (3, 1, 1, 1));
+        assert_eq!(s.pending_bytes, 10 + 20 + 4 + 8);
+        assert_eq!(kept(&j), recount(&j, Some(77)));
+        for p in [&b"w/pending-a"[..], b"w/pending-b"] {
+            let r = j.row(p).expect("row").expect("exists");
+            assert_eq!((r.state, r.due_at), (FileState::Dirty, 0));
+        }
+        assert_eq!(j.requeue_in_flight().expect("requeue"), 1);
+        let mut jobs = j.claim_due(1_000, 100).expect("claim");
+        jobs.sort_by(|a, b| a.path.cmp(&b.path));
+        let paths: Vec<&[u8]> = jobs.iter().map(|j| &j.path[..]).collect();
+        assert_eq!(
+            paths,
+            [
+                &b"w/claimed-dirty"[..],
+                b"w/claimed-failed",
+                b"w/pending-a",
+                b"w/pending-b",
+                b"w/uploading"
+            ]
+        );
+        // A pending file read before keeps its commit id: a repeated commit is recognised.
+        assert_eq!(jobs[2].commit_id, Some(CommitId([0; 16])));
+        let reads: Vec<FileRead> = jobs.iter().map(|job| read(&job.path, job.gen)).collect();
+        j.record_reads(&reads).expect("reads");
+        let acks: Vec<Ack> = jobs
+            .iter()
+            .map(|job| Ack {
+                path: job.path.clone(),
+                gen: job.gen,
+                version: 2,
+                commit_time: 90,
+                hash: [1; 32],
+                kind: "file",
+                size: 3,
+            })
+            .collect();
+        j.record_acks(&acks).expect("acks");
+        let s = j.summary().expect("summary");
+        assert_eq!((s.backed_up, s.dirty, s.pending_bytes), (6, 0, 0));
+        assert_eq!(kept(&j), recount(&j, Some(90)));
+        assert!(j.claim_due(i64::MAX, 100).expect("claim").is_empty());
+    }
+
+    /// `status` reads a journal of schema 6 that a running older daemon has not migrated:
+    /// its `pending` rows count, and read, as `dirty`, which 0007 makes them.
+    #[test]
+    fn an_unmigrated_journal_reads_pending_as_dirty() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let p = d.path().join("j.sqlite");
+        schema_6_journal(&p);
+        let j = Journal::open_read_only(&p).expect("read-only");
+        assert_eq!(j.schema_version().expect("version"), 6);
+        let s = j.summary().expect("summary");
+        assert_eq!(
+            (s.dirty, s.uploading, s.failed, s.backed_up, s.pending()),
+            (3, 1, 1, 1, 5)
+        );
+        assert_eq!(s.pending_bytes, 10 + 20 + 4 + 8);
+        let r = j.row(b"w/pending-a").expect("row").expect("exists");
+        assert_eq!(r.state, FileState::Dirty);
+        assert_eq!(j.failed_rows(10).expect("failed").len(), 1);
+    }
+}
