@@ -1,4 +1,6 @@
-//! A pipelined connection to the receiver.
+//! The connection to the receiver: a pipelined [`Conn`], and the daemon's
+//! [`ConnManager`] that keeps one up (reconnecting with back-off), opens the query lane
+//! for presence questions, and escrows the wrapped key file once connected.
 //!
 //! Requests go through a bounded queue to a writer task; replies come back in order and are
 //! matched by a reader task to the oldest outstanding request. Callers may issue many
@@ -10,8 +12,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use coffer_common::channel::{self, ChannelError, PublicKey, StaticKeypair};
+use coffer_common::chunk::ChunkId;
+use coffer_common::host::time::now_ms;
 use coffer_common::wire::{ErrorCode, Message, PROTOCOL_VERSION};
 use tokio::sync::{mpsc, oneshot};
+
+use crate::config::Config;
 
 /// Errors talking to the receiver.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -270,5 +276,224 @@ impl Conn {
     /// Sends a request and waits for its reply, from a non-async thread.
     pub fn call_blocking(&self, m: Message) -> Result<Message, ConnError> {
         self.start_blocking(m)?.wait_blocking()
+    }
+}
+
+/// Keeps the connection to the receiver, reconnecting with capped exponential back-off, and
+/// a second one for presence questions (the *query lane*).
+///
+/// Why two: the receiver answers a session's requests in order, and a reply that follows a
+/// commit waits until that commit is durable (group commit: packs fsynced, one index
+/// transaction). A worker that asks which chunks of a file the receiver lacks then waited
+/// behind the fsync of earlier files' data (64 MiB batches: a few hundred milliseconds),
+/// idle. On its own session the question is answered at once. Chunks put and not yet
+/// flushed by any session are visible to every session's presence query, and a commit's
+/// flush makes every such chunk durable before it is acknowledged, so the answer is as
+/// sound as on the main connection. A chunk whose put is still queued on the main
+/// connection may be reported missing and be put twice; the receiver stores it once.
+///
+/// The query lane is connected in the background and used once it is up; until then, and
+/// whenever it fails, questions go on the main connection, so it never delays an upload.
+/// It is closed after [`QUERY_IDLE`] without a question, so an idle agent holds one of
+/// the receiver's sessions (`max_sessions`), not two.
+pub struct ConnManager {
+    cfg: Config,
+    keypair: Arc<coffer_common::channel::StaticKeypair>,
+    rt: tokio::runtime::Handle,
+    cur: Mutex<Option<Conn>>,
+    query: Arc<Mutex<QueryLane>>,
+    keyfile: Vec<u8>,
+}
+
+/// The query lane's state.
+#[derive(Default)]
+struct QueryLane {
+    conn: Option<Conn>,
+    connecting: bool,
+    /// Not before this (after a failed attempt).
+    retry_at: Option<std::time::Instant>,
+    /// When the lane last carried (or was opened for) a question.
+    last_used: Option<std::time::Instant>,
+}
+
+/// Wait after a failed attempt to open the query lane.
+const QUERY_RETRY: Duration = Duration::from_secs(30);
+/// The query lane is closed after this long without a question.
+pub const QUERY_IDLE: Duration = Duration::from_secs(10);
+
+impl ConnManager {
+    pub fn new(
+        cfg: Config,
+        keypair: coffer_common::channel::StaticKeypair,
+        rt: tokio::runtime::Handle,
+        keyfile: Vec<u8>,
+    ) -> Self {
+        Self {
+            cfg,
+            keypair: Arc::new(keypair),
+            rt,
+            cur: Mutex::new(None),
+            query: Arc::default(),
+            keyfile,
+        }
+    }
+
+    /// The query lane if it is up; otherwise starts opening it in the background (at most
+    /// one attempt at a time, one per [`QUERY_RETRY`] after a failure) and returns `None`.
+    pub fn query(&self) -> Option<Conn> {
+        let mut q = self.query.lock().ok()?;
+        let now = std::time::Instant::now();
+        if let Some(c) = &q.conn {
+            if !c.is_closed() {
+                let c = c.clone();
+                q.last_used = Some(now);
+                return Some(c);
+            }
+            q.conn = None;
+        }
+        if q.connecting || q.retry_at.is_some_and(|t| now < t) {
+            return None;
+        }
+        q.connecting = true;
+        drop(q);
+        let (lane, keypair) = (self.query.clone(), self.keypair.clone());
+        let (addr, key, name) = (
+            self.cfg.receiver.clone(),
+            self.cfg.receiver_key,
+            self.cfg.name.clone(),
+        );
+        self.rt.spawn(async move {
+            let r = Conn::connect(&addr, &key, &keypair, &name).await;
+            let Ok(mut q) = lane.lock() else { return };
+            q.connecting = false;
+            match r {
+                Ok(c) => {
+                    tracing::debug!(receiver = %addr, "query lane connected");
+                    q.conn = Some(c);
+                    q.last_used = Some(std::time::Instant::now());
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "query lane not available; asking on the main connection");
+                    q.retry_at = Some(std::time::Instant::now() + QUERY_RETRY);
+                }
+            }
+        });
+        None
+    }
+
+    /// Closes the query lane if it has carried no question for [`QUERY_IDLE`] (called
+    /// periodically).
+    pub fn close_idle_query(&self) {
+        if let Ok(mut q) = self.query.lock() {
+            if q.conn.is_some() && q.last_used.is_none_or(|t| t.elapsed() >= QUERY_IDLE) {
+                tracing::debug!("query lane idle; closing it");
+                q.conn = None;
+            }
+        }
+    }
+
+    /// Forgets a query lane that failed.
+    fn drop_query(&self) {
+        if let Ok(mut q) = self.query.lock() {
+            q.conn = None;
+        }
+    }
+
+    /// The live connection, connecting first if needed; `None` once shutting down.
+    pub fn get(&self, sh: &crate::daemon::Shared) -> Option<Conn> {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            if sh.shutdown.load(Ordering::SeqCst) {
+                return None;
+            }
+            let mut cur = self.cur.lock().ok()?;
+            if let Some(c) = cur.as_ref() {
+                if !c.is_closed() {
+                    return Some(c.clone());
+                }
+                *cur = None;
+            }
+            let res = self.rt.block_on(Conn::connect(
+                &self.cfg.receiver,
+                &self.cfg.receiver_key,
+                &self.keypair,
+                &self.cfg.name,
+            ));
+            match res {
+                Ok(c) => {
+                    tracing::info!(receiver = %self.cfg.receiver, repo = %c.repo, "connected to receiver");
+                    sh.journal(|j| {
+                        j.set_meta("receiver_state", "connected")?;
+                        j.set_meta("receiver_state_at", &now_ms().to_string())
+                    });
+                    self.escrow(sh, &c);
+                    *cur = Some(c.clone());
+                    return Some(c);
+                }
+                Err(e) => {
+                    drop(cur);
+                    tracing::warn!(error = %e, retry_in = ?backoff, "receiver not available");
+                    sh.journal(|j| {
+                        j.set_meta("receiver_state", &format!("unreachable: {e}"))?;
+                        j.set_meta("receiver_state_at", &now_ms().to_string())
+                    });
+                    let until = std::time::Instant::now() + backoff;
+                    while std::time::Instant::now() < until {
+                        if sh.shutdown.load(Ordering::SeqCst) {
+                            return None;
+                        }
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// Forgets a connection that failed.
+    pub fn invalidate(&self) {
+        if let Ok(mut c) = self.cur.lock() {
+            if c.as_ref().is_some_and(Conn::is_closed) {
+                *c = None;
+            }
+        }
+    }
+
+    fn escrow(&self, sh: &crate::daemon::Shared, c: &Conn) {
+        let done = sh
+            .journal(|j| j.meta("key_escrowed"))
+            .flatten()
+            .is_some_and(|v| v == "1");
+        if done || self.keyfile.is_empty() {
+            return;
+        }
+        let r = self.rt.block_on(c.call(Message::PutKeyFile {
+            data: self.keyfile.clone(),
+        }));
+        match r {
+            Ok(Message::KeyFileStored) => {
+                tracing::info!(
+                    "wrapped key file escrowed on the receiver (for recovery with the passphrase)"
+                );
+                sh.journal(|j| j.set_meta("key_escrowed", "1"));
+            }
+            Ok(m) => tracing::warn!(reply = m.kind(), "unexpected reply to key escrow"),
+            Err(e) => tracing::warn!(error = %e, "escrowing the key file failed; will retry"),
+        }
+    }
+
+    /// Asks the receiver which of `ids` it lacks: on the query lane when it is up (falling back
+    /// to the main connection if the lane fails), else on the main connection.
+    pub fn ask_missing(&self, conn: &Conn, ids: Vec<ChunkId>) -> Result<Message, ConnError> {
+        if let Some(q) = self.query() {
+            match q.call_blocking(Message::HaveChunks { ids: ids.clone() }) {
+                Err(e) if e.is_connection() => {
+                    tracing::debug!(error = %e, "query lane lost; asking on the main connection");
+                    self.drop_query();
+                }
+                r => return r,
+            }
+        }
+        conn.call_blocking(Message::HaveChunks { ids })
     }
 }

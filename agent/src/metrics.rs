@@ -16,7 +16,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::upload::Shared;
+use crate::daemon::Shared;
 
 /// Renders the metrics text.
 pub fn render(sh: &Shared, rate: f64) -> String {
