@@ -47,13 +47,15 @@ impl ConnError {
 
 type Reply = oneshot::Sender<Result<Message, ConnError>>;
 
-struct Shared {
+/// What a connection's handles and its writer and reader tasks share: the replies awaited
+/// (oldest first), and whether and why the connection failed.
+struct ConnState {
     pending: Mutex<VecDeque<Reply>>,
     closed: AtomicBool,
     reason: Mutex<String>,
 }
 
-impl Shared {
+impl ConnState {
     fn fail_all(&self, why: &str) {
         self.closed.store(true, Ordering::SeqCst);
         if let Ok(mut r) = self.reason.lock() {
@@ -114,7 +116,7 @@ fn check_error(m: Message) -> Result<Message, ConnError> {
 #[derive(Clone)]
 pub struct Conn {
     tx: mpsc::Sender<(Message, Reply)>,
-    shared: Arc<Shared>,
+    state: Arc<ConnState>,
     /// The repository the receiver maps this agent to.
     pub repo: String,
 }
@@ -177,13 +179,13 @@ impl Conn {
             m => return Err(ConnError::Unexpected(m.kind())),
         };
         let (mut w, mut r) = ch.split();
-        let shared = Arc::new(Shared {
+        let state = Arc::new(ConnState {
             pending: Mutex::new(VecDeque::new()),
             closed: AtomicBool::new(false),
             reason: Mutex::new(String::new()),
         });
         let (tx, mut rx) = mpsc::channel::<(Message, Reply)>(QUEUE);
-        let sw = shared.clone();
+        let sw = state.clone();
         tokio::spawn(async move {
             // Everything already waiting is encrypted into one buffer and written with one
             // system call (many small files cost one write, not one each).
@@ -212,7 +214,7 @@ impl Conn {
             }
             let _ = w.shutdown().await;
         });
-        let sr = shared.clone();
+        let sr = state.clone();
         tokio::spawn(async move {
             loop {
                 match r.recv().await {
@@ -241,12 +243,12 @@ impl Conn {
                 }
             }
         });
-        Ok(Conn { tx, shared, repo })
+        Ok(Conn { tx, state, repo })
     }
 
     /// True once the connection has failed.
     pub fn is_closed(&self) -> bool {
-        self.shared.closed.load(Ordering::SeqCst) || self.tx.is_closed()
+        self.state.closed.load(Ordering::SeqCst) || self.tx.is_closed()
     }
 
     /// Queues a request (async); the reply is awaited separately.
@@ -400,7 +402,7 @@ impl ConnManager {
     }
 
     /// The live connection, connecting first if needed; `None` once shutting down.
-    pub fn get(&self, sh: &crate::daemon::Shared) -> Option<Conn> {
+    pub fn get(&self, sh: &crate::daemon::Daemon) -> Option<Conn> {
         let mut backoff = Duration::from_millis(200);
         loop {
             if sh.shutdown.load(Ordering::SeqCst) {
@@ -459,7 +461,7 @@ impl ConnManager {
         }
     }
 
-    fn escrow(&self, sh: &crate::daemon::Shared, c: &Conn) {
+    fn escrow(&self, sh: &crate::daemon::Daemon, c: &Conn) {
         let done = sh
             .journal(|j| j.meta("key_escrowed"))
             .flatten()

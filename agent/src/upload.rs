@@ -24,7 +24,7 @@ use coffer_common::wire::{
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use crate::conn::{Conn, ConnError, Pending};
-use crate::daemon::Shared;
+use crate::daemon::Daemon;
 use crate::journal::{Ack, Job, Read, StatKey};
 use crate::scan::{fs_path, stat_key};
 use coffer_common::host::time::now_ms;
@@ -102,7 +102,7 @@ fn backoff_ms(attempts: i64) -> i64 {
 }
 
 /// A worker thread: takes jobs, reads files, sends batches of commits.
-pub fn worker(sh: Arc<Shared>, jobs: Receiver<Job>, acks: Sender<AckWork>) {
+pub fn worker(sh: Arc<Daemon>, jobs: Receiver<Job>, acks: Sender<AckWork>) {
     let mut batch: Vec<Ready> = Vec::new();
     let mut batch_bytes = 0u64;
     let mut held = 0usize;
@@ -181,7 +181,7 @@ pub fn worker(sh: Arc<Shared>, jobs: Receiver<Job>, acks: Sender<AckWork>) {
     }
 }
 
-fn flush(sh: &Shared, batch: &mut Vec<Ready>, acks: &Sender<AckWork>) {
+fn flush(sh: &Daemon, batch: &mut Vec<Ready>, acks: &Sender<AckWork>) {
     if batch.is_empty() {
         return;
     }
@@ -272,7 +272,7 @@ fn flush(sh: &Shared, batch: &mut Vec<Ready>, acks: &Sender<AckWork>) {
 }
 
 /// The ack collector: records acknowledgements in batches.
-pub fn ack_collector(sh: Arc<Shared>, rx: Receiver<AckWork>) {
+pub fn ack_collector(sh: Arc<Daemon>, rx: Receiver<AckWork>) {
     let mut done: Vec<Ack> = Vec::new();
     let record = |done: &mut Vec<Ack>| {
         if done.is_empty() {
@@ -425,7 +425,7 @@ fn read_info(job: &Job, kind: &'static str, stat: StatKey, mode: i64, hash: [u8;
 
 #[allow(clippy::too_many_arguments)]
 fn ready(
-    sh: &Shared,
+    sh: &Daemon,
     job: &Job,
     read: Read,
     kind: EntryKind,
@@ -466,7 +466,7 @@ fn ready(
     }))
 }
 
-fn process(sh: &Shared, conn: &Conn, job: &Job) -> Outcome {
+fn process(sh: &Daemon, conn: &Conn, job: &Job) -> Outcome {
     let watches = sh.watches();
     let Some((_, path)) = fs_path(&watches, &job.path) else {
         return Outcome::Forget; // its watch was removed from the config
@@ -635,7 +635,7 @@ fn unchanged(job: &Job, read: &Read) -> bool {
 
 /// Asks which of the window's chunks the receiver lacks, then seals and puts those.
 fn send_window(
-    sh: &Shared,
+    sh: &Daemon,
     conn: &Conn,
     shown: &str,
     window: &mut Vec<(ChunkId, PlainChunk)>,
@@ -740,7 +740,7 @@ fn send_window(
 /// The settle check: the file must look the same after the read as before it, else the
 /// bytes may be torn; it is read again once it settles.
 fn changed_while_read(
-    sh: &Shared,
+    sh: &Daemon,
     file: &std::fs::File,
     path: &std::path::Path,
     before: &std::fs::Metadata,
@@ -764,7 +764,7 @@ fn changed_while_read(
     None
 }
 
-fn deletion(sh: &Shared, job: &Job) -> Outcome {
+fn deletion(sh: &Daemon, job: &Job) -> Outcome {
     match job.backed_kind.as_deref() {
         None => Outcome::Forget,
         Some("deleted") => Outcome::Unchanged(Box::new(read_info(

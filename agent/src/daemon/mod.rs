@@ -27,7 +27,7 @@ use coffer_common::host::time::now_ms;
 mod shared;
 mod threads;
 
-pub use shared::{Counters, Shared};
+pub use shared::{Counters, Daemon};
 use threads::{
     apply_watches, checkpoints, control, events, periodic, progress, scanner, scheduler,
 };
@@ -137,7 +137,7 @@ pub fn run(cfg: Config, opts: RunOpts) -> Result<(), RunError> {
         .build()
         .map_err(|e| RunError::Other(format!("starting runtime: {e}")))?;
     let (wake_tx, wake_rx) = bounded::<()>(1);
-    let sh = Arc::new(Shared {
+    let sh = Arc::new(Daemon {
         conn: ConnManager::new(cfg.clone(), keypair, rt.handle().clone(), keyfile.clone()),
         watches: RwLock::new(Arc::new(cfg.watches.clone())),
         current: Mutex::new(String::new()),

@@ -20,8 +20,9 @@ pub struct Counters {
     pub chunks_sent: AtomicU64,
 }
 
-/// State shared by the uploader's threads.
-pub struct Shared {
+/// The running daemon's state, shared by its threads (scanner, scheduler, workers,
+/// collector, ...) and the `/metrics` endpoint.
+pub struct Daemon {
     pub cfg: Config,
     /// The watched folders; replaced as a whole when the config is reloaded.
     pub watches: std::sync::RwLock<Arc<Vec<crate::config::Watch>>>,
@@ -36,7 +37,7 @@ pub struct Shared {
     pub counters: Counters,
 }
 
-impl Shared {
+impl Daemon {
     /// The keys (waits until they are unwrapped).
     pub fn crypto(&self) -> &Crypto {
         self.keys.wait()

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
-use super::{notify_systemd, Shared};
+use super::{notify_systemd, Daemon};
 use crate::config::{Config, Watch};
 use crate::journal::Known;
 use crate::scan;
@@ -19,7 +19,7 @@ use coffer_common::host::time::now_ms;
 /// Brings the OS watches in line with `sh.watches()`, records fallbacks, and scans what was
 /// added.
 pub(super) fn apply_watches(
-    sh: &Shared,
+    sh: &Daemon,
     watching: &mut Watching,
     scans: &Sender<ScanRequest>,
     reason: &'static str,
@@ -49,7 +49,7 @@ pub(super) fn apply_watches(
 
 /// Applies config reloads: on SIGHUP, or when the config file's mtime changes.
 pub(super) fn control(
-    sh: Arc<Shared>,
+    sh: Arc<Daemon>,
     mut watching: Watching,
     scans: Sender<ScanRequest>,
     reloads: Receiver<&'static str>,
@@ -118,7 +118,7 @@ fn same_watches(a: &[Watch], b: &[Watch]) -> bool {
 }
 
 /// Claims due files and feeds the workers until shutdown; pings the systemd watchdog.
-pub(super) fn scheduler(sh: &Arc<Shared>, jobs: Sender<crate::journal::Job>, wake: Receiver<()>) {
+pub(super) fn scheduler(sh: &Arc<Daemon>, jobs: Sender<crate::journal::Job>, wake: Receiver<()>) {
     let mut usec = 0u64;
     let watchdog = sd_notify::watchdog_enabled(false, &mut usec);
     let ping_every = Duration::from_micros(usec / 2);
@@ -184,7 +184,7 @@ pub(super) fn scheduler(sh: &Arc<Shared>, jobs: Sender<crate::journal::Job>, wak
 }
 
 /// Turns watcher events into dirty rows (and scans of new folders).
-pub(super) fn events(sh: Arc<Shared>, rx: Receiver<Change>, scans: Sender<ScanRequest>) {
+pub(super) fn events(sh: Arc<Daemon>, rx: Receiver<Change>, scans: Sender<ScanRequest>) {
     let debounce = sh.cfg.debounce.as_millis() as i64;
     while let Ok(first) = rx.recv() {
         let (paths, rescan) = watch::collect_batch(&rx, first, Duration::from_millis(20), 20_000);
@@ -262,7 +262,7 @@ type Preloaded = HashMap<String, HashMap<Vec<u8>, Known>>;
 
 /// Runs scans one at a time; reports readiness once the startup scans are journaled.
 pub(super) fn scanner(
-    sh: Arc<Shared>,
+    sh: Arc<Daemon>,
     rx: Receiver<ScanRequest>,
     startup_left: Arc<AtomicUsize>,
     preload: Option<std::thread::JoinHandle<Preloaded>>,
@@ -317,7 +317,7 @@ pub(super) fn scanner(
 
 /// Periodic full rescans (more often for trees without OS watches).
 pub(super) fn periodic(
-    sh: Arc<Shared>,
+    sh: Arc<Daemon>,
     scans: Sender<ScanRequest>,
     fallback: Arc<Mutex<Vec<String>>>,
 ) {
@@ -356,7 +356,7 @@ pub(super) fn periodic(
 const CHECKPOINT_WAL_BYTES: u64 = 64 << 20;
 
 /// Checkpoints the journal off the writers' path (see [`crate::journal::Checkpointer`]).
-pub(super) fn checkpoints(sh: Arc<Shared>, c: crate::journal::Checkpointer) {
+pub(super) fn checkpoints(sh: Arc<Daemon>, c: crate::journal::Checkpointer) {
     while !sh.shutdown.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(100));
         let t = Instant::now();
@@ -377,7 +377,7 @@ pub(super) fn checkpoints(sh: Arc<Shared>, c: crate::journal::Checkpointer) {
 }
 
 /// A live progress line on a terminal: pending files and bytes, rate, current file.
-pub(super) fn progress(sh: Arc<Shared>) {
+pub(super) fn progress(sh: Arc<Daemon>) {
     let bar = indicatif::ProgressBar::new_spinner();
     if let Ok(st) = indicatif::ProgressStyle::with_template("{spinner} {msg}") {
         bar.set_style(st);
