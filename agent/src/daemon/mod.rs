@@ -10,6 +10,7 @@
 //! acknowledgements arrive (with a deadline), and exit 0: pending work stays pending.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -22,6 +23,8 @@ use crate::journal::Journal;
 use crate::state;
 use crate::upload;
 use crate::watch::{Change, ScanRequest, Watching};
+use coffer_common::host::fs::{self as hostfs, IoError};
+use coffer_common::host::lock::{self, Lock, LockError, Wait};
 use coffer_common::host::time::now_ms;
 
 mod shared;
@@ -39,8 +42,10 @@ pub enum RunError {
     State(#[from] state::StateError),
     #[error(transparent)]
     Journal(#[from] crate::journal::JournalError),
-    #[error("another `coffer-agent run` is using state dir {0}")]
-    AlreadyRunning(String),
+    #[error("another `coffer-agent run` is using state dir {}", .0.display())]
+    AlreadyRunning(PathBuf),
+    #[error(transparent)]
+    Io(#[from] IoError),
     #[error("{0}")]
     Other(String),
 }
@@ -54,54 +59,34 @@ pub struct RunOpts {
     pub progress: bool,
 }
 
-/// Holds the state dir's run lock for the daemon's lifetime.
-pub struct RunLock {
-    _f: nix::fcntl::Flock<std::fs::File>,
+/// How long a run lock held by someone else is tried again before it counts as another
+/// daemon's: `status` probes it with a shared lock held for an instant.
+const RUN_LOCK_WAIT: Duration = Duration::from_secs(2);
+
+fn run_lock_path(cfg: &Config) -> PathBuf {
+    cfg.state_dir.join("agent.lock")
 }
 
-/// Takes the state dir's run lock, or says who holds it.
-pub fn lock_state(cfg: &Config) -> Result<RunLock, RunError> {
-    std::fs::create_dir_all(&cfg.state_dir)
-        .map_err(|e| RunError::Other(format!("creating {}: {e}", cfg.state_dir.display())))?;
-    let p = cfg.state_dir.join("agent.lock");
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&p)
-        .map_err(|e| RunError::Other(format!("opening {}: {e}", p.display())))?;
-    // `status` probes the lock with a shared lock held for an instant (`is_running`), so
-    // a held lock is tried again for a moment before it counts as another daemon's: a
-    // daemon holds it for as long as it runs.
-    let deadline = Instant::now() + Duration::from_secs(2);
-    let mut f = f;
-    loop {
-        match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
-            Ok(lock) => return Ok(RunLock { _f: lock }),
-            Err((back, errno))
-                if matches!(
-                    errno,
-                    nix::errno::Errno::EWOULDBLOCK | nix::errno::Errno::EINTR
-                ) && Instant::now() < deadline =>
-            {
-                f = back;
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(_) => {
-                return Err(RunError::AlreadyRunning(
-                    cfg.state_dir.display().to_string(),
-                ))
-            }
-        }
-    }
+/// Takes the state dir's run lock (held until dropped, for the daemon's lifetime), or says
+/// who holds it. A lock file that cannot be opened or locked is an I/O error, not another
+/// daemon.
+pub fn lock_state(cfg: &Config) -> Result<Lock, RunError> {
+    hostfs::create_dir_all(&cfg.state_dir, state::STATE_DIR_MODE)?;
+    Lock::exclusive(&run_lock_path(cfg), Wait::For(RUN_LOCK_WAIT)).map_err(|e| match e {
+        LockError::Held { .. } => RunError::AlreadyRunning(cfg.state_dir.clone()),
+        LockError::Io(e) => RunError::Io(e),
+    })
 }
 
-/// True when a daemon holds the state dir's run lock.
+/// True when a daemon holds the state dir's run lock. A probe that fails (the lock file
+/// cannot be opened) is logged and answered `false`, as a missing lock file is.
 pub fn is_running(cfg: &Config) -> bool {
-    let p = cfg.state_dir.join("agent.lock");
-    match std::fs::OpenOptions::new().write(true).open(&p) {
-        Ok(f) => nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockSharedNonblock).is_err(),
-        Err(_) => false,
+    match lock::is_held(&run_lock_path(cfg)) {
+        Ok(held) => held,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot tell whether `coffer-agent run` is running");
+            false
+        }
     }
 }
 
@@ -360,5 +345,34 @@ mod tests {
         assert!(is_running(&cfg));
         drop(lock);
         assert!(!is_running(&cfg));
+    }
+
+    #[test]
+    fn a_lock_file_that_cannot_be_opened_is_not_another_run() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = config(dir.path());
+        // A folder where the lock file should be: opening it for writing fails.
+        std::fs::create_dir_all(run_lock_path(&cfg)).expect("folder");
+        let e = match lock_state(&cfg) {
+            Err(e) => e,
+            Ok(_) => panic!("a folder was locked as the run lock"),
+        };
+        let text = e.to_string();
+        assert!(matches!(e, RunError::Io(_)), "{text}");
+        assert!(text.contains("agent.lock"), "{text}");
+        assert!(!text.contains("another"), "{text}");
+    }
+
+    #[test]
+    fn a_state_dir_that_cannot_be_made_is_not_another_run() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = config(dir.path());
+        std::fs::write(&cfg.state_dir, b"a file, not a folder").expect("blocker");
+        let e = match lock_state(&cfg) {
+            Err(e) => e,
+            Ok(_) => panic!("locked inside a file"),
+        };
+        assert!(matches!(e, RunError::Io(_)), "{e}");
+        assert!(!e.to_string().contains("another"), "{e}");
     }
 }
