@@ -24,13 +24,19 @@ pub const SOFTWARE: &str = concat!("coffer ", env!("CARGO_PKG_VERSION"));
 /// An error and its causes as one line, `outer: cause: cause`, for the command line. A
 /// cause whose text the line already holds is left out: most errors here name their cause
 /// in their own message (`reading config agent.toml: No such file or directory`), and
-/// printing the chain as well said it twice.
+/// printing the chain as well said it twice. An I/O error said the way `host::fs::IoError`
+/// says it (lowercase, without `(os error N)`) counts as said.
 pub fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
     let mut line = e.to_string();
     let mut cause = e.source();
     while let Some(c) = cause {
         let text = c.to_string();
-        if !line.contains(&text) {
+        let plain = text
+            .split(" (os error ")
+            .next()
+            .unwrap_or(&text)
+            .to_lowercase();
+        if !line.contains(&text) && !line.to_lowercase().contains(&plain) {
             line.push_str(": ");
             line.push_str(&text);
         }
@@ -68,6 +74,13 @@ mod tests {
         assert_eq!(
             error_text(both.as_ref()),
             "starting: reading config agent.toml: No such file"
+        );
+        // Said in `host::fs::describe`'s words: lowercase, without the os error number.
+        let described = anyhow::Error::new(std::io::Error::from_raw_os_error(2))
+            .context("reading key file /x: no such file or directory");
+        assert_eq!(
+            error_text(described.as_ref()),
+            "reading key file /x: no such file or directory"
         );
     }
 }
