@@ -23,7 +23,7 @@ use crate::journal::Journal;
 use crate::state;
 use crate::upload;
 use crate::watch::{Change, ScanRequest, Watching};
-use coffer_common::host::fs::{self as hostfs, IoError};
+use coffer_common::host::fs::{self as hostfs, Context as _, IoError};
 use coffer_common::host::lock::{self, Lock, LockError, Wait};
 use coffer_common::host::time::now_ms;
 
@@ -46,8 +46,21 @@ pub enum RunError {
     AlreadyRunning(PathBuf),
     #[error(transparent)]
     Io(#[from] IoError),
-    #[error("{0}")]
-    Other(String),
+    #[error("starting runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    #[error("metrics on {addr}: {source}")]
+    Metrics {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("starting thread {name}: {source}")]
+    Thread {
+        name: String,
+        source: std::io::Error,
+    },
+    /// The thread unwrapping the key file ended without an answer (it panicked).
+    #[error("the key unwrapping thread failed")]
+    Unlock,
 }
 
 /// Options of `run` beyond the config.
@@ -98,12 +111,7 @@ pub(crate) fn notify_systemd(state: &[sd_notify::NotifyState]) {
 pub fn run(cfg: Config, opts: RunOpts) -> Result<(), RunError> {
     let _lock = lock_state(&cfg)?;
     let keypair = state::load_agent_key(&cfg)?;
-    let keyfile = std::fs::read(cfg.keyfile_path()).map_err(|e| {
-        RunError::Other(format!(
-            "reading key file {}: {e}",
-            cfg.keyfile_path().display()
-        ))
-    })?;
+    let keyfile = std::fs::read(cfg.keyfile_path()).ctx("reading key file", &cfg.keyfile_path())?;
     // The passphrase is read (or asked for) now; unwrapping the keys (Argon2id, a few
     // hundred ms by design) runs beside the startup scan, which needs no key: a restart with
     // nothing changed is settled as soon as the scan is.
@@ -120,7 +128,7 @@ pub fn run(cfg: Config, opts: RunOpts) -> Result<(), RunError> {
         .enable_all()
         .thread_name("coffer-net")
         .build()
-        .map_err(|e| RunError::Other(format!("starting runtime: {e}")))?;
+        .map_err(RunError::Runtime)?;
     let (wake_tx, wake_rx) = bounded::<()>(1);
     let sh = Arc::new(Daemon {
         conn: ConnManager::new(cfg.clone(), keypair, rt.handle().clone(), keyfile.clone()),
@@ -164,8 +172,10 @@ pub fn run(cfg: Config, opts: RunOpts) -> Result<(), RunError> {
         });
     }
     if let Some(addr) = &opts.metrics {
-        crate::metrics::serve(&rt, sh.clone(), addr)
-            .map_err(|e| RunError::Other(format!("metrics on {addr}: {e}")))?;
+        crate::metrics::serve(&rt, sh.clone(), addr).map_err(|source| RunError::Metrics {
+            addr: addr.clone(),
+            source,
+        })?;
     }
 
     // Watcher, event thread, scanner.
@@ -205,7 +215,10 @@ pub fn run(cfg: Config, opts: RunOpts) -> Result<(), RunError> {
         std::thread::Builder::new()
             .name("coffer-unlock".into())
             .spawn(move || state::unlock_with(&keyfile, &pass, &origin))
-            .map_err(|e| RunError::Other(format!("starting a thread: {e}")))?
+            .map_err(|source| RunError::Thread {
+                name: "coffer-unlock".into(),
+                source,
+            })?
     };
     let mut threads = Vec::new();
     {
@@ -247,16 +260,14 @@ pub fn run(cfg: Config, opts: RunOpts) -> Result<(), RunError> {
 
     // Uploader: once the keys are unwrapped.
     let unlocked = match unlocking.join() {
-        Ok(r) => r,
-        Err(_) => Err(state::StateError::Passphrase(
-            "unwrapping the key file failed unexpectedly".into(),
-        )),
+        Ok(r) => r.map_err(RunError::from),
+        Err(_) => Err(RunError::Unlock),
     };
     let crypto = match unlocked {
         Ok(c) => c,
         Err(e) => {
             sh.shutdown.store(true, Ordering::SeqCst);
-            return Err(e.into());
+            return Err(e);
         }
     };
     let _ = sh.keys.set(crypto);
