@@ -10,6 +10,7 @@ use std::collections::HashSet;
 use std::io::Read as _;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -466,6 +467,9 @@ fn ready(
     }))
 }
 
+/// Reads one due file and makes it ready to commit (or says why not): a folder or a file
+/// whose watch was removed is forgotten, a vanished one is a deletion, a symlink's content
+/// is its target, a regular file is read whole (small) or streamed through the chunker.
 fn process(sh: &Daemon, conn: &Conn, job: &Job) -> Outcome {
     let watches = sh.watches();
     let Some((_, path)) = fs_path(&watches, &job.path) else {
@@ -485,28 +489,8 @@ fn process(sh: &Daemon, conn: &Conn, job: &Job) -> Outcome {
     if ft.is_dir() {
         return Outcome::Forget;
     }
-    let mode = meta.mode() as i64;
     if ft.is_symlink() {
-        let target = match std::fs::read_link(&path) {
-            Ok(t) => t.as_os_str().as_bytes().to_vec(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return deletion(sh, job),
-            Err(e) => return Outcome::Failed(format!("reading link {shown}: {e}")),
-        };
-        let hash = *blake3::hash(&target).as_bytes();
-        let read = read_info(job, "symlink", stat_key(&meta), mode, hash);
-        if job.backed_hash == Some(hash) && job.backed_kind.as_deref() == Some("symlink") {
-            return Outcome::Unchanged(Box::new(read));
-        }
-        return ready(
-            sh,
-            job,
-            read,
-            EntryKind::Symlink { target },
-            Some(&meta),
-            vec![],
-            None,
-            vec![],
-        );
+        return symlink(sh, job, &path, &shown, &meta);
     }
     if !ft.is_file() {
         let _ = sh.journal(|j| j.bump("skipped_special", 1));
@@ -528,60 +512,115 @@ fn process(sh: &Daemon, conn: &Conn, job: &Job) -> Outcome {
     if !before.is_file() {
         return Outcome::Retry("replaced while being opened".into(), now_ms());
     }
+    let f = Opened {
+        job,
+        path: &path,
+        shown: &shown,
+        file,
+        before,
+        mode: meta.mode() as i64,
+    };
+    if f.before.len() < MIN_CHUNK as u64 {
+        read_small(sh, &f)
+    } else {
+        read_large(sh, conn, &f)
+    }
+}
+
+/// A regular file opened for reading, with its stat from before the read.
+struct Opened<'a> {
+    job: &'a Job,
+    path: &'a Path,
+    /// The path as messages show it.
+    shown: &'a str,
+    file: std::fs::File,
+    before: std::fs::Metadata,
+    /// The mode of the path, as first looked up.
+    mode: i64,
+}
+
+/// A symlink: its target is its content.
+fn symlink(sh: &Daemon, job: &Job, path: &Path, shown: &str, meta: &std::fs::Metadata) -> Outcome {
+    let target = match std::fs::read_link(path) {
+        Ok(t) => t.as_os_str().as_bytes().to_vec(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return deletion(sh, job),
+        Err(e) => return Outcome::Failed(format!("reading link {shown}: {e}")),
+    };
+    let hash = *blake3::hash(&target).as_bytes();
+    let read = read_info(job, "symlink", stat_key(meta), meta.mode() as i64, hash);
+    if job.backed_hash == Some(hash) && job.backed_kind.as_deref() == Some("symlink") {
+        return Outcome::Unchanged(Box::new(read));
+    }
+    ready(
+        sh,
+        job,
+        read,
+        EntryKind::Symlink { target },
+        Some(meta),
+        vec![],
+        None,
+        vec![],
+    )
+}
+
+/// A small file (under one chunk): one read, hash first, and no presence query (the
+/// receiver dedups puts); if its content is what was last backed up, nothing is sent.
+fn read_small(sh: &Daemon, f: &Opened) -> Outcome {
+    let (job, shown) = (f.job, f.shown);
+    let mut data = Vec::with_capacity(f.before.len() as usize);
+    if let Err(e) = (&f.file).take(MIN_CHUNK as u64).read_to_end(&mut data) {
+        return Outcome::Failed(format!("reading {shown}: {e}"));
+    }
+    let hash = *blake3::hash(&data).as_bytes();
+    let len = data.len() as u64;
+    if let Some(o) = changed_while_read(sh, &f.file, f.path, &f.before, len) {
+        return o;
+    }
+    let read = read_info(job, "file", stat_key(&f.before), f.mode, hash);
+    if unchanged(job, &read) {
+        return Outcome::Unchanged(Box::new(read));
+    }
+    sh.counters.bytes_read.fetch_add(len, Ordering::Relaxed);
+    let mut chunks = Vec::new();
+    let mut chunk = None;
+    if !data.is_empty() {
+        let id = sh.crypto().chunk_id(&data);
+        let sealed = match sh.crypto().seal_chunk(&id, &data) {
+            Ok(s) => s,
+            Err(e) => return Outcome::Failed(format!("sealing {shown}: {e}")),
+        };
+        sh.counters
+            .bytes_sent
+            .fetch_add(sealed.len() as u64, Ordering::Relaxed);
+        chunks.push(ChunkRef {
+            id,
+            len: data.len() as u32,
+        });
+        chunk = Some(SealedChunk { id, sealed });
+    }
+    ready(
+        sh,
+        job,
+        read,
+        EntryKind::File,
+        Some(&f.before),
+        chunks,
+        chunk,
+        vec![],
+    )
+}
+
+/// A large file: streamed through the chunker in one read, hashing on the way; each
+/// window of chunks is asked about and the missing ones put before the next is read.
+fn read_large(sh: &Daemon, conn: &Conn, f: &Opened) -> Outcome {
+    let (job, shown) = (f.job, f.shown);
     let mut chunks = Vec::new();
     let mut puts = Vec::new();
-    let hash;
-    let len;
-    if before.len() < MIN_CHUNK as u64 {
-        // Small file: one read, hash first, and skip the presence query (the receiver
-        // dedups puts); if its content is what we last backed up, send nothing.
-        let mut data = Vec::with_capacity(before.len() as usize);
-        if let Err(e) = (&file).take(MIN_CHUNK as u64).read_to_end(&mut data) {
-            return Outcome::Failed(format!("reading {shown}: {e}"));
-        }
-        hash = *blake3::hash(&data).as_bytes();
-        len = data.len() as u64;
-        if let Some(o) = changed_while_read(sh, &file, &path, &before, len) {
-            return o;
-        }
-        let read = read_info(job, "file", stat_key(&before), mode, hash);
-        if unchanged(job, &read) {
-            return Outcome::Unchanged(Box::new(read));
-        }
-        sh.counters.bytes_read.fetch_add(len, Ordering::Relaxed);
-        let mut chunk = None;
-        if !data.is_empty() {
-            let id = sh.crypto().chunk_id(&data);
-            let sealed = match sh.crypto().seal_chunk(&id, &data) {
-                Ok(s) => s,
-                Err(e) => return Outcome::Failed(format!("sealing {shown}: {e}")),
-            };
-            sh.counters
-                .bytes_sent
-                .fetch_add(sealed.len() as u64, Ordering::Relaxed);
-            chunks.push(ChunkRef {
-                id,
-                len: data.len() as u32,
-            });
-            chunk = Some(SealedChunk { id, sealed });
-        }
-        return ready(
-            sh,
-            job,
-            read,
-            EntryKind::File,
-            Some(&before),
-            chunks,
-            chunk,
-            puts,
-        );
-    }
-    // Large file: stream it through the chunker in one read, hashing on the way.
-    let mut reader = HashingReader::new(&file);
+    let mut reader = HashingReader::new(&f.file);
     let mut window: Vec<(ChunkId, PlainChunk)> = Vec::new();
     let mut window_bytes = 0usize;
     let mut sent: HashSet<ChunkId> = HashSet::new();
-    for c in chunk_stream_sized(&mut reader, before.len()) {
+    for c in chunk_stream_sized(&mut reader, f.before.len()) {
         let data = match c {
             Ok(d) => d,
             Err(e) => return Outcome::Failed(format!("reading {shown}: {e}")),
@@ -594,7 +633,7 @@ fn process(sh: &Daemon, conn: &Conn, job: &Job) -> Outcome {
         window_bytes += data.len();
         window.push((id, data));
         if window_bytes >= WINDOW_BYTES {
-            if let Err(o) = send_window(sh, conn, &shown, &mut window, &mut sent, &mut puts) {
+            if let Err(o) = send_window(sh, conn, shown, &mut window, &mut sent, &mut puts) {
                 return o;
             }
             window_bytes = 0;
@@ -603,15 +642,15 @@ fn process(sh: &Daemon, conn: &Conn, job: &Job) -> Outcome {
             return Outcome::Retry("agent stopped while reading".into(), now_ms());
         }
     }
-    if let Err(o) = send_window(sh, conn, &shown, &mut window, &mut sent, &mut puts) {
+    if let Err(o) = send_window(sh, conn, shown, &mut window, &mut sent, &mut puts) {
         return o;
     }
-    (hash, len) = reader.finish();
+    let (hash, len) = reader.finish();
     sh.counters.bytes_read.fetch_add(len, Ordering::Relaxed);
-    if let Some(o) = changed_while_read(sh, &file, &path, &before, len) {
+    if let Some(o) = changed_while_read(sh, &f.file, f.path, &f.before, len) {
         return o;
     }
-    let read = read_info(job, "file", stat_key(&before), mode, hash);
+    let read = read_info(job, "file", stat_key(&f.before), f.mode, hash);
     if unchanged(job, &read) && puts.is_empty() {
         return Outcome::Unchanged(Box::new(read));
     }
@@ -620,7 +659,7 @@ fn process(sh: &Daemon, conn: &Conn, job: &Job) -> Outcome {
         job,
         read,
         EntryKind::File,
-        Some(&before),
+        Some(&f.before),
         chunks,
         None,
         puts,
