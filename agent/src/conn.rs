@@ -8,7 +8,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use coffer_common::channel::{self, ChannelError, PublicKey, StaticKeypair};
@@ -16,8 +16,10 @@ use coffer_common::chunk::ChunkId;
 use coffer_common::host::time::now_ms;
 use coffer_common::wire::{ErrorCode, Message, PROTOCOL_VERSION};
 use tokio::sync::{mpsc, oneshot};
+use tokio::task::AbortHandle;
 
 use crate::config::Config;
+use crate::daemon::Daemon;
 
 /// Errors talking to the receiver.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -51,24 +53,43 @@ type Reply = oneshot::Sender<Result<Message, ConnError>>;
 /// (oldest first), and whether and why the connection failed.
 struct ConnState {
     pending: Mutex<VecDeque<Reply>>,
+    /// Set while `pending` is locked: no reply is queued once it is.
     closed: AtomicBool,
     reason: Mutex<String>,
+    /// The writer and reader tasks, stopped by [`Conn::close`].
+    tasks: OnceLock<[AbortHandle; 2]>,
 }
 
 impl ConnState {
     fn fail_all(&self, why: &str) {
-        self.closed.store(true, Ordering::SeqCst);
         if let Ok(mut r) = self.reason.lock() {
             if r.is_empty() {
                 *r = why.to_string();
             }
         }
         let drained: Vec<Reply> = match self.pending.lock() {
-            Ok(mut p) => p.drain(..).collect(),
-            Err(_) => Vec::new(),
+            Ok(mut p) => {
+                self.closed.store(true, Ordering::SeqCst);
+                p.drain(..).collect()
+            }
+            Err(_) => {
+                self.closed.store(true, Ordering::SeqCst);
+                Vec::new()
+            }
         };
         for tx in drained {
             let _ = tx.send(Err(ConnError::Lost(why.to_string())));
+        }
+    }
+
+    /// Fails every awaited reply and stops both tasks: a request still queued is dropped
+    /// (its reply fails), and a sender waiting for room in the queue wakes.
+    fn close(&self, why: &str) {
+        self.fail_all(why);
+        if let Some(tasks) = self.tasks.get() {
+            for t in tasks {
+                t.abort();
+            }
         }
     }
 }
@@ -183,26 +204,31 @@ impl Conn {
             pending: Mutex::new(VecDeque::new()),
             closed: AtomicBool::new(false),
             reason: Mutex::new(String::new()),
+            tasks: OnceLock::new(),
         });
         let (tx, mut rx) = mpsc::channel::<(Message, Reply)>(QUEUE);
         let sw = state.clone();
-        tokio::spawn(async move {
+        let writer = tokio::spawn(async move {
             // Everything already waiting is encrypted into one buffer and written with one
             // system call (many small files cost one write, not one each).
             while let Some(first) = rx.recv().await {
                 let mut next = Some(first);
                 while let Some((msg, reply)) = next.take() {
-                    if sw.closed.load(Ordering::SeqCst) {
+                    // Checked under the lock `fail_all` drains with: a reply is either
+                    // queued before the drain (and failed by it) or refused here.
+                    let refused = match sw.pending.lock() {
+                        Ok(mut p) if !sw.closed.load(Ordering::SeqCst) => {
+                            p.push_back(reply);
+                            None
+                        }
+                        Ok(_) => Some(reply),
+                        Err(_) => return,
+                    };
+                    if let Some(reply) = refused {
                         let why = sw.reason.lock().map(|r| r.clone()).unwrap_or_default();
                         let _ = reply.send(Err(ConnError::Lost(why)));
-                    } else {
-                        match sw.pending.lock() {
-                            Ok(mut p) => p.push_back(reply),
-                            Err(_) => return,
-                        }
-                        if let Err(e) = w.queue(&msg) {
-                            sw.fail_all(&format!("sending: {e}"));
-                        }
+                    } else if let Err(e) = w.queue(&msg) {
+                        sw.fail_all(&format!("sending: {e}"));
                     }
                     if w.queued() < WRITE_BATCH {
                         next = rx.try_recv().ok();
@@ -215,7 +241,7 @@ impl Conn {
             let _ = w.shutdown().await;
         });
         let sr = state.clone();
-        tokio::spawn(async move {
+        let reader = tokio::spawn(async move {
             loop {
                 match r.recv().await {
                     Ok(m) => {
@@ -243,7 +269,16 @@ impl Conn {
                 }
             }
         });
+        let _ = state
+            .tasks
+            .set([writer.abort_handle(), reader.abort_handle()]);
         Ok(Conn { tx, state, repo })
+    }
+
+    /// Closes the connection: every reply awaited on it fails with `why`, and its tasks
+    /// stop (see [`ConnManager::close`]).
+    pub fn close(&self, why: &str) {
+        self.state.close(why);
     }
 
     /// True once the connection has failed.
@@ -303,6 +338,9 @@ pub struct ConnManager {
     keypair: Arc<coffer_common::channel::StaticKeypair>,
     rt: tokio::runtime::Handle,
     cur: Mutex<Option<Conn>>,
+    /// The main connection, for [`ConnManager::close`], which cannot wait for `cur`: a
+    /// connect or the escrow holds it while waiting for the receiver.
+    main: Mutex<Weak<ConnState>>,
     query: Arc<Mutex<QueryLane>>,
     keyfile: Vec<u8>,
 }
@@ -335,6 +373,7 @@ impl ConnManager {
             keypair: Arc::new(keypair),
             rt,
             cur: Mutex::new(None),
+            main: Mutex::new(Weak::new()),
             query: Arc::default(),
             keyfile,
         }
@@ -402,10 +441,10 @@ impl ConnManager {
     }
 
     /// The live connection, connecting first if needed; `None` once shutting down.
-    pub fn get(&self, sh: &crate::daemon::Daemon) -> Option<Conn> {
+    pub fn get(&self, sh: &Daemon) -> Option<Conn> {
         let mut backoff = Duration::from_millis(200);
         loop {
-            if sh.shutdown.load(Ordering::SeqCst) {
+            if sh.shutdown.is_stopping() {
                 return None;
             }
             let mut cur = self.cur.lock().ok()?;
@@ -415,15 +454,25 @@ impl ConnManager {
                 }
                 *cur = None;
             }
-            let res = self.rt.block_on(Conn::connect(
+            let connect = Conn::connect(
                 &self.cfg.receiver,
                 &self.cfg.receiver_key,
                 &self.keypair,
                 &self.cfg.name,
-            ));
+            );
+            // A connect (up to its timeout) is given up as soon as the daemon stops.
+            let res = self.rt.block_on(async {
+                tokio::select! {
+                    r = connect => Some(r),
+                    _ = sh.shutdown.stopped() => None,
+                }
+            })?;
             match res {
                 Ok(c) => {
                     tracing::info!(receiver = %self.cfg.receiver, repo = %c.repo, "connected to receiver");
+                    if let Ok(mut m) = self.main.lock() {
+                        *m = Arc::downgrade(&c.state);
+                    }
                     sh.journal(|j| {
                         j.set_meta("receiver_state", "connected")?;
                         j.set_meta("receiver_state_at", &now_ms().to_string())
@@ -439,12 +488,8 @@ impl ConnManager {
                         j.set_meta("receiver_state", &format!("unreachable: {e}"))?;
                         j.set_meta("receiver_state_at", &now_ms().to_string())
                     });
-                    let until = std::time::Instant::now() + backoff;
-                    while std::time::Instant::now() < until {
-                        if sh.shutdown.load(Ordering::SeqCst) {
-                            return None;
-                        }
-                        std::thread::sleep(Duration::from_millis(50));
+                    if sh.shutdown.sleep(backoff) {
+                        return None;
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
@@ -461,7 +506,21 @@ impl ConnManager {
         }
     }
 
-    fn escrow(&self, sh: &crate::daemon::Daemon, c: &Conn) {
+    /// Closes the main connection and the query lane (the last step of a stop, past its
+    /// deadline): every wait for a reply on them returns an error.
+    pub fn close(&self, why: &str) {
+        let main = self.main.lock().ok().and_then(|m| m.upgrade());
+        if let Some(state) = main {
+            state.close(why);
+        }
+        if let Ok(q) = self.query.lock() {
+            if let Some(c) = &q.conn {
+                c.close(why);
+            }
+        }
+    }
+
+    fn escrow(&self, sh: &Daemon, c: &Conn) {
         let done = sh
             .journal(|j| j.meta("key_escrowed"))
             .flatten()

@@ -112,7 +112,7 @@ pub fn worker(sh: Arc<Daemon>, jobs: Receiver<Job>, acks: Sender<AckWork>) {
             match jobs.recv_timeout(Duration::from_millis(200)) {
                 Ok(j) => j,
                 Err(RecvTimeoutError::Timeout) => {
-                    if sh.shutdown.load(Ordering::SeqCst) {
+                    if sh.shutdown.is_stopping() {
                         return;
                     }
                     continue;
@@ -129,7 +129,7 @@ pub fn worker(sh: Arc<Daemon>, jobs: Receiver<Job>, acks: Sender<AckWork>) {
                 }
             }
         };
-        if sh.shutdown.load(Ordering::SeqCst) {
+        if sh.shutdown.is_stopping() {
             let mut paths: Vec<_> = batch.drain(..).map(|r| r.read.path).collect();
             paths.push(job.path);
             sh.abandon(paths);
@@ -317,6 +317,12 @@ pub fn ack_collector(sh: Arc<Daemon>, rx: Receiver<AckWork>) {
             if let Err(e) = p.wait_blocking() {
                 put_err.get_or_insert(e);
             }
+        }
+        if (reply.is_err() || put_err.is_some()) && sh.shutdown.is_given_up() {
+            // The daemon stopped waiting for the receiver: what is unanswered stays in
+            // flight (the next start requeues it).
+            record(&mut done);
+            return;
         }
         let retry = |items: Vec<AckItem>, reason: String, delay: i64| {
             let paths: Vec<_> = items
@@ -638,7 +644,7 @@ fn read_large(sh: &Daemon, conn: &Conn, f: &Opened) -> Outcome {
             }
             window_bytes = 0;
         }
-        if sh.shutdown.load(Ordering::SeqCst) {
+        if sh.shutdown.is_stopping() {
             return Outcome::Retry("agent stopped while reading".into(), now_ms());
         }
     }

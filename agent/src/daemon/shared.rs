@@ -1,12 +1,14 @@
 //! What the daemon's threads share: the config, the journal, the keys, the connection
-//! manager, the shutdown flag and the live counters.
+//! manager, the shutdown signal and the live counters.
 
-use std::sync::atomic::{AtomicBool, AtomicU64};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
+use coffer_common::channel::StaticKeypair;
 use coffer_common::chunk::Crypto;
-use crossbeam_channel::Sender;
+use crossbeam_channel::{Receiver, Sender};
 
+use super::Shutdown;
 use crate::config::Config;
 use crate::conn::ConnManager;
 use crate::journal::Journal;
@@ -25,19 +27,45 @@ pub struct Counters {
 pub struct Daemon {
     pub cfg: Config,
     /// The watched folders; replaced as a whole when the config is reloaded.
-    pub watches: std::sync::RwLock<Arc<Vec<crate::config::Watch>>>,
+    pub watches: RwLock<Arc<Vec<crate::config::Watch>>>,
     /// The file a worker is reading (progress line).
     pub current: Mutex<String>,
     pub journal: Mutex<Journal>,
     /// The keys, set once unwrapped (before any worker starts).
-    pub keys: std::sync::OnceLock<Crypto>,
-    pub shutdown: AtomicBool,
+    pub keys: OnceLock<Crypto>,
+    /// The one signal every thread stops on.
+    pub shutdown: Shutdown,
+    /// Wakes the scheduler (see [`Daemon::wake`]).
     pub wake: Sender<()>,
     pub conn: ConnManager,
     pub counters: Counters,
 }
 
 impl Daemon {
+    /// The daemon's state for `cfg`, with its journal open, and the receiving end of
+    /// [`Daemon::wake`] for the scheduler. The connection manager escrows `keyfile`.
+    pub fn new(
+        cfg: Config,
+        journal: Journal,
+        keypair: StaticKeypair,
+        keyfile: Vec<u8>,
+        rt: tokio::runtime::Handle,
+    ) -> (Arc<Daemon>, Receiver<()>) {
+        let (wake, woken) = crossbeam_channel::bounded::<()>(1);
+        let sh = Daemon {
+            conn: ConnManager::new(cfg.clone(), keypair, rt, keyfile),
+            watches: RwLock::new(Arc::new(cfg.watches.clone())),
+            current: Mutex::new(String::new()),
+            cfg,
+            journal: Mutex::new(journal),
+            keys: OnceLock::new(),
+            shutdown: Shutdown::default(),
+            wake,
+            counters: Counters::default(),
+        };
+        (Arc::new(sh), woken)
+    }
+
     /// The keys (waits until they are unwrapped).
     pub fn crypto(&self) -> &Crypto {
         self.keys.wait()
@@ -63,6 +91,7 @@ impl Daemon {
         self.wake();
     }
 
+    /// Runs `f` on the journal; a failure is logged and answered `None`.
     pub fn journal<T>(
         &self,
         f: impl FnOnce(&mut Journal) -> Result<T, crate::journal::JournalError>,

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::{select, Receiver, Sender};
 
 use super::{notify_systemd, Daemon};
 use crate::config::{Config, Watch};
@@ -59,19 +59,19 @@ pub(super) fn control(
     let mtime = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
     let mut last = mtime(&sh.cfg.file);
     loop {
-        if sh.shutdown.load(Ordering::SeqCst) {
-            return;
-        }
-        let why = match reloads.recv_timeout(Duration::from_secs(2)) {
-            Ok(w) => w,
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+        let why = select! {
+            recv(reloads) -> w => match w {
+                Ok(w) => w,
+                Err(_) => return,
+            },
+            recv(sh.shutdown.signal()) -> _ => return,
+            default(Duration::from_secs(2)) => {
                 let now = mtime(&sh.cfg.file);
                 if now == last {
                     continue;
                 }
                 "config file changed"
             }
-            Err(_) => return,
         };
         last = mtime(&sh.cfg.file);
         notify_systemd(&[sd_notify::NotifyState::Reloading]);
@@ -128,7 +128,7 @@ pub(super) fn scheduler(sh: &Arc<Daemon>, jobs: Sender<crate::journal::Job>, wak
             notify_systemd(&[sd_notify::NotifyState::Watchdog]);
             last_ping = Instant::now();
         }
-        if sh.shutdown.load(Ordering::SeqCst) {
+        if sh.shutdown.is_stopping() {
             return;
         }
         let now = now_ms();
@@ -158,7 +158,11 @@ pub(super) fn scheduler(sh: &Arc<Daemon>, jobs: Sender<crate::journal::Job>, wak
                 Some(_) => Duration::from_millis(50),
                 None => Duration::from_secs(1),
             };
-            let _ = wake.recv_timeout(wait);
+            select! {
+                recv(wake) -> _ => {}
+                recv(sh.shutdown.signal()) -> _ => {}
+                default(wait) => {}
+            }
             continue;
         }
         for job in claimed {
@@ -167,7 +171,7 @@ pub(super) fn scheduler(sh: &Arc<Daemon>, jobs: Sender<crate::journal::Job>, wak
                 match jobs.send_timeout(job, Duration::from_millis(200)) {
                     Ok(()) => break,
                     Err(crossbeam_channel::SendTimeoutError::Timeout(j)) => {
-                        if sh.shutdown.load(Ordering::SeqCst) {
+                        if sh.shutdown.is_stopping() {
                             return;
                         }
                         if watchdog && last_ping.elapsed() >= ping_every {
@@ -186,7 +190,14 @@ pub(super) fn scheduler(sh: &Arc<Daemon>, jobs: Sender<crate::journal::Job>, wak
 /// Turns watcher events into dirty rows (and scans of new folders).
 pub(super) fn events(sh: Arc<Daemon>, rx: Receiver<Change>, scans: Sender<ScanRequest>) {
     let debounce = sh.cfg.debounce.as_millis() as i64;
-    while let Ok(first) = rx.recv() {
+    loop {
+        let first = select! {
+            recv(rx) -> c => match c {
+                Ok(c) => c,
+                Err(_) => return,
+            },
+            recv(sh.shutdown.signal()) -> _ => return,
+        };
         let (paths, rescan) = watch::collect_batch(&rx, first, Duration::from_millis(20), 20_000);
         let watches = sh.watches();
         if let Some(rp) = rescan {
@@ -258,7 +269,7 @@ pub(super) fn events(sh: Arc<Daemon>, rx: Receiver<Change>, scans: Sender<ScanRe
 }
 
 /// Each watch's journal rows, read for its startup scan while the watches are added.
-type Preloaded = HashMap<String, HashMap<Vec<u8>, Known>>;
+pub(super) type Preloaded = HashMap<String, HashMap<Vec<u8>, Known>>;
 
 /// Runs scans one at a time; reports readiness once the startup scans are journaled.
 pub(super) fn scanner(
@@ -272,9 +283,16 @@ pub(super) fn scanner(
     }
     let mut preload = preload;
     let mut preloaded: Preloaded = HashMap::new();
-    while let Ok(req) = rx.recv() {
-        if sh.shutdown.load(Ordering::SeqCst) {
-            return;
+    loop {
+        let req = select! {
+            recv(rx) -> r => match r {
+                Ok(r) => r,
+                Err(_) => break,
+            },
+            recv(sh.shutdown.signal()) -> _ => break,
+        };
+        if sh.shutdown.is_stopping() {
+            break;
         }
         let watches = sh.watches();
         let Some(w) = watches.iter().find(|w| w.name == req.watch) else {
@@ -313,6 +331,10 @@ pub(super) fn scanner(
         }
         let _ = sh.wake.try_send(());
     }
+    // Stopped before the startup scan took the preloaded rows.
+    if let Some(h) = preload {
+        let _ = h.join();
+    }
 }
 
 /// Periodic full rescans (more often for trees without OS watches).
@@ -325,8 +347,7 @@ pub(super) fn periodic(
     let fast = full.min(Duration::from_secs(10));
     let mut last_full = Instant::now();
     let mut last_fast = Instant::now();
-    while !sh.shutdown.load(Ordering::SeqCst) {
-        std::thread::sleep(Duration::from_millis(200));
+    while !sh.shutdown.sleep(Duration::from_millis(200)) {
         sh.conn.close_idle_query();
         if last_full.elapsed() >= full {
             last_full = Instant::now();
@@ -357,8 +378,7 @@ const CHECKPOINT_WAL_BYTES: u64 = 64 << 20;
 
 /// Checkpoints the journal off the writers' path (see [`crate::journal::Checkpointer`]).
 pub(super) fn checkpoints(sh: Arc<Daemon>, c: crate::journal::Checkpointer) {
-    while !sh.shutdown.load(Ordering::SeqCst) {
-        std::thread::sleep(Duration::from_millis(100));
+    while !sh.shutdown.sleep(Duration::from_millis(100)) {
         let t = Instant::now();
         match c.maybe_run(CHECKPOINT_WAL_BYTES) {
             Ok(Some((frames, done))) => tracing::debug!(
@@ -370,7 +390,9 @@ pub(super) fn checkpoints(sh: Arc<Daemon>, c: crate::journal::Checkpointer) {
             Ok(None) => {}
             Err(e) => {
                 tracing::warn!(error = %e, "checkpointing the journal failed; will retry");
-                std::thread::sleep(Duration::from_secs(5));
+                if sh.shutdown.sleep(Duration::from_secs(5)) {
+                    return;
+                }
             }
         }
     }
@@ -384,8 +406,7 @@ pub(super) fn progress(sh: Arc<Daemon>) {
     }
     let mut last_bytes = 0u64;
     let mut last = Instant::now();
-    while !sh.shutdown.load(Ordering::SeqCst) {
-        std::thread::sleep(Duration::from_millis(500));
+    while !sh.shutdown.sleep(Duration::from_millis(500)) {
         let s = sh.journal.lock().ok().and_then(|j| j.summary().ok());
         let bytes = sh.counters.bytes_read.load(Ordering::Relaxed);
         let rate = (bytes - last_bytes) as f64 / last.elapsed().as_secs_f64().max(0.001);
