@@ -321,9 +321,9 @@ impl Conn {
 ///
 /// Why two: the receiver answers a session's requests in order, and a reply that follows a
 /// commit waits until that commit is durable (group commit: packs fsynced, one index
-/// transaction). A worker that asks which chunks of a file the receiver lacks then waited
-/// behind the fsync of earlier files' data (64 MiB batches: a few hundred milliseconds),
-/// idle. On its own session the question is answered at once. Chunks put and not yet
+/// transaction). A worker that asks which chunks of a file the receiver lacks would wait,
+/// idle, behind the fsync of earlier files' batches. On its own session the question is
+/// answered at once. Chunks put and not yet
 /// flushed by any session are visible to every session's presence query, and a commit's
 /// flush makes every such chunk durable before it is acknowledged, so the answer is as
 /// sound as on the main connection. A chunk whose put is still queued on the main

@@ -352,9 +352,8 @@ struct Target {
     /// itself, a file that appeared there meanwhile is someone else's and stays.
     created: bool,
     /// Held while a part is written. Buffered writes to one file are serialized by the
-    /// kernel anyway (the inode lock), and a thread waiting there spins: two threads
-    /// writing the parts of one large file burned 7% of a restore's CPU spinning. This
-    /// lock makes the second writer sleep instead.
+    /// kernel on its inode lock, where a waiting thread spins; this lock makes the second
+    /// writer sleep instead.
     writing: Arc<Mutex<()>>,
     remaining: usize,
     failed: Option<String>,

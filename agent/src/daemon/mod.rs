@@ -8,6 +8,11 @@
 //! Readiness (`READY=1`) is reported to systemd once the first scan is journaled; the
 //! scheduler loop pings the watchdog. SIGTERM/SIGINT stop taking work, let outstanding
 //! acknowledgements arrive (with a deadline), and exit 0: pending work stays pending.
+//!
+//! This file holds `run` and its steps, the run lock and the errors that stop the daemon;
+//! `shared.rs` the state the threads share ([`Daemon`]), `shutdown.rs` the one signal they
+//! all stop on ([`Shutdown`]), `threads.rs` their loops (the uploader's are in
+//! [`crate::upload`]).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -157,7 +162,7 @@ struct StartKeys {
 }
 
 /// Reads the keys and the passphrase (asking for it now, on a terminal). Unwrapping the
-/// master key (Argon2id, a few hundred ms by design) waits: it runs beside the startup
+/// master key (Argon2id, slow by design) waits: it runs beside the startup
 /// scan, which needs no key, so a restart with nothing changed is settled as soon as the
 /// scan is.
 fn read_keys(cfg: &Config) -> Result<StartKeys, RunError> {
