@@ -318,87 +318,99 @@ pub fn ack_collector(sh: Arc<Daemon>, rx: Receiver<AckWork>) {
                 put_err.get_or_insert(e);
             }
         }
-        if (reply.is_err() || put_err.is_some()) && sh.shutdown.is_given_up() {
+        if reply.is_err() && sh.shutdown.is_given_up() {
             // The daemon stopped waiting for the receiver: what is unanswered stays in
             // flight (the next start requeues it).
             record(&mut done);
             return;
         }
-        let retry = |items: Vec<AckItem>, reason: String, delay: i64| {
-            let paths: Vec<_> = items
-                .into_iter()
-                .map(|i| (i.path, reason.clone()))
-                .collect();
-            sh.journal(|j| j.record_retry(&paths, now_ms() + delay));
-            sh.wake();
-        };
-        let acked = |i: AckItem, version: u64, commit_time: i64| Ack {
-            path: i.path,
-            gen: i.gen,
-            version: version as i64,
-            commit_time,
-            hash: i.hash,
-            kind: i.kind,
-            size: i.size,
-        };
-        match (reply, put_err) {
-            (
-                Ok(Message::FileAcked {
-                    version,
-                    commit_time,
-                    ..
-                }),
-                _,
-            ) if w.items.len() == 1 => {
-                for i in w.items {
-                    done.push(acked(i, version, commit_time));
-                }
-            }
-            (Ok(Message::FilesAcked { results }), _) if results.len() == w.items.len() => {
-                let mut refused = Vec::new();
-                for (i, r) in w.items.into_iter().zip(results) {
-                    match r {
-                        CommitResult::Acked {
-                            version,
-                            commit_time,
-                            ..
-                        } => done.push(acked(i, version, commit_time)),
-                        CommitResult::Failed { code, message } => {
-                            refused.push((
-                                i.path,
-                                format!("receiver refused the upload: {code:?}: {message}"),
-                            ));
-                        }
-                    }
-                }
-                if !refused.is_empty() {
-                    sh.journal(|j| j.record_retry(&refused, now_ms() + 5000));
-                    sh.wake();
-                }
-            }
-            (Ok(m), _) => {
-                retry(
-                    w.items,
-                    format!("unexpected reply {} to commit", m.kind()),
-                    5000,
-                );
-            }
-            (Err(e), put_err) => {
-                let e = put_err.unwrap_or(e);
-                if e.is_connection() {
-                    sh.conn.invalidate();
-                }
-                let reason = if e.is_connection() {
-                    format!("receiver unreachable: {e}")
-                } else {
-                    format!("receiver refused the upload: {e}")
-                };
-                let delay = if e.is_connection() { 0 } else { 5000 };
-                retry(w.items, reason, delay);
-            }
-        }
+        settle(&sh, w.items, reply, put_err, &mut done);
         if done.len() >= 2048 {
             record(&mut done);
+        }
+    }
+}
+
+/// Turns the answer to one commit (a `CommitFile` or a `PutFiles`) into acknowledgements,
+/// added to `done`, or into retries: a refusal after 5 s, a lost connection at once.
+fn settle(
+    sh: &Daemon,
+    items: Vec<AckItem>,
+    reply: Result<Message, ConnError>,
+    put_err: Option<ConnError>,
+    done: &mut Vec<Ack>,
+) {
+    let retry = |items: Vec<AckItem>, reason: String, delay: i64| {
+        let paths: Vec<_> = items
+            .into_iter()
+            .map(|i| (i.path, reason.clone()))
+            .collect();
+        sh.journal(|j| j.record_retry(&paths, now_ms() + delay));
+        sh.wake();
+    };
+    let acked = |i: AckItem, version: u64, commit_time: i64| Ack {
+        path: i.path,
+        gen: i.gen,
+        version: version as i64,
+        commit_time,
+        hash: i.hash,
+        kind: i.kind,
+        size: i.size,
+    };
+    match (reply, put_err) {
+        (
+            Ok(Message::FileAcked {
+                version,
+                commit_time,
+                ..
+            }),
+            _,
+        ) if items.len() == 1 => {
+            for i in items {
+                done.push(acked(i, version, commit_time));
+            }
+        }
+        (Ok(Message::FilesAcked { results }), _) if results.len() == items.len() => {
+            let mut refused = Vec::new();
+            for (i, r) in items.into_iter().zip(results) {
+                match r {
+                    CommitResult::Acked {
+                        version,
+                        commit_time,
+                        ..
+                    } => done.push(acked(i, version, commit_time)),
+                    CommitResult::Failed { code, message } => {
+                        refused.push((
+                            i.path,
+                            format!("receiver refused the upload: {code:?}: {message}"),
+                        ));
+                    }
+                }
+            }
+            if !refused.is_empty() {
+                sh.journal(|j| j.record_retry(&refused, now_ms() + 5000));
+                sh.wake();
+            }
+        }
+        (Ok(m), _) => {
+            retry(
+                items,
+                format!("unexpected reply {} to commit", m.kind()),
+                5000,
+            );
+        }
+        (Err(e), put_err) => {
+            let e = put_err.unwrap_or(e);
+            if e.is_connection() {
+                sh.conn.invalidate();
+            }
+            let reason = if e.is_connection() {
+                format!("receiver unreachable: {e}")
+            } else {
+                format!("receiver refused the upload: {e}")
+            };
+            let delay = if e.is_connection() { 0 } else { 5000 };
+            retry(items, reason, delay);
         }
     }
 }
