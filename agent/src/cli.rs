@@ -26,7 +26,7 @@ pub enum CliError {
     #[error(transparent)]
     Run(#[from] RunError),
     #[error(transparent)]
-    Status(#[from] JournalError),
+    Journal(#[from] JournalError),
     #[error(transparent)]
     Restore(#[from] RestoreError),
     #[error(transparent)]
