@@ -162,9 +162,8 @@ struct StartKeys {
 }
 
 /// Reads the keys and the passphrase (asking for it now, on a terminal). Unwrapping the
-/// master key (Argon2id, slow by design) waits: it runs beside the startup
-/// scan, which needs no key, so a restart with nothing changed is settled as soon as the
-/// scan is.
+/// master key (Argon2id, slow by design) waits: it runs beside the startup scan, which
+/// needs no key, so a restart with nothing changed is settled as soon as the scan is.
 fn read_keys(cfg: &Config) -> Result<StartKeys, RunError> {
     let keypair = state::load_agent_key(cfg)?;
     let path = cfg.keyfile_path();
