@@ -1,15 +1,62 @@
-//! The command line (clap derive). `main.rs` only parses and calls [`run`].
+//! The command line (clap derive) and the dispatch of each command to the library.
+//! `main.rs` only parses, calls [`run`] and prints a [`CliError`].
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use coffer_common::channel::{PublicKey, StaticKeypair};
+use coffer_common::channel::{ChannelError, ParseKeyError, PublicKey, StaticKeypair};
+use coffer_common::host::fs::{Context as _, IoError};
 use coffer_common::host::log::LogArgs;
-use coffer_common::keys::{self, KdfParams, MasterSecret};
+use coffer_common::keys::{self, KdfParams, KeyError, MasterSecret};
 
-use crate::config::{check_watch_name, host_name, Config, RawConfig, RawWatch};
+use crate::config::{check_watch_name, host_name, Config, ConfigError, RawConfig, RawWatch};
+use crate::daemon::RunError;
+use crate::journal::JournalError;
+use crate::restore::RestoreError;
+use crate::service::ServiceError;
+use crate::state::StateError;
 use crate::{daemon, restore, service, state, status};
+
+/// Why a command failed. Each variant says it in the words the user sees after `error: `
+/// (with its causes, as `coffer_common::error_text` prints them).
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Run(#[from] RunError),
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error(transparent)]
+    Restore(#[from] RestoreError),
+    #[error(transparent)]
+    Service(#[from] ServiceError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error(transparent)]
+    Channel(#[from] ChannelError),
+    #[error(transparent)]
+    Io(#[from] IoError),
+    /// Writing generated text (completions, the man page) to standard output.
+    #[error(transparent)]
+    Stdout(std::io::Error),
+    /// A bad `--at`, or a folder name that cannot be a watch name.
+    #[error("{0}")]
+    Usage(String),
+    #[error("--receiver-key")]
+    ReceiverKey(#[source] ParseKeyError),
+    #[error(
+        "config {} already exists; refusing to overwrite it (remove it first to start over)",
+        .0.display()
+    )]
+    ConfigExists(PathBuf),
+    #[error("two --watch folders are named {0:?}; rename one in the config after init")]
+    SameWatchName(String),
+    #[error(transparent)]
+    Toml(#[from] toml::ser::Error),
+}
 
 /// Coffer backup agent: watches folders and backs up every change, end-to-end encrypted.
 #[derive(Parser, Debug)]
@@ -182,18 +229,18 @@ pub struct VerifyArgs {
 }
 
 /// Parses an optional `--at` (RFC 3339 or unix seconds).
-fn parse_at(at: Option<&str>) -> Result<Option<i64>> {
+fn parse_at(at: Option<&str>) -> Result<Option<i64>, CliError> {
     at.map(coffer_common::host::time::parse_time)
         .transpose()
-        .map_err(anyhow::Error::msg)
+        .map_err(CliError::Usage)
 }
 
-fn load(c: &ConfigArg) -> Result<Config> {
+fn load(c: &ConfigArg) -> Result<Config, CliError> {
     Ok(Config::load(&c.config)?)
 }
 
 /// Runs a parsed command line.
-pub fn run(cli: Cli) -> Result<()> {
+pub fn run(cli: Cli) -> Result<(), CliError> {
     match cli.cmd {
         Cmd::Init(a) => init(a),
         Cmd::Run(a) => Ok(daemon::run(
@@ -233,7 +280,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Man => {
             use clap::CommandFactory;
             let mut buf = Vec::new();
-            clap_mangen::Man::new(Cli::command()).render(&mut buf)?;
+            clap_mangen::Man::new(Cli::command())
+                .render(&mut buf)
+                .map_err(CliError::Stdout)?;
             print_bytes(&buf)
         }
         Cmd::Status(a) => {
@@ -275,54 +324,46 @@ pub fn run(cli: Cli) -> Result<()> {
 }
 
 /// Writes generated text to stdout; a reader that went away (`| head`) is not an error.
-fn print_bytes(buf: &[u8]) -> Result<()> {
+fn print_bytes(buf: &[u8]) -> Result<(), CliError> {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     match out.write_all(buf).and_then(|_| out.flush()) {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        r => Ok(r?),
+        r => r.map_err(CliError::Stdout),
     }
 }
 
-fn init(a: InitArgs) -> Result<()> {
+fn init(a: InitArgs) -> Result<(), CliError> {
     if a.config.exists() {
-        bail!(
-            "config {} already exists; refusing to overwrite it (remove it first to start over)",
-            a.config.display()
-        );
+        return Err(CliError::ConfigExists(a.config));
     }
-    let receiver_key: PublicKey = a
-        .receiver_key
-        .parse()
-        .with_context(|| "--receiver-key".to_string())?;
+    let receiver_key: PublicKey = a.receiver_key.parse().map_err(CliError::ReceiverKey)?;
     let config_dir = a
         .config
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
-    std::fs::create_dir_all(&config_dir)
-        .with_context(|| format!("creating {}", config_dir.display()))?;
-    let config_dir = std::path::absolute(&config_dir)?;
+    std::fs::create_dir_all(&config_dir).ctx("creating", &config_dir)?;
+    let config_dir = std::path::absolute(&config_dir).ctx("resolving", &config_dir)?;
     let state_dir = match &a.state_dir {
-        Some(s) => std::path::absolute(s)?,
+        Some(s) => std::path::absolute(s).ctx("resolving", s)?,
         None => config_dir.join("state"),
     };
     let mut watches = Vec::new();
     for w in &a.watch {
-        std::fs::create_dir_all(w)
-            .with_context(|| format!("creating watched folder {}", w.display()))?;
-        let abs = std::fs::canonicalize(w).with_context(|| format!("{}", w.display()))?;
+        std::fs::create_dir_all(w).ctx("creating watched folder", w)?;
+        let abs = std::fs::canonicalize(w).ctx("resolving", w)?;
         let name = abs
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "root".into());
-        check_watch_name(&name).map_err(anyhow::Error::msg)?;
+        check_watch_name(&name).map_err(CliError::Usage)?;
         if watches
             .iter()
             .any(|x: &RawWatch| x.name.as_deref() == Some(&name))
         {
-            bail!("two --watch folders are named {name:?}; rename one in the config after init");
+            return Err(CliError::SameWatchName(name));
         }
         watches.push(RawWatch {
             path: abs,
@@ -338,7 +379,7 @@ fn init(a: InitArgs) -> Result<()> {
         passphrase_file: a
             .passphrase_file
             .as_deref()
-            .map(std::path::absolute)
+            .map(|p| std::path::absolute(p).ctx("resolving", p))
             .transpose()?,
         debounce: "2s".into(),
         rescan_interval: "1h".into(),
@@ -346,8 +387,7 @@ fn init(a: InitArgs) -> Result<()> {
         watch: watches,
     };
     let cfg = Config::from_raw(&a.config, raw.clone())?;
-    std::fs::create_dir_all(&state_dir)
-        .with_context(|| format!("creating {}", state_dir.display()))?;
+    std::fs::create_dir_all(&state_dir).ctx("creating", &state_dir)?;
     if !a.recover {
         let pass = state::passphrase(cfg.passphrase_file.as_deref(), true)?;
         let master = MasterSecret::generate()?;
@@ -360,7 +400,7 @@ fn init(a: InitArgs) -> Result<()> {
         "# Coffer agent configuration. Every key is described in README.md (Configuration).\n{}",
         toml::to_string_pretty(&raw)?
     );
-    std::fs::write(&a.config, text).with_context(|| format!("writing {}", a.config.display()))?;
+    std::fs::write(&a.config, text).ctx("writing", &a.config)?;
     println!("{}", kp.public());
     if a.recover {
         eprintln!(

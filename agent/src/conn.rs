@@ -1,4 +1,6 @@
-//! A pipelined connection to the receiver.
+//! The connection to the receiver: a pipelined [`Conn`], and the daemon's
+//! [`ConnManager`] that keeps one up (reconnecting with back-off), opens the query lane
+//! for presence questions, and escrows the wrapped key file once connected.
 //!
 //! Requests go through a bounded queue to a writer task; replies come back in order and are
 //! matched by a reader task to the oldest outstanding request. Callers may issue many
@@ -6,12 +8,19 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use coffer_common::channel::{self, ChannelError, PublicKey, StaticKeypair};
+use coffer_common::chunk::ChunkId;
+use coffer_common::host::time::now_ms;
 use coffer_common::wire::{ErrorCode, Message, PROTOCOL_VERSION};
 use tokio::sync::{mpsc, oneshot};
+use tokio::task::AbortHandle;
+
+use crate::config::Config;
+use crate::daemon::Daemon;
+use crate::journal::MetaKey;
 
 /// Errors talking to the receiver.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -41,26 +50,47 @@ impl ConnError {
 
 type Reply = oneshot::Sender<Result<Message, ConnError>>;
 
-struct Shared {
+/// What a connection's handles and its writer and reader tasks share: the replies awaited
+/// (oldest first), and whether and why the connection failed.
+struct ConnState {
     pending: Mutex<VecDeque<Reply>>,
+    /// Set while `pending` is locked: no reply is queued once it is.
     closed: AtomicBool,
     reason: Mutex<String>,
+    /// The writer and reader tasks, stopped by [`Conn::close`].
+    tasks: OnceLock<[AbortHandle; 2]>,
 }
 
-impl Shared {
+impl ConnState {
     fn fail_all(&self, why: &str) {
-        self.closed.store(true, Ordering::SeqCst);
         if let Ok(mut r) = self.reason.lock() {
             if r.is_empty() {
                 *r = why.to_string();
             }
         }
         let drained: Vec<Reply> = match self.pending.lock() {
-            Ok(mut p) => p.drain(..).collect(),
-            Err(_) => Vec::new(),
+            Ok(mut p) => {
+                self.closed.store(true, Ordering::SeqCst);
+                p.drain(..).collect()
+            }
+            Err(_) => {
+                self.closed.store(true, Ordering::SeqCst);
+                Vec::new()
+            }
         };
         for tx in drained {
             let _ = tx.send(Err(ConnError::Lost(why.to_string())));
+        }
+    }
+
+    /// Fails every awaited reply and stops both tasks: a request still queued is dropped
+    /// (its reply fails), and a sender waiting for room in the queue wakes.
+    fn close(&self, why: &str) {
+        self.fail_all(why);
+        if let Some(tasks) = self.tasks.get() {
+            for t in tasks {
+                t.abort();
+            }
         }
     }
 }
@@ -108,7 +138,7 @@ fn check_error(m: Message) -> Result<Message, ConnError> {
 #[derive(Clone)]
 pub struct Conn {
     tx: mpsc::Sender<(Message, Reply)>,
-    shared: Arc<Shared>,
+    state: Arc<ConnState>,
     /// The repository the receiver maps this agent to.
     pub repo: String,
 }
@@ -171,30 +201,35 @@ impl Conn {
             m => return Err(ConnError::Unexpected(m.kind())),
         };
         let (mut w, mut r) = ch.split();
-        let shared = Arc::new(Shared {
+        let state = Arc::new(ConnState {
             pending: Mutex::new(VecDeque::new()),
             closed: AtomicBool::new(false),
             reason: Mutex::new(String::new()),
+            tasks: OnceLock::new(),
         });
         let (tx, mut rx) = mpsc::channel::<(Message, Reply)>(QUEUE);
-        let sw = shared.clone();
-        tokio::spawn(async move {
+        let sw = state.clone();
+        let writer = tokio::spawn(async move {
             // Everything already waiting is encrypted into one buffer and written with one
             // system call (many small files cost one write, not one each).
             while let Some(first) = rx.recv().await {
                 let mut next = Some(first);
                 while let Some((msg, reply)) = next.take() {
-                    if sw.closed.load(Ordering::SeqCst) {
+                    // Checked under the lock `fail_all` drains with: a reply is either
+                    // queued before the drain (and failed by it) or refused here.
+                    let refused = match sw.pending.lock() {
+                        Ok(mut p) if !sw.closed.load(Ordering::SeqCst) => {
+                            p.push_back(reply);
+                            None
+                        }
+                        Ok(_) => Some(reply),
+                        Err(_) => return,
+                    };
+                    if let Some(reply) = refused {
                         let why = sw.reason.lock().map(|r| r.clone()).unwrap_or_default();
                         let _ = reply.send(Err(ConnError::Lost(why)));
-                    } else {
-                        match sw.pending.lock() {
-                            Ok(mut p) => p.push_back(reply),
-                            Err(_) => return,
-                        }
-                        if let Err(e) = w.queue(&msg) {
-                            sw.fail_all(&format!("sending: {e}"));
-                        }
+                    } else if let Err(e) = w.queue(&msg) {
+                        sw.fail_all(&format!("sending: {e}"));
                     }
                     if w.queued() < WRITE_BATCH {
                         next = rx.try_recv().ok();
@@ -206,8 +241,8 @@ impl Conn {
             }
             let _ = w.shutdown().await;
         });
-        let sr = shared.clone();
-        tokio::spawn(async move {
+        let sr = state.clone();
+        let reader = tokio::spawn(async move {
             loop {
                 match r.recv().await {
                     Ok(m) => {
@@ -235,12 +270,21 @@ impl Conn {
                 }
             }
         });
-        Ok(Conn { tx, shared, repo })
+        let _ = state
+            .tasks
+            .set([writer.abort_handle(), reader.abort_handle()]);
+        Ok(Conn { tx, state, repo })
+    }
+
+    /// Closes the connection: every reply awaited on it fails with `why`, and its tasks
+    /// stop (see [`ConnManager::close`]).
+    pub fn close(&self, why: &str) {
+        self.state.close(why);
     }
 
     /// True once the connection has failed.
     pub fn is_closed(&self) -> bool {
-        self.shared.closed.load(Ordering::SeqCst) || self.tx.is_closed()
+        self.state.closed.load(Ordering::SeqCst) || self.tx.is_closed()
     }
 
     /// Queues a request (async); the reply is awaited separately.
@@ -270,5 +314,248 @@ impl Conn {
     /// Sends a request and waits for its reply, from a non-async thread.
     pub fn call_blocking(&self, m: Message) -> Result<Message, ConnError> {
         self.start_blocking(m)?.wait_blocking()
+    }
+}
+
+/// Keeps the connection to the receiver, reconnecting with capped exponential back-off, and
+/// a second one for presence questions (the *query lane*).
+///
+/// Why two: the receiver answers a session's requests in order, and a reply that follows a
+/// commit waits until that commit is durable (group commit: packs fsynced, one index
+/// transaction). A worker that asks which chunks of a file the receiver lacks would wait,
+/// idle, behind the fsync of earlier files' batches. On its own session the question is
+/// answered at once. Chunks put and not yet
+/// flushed by any session are visible to every session's presence query, and a commit's
+/// flush makes every such chunk durable before it is acknowledged, so the answer is as
+/// sound as on the main connection. A chunk whose put is still queued on the main
+/// connection may be reported missing and be put twice; the receiver stores it once.
+///
+/// The query lane is connected in the background and used once it is up; until then, and
+/// whenever it fails, questions go on the main connection, so it never delays an upload.
+/// It is closed after [`QUERY_IDLE`] without a question, so an idle agent holds one of
+/// the receiver's sessions (`max_sessions`), not two.
+pub struct ConnManager {
+    cfg: Config,
+    keypair: Arc<coffer_common::channel::StaticKeypair>,
+    rt: tokio::runtime::Handle,
+    cur: Mutex<Option<Conn>>,
+    /// The main connection, for [`ConnManager::close`], which cannot wait for `cur`: a
+    /// connect or the escrow holds it while waiting for the receiver.
+    main: Mutex<Weak<ConnState>>,
+    query: Arc<Mutex<QueryLane>>,
+    keyfile: Vec<u8>,
+}
+
+/// The query lane's state.
+#[derive(Default)]
+struct QueryLane {
+    conn: Option<Conn>,
+    connecting: bool,
+    /// Not before this (after a failed attempt).
+    retry_at: Option<std::time::Instant>,
+    /// When the lane last carried (or was opened for) a question.
+    last_used: Option<std::time::Instant>,
+}
+
+/// Wait after a failed attempt to open the query lane.
+const QUERY_RETRY: Duration = Duration::from_secs(30);
+/// The query lane is closed after this long without a question.
+pub const QUERY_IDLE: Duration = Duration::from_secs(10);
+
+impl ConnManager {
+    pub fn new(
+        cfg: Config,
+        keypair: coffer_common::channel::StaticKeypair,
+        rt: tokio::runtime::Handle,
+        keyfile: Vec<u8>,
+    ) -> Self {
+        Self {
+            cfg,
+            keypair: Arc::new(keypair),
+            rt,
+            cur: Mutex::new(None),
+            main: Mutex::new(Weak::new()),
+            query: Arc::default(),
+            keyfile,
+        }
+    }
+
+    /// The query lane if it is up; otherwise starts opening it in the background (at most
+    /// one attempt at a time, one per [`QUERY_RETRY`] after a failure) and returns `None`.
+    pub fn query(&self) -> Option<Conn> {
+        let mut q = self.query.lock().ok()?;
+        let now = std::time::Instant::now();
+        if let Some(c) = &q.conn {
+            if !c.is_closed() {
+                let c = c.clone();
+                q.last_used = Some(now);
+                return Some(c);
+            }
+            q.conn = None;
+        }
+        if q.connecting || q.retry_at.is_some_and(|t| now < t) {
+            return None;
+        }
+        q.connecting = true;
+        drop(q);
+        let (lane, keypair) = (self.query.clone(), self.keypair.clone());
+        let (addr, key, name) = (
+            self.cfg.receiver.clone(),
+            self.cfg.receiver_key,
+            self.cfg.name.clone(),
+        );
+        self.rt.spawn(async move {
+            let r = Conn::connect(&addr, &key, &keypair, &name).await;
+            let Ok(mut q) = lane.lock() else { return };
+            q.connecting = false;
+            match r {
+                Ok(c) => {
+                    tracing::debug!(receiver = %addr, "query lane connected");
+                    q.conn = Some(c);
+                    q.last_used = Some(std::time::Instant::now());
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "query lane not available; asking on the main connection");
+                    q.retry_at = Some(std::time::Instant::now() + QUERY_RETRY);
+                }
+            }
+        });
+        None
+    }
+
+    /// Closes the query lane if it has carried no question for [`QUERY_IDLE`] (called
+    /// periodically).
+    pub fn close_idle_query(&self) {
+        if let Ok(mut q) = self.query.lock() {
+            if q.conn.is_some() && q.last_used.is_none_or(|t| t.elapsed() >= QUERY_IDLE) {
+                tracing::debug!("query lane idle; closing it");
+                q.conn = None;
+            }
+        }
+    }
+
+    /// Forgets a query lane that failed.
+    fn drop_query(&self) {
+        if let Ok(mut q) = self.query.lock() {
+            q.conn = None;
+        }
+    }
+
+    /// The live connection, connecting first if needed; `None` once shutting down.
+    pub fn get(&self, sh: &Daemon) -> Option<Conn> {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            if sh.shutdown.is_stopping() {
+                return None;
+            }
+            let mut cur = self.cur.lock().ok()?;
+            if let Some(c) = cur.as_ref() {
+                if !c.is_closed() {
+                    return Some(c.clone());
+                }
+                *cur = None;
+            }
+            let connect = Conn::connect(
+                &self.cfg.receiver,
+                &self.cfg.receiver_key,
+                &self.keypair,
+                &self.cfg.name,
+            );
+            // A connect (up to its timeout) is given up as soon as the daemon stops.
+            let res = self.rt.block_on(async {
+                tokio::select! {
+                    r = connect => Some(r),
+                    _ = sh.shutdown.stopped() => None,
+                }
+            })?;
+            match res {
+                Ok(c) => {
+                    tracing::info!(receiver = %self.cfg.receiver, repo = %c.repo, "connected to receiver");
+                    if let Ok(mut m) = self.main.lock() {
+                        *m = Arc::downgrade(&c.state);
+                    }
+                    sh.journal(|j| {
+                        j.set_meta(MetaKey::ReceiverState, "connected")?;
+                        j.set_meta(MetaKey::ReceiverStateAt, &now_ms().to_string())
+                    });
+                    self.escrow(sh, &c);
+                    *cur = Some(c.clone());
+                    return Some(c);
+                }
+                Err(e) => {
+                    drop(cur);
+                    tracing::warn!(error = %e, retry_in = ?backoff, "receiver not available");
+                    sh.journal(|j| {
+                        j.set_meta(MetaKey::ReceiverState, &format!("unreachable: {e}"))?;
+                        j.set_meta(MetaKey::ReceiverStateAt, &now_ms().to_string())
+                    });
+                    if sh.shutdown.sleep(backoff) {
+                        return None;
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// Forgets a connection that failed.
+    pub fn invalidate(&self) {
+        if let Ok(mut c) = self.cur.lock() {
+            if c.as_ref().is_some_and(Conn::is_closed) {
+                *c = None;
+            }
+        }
+    }
+
+    /// Closes the main connection and the query lane (the last step of a stop, past its
+    /// deadline): every wait for a reply on them returns an error.
+    pub fn close(&self, why: &str) {
+        let main = self.main.lock().ok().and_then(|m| m.upgrade());
+        if let Some(state) = main {
+            state.close(why);
+        }
+        if let Ok(q) = self.query.lock() {
+            if let Some(c) = &q.conn {
+                c.close(why);
+            }
+        }
+    }
+
+    fn escrow(&self, sh: &Daemon, c: &Conn) {
+        let done = sh
+            .journal(|j| j.meta(MetaKey::KeyEscrowed))
+            .flatten()
+            .is_some_and(|v| v == "1");
+        if done || self.keyfile.is_empty() {
+            return;
+        }
+        let r = self.rt.block_on(c.call(Message::PutKeyFile {
+            data: self.keyfile.clone(),
+        }));
+        match r {
+            Ok(Message::KeyFileStored) => {
+                tracing::info!(
+                    "wrapped key file escrowed on the receiver (for recovery with the passphrase)"
+                );
+                sh.journal(|j| j.set_meta(MetaKey::KeyEscrowed, "1"));
+            }
+            Ok(m) => tracing::warn!(reply = m.kind(), "unexpected reply to key escrow"),
+            Err(e) => tracing::warn!(error = %e, "escrowing the key file failed; will retry"),
+        }
+    }
+
+    /// Asks the receiver which of `ids` it lacks: on the query lane when it is up (falling back
+    /// to the main connection if the lane fails), else on the main connection.
+    pub fn ask_missing(&self, conn: &Conn, ids: Vec<ChunkId>) -> Result<Message, ConnError> {
+        if let Some(q) = self.query() {
+            match q.call_blocking(Message::HaveChunks { ids: ids.clone() }) {
+                Err(e) if e.is_connection() => {
+                    tracing::debug!(error = %e, "query lane lost; asking on the main connection");
+                    self.drop_query();
+                }
+                r => return r,
+            }
+        }
+        conn.call_blocking(Message::HaveChunks { ids })
     }
 }

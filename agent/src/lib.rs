@@ -3,13 +3,16 @@
 //! - [`config`]: the TOML configuration.
 //! - [`state`]: the state dir: agent key, wrapped master key, passphrase.
 //! - [`journal`]: SQLite, the only owner of the journal connection; file states.
-//! - [`watch`] and [`scan`]: notify events and tree scans become dirty rows.
+//! - [`watch`]: notify events become dirty paths; the OS watches and their fallbacks.
+//! - [`scan`]: tree scans compared with the journal become dirty rows.
+//! - [`daemon`]: `run`: its threads, their shared state and the one shutdown signal.
 //! - [`upload`]: workers read, chunk, seal and send; a collector records acks.
-//! - [`daemon`]: `run`, tying the threads together.
-//! - [`conn`]: the pipelined connection to the receiver.
+//! - [`conn`]: the pipelined connection to the receiver; reconnects, query lane, escrow.
 //! - [`restore`]: `ls`, `versions`, `restore`, `verify`.
 //! - [`status`]: `status`, from the journal alone.
-//! - [`cli`]: the command line.
+//! - [`metrics`]: `run --metrics`: Prometheus series at `/metrics`.
+//! - [`service`]: `service install|uninstall` (systemd units, launchd plist).
+//! - [`cli`]: the command line and its typed errors (`main.rs` only parses and prints).
 
 pub mod cli;
 pub mod config;

@@ -1,3 +1,5 @@
+//! The `coffer-agent` binary: parses the command line and hands it to the library.
+
 use clap::Parser;
 use coffer_agent::cli::{self, Cli};
 
@@ -7,7 +9,7 @@ fn main() -> std::process::ExitCode {
     match cli::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", coffer_common::error_text(e.as_ref()));
+            eprintln!("error: {}", coffer_common::error_text(&e));
             std::process::ExitCode::FAILURE
         }
     }

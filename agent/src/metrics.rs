@@ -16,11 +16,11 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::daemon::Daemon;
 use crate::journal::{CounterKey, MetaKey};
-use crate::upload::Shared;
 
 /// Renders the metrics text.
-pub fn render(sh: &Shared, rate: f64) -> String {
+pub fn render(sh: &Daemon, rate: f64) -> String {
     let mut reg = Registry::default();
     let files = Family::<Vec<(String, String)>, Gauge>::default();
     let pending_bytes: Gauge = Gauge::default();
@@ -119,7 +119,7 @@ pub fn render(sh: &Shared, rate: f64) -> String {
 }
 
 /// Starts the HTTP endpoint on the runtime.
-pub fn serve(rt: &tokio::runtime::Runtime, sh: Arc<Shared>, addr: &str) -> std::io::Result<()> {
+pub fn serve(rt: &tokio::runtime::Runtime, sh: Arc<Daemon>, addr: &str) -> std::io::Result<()> {
     let listener = rt.block_on(tokio::net::TcpListener::bind(addr))?;
     tracing::info!(addr = %listener.local_addr()?, "metrics at /metrics");
     let last = Arc::new(Mutex::new((Instant::now(), 0u64)));

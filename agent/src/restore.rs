@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use coffer_common::chunk::{ChunkId, Crypto, FileId, Opened, MAX_PLAIN, SEAL_OVERHEAD};
+use coffer_common::host::fs::{Context as _, IoError};
 use coffer_common::host::time::rfc3339;
 use coffer_common::manifest::{safe_components, EntryKind, Manifest};
 use coffer_common::wire::{Message, VersionEntry};
@@ -38,11 +39,10 @@ pub enum RestoreError {
     Conn(#[from] ConnError),
     #[error("{0}")]
     Usage(String),
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
+    #[error("starting runtime: {0}")]
+    Runtime(#[source] std::io::Error),
     #[error("{failed} of {total} files could not be restored (see the messages above)")]
     Partial { failed: usize, total: usize },
     #[error("{0} damaged or missing files (see the messages above)")]
@@ -73,27 +73,25 @@ impl Session {
     pub fn open(cfg: &Config) -> Result<(Self, Vec<Item>), RestoreError> {
         let t0 = std::time::Instant::now();
         let keypair = state::load_agent_key(cfg)?;
+        let kf = cfg.keyfile_path();
+        let local = read_keyfile(&kf)?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
-            .map_err(|e| RestoreError::Usage(format!("starting runtime: {e}")))?;
+            .map_err(RestoreError::Runtime)?;
         let conn = rt.block_on(Conn::connect(
             &cfg.receiver,
             &cfg.receiver_key,
             &keypair,
             &cfg.name,
         ))?;
-        let kf = cfg.keyfile_path();
-        let (bytes, origin, escrowed) = if kf.exists() {
-            let bytes = std::fs::read(&kf).map_err(|source| RestoreError::Io {
-                path: kf.display().to_string(),
-                source,
-            })?;
-            (bytes, kf.clone(), false)
-        } else {
-            let bytes = fetch_keyfile(&rt, &conn)?;
-            (bytes, PathBuf::from("escrowed key file"), true)
+        let (bytes, origin, escrowed) = match local {
+            Some(bytes) => (bytes, kf.clone(), false),
+            None => {
+                let bytes = fetch_keyfile(&rt, &conn)?;
+                (bytes, PathBuf::from("escrowed key file"), true)
+            }
         };
         let pass = state::unlock_passphrase(cfg, &bytes, &origin)?;
         // Pages listed before the keys are ready wait sealed; once they are, each page is
@@ -146,6 +144,17 @@ impl Session {
             "connected, keys unlocked, versions listed and opened"
         );
         Ok((Session { rt, conn, crypto }, items))
+    }
+}
+
+/// This machine's key file, or `None` when it has none (a new machine: the escrowed one is
+/// fetched). Only a missing file is `None`: one that exists but cannot be read is an error
+/// that names it, never a reason to fetch another key file and ask for its passphrase.
+fn read_keyfile(path: &Path) -> Result<Option<Vec<u8>>, RestoreError> {
+    match std::fs::read(path) {
+        Ok(b) => Ok(Some(b)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(IoError::new("reading key file", path, e).into()),
     }
 }
 
@@ -343,9 +352,8 @@ struct Target {
     /// itself, a file that appeared there meanwhile is someone else's and stays.
     created: bool,
     /// Held while a part is written. Buffered writes to one file are serialized by the
-    /// kernel anyway (the inode lock), and a thread waiting there spins: two threads
-    /// writing the parts of one large file burned 7% of a restore's CPU spinning. This
-    /// lock makes the second writer sleep instead.
+    /// kernel on its inode lock, where a waiting thread spins; this lock makes the second
+    /// writer sleep instead.
     writing: Arc<Mutex<()>>,
     remaining: usize,
     failed: Option<String>,
@@ -367,14 +375,10 @@ pub fn restore(cfg: &Config, o: RestoreOpts) -> Result<(), RestoreError> {
     if o.to.as_os_str() == "-" {
         return dump(&s, &sel, &o);
     }
-    let io = |p: &Path, source| RestoreError::Io {
-        path: p.display().to_string(),
-        source,
-    };
     let root_empty = match std::fs::symlink_metadata(&o.to) {
         Ok(m) if m.is_dir() => {
             let nonempty = std::fs::read_dir(&o.to)
-                .map_err(|e| io(&o.to, e))?
+                .ctx("reading", &o.to)?
                 .next()
                 .is_some();
             if nonempty && !o.overwrite {
@@ -392,7 +396,7 @@ pub fn restore(cfg: &Config, o: RestoreOpts) -> Result<(), RestoreError> {
             )))
         }
         Err(_) => {
-            std::fs::create_dir_all(&o.to).map_err(|e| io(&o.to, e))?;
+            std::fs::create_dir_all(&o.to).ctx("creating", &o.to)?;
             true
         }
     };
@@ -934,15 +938,9 @@ fn dump(s: &Session, sel: &BTreeMap<Vec<u8>, Item>, o: &RestoreOpts) -> Result<(
             }
             m => return Err(ConnError::Unexpected(m.kind()).into()),
         };
-        out.write_all(&plain).map_err(|e| RestoreError::Io {
-            path: "stdout".into(),
-            source: e,
-        })?;
+        out.write_all(&plain).ctx("writing", Path::new("stdout"))?;
     }
-    out.flush().map_err(|e| RestoreError::Io {
-        path: "stdout".into(),
-        source: e,
-    })
+    Ok(out.flush().ctx("writing", Path::new("stdout"))?)
 }
 
 /// `verify`: checks that every chunk referenced by the latest (or all) versions exists, and
@@ -1096,5 +1094,38 @@ mod tests {
         let sub = select(&items, None, &[b"w/sub".to_vec()]);
         assert_eq!(sub.len(), 1);
         assert!(sub.contains_key(b"w/sub/b".as_slice()));
+    }
+
+    /// A key file that exists but cannot be read is reported as such: not taken for a
+    /// missing one (which would fetch the escrowed key file and ask for its passphrase).
+    #[test]
+    fn an_unreadable_key_file_is_named_not_replaced_by_the_escrowed_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("agent.toml");
+        std::fs::write(
+            &p,
+            format!(
+                "receiver = \"127.0.0.1:1\"\nreceiver_key = \"{}\"\nstate_dir = \"{}\"\n",
+                "A".repeat(43),
+                dir.path().join("state").display()
+            ),
+        )
+        .expect("write config");
+        let cfg = Config::load(&p).expect("config");
+        let kp = coffer_common::channel::StaticKeypair::generate().expect("keypair");
+        state::write_private(&cfg.agent_key_path(), &kp.to_bytes()).expect("agent key");
+        // A key file that cannot be read, also by root: a symlink to itself.
+        std::os::unix::fs::symlink(cfg.keyfile_path(), cfg.keyfile_path()).expect("symlink");
+        let e = match Session::open(&cfg) {
+            Err(e) => e,
+            Ok(_) => panic!("opened a session with an unreadable key file"),
+        };
+        let text = coffer_common::error_text(&e);
+        assert!(matches!(e, RestoreError::Io(_)), "{text}");
+        assert!(text.starts_with("reading key file "), "{text}");
+        assert!(!text.contains("passphrase"), "{text}");
+        assert!(read_keyfile(&dir.path().join("none"))
+            .expect("absent")
+            .is_none());
     }
 }

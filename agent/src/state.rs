@@ -1,24 +1,25 @@
 //! The agent's state directory: its static key, the wrapped master key, the passphrase.
 
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use coffer_common::channel::StaticKeypair;
 use coffer_common::chunk::Crypto;
+use coffer_common::host::fs::{self as hostfs, Context as _, IoError};
 use coffer_common::keys::{self, KeyError, Passphrase};
 
 use crate::config::Config;
 
+/// Mode of the state directory when the agent creates it (the umask applies, as for any
+/// folder the agent creates).
+pub const STATE_DIR_MODE: u32 = 0o777;
+/// Mode of the key files.
+const KEY_FILE_MODE: u32 = 0o600;
+
 /// Errors of the state directory.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    #[error("{what} {path}: {source}")]
-    Io {
-        what: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     #[error("{path}: {source}")]
     Key { path: PathBuf, source: KeyError },
     #[error("agent key {0} is damaged (expected 64 bytes)")]
@@ -29,43 +30,20 @@ pub enum StateError {
     NoPassphrase,
 }
 
-/// Writes a private file atomically: temp (mode 0600) + fsync + rename + fsync(dir).
+/// Writes a private file (mode 0600) atomically, creating its folder first: temp + fsync +
+/// rename + fsync of the folder, every error returned.
 pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
-    let io = |what, source| StateError::Io {
-        what,
-        path: path.to_path_buf(),
-        source,
-    };
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| io("creating the folder of", e))?;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(|e| io("writing", e))?;
-    f.set_permissions(std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| io("setting mode 0600 on", e))?;
-    f.write_all(bytes).map_err(|e| io("writing", e))?;
-    f.sync_all().map_err(|e| io("syncing", e))?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(|e| io("renaming into place", e))?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        hostfs::create_dir_all(dir, STATE_DIR_MODE)?;
     }
+    hostfs::write_atomic(path, bytes, KEY_FILE_MODE)?;
     Ok(())
 }
 
 /// Reads the agent's static Noise key.
 pub fn load_agent_key(cfg: &Config) -> Result<StaticKeypair, StateError> {
     let p = cfg.agent_key_path();
-    let b = std::fs::read(&p).map_err(|source| StateError::Io {
-        what: "reading agent key",
-        path: p.clone(),
-        source,
-    })?;
+    let b = std::fs::read(&p).ctx("reading agent key", &p)?;
     StaticKeypair::from_bytes(&b).ok_or(StateError::BadAgentKey(p))
 }
 
@@ -80,21 +58,19 @@ pub fn passphrase(file: Option<&Path>, confirm: bool) -> Result<Passphrase, Stat
         return wrap(p);
     }
     if let Some(f) = file {
-        let s = std::fs::read_to_string(f).map_err(|source| StateError::Io {
-            what: "reading passphrase file",
-            path: f.to_path_buf(),
-            source,
-        })?;
+        let s = std::fs::read_to_string(f).ctx("reading passphrase file", f)?;
         return wrap(s);
     }
     if !std::io::IsTerminal::is_terminal(&std::io::stdin()) {
         return Err(StateError::NoPassphrase);
     }
+    // rpassword prompts on and reads from the controlling terminal.
+    let tty = Path::new("/dev/tty");
     let first = rpassword::prompt_password("Coffer passphrase: ")
-        .map_err(|e| StateError::Passphrase(e.to_string()))?;
+        .ctx("reading the passphrase from", tty)?;
     if confirm {
         let second = rpassword::prompt_password("Repeat passphrase: ")
-            .map_err(|e| StateError::Passphrase(e.to_string()))?;
+            .ctx("reading the passphrase from", tty)?;
         if first != second {
             return Err(StateError::Passphrase("the two entries differ".into()));
         }
@@ -105,11 +81,7 @@ pub fn passphrase(file: Option<&Path>, confirm: bool) -> Result<Passphrase, Stat
 /// Opens the wrapped master key with the passphrase and builds the sealing context.
 pub fn unlock(cfg: &Config) -> Result<Crypto, StateError> {
     let p = cfg.keyfile_path();
-    let bytes = std::fs::read(&p).map_err(|source| StateError::Io {
-        what: "reading key file",
-        path: p.clone(),
-        source,
-    })?;
+    let bytes = std::fs::read(&p).ctx("reading key file", &p)?;
     unlock_bytes(cfg, &bytes, &p)
 }
 
@@ -140,4 +112,70 @@ pub fn unlock_with(bytes: &[u8], pass: &Passphrase, origin: &Path) -> Result<Cry
         source,
     })?;
     Ok(Crypto::new(&master.sub_keys()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(dir: &Path) -> Config {
+        let p = dir.join("agent.toml");
+        std::fs::write(
+            &p,
+            format!(
+                "receiver = \"127.0.0.1:1\"\nreceiver_key = \"{}\"\nstate_dir = \"{}\"\n",
+                "A".repeat(43),
+                dir.join("state").display()
+            ),
+        )
+        .expect("write config");
+        Config::load(&p).expect("config")
+    }
+
+    #[test]
+    fn private_files_are_0600_in_a_state_dir_made_for_them() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = config(dir.path());
+        assert!(!cfg.state_dir.exists());
+        write_private(&cfg.agent_key_path(), &[7; 64]).expect("write");
+        write_private(&cfg.agent_key_path(), &[8; 64]).expect("rewrite");
+        let meta = std::fs::metadata(cfg.agent_key_path()).expect("meta");
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert_eq!(std::fs::read(cfg.agent_key_path()).expect("read"), [8; 64]);
+        let names: Vec<_> = std::fs::read_dir(&cfg.state_dir)
+            .expect("ls")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(names, ["agent.key"], "a temporary file was left");
+    }
+
+    #[test]
+    fn a_failed_write_names_the_path() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // The state dir's place is taken by a file: the folder cannot be made.
+        let blocker = dir.path().join("state");
+        std::fs::write(&blocker, b"not a folder").expect("blocker");
+        let e = write_private(&blocker.join("keyfile"), b"x").expect_err("no folder");
+        assert!(matches!(e, StateError::Io(_)), "{e:?}");
+        assert!(e.to_string().contains("state"), "{e}");
+    }
+
+    #[test]
+    fn an_unreadable_key_file_is_not_a_wrong_passphrase() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = config(dir.path());
+        std::fs::create_dir_all(&cfg.state_dir).expect("state dir");
+        // A folder where the key file should be: reading it fails (also as root).
+        std::fs::create_dir(cfg.keyfile_path()).expect("folder");
+        let e = match unlock(&cfg) {
+            Err(e) => e,
+            Ok(_) => panic!("a folder unlocked as a key file"),
+        };
+        let text = coffer_common::error_text(&e);
+        assert!(matches!(e, StateError::Io(_)), "{text}");
+        assert!(text.starts_with("reading key file "), "{text}");
+        assert!(text.contains("keyfile"), "{text}");
+        assert!(!text.contains("passphrase"), "{text}");
+    }
 }

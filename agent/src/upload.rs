@@ -10,13 +10,12 @@ use std::collections::HashSet;
 use std::io::Read as _;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
-use coffer_common::chunk::{
-    chunk_stream_sized, ChunkId, Crypto, HashingReader, PlainChunk, MIN_CHUNK,
-};
+use coffer_common::chunk::{chunk_stream_sized, ChunkId, HashingReader, PlainChunk, MIN_CHUNK};
 use coffer_common::keys::fill_random;
 use coffer_common::manifest::{ChunkRef, EntryKind, Manifest};
 use coffer_common::wire::{
@@ -25,9 +24,9 @@ use coffer_common::wire::{
 };
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
-use crate::config::Config;
 use crate::conn::{Conn, ConnError, Pending};
-use crate::journal::{Ack, CounterKey, FileRead, Job, Journal, MetaKey, StatKey};
+use crate::daemon::Daemon;
+use crate::journal::{Ack, CounterKey, FileRead, Job, StatKey};
 use crate::scan::{fs_path, stat_key};
 use coffer_common::host::time::now_ms;
 
@@ -42,278 +41,6 @@ const BATCH_BYTES: u64 = 64 << 20;
 const HELD_BYTES: usize = 2 << 20;
 /// Encoded size of one `PutFiles` at most (well under the frame cap).
 const PUT_FILES_BYTES: usize = MAX_FRAME - (512 << 10);
-
-/// Live counters (status line, metrics).
-#[derive(Default)]
-pub struct Counters {
-    pub bytes_read: AtomicU64,
-    pub bytes_sent: AtomicU64,
-    pub files_acked: AtomicU64,
-    pub chunks_sent: AtomicU64,
-}
-
-/// State shared by the uploader's threads.
-pub struct Shared {
-    pub cfg: Config,
-    /// The watched folders; replaced as a whole when the config is reloaded.
-    pub watches: std::sync::RwLock<Arc<Vec<crate::config::Watch>>>,
-    /// The file a worker is reading (progress line).
-    pub current: Mutex<String>,
-    pub journal: Mutex<Journal>,
-    /// The keys, set once unwrapped (before any worker starts).
-    pub keys: std::sync::OnceLock<Crypto>,
-    pub shutdown: AtomicBool,
-    pub wake: Sender<()>,
-    pub conn: ConnManager,
-    pub counters: Counters,
-}
-
-impl Shared {
-    /// The keys (waits until they are unwrapped).
-    pub fn crypto(&self) -> &Crypto {
-        self.keys.wait()
-    }
-
-    /// The current watch list.
-    pub fn watches(&self) -> Arc<Vec<crate::config::Watch>> {
-        match self.watches.read() {
-            Ok(w) => w.clone(),
-            Err(p) => p.into_inner().clone(),
-        }
-    }
-
-    /// Wakes the scheduler: files were released (their outcome written, which clears the
-    /// claim) and more may be taken.
-    fn wake(&self) {
-        let _ = self.wake.try_send(());
-    }
-
-    /// Hands claimed files back without an outcome.
-    fn abandon(&self, paths: Vec<Vec<u8>>) {
-        self.journal(|j| j.unclaim(&paths));
-        self.wake();
-    }
-
-    fn journal<T>(
-        &self,
-        f: impl FnOnce(&mut Journal) -> Result<T, crate::journal::JournalError>,
-    ) -> Option<T> {
-        match self.journal.lock() {
-            Ok(mut j) => match f(&mut j) {
-                Ok(v) => Some(v),
-                Err(e) => {
-                    tracing::error!(error = %e, "journal write failed");
-                    None
-                }
-            },
-            Err(_) => None,
-        }
-    }
-}
-
-/// Keeps the connection to the receiver, reconnecting with capped exponential back-off, and
-/// a second one for presence questions (the *query lane*).
-///
-/// Why two: the receiver answers a session's requests in order, and a reply that follows a
-/// commit waits until that commit is durable (group commit: packs fsynced, one index
-/// transaction). A worker that asks which chunks of a file the receiver lacks then waited
-/// behind the fsync of earlier files' data (64 MiB batches: a few hundred milliseconds),
-/// idle. On its own session the question is answered at once. Chunks put and not yet
-/// flushed by any session are visible to every session's presence query, and a commit's
-/// flush makes every such chunk durable before it is acknowledged, so the answer is as
-/// sound as on the main connection. A chunk whose put is still queued on the main
-/// connection may be reported missing and be put twice; the receiver stores it once.
-///
-/// The query lane is connected in the background and used once it is up; until then, and
-/// whenever it fails, questions go on the main connection, so it never delays an upload.
-/// It is closed after [`QUERY_IDLE`] without a question, so an idle agent holds one of
-/// the receiver's sessions (`max_sessions`), not two.
-pub struct ConnManager {
-    cfg: Config,
-    keypair: Arc<coffer_common::channel::StaticKeypair>,
-    rt: tokio::runtime::Handle,
-    cur: Mutex<Option<Conn>>,
-    query: Arc<Mutex<QueryLane>>,
-    keyfile: Vec<u8>,
-}
-
-/// The query lane's state.
-#[derive(Default)]
-struct QueryLane {
-    conn: Option<Conn>,
-    connecting: bool,
-    /// Not before this (after a failed attempt).
-    retry_at: Option<std::time::Instant>,
-    /// When the lane last carried (or was opened for) a question.
-    last_used: Option<std::time::Instant>,
-}
-
-/// Wait after a failed attempt to open the query lane.
-const QUERY_RETRY: Duration = Duration::from_secs(30);
-/// The query lane is closed after this long without a question.
-pub const QUERY_IDLE: Duration = Duration::from_secs(10);
-
-impl ConnManager {
-    pub fn new(
-        cfg: Config,
-        keypair: coffer_common::channel::StaticKeypair,
-        rt: tokio::runtime::Handle,
-        keyfile: Vec<u8>,
-    ) -> Self {
-        Self {
-            cfg,
-            keypair: Arc::new(keypair),
-            rt,
-            cur: Mutex::new(None),
-            query: Arc::default(),
-            keyfile,
-        }
-    }
-
-    /// The query lane if it is up; otherwise starts opening it in the background (at most
-    /// one attempt at a time, one per [`QUERY_RETRY`] after a failure) and returns `None`.
-    pub fn query(&self) -> Option<Conn> {
-        let mut q = self.query.lock().ok()?;
-        let now = std::time::Instant::now();
-        if let Some(c) = &q.conn {
-            if !c.is_closed() {
-                let c = c.clone();
-                q.last_used = Some(now);
-                return Some(c);
-            }
-            q.conn = None;
-        }
-        if q.connecting || q.retry_at.is_some_and(|t| now < t) {
-            return None;
-        }
-        q.connecting = true;
-        drop(q);
-        let (lane, keypair) = (self.query.clone(), self.keypair.clone());
-        let (addr, key, name) = (
-            self.cfg.receiver.clone(),
-            self.cfg.receiver_key,
-            self.cfg.name.clone(),
-        );
-        self.rt.spawn(async move {
-            let r = Conn::connect(&addr, &key, &keypair, &name).await;
-            let Ok(mut q) = lane.lock() else { return };
-            q.connecting = false;
-            match r {
-                Ok(c) => {
-                    tracing::debug!(receiver = %addr, "query lane connected");
-                    q.conn = Some(c);
-                    q.last_used = Some(std::time::Instant::now());
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "query lane not available; asking on the main connection");
-                    q.retry_at = Some(std::time::Instant::now() + QUERY_RETRY);
-                }
-            }
-        });
-        None
-    }
-
-    /// Closes the query lane if it has carried no question for [`QUERY_IDLE`] (called
-    /// periodically).
-    pub fn close_idle_query(&self) {
-        if let Ok(mut q) = self.query.lock() {
-            if q.conn.is_some() && q.last_used.is_none_or(|t| t.elapsed() >= QUERY_IDLE) {
-                tracing::debug!("query lane idle; closing it");
-                q.conn = None;
-            }
-        }
-    }
-
-    /// Forgets a query lane that failed.
-    fn drop_query(&self) {
-        if let Ok(mut q) = self.query.lock() {
-            q.conn = None;
-        }
-    }
-
-    /// The live connection, connecting first if needed; `None` once shutting down.
-    pub fn get(&self, sh: &Shared) -> Option<Conn> {
-        let mut backoff = Duration::from_millis(200);
-        loop {
-            if sh.shutdown.load(Ordering::SeqCst) {
-                return None;
-            }
-            let mut cur = self.cur.lock().ok()?;
-            if let Some(c) = cur.as_ref() {
-                if !c.is_closed() {
-                    return Some(c.clone());
-                }
-                *cur = None;
-            }
-            let res = self.rt.block_on(Conn::connect(
-                &self.cfg.receiver,
-                &self.cfg.receiver_key,
-                &self.keypair,
-                &self.cfg.name,
-            ));
-            match res {
-                Ok(c) => {
-                    tracing::info!(receiver = %self.cfg.receiver, repo = %c.repo, "connected to receiver");
-                    sh.journal(|j| {
-                        j.set_meta(MetaKey::ReceiverState, "connected")?;
-                        j.set_meta(MetaKey::ReceiverStateAt, &now_ms().to_string())
-                    });
-                    self.escrow(sh, &c);
-                    *cur = Some(c.clone());
-                    return Some(c);
-                }
-                Err(e) => {
-                    drop(cur);
-                    tracing::warn!(error = %e, retry_in = ?backoff, "receiver not available");
-                    sh.journal(|j| {
-                        j.set_meta(MetaKey::ReceiverState, &format!("unreachable: {e}"))?;
-                        j.set_meta(MetaKey::ReceiverStateAt, &now_ms().to_string())
-                    });
-                    let until = std::time::Instant::now() + backoff;
-                    while std::time::Instant::now() < until {
-                        if sh.shutdown.load(Ordering::SeqCst) {
-                            return None;
-                        }
-                        std::thread::sleep(Duration::from_millis(50));
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-            }
-        }
-    }
-
-    /// Forgets a connection that failed.
-    pub fn invalidate(&self) {
-        if let Ok(mut c) = self.cur.lock() {
-            if c.as_ref().is_some_and(Conn::is_closed) {
-                *c = None;
-            }
-        }
-    }
-
-    fn escrow(&self, sh: &Shared, c: &Conn) {
-        let done = sh
-            .journal(|j| j.meta(MetaKey::KeyEscrowed))
-            .flatten()
-            .is_some_and(|v| v == "1");
-        if done || self.keyfile.is_empty() {
-            return;
-        }
-        let r = self.rt.block_on(c.call(Message::PutKeyFile {
-            data: self.keyfile.clone(),
-        }));
-        match r {
-            Ok(Message::KeyFileStored) => {
-                tracing::info!(
-                    "wrapped key file escrowed on the receiver (for recovery with the passphrase)"
-                );
-                sh.journal(|j| j.set_meta(MetaKey::KeyEscrowed, "1"));
-            }
-            Ok(m) => tracing::warn!(reply = m.kind(), "unexpected reply to key escrow"),
-            Err(e) => tracing::warn!(error = %e, "escrowing the key file failed; will retry"),
-        }
-    }
-}
 
 /// A file read and ready to commit.
 struct Ready {
@@ -376,7 +103,7 @@ fn backoff_ms(attempts: i64) -> i64 {
 }
 
 /// A worker thread: takes jobs, reads files, sends batches of commits.
-pub fn worker(sh: Arc<Shared>, jobs: Receiver<Job>, acks: Sender<AckWork>) {
+pub fn worker(sh: Arc<Daemon>, jobs: Receiver<Job>, acks: Sender<AckWork>) {
     let mut batch: Vec<Ready> = Vec::new();
     let mut batch_bytes = 0u64;
     let mut held = 0usize;
@@ -385,7 +112,7 @@ pub fn worker(sh: Arc<Shared>, jobs: Receiver<Job>, acks: Sender<AckWork>) {
             match jobs.recv_timeout(Duration::from_millis(200)) {
                 Ok(j) => j,
                 Err(RecvTimeoutError::Timeout) => {
-                    if sh.shutdown.load(Ordering::SeqCst) {
+                    if sh.shutdown.is_stopping() {
                         return;
                     }
                     continue;
@@ -402,7 +129,7 @@ pub fn worker(sh: Arc<Shared>, jobs: Receiver<Job>, acks: Sender<AckWork>) {
                 }
             }
         };
-        if sh.shutdown.load(Ordering::SeqCst) {
+        if sh.shutdown.is_stopping() {
             let mut paths: Vec<_> = batch.drain(..).map(|r| r.read.path).collect();
             paths.push(job.path);
             sh.abandon(paths);
@@ -455,7 +182,7 @@ pub fn worker(sh: Arc<Shared>, jobs: Receiver<Job>, acks: Sender<AckWork>) {
     }
 }
 
-fn flush(sh: &Shared, batch: &mut Vec<Ready>, acks: &Sender<AckWork>) {
+fn flush(sh: &Daemon, batch: &mut Vec<Ready>, acks: &Sender<AckWork>) {
     if batch.is_empty() {
         return;
     }
@@ -546,7 +273,7 @@ fn flush(sh: &Shared, batch: &mut Vec<Ready>, acks: &Sender<AckWork>) {
 }
 
 /// The ack collector: records acknowledgements in batches.
-pub fn ack_collector(sh: Arc<Shared>, rx: Receiver<AckWork>) {
+pub fn ack_collector(sh: Arc<Daemon>, rx: Receiver<AckWork>) {
     let mut done: Vec<Ack> = Vec::new();
     let record = |done: &mut Vec<Ack>| {
         if done.is_empty() {
@@ -591,81 +318,99 @@ pub fn ack_collector(sh: Arc<Shared>, rx: Receiver<AckWork>) {
                 put_err.get_or_insert(e);
             }
         }
-        let retry = |items: Vec<AckItem>, reason: String, delay: i64| {
-            let paths: Vec<_> = items
-                .into_iter()
-                .map(|i| (i.path, reason.clone()))
-                .collect();
-            sh.journal(|j| j.record_retry(&paths, now_ms() + delay));
-            sh.wake();
-        };
-        let acked = |i: AckItem, version: u64, commit_time: i64| Ack {
-            path: i.path,
-            gen: i.gen,
-            version: version as i64,
-            commit_time,
-            hash: i.hash,
-            kind: i.kind,
-            size: i.size,
-        };
-        match (reply, put_err) {
-            (
-                Ok(Message::FileAcked {
-                    version,
-                    commit_time,
-                    ..
-                }),
-                _,
-            ) if w.items.len() == 1 => {
-                for i in w.items {
-                    done.push(acked(i, version, commit_time));
-                }
-            }
-            (Ok(Message::FilesAcked { results }), _) if results.len() == w.items.len() => {
-                let mut refused = Vec::new();
-                for (i, r) in w.items.into_iter().zip(results) {
-                    match r {
-                        CommitResult::Acked {
-                            version,
-                            commit_time,
-                            ..
-                        } => done.push(acked(i, version, commit_time)),
-                        CommitResult::Failed { code, message } => {
-                            refused.push((
-                                i.path,
-                                format!("receiver refused the upload: {code:?}: {message}"),
-                            ));
-                        }
-                    }
-                }
-                if !refused.is_empty() {
-                    sh.journal(|j| j.record_retry(&refused, now_ms() + 5000));
-                    sh.wake();
-                }
-            }
-            (Ok(m), _) => {
-                retry(
-                    w.items,
-                    format!("unexpected reply {} to commit", m.kind()),
-                    5000,
-                );
-            }
-            (Err(e), put_err) => {
-                let e = put_err.unwrap_or(e);
-                if e.is_connection() {
-                    sh.conn.invalidate();
-                }
-                let reason = if e.is_connection() {
-                    format!("receiver unreachable: {e}")
-                } else {
-                    format!("receiver refused the upload: {e}")
-                };
-                let delay = if e.is_connection() { 0 } else { 5000 };
-                retry(w.items, reason, delay);
-            }
+        if reply.is_err() && sh.shutdown.is_given_up() {
+            // The daemon stopped waiting for the receiver: what is unanswered stays in
+            // flight (the next start requeues it).
+            record(&mut done);
+            return;
         }
+        settle(&sh, w.items, reply, put_err, &mut done);
         if done.len() >= 2048 {
             record(&mut done);
+        }
+    }
+}
+
+/// Turns the answer to one commit (a `CommitFile` or a `PutFiles`) into acknowledgements,
+/// added to `done`, or into retries: a refusal after 5 s, a lost connection at once.
+fn settle(
+    sh: &Daemon,
+    items: Vec<AckItem>,
+    reply: Result<Message, ConnError>,
+    put_err: Option<ConnError>,
+    done: &mut Vec<Ack>,
+) {
+    let retry = |items: Vec<AckItem>, reason: String, delay: i64| {
+        let paths: Vec<_> = items
+            .into_iter()
+            .map(|i| (i.path, reason.clone()))
+            .collect();
+        sh.journal(|j| j.record_retry(&paths, now_ms() + delay));
+        sh.wake();
+    };
+    let acked = |i: AckItem, version: u64, commit_time: i64| Ack {
+        path: i.path,
+        gen: i.gen,
+        version: version as i64,
+        commit_time,
+        hash: i.hash,
+        kind: i.kind,
+        size: i.size,
+    };
+    match (reply, put_err) {
+        (
+            Ok(Message::FileAcked {
+                version,
+                commit_time,
+                ..
+            }),
+            _,
+        ) if items.len() == 1 => {
+            for i in items {
+                done.push(acked(i, version, commit_time));
+            }
+        }
+        (Ok(Message::FilesAcked { results }), _) if results.len() == items.len() => {
+            let mut refused = Vec::new();
+            for (i, r) in items.into_iter().zip(results) {
+                match r {
+                    CommitResult::Acked {
+                        version,
+                        commit_time,
+                        ..
+                    } => done.push(acked(i, version, commit_time)),
+                    CommitResult::Failed { code, message } => {
+                        refused.push((
+                            i.path,
+                            format!("receiver refused the upload: {code:?}: {message}"),
+                        ));
+                    }
+                }
+            }
+            if !refused.is_empty() {
+                sh.journal(|j| j.record_retry(&refused, now_ms() + 5000));
+                sh.wake();
+            }
+        }
+        (Ok(m), _) => {
+            retry(
+                items,
+                format!("unexpected reply {} to commit", m.kind()),
+                5000,
+            );
+        }
+        (Err(e), put_err) => {
+            let e = put_err.unwrap_or(e);
+            if e.is_connection() {
+                sh.conn.invalidate();
+            }
+            let reason = if e.is_connection() {
+                format!("receiver unreachable: {e}")
+            } else {
+                format!("receiver refused the upload: {e}")
+            };
+            let delay = if e.is_connection() { 0 } else { 5000 };
+            retry(items, reason, delay);
         }
     }
 }
@@ -699,7 +444,7 @@ fn read_info(job: &Job, kind: &'static str, stat: StatKey, mode: i64, hash: [u8;
 
 #[allow(clippy::too_many_arguments)]
 fn ready(
-    sh: &Shared,
+    sh: &Daemon,
     job: &Job,
     read: FileRead,
     kind: EntryKind,
@@ -740,7 +485,10 @@ fn ready(
     }))
 }
 
-fn process(sh: &Shared, conn: &Conn, job: &Job) -> Outcome {
+/// Reads one due file and makes it ready to commit (or says why not): a folder or a file
+/// whose watch was removed is forgotten, a vanished one is a deletion, a symlink's content
+/// is its target, a regular file is read whole (small) or streamed through the chunker.
+fn process(sh: &Daemon, conn: &Conn, job: &Job) -> Outcome {
     let watches = sh.watches();
     let Some((_, path)) = fs_path(&watches, &job.path) else {
         return Outcome::Forget; // its watch was removed from the config
@@ -759,28 +507,8 @@ fn process(sh: &Shared, conn: &Conn, job: &Job) -> Outcome {
     if ft.is_dir() {
         return Outcome::Forget;
     }
-    let mode = meta.mode() as i64;
     if ft.is_symlink() {
-        let target = match std::fs::read_link(&path) {
-            Ok(t) => t.as_os_str().as_bytes().to_vec(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return deletion(sh, job),
-            Err(e) => return Outcome::Failed(format!("reading link {shown}: {e}")),
-        };
-        let hash = *blake3::hash(&target).as_bytes();
-        let read = read_info(job, "symlink", stat_key(&meta), mode, hash);
-        if job.backed_hash == Some(hash) && job.backed_kind.as_deref() == Some("symlink") {
-            return Outcome::Unchanged(Box::new(read));
-        }
-        return ready(
-            sh,
-            job,
-            read,
-            EntryKind::Symlink { target },
-            Some(&meta),
-            vec![],
-            None,
-            vec![],
-        );
+        return symlink(sh, job, &path, &shown, &meta);
     }
     if !ft.is_file() {
         let _ = sh.journal(|j| j.bump(CounterKey::SkippedSpecial, 1));
@@ -802,60 +530,115 @@ fn process(sh: &Shared, conn: &Conn, job: &Job) -> Outcome {
     if !before.is_file() {
         return Outcome::Retry("replaced while being opened".into(), now_ms());
     }
+    let f = Opened {
+        job,
+        path: &path,
+        shown: &shown,
+        file,
+        before,
+        mode: meta.mode() as i64,
+    };
+    if f.before.len() < MIN_CHUNK as u64 {
+        read_small(sh, &f)
+    } else {
+        read_large(sh, conn, &f)
+    }
+}
+
+/// A regular file opened for reading, with its stat from before the read.
+struct Opened<'a> {
+    job: &'a Job,
+    path: &'a Path,
+    /// The path as messages show it.
+    shown: &'a str,
+    file: std::fs::File,
+    before: std::fs::Metadata,
+    /// The mode of the path, as first looked up.
+    mode: i64,
+}
+
+/// A symlink: its target is its content.
+fn symlink(sh: &Daemon, job: &Job, path: &Path, shown: &str, meta: &std::fs::Metadata) -> Outcome {
+    let target = match std::fs::read_link(path) {
+        Ok(t) => t.as_os_str().as_bytes().to_vec(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return deletion(sh, job),
+        Err(e) => return Outcome::Failed(format!("reading link {shown}: {e}")),
+    };
+    let hash = *blake3::hash(&target).as_bytes();
+    let read = read_info(job, "symlink", stat_key(meta), meta.mode() as i64, hash);
+    if job.backed_hash == Some(hash) && job.backed_kind.as_deref() == Some("symlink") {
+        return Outcome::Unchanged(Box::new(read));
+    }
+    ready(
+        sh,
+        job,
+        read,
+        EntryKind::Symlink { target },
+        Some(meta),
+        vec![],
+        None,
+        vec![],
+    )
+}
+
+/// A small file (under one chunk): one read, hash first, and no presence query (the
+/// receiver dedups puts); if its content is what was last backed up, nothing is sent.
+fn read_small(sh: &Daemon, f: &Opened) -> Outcome {
+    let (job, shown) = (f.job, f.shown);
+    let mut data = Vec::with_capacity(f.before.len() as usize);
+    if let Err(e) = (&f.file).take(MIN_CHUNK as u64).read_to_end(&mut data) {
+        return Outcome::Failed(format!("reading {shown}: {e}"));
+    }
+    let hash = *blake3::hash(&data).as_bytes();
+    let len = data.len() as u64;
+    if let Some(o) = changed_while_read(sh, &f.file, f.path, &f.before, len) {
+        return o;
+    }
+    let read = read_info(job, "file", stat_key(&f.before), f.mode, hash);
+    if unchanged(job, &read) {
+        return Outcome::Unchanged(Box::new(read));
+    }
+    sh.counters.bytes_read.fetch_add(len, Ordering::Relaxed);
+    let mut chunks = Vec::new();
+    let mut chunk = None;
+    if !data.is_empty() {
+        let id = sh.crypto().chunk_id(&data);
+        let sealed = match sh.crypto().seal_chunk(&id, &data) {
+            Ok(s) => s,
+            Err(e) => return Outcome::Failed(format!("sealing {shown}: {e}")),
+        };
+        sh.counters
+            .bytes_sent
+            .fetch_add(sealed.len() as u64, Ordering::Relaxed);
+        chunks.push(ChunkRef {
+            id,
+            len: data.len() as u32,
+        });
+        chunk = Some(SealedChunk { id, sealed });
+    }
+    ready(
+        sh,
+        job,
+        read,
+        EntryKind::File,
+        Some(&f.before),
+        chunks,
+        chunk,
+        vec![],
+    )
+}
+
+/// A large file: streamed through the chunker in one read, hashing on the way; each
+/// window of chunks is asked about and the missing ones put before the next is read.
+fn read_large(sh: &Daemon, conn: &Conn, f: &Opened) -> Outcome {
+    let (job, shown) = (f.job, f.shown);
     let mut chunks = Vec::new();
     let mut puts = Vec::new();
-    let hash;
-    let len;
-    if before.len() < MIN_CHUNK as u64 {
-        // Small file: one read, hash first, and skip the presence query (the receiver
-        // dedups puts); if its content is what we last backed up, send nothing.
-        let mut data = Vec::with_capacity(before.len() as usize);
-        if let Err(e) = (&file).take(MIN_CHUNK as u64).read_to_end(&mut data) {
-            return Outcome::Failed(format!("reading {shown}: {e}"));
-        }
-        hash = *blake3::hash(&data).as_bytes();
-        len = data.len() as u64;
-        if let Some(o) = changed_while_read(sh, &file, &path, &before, len) {
-            return o;
-        }
-        let read = read_info(job, "file", stat_key(&before), mode, hash);
-        if unchanged(job, &read) {
-            return Outcome::Unchanged(Box::new(read));
-        }
-        sh.counters.bytes_read.fetch_add(len, Ordering::Relaxed);
-        let mut chunk = None;
-        if !data.is_empty() {
-            let id = sh.crypto().chunk_id(&data);
-            let sealed = match sh.crypto().seal_chunk(&id, &data) {
-                Ok(s) => s,
-                Err(e) => return Outcome::Failed(format!("sealing {shown}: {e}")),
-            };
-            sh.counters
-                .bytes_sent
-                .fetch_add(sealed.len() as u64, Ordering::Relaxed);
-            chunks.push(ChunkRef {
-                id,
-                len: data.len() as u32,
-            });
-            chunk = Some(SealedChunk { id, sealed });
-        }
-        return ready(
-            sh,
-            job,
-            read,
-            EntryKind::File,
-            Some(&before),
-            chunks,
-            chunk,
-            puts,
-        );
-    }
-    // Large file: stream it through the chunker in one read, hashing on the way.
-    let mut reader = HashingReader::new(&file);
+    let mut reader = HashingReader::new(&f.file);
     let mut window: Vec<(ChunkId, PlainChunk)> = Vec::new();
     let mut window_bytes = 0usize;
     let mut sent: HashSet<ChunkId> = HashSet::new();
-    for c in chunk_stream_sized(&mut reader, before.len()) {
+    for c in chunk_stream_sized(&mut reader, f.before.len()) {
         let data = match c {
             Ok(d) => d,
             Err(e) => return Outcome::Failed(format!("reading {shown}: {e}")),
@@ -868,24 +651,24 @@ fn process(sh: &Shared, conn: &Conn, job: &Job) -> Outcome {
         window_bytes += data.len();
         window.push((id, data));
         if window_bytes >= WINDOW_BYTES {
-            if let Err(o) = send_window(sh, conn, &shown, &mut window, &mut sent, &mut puts) {
+            if let Err(o) = send_window(sh, conn, shown, &mut window, &mut sent, &mut puts) {
                 return o;
             }
             window_bytes = 0;
         }
-        if sh.shutdown.load(Ordering::SeqCst) {
+        if sh.shutdown.is_stopping() {
             return Outcome::Retry("agent stopped while reading".into(), now_ms());
         }
     }
-    if let Err(o) = send_window(sh, conn, &shown, &mut window, &mut sent, &mut puts) {
+    if let Err(o) = send_window(sh, conn, shown, &mut window, &mut sent, &mut puts) {
         return o;
     }
-    (hash, len) = reader.finish();
+    let (hash, len) = reader.finish();
     sh.counters.bytes_read.fetch_add(len, Ordering::Relaxed);
-    if let Some(o) = changed_while_read(sh, &file, &path, &before, len) {
+    if let Some(o) = changed_while_read(sh, &f.file, f.path, &f.before, len) {
         return o;
     }
-    let read = read_info(job, "file", stat_key(&before), mode, hash);
+    let read = read_info(job, "file", stat_key(&f.before), f.mode, hash);
     if unchanged(job, &read) && puts.is_empty() {
         return Outcome::Unchanged(Box::new(read));
     }
@@ -894,7 +677,7 @@ fn process(sh: &Shared, conn: &Conn, job: &Job) -> Outcome {
         job,
         read,
         EntryKind::File,
-        Some(&before),
+        Some(&f.before),
         chunks,
         None,
         puts,
@@ -907,24 +690,9 @@ fn unchanged(job: &Job, read: &FileRead) -> bool {
         && job.mode.is_none_or(|m| m == read.mode)
 }
 
-/// Asks the receiver which of `ids` it lacks: on the query lane when it is up (falling back
-/// to the main connection if the lane fails), else on the main connection.
-fn ask_missing(sh: &Shared, conn: &Conn, ids: Vec<ChunkId>) -> Result<Message, ConnError> {
-    if let Some(q) = sh.conn.query() {
-        match q.call_blocking(Message::HaveChunks { ids: ids.clone() }) {
-            Err(e) if e.is_connection() => {
-                tracing::debug!(error = %e, "query lane lost; asking on the main connection");
-                sh.conn.drop_query();
-            }
-            r => return r,
-        }
-    }
-    conn.call_blocking(Message::HaveChunks { ids })
-}
-
 /// Asks which of the window's chunks the receiver lacks, then seals and puts those.
 fn send_window(
-    sh: &Shared,
+    sh: &Daemon,
     conn: &Conn,
     shown: &str,
     window: &mut Vec<(ChunkId, PlainChunk)>,
@@ -942,7 +710,7 @@ fn send_window(
     let missing: HashSet<ChunkId> = if ask.is_empty() {
         HashSet::new()
     } else {
-        match ask_missing(sh, conn, ask) {
+        match sh.conn.ask_missing(conn, ask) {
             Ok(Message::Missing { ids }) => ids.into_iter().collect(),
             Ok(m) => return Err(Outcome::Failed(format!("unexpected reply {}", m.kind()))),
             Err(e) if e.is_connection() => return Err(Outcome::Lost(e)),
@@ -1029,7 +797,7 @@ fn send_window(
 /// The settle check: the file must look the same after the read as before it, else the
 /// bytes may be torn; it is read again once it settles.
 fn changed_while_read(
-    sh: &Shared,
+    sh: &Daemon,
     file: &std::fs::File,
     path: &std::path::Path,
     before: &std::fs::Metadata,
@@ -1053,7 +821,7 @@ fn changed_while_read(
     None
 }
 
-fn deletion(sh: &Shared, job: &Job) -> Outcome {
+fn deletion(sh: &Daemon, job: &Job) -> Outcome {
     match job.backed_kind.as_deref() {
         None => Outcome::Forget,
         Some("deleted") => Outcome::Unchanged(Box::new(read_info(

@@ -76,11 +76,9 @@ impl Watching {
             }
         };
         // Changes only: create, remove, data, metadata, names, and a written file closed.
-        // notify's default also asks the kernel for every open (and notify 9 for every
-        // read-only close), so the agent's own reads fed its watcher: backing up 100,000
-        // files queued 100,000 `IN_OPEN` events, 7% of the agent's CPU spent reading and
-        // dropping them, and a burst of them can overflow the kernel queue (16,384 events
-        // by default) and force a rescan of the whole tree.
+        // notify's default also asks for every open and read-only close, so the agent's own
+        // reads would feed its watcher and could overflow the kernel queue, forcing a
+        // rescan of the whole tree.
         let kinds = notify::EventKindMask::CORE | notify::EventKindMask::ACCESS_CLOSE;
         let config = notify::Config::default().with_event_kinds(kinds);
         let watcher = match notify::RecommendedWatcher::new(handler, config) {

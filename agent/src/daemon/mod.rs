@@ -1,0 +1,498 @@
+//! `coffer-agent run`: the daemon that ties watcher, scanner, scheduler and uploader together.
+//!
+//! Threads: the notify callback feeds an event thread that batches dirty paths into the
+//! journal; a scanner thread runs startup, periodic and requested scans; a scheduler claims
+//! due files and hands them to `upload_concurrency` workers; one collector records acks; a
+//! control thread applies config reloads (SIGHUP or a changed config file) by watching only
+//! the difference. The network side, signals and `/metrics` run on a small tokio runtime.
+//! Readiness (`READY=1`) is reported to systemd once the first scan is journaled; the
+//! scheduler loop pings the watchdog. SIGTERM/SIGINT stop taking work, let outstanding
+//! acknowledgements arrive (with a deadline), and exit 0: pending work stays pending.
+//!
+//! This file holds `run` and its steps, the run lock and the errors that stop the daemon;
+//! `shared.rs` the state the threads share ([`Daemon`]), `shutdown.rs` the one signal they
+//! all stop on ([`Shutdown`]), `threads.rs` their loops (the uploader's are in
+//! [`crate::upload`]).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use coffer_common::channel::StaticKeypair;
+use coffer_common::host::fs::{self as hostfs, Context as _, IoError};
+use coffer_common::host::lock::{self, Lock, LockError, Wait};
+use coffer_common::host::time::now_ms;
+use coffer_common::keys::Passphrase;
+use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+
+use crate::config::Config;
+use crate::journal::{Job, Journal, MetaKey};
+use crate::state;
+use crate::upload;
+use crate::watch::{Change, ScanRequest, Watching};
+
+mod shared;
+mod shutdown;
+mod threads;
+
+pub use shared::{Counters, Daemon};
+pub use shutdown::Shutdown;
+use threads::{
+    apply_watches, checkpoints, control, events, periodic, progress, scanner, scheduler, Preloaded,
+};
+
+/// Errors that stop the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    State(#[from] state::StateError),
+    #[error(transparent)]
+    Journal(#[from] crate::journal::JournalError),
+    #[error("another `coffer-agent run` is using state dir {}", .0.display())]
+    AlreadyRunning(PathBuf),
+    #[error(transparent)]
+    Io(#[from] IoError),
+    #[error("starting runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    #[error("metrics on {addr}: {source}")]
+    Metrics {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("starting thread {name}: {source}")]
+    Thread {
+        name: String,
+        source: std::io::Error,
+    },
+    /// The thread unwrapping the key file ended without an answer (it panicked).
+    #[error("the key unwrapping thread failed")]
+    Unlock,
+}
+
+/// Options of `run` beyond the config.
+#[derive(Debug, Clone, Default)]
+pub struct RunOpts {
+    /// Serve Prometheus metrics at this address (`/metrics`).
+    pub metrics: Option<String>,
+    /// Show a live progress line on a terminal.
+    pub progress: bool,
+}
+
+/// How long a run lock held by someone else is tried again before it counts as another
+/// daemon's: `status` probes it with a shared lock held for an instant.
+const RUN_LOCK_WAIT: Duration = Duration::from_secs(2);
+
+fn run_lock_path(cfg: &Config) -> PathBuf {
+    cfg.state_dir.join("agent.lock")
+}
+
+/// Takes the state dir's run lock (held until dropped, for the daemon's lifetime), or says
+/// who holds it. A lock file that cannot be opened or locked is an I/O error, not another
+/// daemon.
+pub fn lock_state(cfg: &Config) -> Result<Lock, RunError> {
+    hostfs::create_dir_all(&cfg.state_dir, state::STATE_DIR_MODE)?;
+    Lock::exclusive(&run_lock_path(cfg), Wait::For(RUN_LOCK_WAIT)).map_err(|e| match e {
+        LockError::Held { .. } => RunError::AlreadyRunning(cfg.state_dir.clone()),
+        LockError::Io(e) => RunError::Io(e),
+    })
+}
+
+/// True when a daemon holds the state dir's run lock. A probe that fails (the lock file
+/// cannot be opened) is logged and answered `false`, as a missing lock file is.
+pub fn is_running(cfg: &Config) -> bool {
+    match lock::is_held(&run_lock_path(cfg)) {
+        Ok(held) => held,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot tell whether `coffer-agent run` is running");
+            false
+        }
+    }
+}
+
+pub(crate) fn notify_systemd(state: &[sd_notify::NotifyState]) {
+    let _ = sd_notify::notify(false, state);
+}
+
+/// Runs the daemon until SIGTERM/SIGINT (or a fatal error). Every thread it starts is
+/// stopped and joined before it returns.
+pub fn run(cfg: Config, opts: RunOpts) -> Result<(), RunError> {
+    let _lock = lock_state(&cfg)?;
+    let keys = read_keys(&cfg)?;
+    let journal = open_journal(&cfg)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("coffer-net")
+        .build()
+        .map_err(RunError::Runtime)?;
+    let (sh, woken) = Daemon::new(
+        cfg,
+        journal,
+        keys.keypair,
+        keys.keyfile.clone(),
+        rt.handle().clone(),
+    );
+    let mut threads = Threads::default();
+    let served = serve(
+        &sh,
+        &rt,
+        &opts,
+        keys.keyfile,
+        keys.pass,
+        woken,
+        &mut threads,
+    );
+    stop(&sh, threads);
+    rt.shutdown_timeout(Duration::from_secs(1));
+    if served.is_ok() {
+        tracing::info!("stopped");
+    }
+    served
+}
+
+/// What `run` reads before it starts: the agent's key, the wrapped master key and the
+/// passphrase.
+struct StartKeys {
+    keypair: StaticKeypair,
+    keyfile: Vec<u8>,
+    pass: Passphrase,
+}
+
+/// Reads the keys and the passphrase (asking for it now, on a terminal). Unwrapping the
+/// master key (Argon2id, slow by design) waits: it runs beside the startup scan, which
+/// needs no key, so a restart with nothing changed is settled as soon as the scan is.
+fn read_keys(cfg: &Config) -> Result<StartKeys, RunError> {
+    let keypair = state::load_agent_key(cfg)?;
+    let path = cfg.keyfile_path();
+    let keyfile = std::fs::read(&path).ctx("reading key file", &path)?;
+    let pass = state::unlock_passphrase(cfg, &keyfile, &path)?;
+    tracing::debug!("keys loaded; opening the journal");
+    Ok(StartKeys {
+        keypair,
+        keyfile,
+        pass,
+    })
+}
+
+/// Opens the journal and hands back the files the last run left in flight.
+fn open_journal(cfg: &Config) -> Result<Journal, RunError> {
+    let mut journal = Journal::open(&cfg.journal_path())?;
+    let requeued = journal.requeue_in_flight()?;
+    if requeued > 0 {
+        tracing::info!(files = requeued, "resuming work left from the last run");
+    }
+    journal.set_meta(MetaKey::AgentStartedMs, &now_ms().to_string())?;
+    Ok(journal)
+}
+
+/// Starts everything and runs the scheduler on this thread until the daemon stops.
+fn serve(
+    sh: &Arc<Daemon>,
+    rt: &tokio::runtime::Runtime,
+    opts: &RunOpts,
+    keyfile: Vec<u8>,
+    pass: Passphrase,
+    woken: Receiver<()>,
+    threads: &mut Threads,
+) -> Result<(), RunError> {
+    let reloads = listen_for_signals(rt, sh);
+    if let Some(addr) = &opts.metrics {
+        crate::metrics::serve(rt, sh.clone(), addr).map_err(|source| RunError::Metrics {
+            addr: addr.clone(),
+            source,
+        })?;
+    }
+    start_watching(sh, reloads, opts.progress, threads)?;
+    // Started once the watches are in place, so that the walk adding them does not share
+    // the two cores with it; it then runs beside the startup scan.
+    let origin = sh.cfg.keyfile_path();
+    let unlocking = std::thread::Builder::new()
+        .name("coffer-unlock".into())
+        .spawn(move || state::unlock_with(&keyfile, &pass, &origin))
+        .map_err(|source| RunError::Thread {
+            name: "coffer-unlock".into(),
+            source,
+        })?;
+    let crypto = match unlocking.join() {
+        Ok(unlocked) => unlocked?,
+        Err(_) => return Err(RunError::Unlock),
+    };
+    let _ = sh.keys.set(crypto);
+    let jobs = start_uploader(sh, threads)?;
+    scheduler(sh, jobs, woken);
+    Ok(())
+}
+
+/// Handles signals on the runtime: SIGTERM/SIGINT stop the daemon, SIGHUP asks for a
+/// reload. Returns the reload channel (both ends: the control thread keeps the sender).
+fn listen_for_signals(rt: &tokio::runtime::Runtime, sh: &Arc<Daemon>) -> Reloads {
+    let (reload_tx, reload_rx) = unbounded::<&'static str>();
+    let (sh, tx) = (sh.clone(), reload_tx.clone());
+    rt.spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
+        ) else {
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                _ = hup.recv() => { let _ = tx.send("SIGHUP"); }
+                _ = sh.shutdown.stopped() => return,
+            }
+        }
+        tracing::info!(
+            "stopping: finishing outstanding commits; pending work stays in the journal"
+        );
+        notify_systemd(&[sd_notify::NotifyState::Stopping]);
+        sh.shutdown.stop();
+    });
+    (reload_tx, reload_rx)
+}
+
+/// The reload channel: SIGHUP is sent on it, the control thread receives.
+type Reloads = (Sender<&'static str>, Receiver<&'static str>);
+
+/// Adds the OS watches and starts the threads that turn changes into due files: events,
+/// scanner (the startup scans first), timer, checkpointer, control, progress line.
+fn start_watching(
+    sh: &Arc<Daemon>,
+    (reload_tx, reload_rx): Reloads,
+    progress_line: bool,
+    threads: &mut Threads,
+) -> Result<(), RunError> {
+    let (chg_tx, chg_rx) = unbounded::<Change>();
+    let (scan_tx, scan_rx) = unbounded::<ScanRequest>();
+    let mut watching = Watching::new(chg_tx);
+    let startup_left = Arc::new(AtomicUsize::new(sh.cfg.watches.len()));
+    let preload = preload(sh);
+    tracing::debug!("journal open; adding watches");
+    apply_watches(sh, &mut watching, &scan_tx, "startup");
+    tracing::debug!("watches added");
+    let (d, scans) = (sh.clone(), scan_tx.clone());
+    threads.start("coffer-events", move || events(d, chg_rx, scans))?;
+    let d = sh.clone();
+    threads.start("coffer-scan", move || {
+        scanner(d, scan_rx, startup_left, preload)
+    })?;
+    let fallback = Arc::new(Mutex::new(
+        watching.fallback.keys().cloned().collect::<Vec<_>>(),
+    ));
+    let (d, scans, fb) = (sh.clone(), scan_tx.clone(), fallback.clone());
+    threads.start("coffer-timer", move || periodic(d, scans, fb))?;
+    match crate::journal::Checkpointer::open(&sh.cfg.journal_path()) {
+        Ok(c) => {
+            let d = sh.clone();
+            threads.start("coffer-checkpoint", move || checkpoints(d, c))?;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "no checkpoint thread; commits checkpoint the journal")
+        }
+    }
+    let d = sh.clone();
+    threads.start("coffer-control", move || {
+        control(d, watching, scan_tx, reload_rx, reload_tx, fallback)
+    })?;
+    if progress_line && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        let d = sh.clone();
+        threads.start("coffer-progress", move || progress(d))?;
+    }
+    Ok(())
+}
+
+/// Reads each watch's journal rows for its startup scan on a thread of its own, while the
+/// watches are added (reading them takes as long as walking a large tree's folders). The
+/// scanner joins it.
+fn preload(sh: &Arc<Daemon>) -> Option<JoinHandle<Preloaded>> {
+    let sh = sh.clone();
+    let names: Vec<String> = sh.cfg.watches.iter().map(|w| w.name.clone()).collect();
+    std::thread::Builder::new()
+        .name("coffer-preload".into())
+        .spawn(move || {
+            let mut out = HashMap::new();
+            for n in names {
+                let rows = match sh.journal.lock() {
+                    Ok(j) => j.known(&n),
+                    Err(_) => break,
+                };
+                if let Ok(rows) = rows {
+                    out.insert(n, rows);
+                }
+            }
+            out
+        })
+        .ok()
+}
+
+/// Starts the upload workers and the ack collector; returns the workers' job queue.
+fn start_uploader(sh: &Arc<Daemon>, threads: &mut Threads) -> Result<Sender<Job>, RunError> {
+    let (job_tx, job_rx) = bounded(1024);
+    let (ack_tx, ack_rx) = bounded(16 * 1024);
+    for n in 0..sh.cfg.upload_concurrency {
+        let (d, jobs, acks) = (sh.clone(), job_rx.clone(), ack_tx.clone());
+        let worker = spawn(format!("coffer-upload-{n}"), move || {
+            upload::worker(d, jobs, acks)
+        })?;
+        threads.workers.push(worker);
+    }
+    drop(ack_tx);
+    let d = sh.clone();
+    threads.collector = Some(spawn("coffer-acks".into(), move || {
+        upload::ack_collector(d, ack_rx)
+    })?);
+    Ok(job_tx)
+}
+
+/// How long a stop waits for the workers to finish, and then for outstanding
+/// acknowledgements to arrive.
+const ACK_DRAIN: Duration = Duration::from_secs(10);
+
+/// The daemon's threads, each joined before `run` returns.
+#[derive(Default)]
+struct Threads {
+    /// Events, scanner, timer, checkpointer, control, progress line.
+    background: Vec<JoinHandle<()>>,
+    /// The upload workers and the ack collector, given [`ACK_DRAIN`] each to finish.
+    workers: Vec<JoinHandle<()>>,
+    collector: Option<JoinHandle<()>>,
+}
+
+impl Threads {
+    /// Starts a background thread.
+    fn start(&mut self, name: &str, f: impl FnOnce() + Send + 'static) -> Result<(), RunError> {
+        self.background.push(spawn(name.to_string(), f)?);
+        Ok(())
+    }
+}
+
+fn spawn(name: String, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, RunError> {
+    std::thread::Builder::new()
+        .name(name.clone())
+        .spawn(f)
+        .map_err(|source| RunError::Thread { name, source })
+}
+
+/// Stops the daemon and joins every thread:
+/// 1. The shutdown signal: nothing new is taken; every loop and wait sees it.
+/// 2. The workers finish the file in hand; the collector records the acknowledgements that
+///    arrive (at most [`ACK_DRAIN`] for each).
+/// 3. Past that, what still waits for the receiver is given up on: its connections are
+///    closed, so every such wait returns. Unacknowledged files stay in flight; the next
+///    start requeues them. Pending work stays pending.
+/// 4. Every thread is joined.
+fn stop(sh: &Daemon, threads: Threads) {
+    sh.shutdown.stop();
+    let answered = finished_by(&threads.workers, Instant::now() + ACK_DRAIN)
+        && finished_by(threads.collector.as_slice(), Instant::now() + ACK_DRAIN);
+    if !answered {
+        tracing::warn!(
+            "the receiver did not answer in time; unacknowledged files are sent again at the next start"
+        );
+        sh.shutdown.give_up();
+        sh.conn.close("the agent is stopping");
+    }
+    let Threads {
+        background,
+        workers,
+        collector,
+    } = threads;
+    for t in workers.into_iter().chain(collector).chain(background) {
+        let _ = t.join();
+    }
+}
+
+/// Waits until every thread of `threads` has finished, or `deadline`; true if they have.
+fn finished_by(threads: &[JoinHandle<()>], deadline: Instant) -> bool {
+    loop {
+        if threads.iter().all(JoinHandle::is_finished) {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(dir: &std::path::Path) -> Config {
+        let p = dir.join("agent.toml");
+        std::fs::write(
+            &p,
+            format!(
+                "receiver = \"127.0.0.1:1\"\nreceiver_key = \"{}\"\nstate_dir = \"{}\"\n",
+                "A".repeat(43),
+                dir.join("state").display()
+            ),
+        )
+        .expect("write config");
+        Config::load(&p).expect("config")
+    }
+
+    #[test]
+    fn a_status_probe_does_not_stop_the_daemon_from_starting() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = config(dir.path());
+        std::fs::create_dir_all(&cfg.state_dir).expect("state dir");
+        // What `status` does for an instant (`is_running`), held here for 200 ms.
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(cfg.state_dir.join("agent.lock"))
+            .expect("open");
+        let probe = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockSharedNonblock)
+            .map_err(|(_, e)| e)
+            .expect("shared lock");
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            drop(probe);
+        });
+        let lock = lock_state(&cfg).expect("the daemon starts once the probe is gone");
+        release.join().expect("join");
+        // A daemon that holds the lock still keeps a second one out.
+        assert!(matches!(lock_state(&cfg), Err(RunError::AlreadyRunning(_))));
+        assert!(is_running(&cfg));
+        drop(lock);
+        assert!(!is_running(&cfg));
+    }
+
+    #[test]
+    fn a_lock_file_that_cannot_be_opened_is_not_another_run() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = config(dir.path());
+        // A folder where the lock file should be: opening it for writing fails.
+        std::fs::create_dir_all(run_lock_path(&cfg)).expect("folder");
+        let e = match lock_state(&cfg) {
+            Err(e) => e,
+            Ok(_) => panic!("a folder was locked as the run lock"),
+        };
+        let text = e.to_string();
+        assert!(matches!(e, RunError::Io(_)), "{text}");
+        assert!(text.contains("agent.lock"), "{text}");
+        assert!(!text.contains("another"), "{text}");
+    }
+
+    #[test]
+    fn a_state_dir_that_cannot_be_made_is_not_another_run() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = config(dir.path());
+        std::fs::write(&cfg.state_dir, b"a file, not a folder").expect("blocker");
+        let e = match lock_state(&cfg) {
+            Err(e) => e,
+            Ok(_) => panic!("locked inside a file"),
+        };
+        assert!(matches!(e, RunError::Io(_)), "{e}");
+        assert!(!e.to_string().contains("another"), "{e}");
+    }
+}

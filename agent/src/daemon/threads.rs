@@ -1,0 +1,430 @@
+//! The daemon's long-lived threads besides the uploader's: the event thread, the scanner,
+//! the timer of periodic scans, the control thread (config reloads), the journal's
+//! checkpointer, the progress line, and the scheduler that feeds the workers.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{select, Receiver, Sender};
+
+use super::{notify_systemd, Daemon};
+use crate::config::{Config, Watch};
+use crate::journal::{CounterKey, Known, MetaKey};
+use crate::scan;
+use crate::watch::{self, Change, ScanRequest, Watching};
+use coffer_common::host::time::now_ms;
+
+/// Brings the OS watches in line with `sh.watches()`, records fallbacks, and scans what was
+/// added.
+pub(super) fn apply_watches(
+    sh: &Daemon,
+    watching: &mut Watching,
+    scans: &Sender<ScanRequest>,
+    reason: &'static str,
+) {
+    let ws = sh.watches();
+    let (added, removed) = watching.sync(&ws);
+    if let Ok(mut j) = sh.journal.lock() {
+        for w in ws.iter() {
+            let v = watching.fallback.get(&w.name).cloned().unwrap_or_default();
+            let _ = j.set_meta(MetaKey::WatchFallback(&w.name), &v);
+        }
+    }
+    for name in &removed {
+        tracing::info!(watch = %name, "stopped watching (removed from the config)");
+    }
+    for name in added {
+        if reason != "startup" {
+            tracing::info!(watch = %name, "now watching (added to the config)");
+        }
+        let _ = scans.send(ScanRequest {
+            watch: name,
+            sub: None,
+            reason,
+        });
+    }
+}
+
+/// Applies config reloads: on SIGHUP, or when the config file's mtime changes.
+pub(super) fn control(
+    sh: Arc<Daemon>,
+    mut watching: Watching,
+    scans: Sender<ScanRequest>,
+    reloads: Receiver<&'static str>,
+    _keep: Sender<&'static str>,
+    fallback: Arc<Mutex<Vec<String>>>,
+) {
+    let mtime = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let mut last = mtime(&sh.cfg.file);
+    loop {
+        let why = select! {
+            recv(reloads) -> w => match w {
+                Ok(w) => w,
+                Err(_) => return,
+            },
+            recv(sh.shutdown.signal()) -> _ => return,
+            default(Duration::from_secs(2)) => {
+                let now = mtime(&sh.cfg.file);
+                if now == last {
+                    continue;
+                }
+                "config file changed"
+            }
+        };
+        last = mtime(&sh.cfg.file);
+        notify_systemd(&[sd_notify::NotifyState::Reloading]);
+        match Config::load(&sh.cfg.file) {
+            Ok(new) => {
+                let old = sh.watches();
+                if same_watches(&old, &new.watches) {
+                    tracing::info!(trigger = why, "config reloaded; watch list unchanged");
+                } else {
+                    if let Ok(mut w) = sh.watches.write() {
+                        *w = Arc::new(new.watches.clone());
+                    }
+                    apply_watches(&sh, &mut watching, &scans, "added to the config");
+                    if let Ok(mut fb) = fallback.lock() {
+                        *fb = watching.fallback.keys().cloned().collect();
+                    }
+                    tracing::info!(
+                        trigger = why,
+                        watches = new.watches.len(),
+                        "config reloaded; watch list updated"
+                    );
+                }
+                let changed_other = new.receiver != sh.cfg.receiver
+                    || new.receiver_key != sh.cfg.receiver_key
+                    || new.state_dir != sh.cfg.state_dir
+                    || new.upload_concurrency != sh.cfg.upload_concurrency;
+                if changed_other {
+                    tracing::warn!("receiver, state_dir and upload_concurrency changes take effect after a restart");
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "config reload failed; keeping the running configuration")
+            }
+        }
+        notify_systemd(&[sd_notify::NotifyState::Ready]);
+    }
+}
+
+fn same_watches(a: &[Watch], b: &[Watch]) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|(x, y)| {
+            x.name == y.name && x.path == y.path && x.exclude_patterns == y.exclude_patterns
+        })
+}
+
+/// Claims due files and feeds the workers until shutdown; pings the systemd watchdog.
+pub(super) fn scheduler(sh: &Arc<Daemon>, jobs: Sender<crate::journal::Job>, wake: Receiver<()>) {
+    let mut usec = 0u64;
+    let watchdog = sd_notify::watchdog_enabled(false, &mut usec);
+    let ping_every = Duration::from_micros(usec / 2);
+    let mut last_ping = Instant::now();
+    loop {
+        if watchdog && last_ping.elapsed() >= ping_every {
+            notify_systemd(&[sd_notify::NotifyState::Watchdog]);
+            last_ping = Instant::now();
+        }
+        if sh.shutdown.is_stopping() {
+            return;
+        }
+        let now = now_ms();
+        let claimed = {
+            let r = match sh.journal.lock() {
+                Ok(mut j) => j.claim_due(now, 1024),
+                Err(_) => return,
+            };
+            match r {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::error!(error = %e, "reading the journal");
+                    Vec::new()
+                }
+            }
+        };
+        if claimed.is_empty() {
+            let next = sh
+                .journal
+                .lock()
+                .ok()
+                .and_then(|j| j.next_due().ok().flatten());
+            let wait = match next {
+                Some(t) if t > now => {
+                    Duration::from_millis((t - now) as u64).min(Duration::from_secs(1))
+                }
+                Some(_) => Duration::from_millis(50),
+                None => Duration::from_secs(1),
+            };
+            select! {
+                recv(wake) -> _ => {}
+                recv(sh.shutdown.signal()) -> _ => {}
+                default(wait) => {}
+            }
+            continue;
+        }
+        for job in claimed {
+            let mut job = job;
+            loop {
+                match jobs.send_timeout(job, Duration::from_millis(200)) {
+                    Ok(()) => break,
+                    Err(crossbeam_channel::SendTimeoutError::Timeout(j)) => {
+                        if sh.shutdown.is_stopping() {
+                            return;
+                        }
+                        if watchdog && last_ping.elapsed() >= ping_every {
+                            notify_systemd(&[sd_notify::NotifyState::Watchdog]);
+                            last_ping = Instant::now();
+                        }
+                        job = j;
+                    }
+                    Err(crossbeam_channel::SendTimeoutError::Disconnected(_)) => return,
+                }
+            }
+        }
+    }
+}
+
+/// Turns watcher events into dirty rows (and scans of new folders).
+pub(super) fn events(sh: Arc<Daemon>, rx: Receiver<Change>, scans: Sender<ScanRequest>) {
+    let debounce = sh.cfg.debounce.as_millis() as i64;
+    loop {
+        let first = select! {
+            recv(rx) -> c => match c {
+                Ok(c) => c,
+                Err(_) => return,
+            },
+            recv(sh.shutdown.signal()) -> _ => return,
+        };
+        let (paths, rescan) = watch::collect_batch(&rx, first, Duration::from_millis(20), 20_000);
+        let watches = sh.watches();
+        if let Some(rp) = rescan {
+            let names: Vec<String> = watches
+                .iter()
+                .filter(|w| rp.is_empty() || rp.iter().any(|p| p.starts_with(&w.path)))
+                .map(|w| w.name.clone())
+                .collect();
+            let names = if names.is_empty() {
+                watches.iter().map(|w| w.name.clone()).collect()
+            } else {
+                names
+            };
+            tracing::warn!(watches = ?names, "file events were lost (queue overflow); rescanning");
+            if let Ok(mut j) = sh.journal.lock() {
+                let _ = j.bump(CounterKey::RescansOverflow, 1);
+            }
+            for n in names {
+                let _ = scans.send(ScanRequest {
+                    watch: n,
+                    sub: None,
+                    reason: "overflow",
+                });
+            }
+        }
+        let mut dirty: Vec<(Vec<u8>, String)> = Vec::with_capacity(paths.len());
+        let mut seen = HashSet::new();
+        let mut gone: Vec<(Vec<u8>, String)> = Vec::new();
+        for p in &paths {
+            let Some((w, rel)) = watch::locate(&watches, p) else {
+                continue;
+            };
+            if rel.as_os_str().is_empty() || w.excluded(rel) {
+                continue;
+            }
+            let jp = scan::journal_key(w, rel);
+            if !seen.insert(jp.clone()) {
+                continue;
+            }
+            match std::fs::symlink_metadata(p) {
+                Ok(m) if m.is_dir() => {
+                    // A new or moved-in folder: scan it, its files may predate the watch.
+                    let _ = scans.send(ScanRequest {
+                        watch: w.name.clone(),
+                        sub: Some(p.clone()),
+                        reason: "new folder",
+                    });
+                }
+                Ok(_) => dirty.push((jp, w.name.clone())),
+                Err(_) => {
+                    // Gone: a file, or a folder whose known files are gone with it.
+                    dirty.push((jp.clone(), w.name.clone()));
+                    gone.push((jp, w.name.clone()));
+                }
+            }
+        }
+        if let Ok(mut j) = sh.journal.lock() {
+            for (g, name) in gone {
+                if let Ok(rows) = j.rows_under(&[&g[..], b"/"].concat(), usize::MAX >> 1) {
+                    dirty.extend(rows.into_iter().map(|r| (r.path, name.clone())));
+                }
+            }
+            if let Err(e) = j.mark_dirty(&dirty, now_ms(), debounce) {
+                tracing::error!(error = %e, "recording changes");
+            }
+        }
+        let _ = sh.wake.try_send(());
+    }
+}
+
+/// Each watch's journal rows, read for its startup scan while the watches are added.
+pub(super) type Preloaded = HashMap<String, HashMap<Vec<u8>, Known>>;
+
+/// Runs scans one at a time; reports readiness once the startup scans are journaled.
+pub(super) fn scanner(
+    sh: Arc<Daemon>,
+    rx: Receiver<ScanRequest>,
+    startup_left: Arc<AtomicUsize>,
+    preload: Option<std::thread::JoinHandle<Preloaded>>,
+) {
+    if startup_left.load(Ordering::SeqCst) == 0 {
+        notify_systemd(&[sd_notify::NotifyState::Ready]);
+    }
+    let mut preload = preload;
+    let mut preloaded: Preloaded = HashMap::new();
+    loop {
+        let req = select! {
+            recv(rx) -> r => match r {
+                Ok(r) => r,
+                Err(_) => break,
+            },
+            recv(sh.shutdown.signal()) -> _ => break,
+        };
+        if sh.shutdown.is_stopping() {
+            break;
+        }
+        let watches = sh.watches();
+        let Some(w) = watches.iter().find(|w| w.name == req.watch) else {
+            continue;
+        };
+        let t = Instant::now();
+        let rows = if req.reason == "startup" && req.sub.is_none() {
+            if let Some(h) = preload.take() {
+                preloaded = h.join().unwrap_or_default();
+            }
+            preloaded.remove(&w.name)
+        } else {
+            None
+        };
+        match scan::scan(w, req.sub.as_deref(), &sh.journal, 0, rows) {
+            Ok(s) => {
+                tracing::info!(watch = %w.name, reason = req.reason, files = s.files, changed = s.changed,
+                    deleted = s.deleted, skipped = s.skipped_special, errors = s.errors,
+                    ms = t.elapsed().as_millis() as u64, "scan done");
+                if let Ok(mut j) = sh.journal.lock() {
+                    if req.sub.is_none() {
+                        let _ = j.bump(CounterKey::Scans, 1);
+                        let _ = j.set_meta(MetaKey::LastScanMs(&w.name), &now_ms().to_string());
+                    }
+                }
+            }
+            Err(e) => tracing::error!(watch = %w.name, error = %e, "scan failed"),
+        }
+        if req.reason == "startup"
+            && req.sub.is_none()
+            && startup_left.fetch_sub(1, Ordering::SeqCst) == 1
+        {
+            tracing::info!("first scan journaled; ready");
+            notify_systemd(&[sd_notify::NotifyState::Ready]);
+        }
+        let _ = sh.wake.try_send(());
+    }
+    // Stopped before the startup scan took the preloaded rows.
+    if let Some(h) = preload {
+        let _ = h.join();
+    }
+}
+
+/// Periodic full rescans (more often for trees without OS watches).
+pub(super) fn periodic(
+    sh: Arc<Daemon>,
+    scans: Sender<ScanRequest>,
+    fallback: Arc<Mutex<Vec<String>>>,
+) {
+    let full = sh.cfg.rescan_interval;
+    let fast = full.min(Duration::from_secs(10));
+    let mut last_full = Instant::now();
+    let mut last_fast = Instant::now();
+    while !sh.shutdown.sleep(Duration::from_millis(200)) {
+        sh.conn.close_idle_query();
+        if last_full.elapsed() >= full {
+            last_full = Instant::now();
+            for w in sh.watches().iter() {
+                let _ = scans.send(ScanRequest {
+                    watch: w.name.clone(),
+                    sub: None,
+                    reason: "periodic",
+                });
+            }
+        }
+        if last_fast.elapsed() >= fast {
+            last_fast = Instant::now();
+            let names = fallback.lock().map(|f| f.clone()).unwrap_or_default();
+            for n in names {
+                let _ = scans.send(ScanRequest {
+                    watch: n,
+                    sub: None,
+                    reason: "no OS watch",
+                });
+            }
+        }
+    }
+}
+
+/// WAL bytes after which the checkpoint thread copies the journal's WAL into the database.
+const CHECKPOINT_WAL_BYTES: u64 = 64 << 20;
+
+/// Checkpoints the journal off the writers' path (see [`crate::journal::Checkpointer`]).
+pub(super) fn checkpoints(sh: Arc<Daemon>, c: crate::journal::Checkpointer) {
+    while !sh.shutdown.sleep(Duration::from_millis(100)) {
+        let t = Instant::now();
+        match c.maybe_run(CHECKPOINT_WAL_BYTES) {
+            Ok(Some((frames, done))) => tracing::debug!(
+                frames,
+                done,
+                ms = t.elapsed().as_millis() as u64,
+                "journal checkpointed"
+            ),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "checkpointing the journal failed; will retry");
+                if sh.shutdown.sleep(Duration::from_secs(5)) {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// A live progress line on a terminal: pending files and bytes, rate, current file.
+pub(super) fn progress(sh: Arc<Daemon>) {
+    let bar = indicatif::ProgressBar::new_spinner();
+    if let Ok(st) = indicatif::ProgressStyle::with_template("{spinner} {msg}") {
+        bar.set_style(st);
+    }
+    let mut last_bytes = 0u64;
+    let mut last = Instant::now();
+    while !sh.shutdown.sleep(Duration::from_millis(500)) {
+        let s = sh.journal.lock().ok().and_then(|j| j.summary().ok());
+        let bytes = sh.counters.bytes_read.load(Ordering::Relaxed);
+        let rate = (bytes - last_bytes) as f64 / last.elapsed().as_secs_f64().max(0.001);
+        last_bytes = bytes;
+        last = Instant::now();
+        let cur = sh.current.lock().map(|c| c.clone()).unwrap_or_default();
+        if let Some(s) = s {
+            let pending = s.pending();
+            bar.set_message(if pending == 0 {
+                format!("all {} files backed up; watching", s.backed_up)
+            } else {
+                format!(
+                    "{pending} files pending ({:.1} MiB), {:.1} MiB/s, {cur}",
+                    s.pending_bytes as f64 / 1048576.0,
+                    rate / 1048576.0
+                )
+            });
+        }
+        bar.tick();
+    }
+    bar.finish_and_clear();
+}
