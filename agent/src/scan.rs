@@ -23,6 +23,9 @@ pub struct ScanStats {
     pub deleted: u64,
     pub skipped_special: u64,
     pub errors: u64,
+    /// The walk was stopped (the daemon is stopping) before it finished: what it found was
+    /// journaled, but nothing was counted as deleted, since unseen files may not be gone.
+    pub interrupted: bool,
 }
 
 /// The journal key of a path relative to a watch: `name/rel`, the path a file is known by
@@ -65,12 +68,15 @@ const SCAN_FLUSH: usize = 4096;
 /// `preloaded`: the watch's journal rows read earlier (the startup scan reads them while the
 /// OS watches are being added). Rows that changed since only cause extra dirty marks,
 /// never a missed change: the comparison is with the file system as walked now.
+/// `stopping` is asked before each folder: once it says true the walk ends early (see
+/// [`ScanStats::interrupted`]).
 pub fn scan(
     watch: &Watch,
     sub: Option<&Path>,
     journal: &Mutex<Journal>,
     delay_ms: i64,
     preloaded: Option<HashMap<Vec<u8>, Known>>,
+    stopping: &dyn Fn() -> bool,
 ) -> Result<ScanStats, JournalError> {
     let mut known = match preloaded {
         Some(k) => k,
@@ -88,6 +94,13 @@ pub fn scan(
     let mut dirty: Vec<(Vec<u8>, String)> = Vec::new();
     let mut stack = vec![start.clone()];
     while let Some(dir) = stack.pop() {
+        if stopping() {
+            stats.interrupted = true;
+            if let Ok(mut j) = journal.lock() {
+                j.mark_dirty(&dirty, now_ms(), delay_ms)?;
+            }
+            return Ok(stats);
+        }
         let rd = match std::fs::read_dir(&dir) {
             Ok(rd) => rd,
             Err(e) => {
@@ -290,7 +303,7 @@ mod tests {
         j.mark_dirty(&[(b"w/queued-gone".to_vec(), "w".into())], 0, 0)
             .expect("dirty");
         let j = Mutex::new(j);
-        let stats = scan(&watch, None, &j, 0, None).expect("scan");
+        let stats = scan(&watch, None, &j, 0, None, &|| false).expect("scan");
         assert_eq!(stats.files, 5);
         // changed, back (it returned after its deletion), new
         assert_eq!(stats.changed, 3);
@@ -316,5 +329,32 @@ mod tests {
         ] {
             assert_eq!(state(p), FileState::Dirty, "{}", String::from_utf8_lossy(p));
         }
+    }
+
+    #[test]
+    fn a_scan_stopped_by_shutdown_records_no_deletion() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let root = d.path().join("tree");
+        std::fs::create_dir_all(root.join("sub")).expect("mkdir");
+        std::fs::write(root.join("sub").join("kept"), b"x").expect("write");
+        let watch = Watch {
+            path: root.clone(),
+            name: "w".into(),
+            exclude: globset::GlobSet::empty(),
+            exclude_patterns: Vec::new(),
+        };
+        let stat = stat_key(&std::fs::symlink_metadata(root.join("sub/kept")).expect("stat"));
+        let mut j = Journal::open(&d.path().join("j.sqlite")).expect("journal");
+        settle(&mut j, b"w/sub/kept", "file", stat, false);
+        let j = Mutex::new(j);
+        // Stopping after the first folder: `sub` is never walked, so `kept` is unseen.
+        let asked = std::sync::atomic::AtomicUsize::new(0);
+        let stopping = || asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= 1;
+        let stats = scan(&watch, None, &j, 0, None, &stopping).expect("scan");
+        assert!(stats.interrupted);
+        assert_eq!(stats.deleted, 0);
+        let j = j.lock().expect("journal");
+        let row = j.row(b"w/sub/kept").expect("row").expect("exists");
+        assert_eq!(row.state, FileState::BackedUp);
     }
 }

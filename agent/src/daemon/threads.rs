@@ -307,7 +307,13 @@ pub(super) fn scanner(
         } else {
             None
         };
-        match scan::scan(w, req.sub.as_deref(), &sh.journal, 0, rows) {
+        let stopping = || sh.shutdown.is_stopping();
+        match scan::scan(w, req.sub.as_deref(), &sh.journal, 0, rows, &stopping) {
+            Ok(s) if s.interrupted => {
+                tracing::info!(watch = %w.name, reason = req.reason, files = s.files,
+                    changed = s.changed, "scan stopped by shutdown; the next start scans again");
+                break;
+            }
             Ok(s) => {
                 tracing::info!(watch = %w.name, reason = req.reason, files = s.files, changed = s.changed,
                     deleted = s.deleted, skipped = s.skipped_special, errors = s.errors,
