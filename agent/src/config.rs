@@ -139,6 +139,22 @@ pub fn check_watch_name(name: &str) -> Result<(), String> {
 }
 
 impl Config {
+    /// A minimal config written to `dir/agent.toml`, its state dir `dir/state` (tests).
+    #[cfg(test)]
+    pub(crate) fn for_test(dir: &Path) -> Config {
+        let p = dir.join("agent.toml");
+        std::fs::write(
+            &p,
+            format!(
+                "receiver = \"127.0.0.1:1\"\nreceiver_key = \"{}\"\nstate_dir = \"{}\"\n",
+                "A".repeat(43),
+                dir.join("state").display()
+            ),
+        )
+        .expect("write config");
+        Config::load(&p).expect("config")
+    }
+
     /// Reads and checks a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {

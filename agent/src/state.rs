@@ -119,17 +119,7 @@ mod tests {
     use super::*;
 
     fn config(dir: &Path) -> Config {
-        let p = dir.join("agent.toml");
-        std::fs::write(
-            &p,
-            format!(
-                "receiver = \"127.0.0.1:1\"\nreceiver_key = \"{}\"\nstate_dir = \"{}\"\n",
-                "A".repeat(43),
-                dir.join("state").display()
-            ),
-        )
-        .expect("write config");
-        Config::load(&p).expect("config")
+        Config::for_test(dir)
     }
 
     #[test]
