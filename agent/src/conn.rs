@@ -143,7 +143,7 @@ pub struct Conn {
     pub repo: String,
 }
 
-/// How many requests may wait unsent (bounds memory: each may hold a 4 MiB chunk).
+/// How many requests may wait unsent (bounds memory: each is at most one frame, `MAX_FRAME`).
 const QUEUE: usize = 8;
 /// Bytes gathered into one write at most.
 const WRITE_BATCH: usize = 1 << 20;

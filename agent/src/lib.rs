@@ -1,8 +1,8 @@
 //! coffer-agent: watches folders and backs up every change, end-to-end encrypted.
 //!
-//! - [`config`]: the TOML configuration.
+//! - [`config`]: the TOML configuration and the state dir's paths.
 //! - [`state`]: the state dir: agent key, wrapped master key, passphrase.
-//! - [`journal`]: SQLite, the only owner of the journal connection; file states.
+//! - [`journal`]: the journal (SQLite), sole owner of its connection: states, claims, counts.
 //! - [`watch`]: notify events become dirty paths; the OS watches and their fallbacks.
 //! - [`scan`]: tree scans compared with the journal become dirty rows.
 //! - [`daemon`]: `run`: its threads, their shared state and the one shutdown signal.

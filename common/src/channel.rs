@@ -19,25 +19,25 @@
 //!            sealed bytes as they are, outside the Noise encryption.
 //! ```
 //!
-//! Why chunks are not encrypted a second time: a sealed chunk is already
-//! XChaCha20-Poly1305 ciphertext under a key that only the agent holds (the receiver stores
-//! exactly these bytes), so a second encryption hides nothing more from an eavesdropper
-//! and doubled the cipher work on both ends. Integrity is kept: for a `PutChunk` the hash
-//! travels inside the authenticated transport message, and [`RecvHalf`] checks the bytes
-//! against it before returning the message, so an altered, truncated, replayed or
-//! reordered chunk is refused ([`ChannelError::Altered`]) and ends the session (the
-//! receiver cannot open chunks, so it needs this check to store only what the agent
-//! sent). A `Chunk` reply carries no hash: the agent trusts neither the receiver nor the
-//! network for a chunk's bytes and opens every chunk (tag, then id) before using any of
-//! it, which catches an alteration in transit exactly as it catches a damaged or
-//! malicious store. What an eavesdropper
-//! sees beyond before: the sealed bytes themselves (random nonce, ciphertext, tag). They
-//! reveal nothing of a chunk's id or plaintext without the agent's keys, but a stored
-//! chunk's bytes never change, so an eavesdropper can tell when the same chunk is put
-//! and later fetched again, and which fetched files share chunks. What it gives up:
-//! Noise's forward secrecy for chunk contents; whoever records the traffic and later
-//! obtains the master secret (for instance the escrowed key file and the passphrase) can
-//! open the recorded chunks, including ones since deleted from the receiver.
+//! Why chunks are not encrypted a second time: a sealed chunk is already XChaCha20-Poly1305
+//! ciphertext under a key that only the agent holds (the receiver stores exactly these
+//! bytes), so a second encryption hides nothing more from an eavesdropper and would double
+//! the cipher work on both ends. Integrity is kept: for a `PutChunk` the hash travels
+//! inside the authenticated transport message, and [`RecvHalf`] checks the bytes against it
+//! before returning the message, so an altered, truncated, replayed or reordered chunk is
+//! refused ([`ChannelError::Altered`]) and ends the session (the receiver cannot open
+//! chunks, so it needs this check to store only what the agent sent). A `Chunk` reply
+//! carries no hash: the agent trusts neither the receiver nor the network for a chunk's
+//! bytes and opens every chunk (tag, then id) before using any of it, which catches an
+//! alteration in transit exactly as it catches a damaged or malicious store. What an
+//! eavesdropper sees besides traffic volume and timing: the sealed bytes themselves (random
+//! nonce, ciphertext, tag). They reveal nothing of a chunk's id or plaintext without the
+//! agent's keys, but a stored chunk's bytes never change, so an eavesdropper can tell when
+//! the same chunk is put and later fetched again, and which fetched files share chunks.
+//! What it gives up: Noise's forward secrecy for chunk contents; whoever records the
+//! traffic and later obtains the master secret (for instance the escrowed key file and the
+//! passphrase) can open the recorded chunks, including ones since deleted from the
+//! receiver.
 //!
 //! The initiator (agent) refuses a responder whose static key is not the pinned one, before
 //! revealing its own static key. The responder (receiver) learns the initiator's static key
@@ -688,8 +688,7 @@ impl<R: AsyncRead + Unpin> RecvHalf<R> {
     /// A chunk's sealed bytes, read as they are after its head and checked against the
     /// hash the head carries (a `PutChunk`'s; see the module documentation).
     async fn sealed_tail(&mut self, head: &ChunkHead) -> Result<Vec<u8>, ChannelError> {
-        // Read into spare capacity: zeroing a buffer that is about to be overwritten cost
-        // ~1.5% of a restore's CPU.
+        // Read into spare capacity: a buffer about to be overwritten need not be zeroed first.
         let mut sealed = Vec::with_capacity(head.sealed_len);
         let want = head.sealed_len as u64;
         let got = (&mut self.r).take(want).read_to_end(&mut sealed).await?;

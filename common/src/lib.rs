@@ -6,8 +6,9 @@
 //! - [`manifest`]: what the agent records about one version of a file (sealed before sending).
 //! - [`wire`]: the protocol's one message enum and its frame limits.
 //! - [`channel`]: the Noise XX secure channel with pinned static keys that carries messages.
-//! - [`host`] (feature `host`): what both daemons need from the operating system: atomic
-//!   writes, I/O errors that name their path, run locks, SQLite migrations, time, logging.
+//! - [`host`] (feature `host`): what both daemons need from the operating system (see its map).
+//!
+//! This file holds [`error_text`] (an error chain as one line) and [`SOFTWARE`].
 
 pub mod aead;
 pub mod channel;

@@ -153,9 +153,8 @@ impl Index {
                 conn.pragma_update(None, "cache_size", -INDEX_CACHE_KIB)
                     .map_err(&e)?;
                 // A checkpoint copies every page changed since the last one into the
-                // database file. Random keys change pages all over the indexes, so with the
-                // default (every 4 MiB of WAL) most pages were copied again at every
-                // checkpoint; every 64 MiB, a page changed by many batches is copied once.
+                // database file. Random keys change pages all over the indexes; every
+                // 64 MiB, a page changed by many batches is copied once.
                 conn.pragma_update(None, "wal_autocheckpoint", WAL_CHECKPOINT_PAGES)
                     .map_err(&e)?;
                 // ...and after a checkpoint the WAL file is cut back to 8 MiB, so it does not

@@ -1,16 +1,13 @@
 //! coffer-receiver: stores agents' sealed chunks durably and acknowledges each file once it
 //! is safe; it never sees a key, a file name or a byte of plaintext.
 //!
-//! - [`layout`]: the backup tree under `--root` (every path the receiver writes), and
-//!   `init`.
+//! - [`layout`]: the backup tree under `--root` (every path the receiver writes), `init`.
 //! - [`config`]: the configuration file, `receiver.toml`.
 //! - [`auth`]: agent key -> repository (`authorized.toml`), repository names.
-//! - [`server`]: listener, handshake, authorization, session slots, shutdown.
+//! - [`server`]: `serve`: listener, handshake, authorization, session slots, shutdown.
 //! - [`session`]: one agent's session: requests in order, group commit, chunk reads.
-//! - [`repo`]: one repository's write path (append, flush, rollback), reads and crash
-//!   recovery.
-//! - [`store`]: pack and record formats behind the [`store::PackStore`] trait; where packs
-//!   live is chosen once ([`store::PackStores`]).
+//! - [`repo`]: one repository: write path (append, flush, rollback), reads, crash recovery.
+//! - [`store`]: pack formats, the [`store::PackStore`] trait, where packs live (`PackStores`).
 //! - [`index`]: the repository's SQLite index, sole owner of its connection.
 //! - [`status`]: `status` and `scrub` (and whether a `serve` holds the root).
 //! - [`metrics`]: the session counters and `serve --metrics`'s `/metrics` endpoint.
@@ -19,6 +16,7 @@
 //! - [`cli`]: the command line (clap definitions) and what each command does.
 //! - [`clidoc`]: shell completions and the man page from the command line's definition.
 //!
+//! This file holds the commands' [`Error`] and [`init`], [`authorize`], [`revoke`].
 //! `docs/design.md` ("Receiver store") describes the formats and the write ordering.
 
 use std::net::SocketAddr;

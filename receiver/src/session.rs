@@ -47,13 +47,13 @@ const QUEUE_BYTES: usize = 2 << 20;
 /// Bytes of queued `Chunk` replies written at once.
 const REPLY_BATCH: usize = 1 << 20;
 /// `GetChunk` requests read together on one blocking thread, in one index transaction:
-/// a thread hand-off and an index lookup per chunk cost a restore's receiver more than
-/// reading the chunks did.
+/// a thread hand-off and an index lookup per chunk would cost more than reading the
+/// chunks.
 const READ_GROUP: usize = 8;
 /// Groups of chunk reads in flight per session, ahead of the replies being encrypted and
 /// written (each chunk read holds at most one sealed chunk, in a buffer that is reused:
 /// the receiver's peak RSS grows with their count). One group reads while the next is
-/// gathered; more groups ahead raised the peak for no measurable gain.
+/// gathered; more groups ahead only raise the receiver's memory.
 const GROUPS_AHEAD: usize = 1;
 /// Capacity of a chunk read's buffer: the largest chunk the agent's chunker cuts, sealed.
 const READ_BUF: usize = MAX_CHUNK as usize + SEAL_OVERHEAD;
@@ -299,9 +299,9 @@ struct Session {
     reads: VecDeque<(Vec<ChunkId>, ChunkReads)>,
     /// `GetChunk` requests not yet started, gathered into the next group.
     gathering: Vec<ChunkId>,
-    /// Buffers of answered chunk reads, reused by the next ones: allocating a fresh one for
-    /// each read on whichever blocking thread ran it spread freed megabytes over glibc's
-    /// per-thread arenas, and the receiver's peak RSS grew while serving a restore.
+    /// Buffers of answered chunk reads, reused by the next ones: a fresh buffer per read,
+    /// allocated on whichever blocking thread ran it, spreads freed memory over glibc's
+    /// per-thread arenas and inflates the receiver's resident memory.
     read_bufs: Vec<Vec<u8>>,
 }
 

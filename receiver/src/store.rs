@@ -301,8 +301,7 @@ pub enum Check {
     /// record's and the index's hash: `scrub`, which has no other way to find damage.
     Full,
     /// The header only: serving a chunk to the agent, which opens it (tag, then id)
-    /// before using a byte, so damage reaches it as a failed open naming the file; hashing
-    /// every record again would cost the receiver a large share of its CPU on a restore.
+    /// before using a byte, so damage reaches it as a failed open naming the file.
     Header,
 }
 
