@@ -277,7 +277,13 @@ fn start_watching(
     apply_watches(sh, &mut watching, &scan_tx, "startup");
     tracing::debug!("watches added");
     let (d, scans) = (sh.clone(), scan_tx.clone());
-    threads.start("coffer-events", move || events(d, chg_rx, scans))?;
+    if let Err(e) = threads.start("coffer-events", move || events(d, chg_rx, scans)) {
+        // The scanner never started to take the preload thread over: join it here.
+        if let Some(h) = preload {
+            let _ = h.join();
+        }
+        return Err(e);
+    }
     let d = sh.clone();
     threads.start("coffer-scan", move || {
         scanner(d, scan_rx, startup_left, preload)

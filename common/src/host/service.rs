@@ -40,7 +40,7 @@ pub enum EngineError {
     CommandFailed {
         command: String,
         status: String,
-        /// ": <stderr>" or empty.
+        /// `": <stderr>"` or empty.
         stderr: String,
         /// " (already done: ...)" or empty.
         done: String,
