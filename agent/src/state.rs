@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use coffer_common::channel::StaticKeypair;
 use coffer_common::chunk::Crypto;
 use coffer_common::host::fs::{self as hostfs, Context as _, IoError};
-use coffer_common::keys::{self, KeyError, Passphrase};
+use coffer_common::keys::{self, KdfParams, KeyError, Passphrase};
 
 use crate::config::Config;
 
@@ -98,20 +98,42 @@ pub fn unlock_passphrase(
     bytes: &[u8],
     origin: &Path,
 ) -> Result<Passphrase, StateError> {
-    keys::key_file_params(bytes).map_err(|source| StateError::Key {
-        path: origin.to_path_buf(),
-        source,
-    })?;
+    key_params(bytes, origin)?;
     passphrase(cfg.passphrase_file.as_deref(), false)
 }
 
 /// Unwraps the master secret (Argon2id: the expensive half of [`unlock_bytes`]).
 pub fn unlock_with(bytes: &[u8], pass: &Passphrase, origin: &Path) -> Result<Crypto, StateError> {
+    key_params(bytes, origin)?;
     let master = keys::unwrap_master(bytes, pass).map_err(|source| StateError::Key {
         path: origin.to_path_buf(),
         source,
     })?;
     Ok(Crypto::new(&master.sub_keys()))
+}
+
+/// A key file's Argon2id parameters, once its structure is checked and its memory cost is
+/// within what this machine can give ([`kdf_memory_ceiling_kib`]): a key file from a
+/// hostile receiver is refused with an error naming them, never run into an allocation
+/// that aborts the process.
+fn key_params(bytes: &[u8], origin: &Path) -> Result<KdfParams, StateError> {
+    let err = |source| StateError::Key {
+        path: origin.to_path_buf(),
+        source,
+    };
+    let params = keys::key_file_params(bytes).map_err(err)?;
+    params.check_within(kdf_memory_ceiling_kib()).map_err(err)?;
+    Ok(params)
+}
+
+/// The most memory (KiB) Argon2id may take here: half the machine's RAM, at most
+/// [`KdfParams::MAX_M_KIB`] (that alone where the RAM is not known).
+fn kdf_memory_ceiling_kib() -> u32 {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    let ram = nix::sys::sysinfo::sysinfo().ok().map(|i| i.ram_total());
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let ram = None;
+    KdfParams::memory_ceiling_kib(ram)
 }
 
 #[cfg(test)]
@@ -148,6 +170,51 @@ mod tests {
             .map(|e| e.expect("entry").file_name())
             .collect();
         assert_eq!(names, ["agent.key"], "a temporary file was left");
+    }
+
+    /// A key file (say, fetched from a hostile receiver) asking Argon2id for 4 GiB is refused
+    /// naming the file and its parameters, before any passphrase is asked for.
+    #[test]
+    fn a_key_file_asking_for_too_much_memory_is_refused_naming_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = config(dir.path());
+        let fast = KdfParams {
+            m_kib: KdfParams::MIN_M_KIB,
+            t: 2,
+            p: 1,
+        };
+        let pass = Passphrase::new("pw".into()).expect("passphrase");
+        let master = keys::MasterSecret::generate().expect("rng");
+        let mut bytes = keys::wrap_master(&master, &pass, fast).expect("wrap");
+        // The memory cost at bytes 12..16, the checksum of bytes 0..112 after it.
+        bytes[12..16].copy_from_slice(&(4u32 << 20).to_le_bytes());
+        let sum = blake3::hash(&bytes[..112]);
+        bytes[112..].copy_from_slice(sum.as_bytes());
+        let origin = Path::new("escrowed key file");
+        let e = match unlock_bytes(&cfg, &bytes, origin) {
+            Err(e) => e,
+            Ok(_) => panic!("unlocked with 4 GiB of Argon2id"),
+        };
+        let text = coffer_common::error_text(&e);
+        assert!(
+            matches!(
+                e,
+                StateError::Key {
+                    source: KeyError::ExcessiveParams { .. },
+                    ..
+                }
+            ),
+            "{text}"
+        );
+        assert!(text.starts_with("escrowed key file: "), "{text}");
+        assert!(text.contains("m=4194304 KiB, t=2, p=1"), "{text}");
+        assert!(matches!(
+            unlock_with(&bytes, &pass, origin),
+            Err(StateError::Key {
+                source: KeyError::ExcessiveParams { .. },
+                ..
+            })
+        ));
     }
 
     #[test]
