@@ -59,6 +59,7 @@ pub fn passphrase(file: Option<&Path>, confirm: bool) -> Result<Passphrase, Stat
     }
     if let Some(f) = file {
         let s = std::fs::read_to_string(f).ctx("reading passphrase file", f)?;
+        warn_if_exposed(f);
         return wrap(s);
     }
     if !std::io::IsTerminal::is_terminal(&std::io::stdin()) {
@@ -76,6 +77,35 @@ pub fn passphrase(file: Option<&Path>, confirm: bool) -> Result<Passphrase, Stat
         }
     }
     wrap(first)
+}
+
+/// Warns, once per file and process, when the passphrase file is open to group or others
+/// or owned by another user: whoever can read it holds the master key (with the key file),
+/// whoever can write it chooses the passphrase `init` wraps the key with.
+fn warn_if_exposed(f: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    static WARNED: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+    let Ok(meta) = std::fs::metadata(f) else {
+        return;
+    };
+    let me = nix::unistd::geteuid().as_raw();
+    let mode = meta.mode() & 0o7777;
+    let why = if meta.uid() != me {
+        format!(
+            "is owned by uid {}, not by this user (uid {me}): `chown` it to this user and `chmod 600` it",
+            meta.uid()
+        )
+    } else if mode & 0o077 != 0 {
+        format!("is open to group or others (mode {mode:04o}): run `chmod 600` on it")
+    } else {
+        return;
+    };
+    let mut warned = WARNED.lock().unwrap_or_else(|p| p.into_inner());
+    if warned.iter().any(|w| w == f) {
+        return;
+    }
+    warned.push(f.to_path_buf());
+    tracing::warn!("passphrase file {} {why}", f.display());
 }
 
 /// Opens the wrapped master key with the passphrase and builds the sealing context.
@@ -170,6 +200,74 @@ mod tests {
             .map(|e| e.expect("entry").file_name())
             .collect();
         assert_eq!(names, ["agent.key"], "a temporary file was left");
+    }
+
+    /// Log lines written while `f` runs (a subscriber of this thread only).
+    fn logs_of(f: impl FnOnce()) -> String {
+        #[derive(Clone, Default)]
+        struct Buf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                if let Ok(mut v) = self.0.lock() {
+                    v.extend_from_slice(b);
+                }
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let writer = buf.clone();
+        let sub = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(sub, f);
+        let text = buf.0.lock().map(|v| v.clone()).unwrap_or_default();
+        String::from_utf8_lossy(&text).into_owned()
+    }
+
+    #[test]
+    fn a_passphrase_file_others_can_read_is_warned_about_once() {
+        use std::os::unix::fs::PermissionsExt;
+        if std::env::var_os("COFFER_PASSPHRASE").is_some_and(|p| !p.is_empty()) {
+            eprintln!("skipped: COFFER_PASSPHRASE is set, so no passphrase file is read");
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let open = dir.path().join("open-pass");
+        std::fs::write(&open, "pw\n").expect("write");
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let logs = logs_of(|| {
+            for _ in 0..2 {
+                let p = passphrase(Some(&open), false).expect("still read");
+                assert!(format!("{p:?}").contains("redacted"));
+            }
+        });
+        assert_eq!(logs.matches("WARN").count(), 1, "warned once: {logs}");
+        assert!(logs.contains(&open.display().to_string()), "{logs}");
+        assert!(logs.contains("chmod 600"), "{logs}");
+
+        let private = dir.path().join("private-pass");
+        std::fs::write(&private, "pw\n").expect("write");
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let logs = logs_of(|| {
+            passphrase(Some(&private), false).expect("read");
+        });
+        assert!(!logs.contains("WARN"), "{logs}");
+
+        if nix::unistd::geteuid().is_root() {
+            let theirs = dir.path().join("their-pass");
+            std::fs::write(&theirs, "pw\n").expect("write");
+            std::fs::set_permissions(&theirs, std::fs::Permissions::from_mode(0o600))
+                .expect("chmod");
+            std::os::unix::fs::chown(&theirs, Some(65534), None).expect("chown");
+            let logs = logs_of(|| {
+                passphrase(Some(&theirs), false).expect("read");
+            });
+            assert!(logs.contains("WARN") && logs.contains("owned by"), "{logs}");
+        }
     }
 
     /// A key file (say, fetched from a hostile receiver) asking Argon2id for 4 GiB is refused
