@@ -387,7 +387,7 @@ fn init(a: InitArgs) -> Result<(), CliError> {
         watch: watches,
     };
     let cfg = Config::from_raw(&a.config, raw.clone())?;
-    std::fs::create_dir_all(&state_dir).ctx("creating", &state_dir)?;
+    state::create_state_dir(&state_dir)?;
     if !a.recover {
         let pass = state::passphrase(cfg.passphrase_file.as_deref(), true)?;
         let master = MasterSecret::generate()?;

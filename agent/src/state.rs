@@ -1,4 +1,5 @@
-//! The agent's state directory: its static key, the wrapped master key, the passphrase.
+//! The agent's state directory (created 0700, tightened if open to others): its static
+//! key, the wrapped master key, the passphrase.
 
 use std::path::{Path, PathBuf};
 
@@ -9,9 +10,11 @@ use coffer_common::keys::{self, KdfParams, KeyError, Passphrase};
 
 use crate::config::Config;
 
-/// Mode of the state directory when the agent creates it (the umask applies, as for any
-/// folder the agent creates).
-pub const STATE_DIR_MODE: u32 = 0o777;
+/// Mode of the state directory: it holds the journal (every path backed up, and a hash of
+/// every file's content), so only the agent's user may enter it, whatever the umask.
+pub const STATE_DIR_MODE: u32 = 0o700;
+/// Mode of folders above the state directory that the agent creates (the umask applies).
+const PARENT_DIR_MODE: u32 = 0o777;
 /// Mode of the key files.
 const KEY_FILE_MODE: u32 = 0o600;
 
@@ -34,9 +37,48 @@ pub enum StateError {
 /// rename + fsync of the folder, every error returned.
 pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        hostfs::create_dir_all(dir, STATE_DIR_MODE)?;
+        create_state_dir(dir)?;
     }
     hostfs::write_atomic(path, bytes, KEY_FILE_MODE)?;
+    Ok(())
+}
+
+/// Creates the state directory with [`STATE_DIR_MODE`] (the folders above it as any other
+/// folder), or tightens an existing one that group or others may enter to it, with a
+/// warning that says so. One that cannot be tightened (another user's) is warned about and
+/// used as it is.
+pub fn create_state_dir(dir: &Path) -> Result<(), IoError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if let Some(parent) = dir.parent().filter(|d| !d.as_os_str().is_empty()) {
+        hostfs::create_dir_all(parent, PARENT_DIR_MODE)?;
+    }
+    match std::fs::DirBuilder::new().mode(STATE_DIR_MODE).create(dir) {
+        // The umask may have taken bits off, never added any.
+        Ok(()) => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => {}
+        Err(e) => return Err(IoError::new("creating", dir, e)),
+    }
+    let mode = std::fs::metadata(dir)
+        .ctx("reading", dir)?
+        .permissions()
+        .mode()
+        & 0o7777;
+    if mode & 0o077 == 0 {
+        return Ok(());
+    }
+    let tight = mode & !0o077;
+    match std::fs::set_permissions(dir, std::fs::Permissions::from_mode(tight)) {
+        Ok(()) => tracing::warn!(
+            "state dir {} was open to group or others (mode {mode:04o}); made it {tight:04o}",
+            dir.display()
+        ),
+        Err(e) => tracing::warn!(
+            "state dir {} is open to group or others (mode {mode:04o}) and cannot be made \
+             {tight:04o}: {}; other users may read the journal",
+            dir.display(),
+            hostfs::describe(&e)
+        ),
+    }
     Ok(())
 }
 
