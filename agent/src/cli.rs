@@ -212,6 +212,15 @@ pub struct RestoreArgs {
     /// Restore into a non-empty target, replacing files.
     #[arg(long)]
     pub overwrite: bool,
+    /// Restore into a target (or a folder found in it) that another user owns or that group
+    /// or others may write to. Refused by default: another user could swap folders or
+    /// files in it while the restore writes.
+    #[arg(long)]
+    pub allow_shared_target: bool,
+    /// When restoring as root, keep setuid and setgid bits. Dropped by default, and always
+    /// for a file whose owner could not be set.
+    #[arg(long)]
+    pub keep_setuid: bool,
     /// Files or folder prefixes (`watch-name/relative/path`); default: everything.
     pub paths: Vec<String>,
 }
@@ -311,6 +320,8 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                     paths: a.paths,
                     overwrite: a.overwrite,
                     progress: !cli.log.quiet,
+                    allow_shared_target: a.allow_shared_target,
+                    keep_setuid: a.keep_setuid,
                 },
             )?)
         }
@@ -387,7 +398,7 @@ fn init(a: InitArgs) -> Result<(), CliError> {
         watch: watches,
     };
     let cfg = Config::from_raw(&a.config, raw.clone())?;
-    std::fs::create_dir_all(&state_dir).ctx("creating", &state_dir)?;
+    state::create_state_dir(&state_dir)?;
     if !a.recover {
         let pass = state::passphrase(cfg.passphrase_file.as_deref(), true)?;
         let master = MasterSecret::generate()?;

@@ -8,7 +8,8 @@
 //! - [`daemon`]: `run`: its threads, their shared state and the one shutdown signal.
 //! - [`upload`]: workers read, chunk, seal and send; a collector records acks.
 //! - [`conn`]: the pipelined connection to the receiver; reconnects, query lane, escrow.
-//! - [`restore`]: `ls`, `versions`, `restore`, `verify`.
+//! - [`restore`]: `ls`, `versions`, `restore`, `verify`; the target walked by folder
+//!   handles (`restore/tree.rs`).
 //! - [`status`]: `status`, from the journal alone.
 //! - [`metrics`]: `run --metrics`: Prometheus series at `/metrics`.
 //! - [`service`]: `service install|uninstall` (systemd units, launchd plist).

@@ -58,9 +58,16 @@ pub enum KeyError {
     WeakParams { m_kib: u32, t: u32, p: u32 },
     #[error(
         "key file asks for Argon2id parameters m={m_kib} KiB, t={t}, p={p}, above the maximum \
-         (m <= 4 GiB, t <= 64, p <= 64); refusing a possibly tampered key file"
+         (m <= {max_m_kib} KiB, t <= 64, p <= 64); refusing a possibly tampered key file"
     )]
-    ExcessiveParams { m_kib: u32, t: u32, p: u32 },
+    ExcessiveParams {
+        m_kib: u32,
+        t: u32,
+        p: u32,
+        /// The memory ceiling applied: [`KdfParams::MAX_M_KIB`], or less on a machine with
+        /// little RAM ([`KdfParams::memory_ceiling_kib`]).
+        max_m_kib: u32,
+    },
     #[error("wrong passphrase (the key file is intact but does not open with this passphrase)")]
     WrongPassphrase,
     #[error("deriving the passphrase key failed: {0}")]
@@ -179,21 +186,43 @@ impl KdfParams {
     /// Floor enforced on read: 19 MiB, two passes (OWASP's minimum for Argon2id).
     pub const MIN_M_KIB: u32 = 19 * 1024;
     pub const MIN_T: u32 = 2;
-    /// Ceiling enforced on read, so a tampered file cannot exhaust the machine.
-    pub const MAX_M_KIB: u32 = 4 * 1024 * 1024;
+    /// Ceiling enforced on read, so a tampered file cannot exhaust the machine: Argon2id
+    /// allocates all of `m` at once, and an allocation that fails aborts the process. 1 GiB
+    /// is 16 times what `init` writes; [`Self::memory_ceiling_kib`] lowers it further on a
+    /// machine with less than 2 GiB of RAM.
+    pub const MAX_M_KIB: u32 = 1024 * 1024;
     pub const MAX_T: u32 = 64;
     pub const MAX_P: u32 = 64;
 
     /// Checks the parameters against the floor and the ceiling.
     pub fn check(&self) -> Result<(), KeyError> {
+        self.check_within(Self::MAX_M_KIB)
+    }
+
+    /// Checks the parameters against the floor and the ceiling, with the memory ceiling
+    /// lowered to `max_m_kib` (never raised above [`Self::MAX_M_KIB`]).
+    pub fn check_within(&self, max_m_kib: u32) -> Result<(), KeyError> {
         let (m_kib, t, p) = (self.m_kib, self.t, self.p);
+        let max_m_kib = max_m_kib.min(Self::MAX_M_KIB);
         if m_kib < Self::MIN_M_KIB || t < Self::MIN_T || p < 1 {
             return Err(KeyError::WeakParams { m_kib, t, p });
         }
-        if m_kib > Self::MAX_M_KIB || t > Self::MAX_T || p > Self::MAX_P {
-            return Err(KeyError::ExcessiveParams { m_kib, t, p });
+        if m_kib > max_m_kib || t > Self::MAX_T || p > Self::MAX_P {
+            return Err(KeyError::ExcessiveParams {
+                m_kib,
+                t,
+                p,
+                max_m_kib,
+            });
         }
         Ok(())
+    }
+
+    /// The memory ceiling on a machine with `ram_bytes` of RAM: half of it, at most
+    /// [`Self::MAX_M_KIB`] (that alone when the RAM is unknown), at least the floor.
+    pub fn memory_ceiling_kib(ram_bytes: Option<u64>) -> u32 {
+        let half = ram_bytes.map_or(u64::MAX, |b| b / 2 / 1024);
+        half.clamp(Self::MIN_M_KIB as u64, Self::MAX_M_KIB as u64) as u32
     }
 }
 
@@ -438,6 +467,72 @@ mod tests {
             unwrap_master(&file[..100], &pass("pw")),
             Err(KeyError::Corrupt(_))
         ));
+    }
+
+    /// A key file asking Argon2id for more memory than the ceiling (the old 4 GiB one
+    /// included) is refused with an error naming its parameters, by the structural check
+    /// that comes before Argon2id: nothing is allocated, the process does not abort.
+    #[test]
+    fn memory_above_the_ceiling_is_refused_before_argon2id_runs() {
+        let m = MasterSecret::generate().expect("rng");
+        let file = wrap_master(&m, &pass("pw"), fast()).expect("wrap");
+        let reseal = |mut b: Vec<u8>| {
+            let sum = blake3::hash(&b[..SUM_START]);
+            b[SUM_START..].copy_from_slice(sum.as_bytes());
+            b
+        };
+        for m_kib in [1024 * 1024 + 1, 2 * 1024 * 1024, 4 * 1024 * 1024u32] {
+            let mut b = file.clone();
+            b[12..16].copy_from_slice(&m_kib.to_le_bytes());
+            let b = reseal(b);
+            let e = key_file_params(&b).expect_err("above the ceiling");
+            let text = e.to_string();
+            assert!(matches!(e, KeyError::ExcessiveParams { .. }), "{text}");
+            assert!(text.contains(&format!("m={m_kib} KiB, t=2, p=1")), "{text}");
+            assert!(text.contains("1048576 KiB"), "names the ceiling: {text}");
+            // Opening checks the same first, so Argon2id never runs with these.
+            assert!(matches!(
+                unwrap_master(&b, &pass("pw")),
+                Err(KeyError::ExcessiveParams { .. })
+            ));
+        }
+        // The ceiling itself is accepted (the check is not off by one).
+        let mut at = file.clone();
+        at[12..16].copy_from_slice(&KdfParams::MAX_M_KIB.to_le_bytes());
+        assert!(key_file_params(&reseal(at)).is_ok());
+    }
+
+    #[test]
+    fn the_memory_ceiling_is_half_the_ram_at_most_1_gib() {
+        let gib = 1u64 << 30;
+        assert_eq!(KdfParams::memory_ceiling_kib(None), KdfParams::MAX_M_KIB);
+        assert_eq!(KdfParams::memory_ceiling_kib(Some(64 * gib)), 1024 * 1024);
+        assert_eq!(KdfParams::memory_ceiling_kib(Some(gib)), 512 * 1024);
+        assert_eq!(
+            KdfParams::memory_ceiling_kib(Some(1 << 20)),
+            KdfParams::MIN_M_KIB
+        );
+        let p = KdfParams {
+            m_kib: 600 * 1024,
+            t: 3,
+            p: 1,
+        };
+        assert!(p.check().is_ok());
+        let e = p
+            .check_within(KdfParams::memory_ceiling_kib(Some(gib)))
+            .expect_err("above half of 1 GiB");
+        assert!(
+            e.to_string()
+                .contains("m=614400 KiB, t=3, p=1, above the maximum (m <= 524288 KiB"),
+            "{e}"
+        );
+        // A ceiling is only ever lowered.
+        assert!(p.check_within(u32::MAX).is_ok());
+        let huge = KdfParams {
+            m_kib: 2 * 1024 * 1024,
+            ..p
+        };
+        assert!(huge.check_within(u32::MAX).is_err());
     }
 
     #[test]

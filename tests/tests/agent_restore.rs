@@ -422,3 +422,242 @@ fn restoring_more_files_than_the_open_file_limit_works() -> Result<()> {
     assert_eq!(assert_same_tree(&agent.watch, &dest.join("w"))?, 600);
     Ok(())
 }
+
+/// Every entry under `dir`: relative path -> (mode, owner, BLAKE3 of its bytes or of its
+/// link target).
+fn snapshot(
+    dir: &std::path::Path,
+) -> Result<std::collections::BTreeMap<std::path::PathBuf, (String, u32, String)>> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::MetadataExt;
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![std::path::PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        for e in std::fs::read_dir(dir.join(&rel))? {
+            let e = e?;
+            let r = rel.join(e.file_name());
+            let m = std::fs::symlink_metadata(e.path())?;
+            let body = if m.file_type().is_symlink() {
+                std::fs::read_link(e.path())?
+                    .as_os_str()
+                    .as_bytes()
+                    .to_vec()
+            } else if m.is_dir() {
+                stack.push(r.clone());
+                Vec::new()
+            } else {
+                std::fs::read(e.path())?
+            };
+            out.insert(
+                r,
+                (
+                    format!("{:o}", m.mode()),
+                    m.uid(),
+                    blake3::hash(&body).to_hex()[..16].to_string(),
+                ),
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// A racer swaps the folders a restore has just created for symlinks to a folder outside
+/// the target (moving the real folder aside, inside the target) and back, over and over,
+/// while many files, some of several chunks, are restored into them. Nothing outside the
+/// target may change; the restore completes inside the target or fails saying why.
+#[test]
+fn a_restore_folder_swapped_for_a_symlink_is_never_written_through() -> Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Instant;
+    const FOLDERS: usize = 6;
+    const FILES: usize = 40;
+    let tmp = tempfile::tempdir()?;
+    let rcv = Receiver::start(&tmp.path().join("rcv"))?;
+    let mut agent = Agent::init(&tmp.path().join("agent"), &rcv, "r")?;
+    for d in 0..FOLDERS {
+        let dir = agent.watch.join(format!("d{d}"));
+        std::fs::create_dir_all(&dir)?;
+        for i in 0..FILES {
+            std::fs::write(
+                dir.join(format!("f{i:03}")),
+                data(1500, (d * FILES + i) as u64),
+            )?;
+        }
+    }
+    // Files of several chunks (written beside, then renamed), one named as a file outside.
+    std::fs::write(agent.watch.join("d0/big.bin"), data(3 << 20, 901))?;
+    std::fs::write(agent.watch.join("d1/big.bin"), data(3 << 20, 902))?;
+    agent.run()?;
+    agent.wait_settled((FOLDERS * FILES + 2) as i64, T)?;
+    agent.proc.term();
+
+    let outside = tmp.path().join("outside");
+    std::fs::create_dir_all(&outside)?;
+    std::fs::write(outside.join("big.bin"), b"precious, not to be replaced")?;
+    std::fs::write(outside.join("f000"), b"mine")?;
+    let before = snapshot(&outside)?;
+    let dest = tmp.path().join("dest");
+    let child = agent
+        .cmd()
+        .args(["restore", "--config"])
+        .arg(&agent.config)
+        .arg("--to")
+        .arg(&dest)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let done = AtomicBool::new(false);
+    let (out, swaps) = std::thread::scope(|s| {
+        let racer = s.spawn(|| {
+            let (start, mut swaps) = (Instant::now(), 0u64);
+            while !done.load(Ordering::Relaxed)
+                && start.elapsed() < Duration::from_secs(60)
+                && swaps < 200_000
+            {
+                for d in 0..FOLDERS {
+                    let p = dest.join(format!("w/d{d}"));
+                    let aside = dest.join(format!("w/.aside-d{d}"));
+                    let Ok(m) = std::fs::symlink_metadata(&p) else {
+                        continue;
+                    };
+                    if m.is_dir() && std::fs::rename(&p, &aside).is_ok() {
+                        let _ = std::os::unix::fs::symlink(&outside, &p);
+                        swaps += 1;
+                    } else if m.file_type().is_symlink() && std::fs::remove_file(&p).is_ok() {
+                        // The real folder back, so that the next look races again.
+                        let _ = std::fs::rename(&aside, &p);
+                    }
+                }
+                std::thread::yield_now();
+            }
+            swaps
+        });
+        let out = child.wait_with_output();
+        done.store(true, Ordering::Relaxed);
+        (out, racer.join().unwrap_or(0))
+    });
+    let out = out?;
+    for d in 0..FOLDERS {
+        let p = dest.join(format!("w/d{d}"));
+        if std::fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_symlink()) {
+            std::fs::remove_file(&p)?;
+        }
+        let aside = dest.join(format!("w/.aside-d{d}"));
+        if aside.exists() {
+            std::fs::rename(&aside, &p)?;
+        }
+    }
+    let err = String::from_utf8_lossy(&out.stderr);
+    let err = support::tail(&err);
+    assert!(swaps > 0, "the racer never swapped a folder; stderr: {err}");
+    assert_eq!(
+        snapshot(&outside)?,
+        before,
+        "the restore wrote outside its target ({swaps} swaps); stderr: {err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    eprintln!(
+        "{swaps} swaps; restore {}; its last lines:\n{err}",
+        if out.status.success() {
+            "completed"
+        } else {
+            "failed"
+        }
+    );
+    if out.status.success() {
+        assert_eq!(
+            assert_same_tree(&agent.watch, &dest.join("w"))?,
+            FOLDERS * FILES + 2
+        );
+    } else {
+        assert!(
+            err.contains("symlink") || err.contains("replaced"),
+            "a failed restore says why: {err}"
+        );
+    }
+    Ok(())
+}
+
+/// Restoring as root drops setuid and setgid bits unless `--keep-setuid` asks for them: a
+/// restore into a place another user can reach would otherwise hand out root programs.
+#[test]
+fn restoring_as_root_drops_setuid_and_setgid_unless_asked() -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: restoring as root needs root");
+        return Ok(());
+    }
+    let tmp = tempfile::tempdir()?;
+    let rcv = Receiver::start(&tmp.path().join("rcv"))?;
+    let mut agent = Agent::init(&tmp.path().join("agent"), &rcv, "r")?;
+    for (name, mode) in [("suid", 0o4755), ("sgid", 0o2750), ("plain", 0o755)] {
+        let p = agent.watch.join(name);
+        std::fs::write(&p, name)?;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode))?;
+    }
+    agent.run()?;
+    agent.wait_settled(3, T)?;
+    agent.proc.term();
+    let mode = |p: std::path::PathBuf| -> Result<u32> {
+        Ok(std::fs::metadata(p)?.permissions().mode() & 0o7777)
+    };
+    let dest = tmp.path().join("dropped");
+    ok(&agent.restore(&dest, &[])?);
+    assert_eq!(mode(dest.join("w/suid"))?, 0o755);
+    assert_eq!(mode(dest.join("w/sgid"))?, 0o750);
+    assert_eq!(mode(dest.join("w/plain"))?, 0o755);
+    let kept = tmp.path().join("kept");
+    ok(&agent.restore(&kept, &["--keep-setuid"])?);
+    assert_eq!(mode(kept.join("w/suid"))?, 0o4755);
+    assert_eq!(mode(kept.join("w/sgid"))?, 0o2750);
+    Ok(())
+}
+
+/// A target that another user owns, or that group or others may write to, is refused
+/// (another user could swap what the restore writes into) unless `--allow-shared-target`;
+/// so is such a folder found inside the target.
+#[test]
+fn a_target_others_can_write_to_is_refused_unless_allowed() -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir()?;
+    let rcv = Receiver::start(&tmp.path().join("rcv"))?;
+    let mut agent = Agent::init(&tmp.path().join("agent"), &rcv, "r")?;
+    std::fs::write(agent.watch.join("a.txt"), b"a")?;
+    agent.run()?;
+    agent.wait_settled(1, T)?;
+    agent.proc.term();
+    let refused = |o: &std::process::Output, what: &str| {
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{what}: restored into it");
+        assert!(err.contains("--allow-shared-target"), "{what}: {err}");
+    };
+
+    let shared = tmp.path().join("shared");
+    std::fs::create_dir(&shared)?;
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777))?;
+    refused(&agent.restore(&shared, &[])?, "a world-writable target");
+    assert_eq!(std::fs::read_dir(&shared)?.count(), 0, "written into");
+    ok(&agent.restore(&shared, &["--allow-shared-target"])?);
+    assert_eq!(std::fs::read(shared.join("w/a.txt"))?, b"a");
+
+    let group = tmp.path().join("group");
+    std::fs::create_dir_all(group.join("w"))?;
+    std::fs::set_permissions(group.join("w"), std::fs::Permissions::from_mode(0o775))?;
+    refused(
+        &agent.restore(&group, &["--overwrite"])?,
+        "a group-writable folder in the target",
+    );
+    assert!(!group.join("w/a.txt").exists(), "written into");
+
+    if nix::unistd::geteuid().is_root() {
+        let theirs = tmp.path().join("theirs");
+        std::fs::create_dir(&theirs)?;
+        std::os::unix::fs::chown(&theirs, Some(65534), Some(65534))?;
+        refused(
+            &agent.restore(&theirs, &[])?,
+            "a target owned by another user",
+        );
+        assert_eq!(std::fs::read_dir(&theirs)?.count(), 0, "written into");
+    }
+    Ok(())
+}

@@ -22,7 +22,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use coffer_common::channel::StaticKeypair;
-use coffer_common::host::fs::{self as hostfs, Context as _, IoError};
+use coffer_common::host::fs::{Context as _, IoError};
 use coffer_common::host::lock::{self, Lock, LockError, Wait};
 use coffer_common::host::time::now_ms;
 use coffer_common::keys::Passphrase;
@@ -93,7 +93,7 @@ fn run_lock_path(cfg: &Config) -> PathBuf {
 /// who holds it. A lock file that cannot be opened or locked is an I/O error, not another
 /// daemon.
 pub fn lock_state(cfg: &Config) -> Result<Lock, RunError> {
-    hostfs::create_dir_all(&cfg.state_dir, state::STATE_DIR_MODE)?;
+    state::create_state_dir(&cfg.state_dir)?;
     Lock::exclusive(&run_lock_path(cfg), Wait::For(RUN_LOCK_WAIT)).map_err(|e| match e {
         LockError::Held { .. } => RunError::AlreadyRunning(cfg.state_dir.clone()),
         LockError::Io(e) => RunError::Io(e),
@@ -477,6 +477,76 @@ mod tests {
         assert!(matches!(e, RunError::Io(_)), "{text}");
         assert!(text.contains("agent.lock"), "{text}");
         assert!(!text.contains("another"), "{text}");
+    }
+
+    /// The permission bits of `p` in octal (`None`: it does not exist).
+    fn mode_of(p: &std::path::Path) -> Option<String> {
+        use std::os::unix::fs::PermissionsExt;
+        let m = std::fs::metadata(p).ok()?.permissions().mode();
+        Some(format!("{:04o}", m & 0o7777))
+    }
+
+    /// Other local users can read neither the state dir nor the journal (every path backed
+    /// up, and a hash of every file's content), whatever the umask: a new state dir is made
+    /// 0700 and the journal's files 0600; looser ones are tightened.
+    #[test]
+    fn the_state_dir_and_the_journal_are_private_with_umask_022() {
+        use nix::sys::stat::{umask, Mode};
+        use std::os::unix::fs::PermissionsExt;
+        let old = umask(Mode::from_bits_truncate(0o022));
+        let files = |cfg: &Config| {
+            let j = cfg.journal_path();
+            let side = |s: &str| {
+                let mut p = j.clone().into_os_string();
+                p.push(s);
+                PathBuf::from(p)
+            };
+            [j.clone(), side("-wal"), side("-shm")]
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = config(dir.path());
+        let lock = lock_state(&cfg).expect("lock");
+        let journal = open_journal(&cfg).expect("journal");
+        assert_eq!(
+            mode_of(&cfg.state_dir),
+            Some("0700".into()),
+            "new state dir"
+        );
+        for f in files(&cfg) {
+            assert_eq!(mode_of(&f), Some("0600".into()), "new {}", f.display());
+        }
+        drop((journal, lock));
+
+        // A state dir and a journal made loose (by an older agent, or by hand) are tightened,
+        // the -wal and -shm files of an open journal included.
+        let dir2 = tempfile::tempdir().expect("tempdir");
+        let cfg2 = config(dir2.path());
+        std::fs::create_dir(&cfg2.state_dir).expect("state dir");
+        let first = crate::journal::Journal::open(&cfg2.journal_path()).expect("journal");
+        let loose = |p: &std::path::Path, m: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).expect("chmod");
+        };
+        loose(&cfg2.state_dir, 0o755);
+        for f in files(&cfg2) {
+            loose(&f, 0o644);
+        }
+        let lock = lock_state(&cfg2).expect("lock");
+        let second = open_journal(&cfg2).expect("journal");
+        assert_eq!(
+            mode_of(&cfg2.state_dir),
+            Some("0700".into()),
+            "tightened state dir"
+        );
+        for f in files(&cfg2) {
+            assert_eq!(
+                mode_of(&f),
+                Some("0600".into()),
+                "tightened {}",
+                f.display()
+            );
+        }
+        drop((second, first, lock));
+        umask(old);
     }
 
     #[test]

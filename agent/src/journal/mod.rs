@@ -69,6 +69,56 @@ pub struct StatKey {
     pub inode: i64,
 }
 
+/// Mode of the journal's files: they hold every path backed up and a hash of every file's
+/// content, so they are readable by the agent's user alone, whatever the umask.
+const FILE_MODE: u32 = 0o600;
+
+/// Makes the journal's files [`FILE_MODE`]: a new journal is created with that mode before
+/// SQLite opens it (SQLite gives the `-wal` and `-shm` files it creates the database's own
+/// mode), and an existing database, `-wal` or `-shm` open to group or others is tightened,
+/// with a warning. What cannot be done is warned about; the open that follows reports a
+/// journal it cannot use.
+fn make_private(path: &Path) {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let created = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(FILE_MODE)
+        .open(path);
+    if let Ok(f) = created {
+        // Exactly FILE_MODE, whatever bits the umask took off.
+        let _ = f.set_permissions(std::fs::Permissions::from_mode(FILE_MODE));
+        return;
+    }
+    let side = |suffix: &str| {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        PathBuf::from(p)
+    };
+    for p in [path.to_path_buf(), side("-wal"), side("-shm")] {
+        let Ok(meta) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
+        let mode = meta.permissions().mode() & 0o7777;
+        if !meta.is_file() || mode & 0o077 == 0 {
+            continue;
+        }
+        let tight = mode & !0o077;
+        match std::fs::set_permissions(&p, std::fs::Permissions::from_mode(tight)) {
+            Ok(()) => tracing::warn!(
+                "journal file {} was open to group or others (mode {mode:04o}); made it {tight:04o}",
+                p.display()
+            ),
+            Err(e) => tracing::warn!(
+                "journal file {} is open to group or others (mode {mode:04o}) and cannot be \
+                 made {tight:04o}: {}",
+                p.display(),
+                coffer_common::host::fs::describe(&e)
+            ),
+        }
+    }
+}
+
 /// The journal.
 pub struct Journal {
     conn: Connection,
@@ -82,8 +132,10 @@ fn h32(v: ValueRef<'_>) -> Option<[u8; 32]> {
 }
 
 impl Journal {
-    /// Opens (creating if needed) the journal and applies pending migrations.
+    /// Opens (creating if needed) the journal and applies pending migrations. Its files are
+    /// this user's alone ([`make_private`]).
     pub fn open(path: &Path) -> Result<Self, JournalError> {
+        make_private(path);
         let mut conn = SCHEMA.connect(path, rusqlite::OpenFlags::default())?;
         let sql = sql_err(path);
         conn.pragma_update(None, "journal_mode", "WAL")

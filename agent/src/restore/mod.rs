@@ -9,13 +9,19 @@
 //! with one write; a file of several chunks, or one that exists (`--overwrite`), is written
 //! to a temporary file beside it and renamed into place when complete, so no file is left
 //! half-written or half-replaced under its name by a restore that stops. A file that fails
-//! is removed. It never follows a symlink in the target and refuses unsafe manifest paths.
+//! is removed. Unsafe manifest paths are refused.
+//!
+//! This file decides what is written where; `tree.rs` owns the target: every folder,
+//! file and symlink is reached through folder handles, never by a path that a symlink
+//! swapped into the target could redirect, and it holds the rules on whose folders are
+//! written into and on the mode a restored file gets.
+
+mod tree;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::ffi::OsStr;
+use std::ffi::OsString;
 use std::io::Write;
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -23,12 +29,14 @@ use std::sync::{Arc, Mutex};
 use coffer_common::chunk::{ChunkId, Crypto, FileId, Opened, MAX_PLAIN, SEAL_OVERHEAD};
 use coffer_common::host::fs::{Context as _, IoError};
 use coffer_common::host::time::rfc3339;
-use coffer_common::manifest::{safe_components, EntryKind, Manifest};
+use coffer_common::manifest::{EntryKind, Manifest};
 use coffer_common::wire::{Message, VersionEntry};
 
 use crate::config::Config;
 use crate::conn::{Conn, ConnError, Pending};
 use crate::state;
+pub use tree::Shared;
+use tree::{restored_mode, temp_name, Dest, Owner, Refusal, Tree};
 
 /// Errors of restore-side commands.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +55,9 @@ pub enum RestoreError {
     Partial { failed: usize, total: usize },
     #[error("{0} damaged or missing files (see the messages above)")]
     Damaged(usize),
+    /// A target (or a folder in it) that another user could change under the restore.
+    #[error(transparent)]
+    Shared(#[from] Shared),
 }
 
 /// One version of one file, opened.
@@ -336,14 +347,30 @@ pub struct RestoreOpts {
     pub paths: Vec<String>,
     pub overwrite: bool,
     pub progress: bool,
+    /// Restore into a target, or a folder in it, that another user owns or that group or
+    /// others may write to (refused otherwise).
+    pub allow_shared_target: bool,
+    /// Restoring as root, keep setuid and setgid bits (dropped otherwise).
+    pub keep_setuid: bool,
+}
+
+/// How restored files get their owner and mode.
+#[derive(Debug, Clone, Copy)]
+struct Perms {
+    /// Restoring as root: owners are set.
+    as_root: bool,
+    keep_setuid: bool,
 }
 
 /// Chunks fetched ahead by `dump` and `verify`.
 const WINDOW: usize = 24;
 
 struct Target {
-    path: PathBuf,
-    tmp: PathBuf,
+    /// The folder of the tree it is in, and its name there.
+    folder: usize,
+    name: OsString,
+    /// The name written: `name` itself when it did not exist, else a temporary one.
+    tmp: OsString,
     /// Opened when the first chunk lands, closed when the file is finished, so only files
     /// with chunks in flight hold a descriptor (a restore of 100k files stays far below the
     /// open-file limit).
@@ -375,42 +402,30 @@ pub fn restore(cfg: &Config, o: RestoreOpts) -> Result<(), RestoreError> {
     if o.to.as_os_str() == "-" {
         return dump(&s, &sel, &o);
     }
-    let root_empty = match std::fs::symlink_metadata(&o.to) {
-        Ok(m) if m.is_dir() => {
-            let nonempty = std::fs::read_dir(&o.to)
-                .ctx("reading", &o.to)?
-                .next()
-                .is_some();
-            if nonempty && !o.overwrite {
-                return Err(RestoreError::Usage(format!(
-                    "{} is not empty; pass --overwrite to restore into it",
-                    o.to.display()
-                )));
-            }
-            !nonempty
-        }
-        Ok(_) => {
-            return Err(RestoreError::Usage(format!(
-                "{} exists and is not a folder",
-                o.to.display()
-            )))
-        }
-        Err(_) => {
-            std::fs::create_dir_all(&o.to).ctx("creating", &o.to)?;
-            true
-        }
-    };
+    let mut tree = Tree::open(&o.to, o.overwrite, o.allow_shared_target)?;
     let total = sel.len();
     let total_bytes: u64 = sel.values().map(|i| i.manifest.size).sum();
+    let perms = Perms {
+        as_root: nix::unistd::geteuid().is_root(),
+        keep_setuid: o.keep_setuid,
+    };
+    // Every destination first, its folders made: a folder found that another user could
+    // change refuses the restore before any file is written.
+    let mut dests = Vec::with_capacity(sel.len());
+    for (path, it) in sel {
+        match tree.prepare(&path) {
+            Ok(d) => dests.push((path, it, Ok(d))),
+            Err(Refusal::File(e)) => dests.push((path, it, Err(e))),
+            Err(Refusal::Shared(e)) => return Err(e.into()),
+        }
+    }
     let bar = progress_bar(o.progress, total_bytes, "restoring");
-    let is_root = nix::unistd::geteuid().is_root();
     let mut failed = 0usize;
     // Prepare targets; symlinks and empty files finish at once.
     let mut targets: HashMap<usize, Target> = HashMap::new();
     let mut order: Vec<(Job, ChunkId, u32)> = Vec::new();
-    let mut dirs = HashMap::from([(o.to.clone(), root_empty)]);
-    for (n, (path, it)) in sel.into_iter().enumerate() {
-        let (dest, fresh) = match prepare(&o.to, &path, &mut dirs) {
+    for (n, (path, it, dest)) in dests.into_iter().enumerate() {
+        let dest: Dest = match dest {
             Ok(d) => d,
             Err(e) => {
                 eprintln!("error: {}: {e}", show(&path));
@@ -420,7 +435,7 @@ pub fn restore(cfg: &Config, o: RestoreOpts) -> Result<(), RestoreError> {
         };
         match &it.manifest.kind {
             EntryKind::Symlink { target } => {
-                if let Err(e) = place_symlink(&dest, target, &it.manifest, is_root) {
+                if let Err(e) = tree.place_symlink(&dest, target, &it.manifest, perms.as_root) {
                     eprintln!("error: {}: {e}", show(&path));
                     failed += 1;
                 }
@@ -431,13 +446,14 @@ pub fn restore(cfg: &Config, o: RestoreOpts) -> Result<(), RestoreError> {
                 // A new file of at most one chunk is created under its own name and written
                 // with one write; a larger one, written part by part, and any file that
                 // exists are written beside the destination and renamed into place whole.
-                let tmp = if fresh && chunks.len() <= 1 {
-                    dest.clone()
+                let tmp = if dest.fresh && chunks.len() <= 1 {
+                    dest.name.clone()
                 } else {
-                    temp_name(&dest)
+                    temp_name()
                 };
                 let t = Target {
-                    path: dest,
+                    folder: dest.folder,
+                    name: dest.name,
                     tmp,
                     file: None,
                     created: false,
@@ -448,7 +464,7 @@ pub fn restore(cfg: &Config, o: RestoreOpts) -> Result<(), RestoreError> {
                 };
                 match chunks.as_slice() {
                     [] => {
-                        if let Err(e) = finish(t, 0, is_root) {
+                        if let Err(e) = finish(t, 0, &tree, perms) {
                             eprintln!("error: {}: {e}", show(&path));
                             failed += 1;
                         }
@@ -468,7 +484,7 @@ pub fn restore(cfg: &Config, o: RestoreOpts) -> Result<(), RestoreError> {
         }
     }
     let targets = Arc::new(Mutex::new(targets));
-    failed += fetch_all(&s, order, &targets, &bar);
+    failed += fetch_all(&s, order, &targets, &bar, &tree, perms);
     let left: Vec<Target> = match targets.lock() {
         Ok(mut t) => t.drain().map(|(_, v)| v).collect(),
         Err(_) => Vec::new(),
@@ -477,7 +493,7 @@ pub fn restore(cfg: &Config, o: RestoreOpts) -> Result<(), RestoreError> {
         // Files whose chunks did not all arrive.
         let name = show(&t.item.manifest.path);
         let why = t.failed.clone().unwrap_or_else(|| "incomplete".into());
-        t.discard();
+        t.discard(&tree);
         eprintln!("error: {name}: {why}");
         failed += 1;
     }
@@ -576,11 +592,12 @@ fn fetch_all(
     order: Vec<(Job, ChunkId, u32)>,
     targets: &Arc<Mutex<HashMap<usize, Target>>>,
     bar: &Option<indicatif::ProgressBar>,
+    tree: &Tree,
+    perms: Perms,
 ) -> usize {
     let (tx, rx) = crossbeam_channel::unbounded::<(Job, ChunkId, u32, Result<Pending, String>)>();
     let budget = Budget::new();
     let bad = AtomicU64::new(0);
-    let is_root = nix::unistd::geteuid().is_root();
     std::thread::scope(|scope| {
         for _ in 0..WORKERS {
             let rx = rx.clone();
@@ -615,13 +632,15 @@ fn fetch_all(
                     match job {
                         Job::Whole(t) => {
                             let name = show(&t.item.manifest.path);
-                            if let Err(e) = res.and_then(|plain| write_whole(*t, &plain, is_root)) {
+                            if let Err(e) =
+                                res.and_then(|plain| write_whole(*t, &plain, tree, perms))
+                            {
                                 eprintln!("error: {name}: {e}");
                                 bad.fetch_add(1, Ordering::Relaxed);
                             }
                         }
                         Job::Part { n, off } => {
-                            if !write_part(targets, n, off, res, is_root) {
+                            if !write_part(targets, n, off, res, tree, perms) {
                                 bad.fetch_add(1, Ordering::Relaxed);
                             }
                         }
@@ -650,17 +669,18 @@ fn fetch_all(
 }
 
 /// Writes a one-chunk file and finishes it.
-fn write_whole(mut t: Target, plain: &[u8], is_root: bool) -> Result<(), String> {
-    let shown = t.tmp.display().to_string();
-    let wrote = t.open().and_then(|f| {
-        f.write_all_at(plain, 0)
-            .map_err(|e| format!("writing {shown}: {e}"))
-    });
+fn write_whole(mut t: Target, plain: &[u8], tree: &Tree, perms: Perms) -> Result<(), String> {
+    let wrote = match t.open(tree) {
+        Ok(f) => f
+            .write_all_at(plain, 0)
+            .map_err(|e| format!("writing {}: {e}", tree.shown(t.folder, &t.tmp).display())),
+        Err(e) => Err(e),
+    };
     match wrote {
-        Ok(()) => finish(t, plain.len() as u64, is_root),
+        Ok(()) => finish(t, plain.len() as u64, tree, perms),
         Err(e) => {
             t.file = None;
-            t.discard();
+            t.discard(tree);
             Err(e)
         }
     }
@@ -674,7 +694,8 @@ fn write_part(
     n: usize,
     off: u64,
     res: Result<Opened, String>,
-    is_root: bool,
+    tree: &Tree,
+    perms: Perms,
 ) -> bool {
     let file = {
         let Ok(mut t) = targets.lock() else {
@@ -682,7 +703,7 @@ fn write_part(
         };
         let Some(tg) = t.get_mut(&n) else { return true };
         match &res {
-            Ok(_) if tg.failed.is_none() => match tg.open_shared() {
+            Ok(_) if tg.failed.is_none() => match tg.open_shared(tree) {
                 Ok(f) => Some((f, tg.writing.clone())),
                 Err(e) => {
                     tg.failed = Some(e);
@@ -708,8 +729,9 @@ fn write_part(
     };
     let Some(tg) = t.get_mut(&n) else { return true };
     if let Some(Err(e)) = wrote {
+        let shown = tree.shown(tg.folder, &tg.tmp);
         tg.failed
-            .get_or_insert_with(|| format!("writing {}: {e}", tg.tmp.display()));
+            .get_or_insert_with(|| format!("writing {}: {e}", shown.display()));
     }
     tg.remaining -= 1;
     if tg.remaining == 0 && tg.failed.is_some() {
@@ -722,7 +744,7 @@ fn write_part(
     let Some(tg) = t.remove(&n) else { return true };
     drop(t);
     let name = show(&tg.item.manifest.path);
-    match finish(tg, u64::MAX, is_root) {
+    match finish(tg, u64::MAX, tree, perms) {
         Ok(()) => true,
         Err(e) => {
             eprintln!("error: {name}: {e}");
@@ -731,131 +753,55 @@ fn write_part(
     }
 }
 
-fn temp_name(dest: &Path) -> PathBuf {
-    let mut r = [0u8; 6];
-    let _ = coffer_common::keys::fill_random(&mut r);
-    let name = format!(".coffer-restore-{}", coffer_common::chunk::to_hex(&r));
-    dest.parent().unwrap_or(Path::new(".")).join(name)
-}
-
-/// Creates the folders for `path` under `root`, never following a symlink, and returns the
-/// destination path and whether it is free (nothing there yet). Unsafe manifest paths are
-/// refused. `dirs` holds the folders this restore already created or checked, so each is
-/// looked at once, not once per file, and whether each was empty then: a file in a folder
-/// that was empty needs no look of its own (paths are distinct, and a file that appears
-/// there meanwhile makes creating it fail, since it is created exclusively).
-fn prepare(
-    root: &Path,
-    path: &[u8],
-    dirs: &mut HashMap<PathBuf, bool>,
-) -> Result<(PathBuf, bool), String> {
-    let parts = safe_components(path).map_err(|e| e.to_string())?;
-    let mut cur = root.to_path_buf();
-    for (i, part) in parts.iter().enumerate() {
-        cur.push(OsStr::from_bytes(part));
-        if i + 1 == parts.len() {
-            break;
-        }
-        if dirs.contains_key(&cur) {
-            continue;
-        }
-        match std::fs::symlink_metadata(&cur) {
-            Ok(m) if m.file_type().is_symlink() => {
-                return Err(format!(
-                    "{} is a symlink in the target; refusing to write through it",
-                    cur.display()
-                ))
-            }
-            Ok(m) if m.is_dir() => {
-                dirs.insert(cur.clone(), false);
-            }
-            Ok(_) => return Err(format!("{} exists and is not a folder", cur.display())),
-            Err(_) => {
-                std::fs::create_dir(&cur)
-                    .map_err(|e| format!("creating {}: {e}", cur.display()))?;
-                dirs.insert(cur.clone(), true);
-            }
-        }
-    }
-    if cur.parent().is_some_and(|p| dirs.get(p) == Some(&true)) {
-        return Ok((cur, true));
-    }
-    match std::fs::symlink_metadata(&cur) {
-        Ok(m) if m.is_dir() => Err(format!("{} exists and is a folder", cur.display())),
-        Ok(_) => Ok((cur, false)),
-        Err(_) => Ok((cur, true)),
-    }
-}
-
-fn set_times(p: &Path, m: &Manifest, follow: bool) -> Result<(), String> {
-    let ts = nix::sys::time::TimeSpec::new(
-        m.mtime_ns.div_euclid(1_000_000_000),
-        m.mtime_ns.rem_euclid(1_000_000_000),
-    );
-    let flag = if follow {
-        nix::sys::stat::UtimensatFlags::FollowSymlink
-    } else {
-        nix::sys::stat::UtimensatFlags::NoFollowSymlink
-    };
-    nix::sys::stat::utimensat(None, p, &ts, &ts, flag)
-        .map_err(|e| format!("setting mtime of {}: {e}", p.display()))
-}
-
 impl Target {
     /// The file being written (`tmp`: the destination itself when it did not exist),
     /// created on first use.
-    fn open(&mut self) -> Result<&std::fs::File, String> {
-        self.open_shared()?;
+    fn open(&mut self, tree: &Tree) -> Result<&std::fs::File, String> {
+        self.open_shared(tree)?;
         self.file
             .as_deref()
-            .ok_or_else(|| format!("creating {}", self.tmp.display()))
+            .ok_or_else(|| format!("creating {}", tree.shown(self.folder, &self.tmp).display()))
     }
 
-    /// The temporary file, created on first use, shared with writers outside the lock.
-    fn open_shared(&mut self) -> Result<Arc<std::fs::File>, String> {
+    /// The file being written, created on first use (in its folder, by handle, never
+    /// through anything already there), shared with writers outside the lock.
+    fn open_shared(&mut self, tree: &Tree) -> Result<Arc<std::fs::File>, String> {
         if let Some(f) = &self.file {
             return Ok(f.clone());
         }
-        let f = Arc::new(
-            std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                // Readable by no one else until `finish` sets the file's own mode.
-                .mode(0o600)
-                .open(&self.tmp)
-                .map_err(|e| format!("creating {}: {e}", self.tmp.display()))?,
-        );
+        let f = Arc::new(tree.create(self.folder, &self.tmp)?);
         self.file = Some(f.clone());
         self.created = true;
         Ok(f)
     }
 
     /// Removes the file this restore created for the target, if any.
-    fn discard(&self) {
+    fn discard(&self, tree: &Tree) {
         if self.created {
-            let _ = std::fs::remove_file(&self.tmp);
+            tree.remove(self.folder, &self.tmp);
         }
     }
 }
 
-/// Checks the written file's size and sets its owner, mode and times through its descriptor,
-/// then renames it into place if it is a temporary file. `written` is the byte count when
-/// the caller knows it (one write), `u64::MAX` to ask the file. The file written is removed
-/// on failure.
-fn finish(mut t: Target, written: u64, is_root: bool) -> Result<(), String> {
-    t.open()?;
+/// Checks the written file's size and sets its owner (as root), mode and times through its
+/// descriptor, then renames it into place, within its folder, if it is a temporary file.
+/// `written` is the byte count when the caller knows it (one write), `u64::MAX` to ask the
+/// file. The file written is removed on failure.
+fn finish(mut t: Target, written: u64, tree: &Tree, perms: Perms) -> Result<(), String> {
+    t.open(tree)?;
+    let shown = tree.shown(t.folder, &t.tmp);
     let Some(file) = t.file.take() else {
-        t.discard();
-        return Err(format!("creating {}", t.tmp.display()));
+        t.discard(tree);
+        return Err(format!("creating {}", shown.display()));
     };
     let cleanup = |e: String| {
-        t.discard();
+        t.discard(tree);
         e
     };
     let m = &t.item.manifest;
     let len = if written == u64::MAX {
         file.metadata()
-            .map_err(|e| cleanup(format!("{}: {e}", t.tmp.display())))?
+            .map_err(|e| cleanup(format!("{}: {e}", shown.display())))?
             .len()
     } else {
         written
@@ -866,37 +812,30 @@ fn finish(mut t: Target, written: u64, is_root: bool) -> Result<(), String> {
             m.size
         )));
     }
-    if is_root {
-        let _ = std::os::unix::fs::fchown(&*file, Some(m.uid), Some(m.gid));
-    }
-    file.set_permissions(std::fs::Permissions::from_mode(m.mode & 0o7777))
-        .map_err(|e| cleanup(format!("setting mode of {}: {e}", t.tmp.display())))?;
+    let owner = if !perms.as_root {
+        Owner::Unchanged
+    } else if m.uid != u32::MAX
+        && m.gid != u32::MAX
+        && std::os::unix::fs::fchown(&*file, Some(m.uid), Some(m.gid)).is_ok()
+    {
+        Owner::Set
+    } else {
+        Owner::Failed
+    };
+    let mode = restored_mode(m.mode, owner, perms.keep_setuid);
+    file.set_permissions(std::fs::Permissions::from_mode(mode))
+        .map_err(|e| cleanup(format!("setting mode of {}: {e}", shown.display())))?;
     let ts = nix::sys::time::TimeSpec::new(
         m.mtime_ns.div_euclid(1_000_000_000),
         m.mtime_ns.rem_euclid(1_000_000_000),
     );
     nix::sys::stat::futimens(std::os::fd::AsRawFd::as_raw_fd(&*file), &ts, &ts)
-        .map_err(|e| cleanup(format!("setting mtime of {}: {e}", t.tmp.display())))?;
+        .map_err(|e| cleanup(format!("setting mtime of {}: {e}", shown.display())))?;
     drop(file);
-    if t.tmp == t.path {
+    if t.tmp == t.name {
         return Ok(());
     }
-    std::fs::rename(&t.tmp, &t.path)
-        .map_err(|e| cleanup(format!("renaming into {}: {e}", t.path.display())))
-}
-
-fn place_symlink(dest: &Path, target: &[u8], m: &Manifest, is_root: bool) -> Result<(), String> {
-    let tmp = temp_name(dest);
-    std::os::unix::fs::symlink(OsStr::from_bytes(target), &tmp)
-        .map_err(|e| format!("creating symlink {}: {e}", tmp.display()))?;
-    if is_root {
-        let _ = std::os::unix::fs::lchown(&tmp, Some(m.uid), Some(m.gid));
-    }
-    let _ = set_times(&tmp, m, false);
-    std::fs::rename(&tmp, dest).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        format!("renaming into {}: {e}", dest.display())
-    })
+    tree.rename(t.folder, &t.tmp, &t.name).map_err(cleanup)
 }
 
 /// `restore --to - PATH`: one file's bytes to stdout.
