@@ -3,12 +3,14 @@
 //! A session is two tasks. The *reader* decodes frames into a bounded queue (bounded in
 //! messages and in bytes). The *processor* handles them in order and runs the group
 //! commit: a `CommitFile` is queued in the session's batch, and whenever the queue is
-//! momentarily empty (or the batch reaches [`MAX_BATCH_COMMITS`] commits or
-//! [`MAX_BATCH_BYTES`] bytes) the batch is flushed: packs fsynced, one index transaction,
-//! then the batch's `FileAcked` replies. The flush runs on a blocking thread while the
-//! processor goes on storing what arrives, which becomes the next batch (one flush in
-//! flight per session). Replies keep request order: while a commit is unacknowledged,
-//! every later reply waits for the flush that acknowledges it.
+//! momentarily empty (or the batch reaches [`MAX_BATCH_COMMITS`] commits,
+//! [`MAX_BATCH_BYTES`] bytes, or holds [`MAX_HELD_REPLIES`] replies or [`MAX_HELD_BYTES`]
+//! of them) the batch is flushed: packs fsynced, one index transaction, then the batch's
+//! `FileAcked` replies. The flush runs on a blocking thread while the processor goes on
+//! storing what arrives, which becomes the next batch (one flush in flight per session;
+//! a full batch waits for it, and the session reads nothing more meanwhile). Replies keep
+//! request order: while a commit is unacknowledged, every later reply waits for the flush
+//! that acknowledges it.
 //!
 //! A malformed frame, an unknown kind or a reply sent as a request ends that session
 //! only (after a best-effort `Error{Malformed}`). On shutdown a session handles what it
@@ -38,8 +40,13 @@ use crate::server::{error, refuse, Server, LINGER};
 
 /// Commits in one batch before it is flushed regardless.
 pub const MAX_BATCH_COMMITS: usize = 4096;
-/// Bytes stored by a session before its batch is flushed regardless.
+/// Bytes stored and committed (chunks, manifests, chunk ids) by a session before its batch
+/// is flushed regardless.
 pub const MAX_BATCH_BYTES: u64 = 64 << 20;
+/// Replies held behind unacknowledged commits before the batch is flushed regardless.
+pub const MAX_HELD_REPLIES: usize = 4096;
+/// Bytes of replies held behind unacknowledged commits before the same.
+pub const MAX_HELD_BYTES: u64 = 4 << 20;
 /// Messages queued between a session's reader and processor.
 const QUEUE_MESSAGES: usize = 4096;
 /// Bytes of messages queued per session (a single larger message still passes alone).
@@ -270,6 +277,8 @@ enum Reply {
 struct Batch {
     commits: Vec<NewCommit>,
     replies: Vec<Reply>,
+    /// Bytes of the `Reply::Now` messages in `replies` (roughly: their variable parts).
+    held_bytes: u64,
 }
 
 type FlushResult = (Vec<NewCommit>, Result<Vec<CommitOutcome>, RepoError>);
@@ -387,8 +396,13 @@ impl Session {
         self.flushing.is_some() || !self.batch.commits.is_empty()
     }
 
+    /// True when the gathered batch must be flushed before anything more is read: too
+    /// many commits or bytes, or too many replies (or reply bytes) held behind them.
     fn batch_full(&self) -> bool {
-        self.batch.commits.len() >= MAX_BATCH_COMMITS || self.batch_bytes >= MAX_BATCH_BYTES
+        self.batch.commits.len() >= MAX_BATCH_COMMITS
+            || self.batch_bytes >= MAX_BATCH_BYTES
+            || self.batch.replies.len() >= MAX_HELD_REPLIES
+            || self.batch.held_bytes >= MAX_HELD_BYTES
     }
 
     /// Handles queued requests in order. Whenever the queue is momentarily empty, answers
@@ -586,9 +600,11 @@ impl Session {
         }
     }
 
-    /// Sends a reply now, or queues it behind unacknowledged commits.
+    /// Sends a reply now, or queues it behind unacknowledged commits (counted towards the
+    /// batch: see [`Session::batch_full`]).
     async fn reply(&mut self, m: Message) -> Result<(), End> {
         if self.pending() {
+            self.batch.held_bytes += held_size(&m);
             self.batch.replies.push(Reply::Now(m));
             Ok(())
         } else {
@@ -708,7 +724,7 @@ impl Session {
                 ))
                 .await;
         }
-        self.batch_bytes += c.manifest.len() as u64;
+        self.batch_bytes += commit_bytes(&c.manifest, &c.chunks);
         self.batch.commits.push(c);
         let i = self.batch.commits.len() - 1;
         self.batch.replies.push(Reply::Commit(i));
@@ -741,7 +757,7 @@ impl Session {
         let start = self.batch.commits.len();
         let n = commits.len();
         for c in commits {
-            self.batch_bytes += c.manifest.len() as u64;
+            self.batch_bytes += commit_bytes(&c.manifest, &c.chunks);
             self.batch.commits.push(NewCommit {
                 commit_id: c.commit_id,
                 file_id: c.file_id,
@@ -845,7 +861,9 @@ impl Session {
         if self.batch.commits.is_empty() && !self.unflushed {
             return;
         }
-        let Batch { commits, replies } = std::mem::take(&mut self.batch);
+        let Batch {
+            commits, replies, ..
+        } = std::mem::take(&mut self.batch);
         self.batch_bytes = 0;
         self.unflushed = false;
         let repo = self.repo.clone();
@@ -930,6 +948,7 @@ impl Session {
             self.send_queued(m).await?;
         }
         if self.batch.commits.is_empty() {
+            self.batch.held_bytes = 0;
             for reply in std::mem::take(&mut self.batch.replies) {
                 if let Reply::Now(m) = reply {
                     self.send_queued(m).await?;
@@ -1007,6 +1026,26 @@ fn bad_put_files(chunks: &[SealedChunk], commits: &[FileCommit]) -> Option<Strin
             c.chunks.len()
         )
     })
+}
+
+/// What a commit adds to its batch's bytes: its manifest and its chunk ids, held until the
+/// batch is flushed.
+fn commit_bytes(manifest: &[u8], chunks: &[ChunkId]) -> u64 {
+    (manifest.len() + std::mem::size_of_val(chunks)) as u64
+}
+
+/// Roughly the bytes a reply held behind a commit occupies: its variable part, plus a
+/// little for the rest.
+fn held_size(m: &Message) -> u64 {
+    let variable = match m {
+        Message::Missing { ids } => ids.len() * std::mem::size_of::<ChunkId>(),
+        Message::KeyFile { data } => data.as_ref().map_or(0, Vec::len),
+        Message::Error { message, .. } => message.len(),
+        Message::Chunk { sealed, .. } => sealed.len(),
+        Message::Versions { entries, .. } => entries.iter().map(|e| 64 + e.manifest.len()).sum(),
+        _ => 0,
+    };
+    (64 + variable) as u64
 }
 
 fn missing_chunks_text(ids: &[ChunkId]) -> String {

@@ -1,11 +1,13 @@
-//! Peers that try to exhaust the receiver (issue 27): requests full of repeated ids.
+//! Peers that try to exhaust the receiver (issue 27): replies held behind a commit,
+//! requests full of repeated ids.
 
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use coffer_common::chunk::ChunkId;
 use coffer_common::wire::{ErrorCode, Message, MAX_IDS};
 use coffer_tests::*;
+use tokio::time::timeout;
 
 const T: Duration = Duration::from_secs(20);
 
@@ -15,6 +17,89 @@ async fn setup(tmp: &tempfile::TempDir) -> Result<(Receiver, TestAgent)> {
     rcv.authorize("r", &agent.public_key())?;
     rcv.serve()?;
     Ok((rcv, agent))
+}
+
+/// A line of `/proc/PID/status` in bytes (`VmHWM`: the peak resident set).
+fn proc_status_bytes(pid: u32, field: &str) -> Result<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = s
+        .lines()
+        .find(|l| l.starts_with(field))
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))?;
+    let kb: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .context("no value")?
+        .parse()?;
+    Ok(kb * 1024)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_held_behind_a_commit_do_not_grow_without_bound() -> Result<()> {
+    const N: usize = 60_000;
+    let tmp = tempfile::tempdir()?;
+    let (rcv, agent) = setup(&tmp).await?;
+    let pid = rcv.pid().context("serve pid")?;
+    let mut c = rcv.connect(&agent).await?;
+    // Every `GetKeyFile` is answered with the whole key file: 4 KiB a reply.
+    c.request(&Message::PutKeyFile {
+        data: data(4096, 7),
+    })
+    .await?;
+    let key_file = match c.request(&Message::GetKeyFile).await? {
+        Message::KeyFile { data } => data,
+        m => bail!("expected KeyFile, got {m:?}"),
+    };
+    let f = agent.seal_file("w/held", b"one small file")?;
+    for (id, s) in &f.chunks {
+        c.put(id, s).await?;
+    }
+    let before = proc_status_bytes(pid, "VmHWM:")?;
+    // One commit, then many small requests pipelined behind it without a pause.
+    let (mut tx, mut rx) = c.ch.split();
+    let commit = f.commit_message();
+    let sender = tokio::spawn(async move {
+        tx.queue(&commit)?;
+        for _ in 0..N {
+            tx.queue(&Message::GetKeyFile)?;
+            if tx.queued() >= 64 << 10 {
+                tx.flush_queued().await?;
+            }
+        }
+        tx.queue(&Message::ListVersions { after: 0, limit: 0 })?;
+        tx.flush_queued().await?;
+        anyhow::Ok(tx)
+    });
+    // Every request is answered, in order.
+    timeout(Duration::from_secs(180), async {
+        match rx.recv().await? {
+            Message::FileAcked { commit_id, .. } if commit_id == f.commit_id => {}
+            m => bail!("expected the commit's FileAcked, got {m:?}"),
+        }
+        for i in 0..N {
+            match rx.recv().await? {
+                Message::KeyFile { data } if data == key_file => {}
+                m => bail!("reply {i}: expected the key file, got {}", m.kind()),
+            }
+        }
+        match rx.recv().await? {
+            Message::Versions { entries, .. } if entries.len() == 1 => Ok(()),
+            m => bail!("expected one version, got {m:?}"),
+        }
+    })
+    .await
+    .context("the pipelined requests were not all answered")??;
+    let _tx = sender.await??;
+    // The replies were written as the receiver went, not gathered behind the commit:
+    // 60,000 of 4 KiB would be 240 MiB.
+    let grew = proc_status_bytes(pid, "VmHWM:")?.saturating_sub(before);
+    eprintln!("peak RSS grew by {} KiB", grew >> 10);
+    assert!(
+        grew < 64 << 20,
+        "the receiver's peak RSS grew by {} MiB",
+        grew >> 20
+    );
+    Ok(())
 }
 
 /// 65,536 ids: `known` twice and 32,767 unknown ids twice each, in an interleaved order.
