@@ -13,6 +13,7 @@
 //!   live is chosen once ([`store::PackStores`]).
 //! - [`index`]: the repository's SQLite index, sole owner of its connection.
 //! - [`status`]: `status` and `scrub` (and whether a `serve` holds the root).
+//! - [`logs`]: what is logged of peers: their text escaped.
 //! - [`metrics`]: the session counters and `serve --metrics`'s `/metrics` endpoint.
 //! - [`notify`]: systemd readiness and watchdog notifications.
 //! - [`service`]: `service install|uninstall` (the systemd unit).
@@ -33,6 +34,7 @@ pub mod clidoc;
 pub mod config;
 pub mod index;
 pub mod layout;
+pub mod logs;
 pub mod metrics;
 pub mod notify;
 pub mod repo;

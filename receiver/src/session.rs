@@ -12,19 +12,20 @@
 //! request order: while a commit is unacknowledged, every later reply waits for the flush
 //! that acknowledges it.
 //!
-//! A malformed frame, an unknown kind or a reply sent as a request ends that session
-//! only (after a best-effort `Error{Malformed}`). On shutdown a session handles what it
-//! has already received, flushes, answers `Error{ShuttingDown}` and closes.
+//! A malformed frame, an unknown kind, a reply sent as a request, or a count or size
+//! past the protocol's limits ends that session only (after a best-effort
+//! `Error{Malformed}`). On shutdown a session handles what it has already received,
+//! flushes, answers `Error{ShuttingDown}` and closes.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
 use coffer_common::channel::{self, ChannelError, RecvHalf, SendHalf};
-use coffer_common::chunk::{ChunkId, MAX_CHUNK, MAX_SEALED, SEAL_OVERHEAD};
+use coffer_common::chunk::{ChunkId, SEAL_OVERHEAD};
 use coffer_common::wire::{
     CommitResult, ErrorCode, FileCommit, Message, SealedChunk, WireError, MAX_BATCH_FILES, MAX_IDS,
-    PROTOCOL_VERSION,
+    MAX_MANIFEST, MAX_NAME, MAX_SEALED_CHUNK, PROTOCOL_VERSION,
 };
 use tokio::io::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
@@ -34,6 +35,7 @@ use tracing::Instrument;
 
 use crate::auth::RepoName;
 use crate::index::{CommitOutcome, NewCommit};
+use crate::logs::peer_text;
 use crate::metrics::{ErrorKind, Metrics};
 use crate::repo::{Repo, RepoError};
 use crate::server::{error, refuse, Server, LINGER};
@@ -63,7 +65,7 @@ const READ_GROUP: usize = 8;
 /// gathered; more groups ahead raised the peak for no measurable gain.
 const GROUPS_AHEAD: usize = 1;
 /// Capacity of a chunk read's buffer: the largest chunk the agent's chunker cuts, sealed.
-const READ_BUF: usize = MAX_CHUNK as usize + SEAL_OVERHEAD;
+const READ_BUF: usize = MAX_SEALED_CHUNK;
 
 type Tx = SendHalf<WriteHalf<TcpStream>>;
 type Rx = RecvHalf<ReadHalf<TcpStream>>;
@@ -121,16 +123,24 @@ async fn hello(server: &Server, ch: &mut channel::Channel<TcpStream>) -> Hello {
             agent_name,
             software,
         })) => {
-            if protocol == PROTOCOL_VERSION {
-                tracing::info!(agent = %agent_name, %software, "session started");
+            if protocol != PROTOCOL_VERSION {
+                let msg = format!(
+                    "protocol version mismatch: the receiver speaks {PROTOCOL_VERSION}, the \
+                     agent speaks {protocol}; upgrade the older side"
+                );
+                tracing::warn!("{msg}");
+                (ErrorCode::ProtocolVersion, msg)
+            } else if let Some(msg) = bad_names(&agent_name, &software) {
+                tracing::warn!("{msg}");
+                (ErrorCode::Malformed, msg)
+            } else {
+                tracing::info!(
+                    agent = %peer_text(&agent_name),
+                    software = %peer_text(&software),
+                    "session started"
+                );
                 return Hello::Agent(agent_name);
             }
-            let msg = format!(
-                "protocol version mismatch: the receiver speaks {PROTOCOL_VERSION}, the agent \
-                 speaks {protocol}; upgrade the older side"
-            );
-            tracing::warn!("{msg}");
-            (ErrorCode::ProtocolVersion, msg)
         }
         Ok(Ok(other)) => {
             let msg = format!("expected Hello as the first message, got {}", other.kind());
@@ -192,12 +202,13 @@ async fn serve_requests(
     if matches!(end, Err(End::Internal(_))) {
         server.metrics.error(ErrorKind::Internal);
     }
+    let agent = peer_text(agent);
     match end {
         Ok(()) => {
-            tracing::info!(agent = %agent, files = s.acked, bytes = s.stored_bytes, "session ended")
+            tracing::info!(%agent, files = s.acked, bytes = s.stored_bytes, "session ended")
         }
         Err(e) => {
-            tracing::info!(agent = %agent, files = s.acked, bytes = s.stored_bytes, "session ended: {e}")
+            tracing::info!(%agent, files = s.acked, bytes = s.stored_bytes, "session ended: {e}")
         }
     }
 }
@@ -680,6 +691,9 @@ impl Session {
         sealed_hash: [u8; 32],
         sealed: Vec<u8>,
     ) -> Result<(), End> {
+        if let Some(msg) = oversized_chunk(&id, sealed.len()) {
+            return self.malformed(msg).await;
+        }
         if let Some(msg) = bad_sealed_len(&id, sealed.len()) {
             self.metrics.error(ErrorKind::Protocol);
             return self.reply(error(ErrorCode::Malformed, msg)).await;
@@ -723,6 +737,9 @@ impl Session {
                     c.chunks.len()
                 ))
                 .await;
+        }
+        if let Some(msg) = oversized_manifest(c.manifest.len()) {
+            return self.malformed(msg).await;
         }
         self.batch_bytes += commit_bytes(&c.manifest, &c.chunks);
         self.batch.commits.push(c);
@@ -1001,14 +1018,41 @@ fn not_found(id: &ChunkId) -> Message {
     )
 }
 
-/// Why a sealed chunk of `len` bytes is refused, if it is.
+/// Why a sealed chunk of `len` bytes is refused, if it is shorter than any sealed blob
+/// (that request fails; the session goes on).
 fn bad_sealed_len(id: &ChunkId, len: usize) -> Option<String> {
-    (!(SEAL_OVERHEAD..=MAX_SEALED).contains(&len)).then(|| {
+    (len < SEAL_OVERHEAD).then(|| {
         format!(
             "sealed chunk {id} is {len} bytes; a sealed chunk has {SEAL_OVERHEAD} to \
-             {MAX_SEALED} bytes"
+             {MAX_SEALED_CHUNK} bytes"
         )
     })
+}
+
+/// Why a sealed chunk of `len` bytes is refused, if it is longer than any chunk the
+/// chunker cuts, sealed (the session ends: no honest agent sends one).
+fn oversized_chunk(id: &ChunkId, len: usize) -> Option<String> {
+    (len > MAX_SEALED_CHUNK).then(|| {
+        format!(
+            "sealed chunk {id} is {len} bytes, more than the largest chunk an agent cuts, \
+             sealed ({MAX_SEALED_CHUNK} bytes)"
+        )
+    })
+}
+
+/// Why a sealed manifest of `len` bytes is refused, if it is.
+fn oversized_manifest(len: usize) -> Option<String> {
+    (len > MAX_MANIFEST)
+        .then(|| format!("manifest of {len} bytes exceeds the limit of {MAX_MANIFEST} bytes"))
+}
+
+/// Why a `Hello`'s names are refused, if they are.
+fn bad_names(agent_name: &str, software: &str) -> Option<String> {
+    let long = |what: &str, s: &str| {
+        (s.len() > MAX_NAME)
+            .then(|| format!("{what} of {} bytes in Hello (max {MAX_NAME})", s.len()))
+    };
+    long("agent name", agent_name).or_else(|| long("software name", software))
 }
 
 /// Why a `PutFiles` is malformed (past the protocol's limits), if it is.
@@ -1020,11 +1064,20 @@ fn bad_put_files(chunks: &[SealedChunk], commits: &[FileCommit]) -> Option<Strin
             commits.len()
         ));
     }
-    commits.iter().find(|c| c.chunks.len() > MAX_IDS).map(|c| {
-        format!(
-            "PutFiles commit with {} chunks (max {MAX_IDS})",
-            c.chunks.len()
-        )
+    if let Some(m) = chunks
+        .iter()
+        .find_map(|c| oversized_chunk(&c.id, c.sealed.len()))
+    {
+        return Some(m);
+    }
+    commits.iter().find_map(|c| {
+        if c.chunks.len() > MAX_IDS {
+            return Some(format!(
+                "PutFiles commit with {} chunks (max {MAX_IDS})",
+                c.chunks.len()
+            ));
+        }
+        oversized_manifest(c.manifest.len())
     })
 }
 

@@ -1,12 +1,19 @@
-//! Peers that try to exhaust the receiver (issue 27): replies held behind a commit,
-//! requests full of repeated ids.
+//! Peers that try to exhaust the receiver or poison its log (issue 27): replies held behind
+//! a commit, requests full of repeated ids, sizes an honest agent never sends, control
+//! characters in the names it logs.
 
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use coffer_common::chunk::ChunkId;
-use coffer_common::wire::{ErrorCode, Message, MAX_IDS};
+use coffer_common::channel::RecvHalf;
+use coffer_common::chunk::{ChunkId, FileId, MAX_CHUNK, SEAL_OVERHEAD};
+use coffer_common::wire::{
+    ErrorCode, FileCommit, Message, SealedChunk, MAX_IDS, MAX_MANIFEST, MAX_NAME, PROTOCOL_VERSION,
+};
 use coffer_tests::*;
+use tokio::io::ReadHalf;
+use tokio::net::TcpStream;
 use tokio::time::timeout;
 
 const T: Duration = Duration::from_secs(20);
@@ -17,6 +24,23 @@ async fn setup(tmp: &tempfile::TempDir) -> Result<(Receiver, TestAgent)> {
     rcv.authorize("r", &agent.public_key())?;
     rcv.serve()?;
     Ok((rcv, agent))
+}
+
+type Rx = RecvHalf<ReadHalf<TcpStream>>;
+
+/// The next message is an `Error` with `code` whose text contains `says`, then the
+/// session is closed.
+async fn error_then_close(rx: &mut Rx, code: ErrorCode, says: &str) -> Result<()> {
+    let m = timeout(T, rx.recv()).await.context("no reply")??;
+    match &m {
+        Message::Error { code: c, message } if *c == code => {
+            assert!(message.contains(says), "{message:?} should say {says:?}")
+        }
+        m => bail!("expected Error{{{code:?}}}, got {m:?}"),
+    }
+    let next = timeout(T, rx.recv()).await.context("not closed")?;
+    assert!(next.is_err(), "session still open: {next:?}");
+    Ok(())
 }
 
 /// A line of `/proc/PID/status` in bytes (`VmHWM`: the peak resident set).
@@ -159,5 +183,142 @@ async fn the_most_ids_a_request_may_carry_repeated_are_answered_promptly() -> Re
     }
     let took = started.elapsed();
     assert!(took < T, "three requests took {took:?}");
+    Ok(())
+}
+
+/// The repository's counts from `status`.
+fn counts(rcv: &Receiver) -> Result<(u64, u64)> {
+    let st = rcv.status()?;
+    let r = st["repositories"]
+        .as_array()
+        .and_then(|a| a.iter().find(|r| r["name"] == "r"))
+        .context("repository r in status")?;
+    Ok((
+        r["chunks"].as_u64().unwrap_or(u64::MAX),
+        r["versions"].as_u64().unwrap_or(u64::MAX),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sizes_an_honest_agent_never_sends_end_the_session_and_store_nothing() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let (rcv, agent) = setup(&tmp).await?;
+    // The largest sealed chunk the chunker can give (MAX_CHUNK, sealed uncompressed) and
+    // one byte more.
+    let largest = MAX_CHUNK as usize + SEAL_OVERHEAD;
+    let mut c = rcv.connect(&agent).await?;
+    let ok = vec![5u8; largest];
+    c.put(&ChunkId([1; 32]), &ok).await?;
+    c.commit(&SealedFile {
+        path: b"w/largest".to_vec(),
+        plain: Vec::new(),
+        file_id: FileId([1; 32]),
+        commit_id: commit_id()?,
+        manifest: vec![6; MAX_MANIFEST],
+        chunks: vec![(ChunkId([1; 32]), Vec::new())],
+    })
+    .await?;
+    let before = counts(&rcv)?;
+    assert_eq!(before, (1, 1));
+
+    let big_chunk = vec![5u8; largest + 1];
+    let (mut tx, mut rx) = rcv.connect(&agent).await?.ch.split();
+    tx.send(&Message::put_chunk(ChunkId([2; 32]), big_chunk.clone()))
+        .await?;
+    error_then_close(&mut rx, ErrorCode::Malformed, "sealed chunk").await?;
+
+    let (mut tx, mut rx) = rcv.connect(&agent).await?.ch.split();
+    let small = agent.seal_file("w/small", b"small")?;
+    tx.send(&Message::PutFiles {
+        chunks: vec![
+            SealedChunk {
+                id: small.ids()[0],
+                sealed: small.chunks[0].1.clone(),
+            },
+            SealedChunk {
+                id: ChunkId([3; 32]),
+                sealed: big_chunk,
+            },
+        ],
+        commits: vec![],
+    })
+    .await?;
+    error_then_close(&mut rx, ErrorCode::Malformed, "sealed chunk").await?;
+
+    let (mut tx, mut rx) = rcv.connect(&agent).await?.ch.split();
+    tx.send(&Message::CommitFile {
+        commit_id: commit_id()?,
+        file_id: FileId([2; 32]),
+        manifest: vec![6; MAX_MANIFEST + 1],
+        chunks: vec![],
+    })
+    .await?;
+    error_then_close(&mut rx, ErrorCode::Malformed, "manifest").await?;
+
+    let (mut tx, mut rx) = rcv.connect(&agent).await?.ch.split();
+    tx.send(&Message::PutFiles {
+        chunks: vec![],
+        commits: vec![FileCommit {
+            commit_id: commit_id()?,
+            file_id: FileId([3; 32]),
+            manifest: vec![6; MAX_MANIFEST + 1],
+            chunks: vec![],
+        }],
+    })
+    .await?;
+    error_then_close(&mut rx, ErrorCode::Malformed, "manifest").await?;
+
+    let long = "x".repeat(MAX_NAME + 1);
+    for (agent_name, software) in [(&*long, "s"), ("n", &*long)] {
+        let (mut tx, mut rx) = agent.handshake(rcv.addr()?, &rcv.public_key).await?.split();
+        tx.send(&Message::Hello {
+            protocol: PROTOCOL_VERSION,
+            agent_name: agent_name.to_string(),
+            software: software.to_string(),
+        })
+        .await?;
+        error_then_close(&mut rx, ErrorCode::Malformed, "256").await?;
+    }
+    // A name of 256 bytes is fine.
+    let mut ch = agent.handshake(rcv.addr()?, &rcv.public_key).await?;
+    let hello = Message::Hello {
+        protocol: PROTOCOL_VERSION,
+        agent_name: "n".repeat(MAX_NAME),
+        software: "s".repeat(MAX_NAME),
+    };
+    let m = ch.request(&hello).await?;
+    assert!(matches!(m, Message::Welcome { .. }), "{m:?}");
+    drop(ch);
+    assert_eq!(counts(&rcv)?, before, "nothing more was stored");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_characters_in_names_are_escaped_in_the_log() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let (rcv, agent) = setup(&tmp).await?;
+    let mut ch = agent.handshake(rcv.addr()?, &rcv.public_key).await?;
+    let hello = Message::Hello {
+        protocol: PROTOCOL_VERSION,
+        agent_name: "evil\nFORGED ERROR line\r\u{1b}[31m".into(),
+        software: "soft\nFORGED too".into(),
+    };
+    let m = ch.request(&hello).await?;
+    assert!(matches!(m, Message::Welcome { .. }), "{m:?}");
+    drop(ch);
+    let log = wait_for("the session's end in the log", T, || {
+        let l = rcv.log();
+        l.contains("session ended").then_some(l)
+    })?;
+    let forged: HashSet<&str> = log
+        .lines()
+        .filter(|l| l.starts_with("FORGED") || l.contains('\u{1b}') || l.contains('\r'))
+        .collect();
+    assert!(forged.is_empty(), "forged log lines: {forged:?}\n{log}");
+    assert!(
+        log.contains(r"evil\nFORGED ERROR line\r\u{1b}[31m"),
+        "{log}"
+    );
+    assert!(log.contains(r"soft\nFORGED too"), "{log}");
     Ok(())
 }
