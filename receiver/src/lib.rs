@@ -4,6 +4,7 @@
 //! - [`layout`]: the backup tree under `--root` (every path the receiver writes), and
 //!   `init`.
 //! - [`config`]: the configuration file, `receiver.toml`.
+//! - [`admission`]: connections per address and sessions per key and repository, counted.
 //! - [`auth`]: agent key -> repository (`authorized.toml`), repository names.
 //! - [`server`]: listener, handshake, authorization, session slots, shutdown.
 //! - [`session`]: one agent's session: requests in order, group commit, chunk reads.
@@ -13,7 +14,7 @@
 //!   live is chosen once ([`store::PackStores`]).
 //! - [`index`]: the repository's SQLite index, sole owner of its connection.
 //! - [`status`]: `status` and `scrub` (and whether a `serve` holds the root).
-//! - [`logs`]: what is logged of peers: their text escaped.
+//! - [`logs`]: what is logged of peers: their text escaped, refusals summarised.
 //! - [`metrics`]: the session counters and `serve --metrics`'s `/metrics` endpoint.
 //! - [`notify`]: systemd readiness and watchdog notifications.
 //! - [`service`]: `service install|uninstall` (the systemd unit).
@@ -28,6 +29,7 @@ use std::path::{Path, PathBuf};
 use coffer_common::channel::PublicKey;
 use coffer_common::host::fs;
 
+pub mod admission;
 pub mod auth;
 pub mod cli;
 pub mod clidoc;

@@ -1,6 +1,6 @@
 //! Peers that try to exhaust the receiver or poison its log (issue 27): replies held behind
-//! a commit, requests full of repeated ids, sizes an honest agent never sends, control
-//! characters in the names it logs.
+//! a commit, requests full of repeated ids, one key or repository holding every session,
+//! sizes an honest agent never sends, control characters in the names it logs.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -183,6 +183,61 @@ async fn the_most_ids_a_request_may_carry_repeated_are_answered_promptly() -> Re
     }
     let took = started.elapsed();
     assert!(took < T, "three requests took {took:?}");
+    Ok(())
+}
+
+/// Connects `agent` and waits for the receiver's refusal, which must say "busy" and name
+/// `cap`.
+async fn refused_as_busy(rcv: &Receiver, agent: &TestAgent, cap: &str) -> Result<()> {
+    let mut ch = agent.handshake(rcv.addr()?, &rcv.public_key).await?;
+    match timeout(T, ch.recv()).await.context("no busy reply")?? {
+        Message::Error { message, .. } if message.contains("busy") => {
+            assert!(message.contains(cap), "{message:?} should name {cap}");
+            Ok(())
+        }
+        m => bail!("expected a busy error naming {cap}, got {m:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_key_or_one_repository_cannot_take_every_session() -> Result<()> {
+    // The defaults: 64 sessions, 8 per key, 16 per repository.
+    let tmp = tempfile::tempdir()?;
+    let (rcv, a) = setup(&tmp).await?;
+    let a2 = TestAgent::new()?;
+    let a3 = TestAgent::new()?;
+    let b = TestAgent::new()?;
+    rcv.authorize("r", &a2.public_key())?;
+    rcv.authorize("r", &a3.public_key())?;
+    rcv.authorize("other", &b.public_key())?;
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        held.push(rcv.connect(&a).await?);
+    }
+    refused_as_busy(&rcv, &a, "max_sessions_per_key").await?;
+    for _ in 0..8 {
+        held.push(rcv.connect(&a2).await?);
+    }
+    // A third key of the same repository: the repository has all it may have.
+    refused_as_busy(&rcv, &a3, "max_sessions_per_repo").await?;
+    // Another repository's agent gets in and works.
+    let mut cb = rcv.connect(&b).await?;
+    let f = b.seal_file("w/other", &data(300_000, 3))?;
+    cb.upload(&f).await?;
+    b.verify(&mut cb, &f).await?;
+    // The sessions held are alive, and once one ends its key gets a session again.
+    assert!(held[15].all_versions().await?.is_empty());
+    drop(held.remove(0));
+    let mut again = timeout(T, async {
+        loop {
+            if let Ok(c) = rcv.connect(&a).await {
+                return c;
+            }
+        }
+    })
+    .await
+    .context("the key never got a session back")?;
+    again.upload(&a.seal_file("w/a", b"a")?).await?;
     Ok(())
 }
 
