@@ -542,25 +542,40 @@ async fn permit(
 /// The refusal of a connection that found no session slot: its key's, its repository's,
 /// or the receiver's all taken.
 fn busy(server: &Server, cap: Cap, key: &PublicKey, repo: &RepoName) -> Message {
-    let text = match cap {
-        Cap::Key => format!(
-            "receiver busy: agent key {key} already holds {} sessions \
-             (max_sessions_per_key in receiver.toml); try again later",
-            server.key_sessions.cap()
-        ),
-        Cap::Repo => format!(
-            "receiver busy: repository {repo} already holds {} sessions \
-             (max_sessions_per_repo in receiver.toml); try again later",
-            server.repo_sessions.cap()
-        ),
-        Cap::All => format!(
-            "receiver busy: all {} sessions are in use (max_sessions in receiver.toml); \
-             try again later",
-            server.config.max_sessions
-        ),
+    let (logged, text) = match cap {
+        Cap::Key => {
+            let max = server.key_sessions.cap();
+            (
+                format!("agent key holds all its {max} sessions"),
+                format!(
+                    "receiver busy: agent key {key} already holds {max} sessions \
+                     (max_sessions_per_key in receiver.toml); try again later"
+                ),
+            )
+        }
+        Cap::Repo => {
+            let max = server.repo_sessions.cap();
+            (
+                format!("repository {repo} holds all its {max} sessions"),
+                format!(
+                    "receiver busy: repository {repo} already holds {max} sessions \
+                     (max_sessions_per_repo in receiver.toml); try again later"
+                ),
+            )
+        }
+        Cap::All => {
+            let max = server.config.max_sessions;
+            (
+                format!("all {max} sessions in use"),
+                format!(
+                    "receiver busy: all {max} sessions are in use (max_sessions in \
+                     receiver.toml); try again later"
+                ),
+            )
+        }
     };
     if server.refusals.count(Refusal::Busy) {
-        tracing::warn!(%key, "refused: {text}");
+        tracing::warn!(%key, "refused: {logged}");
     }
     error(ErrorCode::Internal, text)
 }
