@@ -316,20 +316,43 @@ pub async fn accept<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    tokio::time::timeout(HANDSHAKE_TIMEOUT, accept_inner(stream, local))
-        .await
-        .map_err(|_| ChannelError::Timeout(HANDSHAKE_TIMEOUT))?
+    accept_within(stream, local, HANDSHAKE_TIMEOUT).await
 }
 
-async fn accept_inner<S>(
-    mut stream: S,
+/// [`accept`], with `first` (at most [`HANDSHAKE_TIMEOUT`]) for the initiator's preamble and
+/// first handshake message, which an initiator sends at once: a peer that opens a connection
+/// and says nothing is dropped after `first`, not after the whole handshake's time.
+pub async fn accept_within<S>(
+    stream: S,
     local: &StaticKeypair,
+    first: Duration,
 ) -> Result<(Channel<S>, PublicKey), ChannelError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let first = first.min(HANDSHAKE_TIMEOUT);
+    let opening = tokio::time::Instant::now() + first;
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, accept_inner(stream, local, opening))
+        .await
+        .map_err(|_| ChannelError::Timeout(HANDSHAKE_TIMEOUT))?
+}
+
+/// The responder's side of the handshake; the preamble and first message must have
+/// arrived by `opening`.
+async fn accept_inner<S>(
+    mut stream: S,
+    local: &StaticKeypair,
+    opening: tokio::time::Instant,
+) -> Result<(Channel<S>, PublicKey), ChannelError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let started = tokio::time::Instant::now();
+    let late = || ChannelError::Timeout(opening.saturating_duration_since(started));
     let mut theirs = [0u8; 8];
-    stream.read_exact(&mut theirs).await?;
+    tokio::time::timeout_at(opening, stream.read_exact(&mut theirs))
+        .await
+        .map_err(|_| late())??;
     if &theirs[..4] != MAGIC {
         return Err(ChannelError::BadPreamble);
     }
@@ -343,7 +366,9 @@ where
         .build_responder()?;
     let mut buf = vec![0u8; NOISE_MAX];
     let mut msg = Vec::new();
-    read_noise(&mut stream, &mut msg).await?;
+    tokio::time::timeout_at(opening, read_noise(&mut stream, &mut msg))
+        .await
+        .map_err(|_| late())??;
     hs.read_message(&msg, &mut buf)?;
     let n = hs.write_message(&[], &mut buf)?;
     write_noise(&mut stream, &buf[..n]).await?;
@@ -870,6 +895,32 @@ mod tests {
             matches!(r2, Err(ChannelError::Wire(WireError::Malformed(_)))),
             "{r2:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_silent_initiator_is_dropped_after_the_opening_deadline() {
+        let server = StaticKeypair::generate().expect("kp");
+        let short = Duration::from_millis(200);
+        // Nothing at all, then the preamble alone: both dropped after `short`, not after
+        // the whole handshake's time.
+        for send_preamble in [false, true] {
+            let (mut a, b) = duplex(1 << 16);
+            if send_preamble {
+                a.write_all(&preamble()).await.expect("write");
+            }
+            let t = std::time::Instant::now();
+            let r = accept_within(b, &server, short).await;
+            assert!(matches!(r, Err(ChannelError::Timeout(_))), "{:?}", r.err());
+            assert!(t.elapsed() < HANDSHAKE_TIMEOUT / 2, "{:?}", t.elapsed());
+        }
+        // An initiator that speaks at once gets through with the same deadline.
+        let (a, b) = duplex(1 << 16);
+        let client = StaticKeypair::generate().expect("kp");
+        let spub = server.public();
+        let srv = tokio::spawn(async move { accept_within(b, &server, short).await });
+        connect(a, &client, &spub).await.expect("connect");
+        let (_, seen) = srv.await.expect("join").expect("accept");
+        assert_eq!(seen, client.public());
     }
 
     #[tokio::test]

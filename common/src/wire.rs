@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::chunk::{ChunkId, FileId, MAX_SEALED};
+use crate::chunk::{ChunkId, FileId, MAX_CHUNK, MAX_SEALED, SEAL_OVERHEAD};
 
 /// Protocol version spoken by this build. Exchanged in the clear before the handshake (and
 /// bound into it as the Noise prologue); a mismatch is a clear error on both sides.
@@ -20,6 +20,19 @@ pub const MAX_IDS: usize = 64 * 1024;
 
 /// Largest number of files committed by one `PutFiles` (and of chunks it carries).
 pub const MAX_BATCH_FILES: usize = 4096;
+
+/// Largest sealed chunk a receiver accepts: the largest chunk the chunker cuts
+/// ([`MAX_CHUNK`]) sealed without compression. ([`MAX_SEALED`] bounds any sealed blob.)
+pub const MAX_SEALED_CHUNK: usize = MAX_CHUNK as usize + SEAL_OVERHEAD;
+
+/// Largest sealed manifest a receiver accepts. A manifest holds a path, a symlink target
+/// and 36 bytes at most per chunk reference; with [`MAX_IDS`] references that is 2.3 MiB
+/// plus the path, so 4 MiB leaves room for any real path while keeping a `CommitFile` at
+/// its largest inside a frame.
+pub const MAX_MANIFEST: usize = 4 << 20;
+
+/// Longest `agent_name`, and `software`, of a `Hello` (bytes).
+pub const MAX_NAME: usize = 256;
 
 /// A client-chosen commit id: stored in the agent's journal before the commit is sent, so a
 /// repeated commit after a crash is recognised and answered with the existing version.
@@ -441,6 +454,43 @@ mod tests {
         assert!(ChunkHead::parse(&b, b.len() + 1).is_err());
         assert!(ChunkHead::parse(&b, b.len() - 1).is_err());
         assert!(ChunkHead::parse(&b, b.len()).expect("ok").is_some());
+    }
+
+    #[test]
+    fn the_largest_honest_manifest_and_commit_fit_the_limits() {
+        use crate::manifest::{ChunkRef, EntryKind, Manifest};
+        let m = Manifest {
+            path: vec![b'p'; 64 * 1024],
+            kind: EntryKind::Symlink {
+                target: vec![b't'; 4096],
+            },
+            size: u64::MAX,
+            mtime_ns: i64::MIN,
+            mode: u32::MAX,
+            uid: u32::MAX,
+            gid: u32::MAX,
+            content_hash: [0xff; 32],
+            chunks: vec![
+                ChunkRef {
+                    id: ChunkId([0xff; 32]),
+                    len: MAX_CHUNK,
+                };
+                MAX_IDS
+            ],
+        };
+        let sealed = m.encode().len() + SEAL_OVERHEAD;
+        assert!(sealed < MAX_MANIFEST, "{sealed}");
+        let c = Message::CommitFile {
+            commit_id: CommitId([0xff; 16]),
+            file_id: FileId([0xff; 32]),
+            manifest: vec![0; MAX_MANIFEST],
+            chunks: vec![ChunkId([0xff; 32]); MAX_IDS],
+        };
+        assert!(
+            c.encode().is_ok(),
+            "a CommitFile at its largest fits a frame"
+        );
+        const { assert!(MAX_SEALED_CHUNK <= MAX_SEALED) };
     }
 
     #[test]

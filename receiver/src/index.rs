@@ -8,6 +8,8 @@
 //! their `ToSql`/`FromSql`. WAL mode with `synchronous=FULL`: a committed transaction is
 //! durable before an acknowledgement is sent.
 
+use std::collections::HashSet;
+use std::hash::Hash;
 use std::path::{Path, PathBuf};
 
 use coffer_common::chunk::{ChunkId, FileId};
@@ -42,6 +44,20 @@ impl IndexError {
     pub fn is_no_space(&self) -> bool {
         matches!(self, IndexError::Db(e) if e.is_no_space())
     }
+}
+
+/// `ids` without repeats, each where it first appears, into `out` (cleared first). `seen`
+/// is scratch space the caller keeps across calls. A set, so that a request of many ids
+/// costs linear time under the write lock, not quadratic; std's hasher is keyed per
+/// process, so ids a peer chooses cannot be made to collide.
+pub(crate) fn first_of_each<T: Copy + Eq + Hash>(
+    ids: &[T],
+    seen: &mut HashSet<T>,
+    out: &mut Vec<T>,
+) {
+    seen.clear();
+    out.clear();
+    out.extend(ids.iter().filter(|id| seen.insert(**id)));
 }
 
 /// How to open an index.
@@ -283,6 +299,7 @@ impl Index {
                     "INSERT OR IGNORE INTO version_chunks (version, chunk) VALUES (?1, ?2)",
                 )
                 .map_err(e)?;
+            let (mut seen, mut ids) = (HashSet::new(), Vec::new());
             for c in commits {
                 let known = existing
                     .query_row(params![c.file_id, c.commit_id], |r| {
@@ -297,9 +314,10 @@ impl Index {
                     });
                     continue;
                 }
+                first_of_each(&c.chunks, &mut seen, &mut ids);
                 let mut missing = Vec::new();
-                for id in &c.chunks {
-                    if !has.exists([id]).map_err(e)? && !missing.contains(id) {
+                for id in &ids {
+                    if !has.exists([id]).map_err(e)? {
                         missing.push(*id);
                     }
                 }
@@ -311,7 +329,7 @@ impl Index {
                     .execute(params![c.file_id, c.commit_id, now, &c.manifest[..]])
                     .map_err(e)?;
                 let version = tx.last_insert_rowid() as u64;
-                for id in &c.chunks {
+                for id in &ids {
                     ins_ref.execute(params![version, id]).map_err(e)?;
                 }
                 out.push(CommitOutcome::Acked {
@@ -427,6 +445,51 @@ mod tests {
             manifest: vec![c; 40],
             chunks: chunks.iter().map(|&b| ChunkId([b; 32])).collect(),
         }
+    }
+
+    /// An id that counts how often it is compared.
+    #[derive(Clone, Copy, Debug)]
+    struct Counted(u32);
+
+    impl std::hash::Hash for Counted {
+        fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+            self.0.hash(h)
+        }
+    }
+
+    static COMPARED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+    impl PartialEq for Counted {
+        fn eq(&self, o: &Self) -> bool {
+            COMPARED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.0 == o.0
+        }
+    }
+    impl Eq for Counted {}
+
+    #[test]
+    fn repeated_ids_are_dropped_in_linear_time_keeping_first_order() {
+        // The most ids a request may carry: half of them distinct, each twice.
+        let n = coffer_common::wire::MAX_IDS as u32;
+        let ids: Vec<Counted> = (0..n).map(|i| Counted((i * 7919) % (n / 2))).collect();
+        let (mut seen, mut out) = (HashSet::new(), Vec::new());
+        first_of_each(&ids, &mut seen, &mut out);
+        let compared = COMPARED.load(std::sync::atomic::Ordering::Relaxed);
+        let want: Vec<u32> = ids[..n as usize / 2].iter().map(|c| c.0).collect();
+        assert_eq!(out.iter().map(|c| c.0).collect::<Vec<_>>(), want);
+        // A set compares an id with the few that share its hash bucket; a list scan would
+        // compare it with every id kept so far (about n^2 / 4 in all).
+        assert!(
+            compared <= 4 * n as u64,
+            "{compared} comparisons for {n} ids"
+        );
+        // Nothing, one, and all alike.
+        first_of_each(&[], &mut seen, &mut out);
+        assert!(out.is_empty());
+        first_of_each(&[Counted(3)], &mut seen, &mut out);
+        assert_eq!(out.len(), 1);
+        first_of_each(&[Counted(5); 100], &mut seen, &mut out);
+        assert_eq!(out.iter().map(|c| c.0).collect::<Vec<_>>(), [5]);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //!
 //! - [`layout`]: the backup tree under `--root` (every path the receiver writes), `init`.
 //! - [`config`]: the configuration file, `receiver.toml`.
+//! - [`admission`]: connections per address and sessions per key and repository, counted.
 //! - [`auth`]: agent key -> repository (`authorized.toml`), repository names.
 //! - [`server`]: `serve`: listener, handshake, authorization, session slots, shutdown.
 //! - [`session`]: one agent's session: requests in order, group commit, chunk reads.
@@ -10,6 +11,7 @@
 //! - [`store`]: pack formats, the [`store::PackStore`] trait, where packs live (`PackStores`).
 //! - [`index`]: the repository's SQLite index, sole owner of its connection.
 //! - [`status`]: `status` and `scrub` (and whether a `serve` holds the root).
+//! - [`logs`]: what is logged of peers: their text escaped, refusals summarised.
 //! - [`metrics`]: the session counters and `serve --metrics`'s `/metrics` endpoint.
 //! - [`notify`]: systemd readiness and watchdog notifications.
 //! - [`service`]: `service install|uninstall` (the systemd unit).
@@ -25,12 +27,14 @@ use std::path::{Path, PathBuf};
 use coffer_common::channel::PublicKey;
 use coffer_common::host::fs;
 
+pub mod admission;
 pub mod auth;
 pub mod cli;
 pub mod clidoc;
 pub mod config;
 pub mod index;
 pub mod layout;
+pub mod logs;
 pub mod metrics;
 pub mod notify;
 pub mod repo;

@@ -20,7 +20,7 @@
 //! flush that was in progress fails instead of indexing bytes that are gone. Nothing from
 //! the failed batch is acknowledged; the agent sends it again.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use coffer_common::chunk::ChunkId;
@@ -29,7 +29,7 @@ use coffer_common::host::time::now_secs;
 use coffer_common::wire::{sealed_hash, VersionEntry};
 
 use crate::auth::RepoName;
-use crate::index::{CommitOutcome, Index, IndexError, Mode, NewCommit};
+use crate::index::{first_of_each, CommitOutcome, Index, IndexError, Mode, NewCommit};
 use crate::layout::RepoDir;
 use crate::store::{
     header_ok, pack_header, read_record_into, scan, Check, Location, PackNo, PackStore,
@@ -253,19 +253,19 @@ impl Repo {
         &self.name
     }
 
-    /// Which of `ids` the repository lacks (neither indexed nor pending).
+    /// Which of `ids` the repository lacks (neither indexed nor pending), each once, in the
+    /// order first asked.
     pub fn missing(&self, ids: &[ChunkId]) -> Result<Vec<ChunkId>, RepoError> {
-        let candidates: Vec<ChunkId> = {
+        let mut candidates = Vec::new();
+        first_of_each(ids, &mut HashSet::new(), &mut candidates);
+        {
             let st = lock(&self.state);
-            ids.iter()
-                .filter(|id| !st.pending.contains_key(id))
-                .copied()
-                .collect()
-        };
+            candidates.retain(|id| !st.pending.contains_key(id));
+        }
         let r = lock(&self.reader);
         let mut out = Vec::new();
         for id in candidates {
-            if !r.has_chunk(&id)? && !out.contains(&id) {
+            if !r.has_chunk(&id)? {
                 out.push(id);
             }
         }

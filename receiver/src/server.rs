@@ -1,11 +1,18 @@
 //! `serve`: the listener, per-connection authentication, session slots and shutdown.
 //! What happens inside a session is [`crate::session`]'s.
 //!
-//! A connection goes: handshake (Noise XX, 10 s timeout, at most [`MAX_HANDSHAKES`] at
-//! once) -> authorization of the agent's static key (unknown: `Error{Unauthorized}`,
-//! logged with the key, closed) -> a session slot (a semaphore of `max_sessions`; a
-//! connection over the cap waits up to [`BUSY_WAIT`], then gets a "busy" error) ->
+//! A connection goes: counted for its address (at most `max_handshakes_per_address` not yet
+//! authorized; past that it is closed at accept) -> a handshake slot (at most
+//! [`MAX_HANDSHAKES`] at once; past that it waits its turn in a queue of [`MAX_QUEUED`],
+//! and is closed at accept when that is full) -> the handshake (Noise XX: the preamble and
+//! first message within `handshake_timeout_secs`, all of it within 10 s) -> authorization
+//! of the agent's static key (unknown: `Error{Unauthorized}`, closed) -> a session slot of
+//! its key (`max_sessions_per_key`), of its repository (`max_sessions_per_repo`) and of the
+//! receiver (`max_sessions`), waiting up to [`BUSY_WAIT`] in all before a "busy" error ->
 //! `Hello`/`Welcome` -> requests.
+//!
+//! Connections turned away are counted and summarised in one log line per interval
+//! ([`crate::logs::Tally`]); only the first few refusals with a key are logged one by one.
 //!
 //! SIGTERM/SIGINT stop the listener; each session handles what it has already received,
 //! flushes, answers `Error{ShuttingDown}` and closes, within `shutdown_grace_secs`.
@@ -19,7 +26,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use coffer_common::channel::{self, PublicKey, StaticKeypair};
+use coffer_common::channel::{self, PublicKey, StaticKeypair, HANDSHAKE_TIMEOUT};
 use coffer_common::host::fs::{describe, write_atomic, IoError};
 use coffer_common::host::lock::{Lock, LockError, Wait};
 use coffer_common::wire::{ErrorCode, Message};
@@ -29,17 +36,22 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::admission::{AddressSlot, Caps, PerAddress};
 use crate::auth::{AuthWatcher, RepoName};
 use crate::config::Config;
 use crate::layout::Layout;
+use crate::logs::{Refusal, Tally, SUMMARY_INTERVAL};
 use crate::metrics::{Metrics, Rejected};
 use crate::repo::{Repo, RepoError};
 use crate::store::PackStores;
 use crate::Error;
 
-/// Handshakes in progress at once; connections past this are dropped at once.
+/// Handshakes in progress at once; connections past this wait in a queue.
 pub const MAX_HANDSHAKES: usize = 512;
-/// How long a connection over `max_sessions` waits for a slot.
+/// Connections waiting for a handshake slot; past this, connections are closed at accept.
+pub const MAX_QUEUED: usize = 512;
+/// How long a connection waits for its session slot (its key's, its repository's and the
+/// receiver's, in all) when one is taken.
 pub const BUSY_WAIT: Duration = Duration::from_secs(5);
 /// How long a closing connection keeps reading what the peer already sent.
 pub(crate) const LINGER: Duration = Duration::from_secs(2);
@@ -71,6 +83,15 @@ pub(crate) struct Server {
     sessions: Arc<Semaphore>,
     /// Handshakes in progress ([`MAX_HANDSHAKES`]).
     handshakes: Arc<Semaphore>,
+    /// Connections waiting for a handshake slot ([`MAX_QUEUED`]).
+    queued: Arc<Semaphore>,
+    /// Connections not yet authorized, per address.
+    addresses: Arc<PerAddress>,
+    /// Session slots per agent key and per repository.
+    key_sessions: Caps<PublicKey>,
+    repo_sessions: Caps<RepoName>,
+    /// Connections turned away since the last summary line.
+    refusals: Tally,
     /// Cancelled by SIGTERM/SIGINT.
     pub(crate) cancel: CancellationToken,
     /// Every connection's task, waited for on shutdown.
@@ -151,6 +172,7 @@ async fn run(
     spawn_signal_handler(server.cancel.clone())?;
     crate::notify::notify(&format!("READY=1\nSTATUS=listening on {addr}"));
     spawn_watchdog(server.cancel.clone());
+    spawn_refusal_summaries(server.clone());
     accept(&server, &listener).await;
     drop(listener);
     server.shut_down().await;
@@ -169,6 +191,11 @@ impl Server {
             layout,
             sessions: Arc::new(Semaphore::new(config.max_sessions)),
             handshakes: Arc::new(Semaphore::new(MAX_HANDSHAKES)),
+            queued: Arc::new(Semaphore::new(MAX_QUEUED)),
+            addresses: Arc::default(),
+            key_sessions: Caps::new(config.max_sessions_per_key),
+            repo_sessions: Caps::new(config.max_sessions_per_repo),
+            refusals: Tally::default(),
             config,
             keypair,
             repos: tokio::sync::Mutex::new(HashMap::new()),
@@ -299,22 +326,60 @@ fn spawn_watchdog(cancel: CancellationToken) {
     });
 }
 
-/// Accepts connections until shutdown, each on a task of its own (past
-/// [`MAX_HANDSHAKES`] handshakes in progress, a connection is dropped at once).
+/// Logs the refusals counted, one line per [`SUMMARY_INTERVAL`] that had any, until
+/// shutdown.
+fn spawn_refusal_summaries(server: Arc<Server>) {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(SUMMARY_INTERVAL) => {}
+                _ = server.cancel.cancelled() => return,
+            }
+            if let Some(line) = server.refusals.summary() {
+                tracing::warn!("{line}");
+            }
+        }
+    });
+}
+
+/// How a connection comes to its handshake.
+enum Opening {
+    /// A handshake slot was free.
+    Now(OwnedSemaphorePermit),
+    /// It waits in the queue (holding a place in it) for a handshake slot.
+    Queued(OwnedSemaphorePermit),
+}
+
+/// Accepts connections until shutdown, each on a task of its own. A connection from an
+/// address at its cap, or finding every handshake slot taken and the queue full, is
+/// closed at once (counted for the summary).
 async fn accept(server: &Arc<Server>, listener: &TcpListener) {
     loop {
         tokio::select! {
             _ = server.cancel.cancelled() => return,
             r = listener.accept() => match r {
                 Ok((stream, peer)) => {
-                    let Ok(hs) = server.handshakes.clone().try_acquire_owned() else {
-                        tracing::warn!(%peer, "too many handshakes in progress; dropping connection");
+                    let cap = server.config.max_handshakes_per_address;
+                    let Some(address) = server.addresses.enter(peer.ip(), cap) else {
+                        server.refusals.count(Refusal::AddressCap);
                         continue;
+                    };
+                    let opening = match server.handshakes.clone().try_acquire_owned() {
+                        Ok(p) => Opening::Now(p),
+                        Err(_) => match server.queued.clone().try_acquire_owned() {
+                            Ok(q) => Opening::Queued(q),
+                            Err(_) => {
+                                server.refusals.count(Refusal::QueueFull);
+                                continue;
+                            }
+                        },
                     };
                     let _ = stream.set_nodelay(true);
                     let s = server.clone();
                     let span = tracing::info_span!("conn", %peer);
-                    server.tracker.spawn(connection(s, stream, hs).instrument(span));
+                    server
+                        .tracker
+                        .spawn(connection(s, stream, address, opening).instrument(span));
                 }
                 Err(e) => {
                     tracing::warn!("accepting a connection: {}", describe(&e));
@@ -335,33 +400,67 @@ pub(crate) fn error(code: ErrorCode, message: impl Into<String>) -> Message {
     }
 }
 
-/// One connection: handshake, authorization, a session slot, then the session.
-async fn connection(server: Arc<Server>, stream: TcpStream, handshake_slot: OwnedSemaphorePermit) {
+/// A handshake slot for a connection, waiting in the queue for one if need be (FIFO, up
+/// to the handshake's whole time, after which the agent has given up anyway).
+async fn handshake_slot(server: &Server, opening: Opening) -> Option<OwnedSemaphorePermit> {
+    let place = match opening {
+        Opening::Now(p) => return Some(p),
+        Opening::Queued(place) => place,
+    };
+    let waited = tokio::select! {
+        r = tokio::time::timeout(HANDSHAKE_TIMEOUT, server.handshakes.clone().acquire_owned()) => r,
+        _ = server.cancel.cancelled() => return None,
+    };
+    drop(place);
+    match waited {
+        Ok(Ok(p)) => Some(p),
+        _ => {
+            server.refusals.count(Refusal::Waited);
+            None
+        }
+    }
+}
+
+/// One connection: a handshake slot, the handshake, authorization, a session slot, then
+/// the session. It counts for its address until it is authorized.
+async fn connection(
+    server: Arc<Server>,
+    stream: TcpStream,
+    address: AddressSlot,
+    opening: Opening,
+) {
+    let Some(handshake) = handshake_slot(&server, opening).await else {
+        return;
+    };
     let hs = tokio::select! {
-        r = channel::accept(stream, &server.keypair) => r,
+        r = channel::accept_within(stream, &server.keypair, server.config.handshake_timeout()) => r,
         _ = server.cancel.cancelled() => return,
     };
-    drop(handshake_slot);
+    drop(handshake);
     let (ch, key) = match hs {
         Ok(x) => x,
         Err(e) => {
             tracing::debug!("handshake failed: {e}");
             server.metrics.rejected(Rejected::Failed);
+            server.refusals.count(Refusal::Handshake);
             return;
         }
     };
     let Some(repo) = server.auth.current().repo_of(&key).cloned() else {
         server.metrics.rejected(Rejected::Unauthorized);
-        tracing::warn!(%key, "refused: agent key {key} is not authorized on this receiver");
+        if server.refusals.count(Refusal::Unauthorized) {
+            tracing::warn!(%key, "refused: agent key {key} is not authorized on this receiver");
+        }
         let m = error(
             ErrorCode::Unauthorized,
             format!("agent key {key} is not authorized on this receiver"),
         );
         return refuse(ch, m).await;
     };
-    let permit = match session_slot(&server).await {
+    drop(address);
+    let permit = match session_slot(&server, &key, &repo).await {
         Slot::Free(p) => p,
-        Slot::Busy => return refuse(ch, busy(&server, &key)).await,
+        Slot::Busy(cap) => return refuse(ch, busy(&server, cap, &key, &repo)).await,
         Slot::ShuttingDown => return,
     };
     let span = tracing::info_span!("session", %repo, key = %short(&key));
@@ -374,40 +473,111 @@ async fn connection(server: Arc<Server>, stream: TcpStream, handshake_slot: Owne
     drop(permit);
 }
 
+/// A session's slots: its key's, its repository's and the receiver's, held until it ends.
+struct SessionSlot {
+    _key: OwnedSemaphorePermit,
+    _repo: OwnedSemaphorePermit,
+    _all: OwnedSemaphorePermit,
+}
+
+/// Which cap left a connection without a session slot.
+#[derive(Clone, Copy)]
+enum Cap {
+    Key,
+    Repo,
+    All,
+}
+
 /// What waiting for a session slot came to.
 enum Slot {
-    Free(OwnedSemaphorePermit),
+    Free(SessionSlot),
     /// None freed up within [`BUSY_WAIT`].
-    Busy,
+    Busy(Cap),
     ShuttingDown,
 }
 
-/// A session slot, waiting up to [`BUSY_WAIT`] for one when all are in use.
-async fn session_slot(server: &Server) -> Slot {
-    if let Ok(p) = server.sessions.clone().try_acquire_owned() {
-        return Slot::Free(p);
-    }
-    let waited = tokio::select! {
-        r = tokio::time::timeout(BUSY_WAIT, server.sessions.clone().acquire_owned()) => r,
-        _ = server.cancel.cancelled() => return Slot::ShuttingDown,
+/// A session slot for `key` of `repo`: one of the key's, one of the repository's, then
+/// one of the receiver's (always in that order), waiting up to [`BUSY_WAIT`] in all.
+async fn session_slot(server: &Server, key: &PublicKey, repo: &RepoName) -> Slot {
+    let until = tokio::time::Instant::now() + BUSY_WAIT;
+    let key_sessions = server.key_sessions.semaphore(key);
+    let key = match permit(server, key_sessions, Cap::Key, until).await {
+        Ok(p) => p,
+        Err(s) => return s,
     };
-    match waited {
-        Ok(Ok(p)) => Slot::Free(p),
-        _ => Slot::Busy,
+    let repo_sessions = server.repo_sessions.semaphore(repo);
+    let repo = match permit(server, repo_sessions, Cap::Repo, until).await {
+        Ok(p) => p,
+        Err(s) => return s,
+    };
+    match permit(server, server.sessions.clone(), Cap::All, until).await {
+        Ok(all) => Slot::Free(SessionSlot {
+            _key: key,
+            _repo: repo,
+            _all: all,
+        }),
+        Err(s) => s,
     }
 }
 
-/// The refusal of a connection that found every session slot taken.
-fn busy(server: &Server, key: &PublicKey) -> Message {
-    let max = server.config.max_sessions;
-    tracing::warn!(%key, "refused: all {max} sessions in use");
-    error(
-        ErrorCode::Internal,
-        format!(
-            "receiver busy: all {max} sessions are in use (max_sessions in receiver.toml); \
-             try again later"
-        ),
-    )
+/// A permit of `sem`, waiting until `until` at most; else what the wait came to.
+async fn permit(
+    server: &Server,
+    sem: Arc<Semaphore>,
+    cap: Cap,
+    until: tokio::time::Instant,
+) -> Result<OwnedSemaphorePermit, Slot> {
+    if let Ok(p) = sem.clone().try_acquire_owned() {
+        return Ok(p);
+    }
+    tokio::select! {
+        r = tokio::time::timeout_at(until, sem.acquire_owned()) => match r {
+            Ok(Ok(p)) => Ok(p),
+            _ => Err(Slot::Busy(cap)),
+        },
+        _ = server.cancel.cancelled() => Err(Slot::ShuttingDown),
+    }
+}
+
+/// The refusal of a connection that found no session slot: its key's, its repository's,
+/// or the receiver's all taken.
+fn busy(server: &Server, cap: Cap, key: &PublicKey, repo: &RepoName) -> Message {
+    let (logged, text) = match cap {
+        Cap::Key => {
+            let max = server.key_sessions.cap();
+            (
+                format!("agent key holds all its {max} sessions"),
+                format!(
+                    "receiver busy: agent key {key} already holds {max} sessions \
+                     (max_sessions_per_key in receiver.toml); try again later"
+                ),
+            )
+        }
+        Cap::Repo => {
+            let max = server.repo_sessions.cap();
+            (
+                format!("repository {repo} holds all its {max} sessions"),
+                format!(
+                    "receiver busy: repository {repo} already holds {max} sessions \
+                     (max_sessions_per_repo in receiver.toml); try again later"
+                ),
+            )
+        }
+        Cap::All => {
+            let max = server.config.max_sessions;
+            (
+                format!("all {max} sessions in use"),
+                format!(
+                    "receiver busy: all {max} sessions are in use (max_sessions in \
+                     receiver.toml); try again later"
+                ),
+            )
+        }
+    };
+    if server.refusals.count(Refusal::Busy) {
+        tracing::warn!(%key, "refused: {logged}");
+    }
+    error(ErrorCode::Internal, text)
 }
 
 /// Sends a last message, closes our side, and reads (discarding) what the peer had already

@@ -3,26 +3,29 @@
 //! A session is two tasks. The *reader* decodes frames into a bounded queue (bounded in
 //! messages and in bytes). The *processor* handles them in order and runs the group
 //! commit: a `CommitFile` is queued in the session's batch, and whenever the queue is
-//! momentarily empty (or the batch reaches [`MAX_BATCH_COMMITS`] commits or
-//! [`MAX_BATCH_BYTES`] bytes) the batch is flushed: packs fsynced, one index transaction,
-//! then the batch's `FileAcked` replies. The flush runs on a blocking thread while the
-//! processor goes on storing what arrives, which becomes the next batch (one flush in
-//! flight per session). Replies keep request order: while a commit is unacknowledged,
-//! every later reply waits for the flush that acknowledges it.
+//! momentarily empty (or the batch reaches [`MAX_BATCH_COMMITS`] commits,
+//! [`MAX_BATCH_BYTES`] bytes, or holds [`MAX_HELD_REPLIES`] replies or [`MAX_HELD_BYTES`]
+//! of them) the batch is flushed: packs fsynced, one index transaction, then the batch's
+//! `FileAcked` replies. The flush runs on a blocking thread while the processor goes on
+//! storing what arrives, which becomes the next batch (one flush in flight per session;
+//! a full batch waits for it, and the session reads nothing more meanwhile). Replies keep
+//! request order: while a commit is unacknowledged, every later reply waits for the flush
+//! that acknowledges it.
 //!
-//! A malformed frame, an unknown kind or a reply sent as a request ends that session
-//! only (after a best-effort `Error{Malformed}`). On shutdown a session handles what it
-//! has already received, flushes, answers `Error{ShuttingDown}` and closes.
+//! A malformed frame, an unknown kind, a reply sent as a request, or a count or size
+//! past the protocol's limits ends that session only (after a best-effort
+//! `Error{Malformed}`). On shutdown a session handles what it has already received,
+//! flushes, answers `Error{ShuttingDown}` and closes.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
 use coffer_common::channel::{self, ChannelError, RecvHalf, SendHalf};
-use coffer_common::chunk::{ChunkId, MAX_CHUNK, MAX_SEALED, SEAL_OVERHEAD};
+use coffer_common::chunk::{ChunkId, SEAL_OVERHEAD};
 use coffer_common::wire::{
     CommitResult, ErrorCode, FileCommit, Message, SealedChunk, WireError, MAX_BATCH_FILES, MAX_IDS,
-    PROTOCOL_VERSION,
+    MAX_MANIFEST, MAX_NAME, MAX_SEALED_CHUNK, PROTOCOL_VERSION,
 };
 use tokio::io::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
@@ -32,14 +35,20 @@ use tracing::Instrument;
 
 use crate::auth::RepoName;
 use crate::index::{CommitOutcome, NewCommit};
+use crate::logs::peer_text;
 use crate::metrics::{ErrorKind, Metrics};
 use crate::repo::{Repo, RepoError};
 use crate::server::{error, refuse, Server, LINGER};
 
 /// Commits in one batch before it is flushed regardless.
 pub const MAX_BATCH_COMMITS: usize = 4096;
-/// Bytes stored by a session before its batch is flushed regardless.
+/// Bytes stored and committed (chunks, manifests, chunk ids) by a session before its batch
+/// is flushed regardless.
 pub const MAX_BATCH_BYTES: u64 = 64 << 20;
+/// Replies held behind unacknowledged commits before the batch is flushed regardless.
+pub const MAX_HELD_REPLIES: usize = 4096;
+/// Bytes of replies held behind unacknowledged commits before the same.
+pub const MAX_HELD_BYTES: u64 = 4 << 20;
 /// Messages queued between a session's reader and processor.
 const QUEUE_MESSAGES: usize = 4096;
 /// Bytes of messages queued per session (a single larger message still passes alone).
@@ -56,7 +65,7 @@ const READ_GROUP: usize = 8;
 /// gathered; more groups ahead only raise the receiver's memory.
 const GROUPS_AHEAD: usize = 1;
 /// Capacity of a chunk read's buffer: the largest chunk the agent's chunker cuts, sealed.
-const READ_BUF: usize = MAX_CHUNK as usize + SEAL_OVERHEAD;
+const READ_BUF: usize = MAX_SEALED_CHUNK;
 
 type Tx = SendHalf<WriteHalf<TcpStream>>;
 type Rx = RecvHalf<ReadHalf<TcpStream>>;
@@ -114,16 +123,24 @@ async fn hello(server: &Server, ch: &mut channel::Channel<TcpStream>) -> Hello {
             agent_name,
             software,
         })) => {
-            if protocol == PROTOCOL_VERSION {
-                tracing::info!(agent = %agent_name, %software, "session started");
+            if protocol != PROTOCOL_VERSION {
+                let msg = format!(
+                    "protocol version mismatch: the receiver speaks {PROTOCOL_VERSION}, the \
+                     agent speaks {protocol}; upgrade the older side"
+                );
+                tracing::warn!("{msg}");
+                (ErrorCode::ProtocolVersion, msg)
+            } else if let Some(msg) = bad_names(&agent_name, &software) {
+                tracing::warn!("{msg}");
+                (ErrorCode::Malformed, msg)
+            } else {
+                tracing::info!(
+                    agent = %peer_text(&agent_name),
+                    software = %peer_text(&software),
+                    "session started"
+                );
                 return Hello::Agent(agent_name);
             }
-            let msg = format!(
-                "protocol version mismatch: the receiver speaks {PROTOCOL_VERSION}, the agent \
-                 speaks {protocol}; upgrade the older side"
-            );
-            tracing::warn!("{msg}");
-            (ErrorCode::ProtocolVersion, msg)
         }
         Ok(Ok(other)) => {
             let msg = format!("expected Hello as the first message, got {}", other.kind());
@@ -185,12 +202,13 @@ async fn serve_requests(
     if matches!(end, Err(End::Internal(_))) {
         server.metrics.error(ErrorKind::Internal);
     }
+    let agent = peer_text(agent);
     match end {
         Ok(()) => {
-            tracing::info!(agent = %agent, files = s.acked, bytes = s.stored_bytes, "session ended")
+            tracing::info!(%agent, files = s.acked, bytes = s.stored_bytes, "session ended")
         }
         Err(e) => {
-            tracing::info!(agent = %agent, files = s.acked, bytes = s.stored_bytes, "session ended: {e}")
+            tracing::info!(%agent, files = s.acked, bytes = s.stored_bytes, "session ended: {e}")
         }
     }
 }
@@ -270,6 +288,8 @@ enum Reply {
 struct Batch {
     commits: Vec<NewCommit>,
     replies: Vec<Reply>,
+    /// Bytes of the `Reply::Now` messages in `replies` (roughly: their variable parts).
+    held_bytes: u64,
 }
 
 type FlushResult = (Vec<NewCommit>, Result<Vec<CommitOutcome>, RepoError>);
@@ -387,8 +407,13 @@ impl Session {
         self.flushing.is_some() || !self.batch.commits.is_empty()
     }
 
+    /// True when the gathered batch must be flushed before anything more is read: too
+    /// many commits or bytes, or too many replies (or reply bytes) held behind them.
     fn batch_full(&self) -> bool {
-        self.batch.commits.len() >= MAX_BATCH_COMMITS || self.batch_bytes >= MAX_BATCH_BYTES
+        self.batch.commits.len() >= MAX_BATCH_COMMITS
+            || self.batch_bytes >= MAX_BATCH_BYTES
+            || self.batch.replies.len() >= MAX_HELD_REPLIES
+            || self.batch.held_bytes >= MAX_HELD_BYTES
     }
 
     /// Handles queued requests in order. Whenever the queue is momentarily empty, answers
@@ -586,9 +611,11 @@ impl Session {
         }
     }
 
-    /// Sends a reply now, or queues it behind unacknowledged commits.
+    /// Sends a reply now, or queues it behind unacknowledged commits (counted towards the
+    /// batch: see [`Session::batch_full`]).
     async fn reply(&mut self, m: Message) -> Result<(), End> {
         if self.pending() {
+            self.batch.held_bytes += held_size(&m);
             self.batch.replies.push(Reply::Now(m));
             Ok(())
         } else {
@@ -664,6 +691,9 @@ impl Session {
         sealed_hash: [u8; 32],
         sealed: Vec<u8>,
     ) -> Result<(), End> {
+        if let Some(msg) = oversized_chunk(&id, sealed.len()) {
+            return self.malformed(msg).await;
+        }
         if let Some(msg) = bad_sealed_len(&id, sealed.len()) {
             self.metrics.error(ErrorKind::Protocol);
             return self.reply(error(ErrorCode::Malformed, msg)).await;
@@ -708,7 +738,10 @@ impl Session {
                 ))
                 .await;
         }
-        self.batch_bytes += c.manifest.len() as u64;
+        if let Some(msg) = oversized_manifest(c.manifest.len()) {
+            return self.malformed(msg).await;
+        }
+        self.batch_bytes += commit_bytes(&c.manifest, &c.chunks);
         self.batch.commits.push(c);
         let i = self.batch.commits.len() - 1;
         self.batch.replies.push(Reply::Commit(i));
@@ -741,7 +774,7 @@ impl Session {
         let start = self.batch.commits.len();
         let n = commits.len();
         for c in commits {
-            self.batch_bytes += c.manifest.len() as u64;
+            self.batch_bytes += commit_bytes(&c.manifest, &c.chunks);
             self.batch.commits.push(NewCommit {
                 commit_id: c.commit_id,
                 file_id: c.file_id,
@@ -845,7 +878,9 @@ impl Session {
         if self.batch.commits.is_empty() && !self.unflushed {
             return;
         }
-        let Batch { commits, replies } = std::mem::take(&mut self.batch);
+        let Batch {
+            commits, replies, ..
+        } = std::mem::take(&mut self.batch);
         self.batch_bytes = 0;
         self.unflushed = false;
         let repo = self.repo.clone();
@@ -930,6 +965,7 @@ impl Session {
             self.send_queued(m).await?;
         }
         if self.batch.commits.is_empty() {
+            self.batch.held_bytes = 0;
             for reply in std::mem::take(&mut self.batch.replies) {
                 if let Reply::Now(m) = reply {
                     self.send_queued(m).await?;
@@ -982,14 +1018,41 @@ fn not_found(id: &ChunkId) -> Message {
     )
 }
 
-/// Why a sealed chunk of `len` bytes is refused, if it is.
+/// Why a sealed chunk of `len` bytes is refused, if it is shorter than any sealed blob
+/// (that request fails; the session goes on).
 fn bad_sealed_len(id: &ChunkId, len: usize) -> Option<String> {
-    (!(SEAL_OVERHEAD..=MAX_SEALED).contains(&len)).then(|| {
+    (len < SEAL_OVERHEAD).then(|| {
         format!(
             "sealed chunk {id} is {len} bytes; a sealed chunk has {SEAL_OVERHEAD} to \
-             {MAX_SEALED} bytes"
+             {MAX_SEALED_CHUNK} bytes"
         )
     })
+}
+
+/// Why a sealed chunk of `len` bytes is refused, if it is longer than any chunk the
+/// chunker cuts, sealed (the session ends: no honest agent sends one).
+fn oversized_chunk(id: &ChunkId, len: usize) -> Option<String> {
+    (len > MAX_SEALED_CHUNK).then(|| {
+        format!(
+            "sealed chunk {id} is {len} bytes, more than the largest chunk an agent cuts, \
+             sealed ({MAX_SEALED_CHUNK} bytes)"
+        )
+    })
+}
+
+/// Why a sealed manifest of `len` bytes is refused, if it is.
+fn oversized_manifest(len: usize) -> Option<String> {
+    (len > MAX_MANIFEST)
+        .then(|| format!("manifest of {len} bytes exceeds the limit of {MAX_MANIFEST} bytes"))
+}
+
+/// Why a `Hello`'s names are refused, if they are.
+fn bad_names(agent_name: &str, software: &str) -> Option<String> {
+    let long = |what: &str, s: &str| {
+        (s.len() > MAX_NAME)
+            .then(|| format!("{what} of {} bytes in Hello (max {MAX_NAME})", s.len()))
+    };
+    long("agent name", agent_name).or_else(|| long("software name", software))
 }
 
 /// Why a `PutFiles` is malformed (past the protocol's limits), if it is.
@@ -1001,12 +1064,41 @@ fn bad_put_files(chunks: &[SealedChunk], commits: &[FileCommit]) -> Option<Strin
             commits.len()
         ));
     }
-    commits.iter().find(|c| c.chunks.len() > MAX_IDS).map(|c| {
-        format!(
-            "PutFiles commit with {} chunks (max {MAX_IDS})",
-            c.chunks.len()
-        )
+    if let Some(m) = chunks
+        .iter()
+        .find_map(|c| oversized_chunk(&c.id, c.sealed.len()))
+    {
+        return Some(m);
+    }
+    commits.iter().find_map(|c| {
+        if c.chunks.len() > MAX_IDS {
+            return Some(format!(
+                "PutFiles commit with {} chunks (max {MAX_IDS})",
+                c.chunks.len()
+            ));
+        }
+        oversized_manifest(c.manifest.len())
     })
+}
+
+/// What a commit adds to its batch's bytes: its manifest and its chunk ids, held until the
+/// batch is flushed.
+fn commit_bytes(manifest: &[u8], chunks: &[ChunkId]) -> u64 {
+    (manifest.len() + std::mem::size_of_val(chunks)) as u64
+}
+
+/// Roughly the bytes a reply held behind a commit occupies: its variable part, plus a
+/// little for the rest.
+fn held_size(m: &Message) -> u64 {
+    let variable = match m {
+        Message::Missing { ids } => ids.len() * std::mem::size_of::<ChunkId>(),
+        Message::KeyFile { data } => data.as_ref().map_or(0, Vec::len),
+        Message::Error { message, .. } => message.len(),
+        Message::Chunk { sealed, .. } => sealed.len(),
+        Message::Versions { entries, .. } => entries.iter().map(|e| 64 + e.manifest.len()).sum(),
+        _ => 0,
+    };
+    (64 + variable) as u64
 }
 
 fn missing_chunks_text(ids: &[ChunkId]) -> String {

@@ -104,7 +104,10 @@ async fn bad_frames_end_only_their_own_session() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_idle_connections_do_not_block_real_work() -> Result<()> {
     let tmp = tempfile::tempdir()?;
-    let (rcv, agent) = setup(&tmp, Some("listen = \"127.0.0.1:0\"\nmax_sessions = 256\n")).await?;
+    // One agent key from one address: its caps raised to let it hold them all.
+    let config = "listen = \"127.0.0.1:0\"\nmax_sessions = 256\nmax_sessions_per_key = 256\n\
+                  max_sessions_per_repo = 256\nmax_handshakes_per_address = 512\n";
+    let (rcv, agent) = setup(&tmp, Some(config)).await?;
     let addr = rcv.addr()?;
     // 100 connections that never say anything (stuck before the handshake)...
     let mut silent = Vec::new();
