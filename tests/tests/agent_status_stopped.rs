@@ -67,6 +67,20 @@ fn status_of_a_stopped_agent_says_when_it_last_watched_and_was_connected() -> Re
     assert!(!text.contains(": connected"), "{text}");
     assert!(!text.contains("(watching)"), "{text}");
 
+    // COFFER_CONFIG stands for --config (the demo's suggested commands rely on it).
+    let by_env = agent
+        .cmd()
+        .env("COFFER_CONFIG", &agent.config)
+        .args(["status", "--json"])
+        .output()?;
+    assert!(
+        by_env.status.success(),
+        "{}",
+        String::from_utf8_lossy(&by_env.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&by_env.stdout)?;
+    assert_eq!(v["receiver"]["last_connected_at"], connected, "{v}");
+
     // A change made while it is stopped is not "on its way".
     std::fs::write(&file, b"changed while stopped")?;
     let text = status_text(&agent, &[&file])?;
