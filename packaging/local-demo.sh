@@ -56,18 +56,24 @@ for _ in $(seq 100); do
   "$AGENT" status --config "$DEMO/agent.toml" --json 2>/dev/null | grep -q '"running":true' && break; sleep 0.1
 done
 
+# The commands suggested below read the config from COFFER_CONFIG (the agent's --config
+# falls back to it) and find the binaries on PATH, so they are short.
+CONFIG_Q=$(printf '%q' "$DEMO/agent.toml")
+BIN_Q=$(printf '%q' "$BIN")
 cat <<MSG
 
 Coffer is running: receiver on 127.0.0.1:$PORT (tree: $DEMO/receiver), agent watching $DEMO/watched.
 Logs: $DEMO/receiver.log, $DEMO/agent.log
 
 Try, in another terminal:
+  export COFFER_CONFIG=$CONFIG_Q
+  export PATH=$BIN_Q:\$PATH
   echo hello > $DEMO/watched/hello.txt
-  $AGENT status --config $DEMO/agent.toml
-  $AGENT status --config $DEMO/agent.toml $DEMO/watched/hello.txt
-  $AGENT ls --config $DEMO/agent.toml
-  $AGENT restore --config $DEMO/agent.toml --to /tmp/coffer-restore
-  $RECV status --root $DEMO/receiver
+  coffer-agent status
+  coffer-agent status $DEMO/watched/hello.txt
+  coffer-agent ls
+  coffer-agent restore --to /tmp/coffer-restore
+  coffer-receiver status --root $DEMO/receiver
 
 Press Ctrl-C to stop both.
 MSG

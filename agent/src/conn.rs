@@ -475,8 +475,10 @@ impl ConnManager {
                         *m = Arc::downgrade(&c.state);
                     }
                     sh.journal(|j| {
+                        let now = now_ms().to_string();
                         j.set_meta(MetaKey::ReceiverState, "connected")?;
-                        j.set_meta(MetaKey::ReceiverStateAt, &now_ms().to_string())
+                        j.set_meta(MetaKey::ReceiverConnectedMs, &now)?;
+                        j.set_meta(MetaKey::ReceiverStateAt, &now)
                     });
                     self.escrow(sh, &c);
                     *cur = Some(c.clone());
@@ -505,6 +507,15 @@ impl ConnManager {
                 *c = None;
             }
         }
+    }
+
+    /// True while the main connection is up.
+    pub fn is_connected(&self) -> bool {
+        self.main
+            .lock()
+            .ok()
+            .and_then(|m| m.upgrade())
+            .is_some_and(|s| !s.closed.load(Ordering::SeqCst))
     }
 
     /// Closes the main connection and the query lane (the last step of a stop, past its

@@ -91,13 +91,13 @@ pub fn scan(
     };
     let mut stats = ScanStats::default();
     let mut unreadable: Vec<Vec<u8>> = Vec::new();
-    let mut dirty: Vec<(Vec<u8>, String)> = Vec::new();
+    let mut dirty: Vec<(Vec<u8>, String, Option<i64>)> = Vec::new();
     let mut stack = vec![start.clone()];
     while let Some(dir) = stack.pop() {
         if stopping() {
             stats.interrupted = true;
             if let Ok(mut j) = journal.lock() {
-                j.mark_dirty(&dirty, now_ms(), delay_ms)?;
+                j.mark_dirty_sized(&dirty, now_ms(), delay_ms)?;
             }
             return Ok(stats);
         }
@@ -166,13 +166,13 @@ pub fn scan(
             };
             if changed {
                 stats.changed += 1;
-                dirty.push((jp, watch.name.clone()));
+                dirty.push((jp, watch.name.clone(), Some(cur.size)));
             }
         }
         if dirty.len() >= SCAN_FLUSH {
             // Journal what was found so far, so the uploader starts on it while the walk goes on.
             if let Ok(mut j) = journal.lock() {
-                j.mark_dirty(&dirty, now_ms(), delay_ms)?;
+                j.mark_dirty_sized(&dirty, now_ms(), delay_ms)?;
             }
             dirty.clear();
         }
@@ -190,14 +190,14 @@ pub fn scan(
         match k.standing {
             Standing::BackedUp => {
                 stats.deleted += 1;
-                dirty.push((p.clone(), watch.name.clone()));
+                dirty.push((p.clone(), watch.name.clone(), None));
             }
-            Standing::Failed => dirty.push((p.clone(), watch.name.clone())),
+            Standing::Failed => dirty.push((p.clone(), watch.name.clone(), None)),
             Standing::Deleted | Standing::Queued => {}
         }
     }
     if let Ok(mut j) = journal.lock() {
-        j.mark_dirty(&dirty, now_ms(), delay_ms)?;
+        j.mark_dirty_sized(&dirty, now_ms(), delay_ms)?;
         if stats.skipped_special > 0 {
             j.set_counter(
                 CounterKey::SkippedSpecialIn(&watch.name),

@@ -10,6 +10,11 @@
 //! agent's own: its user and system units, the launchd plist, where each goes and the
 //! commands that load it.
 //!
+//! Before a systemd unit is installed, every path it needs is checked against its sandbox
+//! ([`Sandbox`], read from the unit's text): the binary, config, passphrase file and state
+//! dir out of reach refuse the install ([`Report::refusals`]), a watched folder out of reach
+//! is a warning; both are printed on stderr, with `--dry-run` too.
+//!
 //! The systemd units are the files under `packaging/systemd/` with their `ExecStart=`,
 //! `ReadWritePaths=` and state-directory lines rewritten, so a generated unit and a
 //! packaged one never drift apart; the launchd plist is [`launchd_plist`] (the file in
@@ -19,7 +24,7 @@ use std::path::{Path, PathBuf};
 
 use coffer_common::host::service::{
     self as engine, build_dir_note, edit_unit, nothing_to_uninstall, service_path, systemctl,
-    unit_word, Edit, EngineError,
+    unit_word, Access, Edit, EngineError, Sandbox,
 };
 pub use coffer_common::host::service::{Action, FileWrite, Report, ServiceCommand};
 
@@ -156,7 +161,13 @@ pub fn install(opts: &InstallOpts) -> Result<Report, ServiceError> {
         });
     }
     let report = plan_install(opts, &env, &binary, &cfg)?;
+    for w in &report.warnings {
+        eprintln!("warning: {w}");
+    }
     if opts.dry_run {
+        for r in &report.refusals {
+            eprintln!("warning: without --dry-run, the install is refused: {r}");
+        }
         return Ok(report);
     }
     apply(&env, opts.user, report)
@@ -194,6 +205,13 @@ fn plan_install(
     match env.platform {
         Platform::Systemd => {
             let content = systemd_unit(opts.user, binary, &cfg.file, &cfg.state_dir)?;
+            check_reach(
+                &mut report,
+                &Sandbox::of_unit(&content),
+                opts.user,
+                binary,
+                cfg,
+            );
             report
                 .actions
                 .push(Action::Write(FileWrite { path, content }));
@@ -246,19 +264,74 @@ fn plan_install(
             cfg.file.display()
         ));
     }
-    if env.platform == Platform::Systemd {
-        for w in &cfg.watches {
-            if w.path.starts_with("/tmp") || w.path.starts_with("/var/tmp") {
-                report.notes.push(format!(
-                    "watch {:?} is under {}, which the service's private /tmp hides from it",
-                    w.name,
-                    w.path.display()
-                ));
-            }
-        }
-    }
     report.notes.extend(build_dir_note(binary, "agent"));
     Ok(report)
+}
+
+/// Checks every path the service needs against its unit's sandbox: the binary, the config,
+/// the passphrase file and the state dir (out of reach: the service could not start, so the
+/// install is refused) and the watched folders (out of reach: a warning, the others are
+/// still backed up).
+fn check_reach(report: &mut Report, sandbox: &Sandbox, user: bool, binary: &Path, cfg: &Config) {
+    let config = cfg.file.display();
+    let again = format!(
+        "then run `coffer-agent service install{} --config {config}` again",
+        if user { " --user" } else { "" }
+    );
+    let mut needs: Vec<(&str, &Path, Access, String)> = vec![
+        (
+            "the binary",
+            binary,
+            Access::Read,
+            format!(" (`cargo install --path agent`, or the .deb), {again} with it"),
+        ),
+        (
+            "config",
+            &cfg.file,
+            Access::Read,
+            format!(
+                ", then run `coffer-agent service install{} --config NEW-PATH` again",
+                if user { " --user" } else { "" }
+            ),
+        ),
+        (
+            "state dir",
+            &cfg.state_dir,
+            Access::Write,
+            format!(" with its files, set `state_dir` in {config} to its new place, {again}"),
+        ),
+    ];
+    if let Some(p) = &cfg.passphrase_file {
+        needs.push((
+            "passphrase file",
+            p,
+            Access::Read,
+            format!(", set `passphrase_file` in {config} to its new place, {again}"),
+        ));
+    }
+    for (what, path, access, then) in needs {
+        if let Some(u) = sandbox.check(path, access) {
+            report.refusals.push(format!(
+                "{what} {} is out of the service's reach: {} {}; {}{then}",
+                path.display(),
+                u.setting,
+                u.why,
+                u.fix
+            ));
+        }
+    }
+    for w in &cfg.watches {
+        if let Some(u) = sandbox.check(&w.path, Access::Read) {
+            report.warnings.push(format!(
+                "watch {:?} ({}) is out of the service's reach, so nothing in it would be backed up: {} {}; {}, or run the agent outside a service (`coffer-agent run --config {config}`)",
+                w.name,
+                w.path.display(),
+                u.setting,
+                u.why,
+                u.fix
+            ));
+        }
+    }
 }
 
 fn plan_uninstall(opts: &UninstallOpts, env: &Env) -> Result<Report, ServiceError> {
@@ -556,6 +629,81 @@ mod tests {
             "{shown}"
         );
         assert!(shown.contains("would run: systemctl --user enable coffer-agent.service"));
+    }
+
+    /// A config under /tmp: the service, with its private /tmp, could not read it.
+    #[test]
+    fn paths_out_of_the_sandbox_are_refused_or_warned_with_the_fix() {
+        let tmp = tempfile::tempdir_in("/tmp").expect("tempdir in /tmp");
+        let watched = tmp.path().join("w");
+        let cfg = config(
+            tmp.path(),
+            &format!(
+                "passphrase_file = \"pass\"\n[[watch]]\npath = \"{}\"\n",
+                watched.display()
+            ),
+        );
+        let bin = Path::new("/usr/bin/coffer-agent");
+        for user in [false, true] {
+            let r = plan_install(&opts(user, &cfg.file), &env(Platform::Systemd), bin, &cfg)
+                .expect("a plan, even so");
+            let refused = r.refusals.join("\n");
+            for (what, path) in [
+                ("config", &cfg.file),
+                ("state dir", &cfg.state_dir),
+                ("passphrase file", &tmp.path().join("pass")),
+            ] {
+                assert!(
+                    refused.contains(&format!(
+                        "{what} {} is out of the service's reach: PrivateTmp=yes gives the service a private, empty /tmp and /var/tmp; move it out of /tmp and /var/tmp",
+                        path.display()
+                    )),
+                    "{what}: {refused}"
+                );
+            }
+            assert!(refused.contains("set `state_dir` in"), "{refused}");
+            assert!(!refused.contains("the binary"), "{refused}");
+            assert_eq!(r.warnings.len(), 1, "{:?}", r.warnings);
+            assert!(
+                r.warnings[0].starts_with(&format!(
+                    "watch \"w\" ({}) is out of the service's reach",
+                    watched.display()
+                )),
+                "{}",
+                r.warnings[0]
+            );
+            // The printed report is what it was: the warnings go to stderr.
+            let shown = r.to_string();
+            assert!(!shown.contains("out of the service's reach"), "{shown}");
+        }
+        // Launchd has no such sandbox.
+        let r =
+            plan_install(&opts(true, &cfg.file), &env(Platform::Launchd), bin, &cfg).expect("plan");
+        assert!(r.refusals.is_empty() && r.warnings.is_empty());
+    }
+
+    #[test]
+    fn the_units_sandbox_lets_the_agent_write_its_state_dir_only() {
+        for user in [false, true] {
+            let state = Path::new("/srv/coffer state/100%");
+            let unit = systemd_unit(
+                user,
+                Path::new("/usr/bin/coffer-agent"),
+                Path::new("/etc/coffer/agent.toml"),
+                state,
+            )
+            .expect("unit");
+            let sb = Sandbox::of_unit(&unit);
+            assert!(sb.private_tmp, "{unit}");
+            assert_eq!(sb.protect_system, "strict");
+            assert_eq!(sb.protect_home, "no");
+            assert_eq!(sb.check(&state.join("journal.sqlite"), Access::Write), None);
+            assert!(sb.check(Path::new("/srv/other"), Access::Write).is_some());
+            assert_eq!(
+                sb.check(Path::new("/home/alice/Documents"), Access::Read),
+                None
+            );
+        }
     }
 
     #[test]

@@ -26,6 +26,11 @@ fn ms_to_rfc(ms: i64) -> String {
 }
 
 /// Builds the status object (also used by metrics).
+///
+/// What it says of the receiver and the watches depends on whether `run` runs: while it
+/// does, their current state; while it does not, only what was last true and when
+/// (`receiver.last_connected_at`, each watch's `last_watched_at`), never "connected" or
+/// "watching".
 pub fn summary_json(cfg: &Config) -> Result<Value, JournalError> {
     let j = open(cfg)?;
     let s = match &j {
@@ -33,6 +38,17 @@ pub fn summary_json(cfg: &Config) -> Result<Value, JournalError> {
         None => Summary::default(),
     };
     let meta = |k: MetaKey<'_>| j.as_ref().and_then(|j| j.meta(k).ok().flatten());
+    let meta_ms = |k: MetaKey<'_>| meta(k).and_then(|v| v.parse::<i64>().ok());
+    let running = daemon::is_running(cfg);
+    // The last time the agent ran (a journal from before the heartbeat has only its start).
+    let last_seen = meta_ms(MetaKey::AgentSeenMs).max(meta_ms(MetaKey::AgentStartedMs));
+    let receiver_state = meta(MetaKey::ReceiverState);
+    let last_connected = meta_ms(MetaKey::ReceiverConnectedMs).or_else(|| {
+        // Before the heartbeat: the state says when the last connection was made.
+        (receiver_state.as_deref() == Some("connected"))
+            .then(|| meta_ms(MetaKey::ReceiverStateAt))
+            .flatten()
+    });
     let counters: serde_json::Map<String, Value> = match &j {
         Some(j) => j
             .counters()?
@@ -46,12 +62,18 @@ pub fn summary_json(cfg: &Config) -> Result<Value, JournalError> {
         .iter()
         .map(|w| {
             let fb = meta(MetaKey::WatchFallback(&w.name)).filter(|s| !s.is_empty());
+            let mode = match (running, &fb) {
+                (false, _) => "stopped",
+                (true, Some(_)) => "periodic scan",
+                (true, None) => "watching",
+            };
             json!({
                 "name": w.name,
                 "path": w.path.display().to_string(),
-                "mode": if fb.is_some() { "periodic scan" } else { "watching" },
+                "mode": mode,
                 "fallback_reason": fb,
-                "last_scan_at": meta(MetaKey::LastScanMs(&w.name)).and_then(|v| v.parse::<i64>().ok()).map(ms_to_rfc),
+                "last_scan_at": meta_ms(MetaKey::LastScanMs(&w.name)).map(ms_to_rfc),
+                "last_watched_at": if running { None } else { last_seen.map(ms_to_rfc) },
             })
         })
         .collect();
@@ -64,9 +86,16 @@ pub fn summary_json(cfg: &Config) -> Result<Value, JournalError> {
         None => vec![],
     };
     let not_acked = s.pending();
+    let state = match (running, receiver_state) {
+        (false, _) => "agent not running".to_string(),
+        (true, Some(st)) => st,
+        (true, None) => "never connected".to_string(),
+    };
     Ok(json!({
         "agent": cfg.name,
-        "running": daemon::is_running(cfg),
+        "running": running,
+        "agent_running": running,
+        "agent_last_seen_at": if running { None } else { last_seen.map(ms_to_rfc) },
         "files": {
             "pending": not_acked,
             "backed_up": s.backed_up,
@@ -80,14 +109,64 @@ pub fn summary_json(cfg: &Config) -> Result<Value, JournalError> {
         "last_backup_at": s.last_backup_at.map(rfc3339),
         "receiver": {
             "address": cfg.receiver,
-            "state": meta(MetaKey::ReceiverState).unwrap_or_else(|| "never connected".into()),
-            "since": meta(MetaKey::ReceiverStateAt).and_then(|v| v.parse::<i64>().ok()).map(ms_to_rfc),
+            "state": state,
+            "last_state": meta(MetaKey::ReceiverState),
+            "since": meta_ms(MetaKey::ReceiverStateAt).map(ms_to_rfc),
+            "last_connected_at": last_connected.map(ms_to_rfc),
         },
         "key_escrowed": meta(MetaKey::KeyEscrowed).is_some_and(|v| v == "1"),
         "watches": watches,
         "watcher": counters,
         "failed": failed,
     }))
+}
+
+/// The receiver line of `status`.
+fn receiver_line(v: &Value) -> String {
+    let r = &v["receiver"];
+    let address = r["address"].as_str().unwrap_or("");
+    if v["agent_running"].as_bool() == Some(true) {
+        return format!("receiver {address}: {}", r["state"].as_str().unwrap_or(""));
+    }
+    let connected = match r["last_connected_at"].as_str() {
+        Some(t) => format!("last connected {t}"),
+        None => "never connected".into(),
+    };
+    // A failed attempt after the last connection is worth knowing.
+    let failed = match (r["last_state"].as_str(), r["since"].as_str()) {
+        (Some(st), Some(at))
+            if st.starts_with("unreachable")
+                && r["last_connected_at"].as_str().is_none_or(|c| c < at) =>
+        {
+            format!("; at {at} it was {st}")
+        }
+        _ => String::new(),
+    };
+    format!("receiver {address}: {connected} (agent not running{failed})")
+}
+
+/// A watch's line of `status`.
+fn watch_line(w: &Value, running: bool) -> String {
+    let name = w["name"].as_str().unwrap_or("");
+    let path = w["path"].as_str().unwrap_or("");
+    let fallback = w["fallback_reason"].as_str();
+    if running {
+        return format!(
+            "watching {name} = {path} ({}{})",
+            w["mode"].as_str().unwrap_or(""),
+            fallback.map(|r| format!(": {r}")).unwrap_or_default()
+        );
+    }
+    let last = match (fallback, w["last_watched_at"].as_str()) {
+        (_, None) => "never watched".to_string(),
+        (None, Some(t)) => format!("last at {t}"),
+        // Without an OS watch it was only scanned: say when last.
+        (Some(_), Some(t)) => format!(
+            "last scanned at {}, agent last ran {t}",
+            w["last_scan_at"].as_str().unwrap_or("never")
+        ),
+    };
+    format!("watching {name} = {path}: {last} (agent not running)")
 }
 
 fn human_bytes(n: i64) -> String {
@@ -121,34 +200,20 @@ pub fn print(cfg: &Config, json_out: bool, failed_only: bool) -> Result<(), Jour
         return Ok(());
     }
     let files = &v["files"];
+    let running = v["agent_running"].as_bool() == Some(true);
     let _ = writeln!(
         out,
         "agent {} ({})",
         cfg.name,
-        if v["running"].as_bool() == Some(true) {
-            "running"
-        } else {
-            "not running"
+        match v["agent_last_seen_at"].as_str() {
+            _ if running => "running".to_string(),
+            Some(t) => format!("not running; last ran {t}"),
+            None => "not running".to_string(),
         }
     );
-    let _ = writeln!(
-        out,
-        "receiver {}: {}",
-        cfg.receiver,
-        v["receiver"]["state"].as_str().unwrap_or("")
-    );
+    let _ = writeln!(out, "{}", receiver_line(&v));
     for w in v["watches"].as_array().into_iter().flatten() {
-        let _ = writeln!(
-            out,
-            "watching {} = {} ({}{})",
-            w["name"].as_str().unwrap_or(""),
-            w["path"].as_str().unwrap_or(""),
-            w["mode"].as_str().unwrap_or(""),
-            w["fallback_reason"]
-                .as_str()
-                .map(|r| format!(": {r}"))
-                .unwrap_or_default()
-        );
+        let _ = writeln!(out, "{}", watch_line(w, running));
     }
     let _ = writeln!(
         out,
@@ -286,6 +351,7 @@ pub fn print_paths(cfg: &Config, paths: &[String], json_out: bool) -> Result<(),
         let _ = writeln!(out, "{}", Value::Array(all));
         return Ok(());
     }
+    let running = daemon::is_running(cfg);
     for v in all {
         let path = v["path"].as_str().unwrap_or("");
         let line = match v["state"].as_str().unwrap_or("") {
@@ -296,10 +362,12 @@ pub fn print_paths(cfg: &Config, paths: &[String], json_out: bool) -> Result<(),
                 "backed up: version {} at {}{}",
                 v["version"],
                 v["backed_up_at"].as_str().unwrap_or("?"),
-                if v["changed_since"].as_bool() == Some(true) {
+                if v["changed_since"].as_bool() != Some(true) {
+                    ""
+                } else if running {
                     " (changed since; a new backup is on its way)"
                 } else {
-                    ""
+                    " (changed since; backed up again once the agent runs)"
                 }
             ),
             "deleted" => format!(

@@ -53,6 +53,44 @@ fn service_install_dry_run_shows_the_unit_for_this_binary_and_config() -> Result
 }
 
 #[test]
+fn service_install_dry_run_warns_of_a_config_under_tmp_with_the_fix() -> Result<()> {
+    // Under /tmp itself, whatever TMPDIR says: the unit's PrivateTmp=yes hides it.
+    let tmp = tempfile::tempdir_in("/tmp")?;
+    let rcv = Receiver::start(&tmp.path().join("rcv"))?;
+    let agent = Agent::init(&tmp.path().join("agent"), &rcv, "r")?;
+    let home = tmp.path().join("home");
+    std::fs::create_dir_all(&home)?;
+    for user in [true, false] {
+        let mut c = agent.cmd();
+        c.env("HOME", &home)
+            .args(["service", "install", "--dry-run", "--config"])
+            .arg(&agent.config);
+        if user {
+            c.arg("--user");
+        }
+        let o = c.output()?;
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let out = String::from_utf8_lossy(&o.stdout);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(out.contains("ExecStart="), "{out}");
+        assert!(
+            err.contains(&format!(
+                "warning: without --dry-run, the install is refused: config {} is out of the service's reach: PrivateTmp=yes gives the service a private, empty /tmp and /var/tmp; move it out of /tmp and /var/tmp",
+                agent.config.display()
+            )),
+            "{err}"
+        );
+        assert!(
+            err.contains(&format!("watch \"w\" ({})", agent.watch.display())),
+            "{err}"
+        );
+        // The warnings are on stderr only; stdout is the plan as before.
+        assert!(!out.contains("out of the service's reach"), "{out}");
+    }
+    Ok(())
+}
+
+#[test]
 fn sighup_adds_a_watched_folder_without_a_restart() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let rcv = Receiver::start(&tmp.path().join("rcv"))?;

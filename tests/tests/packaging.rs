@@ -1,7 +1,8 @@
 //! The files under `packaging/`: every example config parses with the real parser and
 //! documents every key; the systemd units pass `systemd-analyze verify` (where it exists)
 //! and carry the hardening and restart settings; the launchd plist is well-formed; the
-//! cargo-deb metadata names files that exist or that `build-deb.sh` makes.
+//! cargo-deb metadata names files that exist or that `build-deb.sh` makes; the local demo
+//! suggests short commands after an `export COFFER_CONFIG=...` line.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -372,6 +373,72 @@ fn deb_metadata_names_files_that_exist() -> Result<()> {
                 "{bin}: no asset installed to {want}"
             );
         }
+    }
+    Ok(())
+}
+
+/// The demo's closing message, printed by the script's own lines (from where it quotes the
+/// paths to the end of the message) for a demo folder and a binary folder with spaces: an
+/// `export COFFER_CONFIG=...` line a shell reads back as the config's path, and agent
+/// commands without `--config`.
+#[test]
+fn local_demo_suggests_short_commands_after_export_coffer_config() -> Result<()> {
+    let path = packaging().join("local-demo.sh");
+    let script = read(&path)?;
+    let syntax = Command::new("bash").arg("-n").arg(&path).output()?;
+    ensure!(
+        syntax.status.success(),
+        "{}",
+        String::from_utf8_lossy(&syntax.stderr)
+    );
+    let start = script
+        .find("CONFIG_Q=")
+        .context("CONFIG_Q= in local-demo.sh")?;
+    let end = start
+        + script[start..]
+            .find("\nMSG\n")
+            .context("the end of the message")?
+        + "\nMSG\n".len();
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(&script[start..end])
+        .env("DEMO", "/srv/my demo")
+        .env("BIN", "/opt/coffer bin")
+        .env("PORT", "7797")
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout)?;
+    let export = text
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("export COFFER_CONFIG="))
+        .with_context(|| format!("no export COFFER_CONFIG= line in:\n{text}"))?;
+    let read_back = Command::new("bash")
+        .arg("-c")
+        .arg(format!("{export}; printf %s \"$COFFER_CONFIG\""))
+        .output()?;
+    assert_eq!(
+        String::from_utf8(read_back.stdout)?,
+        "/srv/my demo/agent.toml",
+        "{export}"
+    );
+    assert!(
+        text.contains("  export PATH=/opt/coffer\\ bin:$PATH\n"),
+        "{text}"
+    );
+    let agent_lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("coffer-agent "))
+        .collect();
+    assert!(agent_lines.contains(&"coffer-agent status"), "{text}");
+    assert!(agent_lines.len() >= 4, "{text}");
+    for l in agent_lines {
+        assert!(!l.contains("--config"), "{l}");
     }
     Ok(())
 }

@@ -112,6 +112,24 @@ pub fn is_running(cfg: &Config) -> bool {
     }
 }
 
+/// How often a running daemon records that it runs, and whether its receiver connection is
+/// up ([`MetaKey::AgentSeenMs`], [`MetaKey::ReceiverConnectedMs`]): what a stopped agent's
+/// `status` reports as the last time it watched and was connected.
+pub const HEARTBEAT: Duration = Duration::from_secs(30);
+
+/// Records that the daemon runs now, and that its receiver is connected if it is.
+fn heartbeat(sh: &Daemon) {
+    let now = now_ms().to_string();
+    let connected = sh.conn.is_connected();
+    sh.journal(|j| {
+        j.set_meta(MetaKey::AgentSeenMs, &now)?;
+        if connected {
+            j.set_meta(MetaKey::ReceiverConnectedMs, &now)?;
+        }
+        Ok(())
+    });
+}
+
 pub(crate) fn notify_systemd(state: &[sd_notify::NotifyState]) {
     let _ = sd_notify::notify(false, state);
 }
@@ -394,6 +412,8 @@ fn spawn(name: String, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<(
 ///    start requeues them. Pending work stays pending.
 /// 4. Every thread is joined.
 fn stop(sh: &Daemon, threads: Threads) {
+    // The last moment it watched and (if it was) was connected, for `status` once stopped.
+    heartbeat(sh);
     sh.shutdown.stop();
     let answered = finished_by(&threads.workers, Instant::now() + ACK_DRAIN)
         && finished_by(threads.collector.as_slice(), Instant::now() + ACK_DRAIN);

@@ -223,7 +223,7 @@ pub(super) fn events(sh: Arc<Daemon>, rx: Receiver<Change>, scans: Sender<ScanRe
                 });
             }
         }
-        let mut dirty: Vec<(Vec<u8>, String)> = Vec::with_capacity(paths.len());
+        let mut dirty: Vec<(Vec<u8>, String, Option<i64>)> = Vec::with_capacity(paths.len());
         let mut seen = HashSet::new();
         let mut gone: Vec<(Vec<u8>, String)> = Vec::new();
         for p in &paths {
@@ -246,10 +246,10 @@ pub(super) fn events(sh: Arc<Daemon>, rx: Receiver<Change>, scans: Sender<ScanRe
                         reason: "new folder",
                     });
                 }
-                Ok(_) => dirty.push((jp, w.name.clone())),
+                Ok(m) => dirty.push((jp, w.name.clone(), Some(m.len() as i64))),
                 Err(_) => {
                     // Gone: a file, or a folder whose known files are gone with it.
-                    dirty.push((jp.clone(), w.name.clone()));
+                    dirty.push((jp.clone(), w.name.clone(), None));
                     gone.push((jp, w.name.clone()));
                 }
             }
@@ -257,10 +257,10 @@ pub(super) fn events(sh: Arc<Daemon>, rx: Receiver<Change>, scans: Sender<ScanRe
         if let Ok(mut j) = sh.journal.lock() {
             for (g, name) in gone {
                 if let Ok(rows) = j.rows_under(&[&g[..], b"/"].concat(), usize::MAX >> 1) {
-                    dirty.extend(rows.into_iter().map(|r| (r.path, name.clone())));
+                    dirty.extend(rows.into_iter().map(|r| (r.path, name.clone(), None)));
                 }
             }
-            if let Err(e) = j.mark_dirty(&dirty, now_ms(), debounce) {
+            if let Err(e) = j.mark_dirty_sized(&dirty, now_ms(), debounce) {
                 tracing::error!(error = %e, "recording changes");
             }
         }
@@ -342,7 +342,8 @@ pub(super) fn scanner(
     }
 }
 
-/// Periodic full rescans (more often for trees without OS watches).
+/// Periodic full rescans (more often for trees without OS watches), and the daemon's
+/// heartbeat.
 pub(super) fn periodic(
     sh: Arc<Daemon>,
     scans: Sender<ScanRequest>,
@@ -352,8 +353,14 @@ pub(super) fn periodic(
     let fast = full.min(Duration::from_secs(10));
     let mut last_full = Instant::now();
     let mut last_fast = Instant::now();
+    let mut last_beat = Instant::now();
+    super::heartbeat(&sh);
     while !sh.shutdown.sleep(Duration::from_millis(200)) {
         sh.conn.close_idle_query();
+        if last_beat.elapsed() >= super::HEARTBEAT {
+            last_beat = Instant::now();
+            super::heartbeat(&sh);
+        }
         if last_full.elapsed() >= full {
             last_full = Instant::now();
             for w in sh.watches().iter() {

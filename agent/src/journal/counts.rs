@@ -357,7 +357,8 @@ pub(super) mod tests {
                     last = last.max(Some(now / 10 - x));
                 }
                 match op {
-                    0 | 1 => j.mark_dirty(&[(path(i), "w".into())], now, 5).expect("dirty"),
+                    0 => j.mark_dirty(&[(path(i), "w".into())], now, 5).expect("dirty"),
+                    1 => j.mark_dirty_sized(&[(path(i), "w".into(), (x > 0).then_some(x * 50))], now, 5).expect("dirty"),
                     2 => { j.claim_due(now, 3).expect("claim"); }
                     3 => j.record_reads(&[FileRead { stat: StatKey { size: x * 100, ..read(b"", 0).stat }, ..read(&path(i), gen) }]).expect("reads"),
                     4 => j.record_acks(&[Ack {

@@ -50,7 +50,36 @@ impl Journal {
         now: i64,
         delay_ms: i64,
     ) -> Result<(), JournalError> {
-        if items.is_empty() {
+        self.mark_dirty_iter(
+            items.iter().map(|(p, w)| (&p[..], &w[..], None)),
+            now,
+            delay_ms,
+        )
+    }
+
+    /// [`Journal::mark_dirty`] with each file's size as seen (`None`: gone, or not known).
+    /// A row keeps its size until the file is read, so `status` counts a file still
+    /// settling in the pending bytes: at the size it was seen with, else its last read one.
+    pub fn mark_dirty_sized(
+        &mut self,
+        items: &[(Vec<u8>, String, Option<i64>)],
+        now: i64,
+        delay_ms: i64,
+    ) -> Result<(), JournalError> {
+        self.mark_dirty_iter(
+            items.iter().map(|(p, w, size)| (&p[..], &w[..], *size)),
+            now,
+            delay_ms,
+        )
+    }
+
+    fn mark_dirty_iter<'a>(
+        &mut self,
+        items: impl ExactSizeIterator<Item = (&'a [u8], &'a str, Option<i64>)>,
+        now: i64,
+        delay_ms: i64,
+    ) -> Result<(), JournalError> {
+        if items.len() == 0 {
             return Ok(());
         }
         self.claims.due_at(now + delay_ms);
@@ -58,18 +87,21 @@ impl Journal {
         {
             let mut st = tx
                 .prepare_cached(sql!(
-                    "INSERT INTO files (path, watch, state, gen, due_at, dirty_since)
-                     VALUES (?1, ?2, {DIRTY}, 1, ?3, ?4)
+                    "INSERT INTO files (path, watch, state, gen, due_at, dirty_since, size)
+                     VALUES (?1, ?2, {DIRTY}, 1, ?3, ?4, ?5)
                      ON CONFLICT(path) DO UPDATE SET
                         state = {DIRTY}, gen = gen + 1, due_at = ?3,
                         dirty_since = COALESCE(dirty_since, ?4), reason = NULL,
-                        attempts = CASE WHEN state = {FAILED} THEN 0 ELSE attempts END"
+                        attempts = CASE WHEN state = {FAILED} THEN 0 ELSE attempts END,
+                        size = COALESCE(?5, size)"
                 ))
                 .map_err(sql_err(&self.path))?;
             let mut tally = Tally::default();
-            for (p, w) in items {
+            for (p, w, size) in items {
                 tally
-                    .row(&tx, p, || st.execute(params![p, w, now + delay_ms, now]))
+                    .row(&tx, p, || {
+                        st.execute(params![p, w, now + delay_ms, now, size])
+                    })
                     .map_err(sql_err(&self.path))?;
             }
             tally.write(&tx).map_err(sql_err(&self.path))?;
@@ -357,6 +389,24 @@ mod tests {
         let s = j.summary().expect("s");
         assert_eq!((s.backed_up, s.uploading, s.pending_bytes), (1, 0, 0));
         assert_eq!(s.last_backup_at, Some(5));
+    }
+
+    #[test]
+    fn files_still_settling_count_in_the_pending_bytes() {
+        let (_d, mut j) = j();
+        // New, never read: the size it was seen with.
+        j.mark_dirty_sized(&[(b"w/new".to_vec(), "w".into(), Some(1000))], 0, 60_000)
+            .expect("dirty");
+        assert_eq!(j.summary().expect("s").pending_bytes, 1000);
+        // Seen again without a size (e.g. gone): the last known one stays.
+        j.mark_dirty_sized(&[(b"w/new".to_vec(), "w".into(), None)], 1, 60_000)
+            .expect("dirty");
+        assert_eq!(j.summary().expect("s").pending_bytes, 1000);
+        // Seen again larger: the new size.
+        j.mark_dirty_sized(&[(b"w/new".to_vec(), "w".into(), Some(4000))], 2, 60_000)
+            .expect("dirty");
+        let s = j.summary().expect("s");
+        assert_eq!((s.dirty, s.pending_bytes), (1, 4000));
     }
 
     #[test]

@@ -161,6 +161,13 @@ impl FromSql for FileState {
 pub enum MetaKey<'a> {
     /// When this run of the agent started (unix ms).
     AgentStartedMs,
+    /// The last time the daemon was known to run (unix ms): written every
+    /// [`crate::daemon::HEARTBEAT`] and when it stops, so a stopped agent's `status` can say
+    /// until when its folders were watched.
+    AgentSeenMs,
+    /// The last time the daemon knew its receiver connection to be up (unix ms): written
+    /// when it connects, every heartbeat while connected, and when it stops.
+    ReceiverConnectedMs,
     /// When an acknowledgement was last recorded (unix ms, the agent's clock).
     LastAckMs,
     /// The latest commit time acknowledged (unix s, the receiver's clock).
@@ -182,6 +189,8 @@ impl MetaKey<'_> {
     pub fn name(&self) -> Cow<'static, str> {
         match self {
             MetaKey::AgentStartedMs => "agent_started_ms".into(),
+            MetaKey::AgentSeenMs => "agent_seen_ms".into(),
+            MetaKey::ReceiverConnectedMs => "receiver_connected_ms".into(),
             MetaKey::LastAckMs => "last_ack_ms".into(),
             MetaKey::LastBackedAt => "last_backed_at".into(),
             MetaKey::ReceiverState => "receiver_state".into(),

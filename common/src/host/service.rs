@@ -4,12 +4,14 @@
 //! An install or uninstall is first planned as a [`Report`]: the files to write (with their
 //! full content), the files to remove and the commands to run, in order. With `--dry-run`
 //! the report is printed as it stands ("would write", "would run"); otherwise the caller
-//! checks what it must ([`preflight`]: a running systemd, every command on `PATH`) and
+//! checks what it must ([`preflight`]: nothing the service needs out of its reach, a running
+//! systemd, every command on `PATH`) and
 //! [`execute`] carries the steps out (files written atomically), stops at the first failure
 //! naming what was already done, and returns the report of what was done.
 //!
 //! A systemd unit is a packaged template with some `Key=` lines rewritten ([`edit_unit`]),
-//! each path one escaped word ([`unit_word`]).
+//! each path one escaped word ([`unit_word`]). [`Sandbox`] reads back from a unit's text
+//! which paths its service could see and write, for the checks before an install.
 //!
 //! This module knows no unit name, template or config: what a service runs, where its file
 //! goes and what the user is told belong to each binary's `service` module.
@@ -30,6 +32,8 @@ pub enum EngineError {
     Binary { path: PathBuf, msg: String },
     #[error("path {path:?} cannot go into a service file: {msg}")]
     BadPath { path: PathBuf, msg: &'static str },
+    #[error("the service could not start, so nothing was installed:\n  - {}", .0.join("\n  - "))]
+    Unreachable(Vec<String>),
     #[error("systemd is not running on this system (no /run/systemd/system): use --dry-run to see the unit and install it by hand")]
     SystemdNotRunning,
     #[error("{program} not found: {hint}")]
@@ -126,6 +130,12 @@ pub struct Report {
     pub actions: Vec<Action>,
     /// Things the user should know (printed after the actions).
     pub notes: Vec<String>,
+    /// What may keep the service from working well, with the fix: not part of the printed
+    /// report (the caller prints them on stderr).
+    pub warnings: Vec<String>,
+    /// What would keep the service from starting, with the fix: [`preflight`] refuses the
+    /// install; a dry run shows them (on stderr, as the warnings).
+    pub refusals: Vec<String>,
 }
 
 impl Report {
@@ -214,6 +224,229 @@ pub fn nothing_to_uninstall(dry_run: bool, service_file: &Path) -> Option<Report
         service_file.display()
     ));
     Some(report)
+}
+
+/// What a service does with a path: read it, or write in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Read,
+    Write,
+}
+
+/// The settings of a systemd unit that decide which paths its service can see and write:
+/// `PrivateTmp=`, `ProtectHome=`, `ProtectSystem=`, `ReadWritePaths=`, `InaccessiblePaths=`
+/// and `BindPaths=`/`BindReadOnlyPaths=` (read from the unit's text by
+/// [`Sandbox::of_unit`]), so an install can tell before starting the service that it would
+/// not find its config or could not write its state.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Sandbox {
+    pub private_tmp: bool,
+    /// `no`, `yes`, `read-only` or `tmpfs`.
+    pub protect_home: String,
+    /// `no`, `yes`, `full` or `strict`.
+    pub protect_system: String,
+    pub read_write: Vec<PathBuf>,
+    pub inaccessible: Vec<PathBuf>,
+    /// `BindPaths=` and `BindReadOnlyPaths=` sources: seen even under `ProtectHome=`.
+    pub bound: Vec<PathBuf>,
+}
+
+/// Why a unit's service cannot reach a path, and what to do about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unreachable {
+    /// The setting, as in the unit (`PrivateTmp=yes`).
+    pub setting: String,
+    /// What it does to the path.
+    pub why: String,
+    /// What to do.
+    pub fix: String,
+}
+
+impl fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}; {}", self.setting, self.why, self.fix)
+    }
+}
+
+/// The folders `ProtectHome=` covers.
+const HOMES: [&str; 3] = ["/home", "/root", "/run/user"];
+
+impl Sandbox {
+    /// The sandbox of a unit's text: the `[Service]` section's settings, the last one of each
+    /// winning (an empty list setting clears the list, as in systemd). Paths holding a
+    /// specifier (`%h`) other than `%%` are left out.
+    pub fn of_unit(unit: &str) -> Sandbox {
+        let mut sb = Sandbox {
+            protect_home: "no".into(),
+            protect_system: "no".into(),
+            ..Sandbox::default()
+        };
+        let mut in_service = false;
+        for line in unit.lines().map(str::trim) {
+            if line.starts_with('[') {
+                in_service = line == "[Service]";
+                continue;
+            }
+            let Some((key, value)) = line.split_once('=') else {
+                continue;
+            };
+            if !in_service || line.starts_with('#') || line.starts_with(';') {
+                continue;
+            }
+            let value = value.trim();
+            let key = key.trim();
+            let list = match key {
+                "PrivateTmp" => {
+                    sb.private_tmp = matches!(value, "yes" | "true" | "on" | "1");
+                    continue;
+                }
+                "ProtectHome" => {
+                    sb.protect_home = match value {
+                        "true" | "on" | "1" => "yes".into(),
+                        "false" | "off" | "0" | "" => "no".into(),
+                        v => v.into(),
+                    };
+                    continue;
+                }
+                "ProtectSystem" => {
+                    sb.protect_system = match value {
+                        "true" | "on" | "1" => "yes".into(),
+                        "false" | "off" | "0" | "" => "no".into(),
+                        v => v.into(),
+                    };
+                    continue;
+                }
+                "ReadWritePaths" => &mut sb.read_write,
+                "InaccessiblePaths" => &mut sb.inaccessible,
+                "BindPaths" | "BindReadOnlyPaths" => &mut sb.bound,
+                _ => continue,
+            };
+            if value.is_empty() {
+                list.clear();
+            }
+            list.extend(unit_paths(value, key.starts_with("Bind")));
+        }
+        sb
+    }
+
+    /// Why the service could not `access` `path`, if it could not. A path and the file it
+    /// resolves to (through symlinks) must both be within reach.
+    pub fn check(&self, path: &Path, access: Access) -> Option<Unreachable> {
+        let real = std::fs::canonicalize(path).ok();
+        std::iter::once(path)
+            .chain(real.as_deref().filter(|r| *r != path))
+            .find_map(|p| self.check_one(p, access))
+    }
+
+    fn check_one(&self, path: &Path, access: Access) -> Option<Unreachable> {
+        let under = |dirs: &[PathBuf]| dirs.iter().any(|d| path.starts_with(d));
+        if self.private_tmp && (path.starts_with("/tmp") || path.starts_with("/var/tmp")) {
+            return Some(Unreachable {
+                setting: "PrivateTmp=yes".into(),
+                why: "gives the service a private, empty /tmp and /var/tmp".into(),
+                fix: "move it out of /tmp and /var/tmp".into(),
+            });
+        }
+        if let Some(d) = self.inaccessible.iter().find(|d| path.starts_with(d)) {
+            return Some(Unreachable {
+                setting: format!("InaccessiblePaths={}", d.display()),
+                why: "hides it from the service".into(),
+                fix: "move it elsewhere, or take it out of InaccessiblePaths= in a drop-in (`systemctl edit`)".into(),
+            });
+        }
+        let in_home = HOMES.iter().any(|h| path.starts_with(h));
+        let ph = self.protect_home.as_str();
+        if in_home && matches!(ph, "yes" | "tmpfs") && !under(&self.bound) {
+            return Some(Unreachable {
+                setting: format!("ProtectHome={ph}"),
+                why: "hides /home, /root and /run/user from the service".into(),
+                fix: "move it out of those folders, or set ProtectHome=read-only in a drop-in (`systemctl edit`)".into(),
+            });
+        }
+        if access == Access::Read || under(&self.read_write) {
+            return None;
+        }
+        let ps = self.protect_system.as_str();
+        let system_ro: &[&str] = match ps {
+            "yes" => &["/usr", "/boot", "/efi"],
+            "full" => &["/usr", "/boot", "/efi", "/etc"],
+            "strict" => &["/"],
+            _ => &[],
+        };
+        let (setting, what) = if system_ro.iter().any(|d| path.starts_with(d)) {
+            let what = if ps == "strict" {
+                "the whole file system".to_string()
+            } else {
+                system_ro.join(", ")
+            };
+            (format!("ProtectSystem={ps}"), what)
+        } else if in_home && ph == "read-only" {
+            (
+                format!("ProtectHome={ph}"),
+                "/home, /root and /run/user".to_string(),
+            )
+        } else {
+            return None;
+        };
+        Some(Unreachable {
+            setting,
+            why: format!("makes {what} read-only to the service, except ReadWritePaths="),
+            fix: "add it to ReadWritePaths= in a drop-in (`systemctl edit`), or move it under one"
+                .into(),
+        })
+    }
+}
+
+/// The paths of a unit setting's value: words split on white space (double or single
+/// quotes group, a backslash escapes), each path's `-`/`+` prefix dropped (with `bind`, the
+/// source before `:`), `%%` read as `%`; a word with another specifier is left out.
+fn unit_paths(value: &str, bind: bool) -> Vec<PathBuf> {
+    let mut words = Vec::new();
+    let mut cur = String::new();
+    let mut quote = None;
+    let mut started = false;
+    let mut chars = value.chars();
+    while let Some(c) = chars.next() {
+        match (quote, c) {
+            (_, '\\') => {
+                if let Some(n) = chars.next() {
+                    cur.push(n);
+                }
+                started = true;
+            }
+            (None, '"' | '\'') => {
+                quote = Some(c);
+                started = true;
+            }
+            (Some(q), c) if c == q => quote = None,
+            (None, c) if c.is_whitespace() => {
+                if started {
+                    words.push(std::mem::take(&mut cur));
+                    started = false;
+                }
+            }
+            (_, c) => {
+                cur.push(c);
+                started = true;
+            }
+        }
+    }
+    if started {
+        words.push(cur);
+    }
+    words
+        .into_iter()
+        .filter_map(|w| {
+            let w = w.trim_start_matches(['-', '+']);
+            let w = match w.split_once(':') {
+                Some((src, _)) if bind => src,
+                _ => w,
+            };
+            let plain = w.replace("%%", "");
+            (!plain.contains('%') && w.starts_with('/'))
+                .then(|| PathBuf::from(w.replace("%%", "%")))
+        })
+        .collect()
 }
 
 /// A note when the service would run `binary` from a cargo build directory; `package` is
@@ -326,9 +559,13 @@ pub fn service_binary(given: Option<&Path>) -> Result<PathBuf, EngineError> {
     }
 }
 
-/// Checks before changing anything (after the caller's own, such as root): with `systemd`,
-/// that systemd runs; every command the report runs on `PATH`.
+/// Checks before changing anything (after the caller's own, such as root): nothing the
+/// service needs is out of its reach ([`Report::refusals`]); with `systemd`, that systemd
+/// runs; every command the report runs on `PATH`.
 pub fn preflight(report: &Report, systemd: bool) -> Result<(), EngineError> {
+    if !report.refusals.is_empty() {
+        return Err(EngineError::Unreachable(report.refusals.clone()));
+    }
     if systemd && !Path::new("/run/systemd/system").is_dir() {
         return Err(EngineError::SystemdNotRunning);
     }
@@ -567,6 +804,64 @@ mod tests {
                 unit.display(),
                 old.display()
             )
+        );
+    }
+
+    #[test]
+    fn a_sandbox_is_read_from_the_unit_and_checked() {
+        let unit = "[Unit]\nPrivateTmp=no\n[Service]\nPrivateTmp=yes\nProtectSystem=strict\n\
+            ProtectHome=yes\n# ReadWritePaths=/commented\nReadWritePaths=/gone\nReadWritePaths=\n\
+            ReadWritePaths=-\"/srv/my state\" /var/lib/100%%\nReadWritePaths=%h/state\n\
+            BindReadOnlyPaths=/home/alice/docs:/docs\nInaccessiblePaths=/srv/secret\n";
+        let sb = Sandbox::of_unit(unit);
+        assert!(sb.private_tmp);
+        assert_eq!((&*sb.protect_system, &*sb.protect_home), ("strict", "yes"));
+        assert_eq!(
+            sb.read_write,
+            [
+                PathBuf::from("/srv/my state"),
+                PathBuf::from("/var/lib/100%")
+            ]
+        );
+        assert_eq!(sb.bound, [PathBuf::from("/home/alice/docs")]);
+        let why = |p: &str, a| sb.check(Path::new(p), a).map(|u| u.setting);
+        assert_eq!(
+            why("/tmp/c/agent.toml", Access::Read).as_deref(),
+            Some("PrivateTmp=yes")
+        );
+        assert_eq!(
+            why("/var/tmp/x", Access::Read).as_deref(),
+            Some("PrivateTmp=yes")
+        );
+        assert_eq!(why("/tmpfoo/x", Access::Read), None);
+        assert_eq!(
+            why("/home/bob/x", Access::Read).as_deref(),
+            Some("ProtectHome=yes")
+        );
+        assert_eq!(why("/home/alice/docs/a", Access::Read), None);
+        assert_eq!(
+            why("/srv/secret/k", Access::Read).as_deref(),
+            Some("InaccessiblePaths=/srv/secret")
+        );
+        assert_eq!(why("/etc/coffer/agent.toml", Access::Read), None);
+        assert_eq!(why("/srv/my state/journal", Access::Write), None);
+        let u = sb
+            .check(Path::new("/srv/other"), Access::Write)
+            .expect("read-only");
+        assert_eq!(u.setting, "ProtectSystem=strict");
+        assert!(u.to_string().contains("add it to ReadWritePaths="), "{u}");
+        let ro = Sandbox::of_unit("[Service]\nProtectHome=read-only\nProtectSystem=full\n");
+        assert_eq!(ro.check(Path::new("/home/a/x"), Access::Read), None);
+        let w = |p: &str| ro.check(Path::new(p), Access::Write).map(|u| u.setting);
+        assert_eq!(w("/home/a/state").as_deref(), Some("ProtectHome=read-only"));
+        assert_eq!(w("/etc/coffer").as_deref(), Some("ProtectSystem=full"));
+        assert_eq!(w("/srv/state"), None);
+        let mut r = Report::new(false);
+        r.refusals.push("config /tmp/a is out of reach".into());
+        let e = preflight(&r, false).expect_err("refused").to_string();
+        assert!(
+            e.contains("nothing was installed:\n  - config /tmp/a"),
+            "{e}"
         );
     }
 
