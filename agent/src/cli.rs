@@ -184,8 +184,11 @@ pub struct StatusArgs {
 pub struct LsArgs {
     #[command(flatten)]
     pub config: ConfigArg,
-    /// Point in time: RFC 3339 or unix seconds.
-    #[arg(long)]
+    /// Point in time: RFC 3339 with any offset (2026-12-03T09:35:05+01:00, ...Z), a time
+    /// without an offset in local time (2026-12-03T09:35:05, as `date` shows it; TZ is
+    /// honoured), a date alone (2026-12-01: its start, local time), or unix seconds.
+    /// Default: now.
+    #[arg(long, value_name = "TIME")]
     pub at: Option<String>,
     /// Only paths under this prefix (`watch-name/folder`).
     pub prefix: Option<String>,
@@ -206,8 +209,11 @@ pub struct RestoreArgs {
     /// Target folder (files land in TO/watch-name/relative/path); `-` streams one file to stdout.
     #[arg(long)]
     pub to: PathBuf,
-    /// Point in time: RFC 3339 or unix seconds (default: latest).
-    #[arg(long)]
+    /// Point in time: RFC 3339 with any offset (2026-12-03T09:35:05+01:00, ...Z), a time
+    /// without an offset in local time (2026-12-03T09:35:05, as `date` shows it; TZ is
+    /// honoured), a date alone (2026-12-01: its start, local time), or unix seconds.
+    /// Default: each file's latest version.
+    #[arg(long, value_name = "TIME")]
     pub at: Option<String>,
     /// Restore into a non-empty target, replacing files.
     #[arg(long)]
@@ -237,7 +243,7 @@ pub struct VerifyArgs {
     pub all: bool,
 }
 
-/// Parses an optional `--at` (RFC 3339 or unix seconds).
+/// Parses an optional `--at` (see [`coffer_common::host::time::parse_time`]).
 fn parse_at(at: Option<&str>) -> Result<Option<i64>, CliError> {
     at.map(coffer_common::host::time::parse_time)
         .transpose()
