@@ -370,7 +370,13 @@ fn run_cmd(cmd: Cmd, quiet: bool) -> Result<(), CliError> {
         Cmd::Ls(a) => {
             let cfg = load(&a.config)?;
             let at = parse_at(a.at.as_deref())?;
-            Ok(restore::ls(&cfg, at, a.prefix.as_deref(), a.json)?)
+            Ok(restore::ls(
+                &cfg,
+                at,
+                a.at.as_deref(),
+                a.prefix.as_deref(),
+                a.json,
+            )?)
         }
         Cmd::Versions(a) => Ok(restore::versions(&load(&a.config)?, &a.paths, a.json)?),
         Cmd::Restore(a) => {

@@ -376,5 +376,19 @@ fn files_named_by_local_path_in_versions_restore_and_ls() -> Result<()> {
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
+    let o = agent
+        .cmd()
+        .env("TZ", "XYZ-1")
+        .args(["ls", "--config"])
+        .arg(&agent.config)
+        .args(["--at", "2020-01-01"])
+        .output()?;
+    assert!(ok(&o).is_empty());
+    assert!(
+        String::from_utf8_lossy(&o.stderr)
+            .contains("no files backed up at or before 2020-01-01 (2019-12-31T23:00:00Z)"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     Ok(())
 }

@@ -308,10 +308,12 @@ fn mtime(m: &Manifest) -> String {
     rfc3339(m.mtime_ns.div_euclid(1_000_000_000))
 }
 
-/// `ls`: one line per file (or, with `json`, one array).
+/// `ls`: one line per file (or, with `json`, one array). `at_text` is `--at` as given, for
+/// the message that nothing matched.
 pub fn ls(
     cfg: &Config,
     at: Option<i64>,
+    at_text: Option<&str>,
     prefix: Option<&str>,
     json: bool,
 ) -> Result<(), RestoreError> {
@@ -372,8 +374,11 @@ pub fn ls(
         eprintln!(
             "no files backed up{}{}",
             prefix.map(|p| format!(" under {p}")).unwrap_or_default(),
-            at.map(|t| format!(" at or before {}", rfc3339(t)))
-                .unwrap_or_default()
+            at.map(|t| match (rfc3339(t), at_text.map(str::trim)) {
+                (utc, Some(given)) if given != utc => format!(" at or before {given} ({utc})"),
+                (utc, _) => format!(" at or before {utc}"),
+            })
+            .unwrap_or_default()
         );
     }
     Ok(())
