@@ -2,6 +2,7 @@
 //! `main.rs` only parses, calls [`run`] and prints a [`CliError`].
 
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use coffer_common::channel::{ChannelError, ParseKeyError, PublicKey, StaticKeypair};
@@ -75,12 +76,16 @@ pub enum Cmd {
     /// Run the backup daemon.
     Run(RunArgs),
     /// Show what is backed up, pending and failed (or, given paths, whether each is safe).
+    #[command(after_help = STATUS_HELP)]
     Status(StatusArgs),
     /// List backed-up files as of now or a point in time.
+    #[command(after_help = LS_HELP)]
     Ls(LsArgs),
-    /// List every version of one file.
+    /// List every version of files, oldest first.
+    #[command(after_help = VERSIONS_HELP)]
     Versions(VersionsArgs),
     /// Restore files.
+    #[command(after_help = RESTORE_HELP)]
     Restore(RestoreArgs),
     /// Check that the receiver holds every chunk of the backup.
     Verify(VerifyArgs),
@@ -97,6 +102,34 @@ pub enum Cmd {
     #[command(hide = true)]
     Man,
 }
+
+const STATUS_HELP: &str = "With PATH...: one line per path (--json: an array of objects with \
+\"path\" and \"state\": backed_up, deleted, pending, failed or unknown; an unknown path has \
+\"cause\": outside_watches, excluded (with \"pattern\"), missing, special or not_scanned, and \
+\"why\").
+Exit status with PATH...: 0 when every path is backed up and unchanged since, 1 when any is \
+pending or failed (or changed since its backup), 2 when any is unknown to the agent (2 wins over \
+1); an error (a bad config, an unreadable journal) also exits 1.
+--failed --json prints an array of {\"path\", \"reason\", \"attempts\"}; without --failed, \
+--json prints one object (files, pending_bytes, last_backup_at, receiver, watches, failed...).";
+
+const LS_HELP: &str = "Columns: size in bytes, the file's modification time (mtime, UTC), the \
+receiver's version number, the path. A header names them when stdout is a terminal. --json \
+prints one array of {\"path\", \"kind\", \"size\", \"mtime\", \"version\", \"backed_up_at\"} \
+(and \"target\" for a symlink); backed_up_at is when that version reached the receiver. \
+Nothing to list is said on stderr, with exit status 0.";
+
+const VERSIONS_HELP: &str = "Columns: the file's own version count (1 = oldest), the receiver's \
+version number (repository-wide, also what status shows), when that version was backed up \
+(the receiver's commit time, UTC), the size, and the start of the content hash, the symlink \
+target, or `deleted`. A header names them when stdout is a terminal; with several paths each \
+list follows a `PATH:` line. --json prints one array of {\"path\", \"versions\": [{\"n\", \
+\"version\", \"backed_up_at\", \"backed_up_at_unix\", \"kind\", \"size\", \"mtime\", \
+\"content_hash\" | \"target\"}]}. A file with no versions is said on stderr, with exit \
+status 0.";
+
+const RESTORE_HELP: &str =
+    "Files land in TO/watch-name/relative/path, whichever way they were named.";
 
 #[derive(Subcommand, Debug)]
 pub enum ServiceCmd {
@@ -176,7 +209,8 @@ pub struct StatusArgs {
     /// List only failing files, with reasons.
     #[arg(long)]
     pub failed: bool,
-    /// Files to ask about (paths on disk or `watch-name/relative/path`).
+    /// Files or folders to ask about: paths on disk under a watched folder, or
+    /// `watch-name/relative/path`. The exit status then says what was found (below).
     pub paths: Vec<String>,
 }
 
@@ -184,10 +218,17 @@ pub struct StatusArgs {
 pub struct LsArgs {
     #[command(flatten)]
     pub config: ConfigArg,
-    /// Point in time: RFC 3339 or unix seconds.
+    /// Machine-readable output: one JSON array (below).
     #[arg(long)]
+    pub json: bool,
+    /// Point in time: RFC 3339 with any offset (2026-12-03T09:35:05+01:00, ...Z), a time
+    /// without an offset in local time (2026-12-03T09:35:05, as `date` shows it; TZ is
+    /// honoured), a date alone (2026-12-01: its start, local time), or unix seconds.
+    /// Default: now.
+    #[arg(long, value_name = "TIME")]
     pub at: Option<String>,
-    /// Only paths under this prefix (`watch-name/folder`).
+    /// Only files under this folder (or this one file): a path on disk under a watched
+    /// folder, or `watch-name/folder`.
     pub prefix: Option<String>,
 }
 
@@ -195,8 +236,12 @@ pub struct LsArgs {
 pub struct VersionsArgs {
     #[command(flatten)]
     pub config: ConfigArg,
-    /// The file, as `watch-name/relative/path`.
-    pub path: String,
+    /// Machine-readable output: one JSON array (below).
+    #[arg(long)]
+    pub json: bool,
+    /// The files: paths on disk under a watched folder, or `watch-name/relative/path`.
+    #[arg(required = true)]
+    pub paths: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -206,8 +251,11 @@ pub struct RestoreArgs {
     /// Target folder (files land in TO/watch-name/relative/path); `-` streams one file to stdout.
     #[arg(long)]
     pub to: PathBuf,
-    /// Point in time: RFC 3339 or unix seconds (default: latest).
-    #[arg(long)]
+    /// Point in time: RFC 3339 with any offset (2026-12-03T09:35:05+01:00, ...Z), a time
+    /// without an offset in local time (2026-12-03T09:35:05, as `date` shows it; TZ is
+    /// honoured), a date alone (2026-12-01: its start, local time), or unix seconds.
+    /// Default: each file's latest version.
+    #[arg(long, value_name = "TIME")]
     pub at: Option<String>,
     /// Restore into a non-empty target, replacing files.
     #[arg(long)]
@@ -221,7 +269,8 @@ pub struct RestoreArgs {
     /// for a file whose owner could not be set.
     #[arg(long)]
     pub keep_setuid: bool,
-    /// Files or folder prefixes (`watch-name/relative/path`); default: everything.
+    /// Files or folders to restore: paths on disk under a watched folder, or
+    /// `watch-name/relative/path`; default: everything.
     pub paths: Vec<String>,
 }
 
@@ -237,7 +286,7 @@ pub struct VerifyArgs {
     pub all: bool,
 }
 
-/// Parses an optional `--at` (RFC 3339 or unix seconds).
+/// Parses an optional `--at` (see [`coffer_common::host::time::parse_time`]).
 fn parse_at(at: Option<&str>) -> Result<Option<i64>, CliError> {
     at.map(coffer_common::host::time::parse_time)
         .transpose()
@@ -248,15 +297,38 @@ fn load(c: &ConfigArg) -> Result<Config, CliError> {
     Ok(Config::load(&c.config)?)
 }
 
-/// Runs a parsed command line.
-pub fn run(cli: Cli) -> Result<(), CliError> {
+/// Runs a parsed command line; its exit code (0, or what `status PATH...` found).
+pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
+    let quiet = cli.log.quiet;
     match cli.cmd {
+        Cmd::Status(a) => status_cmd(a),
+        cmd => run_cmd(cmd, quiet).map(|()| ExitCode::SUCCESS),
+    }
+}
+
+/// `status`: the summary, `--failed`, or `PATH...` (whose exit code says what was found).
+fn status_cmd(a: StatusArgs) -> Result<ExitCode, CliError> {
+    let cfg = load(&a.config)?;
+    if !a.paths.is_empty() {
+        let v = status::print_paths(&cfg, &a.paths, a.json)?;
+        return Ok(ExitCode::from(v as u8));
+    }
+    if a.failed {
+        status::print_failed(&cfg, a.json)?;
+    } else {
+        status::print(&cfg, a.json, false)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_cmd(cmd: Cmd, quiet: bool) -> Result<(), CliError> {
+    match cmd {
         Cmd::Init(a) => init(a),
         Cmd::Run(a) => Ok(daemon::run(
             load(&a.config)?,
             daemon::RunOpts {
                 metrics: a.metrics,
-                progress: !cli.log.quiet,
+                progress: !quiet,
             },
         )?),
         Cmd::Service(ServiceCmd::Install {
@@ -294,21 +366,19 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 .map_err(CliError::Stdout)?;
             print_bytes(&buf)
         }
-        Cmd::Status(a) => {
-            let cfg = load(&a.config)?;
-            if a.paths.is_empty() {
-                status::print(&cfg, a.json, a.failed)?;
-            } else {
-                status::print_paths(&cfg, &a.paths, a.json)?;
-            }
-            Ok(())
-        }
+        Cmd::Status(a) => status_cmd(a).map(|_| ()),
         Cmd::Ls(a) => {
             let cfg = load(&a.config)?;
             let at = parse_at(a.at.as_deref())?;
-            Ok(restore::ls(&cfg, at, a.prefix.as_deref())?)
+            Ok(restore::ls(
+                &cfg,
+                at,
+                a.at.as_deref(),
+                a.prefix.as_deref(),
+                a.json,
+            )?)
         }
-        Cmd::Versions(a) => Ok(restore::versions(&load(&a.config)?, &a.path)?),
+        Cmd::Versions(a) => Ok(restore::versions(&load(&a.config)?, &a.paths, a.json)?),
         Cmd::Restore(a) => {
             let cfg = load(&a.config)?;
             let at = parse_at(a.at.as_deref())?;
@@ -319,7 +389,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                     at,
                     paths: a.paths,
                     overwrite: a.overwrite,
-                    progress: !cli.log.quiet,
+                    progress: !quiet,
                     allow_shared_target: a.allow_shared_target,
                     keep_setuid: a.keep_setuid,
                 },
@@ -329,7 +399,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             &load(&a.config)?,
             a.read_data,
             a.all,
-            !cli.log.quiet,
+            !quiet,
         )?),
     }
 }

@@ -10,6 +10,7 @@
 //! - [`conn`]: the pipelined connection to the receiver; reconnects, query lane, escrow.
 //! - [`restore`]: `ls`, `versions`, `restore`, `verify`; the target walked by folder
 //!   handles (`restore/tree.rs`).
+//! - [`paths`]: a file named on the command line (a local path or `watch/relative`).
 //! - [`status`]: `status`, from the journal alone.
 //! - [`metrics`]: `run --metrics`: Prometheus series at `/metrics`.
 //! - [`service`]: `service install|uninstall` (systemd units, launchd plist).
@@ -21,6 +22,7 @@ pub mod conn;
 pub mod daemon;
 pub mod journal;
 pub mod metrics;
+pub mod paths;
 pub mod restore;
 pub mod scan;
 pub mod service;

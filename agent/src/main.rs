@@ -7,7 +7,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     coffer_common::host::log::init(&cli.log);
     match cli::run(cli) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {}", coffer_common::error_text(&e));
             std::process::ExitCode::FAILURE

@@ -1,14 +1,16 @@
 //! `coffer-agent status`: answers from the journal alone, whether or not `run` is running.
+//! The summary (`summary_json`, `print`) and the per-path and `--failed` reports
+//! (`print_paths` with its exit [`Verdict`], `print_failed`) are separate parts.
 
 use std::io::Write;
-use std::path::Path;
 
 use serde_json::{json, Value};
 
 use crate::config::Config;
 use crate::daemon;
 use crate::journal::{CounterKey, FileState, Journal, JournalError, MetaKey, Row, Summary};
-use crate::scan::{journal_key, stat_key};
+use crate::paths::{self, Named};
+use crate::scan::stat_key;
 use coffer_common::host::time::{now_ms, rfc3339};
 
 fn open(cfg: &Config) -> Result<Option<Journal>, JournalError> {
@@ -265,18 +267,6 @@ pub fn print(cfg: &Config, json_out: bool, failed_only: bool) -> Result<(), Jour
     Ok(())
 }
 
-/// Maps a user-given path (file-system path or `watch/relative`) to a journal key.
-fn resolve(cfg: &Config, arg: &str) -> Vec<u8> {
-    let p = Path::new(arg);
-    let abs = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
-    for w in &cfg.watches {
-        if let Ok(rel) = abs.strip_prefix(&w.path) {
-            return journal_key(w, rel);
-        }
-    }
-    arg.trim_end_matches('/').as_bytes().to_vec()
-}
-
 fn describe(cfg: &Config, row: &Row) -> Value {
     let now = now_ms();
     let current = crate::scan::fs_path(&cfg.watches, &row.path)
@@ -315,12 +305,68 @@ fn describe(cfg: &Config, row: &Row) -> Value {
     }
 }
 
-/// `status PATH...`: is each file safe?
-pub fn print_paths(cfg: &Config, paths: &[String], json_out: bool) -> Result<(), JournalError> {
+/// What `status PATH...` found, worst of all paths; its exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Verdict {
+    /// Every path is backed up and unchanged since (exit 0).
+    Safe = 0,
+    /// Some path is pending or failed, or changed since its backup (exit 1).
+    Pending = 1,
+    /// Some path is not known to the agent (exit 2).
+    Unknown = 2,
+}
+
+impl Verdict {
+    fn of(v: &Value) -> Verdict {
+        match v["state"].as_str() {
+            Some("backed_up" | "deleted") if v["changed_since"].as_bool() != Some(true) => {
+                Verdict::Safe
+            }
+            Some("unknown") => Verdict::Unknown,
+            _ => Verdict::Pending,
+        }
+    }
+}
+
+/// Why a path has no row: outside every watch, excluded (by which pattern), not on disk,
+/// not a kind of file that is backed up, or not scanned yet.
+fn unknown(cfg: &Config, named: &Named<'_>) -> Value {
+    let path = String::from_utf8_lossy(named.key()).into_owned();
+    let (watch, rel) = match named {
+        Named::Watched { watch, rel, .. } => (watch, rel),
+        Named::Elsewhere { .. } => {
+            return json!({"path": path, "state": "unknown", "cause": "outside_watches",
+                "why": format!("outside every watched folder ({})", paths::watched_list(cfg))});
+        }
+    };
+    if let Some(pat) = paths::excluded_by(watch, rel) {
+        return json!({"path": path, "state": "unknown", "cause": "excluded", "pattern": pat,
+            "why": format!("excluded by pattern {pat:?} of watch {}", watch.name)});
+    }
+    let (cause, why) = match std::fs::symlink_metadata(watch.path.join(rel)) {
+        Err(_) => (
+            "missing",
+            "no such file, and none was ever backed up".to_string(),
+        ),
+        Ok(m) if !(m.is_file() || m.is_dir() || m.file_type().is_symlink()) => (
+            "special",
+            "not a file, folder or symlink (sockets, FIFOs and devices are not backed up)".into(),
+        ),
+        Ok(_) => (
+            "not_scanned",
+            "not scanned yet (the agent has not seen it; is `run` running?)".into(),
+        ),
+    };
+    json!({"path": path, "state": "unknown", "cause": cause, "why": why})
+}
+
+/// `status PATH...`: is each file safe? Returns the worst [`Verdict`], the exit code.
+pub fn print_paths(cfg: &Config, args: &[String], json_out: bool) -> Result<Verdict, JournalError> {
     let j = open(cfg)?;
     let mut all = Vec::new();
-    for a in paths {
-        let jp = resolve(cfg, a);
+    for a in args {
+        let named = paths::resolve(cfg, a);
+        let jp = named.key().to_vec();
         let row = match &j {
             Some(j) => j.row(&jp)?,
             None => None,
@@ -333,7 +379,7 @@ pub fn print_paths(cfg: &Config, paths: &[String], json_out: bool) -> Result<(),
                     None => vec![],
                 };
                 if under.is_empty() {
-                    json!({"path": String::from_utf8_lossy(&jp), "state": "unknown"})
+                    unknown(cfg, &named)
                 } else {
                     let safe = under
                         .iter()
@@ -346,10 +392,11 @@ pub fn print_paths(cfg: &Config, paths: &[String], json_out: bool) -> Result<(),
         };
         all.push(v);
     }
+    let verdict = all.iter().map(Verdict::of).max().unwrap_or(Verdict::Safe);
     let mut out = std::io::stdout().lock();
     if json_out {
         let _ = writeln!(out, "{}", Value::Array(all));
-        return Ok(());
+        return Ok(verdict);
     }
     let running = daemon::is_running(cfg);
     for v in all {
@@ -383,12 +430,42 @@ pub fn print_paths(cfg: &Config, paths: &[String], json_out: bool) -> Result<(),
                 v["since"].as_str().unwrap_or("?"),
                 v["why"].as_str().unwrap_or("")
             ),
-            _ => {
-                "not known to the agent (not under a watched folder, excluded, or not scanned yet)"
-                    .into()
-            }
+            _ => format!(
+                "not known to the agent: {}",
+                v["why"].as_str().unwrap_or("not scanned yet")
+            ),
         };
         let _ = writeln!(out, "{path}: {line}");
+    }
+    Ok(verdict)
+}
+
+/// `status --failed`: every failing file with its reason; with `json_out`, one JSON array
+/// of `{"path", "reason", "attempts"}`. None failing is said on stderr.
+pub fn print_failed(cfg: &Config, json_out: bool) -> Result<(), JournalError> {
+    let rows = match open(cfg)? {
+        Some(j) => j.failed_rows(i64::MAX as usize)?,
+        None => vec![],
+    };
+    let mut out = std::io::stdout().lock();
+    if json_out {
+        let list: Vec<Value> = rows
+            .iter()
+            .map(|r| json!({"path": String::from_utf8_lossy(&r.path), "reason": r.reason, "attempts": r.attempts}))
+            .collect();
+        let _ = writeln!(out, "{}", Value::Array(list));
+    } else {
+        for r in &rows {
+            let _ = writeln!(
+                out,
+                "{}: {}",
+                String::from_utf8_lossy(&r.path),
+                r.reason.as_deref().unwrap_or("")
+            );
+        }
+    }
+    if rows.is_empty() {
+        eprintln!("no failed files");
     }
     Ok(())
 }

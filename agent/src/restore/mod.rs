@@ -1,4 +1,5 @@
-//! Getting files back: `ls`, `versions`, `restore`, `verify`.
+//! Getting files back: `ls`, `versions`, `restore`, `verify`. Files are named as
+//! `status` names them ([`crate::paths`]).
 //!
 //! The catalog is every version the receiver holds for this repository, listed in pages and
 //! opened with the manifest key. A point in time picks, per path, the latest version
@@ -20,7 +21,7 @@ mod tree;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsString;
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,6 +35,7 @@ use coffer_common::wire::{Message, VersionEntry};
 
 use crate::config::Config;
 use crate::conn::{Conn, ConnError, Pending};
+use crate::paths::{self, Named};
 use crate::state;
 pub use tree::Shared;
 use tree::{restored_mode, temp_name, Dest, Owner, Refusal, Tree};
@@ -279,63 +281,189 @@ fn show(p: &[u8]) -> String {
     String::from_utf8_lossy(p).into_owned()
 }
 
-/// `ls`: one line per file.
-pub fn ls(cfg: &Config, at: Option<i64>, prefix: Option<&str>) -> Result<(), RestoreError> {
+/// The repository name (`watch-name/relative/path`) of a file or folder named on the
+/// command line (see [`paths::resolve`]). A path on disk under no watched folder is refused;
+/// `name/...` with a name this config does not watch is taken as it is (a file another
+/// machine, or an older config, backed up).
+pub fn repo_name(cfg: &Config, arg: &str) -> Result<Vec<u8>, RestoreError> {
+    match paths::resolve(cfg, arg) {
+        Named::Elsewhere { local: true, .. } => Err(RestoreError::Usage(format!(
+            "{arg} is not under a watched folder ({}); name a file by its path under one, \
+             or as watch-name/relative/path",
+            paths::watched_list(cfg)
+        ))),
+        n => Ok(n.key().to_vec()),
+    }
+}
+
+fn kind_name(k: &EntryKind) -> &'static str {
+    match k {
+        EntryKind::File => "file",
+        EntryKind::Symlink { .. } => "symlink",
+        EntryKind::Deleted => "deleted",
+    }
+}
+
+fn mtime(m: &Manifest) -> String {
+    rfc3339(m.mtime_ns.div_euclid(1_000_000_000))
+}
+
+/// `ls`: one line per file (or, with `json`, one array). `at_text` is `--at` as given, for
+/// the message that nothing matched.
+pub fn ls(
+    cfg: &Config,
+    at: Option<i64>,
+    at_text: Option<&str>,
+    prefix: Option<&str>,
+    json: bool,
+) -> Result<(), RestoreError> {
+    let prefixes: Vec<Vec<u8>> = prefix
+        .map(|p| repo_name(cfg, p))
+        .transpose()?
+        .into_iter()
+        .collect();
     let (_session, items) = Session::open(cfg)?;
-    let prefixes: Vec<Vec<u8>> = prefix.map(|p| p.as_bytes().to_vec()).into_iter().collect();
     let sel = select(&items, at, &prefixes);
     let mut out = std::io::stdout().lock();
-    for (path, it) in sel {
-        let m = &it.manifest;
-        let kind = match &m.kind {
-            EntryKind::Symlink { target } => format!(" -> {}", show(target)),
-            _ => String::new(),
-        };
-        let _ = writeln!(
-            out,
-            "{:>12}  {}  v{:<6} {}{}",
-            m.size,
-            rfc3339(m.mtime_ns.div_euclid(1_000_000_000)),
-            it.version,
-            show(&path),
-            kind
+    if json {
+        let list: Vec<serde_json::Value> = sel
+            .iter()
+            .map(|(path, it)| {
+                let m = &it.manifest;
+                let mut v = serde_json::json!({
+                    "path": show(path),
+                    "kind": kind_name(&m.kind),
+                    "size": m.size,
+                    "mtime": mtime(m),
+                    "version": it.version,
+                    "backed_up_at": rfc3339(it.commit_time),
+                });
+                if let EntryKind::Symlink { target } = &m.kind {
+                    v["target"] = show(target).into();
+                }
+                v
+            })
+            .collect();
+        let _ = writeln!(out, "{}", serde_json::Value::Array(list));
+    } else {
+        if std::io::stdout().is_terminal() && !sel.is_empty() {
+            let _ = writeln!(
+                out,
+                "{:>12}  {:<20}  {:<7} path",
+                "size", "modified (mtime)", "version"
+            );
+        }
+        for (path, it) in &sel {
+            let m = &it.manifest;
+            let kind = match &m.kind {
+                EntryKind::Symlink { target } => format!(" -> {}", show(target)),
+                _ => String::new(),
+            };
+            let _ = writeln!(
+                out,
+                "{:>12}  {}  v{:<6} {}{}",
+                m.size,
+                mtime(m),
+                it.version,
+                show(path),
+                kind
+            );
+        }
+    }
+    if sel.is_empty() {
+        eprintln!(
+            "no files backed up{}{}",
+            prefix.map(|p| format!(" under {p}")).unwrap_or_default(),
+            at.map(|t| match (rfc3339(t), at_text.map(str::trim)) {
+                (utc, Some(given)) if given != utc => format!(" at or before {given} ({utc})"),
+                (utc, _) => format!(" at or before {utc}"),
+            })
+            .unwrap_or_default()
         );
     }
     Ok(())
 }
 
-/// `versions PATH`: every version of one file.
-pub fn versions(cfg: &Config, path: &str) -> Result<(), RestoreError> {
-    let (_session, items) = Session::open(cfg)?;
-    let mut v: Vec<&Item> = items
+/// `versions PATH...`: every version of each file, oldest first, numbered from 1.
+pub fn versions(cfg: &Config, args: &[String], json: bool) -> Result<(), RestoreError> {
+    let keys = args
         .iter()
-        .filter(|i| i.manifest.path == path.as_bytes())
-        .collect();
-    if v.is_empty() {
-        return Err(RestoreError::Usage(format!(
-            "no versions of {path:?} (paths look like `watch-name/relative/path`)"
-        )));
-    }
-    v.sort_by_key(|i| i.version);
+        .map(|a| repo_name(cfg, a))
+        .collect::<Result<Vec<_>, _>>()?;
+    let (_session, items) = Session::open(cfg)?;
     let mut out = std::io::stdout().lock();
-    for i in v {
-        let m = &i.manifest;
-        let what = match &m.kind {
-            EntryKind::File => format!(
-                "{:>12}  {}",
-                m.size,
-                &coffer_common::chunk::to_hex(&m.content_hash)[..12]
-            ),
-            EntryKind::Symlink { target } => format!("{:>12}  -> {}", m.size, show(target)),
-            EntryKind::Deleted => format!("{:>12}  deleted", "-"),
-        };
-        let _ = writeln!(
-            out,
-            "v{:<6} {}  {}",
-            i.version,
-            rfc3339(i.commit_time),
-            what
-        );
+    let terminal = std::io::stdout().is_terminal();
+    let mut docs = Vec::new();
+    for (n, key) in keys.iter().enumerate() {
+        let mut v: Vec<&Item> = items.iter().filter(|i| &i.manifest.path == key).collect();
+        v.sort_by_key(|i| i.version);
+        if v.is_empty() {
+            eprintln!("no versions of {}", show(key));
+        }
+        if json {
+            let list: Vec<serde_json::Value> = v
+                .iter()
+                .enumerate()
+                .map(|(k, i)| {
+                    let m = &i.manifest;
+                    let mut e = serde_json::json!({
+                        "n": k + 1,
+                        "version": i.version,
+                        "backed_up_at": rfc3339(i.commit_time),
+                        "backed_up_at_unix": i.commit_time,
+                        "kind": kind_name(&m.kind),
+                        "size": m.size,
+                        "mtime": mtime(m),
+                    });
+                    match &m.kind {
+                        EntryKind::File => {
+                            e["content_hash"] = coffer_common::chunk::to_hex(&m.content_hash).into()
+                        }
+                        EntryKind::Symlink { target } => e["target"] = show(target).into(),
+                        EntryKind::Deleted => {}
+                    }
+                    e
+                })
+                .collect();
+            docs.push(serde_json::json!({"path": show(key), "versions": list}));
+            continue;
+        }
+        if v.is_empty() {
+            continue;
+        }
+        if keys.len() > 1 {
+            let _ = writeln!(out, "{}{}:", if n > 0 { "\n" } else { "" }, show(key));
+        }
+        if terminal {
+            let _ = writeln!(
+                out,
+                "{:>4}  {:<7} {:<20}  {:>12}  content",
+                "#", "version", "backed up at", "size"
+            );
+        }
+        for (k, i) in v.iter().enumerate() {
+            let m = &i.manifest;
+            let what = match &m.kind {
+                EntryKind::File => format!(
+                    "{:>12}  {}",
+                    m.size,
+                    &coffer_common::chunk::to_hex(&m.content_hash)[..12]
+                ),
+                EntryKind::Symlink { target } => format!("{:>12}  -> {}", m.size, show(target)),
+                EntryKind::Deleted => format!("{:>12}  deleted", "-"),
+            };
+            let _ = writeln!(
+                out,
+                "{:>4}  v{:<6} {}  {}",
+                k + 1,
+                i.version,
+                rfc3339(i.commit_time),
+                what
+            );
+        }
+    }
+    if json {
+        let _ = writeln!(out, "{}", serde_json::Value::Array(docs));
     }
     Ok(())
 }
@@ -389,8 +517,12 @@ struct Target {
 
 /// `restore`.
 pub fn restore(cfg: &Config, o: RestoreOpts) -> Result<(), RestoreError> {
+    let prefixes = o
+        .paths
+        .iter()
+        .map(|p| repo_name(cfg, p))
+        .collect::<Result<Vec<_>, _>>()?;
     let (s, items) = Session::open(cfg)?;
-    let prefixes: Vec<Vec<u8>> = o.paths.iter().map(|p| p.as_bytes().to_vec()).collect();
     let sel = select(&items, o.at, &prefixes);
     if sel.is_empty() {
         return Err(RestoreError::Usage(if o.paths.is_empty() {
