@@ -316,7 +316,7 @@ fn status_cmd(a: StatusArgs) -> Result<ExitCode, CliError> {
     if a.failed {
         status::print_failed(&cfg, a.json)?;
     } else {
-        status::print(&cfg, a.json, false)?;
+        status::print(&cfg, a.json)?;
     }
     Ok(ExitCode::SUCCESS)
 }

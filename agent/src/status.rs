@@ -182,7 +182,7 @@ fn human_bytes(n: i64) -> String {
 }
 
 /// Prints the overall status.
-pub fn print(cfg: &Config, json_out: bool, failed_only: bool) -> Result<(), JournalError> {
+pub fn print(cfg: &Config, json_out: bool) -> Result<(), JournalError> {
     let v = summary_json(cfg)?;
     let mut out = std::io::stdout().lock();
     if json_out {
@@ -190,17 +190,6 @@ pub fn print(cfg: &Config, json_out: bool, failed_only: bool) -> Result<(), Jour
         return Ok(());
     }
     let failed = v["failed"].as_array().cloned().unwrap_or_default();
-    if failed_only {
-        for f in &failed {
-            let _ = writeln!(
-                out,
-                "{}: {}",
-                f["path"].as_str().unwrap_or(""),
-                f["reason"].as_str().unwrap_or("")
-            );
-        }
-        return Ok(());
-    }
     let files = &v["files"];
     let running = v["agent_running"].as_bool() == Some(true);
     let _ = writeln!(
