@@ -33,7 +33,8 @@ def status(agent, cfg, paths=()):
                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=30)
     except subprocess.TimeoutExpired:
         return None
-    if p.returncode != 0:
+    # `status PATH...` exits 1 (pending) or 2 (unknown) with its JSON on stdout all the same
+    if p.returncode != 0 and not (paths and p.returncode in (1, 2)):
         return None
     try:
         return json.loads(p.stdout)
