@@ -10,13 +10,17 @@ use support::*;
 
 const T: Duration = Duration::from_secs(90);
 
-#[test]
-fn service_install_dry_run_shows_the_unit_for_this_binary_and_config() -> Result<()> {
-    let tmp = tempfile::tempdir()?;
-    let rcv = Receiver::start(&tmp.path().join("rcv"))?;
-    let agent = Agent::init(&tmp.path().join("agent"), &rcv, "r")?;
-    let home = tmp.path().join("home");
+/// An agent set up under `dir` (a receiver beside it) and the outputs of
+/// `service install --dry-run` for the user unit and then the system unit, with `HOME` at
+/// `dir/home`.
+fn dry_runs(
+    dir: &std::path::Path,
+) -> Result<(Agent, std::path::PathBuf, Vec<std::process::Output>)> {
+    let rcv = Receiver::start(&dir.join("rcv"))?;
+    let agent = Agent::init(&dir.join("agent"), &rcv, "r")?;
+    let home = dir.join("home");
     std::fs::create_dir_all(&home)?;
+    let mut outputs = Vec::new();
     for user in [true, false] {
         let mut c = agent.cmd();
         c.env("HOME", &home)
@@ -27,6 +31,17 @@ fn service_install_dry_run_shows_the_unit_for_this_binary_and_config() -> Result
         }
         let o = c.output()?;
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        outputs.push(o);
+    }
+    drop(rcv);
+    Ok((agent, home, outputs))
+}
+
+#[test]
+fn service_install_dry_run_shows_the_unit_for_this_binary_and_config() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let (agent, home, outputs) = dry_runs(tmp.path())?;
+    for (o, user) in outputs.iter().zip([true, false]) {
         let out = String::from_utf8_lossy(&o.stdout);
         let unit = if user {
             home.join(".config/systemd/user/coffer-agent.service")
@@ -56,20 +71,8 @@ fn service_install_dry_run_shows_the_unit_for_this_binary_and_config() -> Result
 fn service_install_dry_run_warns_of_a_config_under_tmp_with_the_fix() -> Result<()> {
     // Under /tmp itself, whatever TMPDIR says: the unit's PrivateTmp=yes hides it.
     let tmp = tempfile::tempdir_in("/tmp")?;
-    let rcv = Receiver::start(&tmp.path().join("rcv"))?;
-    let agent = Agent::init(&tmp.path().join("agent"), &rcv, "r")?;
-    let home = tmp.path().join("home");
-    std::fs::create_dir_all(&home)?;
-    for user in [true, false] {
-        let mut c = agent.cmd();
-        c.env("HOME", &home)
-            .args(["service", "install", "--dry-run", "--config"])
-            .arg(&agent.config);
-        if user {
-            c.arg("--user");
-        }
-        let o = c.output()?;
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (agent, _home, outputs) = dry_runs(tmp.path())?;
+    for o in &outputs {
         let out = String::from_utf8_lossy(&o.stdout);
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(out.contains("ExecStart="), "{out}");
