@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use coffer_common::channel::PublicKey;
+use coffer_common::wire::MAX_NAME;
 use serde::{Deserialize, Serialize};
 
 /// Errors reading or checking a configuration file.
@@ -211,6 +212,12 @@ impl Config {
                 "key `upload_concurrency` must be between 1 and 64".into(),
             ));
         }
+        if let Some(n) = raw.name.as_deref().filter(|n| n.len() > MAX_NAME) {
+            return Err(invalid(format!(
+                "key `name` is {} bytes; the receiver accepts at most {MAX_NAME}",
+                n.len()
+            )));
+        }
         let mut names = HashSet::new();
         let mut watches = Vec::new();
         for (i, w) in raw.watch.iter().enumerate() {
@@ -347,6 +354,22 @@ mod tests {
         ))
         .expect_err("dur");
         assert!(e.to_string().contains("debounce"), "{e}");
+    }
+
+    #[test]
+    fn a_name_longer_than_the_receiver_accepts_is_refused() {
+        let long = "n".repeat(MAX_NAME + 1);
+        let e = load(&format!(
+            "receiver = \"x:1\"\nreceiver_key = \"{KEY}\"\nname = \"{long}\"\n"
+        ))
+        .expect_err("long name");
+        assert!(e.to_string().contains("key `name` is 257 bytes"), "{e}");
+        let ok = "n".repeat(MAX_NAME);
+        let c = load(&format!(
+            "receiver = \"x:1\"\nreceiver_key = \"{KEY}\"\nname = \"{ok}\"\n"
+        ))
+        .expect("256 bytes");
+        assert_eq!(c.name, ok);
     }
 
     #[test]

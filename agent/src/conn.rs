@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use coffer_common::channel::{self, ChannelError, PublicKey, StaticKeypair};
 use coffer_common::chunk::ChunkId;
-use coffer_common::host::time::now_ms;
+use coffer_common::host::time::{now_ms, now_secs};
 use coffer_common::wire::{ErrorCode, Message, PROTOCOL_VERSION};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
@@ -344,6 +344,8 @@ pub struct ConnManager {
     main: Mutex<Weak<ConnState>>,
     query: Arc<Mutex<QueryLane>>,
     keyfile: Vec<u8>,
+    /// When the escrow was last checked by this run.
+    escrow_checked: Mutex<Option<std::time::Instant>>,
 }
 
 /// The query lane's state.
@@ -356,6 +358,9 @@ struct QueryLane {
     /// When the lane last carried (or was opened for) a question.
     last_used: Option<std::time::Instant>,
 }
+
+/// The escrow is checked at a connect, at most this often.
+pub const ESCROW_CHECK_EVERY: Duration = Duration::from_secs(3600);
 
 /// Wait after a failed attempt to open the query lane.
 const QUERY_RETRY: Duration = Duration::from_secs(30);
@@ -377,6 +382,7 @@ impl ConnManager {
             main: Mutex::new(Weak::new()),
             query: Arc::default(),
             keyfile,
+            escrow_checked: Mutex::new(None),
         }
     }
 
@@ -532,26 +538,86 @@ impl ConnManager {
         }
     }
 
+    /// The escrow check, at a connect and at most once per [`ESCROW_CHECK_EVERY`]: the
+    /// receiver must hold this agent's own key file among its escrowed ones (the bytes
+    /// compared: no passphrase needed, and those bytes open with this agent's passphrase);
+    /// when it does not, the key file is escrowed again. The outcome is recorded for
+    /// `status`.
     fn escrow(&self, sh: &Daemon, c: &Conn) {
-        let done = sh
+        if self.keyfile.is_empty() {
+            return;
+        }
+        if let Ok(mut last) = self.escrow_checked.lock() {
+            if last.is_some_and(|t| t.elapsed() < ESCROW_CHECK_EVERY) {
+                return;
+            }
+            *last = Some(std::time::Instant::now());
+        }
+        let was_escrowed = sh
             .journal(|j| j.meta(MetaKey::KeyEscrowed))
             .flatten()
             .is_some_and(|v| v == "1");
-        if done || self.keyfile.is_empty() {
-            return;
-        }
-        let r = self.rt.block_on(c.call(Message::PutKeyFile {
-            data: self.keyfile.clone(),
-        }));
-        match r {
-            Ok(Message::KeyFileStored) => {
-                tracing::info!(
-                    "wrapped key file escrowed on the receiver (for recovery with the passphrase)"
-                );
-                sh.journal(|j| j.set_meta(MetaKey::KeyEscrowed, "1"));
+        let held = match self.rt.block_on(c.call(Message::GetKeyFiles)) {
+            Ok(Message::KeyFiles { files }) => files.iter().any(|f| f.data == self.keyfile),
+            Ok(m) => {
+                tracing::warn!(reply = m.kind(), "unexpected reply to the escrow check");
+                self.forget_escrow_check();
+                return;
             }
-            Ok(m) => tracing::warn!(reply = m.kind(), "unexpected reply to key escrow"),
-            Err(e) => tracing::warn!(error = %e, "escrowing the key file failed; will retry"),
+            Err(e) => {
+                tracing::warn!(error = %e, "checking the key escrow failed; will retry");
+                self.forget_escrow_check();
+                return;
+            }
+        };
+        let state = if held {
+            "ok".to_string()
+        } else {
+            match self.rt.block_on(c.call(Message::PutKeyFile {
+                data: self.keyfile.clone(),
+            })) {
+                Ok(Message::KeyFileStored) if was_escrowed => {
+                    tracing::warn!(
+                        "the receiver no longer held this agent's escrowed key file (missing or \
+                         altered); escrowed it again"
+                    );
+                    "reescrowed".to_string()
+                }
+                Ok(Message::KeyFileStored) => {
+                    tracing::info!(
+                        "wrapped key file escrowed on the receiver (for recovery with the passphrase)"
+                    );
+                    "ok".to_string()
+                }
+                Ok(Message::Error { message, .. }) => {
+                    tracing::warn!("escrowing the key file was refused: {message}");
+                    format!("failed: {message}")
+                }
+                Ok(m) => {
+                    tracing::warn!(reply = m.kind(), "unexpected reply to key escrow");
+                    self.forget_escrow_check();
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "escrowing the key file failed; will retry");
+                    self.forget_escrow_check();
+                    return;
+                }
+            }
+        };
+        sh.journal(|j| {
+            if !state.starts_with("failed") {
+                j.set_meta(MetaKey::KeyEscrowed, "1")?;
+            }
+            j.set_meta(MetaKey::EscrowState, &state)?;
+            j.set_meta(MetaKey::EscrowCheckedAt, &now_secs().to_string())
+        });
+    }
+
+    /// Lets the next connect check the escrow again (this one could not).
+    fn forget_escrow_check(&self) {
+        if let Ok(mut last) = self.escrow_checked.lock() {
+            *last = None;
         }
     }
 

@@ -174,6 +174,12 @@ pub fn unlock_passphrase(
     passphrase(cfg.passphrase_file.as_deref(), false)
 }
 
+/// Checks a key file's structure and parameters (no passphrase): what a fetched escrow
+/// entry must pass before it is tried.
+pub fn check_key_file(bytes: &[u8], origin: &Path) -> Result<(), StateError> {
+    key_params(bytes, origin).map(|_| ())
+}
+
 /// Unwraps the master secret (Argon2id: the expensive half of [`unlock_bytes`]).
 pub fn unlock_with(bytes: &[u8], pass: &Passphrase, origin: &Path) -> Result<Crypto, StateError> {
     key_params(bytes, origin)?;

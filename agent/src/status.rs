@@ -117,6 +117,7 @@ pub fn summary_json(cfg: &Config) -> Result<Value, JournalError> {
             "last_connected_at": last_connected.map(ms_to_rfc),
         },
         "key_escrowed": meta(MetaKey::KeyEscrowed).is_some_and(|v| v == "1"),
+        "escrow": escrow_json(&meta),
         "watches": watches,
         "watcher": counters,
         "failed": failed,
@@ -171,6 +172,28 @@ fn watch_line(w: &Value, running: bool) -> String {
     format!("watching {name} = {path}: {last} (agent not running)")
 }
 
+/// The last escrow check (`status --json`'s `escrow`): its state (`ok`, `reescrowed`,
+/// `failed: REASON`, or null before the first) and when it was made.
+fn escrow_json(meta: &dyn Fn(MetaKey<'_>) -> Option<String>) -> Value {
+    json!({
+        "state": meta(MetaKey::EscrowState),
+        "checked_at": meta(MetaKey::EscrowCheckedAt).and_then(|v| v.parse::<i64>().ok()).map(rfc3339),
+    })
+}
+
+/// The `key escrow:` line of `status`, from [`escrow_json`]'s object.
+fn escrow_line(e: &Value) -> String {
+    let at = e["checked_at"].as_str().unwrap_or("?");
+    match e["state"].as_str() {
+        Some("ok") => format!("key escrow: ok, checked {at}"),
+        Some("reescrowed") => {
+            format!("key escrow: MISSING/ALTERED on the receiver, re-escrowed {at}")
+        }
+        Some(other) => format!("key escrow: {other} ({at})"),
+        None => "key escrow: not checked yet".into(),
+    }
+}
+
 fn human_bytes(n: i64) -> String {
     let n = n as f64;
     for (unit, d) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
@@ -203,6 +226,7 @@ pub fn print(cfg: &Config, json_out: bool) -> Result<(), JournalError> {
         }
     );
     let _ = writeln!(out, "{}", receiver_line(&v));
+    let _ = writeln!(out, "{}", escrow_line(&v["escrow"]));
     for w in v["watches"].as_array().into_iter().flatten() {
         let _ = writeln!(out, "{}", watch_line(w, running));
     }

@@ -10,7 +10,7 @@ use crate::chunk::{ChunkId, FileId, MAX_CHUNK, MAX_SEALED, SEAL_OVERHEAD};
 
 /// Protocol version spoken by this build. Exchanged in the clear before the handshake (and
 /// bound into it as the Noise prologue); a mismatch is a clear error on both sides.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Largest encoded message: a sealed chunk at its largest plus room for the envelope.
 pub const MAX_FRAME: usize = MAX_SEALED + 64 * 1024;
@@ -121,13 +121,14 @@ pub enum Message {
         /// Commit time on the receiver, Unix seconds.
         commit_time: i64,
     },
-    /// Escrow the wrapped key file. Reply: `KeyFileStored`.
+    /// Escrow the wrapped key file, added to the repository's history of key files (one
+    /// equal to an entry already there is not added again). Reply: `KeyFileStored`.
     PutKeyFile {
         #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
     KeyFileStored,
-    /// Fetch the escrowed key file. Reply: `KeyFile`.
+    /// Fetch the newest escrowed key file. Reply: `KeyFile`.
     GetKeyFile,
     KeyFile {
         #[serde(with = "serde_bytes")]
@@ -172,6 +173,25 @@ pub enum Message {
     FilesAcked {
         results: Vec<CommitResult>,
     },
+    /// Fetch every escrowed key file of the repository. Reply: `KeyFiles`.
+    GetKeyFiles,
+    /// The repository's escrowed key files, newest first (at most [`MAX_KEYFILES`]).
+    KeyFiles {
+        files: Vec<EscrowedKeyFile>,
+    },
+}
+
+/// Most key files a repository's escrow holds; past it a new one is refused (none is ever
+/// removed), so a stolen agent key cannot fill the receiver's disk with them.
+pub const MAX_KEYFILES: usize = 64;
+
+/// One entry of a repository's escrowed key files.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EscrowedKeyFile {
+    /// Its number in the repository's history: 0 the oldest, increasing, never reused.
+    pub number: u32,
+    #[serde(with = "serde_bytes")]
+    pub data: Vec<u8>,
 }
 
 /// A sealed chunk inside a `PutFiles`.
@@ -206,7 +226,7 @@ pub enum CommitResult {
 }
 
 /// Number of kinds in [`Message`]; a first byte at or past this is an unknown kind.
-const KINDS: u8 = 19;
+const KINDS: u8 = 21;
 
 /// The hash that `PutChunk` and `Chunk` carry of their sealed bytes: BLAKE3, the same as
 /// the receiver's pack records hold.
@@ -246,6 +266,8 @@ impl Message {
             Message::Error { .. } => "Error",
             Message::PutFiles { .. } => "PutFiles",
             Message::FilesAcked { .. } => "FilesAcked",
+            Message::GetKeyFiles => "GetKeyFiles",
+            Message::KeyFiles { .. } => "KeyFiles",
         }
     }
 
@@ -430,9 +452,10 @@ mod tests {
 
     #[test]
     fn kinds_constant_matches_the_enum() {
-        // `FilesAcked` is the last variant; postcard encodes the variant index first.
-        let e = Message::FilesAcked { results: vec![] };
+        // `KeyFiles` is the last variant; postcard encodes the variant index first.
+        let e = Message::KeyFiles { files: vec![] };
         assert_eq!(e.encode().expect("encode")[0], KINDS - 1);
+        assert_eq!(Message::GetKeyFiles.encode().expect("encode"), [19]);
     }
 
     #[test]
@@ -491,6 +514,18 @@ mod tests {
             "a CommitFile at its largest fits a frame"
         );
         const { assert!(MAX_SEALED_CHUNK <= MAX_SEALED) };
+    }
+
+    #[test]
+    fn a_full_key_file_history_fits_a_frame() {
+        let files = vec![
+            EscrowedKeyFile {
+                number: u32::MAX,
+                data: vec![0xff; 4096],
+            };
+            MAX_KEYFILES
+        ];
+        assert!(Message::KeyFiles { files }.encode().is_ok());
     }
 
     #[test]
@@ -574,6 +609,12 @@ mod tests {
             }),
             Just(Message::GetKeyFile),
             Just(Message::KeyFile { data: None }),
+            Just(Message::GetKeyFiles),
+            (any::<u32>(), proptest::collection::vec(any::<u8>(), 0..300)).prop_map(
+                |(number, data)| Message::KeyFiles {
+                    files: vec![EscrowedKeyFile { number, data }; (number % 3) as usize],
+                }
+            ),
             (
                 any::<[u8; 32]>(),
                 proptest::collection::vec(any::<u8>(), 0..2000),

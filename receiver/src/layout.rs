@@ -7,13 +7,14 @@
 //! <root>/authorized.lock                taken while authorize/revoke edit the list
 //! <root>/serve.lock                     held (flock) by a running serve
 //! <root>/serve.addr                     the address serve is listening on
-//! <root>/repos/<name>/keyfile           escrowed wrapped key file (opaque)
+//! <root>/repos/<name>/keyfile           escrowed key file of an older receiver (entry 0)
+//! <root>/repos/<name>/keyfiles/NNNNNNNN.key  escrowed key files, numbered from 1, never replaced
 //! <root>/repos/<name>/packs/NNNNNNNN.pack   eight decimal digits
 //! <root>/repos/<name>/index.sqlite      (+ -wal, -shm, SQLite's own)
 //! ```
 //!
 //! Files written whole (the key, `receiver.toml`, `authorized.toml`, `serve.addr`, a
-//! `keyfile`) go through a temporary `.<name>.tmp` beside them
+//! key file) go through a temporary `.<name>.tmp` beside them
 //! ([`coffer_common::host::fs::write_atomic`]).
 //!
 //! Every path the receiver writes is built here from the root, validated repository names
@@ -151,9 +152,27 @@ impl RepoDir {
     pub fn path(&self) -> &Path {
         &self.dir
     }
-    /// The escrowed wrapped key file.
+    /// The single escrowed key file an older receiver kept (read only: the history's
+    /// entry 0).
     pub fn keyfile(&self) -> PathBuf {
         self.dir.join("keyfile")
+    }
+    /// The folder of the escrowed key files' history.
+    pub fn keyfiles(&self) -> PathBuf {
+        self.dir.join("keyfiles")
+    }
+    /// Entry `number` (1 and up) of the key files' history: `NNNNNNNN.key`.
+    pub fn keyfile_entry(&self, number: u32) -> PathBuf {
+        self.keyfiles().join(format!("{number:08}.key"))
+    }
+    /// The entry whose file in [`RepoDir::keyfiles`] is called `name`, if that is an
+    /// entry's name (entry 0 is [`RepoDir::keyfile`], never in that folder).
+    pub fn keyfile_named(name: &str) -> Option<u32> {
+        let digits = name.strip_suffix(".key")?;
+        if digits.len() != 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        digits.parse().ok().filter(|&n| n > 0)
     }
     /// The repository's index.
     pub fn index(&self) -> PathBuf {
@@ -229,6 +248,19 @@ mod tests {
         assert_eq!(repo.path(), Path::new("/r/repos/laptop"));
         assert_eq!(repo.index(), Path::new("/r/repos/laptop/index.sqlite"));
         assert_eq!(repo.keyfile(), Path::new("/r/repos/laptop/keyfile"));
+        assert_eq!(
+            repo.keyfile_entry(12),
+            Path::new("/r/repos/laptop/keyfiles/00000012.key")
+        );
+        assert_eq!(RepoDir::keyfile_named("00000012.key"), Some(12));
+        for bad in [
+            "00000000.key",
+            "12.key",
+            ".00000012.key.tmp",
+            "0000001x.key",
+        ] {
+            assert_eq!(RepoDir::keyfile_named(bad), None, "{bad}");
+        }
         let packs = repo.packs();
         assert_eq!(
             packs.pack(PackNo(7)),

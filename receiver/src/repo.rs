@@ -1,6 +1,7 @@
 //! One repository: its write path (appending chunks to packs, group commit into the
-//! index, rollback after a storage failure), its reads (chunks, versions, the escrowed key
-//! file), and recovery when it is opened. Its packs are in the [`PackStore`] it is given.
+//! index, rollback after a storage failure), its reads (chunks, versions), the escrowed key
+//! files (a history an agent can add to but never replace or shorten), and recovery when it
+//! is opened. Its packs are in the [`PackStore`] it is given.
 //!
 //! Write order (the durability contract):
 //! 1. `put` appends a record to the open pack (through a small buffer) and remembers the
@@ -24,9 +25,9 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use coffer_common::chunk::ChunkId;
-use coffer_common::host::fs::{write_atomic, IoError};
+use coffer_common::host::fs::{create_dir_all, write_atomic, IoError};
 use coffer_common::host::time::now_secs;
-use coffer_common::wire::{sealed_hash, VersionEntry};
+use coffer_common::wire::{sealed_hash, EscrowedKeyFile, VersionEntry, MAX_KEYFILES};
 
 use crate::auth::RepoName;
 use crate::index::{first_of_each, CommitOutcome, Index, IndexError, Mode, NewCommit};
@@ -63,6 +64,23 @@ pub enum RepoError {
     RolledBack,
     #[error("key file of {0} bytes exceeds the {MAX_KEYFILE}-byte limit")]
     KeyFileTooLarge(usize),
+    #[error("not a key file ({0}); nothing was stored")]
+    KeyFileMalformed(String),
+    #[error(
+        "the repository already holds {MAX_KEYFILES} escrowed key files, the most it keeps; \
+         this one was not stored (none is ever removed by an agent: the receiver's operator \
+         decides)"
+    )]
+    KeyFilesFull,
+}
+
+/// What [`Repo::put_keyfile`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum KeyFileStored {
+    /// Added to the history as this entry.
+    Added(u32),
+    /// Equal to this entry, already there: nothing written.
+    Present(u32),
 }
 
 impl RepoError {
@@ -120,6 +138,8 @@ pub struct Repo {
     reader: Mutex<Index>,
     state: Mutex<WriteState>,
     pack_max: u64,
+    /// Held while the escrowed key files are read to choose the next entry and written.
+    escrow: Mutex<()>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -243,6 +263,7 @@ impl Repo {
                 reader: Mutex::new(reader),
                 state: Mutex::new(st),
                 pack_max,
+                escrow: Mutex::new(()),
             },
             rec,
         ))
@@ -571,23 +592,79 @@ impl Repo {
         Ok(lock(&self.reader).list_versions(after, limit, MAX_LIST_BYTES)?)
     }
 
-    /// Stores the escrowed key file (opaque), atomically.
-    pub fn put_keyfile(&self, data: &[u8]) -> Result<(), RepoError> {
+    /// Adds a key file to the escrow's history. It must be a well-formed key file (its
+    /// structure, checksum and Argon2id parameters within their bounds); one equal to an
+    /// entry already there is not added again. Entries are never replaced or removed; past
+    /// [`MAX_KEYFILES`] a new one is refused. A new entry is written atomically.
+    pub fn put_keyfile(&self, data: &[u8]) -> Result<KeyFileStored, RepoError> {
         if data.len() > MAX_KEYFILE {
             return Err(RepoError::KeyFileTooLarge(data.len()));
         }
-        write_atomic(&self.dir.keyfile(), data, 0o600)?;
-        Ok(())
+        coffer_common::keys::key_file_params(data)
+            .map_err(|e| RepoError::KeyFileMalformed(e.to_string()))?;
+        let _g = lock(&self.escrow);
+        let entries = self.read_keyfiles()?;
+        if let Some(e) = entries.iter().find(|e| e.data == data) {
+            return Ok(KeyFileStored::Present(e.number));
+        }
+        if entries.len() >= MAX_KEYFILES {
+            return Err(RepoError::KeyFilesFull);
+        }
+        let number = entries
+            .first()
+            .map_or(1, |e| e.number.saturating_add(1).max(1));
+        create_dir_all(&self.dir.keyfiles(), 0o700)?;
+        write_atomic(&self.dir.keyfile_entry(number), data, 0o600)?;
+        Ok(KeyFileStored::Added(number))
     }
 
-    /// The escrowed key file, if any.
+    /// The newest escrowed key file, if any.
     pub fn get_keyfile(&self) -> Result<Option<Vec<u8>>, RepoError> {
-        let p = self.dir.keyfile();
-        match std::fs::read(&p) {
+        let _g = lock(&self.escrow);
+        Ok(self.read_keyfiles()?.into_iter().next().map(|e| e.data))
+    }
+
+    /// Every escrowed key file, newest first.
+    pub fn get_keyfiles(&self) -> Result<Vec<EscrowedKeyFile>, RepoError> {
+        let _g = lock(&self.escrow);
+        self.read_keyfiles()
+    }
+
+    /// The history, newest first: the entries of `keyfiles/`, then an older receiver's
+    /// single `keyfile` as entry 0. Other names in the folder (a temporary file) are not
+    /// entries. At most [`MAX_KEYFILES`] are read (the newest).
+    fn read_keyfiles(&self) -> Result<Vec<EscrowedKeyFile>, RepoError> {
+        let read = |p: &std::path::Path| match std::fs::read(p) {
             Ok(d) => Ok(Some(d)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(RepoError::Io(IoError::new("reading", p, e))),
+        };
+        let dir = self.dir.keyfiles();
+        let mut numbers = Vec::new();
+        match std::fs::read_dir(&dir) {
+            Ok(it) => {
+                for e in it {
+                    let e = e.map_err(|e| IoError::new("listing", &dir, e))?;
+                    if let Some(n) = e.file_name().to_str().and_then(RepoDir::keyfile_named) {
+                        numbers.push(n);
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(IoError::new("listing", &dir, e).into()),
         }
+        numbers.sort_unstable_by(|a, b| b.cmp(a));
+        let mut out = Vec::new();
+        for number in numbers {
+            if let Some(data) = read(&self.dir.keyfile_entry(number))? {
+                out.push(EscrowedKeyFile { number, data });
+            }
+        }
+        if let Some(data) = read(&self.dir.keyfile())? {
+            out.push(EscrowedKeyFile { number: 0, data });
+        }
+        out.truncate(MAX_KEYFILES);
+        Ok(out)
     }
 
     /// Durable, indexed bytes of all packs (headers included): the recorded pack lengths,
@@ -608,7 +685,7 @@ mod tests {
     use crate::layout::Layout;
     use crate::store::LocalPacks;
     use coffer_common::chunk::FileId;
-    use coffer_common::wire::CommitId;
+    use coffer_common::wire::{CommitId, Message};
     use std::path::Path;
 
     fn dir(root: &Path) -> RepoDir {
@@ -626,6 +703,107 @@ mod tests {
 
     fn repo(root: &Path, pack_max: u64) -> Repo {
         open(root, pack_max).0
+    }
+
+    /// A well-formed key file (structure, parameters and checksum; what it seals is
+    /// noise: the receiver cannot tell), different for each `seed`.
+    fn key_file(seed: u32) -> Vec<u8> {
+        let mut v = b"COFFERKF\x01\0\0\0".to_vec();
+        for x in [19 * 1024u32, 2, 1] {
+            v.extend_from_slice(&x.to_le_bytes());
+        }
+        let mut rest = [0u8; 112 - 24];
+        blake3::Hasher::new()
+            .update(&seed.to_le_bytes())
+            .finalize_xof()
+            .fill(&mut rest);
+        v.extend_from_slice(&rest);
+        let sum = *blake3::hash(&v).as_bytes();
+        v.extend_from_slice(&sum);
+        assert!(coffer_common::keys::key_file_params(&v).is_ok());
+        v
+    }
+
+    fn numbers(r: &Repo) -> Vec<u32> {
+        r.get_keyfiles()
+            .expect("list")
+            .iter()
+            .map(|e| e.number)
+            .collect()
+    }
+
+    #[test]
+    fn escrowed_key_files_are_kept_and_only_well_formed_ones_accepted() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let r = repo(d.path(), 1 << 20);
+        assert_eq!(r.get_keyfile().expect("none"), None);
+        // An older receiver's single key file is entry 0.
+        std::fs::write(dir(d.path()).keyfile(), key_file(0)).expect("legacy");
+        assert_eq!(
+            r.put_keyfile(&key_file(1)).expect("put"),
+            KeyFileStored::Added(1)
+        );
+        assert_eq!(
+            r.put_keyfile(&key_file(0)).expect("put"),
+            KeyFileStored::Present(0)
+        );
+        assert_eq!(
+            r.put_keyfile(&key_file(1)).expect("put"),
+            KeyFileStored::Present(1)
+        );
+        let mut junk = key_file(2);
+        junk[30] ^= 1; // checksum no longer matches
+        let mut greedy = key_file(3);
+        greedy[12..16].copy_from_slice(&(4u32 << 20).to_le_bytes()); // 4 GiB of Argon2id
+        let sum = *blake3::hash(&greedy[..112]).as_bytes();
+        greedy[112..].copy_from_slice(&sum);
+        for bad in [Vec::new(), b"junk".to_vec(), junk, greedy] {
+            let e = r.put_keyfile(&bad).expect_err("refused");
+            assert!(matches!(e, RepoError::KeyFileMalformed(_)), "{e}");
+        }
+        assert_eq!(
+            r.put_keyfile(&key_file(4)).expect("put"),
+            KeyFileStored::Added(2)
+        );
+        assert_eq!(numbers(&r), [2, 1, 0]);
+        assert_eq!(r.get_keyfile().expect("newest"), Some(key_file(4)));
+        let all = r.get_keyfiles().expect("all");
+        assert_eq!(all[1].data, key_file(1));
+        assert_eq!(all[2].data, key_file(0));
+        // Nothing else was written: no temporary file, no replaced legacy file.
+        let names: Vec<_> = std::fs::read_dir(dir(d.path()).keyfiles())
+            .expect("ls")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+        assert_eq!(
+            std::fs::read(dir(d.path()).keyfile()).expect("legacy"),
+            key_file(0)
+        );
+    }
+
+    #[test]
+    fn past_the_cap_a_new_key_file_is_refused_and_none_is_removed() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let r = repo(d.path(), 1 << 20);
+        for i in 0..MAX_KEYFILES as u32 {
+            assert_eq!(
+                r.put_keyfile(&key_file(i)).expect("put"),
+                KeyFileStored::Added(i + 1)
+            );
+        }
+        let e = r.put_keyfile(&key_file(1000)).expect_err("full");
+        assert!(matches!(e, RepoError::KeyFilesFull), "{e}");
+        assert!(e.to_string().contains("64 escrowed key files"), "{e}");
+        // One already there is still a success, and every entry is still there.
+        assert_eq!(
+            r.put_keyfile(&key_file(0)).expect("present"),
+            KeyFileStored::Present(1)
+        );
+        let all = r.get_keyfiles().expect("all");
+        assert_eq!(all.len(), MAX_KEYFILES);
+        assert_eq!(all[0].data, key_file(MAX_KEYFILES as u32 - 1));
+        assert!(Message::KeyFiles { files: all }.encode().is_ok());
     }
 
     fn data(i: u32, len: usize) -> (ChunkId, Vec<u8>) {

@@ -37,7 +37,7 @@ use crate::auth::RepoName;
 use crate::index::{CommitOutcome, NewCommit};
 use crate::logs::peer_text;
 use crate::metrics::{ErrorKind, Metrics};
-use crate::repo::{Repo, RepoError};
+use crate::repo::{KeyFileStored, Repo, RepoError};
 use crate::server::{error, refuse, Server, LINGER};
 
 /// Commits in one batch before it is flushed regardless.
@@ -657,6 +657,7 @@ impl Session {
             Message::PutFiles { chunks, commits } => self.put_files(chunks, commits).await,
             Message::PutKeyFile { data } => self.put_keyfile(data).await,
             Message::GetKeyFile => self.get_keyfile().await,
+            Message::GetKeyFiles => self.get_keyfiles().await,
             Message::ListVersions { after, limit } => self.list_versions(after, limit).await,
             Message::GetChunk { id } => self.get_chunk(id).await,
             Message::Hello { .. } => self.malformed("Hello sent twice".into()).await,
@@ -817,25 +818,43 @@ impl Session {
         }
     }
 
-    /// `PutKeyFile`: the escrowed key file is replaced.
+    /// `PutKeyFile`: the key file joins the escrow's history (nothing is replaced); one
+    /// that is not a well-formed key file, or past the history's cap, is refused.
     async fn put_keyfile(&mut self, data: Vec<u8>) -> Result<(), End> {
         let repo = self.repo.clone();
         let r = blocking(move || repo.put_keyfile(&data)).await?;
         let reply = match r {
-            Ok(()) => Message::KeyFileStored,
-            Err(RepoError::KeyFileTooLarge(n)) => {
+            Ok(stored) => {
+                if let KeyFileStored::Added(n) = stored {
+                    tracing::info!(repo = %self.repo.name(), entry = n, "escrowed key file added");
+                }
+                Message::KeyFileStored
+            }
+            Err(e @ (RepoError::KeyFileTooLarge(_) | RepoError::KeyFileMalformed(_))) => {
                 self.metrics.error(ErrorKind::Protocol);
-                error(
-                    ErrorCode::Malformed,
-                    RepoError::KeyFileTooLarge(n).to_string(),
-                )
+                error(ErrorCode::Malformed, e.to_string())
+            }
+            Err(e @ RepoError::KeyFilesFull) => {
+                tracing::warn!(repo = %self.repo.name(), "{e}");
+                self.metrics.error(ErrorKind::Storage);
+                error(ErrorCode::Storage, e.to_string())
             }
             Err(e) => self.failed(&e),
         };
         self.reply(reply).await
     }
 
-    /// `GetKeyFile`: the escrowed key file, if any.
+    /// `GetKeyFiles`: every escrowed key file, newest first.
+    async fn get_keyfiles(&mut self) -> Result<(), End> {
+        let repo = self.repo.clone();
+        let reply = match blocking(move || repo.get_keyfiles()).await? {
+            Ok(files) => Message::KeyFiles { files },
+            Err(e) => self.failed(&e),
+        };
+        self.reply(reply).await
+    }
+
+    /// `GetKeyFile`: the newest escrowed key file, if any.
     async fn get_keyfile(&mut self) -> Result<(), End> {
         let repo = self.repo.clone();
         let reply = match blocking(move || repo.get_keyfile()).await? {
@@ -1093,6 +1112,7 @@ fn held_size(m: &Message) -> u64 {
     let variable = match m {
         Message::Missing { ids } => ids.len() * std::mem::size_of::<ChunkId>(),
         Message::KeyFile { data } => data.as_ref().map_or(0, Vec::len),
+        Message::KeyFiles { files } => files.iter().map(|f| 16 + f.data.len()).sum(),
         Message::Error { message, .. } => message.len(),
         Message::Chunk { sealed, .. } => sealed.len(),
         Message::Versions { entries, .. } => entries.iter().map(|e| 64 + e.manifest.len()).sum(),

@@ -322,6 +322,20 @@ pub fn commit_id() -> Result<CommitId> {
     Ok(CommitId(c))
 }
 
+/// A well-formed key file (structure, minimum Argon2id parameters, checksum) sealing
+/// noise, different for each `seed`: what a receiver accepts for escrow, made without
+/// running Argon2id.
+pub fn key_file(seed: u64) -> Vec<u8> {
+    let mut v = b"COFFERKF\x01\0\0\0".to_vec();
+    for x in [19 * 1024u32, 2, 1] {
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.extend_from_slice(&data(112 - 24, seed));
+    let sum = *blake3::hash(&v).as_bytes();
+    v.extend_from_slice(&sum);
+    v
+}
+
 /// Deterministic pseudo-random bytes.
 pub fn data(n: usize, seed: u64) -> Vec<u8> {
     let mut v = vec![0u8; n];

@@ -151,7 +151,7 @@ async fn nothing_is_written_outside_the_root() -> Result<()> {
         c.upload(&agent.seal_file(&format!("w/{i}"), &data(50_000 * i as usize, i))?)
             .await?;
     }
-    c.request(&Message::PutKeyFile { data: data(144, 9) })
+    c.request(&Message::PutKeyFile { data: key_file(9) })
         .await?;
     c.all_versions().await?;
     drop(c);
@@ -192,7 +192,7 @@ async fn nothing_is_written_outside_the_root() -> Result<()> {
             "authorized.toml",
             "authorized.lock",
             "serve.lock",
-            "repos/r/keyfile",
+            "repos/r/keyfiles/00000001.key",
             "repos/r/index.sqlite",
             "repos/r/index.sqlite-wal",
             "repos/r/index.sqlite-shm",

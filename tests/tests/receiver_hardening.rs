@@ -65,14 +65,14 @@ async fn replies_held_behind_a_commit_do_not_grow_without_bound() -> Result<()> 
     let (rcv, agent) = setup(&tmp).await?;
     let pid = rcv.pid().context("serve pid")?;
     let mut c = rcv.connect(&agent).await?;
-    // Every `GetKeyFile` is answered with the whole key file: 4 KiB a reply.
-    c.request(&Message::PutKeyFile {
-        data: data(4096, 7),
-    })
-    .await?;
-    let key_file = match c.request(&Message::GetKeyFile).await? {
-        Message::KeyFile { data } => data,
-        m => bail!("expected KeyFile, got {m:?}"),
+    // Every `GetKeyFiles` is answered with every escrowed key file: 4 KiB a reply.
+    for i in 0..28 {
+        c.request(&Message::PutKeyFile { data: key_file(i) })
+            .await?;
+    }
+    let key_files = match c.request(&Message::GetKeyFiles).await? {
+        Message::KeyFiles { files } => files,
+        m => bail!("expected KeyFiles, got {m:?}"),
     };
     let f = agent.seal_file("w/held", b"one small file")?;
     for (id, s) in &f.chunks {
@@ -85,7 +85,7 @@ async fn replies_held_behind_a_commit_do_not_grow_without_bound() -> Result<()> 
     let sender = tokio::spawn(async move {
         tx.queue(&commit)?;
         for _ in 0..N {
-            tx.queue(&Message::GetKeyFile)?;
+            tx.queue(&Message::GetKeyFiles)?;
             if tx.queued() >= 64 << 10 {
                 tx.flush_queued().await?;
             }
@@ -102,8 +102,8 @@ async fn replies_held_behind_a_commit_do_not_grow_without_bound() -> Result<()> 
         }
         for i in 0..N {
             match rx.recv().await? {
-                Message::KeyFile { data } if data == key_file => {}
-                m => bail!("reply {i}: expected the key file, got {}", m.kind()),
+                Message::KeyFiles { files } if files == key_files => {}
+                m => bail!("reply {i}: expected the key files, got {}", m.kind()),
             }
         }
         match rx.recv().await? {

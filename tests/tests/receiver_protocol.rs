@@ -229,7 +229,7 @@ async fn key_file_escrow_round_trips() -> Result<()> {
         c.request(&Message::GetKeyFile).await?,
         Message::KeyFile { data: None }
     );
-    let kf = data(144, 3);
+    let kf = key_file(3);
     assert_eq!(
         c.request(&Message::PutKeyFile { data: kf.clone() }).await?,
         Message::KeyFileStored
@@ -240,7 +240,9 @@ async fn key_file_escrow_round_trips() -> Result<()> {
     let mut c2 = rcv.connect(&other).await?;
     assert_eq!(
         c2.request(&Message::GetKeyFile).await?,
-        Message::KeyFile { data: Some(kf) }
+        Message::KeyFile {
+            data: Some(kf.clone())
+        }
     );
     let r = c2
         .request(&Message::PutKeyFile {
@@ -248,6 +250,31 @@ async fn key_file_escrow_round_trips() -> Result<()> {
         })
         .await?;
     assert_eq!(error_code(&r), Some(ErrorCode::Malformed), "{r:?}");
+    // Not a key file: refused, nothing replaced.
+    for junk in [Vec::new(), data(144, 4)] {
+        let r = c2.request(&Message::PutKeyFile { data: junk }).await?;
+        assert_eq!(error_code(&r), Some(ErrorCode::Malformed), "{r:?}");
+    }
+    // Another key file joins the history; the same one again is a no-op.
+    let kf2 = key_file(4);
+    for _ in 0..2 {
+        assert_eq!(
+            c2.request(&Message::PutKeyFile { data: kf2.clone() })
+                .await?,
+            Message::KeyFileStored
+        );
+    }
+    match c.request(&Message::GetKeyFiles).await? {
+        Message::KeyFiles { files } => {
+            let got: Vec<_> = files.into_iter().map(|f| (f.number, f.data)).collect();
+            assert_eq!(got, [(2, kf2.clone()), (1, kf)]);
+        }
+        m => anyhow::bail!("expected KeyFiles, got {m:?}"),
+    }
+    assert_eq!(
+        c.request(&Message::GetKeyFile).await?,
+        Message::KeyFile { data: Some(kf2) }
+    );
     Ok(())
 }
 

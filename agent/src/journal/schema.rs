@@ -178,6 +178,11 @@ pub enum MetaKey<'a> {
     ReceiverStateAt,
     /// `1` once the wrapped key file is escrowed on the receiver.
     KeyEscrowed,
+    /// The last escrow check: `ok` (the receiver holds this agent's key file),
+    /// `reescrowed` (it did not, and it was escrowed again) or `failed: REASON`.
+    EscrowState,
+    /// When `EscrowState` was last set (unix s).
+    EscrowCheckedAt,
     /// Why a watch (by name) is scanned periodically instead of watched; empty if it is not.
     WatchFallback(&'a str),
     /// When a watch (by name) was last scanned in full (unix ms).
@@ -196,6 +201,8 @@ impl MetaKey<'_> {
             MetaKey::ReceiverState => "receiver_state".into(),
             MetaKey::ReceiverStateAt => "receiver_state_at".into(),
             MetaKey::KeyEscrowed => "key_escrowed".into(),
+            MetaKey::EscrowState => "escrow_state".into(),
+            MetaKey::EscrowCheckedAt => "escrow_checked_at".into(),
             MetaKey::WatchFallback(w) => format!("watch_fallback:{w}").into(),
             MetaKey::LastScanMs(w) => format!("last_scan_ms:{w}").into(),
         }

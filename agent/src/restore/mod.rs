@@ -99,18 +99,24 @@ impl Session {
             &keypair,
             &cfg.name,
         ))?;
-        let (bytes, origin, escrowed) = match local {
-            Some(bytes) => (bytes, kf.clone(), false),
-            None => {
-                let bytes = fetch_keyfile(&rt, &conn)?;
-                (bytes, PathBuf::from("escrowed key file"), true)
-            }
+        let (candidates, escrowed) = match local {
+            Some(bytes) => (vec![(bytes, kf.clone())], false),
+            None => (fetch_keyfiles(&rt, &conn)?, true),
         };
-        let pass = state::unlock_passphrase(cfg, &bytes, &origin)?;
+        let Some((first, first_origin)) = candidates.first() else {
+            return Err(no_escrowed_keyfile());
+        };
+        let pass = state::unlock_passphrase(cfg, first, first_origin)?;
+        // Which candidate opened (the escrow's entries are tried newest first).
+        let opened = std::sync::atomic::AtomicUsize::new(0);
         // Pages listed before the keys are ready wait sealed; once they are, each page is
         // opened as it arrives, so only the pages fetched during Argon2id are held twice.
         let (crypto, items) = std::thread::scope(|scope| {
-            let unwrap = || state::unlock_with(&bytes, &pass, &origin).map_err(RestoreError::from);
+            let unwrap = || {
+                let (i, c) = unlock_first(&candidates, &pass)?;
+                opened.store(i, Ordering::Relaxed);
+                Ok(c)
+            };
             let mut thread = std::thread::Builder::new()
                 .name("coffer-unlock".into())
                 .spawn_scoped(scope, unwrap)
@@ -149,7 +155,8 @@ impl Session {
             }
         })?;
         if escrowed {
-            state::write_private(&kf, &bytes)?;
+            let (bytes, _) = &candidates[opened.load(Ordering::Relaxed).min(candidates.len() - 1)];
+            state::write_private(&kf, bytes)?;
         }
         tracing::debug!(
             ms = t0.elapsed().as_millis() as u64,
@@ -238,15 +245,71 @@ fn list_page(
     }
 }
 
-fn fetch_keyfile(rt: &tokio::runtime::Runtime, conn: &Conn) -> Result<Vec<u8>, RestoreError> {
-    match rt.block_on(conn.call(Message::GetKeyFile))? {
-        Message::KeyFile { data: Some(d) } => Ok(d),
-        Message::KeyFile { data: None } => Err(RestoreError::Usage(
-            "the receiver holds no key file for this repository (was the first agent ever run?)"
-                .into(),
-        )),
-        m => Err(ConnError::Unexpected(m.kind()).into()),
+/// The escrow's key files, newest first, each named by its entry number; one that is not
+/// a well-formed key file is skipped with a warning naming it.
+fn fetch_keyfiles(
+    rt: &tokio::runtime::Runtime,
+    conn: &Conn,
+) -> Result<Vec<(Vec<u8>, PathBuf)>, RestoreError> {
+    let files = match rt.block_on(conn.call(Message::GetKeyFiles))? {
+        Message::KeyFiles { files } => files,
+        m => return Err(ConnError::Unexpected(m.kind()).into()),
+    };
+    let total = files.len();
+    let usable: Vec<_> = files
+        .into_iter()
+        .filter_map(|f| {
+            let origin = PathBuf::from(format!("escrowed key file #{}", f.number));
+            match state::check_key_file(&f.data, &origin) {
+                Ok(()) => Some((f.data, origin)),
+                Err(e) => {
+                    tracing::warn!("{e}; skipped");
+                    None
+                }
+            }
+        })
+        .collect();
+    if usable.is_empty() {
+        return Err(if total == 0 {
+            no_escrowed_keyfile()
+        } else {
+            RestoreError::Usage(format!(
+                "none of the {total} key files escrowed for this repository is a usable key file \
+                 (see the warnings above)"
+            ))
+        });
     }
+    Ok(usable)
+}
+
+fn no_escrowed_keyfile() -> RestoreError {
+    RestoreError::Usage(
+        "the receiver holds no key file for this repository (was the first agent ever run?)".into(),
+    )
+}
+
+/// Opens the first of `candidates` (newest first) that the passphrase opens, and says
+/// which. A wrong passphrase is the answer only when it opens none: then the newest's
+/// error is returned.
+fn unlock_first(
+    candidates: &[(Vec<u8>, PathBuf)],
+    pass: &coffer_common::keys::Passphrase,
+) -> Result<(usize, Crypto), RestoreError> {
+    let mut first_err = None;
+    for (i, (bytes, origin)) in candidates.iter().enumerate() {
+        match state::unlock_with(bytes, pass, origin) {
+            Ok(c) => return Ok((i, c)),
+            Err(e) => {
+                if candidates.len() > 1 {
+                    tracing::debug!("{e}; trying an older escrowed key file");
+                }
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    Err(first_err
+        .map(RestoreError::from)
+        .unwrap_or_else(no_escrowed_keyfile))
 }
 
 /// Does `path` fall under one of `prefixes` (whole components)?
