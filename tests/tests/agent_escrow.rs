@@ -15,15 +15,6 @@ use support::*;
 
 const T: Duration = Duration::from_secs(90);
 
-fn ok(o: &std::process::Output) -> String {
-    assert!(
-        o.status.success(),
-        "command failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
 /// The files of a repository's escrow folder, sorted by name.
 fn escrow_files(rcv: &Receiver, repo: &str) -> Vec<(String, Vec<u8>)> {
     let dir = rcv.root.join("repos").join(repo).join("keyfiles");

@@ -10,15 +10,6 @@ use support::*;
 
 const T: Duration = Duration::from_secs(90);
 
-fn ok(o: &std::process::Output) -> String {
-    assert!(
-        o.status.success(),
-        "command failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
 fn now_s() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -12,6 +12,16 @@ use serde_json::Value;
 
 pub const PASS: &str = "correct horse battery staple";
 
+/// The stdout of a command that must have succeeded (its stderr shown if not).
+pub fn ok(o: &std::process::Output) -> String {
+    assert!(
+        o.status.success(),
+        "command failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
 /// The binaries under test, built by this crate from the real `main.rs` files (so a fresh
 /// `cargo test` always runs current code).
 pub fn bin(name: &str) -> PathBuf {
