@@ -7,6 +7,7 @@ use clap::Parser;
 use coffer_receiver::cli::{self, Cli};
 
 fn main() -> ExitCode {
+    coffer_common::host::mem::one_malloc_arena();
     let cli = Cli::parse();
     coffer_common::host::log::init(&cli.log);
     match cli::run(cli) {

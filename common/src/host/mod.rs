@@ -9,10 +9,12 @@
 //! - [`time`]: unix time, RFC 3339 formatting and the `--at` parser.
 //! - [`service`]: the `service install|uninstall` engine: plan, dry run, checks, execution.
 //! - [`log`]: the `-v`/`-q`/`--log-format` options and the `tracing` subscriber behind them.
+//! - [`mem`]: the allocator's arena policy (the workspace's one `unsafe` block).
 
 pub mod fs;
 pub mod lock;
 pub mod log;
+pub mod mem;
 pub mod service;
 pub mod sqlite;
 pub mod time;
