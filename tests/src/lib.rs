@@ -381,7 +381,7 @@ impl TestAgent {
             software: coffer_common::SOFTWARE.into(),
         };
         match ch.request(&hello).await? {
-            Message::Welcome { protocol, repo } if protocol == PROTOCOL_VERSION => {
+            Message::Welcome { protocol, repo, .. } if protocol == PROTOCOL_VERSION => {
                 Ok(Client { ch, repo })
             }
             other => Err(anyhow!("expected Welcome, got {other:?}")),
