@@ -234,7 +234,7 @@ async fn over_its_quota_a_repository_is_refused_new_chunks_only_until_sighup_rai
     let s = repo_status(&st, "small")?;
     assert_eq!(s["quota"], 2 << 20, "{st}");
     let used = s["used"].as_u64().context("used")?;
-    assert!(used <= 2 << 20 && used >= 1 << 20, "{st}");
+    assert!((1 << 20..=2 << 20).contains(&used), "{st}");
     assert_ne!(s["quota_state"], "ok", "{st}");
     let b = repo_status(&st, "big")?;
     assert_eq!(
@@ -443,8 +443,8 @@ async fn revoke_ends_an_open_session_within_a_second_and_acknowledges_nothing_se
         .await
         .map_err(|_| anyhow!("the session did not end"))??;
     sender.abort();
-    let seen = seen.lock().map_err(|_| anyhow!("poisoned"))?;
-    let sent = sent.lock().map_err(|_| anyhow!("poisoned"))?;
+    let seen = std::mem::take(&mut *seen.lock().map_err(|_| anyhow!("poisoned"))?);
+    let sent = std::mem::take(&mut *sent.lock().map_err(|_| anyhow!("poisoned"))?);
     let (at, message) = seen
         .unauthorized
         .clone()
