@@ -14,14 +14,21 @@
 //! - `warn_at` is the share of a quota past which `status` and `/metrics` say "warning".
 //!
 //! The limits live in [`Limits`] (one per repository, set by `serve` when it opens the
-//! repository and again on SIGHUP) and one shared [`DiskFloor`].
+//! repository and again on SIGHUP) and one shared [`DiskFloor`]; [`room_for`] checks a
+//! `PutFiles` whole before any of its chunks is stored.
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use coffer_common::chunk::ChunkId;
+use coffer_common::wire::SealedChunk;
+
 use crate::auth::RepoName;
+use crate::repo::{Repo, RepoError};
+use crate::store::RECORD_HEADER_LEN;
 
 /// How long a `statvfs` of the packs' file system is trusted (less what was admitted since).
 pub const DISK_CHECK: Duration = Duration::from_secs(1);
@@ -353,6 +360,31 @@ impl Limits {
     }
 }
 
+/// Refuses a `PutFiles` whose new chunks would take the repository past its quota before
+/// any of them is stored (so nothing of the request is). The cheap sum of all its chunks
+/// decides unless it is near the quota; then only the chunks the repository lacks count.
+pub fn room_for(repo: &Repo, chunks: &[SealedChunk]) -> Result<(), RepoError> {
+    let size = |c: &SealedChunk| RECORD_HEADER_LEN + c.sealed.len() as u64;
+    let all: u64 = chunks.iter().map(size).sum();
+    if repo
+        .limits
+        .check_quota(repo.name(), repo.used_bytes(), all)
+        .is_ok()
+    {
+        return Ok(());
+    }
+    let ids: Vec<ChunkId> = chunks.iter().map(|c| c.id).collect();
+    let missing: HashSet<ChunkId> = repo.missing(&ids)?.into_iter().collect();
+    let new: u64 = chunks
+        .iter()
+        .filter(|c| missing.contains(&c.id))
+        .map(size)
+        .sum();
+    repo.limits
+        .check_quota(repo.name(), repo.used_bytes(), new)
+        .map_err(RepoError::from)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -465,9 +497,7 @@ mod tests {
     #[test]
     fn a_repository_counts_its_pack_bytes_and_refuses_past_its_quota() {
         use crate::layout::Layout;
-        use crate::repo::{Repo, RepoError};
-        use crate::store::{LocalPacks, PACK_HEADER_LEN, RECORD_HEADER_LEN};
-        use coffer_common::chunk::ChunkId;
+        use crate::store::{LocalPacks, PACK_HEADER_LEN};
 
         let d = tempfile::tempdir().expect("tempdir");
         let name = RepoName::new("laptop").expect("name");

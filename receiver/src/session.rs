@@ -17,7 +17,7 @@
 //! `Error{Malformed}`). On shutdown a session handles what it has already received,
 //! flushes, answers `Error{ShuttingDown}` and closes.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,7 +39,6 @@ use crate::logs::peer_text;
 use crate::metrics::{ErrorKind, Metrics};
 use crate::repo::{KeyFileStored, Repo, RepoError};
 use crate::server::{error, refuse, Access, Server, LINGER};
-use crate::store::RECORD_HEADER_LEN;
 
 /// Commits in one batch before it is flushed regardless.
 pub const MAX_BATCH_COMMITS: usize = 4096;
@@ -377,31 +376,6 @@ fn log_store_error(id: &ChunkId, e: &RepoError) {
     } else {
         tracing::warn!("storing chunk {id}: {e}");
     }
-}
-
-/// Refuses a `PutFiles` whose new chunks would take the repository past its quota before
-/// any of them is stored (so nothing of the request is). The cheap sum of all its chunks
-/// decides unless it is near the quota; then only the chunks the repository lacks count.
-fn room_for(repo: &Repo, chunks: &[SealedChunk]) -> Result<(), RepoError> {
-    let size = |c: &SealedChunk| RECORD_HEADER_LEN + c.sealed.len() as u64;
-    let all: u64 = chunks.iter().map(size).sum();
-    if repo
-        .limits
-        .check_quota(repo.name(), repo.used_bytes(), all)
-        .is_ok()
-    {
-        return Ok(());
-    }
-    let ids: Vec<ChunkId> = chunks.iter().map(|c| c.id).collect();
-    let missing: HashSet<ChunkId> = repo.missing(&ids)?.into_iter().collect();
-    let new: u64 = chunks
-        .iter()
-        .filter(|c| missing.contains(&c.id))
-        .map(size)
-        .sum();
-    repo.limits
-        .check_quota(repo.name(), repo.used_bytes(), new)
-        .map_err(RepoError::from)
 }
 
 enum Event {
@@ -864,7 +838,7 @@ impl Session {
     async fn store_chunks(&mut self, chunks: Vec<SealedChunk>) -> Result<Option<Message>, End> {
         let repo = self.repo.clone();
         let r = blocking(move || {
-            if let Err(e) = room_for(&repo, &chunks) {
+            if let Err(e) = crate::quota::room_for(&repo, &chunks) {
                 let id = chunks.first().map(|c| c.id).unwrap_or(ChunkId([0; 32]));
                 return Err(Box::new((id, e)));
             }
