@@ -777,3 +777,41 @@ impl ConnManager {
         conn.call_blocking(Message::HaveChunks { ids })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_quota_and_authorization_refusals_are_kept_and_retried_slowly() {
+        let remote = |code| ConnError::Remote {
+            code,
+            message: "why".into(),
+        };
+        assert_eq!(
+            remote(ErrorCode::QuotaExceeded).refusal(),
+            Some((ErrorCode::QuotaExceeded, "why"))
+        );
+        let refused = ConnError::Refused {
+            addr: "a".into(),
+            code: ErrorCode::Unauthorized,
+            message: "not authorized".into(),
+        };
+        assert_eq!(
+            refused.refusal(),
+            Some((ErrorCode::Unauthorized, "not authorized"))
+        );
+        for code in [
+            ErrorCode::Storage,
+            ErrorCode::MissingChunks,
+            ErrorCode::Internal,
+        ] {
+            assert_eq!(remote(code).refusal(), None, "{code:?}");
+        }
+        assert_eq!(ConnError::Lost("x".into()).refusal(), None);
+        for _ in 0..100 {
+            let ms = quota_retry_ms();
+            assert!((30_000..60_000).contains(&ms), "{ms}");
+        }
+    }
+}
