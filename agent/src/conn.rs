@@ -2,6 +2,13 @@
 //! [`ConnManager`] that keeps one up (reconnecting with back-off), opens the query lane
 //! for presence questions, and escrows the wrapped key file once connected.
 //!
+//! Refusals are kept for `status` (`receiver_refusal`): `QuotaExceeded` (the repository
+//! is over its quota, or the receiver's disk below its floor: the backlog is kept and
+//! sent again every 30-60 s, see [`quota_retry_ms`]) and `Unauthorized` (the key is not,
+//! or no longer, authorized: connecting is retried after [`UNAUTHORIZED_RETRY`], doubling
+//! up to [`UNAUTHORIZED_RETRY_MAX`]). The repository's use and quota, from `Welcome`,
+//! are kept too (`receiver_quota`).
+//!
 //! Requests go through a bounded queue to a writer task; replies come back in order and are
 //! matched by a reader task to the oldest outstanding request. Callers may issue many
 //! requests before waiting for any reply, from async code or from worker threads.
@@ -14,7 +21,7 @@ use std::time::Duration;
 use coffer_common::channel::{self, ChannelError, PublicKey, StaticKeypair};
 use coffer_common::chunk::ChunkId;
 use coffer_common::host::time::{now_ms, now_secs};
-use coffer_common::wire::{ErrorCode, Message, PROTOCOL_VERSION};
+use coffer_common::wire::{ErrorCode, Message, QuotaInfo, PROTOCOL_VERSION};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
 
@@ -46,6 +53,30 @@ impl ConnError {
     pub fn is_connection(&self) -> bool {
         matches!(self, ConnError::Unreachable { .. } | ConnError::Lost(_))
     }
+
+    /// The receiver's refusal of new data (`QuotaExceeded`) or of this agent
+    /// (`Unauthorized`), with its message: kept for `status` and retried slowly.
+    pub fn refusal(&self) -> Option<(ErrorCode, &str)> {
+        match self {
+            ConnError::Remote { code, message } | ConnError::Refused { code, message, .. }
+                if matches!(code, ErrorCode::QuotaExceeded | ErrorCode::Unauthorized) =>
+            {
+                Some((*code, message))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// First wait before connecting again after the receiver refused this agent's key.
+pub const UNAUTHORIZED_RETRY: Duration = Duration::from_secs(60);
+/// Longest such wait.
+pub const UNAUTHORIZED_RETRY_MAX: Duration = Duration::from_secs(600);
+
+/// When a file refused with `QuotaExceeded` is sent again: in 30 to 60 s (spread, so many
+/// agents of one receiver do not all come back at once).
+pub fn quota_retry_ms() -> i64 {
+    30_000 + now_ms().rem_euclid(30_000)
 }
 
 type Reply = oneshot::Sender<Result<Message, ConnError>>;
@@ -141,6 +172,8 @@ pub struct Conn {
     state: Arc<ConnState>,
     /// The repository the receiver maps this agent to.
     pub repo: String,
+    /// Its use and quota when it connected (`None`: no quota).
+    pub quota: Option<QuotaInfo>,
 }
 
 /// How many requests may wait unsent (bounds memory: each is at most one frame, `MAX_FRAME`).
@@ -189,8 +222,8 @@ impl Conn {
             .request(&hello)
             .await
             .map_err(|e| unreachable(format!("hello: {e}")))?;
-        let repo = match reply {
-            Message::Welcome { repo, .. } => repo,
+        let (repo, quota) = match reply {
+            Message::Welcome { repo, quota, .. } => (repo, quota),
             Message::Error { code, message } => {
                 return Err(ConnError::Refused {
                     addr: addr.to_string(),
@@ -273,7 +306,12 @@ impl Conn {
         let _ = state
             .tasks
             .set([writer.abort_handle(), reader.abort_handle()]);
-        Ok(Conn { tx, state, repo })
+        Ok(Conn {
+            tx,
+            state,
+            repo,
+            quota,
+        })
     }
 
     /// Closes the connection: every reply awaited on it fails with `why`, and its tasks
@@ -346,6 +384,12 @@ pub struct ConnManager {
     keyfile: Vec<u8>,
     /// When the escrow was last checked by this run.
     escrow_checked: Mutex<Option<std::time::Instant>>,
+    /// After the receiver refused this agent's key: no connect before this, and the wait
+    /// after the next refusal.
+    refused_until: Mutex<Option<std::time::Instant>>,
+    unauthorized_wait: Mutex<Duration>,
+    /// The refusal shown in `status`: its code and message.
+    refusal: Mutex<Option<(ErrorCode, String)>>,
 }
 
 /// The query lane's state.
@@ -383,7 +427,61 @@ impl ConnManager {
             query: Arc::default(),
             keyfile,
             escrow_checked: Mutex::new(None),
+            refused_until: Mutex::new(None),
+            unauthorized_wait: Mutex::new(UNAUTHORIZED_RETRY),
+            refusal: Mutex::new(None),
         }
+    }
+
+    /// Keeps the receiver's refusal for `status` (`receiver_refusal`: code, message and
+    /// since when); a refusal of the same kind keeps its first time.
+    pub fn note_refusal(&self, sh: &Daemon, code: ErrorCode, message: &str) {
+        let Ok(mut r) = self.refusal.lock() else {
+            return;
+        };
+        if r.as_ref().is_some_and(|(c, m)| *c == code && m == message) {
+            return;
+        }
+        let same_kind = r.as_ref().is_some_and(|(c, _)| *c == code);
+        *r = Some((code, message.to_string()));
+        drop(r);
+        tracing::warn!(code = ?code, "the receiver refused: {message}");
+        let old = sh
+            .journal(|j| j.meta(MetaKey::ReceiverRefusal))
+            .flatten()
+            .and_then(|v| serde_json::from_str::<serde_json::Value>(&v).ok());
+        let since = match old {
+            Some(v) if same_kind => v["since_ms"].as_i64().unwrap_or_else(now_ms),
+            _ => now_ms(),
+        };
+        let v = serde_json::json!({
+            "code": format!("{code:?}"),
+            "message": message,
+            "since_ms": since,
+        });
+        sh.journal(|j| j.set_meta(MetaKey::ReceiverRefusal, &v.to_string()));
+    }
+
+    /// Forgets the refusal shown in `status` (of kind `code` only, when given): the
+    /// receiver took data again, or let this agent in.
+    pub fn clear_refusal(&self, sh: &Daemon, code: Option<ErrorCode>) {
+        let Ok(mut r) = self.refusal.lock() else {
+            return;
+        };
+        match r.as_ref() {
+            Some((c, _)) if code.is_none_or(|k| k == *c) => {}
+            _ => return,
+        }
+        *r = None;
+        drop(r);
+        tracing::info!("the receiver accepts this agent's data again");
+        sh.journal(|j| j.set_meta(MetaKey::ReceiverRefusal, ""));
+    }
+
+    /// How long to wait before the next connect, after the receiver refused this key.
+    fn refused_wait(&self) -> Option<Duration> {
+        let until = (*self.refused_until.lock().ok()?)?;
+        until.checked_duration_since(std::time::Instant::now())
     }
 
     /// The query lane if it is up; otherwise starts opening it in the background (at most
@@ -461,6 +559,14 @@ impl ConnManager {
                 }
                 *cur = None;
             }
+            if let Some(wait) = self.refused_wait() {
+                // Refused this agent's key: one attempt per wait, for every worker.
+                drop(cur);
+                if sh.shutdown.sleep(wait) {
+                    return None;
+                }
+                continue;
+            }
             let connect = Conn::connect(
                 &self.cfg.receiver,
                 &self.cfg.receiver_key,
@@ -484,14 +590,49 @@ impl ConnManager {
                         let now = now_ms().to_string();
                         j.set_meta(MetaKey::ReceiverState, "connected")?;
                         j.set_meta(MetaKey::ReceiverConnectedMs, &now)?;
-                        j.set_meta(MetaKey::ReceiverStateAt, &now)
+                        j.set_meta(MetaKey::ReceiverStateAt, &now)?;
+                        let quota = c.quota.map(|q| {
+                            serde_json::json!({
+                                "used": q.used,
+                                "quota": q.quota,
+                                "warn_at_percent": q.warn_at_percent,
+                                "at_ms": now_ms(),
+                            })
+                            .to_string()
+                        });
+                        j.set_meta(MetaKey::ReceiverQuota, quota.as_deref().unwrap_or(""))
                     });
+                    if let Ok(mut w) = self.unauthorized_wait.lock() {
+                        *w = UNAUTHORIZED_RETRY;
+                    }
+                    self.clear_refusal(sh, Some(ErrorCode::Unauthorized));
                     self.escrow(sh, &c);
                     *cur = Some(c.clone());
                     return Some(c);
                 }
                 Err(e) => {
                     drop(cur);
+                    if let Some((ErrorCode::Unauthorized, message)) = e.refusal() {
+                        let wait = self
+                            .unauthorized_wait
+                            .lock()
+                            .map(|mut w| {
+                                let now = *w;
+                                *w = (now * 2).min(UNAUTHORIZED_RETRY_MAX);
+                                now
+                            })
+                            .unwrap_or(UNAUTHORIZED_RETRY);
+                        if let Ok(mut u) = self.refused_until.lock() {
+                            *u = Some(std::time::Instant::now() + wait);
+                        }
+                        tracing::warn!(retry_in = ?wait, "the receiver refused this agent's key: {message}");
+                        self.note_refusal(sh, ErrorCode::Unauthorized, message);
+                        sh.journal(|j| {
+                            j.set_meta(MetaKey::ReceiverState, &format!("refused: {e}"))?;
+                            j.set_meta(MetaKey::ReceiverStateAt, &now_ms().to_string())
+                        });
+                        continue;
+                    }
                     tracing::warn!(error = %e, retry_in = ?backoff, "receiver not available");
                     sh.journal(|j| {
                         j.set_meta(MetaKey::ReceiverState, &format!("unreachable: {e}"))?;
@@ -634,5 +775,43 @@ impl ConnManager {
             }
         }
         conn.call_blocking(Message::HaveChunks { ids })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_quota_and_authorization_refusals_are_kept_and_retried_slowly() {
+        let remote = |code| ConnError::Remote {
+            code,
+            message: "why".into(),
+        };
+        assert_eq!(
+            remote(ErrorCode::QuotaExceeded).refusal(),
+            Some((ErrorCode::QuotaExceeded, "why"))
+        );
+        let refused = ConnError::Refused {
+            addr: "a".into(),
+            code: ErrorCode::Unauthorized,
+            message: "not authorized".into(),
+        };
+        assert_eq!(
+            refused.refusal(),
+            Some((ErrorCode::Unauthorized, "not authorized"))
+        );
+        for code in [
+            ErrorCode::Storage,
+            ErrorCode::MissingChunks,
+            ErrorCode::Internal,
+        ] {
+            assert_eq!(remote(code).refusal(), None, "{code:?}");
+        }
+        assert_eq!(ConnError::Lost("x".into()).refusal(), None);
+        for _ in 0..100 {
+            let ms = quota_retry_ms();
+            assert!((30_000..60_000).contains(&ms), "{ms}");
+        }
     }
 }

@@ -116,12 +116,99 @@ pub fn summary_json(cfg: &Config) -> Result<Value, JournalError> {
             "since": meta_ms(MetaKey::ReceiverStateAt).map(ms_to_rfc),
             "last_connected_at": last_connected.map(ms_to_rfc),
         },
+        "receiver_refusal": refusal_json(&meta),
+        "receiver_quota": quota_json(&meta),
         "key_escrowed": meta(MetaKey::KeyEscrowed).is_some_and(|v| v == "1"),
         "escrow": escrow_json(&meta),
         "watches": watches,
         "watcher": counters,
         "failed": failed,
     }))
+}
+
+/// The receiver's last refusal (`status --json`'s `receiver_refusal`): `{code, message,
+/// since}` while it refuses this agent's data (`QuotaExceeded`) or key (`Unauthorized`),
+/// else null.
+fn refusal_json(meta: &dyn Fn(MetaKey<'_>) -> Option<String>) -> Value {
+    let Some(v) = meta(MetaKey::ReceiverRefusal)
+        .filter(|s| !s.is_empty())
+        .and_then(|s| serde_json::from_str::<Value>(&s).ok())
+    else {
+        return Value::Null;
+    };
+    json!({
+        "code": v["code"],
+        "message": v["message"],
+        "since": v["since_ms"].as_i64().map(ms_to_rfc),
+    })
+}
+
+/// The repository's quota as the receiver told it at the last connect (`status --json`'s
+/// `receiver_quota`): `{used, quota, warn_at, state (ok, warning, over), as_of}`, or null
+/// when it has none.
+fn quota_json(meta: &dyn Fn(MetaKey<'_>) -> Option<String>) -> Value {
+    let Some(v) = meta(MetaKey::ReceiverQuota)
+        .filter(|s| !s.is_empty())
+        .and_then(|s| serde_json::from_str::<Value>(&s).ok())
+    else {
+        return Value::Null;
+    };
+    let (used, quota) = (
+        v["used"].as_u64().unwrap_or(0),
+        v["quota"].as_u64().unwrap_or(0),
+    );
+    let warn = v["warn_at_percent"].as_u64().unwrap_or(90);
+    let state = if quota > 0 && used >= quota {
+        "over"
+    } else if quota > 0 && u128::from(used) * 100 >= u128::from(quota) * u128::from(warn) {
+        "warning"
+    } else {
+        "ok"
+    };
+    json!({
+        "used": used,
+        "quota": quota,
+        "warn_at": format!("{warn}%"),
+        "state": state,
+        "as_of": v["at_ms"].as_i64().map(ms_to_rfc),
+    })
+}
+
+/// The `receiver quota` and `receiver refused` lines of `status`, when there is something
+/// to say.
+fn refusal_lines(v: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    let q = &v["receiver_quota"];
+    if let (Some(used), Some(quota)) = (q["used"].as_i64(), q["quota"].as_i64()) {
+        let pct = (used as f64 * 100.0 / quota.max(1) as f64).round();
+        let state = match q["state"].as_str() {
+            Some("over") => " FULL: new data is refused".to_string(),
+            Some("warning") => format!(" WARNING: past {}", q["warn_at"].as_str().unwrap_or("")),
+            _ => String::new(),
+        };
+        out.push(format!(
+            "receiver quota: {} of {} used ({pct}%){state} (as of {})",
+            human_bytes(used),
+            human_bytes(quota),
+            q["as_of"].as_str().unwrap_or("?")
+        ));
+    }
+    let r = &v["receiver_refusal"];
+    if let Some(message) = r["message"].as_str() {
+        let since = r["since"].as_str().unwrap_or("?");
+        out.push(match r["code"].as_str() {
+            Some("QuotaExceeded") => format!(
+                "receiver quota exceeded since {since}: {message} (the backlog is kept and \
+                 sent again every 30-60 s)"
+            ),
+            Some("Unauthorized") => format!(
+                "receiver refused this agent since {since}: {message} (retrying every few \
+                 minutes)"
+            ),
+            _ => format!("receiver refused since {since}: {message}"),
+        });
+    }
+    out
 }
 
 /// The receiver line of `status`.
@@ -226,6 +313,9 @@ pub fn print(cfg: &Config, json_out: bool) -> Result<(), JournalError> {
         }
     );
     let _ = writeln!(out, "{}", receiver_line(&v));
+    for line in refusal_lines(&v) {
+        let _ = writeln!(out, "{line}");
+    }
     let _ = writeln!(out, "{}", escrow_line(&v["escrow"]));
     for w in v["watches"].as_array().into_iter().flatten() {
         let _ = writeln!(out, "{}", watch_line(w, running));

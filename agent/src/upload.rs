@@ -19,12 +19,12 @@ use coffer_common::chunk::{chunk_stream_sized, ChunkId, HashingReader, PlainChun
 use coffer_common::keys::fill_random;
 use coffer_common::manifest::{ChunkRef, EntryKind, Manifest};
 use coffer_common::wire::{
-    sealed_hash, CommitId, CommitResult, FileCommit, Message, SealedChunk, MAX_BATCH_FILES,
-    MAX_FRAME,
+    sealed_hash, CommitId, CommitResult, ErrorCode, FileCommit, Message, SealedChunk,
+    MAX_BATCH_FILES, MAX_FRAME,
 };
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
-use crate::conn::{Conn, ConnError, Pending};
+use crate::conn::{quota_retry_ms, Conn, ConnError, Pending};
 use crate::daemon::Daemon;
 use crate::journal::{Ack, CounterKey, FileRead, Job, StatKey};
 use crate::scan::{fs_path, stat_key};
@@ -86,6 +86,8 @@ pub struct AckWork {
     items: Vec<AckItem>,
     puts: Vec<Pending>,
     commit: Pending,
+    /// It carried chunks (so its acknowledgement means the receiver takes data again).
+    chunks: bool,
 }
 
 enum Outcome {
@@ -195,6 +197,8 @@ fn flush(sh: &Daemon, batch: &mut Vec<Ready>, acks: &Sender<AckWork>) {
     let conn = sh.conn.get(sh);
     tracing::debug!(files = batch.len(), "sending a batch");
     let send = |m: Message, items: Vec<AckItem>, puts: Vec<Pending>| -> bool {
+        let chunks = !puts.is_empty()
+            || matches!(&m, Message::PutFiles { chunks, .. } if !chunks.is_empty());
         let sent = match conn.as_ref() {
             Some(c) => c.start_blocking(m).map_err(|e| e.to_string()),
             None => Err("shutting down".into()),
@@ -205,6 +209,7 @@ fn flush(sh: &Daemon, batch: &mut Vec<Ready>, acks: &Sender<AckWork>) {
                     items,
                     puts,
                     commit,
+                    chunks,
                 })
                 .is_ok(),
             Err(e) => {
@@ -324,7 +329,7 @@ pub fn ack_collector(sh: Arc<Daemon>, rx: Receiver<AckWork>) {
             record(&mut done);
             return;
         }
-        settle(&sh, w.items, reply, put_err, &mut done);
+        settle(&sh, w.items, reply, put_err, w.chunks, &mut done);
         if done.len() >= 2048 {
             record(&mut done);
         }
@@ -332,14 +337,24 @@ pub fn ack_collector(sh: Arc<Daemon>, rx: Receiver<AckWork>) {
 }
 
 /// Turns the answer to one commit (a `CommitFile` or a `PutFiles`) into acknowledgements,
-/// added to `done`, or into retries: a refusal after 5 s, a lost connection at once.
+/// added to `done`, or into retries: a refusal after 5 s, a lost connection at once, a
+/// receiver over quota (kept for `status`) after 30-60 s. `chunks`: it carried chunks.
 fn settle(
     sh: &Daemon,
     items: Vec<AckItem>,
     reply: Result<Message, ConnError>,
     put_err: Option<ConnError>,
+    chunks: bool,
     done: &mut Vec<Ack>,
 ) {
+    if chunks
+        && matches!(
+            reply,
+            Ok(Message::FileAcked { .. } | Message::FilesAcked { .. })
+        )
+    {
+        sh.conn.clear_refusal(sh, Some(ErrorCode::QuotaExceeded));
+    }
     let retry = |items: Vec<AckItem>, reason: String, delay: i64| {
         let paths: Vec<_> = items
             .into_iter()
@@ -372,6 +387,7 @@ fn settle(
         }
         (Ok(Message::FilesAcked { results }), _) if results.len() == items.len() => {
             let mut refused = Vec::new();
+            let mut delay = 5000;
             for (i, r) in items.into_iter().zip(results) {
                 match r {
                     CommitResult::Acked {
@@ -380,6 +396,10 @@ fn settle(
                         ..
                     } => done.push(acked(i, version, commit_time)),
                     CommitResult::Failed { code, message } => {
+                        if code == ErrorCode::QuotaExceeded {
+                            sh.conn.note_refusal(sh, code, &message);
+                            delay = delay.max(quota_retry_ms());
+                        }
                         refused.push((
                             i.path,
                             format!("receiver refused the upload: {code:?}: {message}"),
@@ -388,7 +408,7 @@ fn settle(
                 }
             }
             if !refused.is_empty() {
-                sh.journal(|j| j.record_retry(&refused, now_ms() + 5000));
+                sh.journal(|j| j.record_retry(&refused, now_ms() + delay));
                 sh.wake();
             }
         }
@@ -409,7 +429,15 @@ fn settle(
             } else {
                 format!("receiver refused the upload: {e}")
             };
-            let delay = if e.is_connection() { 0 } else { 5000 };
+            let delay = match e.refusal() {
+                Some((code, message)) => {
+                    // Kept (not failed), sent again once the receiver has room.
+                    sh.conn.note_refusal(sh, code, message);
+                    quota_retry_ms()
+                }
+                None if e.is_connection() => 0,
+                None => 5000,
+            };
             retry(items, reason, delay);
         }
     }
@@ -713,7 +741,8 @@ fn send_window(
         match sh.conn.ask_missing(conn, ask) {
             Ok(Message::Missing { ids }) => ids.into_iter().collect(),
             Ok(m) => return Err(Outcome::Failed(format!("unexpected reply {}", m.kind()))),
-            Err(e) if e.is_connection() => return Err(Outcome::Lost(e)),
+            // A refused key's session ends: sent again (not failed) once let in.
+            Err(e) if e.is_connection() || e.refusal().is_some() => return Err(Outcome::Lost(e)),
             Err(e) => return Err(Outcome::Failed(format!("receiver: {e}"))),
         }
     };

@@ -10,7 +10,7 @@ use crate::chunk::{ChunkId, FileId, MAX_CHUNK, MAX_SEALED, SEAL_OVERHEAD};
 
 /// Protocol version spoken by this build. Exchanged in the clear before the handshake (and
 /// bound into it as the Noise prologue); a mismatch is a clear error on both sides.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Largest encoded message: a sealed chunk at its largest plus room for the envelope.
 pub const MAX_FRAME: usize = MAX_SEALED + 64 * 1024;
@@ -70,6 +70,21 @@ pub enum ErrorCode {
     ShuttingDown,
     /// Anything else.
     Internal,
+    /// The repository is over its quota, or the receiver's disk is below its free-space
+    /// floor: new chunks are refused (nothing of the request was stored); commits that need
+    /// no new chunks still succeed. The message says which, with the numbers.
+    QuotaExceeded,
+}
+
+/// A repository's quota as the receiver sees it at `Welcome` (absent when it has none).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuotaInfo {
+    /// Bytes the repository's packs hold.
+    pub used: u64,
+    /// The quota, in bytes (never 0: no quota is no `QuotaInfo`).
+    pub quota: u64,
+    /// The warning threshold, in percent of the quota (1..=100).
+    pub warn_at_percent: u32,
 }
 
 /// Every message of the protocol. Requests come from the agent; each gets exactly one
@@ -87,6 +102,8 @@ pub enum Message {
         protocol: u32,
         /// Repository this agent's key writes to.
         repo: String,
+        /// The repository's use and quota, when it has one (protocol 5).
+        quota: Option<QuotaInfo>,
     },
     /// Which of these chunks are missing? Reply: `Missing`.
     HaveChunks {
@@ -607,6 +624,19 @@ mod tests {
                 }],
                 more: v % 2 == 0
             }),
+            (".{0,20}", any::<u64>(), any::<u64>(), 1u32..=100).prop_map(
+                |(repo, used, quota, w)| {
+                    Message::Welcome {
+                        protocol: PROTOCOL_VERSION,
+                        repo,
+                        quota: (quota > 0).then_some(QuotaInfo {
+                            used,
+                            quota,
+                            warn_at_percent: w,
+                        }),
+                    }
+                }
+            ),
             Just(Message::GetKeyFile),
             Just(Message::KeyFile { data: None }),
             Just(Message::GetKeyFiles),
@@ -647,6 +677,10 @@ mod tests {
                     },
                     CommitResult::Failed {
                         code: ErrorCode::MissingChunks,
+                        message: m.clone()
+                    },
+                    CommitResult::Failed {
+                        code: ErrorCode::QuotaExceeded,
                         message: m
                     },
                 ],

@@ -1,15 +1,118 @@
 //! `<root>/receiver.toml`: listen address and limits. Every key has a documented default
 //! (see `packaging/receiver.toml`); unknown keys are refused.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use coffer_common::host::fs::{Context, IoError};
 
+use crate::auth::RepoName;
+use crate::quota::{parse_percent, parse_size};
 use crate::server::MAX_HANDSHAKES;
+
+/// `min_free` when it is not set: this much on a file system of at least
+/// [`AUTO_MIN_FREE_FS`]; none on a smaller one (a test disk, a small VM), where the
+/// operator sets it.
+pub const AUTO_MIN_FREE: u64 = 5 << 30;
+/// The smallest file system [`AUTO_MIN_FREE`] applies to.
+pub const AUTO_MIN_FREE_FS: u64 = 50 << 30;
+/// `warn_at` when it is not set.
+pub const DEFAULT_WARN_AT: u32 = 90;
+
+/// A size in bytes, written `"500GiB"` (or a plain number of bytes) in `receiver.toml`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Size(pub u64);
+
+/// A percentage from 1 to 100, written `"90%"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Percent(pub u32);
+
+impl Default for Percent {
+    fn default() -> Self {
+        Percent(DEFAULT_WARN_AT)
+    }
+}
+
+/// A size or percentage as written: text, or a bare number.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Written {
+    Number(u64),
+    Text(String),
+}
+
+impl Written {
+    fn size(&self) -> Result<u64, String> {
+        match self {
+            Written::Number(n) => Ok(*n),
+            Written::Text(t) => parse_size(t),
+        }
+    }
+
+    fn percent(&self) -> Result<u32, String> {
+        match self {
+            Written::Number(n) => parse_percent(&n.to_string()),
+            Written::Text(t) => parse_percent(t),
+        }
+    }
+}
+
+/// `n` bytes as `receiver.toml` writes them: in the largest binary unit that divides it.
+fn size_text(n: u64) -> String {
+    for (unit, m) in [
+        ("TiB", 1u64 << 40),
+        ("GiB", 1 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+    ] {
+        if n >= m && n.is_multiple_of(m) {
+            return format!("{}{unit}", n / m);
+        }
+    }
+    n.to_string()
+}
+
+impl Serialize for Size {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&size_text(self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Written::deserialize(d)?
+            .size()
+            .map(Size)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for Percent {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{}%", self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for Percent {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Written::deserialize(d)?
+            .percent()
+            .map(Percent)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// `[repos.NAME]`: settings of one repository.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RepoConfig {
+    /// The repository's quota; the top-level `quota` when absent.
+    pub quota: Option<Size>,
+}
 
 /// Default listen address: loopback only.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7700";
@@ -36,6 +139,16 @@ pub struct Config {
     pub max_sessions_per_key: usize,
     /// Sessions one repository's keys may hold at once.
     pub max_sessions_per_repo: usize,
+    /// Default quota of every repository, on the bytes its packs hold (0: none).
+    pub quota: Size,
+    /// Below this much free space on the packs' file system, new chunks are refused for
+    /// every repository (0: none). Unset: [`AUTO_MIN_FREE`] on a file system of at least
+    /// [`AUTO_MIN_FREE_FS`], none on a smaller one.
+    pub min_free: Option<Size>,
+    /// Share of a quota past which `status` and `/metrics` warn.
+    pub warn_at: Percent,
+    /// Per-repository settings (`[repos.NAME]`).
+    pub repos: BTreeMap<RepoName, RepoConfig>,
 }
 
 impl Default for Config {
@@ -50,6 +163,10 @@ impl Default for Config {
             max_handshakes_per_address: 16,
             max_sessions_per_key: 8,
             max_sessions_per_repo: 16,
+            quota: Size(0),
+            min_free: None,
+            warn_at: Percent::default(),
+            repos: BTreeMap::new(),
         }
     }
 }
@@ -67,11 +184,70 @@ pub enum ConfigError {
         key: &'static str,
         msg: &'static str,
     },
+    #[error("{path}: {key}: {msg}")]
+    Value {
+        path: String,
+        key: String,
+        msg: String,
+    },
+}
+
+/// Checks the size and percentage keys of the parsed file (`quota`, `min_free`, `warn_at`,
+/// `[repos.NAME]` and its `quota`), so that an error names the key (the deserializer's
+/// errors name only a line).
+fn check_quota_keys(table: &toml::Table, origin: &str) -> Result<(), ConfigError> {
+    let bad = |key: String, msg: String| ConfigError::Value {
+        path: origin.to_string(),
+        key,
+        msg,
+    };
+    let written = |key: &str, v: &toml::Value| -> Result<Written, ConfigError> {
+        match v {
+            toml::Value::String(s) => Ok(Written::Text(s.clone())),
+            toml::Value::Integer(n) if *n >= 0 => Ok(Written::Number(*n as u64)),
+            other => Err(bad(
+                key.to_string(),
+                format!("expected a quoted value such as \"500GiB\" or \"90%\", got {other}"),
+            )),
+        }
+    };
+    for key in ["quota", "min_free"] {
+        if let Some(v) = table.get(key) {
+            written(key, v)?.size().map_err(|m| bad(key.into(), m))?;
+        }
+    }
+    if let Some(v) = table.get("warn_at") {
+        written("warn_at", v)?
+            .percent()
+            .map_err(|m| bad("warn_at".into(), m))?;
+    }
+    if let Some(repos) = table.get("repos") {
+        let Some(repos) = repos.as_table() else {
+            return Err(bad("repos".into(), "expected tables [repos.NAME]".into()));
+        };
+        for (name, r) in repos {
+            let key = format!("repos.{name}");
+            RepoName::new(name).map_err(|e| bad(key.clone(), e.to_string()))?;
+            let Some(r) = r.as_table() else {
+                return Err(bad(key, "expected a table [repos.NAME]".into()));
+            };
+            if let Some(v) = r.get("quota") {
+                let key = format!("{key}.quota");
+                written(&key, v)?.size().map_err(|m| bad(key, m))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 impl Config {
     /// Parses and validates configuration text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let parse_error = |e: toml::de::Error| ConfigError::Parse {
+            path: origin.to_string(),
+            msg: e.to_string().trim().to_string(),
+        };
+        check_quota_keys(&toml::from_str(text).map_err(parse_error)?, origin)?;
         let c: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: origin.to_string(),
             msg: e.to_string().trim().to_string(),
@@ -137,7 +313,16 @@ impl Config {
              # Sessions one agent key may hold at once.\n\
              max_sessions_per_key = {}\n\
              # Sessions the keys of one repository may hold at once.\n\
-             max_sessions_per_repo = {}\n",
+             max_sessions_per_repo = {}\n\
+             # Default quota of every repository, on the bytes its packs hold (\"0\": none),\n\
+             # e.g. \"500GiB\"; [repos.NAME] quota = ... sets one repository's.\n\
+             quota = \"{}\"\n\
+             # Below this much free space on the packs' file system, every repository is\n\
+             # refused new chunks (\"0\": none). Unset: 5GiB on a file system of 50 GiB or\n\
+             # more, none on a smaller one.\n\
+             {}\n\
+             # Share of a quota past which status and /metrics warn.\n\
+             warn_at = \"{}%\"\n",
             self.listen,
             self.max_sessions,
             self.idle_timeout_secs,
@@ -146,8 +331,45 @@ impl Config {
             self.handshake_timeout_secs,
             self.max_handshakes_per_address,
             self.max_sessions_per_key,
-            self.max_sessions_per_repo
-        )
+            self.max_sessions_per_repo,
+            size_text(self.quota.0),
+            match self.min_free {
+                Some(m) => format!("min_free = \"{}\"", size_text(m.0)),
+                None => "# min_free = \"5GiB\"".to_string(),
+            },
+            self.warn_at.0,
+        ) + &self.render_repos()
+    }
+
+    /// The `[repos.NAME]` tables of [`Config::render`].
+    fn render_repos(&self) -> String {
+        let mut out = String::new();
+        for (name, r) in &self.repos {
+            let name = toml::Value::String(name.to_string());
+            out.push_str(&format!("\n[repos.{name}]\n"));
+            if let Some(q) = r.quota {
+                out.push_str(&format!("quota = \"{}\"\n", size_text(q.0)));
+            }
+        }
+        out
+    }
+
+    /// The quota of repository `name` in bytes (0: none): its own, else the default.
+    pub fn quota_of(&self, name: &RepoName) -> u64 {
+        self.repos
+            .get(name)
+            .and_then(|r| r.quota)
+            .unwrap_or(self.quota)
+            .0
+    }
+
+    /// The free-space floor on a file system of `fs_size` bytes (see `min_free`).
+    pub fn min_free_for(&self, fs_size: u64) -> u64 {
+        match self.min_free {
+            Some(m) => m.0,
+            None if fs_size >= AUTO_MIN_FREE_FS => AUTO_MIN_FREE,
+            None => 0,
+        }
     }
 
     /// Idle timeout as a duration.
@@ -190,6 +412,80 @@ mod tests {
             ..Config::default()
         };
         assert_eq!(Config::parse(&c.render(), "x").expect("parse"), c);
+        let mut repos = BTreeMap::new();
+        repos.insert(
+            RepoName::new("my \"laptop\"").expect("name"),
+            RepoConfig {
+                quota: Some(Size(500 << 30)),
+            },
+        );
+        repos.insert(RepoName::new("nas").expect("name"), RepoConfig::default());
+        let c = Config {
+            quota: Size(3 << 40),
+            min_free: Some(Size(12345)),
+            warn_at: Percent(75),
+            repos,
+            ..Config::default()
+        };
+        assert_eq!(Config::parse(&c.render(), "x").expect("parse"), c);
+        let c = Config {
+            min_free: Some(Size(0)),
+            ..Config::default()
+        };
+        assert_eq!(Config::parse(&c.render(), "x").expect("parse"), c);
+    }
+
+    #[test]
+    fn quota_keys_parse_sizes_and_percentages() {
+        let c = Config::parse(
+            "quota = \"1TiB\"\nmin_free = \"5GiB\"\nwarn_at = \"80%\"\n\
+             [repos.laptop]\nquota = \"500GiB\"\n[repos.nas]\n",
+            "r.toml",
+        )
+        .expect("parse");
+        let laptop = RepoName::new("laptop").expect("name");
+        let nas = RepoName::new("nas").expect("name");
+        let other = RepoName::new("other").expect("name");
+        assert_eq!(c.quota_of(&laptop), 500 << 30);
+        assert_eq!(c.quota_of(&nas), 1 << 40);
+        assert_eq!(c.quota_of(&other), 1 << 40);
+        assert_eq!(c.min_free_for(1 << 30), 5 << 30);
+        assert_eq!(c.warn_at, Percent(80));
+        // Bare numbers are bytes; "0" is none.
+        let c = Config::parse("quota = 1048576\nmin_free = \"0\"\n", "r.toml").expect("parse");
+        assert_eq!(c.quota_of(&laptop), 1 << 20);
+        assert_eq!(c.min_free_for(1 << 50), 0);
+        // Unset min_free: 5 GiB on a large file system, none on a small one.
+        let d = Config::default();
+        assert_eq!(d.quota_of(&laptop), 0);
+        assert_eq!(d.min_free_for(AUTO_MIN_FREE_FS), AUTO_MIN_FREE);
+        assert_eq!(d.min_free_for(8 << 20), 0);
+        assert_eq!(d.warn_at, Percent(90));
+    }
+
+    #[test]
+    fn a_bad_quota_value_is_an_error_naming_its_key() {
+        for (text, key) in [
+            ("quota = \"500 XB\"", "quota:"),
+            ("quota = \"lots\"", "quota:"),
+            ("quota = -1", "quota:"),
+            ("min_free = \"5.5.5G\"", "min_free:"),
+            ("min_free = true", "min_free:"),
+            ("warn_at = \"120%\"", "warn_at:"),
+            ("warn_at = \"0%\"", "warn_at:"),
+            ("[repos.laptop]\nquota = \"1 PB\"", "repos.laptop.quota:"),
+            ("[repos.\".hidden\"]\nquota = \"1GiB\"", "repos..hidden:"),
+            ("repos = 3", "repos:"),
+        ] {
+            let e = Config::parse(text, "r.toml").expect_err(text);
+            let shown = e.to_string();
+            assert!(
+                shown.starts_with(&format!("r.toml: {key}")),
+                "{text}: {shown}"
+            );
+        }
+        let e = Config::parse("[repos.laptop]\nquta = \"1GiB\"", "r.toml").expect_err("typo");
+        assert!(e.to_string().contains("quta"), "{e}");
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! - [`server`]: `serve`: listener, handshake, authorization, session slots, shutdown.
 //! - [`session`]: one agent's session: requests in order, group commit, chunk reads.
 //! - [`repo`]: one repository: write path (append, flush, rollback), reads, crash recovery.
+//! - [`quota`]: repository quotas and the free-disk floor (`min_free`), checked per chunk.
 //! - [`store`]: pack formats, the [`store::PackStore`] trait, where packs live (`PackStores`).
 //! - [`index`]: the repository's SQLite index, sole owner of its connection.
 //! - [`status`]: `status` and `scrub` (and whether a `serve` holds the root).
@@ -37,6 +38,7 @@ pub mod layout;
 pub mod logs;
 pub mod metrics;
 pub mod notify;
+pub mod quota;
 pub mod repo;
 pub mod server;
 pub mod service;

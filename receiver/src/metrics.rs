@@ -15,7 +15,14 @@
 //! - `coffer_receiver_errors_total{kind="protocol"|"storage"|"internal"}`: errors reported to
 //!   agents (each ends the session, or fails that one request);
 //! - `coffer_receiver_repository_stored_bytes{repo}`: durable (indexed) pack bytes of each
-//!   repository opened since `serve` started.
+//!   repository opened since `serve` started;
+//! - `coffer_receiver_repository_used_bytes{repo}`: bytes its packs hold (what its quota
+//!   counts), `coffer_receiver_repository_quota_bytes{repo}` (0: none) and
+//!   `coffer_receiver_repository_quota_state{repo}` (0 ok, 1 warning: past `warn_at`, 2
+//!   over: new chunks refused);
+//! - `coffer_receiver_disk_free_bytes` and `coffer_receiver_min_free_bytes`: free space on
+//!   the packs' file system and the floor below which every repository is refused;
+//! - `errors_total{kind="quota"}` counts chunks refused for either.
 //!
 //! The endpoint is a deliberately tiny HTTP/1.1 responder on the server's runtime: one
 //! request per connection, a bounded request head, a read timeout, a cap on concurrent
@@ -66,6 +73,8 @@ pub enum ErrorKind {
     Storage,
     /// Anything else on the receiver's side.
     Internal,
+    /// A new chunk refused: over the repository's quota or the disk floor (`min_free`).
+    Quota,
 }
 
 /// The receiver's counters and gauges, shared by every session.
@@ -83,7 +92,13 @@ pub struct Metrics {
     errors_protocol: Counter,
     errors_storage: Counter,
     errors_internal: Counter,
+    errors_quota: Counter,
     repository_bytes: Family<Labels, Gauge>,
+    repository_used: Family<Labels, Gauge>,
+    repository_quota: Family<Labels, Gauge>,
+    repository_quota_state: Family<Labels, Gauge>,
+    disk_free: Gauge,
+    min_free: Gauge,
 }
 
 impl Default for Metrics {
@@ -115,6 +130,11 @@ impl Metrics {
         let rejected = Family::<Labels, Counter>::default();
         let errors = Family::<Labels, Counter>::default();
         let repository_bytes = Family::<Labels, Gauge>::default();
+        let repository_used = Family::<Labels, Gauge>::default();
+        let repository_quota = Family::<Labels, Gauge>::default();
+        let repository_quota_state = Family::<Labels, Gauge>::default();
+        let disk_free = Gauge::default();
+        let min_free = Gauge::default();
         let child = |f: &Family<Labels, Counter>, k: &'static str, v: &str| {
             f.get_or_create(&[(k, v.to_string())]).clone()
         };
@@ -123,6 +143,7 @@ impl Metrics {
         let errors_protocol = child(&errors, "kind", "protocol");
         let errors_storage = child(&errors, "kind", "storage");
         let errors_internal = child(&errors, "kind", "internal");
+        let errors_quota = child(&errors, "kind", "quota");
         registry.register(
             "coffer_receiver_sessions_active",
             "Agent sessions holding a slot now",
@@ -168,6 +189,31 @@ impl Metrics {
             "Durable (indexed) pack bytes of each repository opened since serve started",
             repository_bytes.clone(),
         );
+        registry.register(
+            "coffer_receiver_repository_used_bytes",
+            "Bytes each repository's packs hold (what its quota counts)",
+            repository_used.clone(),
+        );
+        registry.register(
+            "coffer_receiver_repository_quota_bytes",
+            "Each repository's quota in bytes (0: none)",
+            repository_quota.clone(),
+        );
+        registry.register(
+            "coffer_receiver_repository_quota_state",
+            "Each repository against its quota: 0 ok, 1 warning (past warn_at), 2 over",
+            repository_quota_state.clone(),
+        );
+        registry.register(
+            "coffer_receiver_disk_free_bytes",
+            "Free bytes on the file system holding the packs",
+            disk_free.clone(),
+        );
+        registry.register(
+            "coffer_receiver_min_free_bytes",
+            "Free space below which every repository is refused new chunks (0: none)",
+            min_free.clone(),
+        );
         Self {
             registry,
             sessions_active,
@@ -181,7 +227,13 @@ impl Metrics {
             errors_protocol,
             errors_storage,
             errors_internal,
+            errors_quota,
             repository_bytes,
+            repository_used,
+            repository_quota,
+            repository_quota_state,
+            disk_free,
+            min_free,
         }
     }
 
@@ -222,6 +274,7 @@ impl Metrics {
             ErrorKind::Protocol => self.errors_protocol.inc(),
             ErrorKind::Storage => self.errors_storage.inc(),
             ErrorKind::Internal => self.errors_internal.inc(),
+            ErrorKind::Quota => self.errors_quota.inc(),
         };
     }
 
@@ -230,6 +283,35 @@ impl Metrics {
         self.repository_bytes
             .get_or_create(&[("repo", repo.to_string())])
             .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
+    /// Sets a repository's use, quota (0: none) and where it stands (`QuotaState`).
+    pub fn set_repository_quota(
+        &self,
+        repo: &str,
+        used: u64,
+        quota: u64,
+        state: crate::quota::QuotaState,
+    ) {
+        let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        let labels = [("repo", repo.to_string())];
+        self.repository_used.get_or_create(&labels).set(g(used));
+        self.repository_quota.get_or_create(&labels).set(g(quota));
+        let state = match state {
+            crate::quota::QuotaState::Ok => 0,
+            crate::quota::QuotaState::Warning => 1,
+            crate::quota::QuotaState::Over => 2,
+        };
+        self.repository_quota_state
+            .get_or_create(&labels)
+            .set(state);
+    }
+
+    /// Sets the packs' file system's free bytes and the floor.
+    pub fn set_disk(&self, free: u64, min_free: u64) {
+        let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.disk_free.set(g(free));
+        self.min_free.set(g(min_free));
     }
 
     /// The exposition text.

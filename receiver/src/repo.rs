@@ -72,6 +72,9 @@ pub enum RepoError {
          decides)"
     )]
     KeyFilesFull,
+    /// Over the repository's quota or the receiver's disk floor: nothing was written.
+    #[error(transparent)]
+    Refused(#[from] crate::quota::Refusal),
 }
 
 /// What [`Repo::put_keyfile`] did.
@@ -111,6 +114,8 @@ struct WriteState {
     order: VecDeque<(u64, ChunkId)>,
     seq: u64,
     epoch: u64,
+    /// Bytes the packs hold (headers, records and the buffer): the quota's count.
+    held: u64,
 }
 
 impl WriteState {
@@ -140,6 +145,8 @@ pub struct Repo {
     pack_max: u64,
     /// Held while the escrowed key files are read to choose the next entry and written.
     escrow: Mutex<()>,
+    /// Its quota and the receiver's disk floor (none until `serve` sets them).
+    pub limits: crate::quota::Limits,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -253,6 +260,7 @@ impl Repo {
                 st.buf_at = end;
             }
         }
+        st.held = st.committed.values().sum();
         let reader = Index::open(&index_path, Mode::Read)?;
         Ok((
             Self {
@@ -264,6 +272,7 @@ impl Repo {
                 state: Mutex::new(st),
                 pack_max,
                 escrow: Mutex::new(()),
+                limits: Default::default(),
             },
             rec,
         ))
@@ -316,6 +325,8 @@ impl Repo {
             if st.pending.contains_key(id) || lock(&self.reader).has_chunk(id)? {
                 return Ok(false);
             }
+            let more = self.growth(&st, sealed.len());
+            self.limits.admit(&self.name, st.held, more)?;
             self.append(&mut st, id, sealed, hash)
         };
         match r {
@@ -325,6 +336,19 @@ impl Repo {
                 Err(e.into())
             }
         }
+    }
+
+    /// Bytes appending a sealed chunk of `len` bytes adds to the packs (with a new pack's
+    /// header when it starts one).
+    fn growth(&self, st: &WriteState, len: usize) -> u64 {
+        let rec_len = RECORD_HEADER_LEN + len as u64;
+        let full = st.cur_len + rec_len > self.pack_max && st.cur_len > PACK_HEADER_LEN;
+        rec_len
+            + if st.cur.is_none() || full {
+                PACK_HEADER_LEN
+            } else {
+                0
+            }
     }
 
     fn append(
@@ -342,6 +366,7 @@ impl Repo {
             self.packs.create(p)?;
             st.next_pack += 1;
             st.committed.insert(p, PACK_HEADER_LEN);
+            st.held += PACK_HEADER_LEN;
             st.cur = Some(p);
             st.cur_len = PACK_HEADER_LEN;
             st.buf_at = PACK_HEADER_LEN;
@@ -375,6 +400,7 @@ impl Repo {
             st.dirty.insert(pack, offset + rec_len);
         }
         st.cur_len = offset + rec_len;
+        st.held += rec_len;
         let seq = st.seq;
         st.seq += 1;
         let loc = Location {
@@ -491,6 +517,7 @@ impl Repo {
         st.pending.clear();
         st.order.clear();
         st.dirty.clear();
+        st.held = st.committed.values().sum();
         st.epoch += 1;
     }
 
@@ -671,6 +698,11 @@ impl Repo {
     /// kept in memory, so this is cheap (for metrics).
     pub fn stored_bytes(&self) -> u64 {
         lock(&self.state).committed.values().sum()
+    }
+
+    /// Bytes the packs hold, flushed or not: what the quota counts.
+    pub fn used_bytes(&self) -> u64 {
+        lock(&self.state).held
     }
 
     /// Bytes of chunks written but not yet flushed (for tests and logs).

@@ -17,13 +17,22 @@
 //! SIGTERM/SIGINT stop the listener; each session handles what it has already received,
 //! flushes, answers `Error{ShuttingDown}` and closes, within `shutdown_grace_secs`.
 //!
+//! SIGHUP re-reads `receiver.toml` and applies its quota keys (`quota`, `[repos.NAME]`,
+//! `min_free`, `warn_at`) at once; other changed keys wait for a restart (logged).
+//!
+//! Every [`REVOCATION_CHECK`] the authorization list is looked at (a `stat`; re-read when
+//! it changed): a session whose key no longer writes its repository ends with
+//! `Error{Unauthorized}`, and each flush checks again before it records or acknowledges
+//! anything (see [`Access`]).
+//!
 //! With `--metrics ADDR`, [`crate::metrics`] serves the counters the sessions keep at
 //! `http://ADDR/metrics`, on this same runtime.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use coffer_common::channel::{self, PublicKey, StaticKeypair, HANDSHAKE_TIMEOUT};
@@ -42,6 +51,7 @@ use crate::config::Config;
 use crate::layout::Layout;
 use crate::logs::{Refusal, Tally, SUMMARY_INTERVAL};
 use crate::metrics::{Metrics, Rejected};
+use crate::quota::{DiskFloor, QuotaState};
 use crate::repo::{Repo, RepoError};
 use crate::store::PackStores;
 use crate::Error;
@@ -57,6 +67,9 @@ pub const BUSY_WAIT: Duration = Duration::from_secs(5);
 pub(crate) const LINGER: Duration = Duration::from_secs(2);
 /// How long `serve` retries the root's lock (a `status` may hold it for an instant).
 const LOCK_WAIT: Duration = Duration::from_secs(2);
+/// How often open sessions are checked against the authorization list (a revoked key's
+/// sessions end within about this long).
+pub const REVOCATION_CHECK: Duration = Duration::from_millis(250);
 
 /// Options of `serve`.
 #[derive(Clone, Debug)]
@@ -75,8 +88,17 @@ pub struct ServeOptions {
 pub(crate) struct Server {
     layout: Layout,
     pub(crate) config: Config,
+    /// The configuration as last (re)read: its quota keys apply at once on SIGHUP.
+    live_config: RwLock<Arc<Config>>,
+    /// The free-space floor of the packs' file system, shared by every repository.
+    floor: Arc<DiskFloor>,
+    /// Size of that file system (for `min_free`'s default).
+    fs_size: u64,
     keypair: StaticKeypair,
-    auth: AuthWatcher,
+    auth: Arc<AuthWatcher>,
+    /// Sessions running, by number, with their key and repository (for revocation).
+    live: std::sync::Mutex<HashMap<u64, Access>>,
+    next_session: AtomicU64,
     /// Repositories opened so far, each opened once and shared by its sessions.
     repos: tokio::sync::Mutex<HashMap<RepoName, Arc<Repo>>>,
     /// Session slots (`max_sessions`).
@@ -125,6 +147,11 @@ pub fn serve(opts: ServeOptions, on_ready: impl FnOnce(SocketAddr)) -> Result<()
         .build()
         .map_err(|e| Error::Runtime(e.to_string()))?;
     let server = Server::new(layout.clone(), config, keypair, opts.stores);
+    tracing::info!(
+        min_free = server.floor.min_free(),
+        default_quota = server.config.quota.0,
+        "quotas and free-space floor"
+    );
     let r = rt.block_on(run(server, opts.metrics, on_ready));
     rt.shutdown_timeout(Duration::from_secs(2));
     let _ = std::fs::remove_file(layout.serve_addr());
@@ -169,7 +196,8 @@ async fn run(
         serve_metrics(&server, l);
     }
     on_ready(addr);
-    spawn_signal_handler(server.cancel.clone())?;
+    spawn_signal_handler(server.clone())?;
+    spawn_revocation_watch(server.clone());
     crate::notify::notify(&format!("READY=1\nSTATUS=listening on {addr}"));
     spawn_watchdog(server.cancel.clone());
     spawn_refusal_summaries(server.clone());
@@ -186,8 +214,22 @@ impl Server {
         keypair: StaticKeypair,
         stores: Arc<dyn PackStores>,
     ) -> Arc<Self> {
+        // The floor is on the file system that holds the repositories (the root's, until
+        // `repos/` exists).
+        let floor_path = if layout.repos().is_dir() {
+            layout.repos()
+        } else {
+            layout.root().to_path_buf()
+        };
+        let fs_size = crate::quota::fs_size(&floor_path).unwrap_or(0);
+        let floor = Arc::new(DiskFloor::new(floor_path, config.min_free_for(fs_size)));
         Arc::new(Server {
-            auth: AuthWatcher::new(layout.authorized()),
+            auth: Arc::new(AuthWatcher::new(layout.authorized())),
+            live_config: RwLock::new(Arc::new(config.clone())),
+            floor,
+            fs_size,
+            live: std::sync::Mutex::new(HashMap::new()),
+            next_session: AtomicU64::new(0),
             layout,
             sessions: Arc::new(Semaphore::new(config.max_sessions)),
             handshakes: Arc::new(Semaphore::new(MAX_HANDSHAKES)),
@@ -264,10 +306,133 @@ impl Server {
                 "recovered after an unclean stop"
             );
         }
+        repo.limits.set_quota(self.live_config().quota_of(name));
+        repo.limits.set_floor(self.floor.clone());
         let repo = Arc::new(repo);
         repos.insert(name.clone(), repo.clone());
         Ok(repo)
     }
+
+    /// The configuration as last read (at start or on SIGHUP).
+    pub(crate) fn live_config(&self) -> Arc<Config> {
+        match self.live_config.read() {
+            Ok(c) => c.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// SIGHUP: re-reads `receiver.toml` and applies its quota keys to every repository
+    /// (and to those opened later). A file that does not load keeps the running settings.
+    async fn reload(&self) {
+        let config = match self.layout.load_config() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!("SIGHUP: {e}; keeping the running configuration");
+                return;
+            }
+        };
+        self.floor.set_min_free(config.min_free_for(self.fs_size));
+        for (name, repo) in self.repos.lock().await.iter() {
+            repo.limits.set_quota(config.quota_of(name));
+        }
+        let quota_keys = Config {
+            quota: config.quota,
+            min_free: config.min_free,
+            warn_at: config.warn_at,
+            repos: config.repos.clone(),
+            listen: self.config.listen,
+            ..self.config.clone()
+        };
+        if quota_keys != config {
+            tracing::warn!(
+                "SIGHUP: receiver.toml changed keys other than quota, min_free, warn_at and \
+                 [repos.NAME]; those apply at the next restart"
+            );
+        }
+        tracing::info!(
+            min_free = self.floor.min_free(),
+            default_quota = config.quota.0,
+            "SIGHUP: quotas reloaded from receiver.toml"
+        );
+        match self.live_config.write() {
+            Ok(mut c) => *c = Arc::new(config),
+            Err(p) => *p.into_inner() = Arc::new(config),
+        }
+    }
+
+    /// Ends the sessions whose key no longer writes their repository.
+    fn revoke_sessions(&self) {
+        let auth = self.auth.current();
+        let live = match self.live.lock() {
+            Ok(l) => l,
+            Err(p) => p.into_inner(),
+        };
+        for a in live.values() {
+            if !a.revoked.is_cancelled() && auth.repo_of(&a.key) != Some(&a.repo) {
+                tracing::info!(key = %a.key, repo = %a.repo, "agent key revoked: ending its session");
+                a.revoked.cancel();
+            }
+        }
+    }
+}
+
+/// A session's authorization: its key, its repository, and a token cancelled once the key
+/// no longer writes that repository (revoked, or moved to another).
+#[derive(Clone)]
+pub(crate) struct Access {
+    key: PublicKey,
+    repo: RepoName,
+    pub(crate) revoked: CancellationToken,
+    auth: Arc<AuthWatcher>,
+}
+
+impl Access {
+    /// The session's agent key.
+    pub(crate) fn key(&self) -> &PublicKey {
+        &self.key
+    }
+
+    /// Looks at the authorization list now (a `stat`, and a read when it changed): true
+    /// while the key still writes the repository. Once false, stays false.
+    pub(crate) fn still_authorized(&self) -> bool {
+        if self.revoked.is_cancelled() {
+            return false;
+        }
+        let ok = self.auth.current().repo_of(&self.key) == Some(&self.repo);
+        if !ok {
+            self.revoked.cancel();
+        }
+        ok
+    }
+}
+
+/// A session registered for revocation, removed when it ends.
+struct Registered<'a> {
+    server: &'a Server,
+    id: u64,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        let mut live = match self.server.live.lock() {
+            Ok(l) => l,
+            Err(p) => p.into_inner(),
+        };
+        live.remove(&self.id);
+    }
+}
+
+/// Checks open sessions against the authorization list every [`REVOCATION_CHECK`].
+fn spawn_revocation_watch(server: Arc<Server>) {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(REVOCATION_CHECK) => {}
+                _ = server.cancel.cancelled() => return,
+            }
+            server.revoke_sessions();
+        }
+    });
 }
 
 /// Serves `/metrics` on `listener` until shutdown.
@@ -288,24 +453,40 @@ fn serve_metrics(server: &Arc<Server>, listener: TcpListener) {
 /// blocking thread).
 fn scrape(server: &Server) -> String {
     let repos: Vec<Arc<Repo>> = server.repos.blocking_lock().values().cloned().collect();
+    let warn_at = server.live_config().warn_at.0;
     for r in repos {
+        let name = r.name().as_str();
+        server.metrics.set_repository_bytes(name, r.stored_bytes());
+        let (used, quota) = (r.used_bytes(), r.limits.quota());
+        let state = QuotaState::of(used, quota, warn_at);
         server
             .metrics
-            .set_repository_bytes(r.name().as_str(), r.stored_bytes());
+            .set_repository_quota(name, used, quota, state);
     }
+    let free = server.floor.free_now().unwrap_or(0);
+    server.metrics.set_disk(free, server.floor.min_free());
     server.metrics.render()
 }
 
-fn spawn_signal_handler(cancel: CancellationToken) -> Result<(), Error> {
+fn spawn_signal_handler(server: Arc<Server>) -> Result<(), Error> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).map_err(|e| Error::Runtime(e.to_string()))?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| Error::Runtime(e.to_string()))?;
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| Error::Runtime(e.to_string()))?;
     tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM received"),
-            _ = int.recv() => tracing::info!("SIGINT received"),
+        loop {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received"),
+                _ = int.recv() => tracing::info!("SIGINT received"),
+                _ = hup.recv() => {
+                    tracing::info!("SIGHUP received: reloading quotas");
+                    server.reload().await;
+                    continue;
+                }
+            }
+            server.cancel.cancel();
+            return;
         }
-        cancel.cancel();
     });
     Ok(())
 }
@@ -466,9 +647,26 @@ async fn connection(
     let span = tracing::info_span!("session", %repo, key = %short(&key));
     let metrics = server.metrics.clone();
     let active = metrics.session();
-    crate::session::session(server, ch, repo)
+    let access = Access {
+        key,
+        repo: repo.clone(),
+        revoked: CancellationToken::new(),
+        auth: server.auth.clone(),
+    };
+    let id = server.next_session.fetch_add(1, Ordering::Relaxed);
+    if let Ok(mut live) = server.live.lock() {
+        live.insert(id, access.clone());
+    }
+    let registered = Registered {
+        server: &server,
+        id,
+    };
+    // Revoked while it waited for its slot: checked once more now that it is registered.
+    access.still_authorized();
+    crate::session::session(server.clone(), ch, repo, access)
         .instrument(span)
         .await;
+    drop(registered);
     drop(active);
     drop(permit);
 }

@@ -24,8 +24,8 @@ use std::time::Duration;
 use coffer_common::channel::{self, ChannelError, RecvHalf, SendHalf};
 use coffer_common::chunk::{ChunkId, SEAL_OVERHEAD};
 use coffer_common::wire::{
-    CommitResult, ErrorCode, FileCommit, Message, SealedChunk, WireError, MAX_BATCH_FILES, MAX_IDS,
-    MAX_MANIFEST, MAX_NAME, MAX_SEALED_CHUNK, PROTOCOL_VERSION,
+    CommitResult, ErrorCode, FileCommit, Message, QuotaInfo, SealedChunk, WireError,
+    MAX_BATCH_FILES, MAX_IDS, MAX_MANIFEST, MAX_NAME, MAX_SEALED_CHUNK, PROTOCOL_VERSION,
 };
 use tokio::io::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
@@ -38,7 +38,7 @@ use crate::index::{CommitOutcome, NewCommit};
 use crate::logs::peer_text;
 use crate::metrics::{ErrorKind, Metrics};
 use crate::repo::{KeyFileStored, Repo, RepoError};
-use crate::server::{error, refuse, Server, LINGER};
+use crate::server::{error, refuse, Access, Server, LINGER};
 
 /// Commits in one batch before it is flushed regardless.
 pub const MAX_BATCH_COMMITS: usize = 4096;
@@ -76,6 +76,7 @@ pub(crate) async fn session(
     server: Arc<Server>,
     mut ch: channel::Channel<TcpStream>,
     repo_name: RepoName,
+    access: Access,
 ) {
     let agent = match hello(&server, &mut ch).await {
         Hello::Agent(a) => a,
@@ -86,14 +87,20 @@ pub(crate) async fn session(
         Ok(r) => r,
         Err(m) => return refuse(ch, m).await,
     };
+    let quota = repo.limits.quota();
     let welcome = Message::Welcome {
         protocol: PROTOCOL_VERSION,
         repo: repo_name.to_string(),
+        quota: (quota > 0).then(|| QuotaInfo {
+            used: repo.used_bytes(),
+            quota,
+            warn_at_percent: server.live_config().warn_at.0,
+        }),
     };
     if ch.send(&welcome).await.is_err() {
         return;
     }
-    serve_requests(&server, ch, repo, &agent).await;
+    serve_requests(&server, ch, repo, &agent, access).await;
 }
 
 /// What the agent's first message came to.
@@ -179,6 +186,7 @@ async fn serve_requests(
     ch: channel::Channel<TcpStream>,
     repo: Arc<Repo>,
     agent: &str,
+    access: Access,
 ) {
     let (tx, rx) = ch.split();
     let (qtx, qrx) = mpsc::channel(QUEUE_MESSAGES);
@@ -191,6 +199,7 @@ async fn serve_requests(
         tx,
         server.config.idle_timeout(),
         server.metrics.clone(),
+        access,
     );
     let end = s.run(qrx, &server.cancel).await;
     // Close our side after the last reply; let the reader drain what the agent had already
@@ -274,6 +283,8 @@ enum End {
     Idle,
     #[error("receiver shutting down")]
     Shutdown,
+    #[error("the agent's key was revoked")]
+    Revoked,
 }
 
 enum Reply {
@@ -323,6 +334,9 @@ struct Session {
     /// allocated on whichever blocking thread ran it, spreads freed memory over glibc's
     /// per-thread arenas and inflates the receiver's resident memory.
     read_bufs: Vec<Vec<u8>>,
+    /// The key's authorization: a revoked key's session ends, and nothing more of it is
+    /// acknowledged.
+    access: Access,
 }
 
 type ChunkReads = tokio::task::JoinHandle<Vec<Result<Option<Vec<u8>>, RepoError>>>;
@@ -334,7 +348,9 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 }
 
 fn error_kind(e: &RepoError) -> ErrorKind {
-    if e.is_storage() {
+    if matches!(e, RepoError::Refused(_)) {
+        ErrorKind::Quota
+    } else if e.is_storage() {
         ErrorKind::Storage
     } else {
         ErrorKind::Internal
@@ -342,7 +358,9 @@ fn error_kind(e: &RepoError) -> ErrorKind {
 }
 
 fn repo_error(e: &RepoError) -> Message {
-    let code = if e.is_storage() {
+    let code = if matches!(e, RepoError::Refused(_)) {
+        ErrorCode::QuotaExceeded
+    } else if e.is_storage() {
         ErrorCode::Storage
     } else {
         ErrorCode::Internal
@@ -350,15 +368,26 @@ fn repo_error(e: &RepoError) -> Message {
     error(code, e.to_string())
 }
 
+/// Logs a chunk that could not be stored: a refusal (quota, disk floor) is counted in
+/// `/metrics` and only logged at debug level (the agent retries it), anything else warned.
+fn log_store_error(id: &ChunkId, e: &RepoError) {
+    if matches!(e, RepoError::Refused(_)) {
+        tracing::debug!("refused chunk {id}: {e}");
+    } else {
+        tracing::warn!("storing chunk {id}: {e}");
+    }
+}
+
 enum Event {
     Flushed(Result<FlushResult, tokio::task::JoinError>),
     Item(Option<Incoming>),
     Cancel,
     Idle,
+    Revoked,
 }
 
 impl Session {
-    fn new(repo: Arc<Repo>, tx: Tx, idle: Duration, metrics: Arc<Metrics>) -> Self {
+    fn new(repo: Arc<Repo>, tx: Tx, idle: Duration, metrics: Arc<Metrics>, access: Access) -> Self {
         Session {
             repo,
             tx,
@@ -373,6 +402,7 @@ impl Session {
             reads: VecDeque::new(),
             gathering: Vec::new(),
             read_bufs: Vec::new(),
+            access,
         }
     }
 
@@ -384,6 +414,16 @@ impl Session {
         cancel: &CancellationToken,
     ) -> Result<(), End> {
         let r = self.serve_queue(&mut q, cancel).await;
+        if matches!(r, Err(End::Revoked)) {
+            // Nothing more of a revoked key's session is made durable or acknowledged.
+            tracing::warn!("agent key revoked: ending its session");
+            let m = format!(
+                "agent key {} was revoked on this receiver; session closed",
+                self.access.key()
+            );
+            let _ = self.send(error(ErrorCode::Unauthorized, m)).await;
+            return r;
+        }
         let r = match r {
             Ok(()) => self.answer_reads().await,
             e => e,
@@ -450,9 +490,13 @@ impl Session {
                             continue;
                         }
                         Event::Idle => return Err(End::Idle),
+                        Event::Revoked => return Err(End::Revoked),
                     }
                 }
             };
+            if self.access.revoked.is_cancelled() {
+                return Err(End::Revoked);
+            }
             match item {
                 Incoming::Msg(m, permit) => {
                     self.handle(m).await?;
@@ -476,6 +520,7 @@ impl Session {
         shutting_down: bool,
     ) -> Event {
         let idle = !self.pending();
+        let revoked = self.access.revoked.clone();
         let flushing = async {
             match self.flushing.as_mut() {
                 Some(f) => (&mut f.task).await,
@@ -484,6 +529,7 @@ impl Session {
         };
         tokio::select! {
             biased;
+            _ = revoked.cancelled() => Event::Revoked,
             r = flushing => Event::Flushed(r),
             i = q.recv() => Event::Item(i),
             _ = cancel.cancelled(), if !shutting_down => Event::Cancel,
@@ -709,7 +755,7 @@ impl Session {
                 Message::Stored { id }
             }
             Err(e) => {
-                tracing::warn!("storing chunk {id}: {e}");
+                log_store_error(&id, &e);
                 self.failed(&e)
             }
         };
@@ -792,6 +838,10 @@ impl Session {
     async fn store_chunks(&mut self, chunks: Vec<SealedChunk>) -> Result<Option<Message>, End> {
         let repo = self.repo.clone();
         let r = blocking(move || {
+            if let Err(e) = crate::quota::room_for(&repo, &chunks) {
+                let id = chunks.first().map(|c| c.id).unwrap_or(ChunkId([0; 32]));
+                return Err(Box::new((id, e)));
+            }
             let mut stored = Vec::with_capacity(chunks.len());
             for c in &chunks {
                 match repo.put(&c.id, &c.sealed) {
@@ -812,7 +862,7 @@ impl Session {
             Err(b) => {
                 let (id, e) = *b;
                 // Nothing of this request is acknowledged; the agent sends it again.
-                tracing::warn!("storing chunk {id}: {e}");
+                log_store_error(&id, &e);
                 Ok(Some(self.failed(&e)))
             }
         }
@@ -897,6 +947,12 @@ impl Session {
         if self.batch.commits.is_empty() && !self.unflushed {
             return;
         }
+        if !self.batch.commits.is_empty() && !self.access.still_authorized() {
+            // Revoked since these were sent: none is recorded (the session ends).
+            self.batch = Batch::default();
+            self.batch_bytes = 0;
+            return;
+        }
         let Batch {
             commits, replies, ..
         } = std::mem::take(&mut self.batch);
@@ -974,6 +1030,9 @@ impl Session {
             return Ok(());
         };
         let (commits, outcome) = r.map_err(|e| End::Internal(e.to_string()))?;
+        if !commits.is_empty() && !self.access.still_authorized() {
+            return Err(End::Revoked);
+        }
         if let Err(e) = &outcome {
             tracing::warn!("flushing a batch of {} commits: {e}", commits.len());
             // One failure, however many commits it answers.

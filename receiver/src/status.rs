@@ -8,6 +8,7 @@ use serde::Serialize;
 use crate::auth::{Authorizations, RepoName};
 use crate::index::{Index, Mode, Stats};
 use crate::layout::{Layout, RepoDir};
+use crate::quota::{fs_size, human, DiskFloor, QuotaState};
 use crate::store::{read_record, Check, PackStore, PackStores, RecordError};
 use crate::Error;
 use coffer_common::host::fs::Context;
@@ -31,6 +32,12 @@ pub struct RepoStatus {
     pub packs: u64,
     /// RFC 3339, UTC.
     pub last_commit_at: Option<String>,
+    /// Its quota in bytes (0: none), from `receiver.toml` as it is now.
+    pub quota: u64,
+    /// Bytes its packs hold: what the quota counts.
+    pub used: u64,
+    /// `ok`, `warning` (past `warn_at` of the quota) or `over` (new chunks refused).
+    pub quota_state: &'static str,
 }
 
 /// The whole `status`.
@@ -44,6 +51,14 @@ pub struct Status {
     pub serve_addr: Option<String>,
     /// The configured listen address.
     pub listen: String,
+    /// `warn_at`, in percent of a quota.
+    pub warn_at: u32,
+    /// The free-space floor in bytes (0: none) and the free space of the packs' file
+    /// system; below the floor every repository is refused new chunks.
+    pub min_free: u64,
+    pub disk_free: Option<u64>,
+    /// `ok`, or `below min_free`.
+    pub disk_state: &'static str,
     pub repositories: Vec<RepoStatus>,
 }
 
@@ -103,7 +118,11 @@ pub fn status(layout: &Layout, stores: &dyn PackStores) -> Result<Status, Error>
             packs += 1;
             stored += store.len(p)?;
         }
+        let quota = config.quota_of(&name);
         repositories.push(RepoStatus {
+            quota,
+            used: stored,
+            quota_state: QuotaState::of(stored, quota, config.warn_at.0).as_str(),
             keys: keys.remove(&name).unwrap_or_default(),
             name: name.to_string(),
             files: stats.files,
@@ -115,7 +134,22 @@ pub fn status(layout: &Layout, stores: &dyn PackStores) -> Result<Status, Error>
             last_commit_at: stats.last_commit.map(rfc3339),
         });
     }
+    let disk = if layout.repos().is_dir() {
+        layout.repos()
+    } else {
+        layout.root().to_path_buf()
+    };
+    let min_free = config.min_free_for(fs_size(&disk).unwrap_or(0));
+    let floor = DiskFloor::new(disk, min_free);
+    let disk_free = floor.free_now().ok();
     Ok(Status {
+        warn_at: config.warn_at.0,
+        min_free,
+        disk_free,
+        disk_state: match disk_free {
+            Some(f) if min_free > 0 && f < min_free => "below min_free",
+            _ => "ok",
+        },
         root: layout.root().display().to_string(),
         receiver_key: key.to_string(),
         serve_running: running,
@@ -154,6 +188,21 @@ impl Status {
                 self.listen
             )),
         }
+        if let Some(free) = self.disk_free {
+            let floor = match self.min_free {
+                0 => "no min_free".to_string(),
+                m => format!("min_free {}", human(m)),
+            };
+            let below = if self.disk_state == "ok" {
+                ""
+            } else {
+                ": BELOW min_free, new chunks are refused for every repository"
+            };
+            s.push_str(&format!(
+                "disk:          {} free ({floor}){below}\n",
+                human(free)
+            ));
+        }
         s.push_str(&format!("repositories:  {}\n", self.repositories.len()));
         for r in &self.repositories {
             s.push_str(&format!("\n{}\n", r.name));
@@ -180,6 +229,19 @@ impl Status {
                 "  last commit: {}\n",
                 r.last_commit_at.as_deref().unwrap_or("never")
             ));
+            if r.quota > 0 {
+                let pct = (r.used as f64 * 100.0 / r.quota as f64).round();
+                let state = match r.quota_state {
+                    "over" => " OVER QUOTA: new chunks are refused".to_string(),
+                    "warning" => format!(" WARNING: past {}%", self.warn_at),
+                    _ => String::new(),
+                };
+                s.push_str(&format!(
+                    "  quota:       {} of {} used ({pct}%){state}\n",
+                    human(r.used),
+                    human(r.quota)
+                ));
+            }
         }
         s
     }

@@ -186,6 +186,11 @@ impl Receiver {
     /// Starts `serve` on 127.0.0.1:0, or on the previous address when there was one, and
     /// waits for its `listening on` line.
     pub fn serve(&mut self) -> Result<SocketAddr> {
+        self.serve_with(&[])
+    }
+
+    /// [`Receiver::serve`] with more arguments (e.g. `--metrics ADDR`).
+    pub fn serve_with(&mut self, extra: &[&str]) -> Result<SocketAddr> {
         self.kill9();
         let listen = self
             .addr
@@ -201,6 +206,7 @@ impl Receiver {
             .args(["serve", "--root"])
             .arg(&self.root)
             .args(["--listen", &listen])
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
@@ -381,7 +387,7 @@ impl TestAgent {
             software: coffer_common::SOFTWARE.into(),
         };
         match ch.request(&hello).await? {
-            Message::Welcome { protocol, repo } if protocol == PROTOCOL_VERSION => {
+            Message::Welcome { protocol, repo, .. } if protocol == PROTOCOL_VERSION => {
                 Ok(Client { ch, repo })
             }
             other => Err(anyhow!("expected Welcome, got {other:?}")),

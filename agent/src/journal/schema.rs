@@ -176,6 +176,12 @@ pub enum MetaKey<'a> {
     ReceiverState,
     /// When `ReceiverState` was last set (unix ms).
     ReceiverStateAt,
+    /// The receiver's refusal (`QuotaExceeded`, `Unauthorized`) as JSON `{code, message,
+    /// since_ms}`; empty once it takes data again.
+    ReceiverRefusal,
+    /// The repository's use and quota at the last connect, as JSON `{used, quota,
+    /// warn_at_percent, at_ms}`; empty when it has no quota.
+    ReceiverQuota,
     /// `1` once the wrapped key file is escrowed on the receiver.
     KeyEscrowed,
     /// The last escrow check: `ok` (the receiver holds this agent's key file),
@@ -200,6 +206,8 @@ impl MetaKey<'_> {
             MetaKey::LastBackedAt => "last_backed_at".into(),
             MetaKey::ReceiverState => "receiver_state".into(),
             MetaKey::ReceiverStateAt => "receiver_state_at".into(),
+            MetaKey::ReceiverRefusal => "receiver_refusal".into(),
+            MetaKey::ReceiverQuota => "receiver_quota".into(),
             MetaKey::KeyEscrowed => "key_escrowed".into(),
             MetaKey::EscrowState => "escrow_state".into(),
             MetaKey::EscrowCheckedAt => "escrow_checked_at".into(),
