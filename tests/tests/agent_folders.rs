@@ -186,3 +186,96 @@ fn folder_modes_and_mtimes_are_restored_and_the_journal_keeps_no_plain_hash() ->
     );
     Ok(())
 }
+
+/// A repository written before folders had versions (only `File` and `Deleted` manifests,
+/// committed here as that release did, the agent never run) restores as it always did: its
+/// files, and folders with the mode a new folder gets.
+#[test]
+fn a_backup_without_folder_versions_restores_as_before() -> Result<()> {
+    use coffer_common::chunk::Crypto;
+    use coffer_common::keys::{unwrap_master, Passphrase};
+    use coffer_common::manifest::{ChunkRef, EntryKind, Manifest};
+    use coffer_common::wire::{CommitId, Message};
+
+    let tmp = tempfile::tempdir()?;
+    let rcv = Receiver::start(&tmp.path().join("rcv"))?;
+    let agent = Agent::init(&tmp.path().join("agent"), &rcv, "r")?;
+    let state = agent.dir.join("state");
+    let master = unwrap_master(
+        &std::fs::read(state.join("keyfile"))?,
+        &Passphrase::new(PASS.into())?,
+    )?;
+    let crypto = Crypto::new(&master.sub_keys());
+    let kp =
+        coffer_common::channel::StaticKeypair::from_bytes(&std::fs::read(state.join("agent.key"))?)
+            .context("agent key")?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let conn = rt.block_on(coffer_agent::conn::Conn::connect(
+        &rcv.addr,
+        &rcv.key.parse()?,
+        &kp,
+        "an older agent",
+    ))?;
+    let body = b"written before folders had versions".to_vec();
+    let id = crypto.chunk_id(&body);
+    rt.block_on(conn.call(Message::put_chunk(id, crypto.seal_chunk(&id, &body)?)))?;
+    let file = |path: &str, kind: EntryKind| Manifest {
+        path: path.as_bytes().to_vec(),
+        size: if kind == EntryKind::File {
+            body.len() as u64
+        } else {
+            0
+        },
+        chunks: match kind {
+            EntryKind::File => vec![ChunkRef {
+                id,
+                len: body.len() as u32,
+            }],
+            _ => vec![],
+        },
+        kind,
+        mtime_ns: 1_600_000_000_000_000_000,
+        mode: 0o640,
+        uid: 0,
+        gid: 0,
+        content_hash: *blake3::hash(&body).as_bytes(),
+    };
+    for (n, m) in [
+        file("w/old/sub/kept.txt", EntryKind::File),
+        file("w/old/gone.txt", EntryKind::File),
+        file("w/old/gone.txt", EntryKind::Deleted),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let fid = crypto.file_id(&m.path);
+        let r = rt.block_on(conn.call(Message::CommitFile {
+            commit_id: CommitId([n as u8 + 1; 16]),
+            file_id: fid,
+            manifest: crypto.seal_manifest(&fid, &m.encode())?,
+            chunks: m.chunks.iter().map(|c| c.id).collect(),
+        }))?;
+        assert!(matches!(r, Message::FileAcked { .. }), "{r:?}");
+    }
+    drop(conn);
+    let umask = {
+        let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
+        nix::sys::stat::umask(old);
+        old.bits() as u32
+    };
+    let dest = tmp.path().join("dest");
+    let r = agent.restore(&dest, &[])?;
+    ok(&r);
+    assert!(
+        String::from_utf8_lossy(&r.stderr).contains("restored 1 files"),
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    assert_eq!(std::fs::read(dest.join("w/old/sub/kept.txt"))?, body);
+    assert_eq!(mode(&dest.join("w/old/sub/kept.txt"))?, 0o640);
+    assert!(!dest.join("w/old/gone.txt").exists());
+    for f in ["w", "w/old", "w/old/sub"] {
+        assert_eq!(mode(&dest.join(f))?, 0o777 & !umask, "{f}");
+    }
+    Ok(())
+}
