@@ -3,6 +3,11 @@
 //! Only `lstat` is used: a file whose size, mtime (ns), ctime (ns) and inode equal those
 //! recorded when it was last read is not read again. Paths in the journal that are no longer
 //! on disk are marked dirty too; the uploader then records them as deletions.
+//!
+//! Folders have rows too (keyed `name/rel/`, the watch's own folder `name/`), compared the
+//! same way by the stat their entry gives (one `fstatat` per folder, none per file): a
+//! changed mode, owner (both change the ctime) or mtime makes the folder dirty, and the
+//! uploader commits its metadata as a `Dir` version.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -12,13 +17,18 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use crate::config::Watch;
-use crate::journal::{CounterKey, Journal, JournalError, Known, Standing, StatKey};
+use crate::journal::{
+    folder_key, is_folder_key, CounterKey, Journal, JournalError, Known, Standing, StatKey,
+};
 use coffer_common::host::time::now_ms;
 
 /// What a scan found.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ScanStats {
     pub files: u64,
+    /// Folders walked (the scanned folder included), and those whose row was made dirty.
+    pub folders: u64,
+    pub folders_changed: u64,
     pub changed: u64,
     pub deleted: u64,
     pub skipped_special: u64,
@@ -61,6 +71,39 @@ pub fn stat_key(m: &std::fs::Metadata) -> StatKey {
     }
 }
 
+/// Whether a known row (a file's or a folder's) must be read again, given the stat found now;
+/// marks it seen.
+fn changed(known: &mut HashMap<Vec<u8>, Known>, key: &[u8], cur: StatKey) -> bool {
+    match known.get_mut(key) {
+        None => true,
+        Some(k) => {
+            k.seen = true;
+            match k.standing {
+                Standing::BackedUp | Standing::Failed => k.stat != Some(cur),
+                Standing::Deleted => true, // back after its deletion
+                Standing::Queued => false, // read anyway
+            }
+        }
+    }
+}
+
+/// A folder found at `rel`: its row is made dirty when its stat changed.
+fn folder(
+    watch: &Watch,
+    known: &mut HashMap<Vec<u8>, Known>,
+    dirty: &mut Vec<(Vec<u8>, String, Option<i64>)>,
+    stats: &mut ScanStats,
+    rel: &Path,
+    meta: &std::fs::Metadata,
+) {
+    stats.folders += 1;
+    let key = folder_key(&journal_key(watch, rel));
+    if changed(known, &key, stat_key(meta)) {
+        stats.folders_changed += 1;
+        dirty.push((key, watch.name.clone(), None));
+    }
+}
+
 /// Changed files journaled per transaction during a walk.
 const SCAN_FLUSH: usize = 4096;
 
@@ -92,6 +135,15 @@ pub fn scan(
     let mut stats = ScanStats::default();
     let mut unreadable: Vec<Vec<u8>> = Vec::new();
     let mut dirty: Vec<(Vec<u8>, String, Option<i64>)> = Vec::new();
+    // The scanned folder's own row (a folder's row is checked where its parent lists it).
+    if let (Ok(rel), Ok(meta)) = (
+        start.strip_prefix(&watch.path),
+        std::fs::symlink_metadata(&start),
+    ) {
+        if meta.is_dir() {
+            folder(watch, &mut known, &mut dirty, &mut stats, rel, &meta);
+        }
+    }
     let mut stack = vec![start.clone()];
     while let Some(dir) = stack.pop() {
         if stopping() {
@@ -138,6 +190,9 @@ pub fn scan(
                 Err(_) => continue,
             };
             if ft.is_dir() {
+                if let Ok(meta) = entry.metadata() {
+                    folder(watch, &mut known, &mut dirty, &mut stats, &rel, &meta);
+                }
                 stack.push(path);
                 continue;
             }
@@ -153,18 +208,7 @@ pub fn scan(
             };
             stats.files += 1;
             let cur = stat_key(&meta);
-            let changed = match known.get_mut(&jp) {
-                None => true,
-                Some(k) => {
-                    k.seen = true;
-                    match k.standing {
-                        Standing::BackedUp | Standing::Failed => k.stat != Some(cur),
-                        Standing::Deleted => true, // back after its deletion
-                        Standing::Queued => false, // read anyway
-                    }
-                }
-            };
-            if changed {
+            if changed(&mut known, &jp, cur) {
                 stats.changed += 1;
                 dirty.push((jp, watch.name.clone(), Some(cur.size)));
             }
@@ -188,6 +232,9 @@ pub fn scan(
             continue;
         }
         match k.standing {
+            Standing::BackedUp if is_folder_key(p) => {
+                dirty.push((p.clone(), watch.name.clone(), None));
+            }
             Standing::BackedUp => {
                 stats.deleted += 1;
                 dirty.push((p.clone(), watch.name.clone(), None));
@@ -356,5 +403,68 @@ mod tests {
         let j = j.lock().expect("journal");
         let row = j.row(b"w/sub/kept").expect("row").expect("exists");
         assert_eq!(row.state, FileState::BackedUp);
+    }
+
+    /// Folders have rows of their own (the watch's folder too), made dirty when first seen
+    /// and when their mode changes, and marked for a deletion record when gone; files are
+    /// counted apart from them.
+    #[test]
+    fn folders_have_rows_made_dirty_when_they_change_or_go() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().expect("tempdir");
+        let root = d.path().join("tree");
+        std::fs::create_dir_all(root.join("sub/deeper")).expect("mkdir");
+        std::fs::create_dir_all(root.join("gone")).expect("mkdir");
+        std::fs::write(root.join("sub/f"), b"x").expect("write");
+        let watch = Watch {
+            path: root.clone(),
+            name: "w".into(),
+            exclude: globset::GlobSet::empty(),
+            exclude_patterns: Vec::new(),
+        };
+        let j = Mutex::new(Journal::open(&d.path().join("j.sqlite")).expect("journal"));
+        let stats = scan(&watch, None, &j, 0, None, &|| false).expect("scan");
+        assert_eq!(
+            (stats.files, stats.folders, stats.folders_changed),
+            (1, 4, 4)
+        );
+        let folders = [&b"w/"[..], b"w/sub/", b"w/sub/deeper/", b"w/gone/"];
+        {
+            let mut j = j.lock().expect("journal");
+            for f in folders {
+                let row = j.row(f).expect("row").expect("a folder's row");
+                assert_eq!(
+                    row.state,
+                    FileState::Dirty,
+                    "{}",
+                    String::from_utf8_lossy(f)
+                );
+            }
+            assert_eq!(j.summary().expect("summary").dirty, 1, "files only");
+            // All backed up as they are now.
+            for f in folders {
+                let p = fs_path(std::slice::from_ref(&watch), &f[..f.len() - 1])
+                    .expect("in the watch")
+                    .1;
+                let stat = stat_key(&std::fs::symlink_metadata(p).expect("stat"));
+                // Each settled on its own: hand back what the last claim took besides.
+                let all: Vec<Vec<u8>> = folders.iter().map(|f| f.to_vec()).collect();
+                j.unclaim(&all).expect("unclaim");
+                settle(&mut j, f, "dir", stat, false);
+            }
+        }
+        std::fs::set_permissions(root.join("sub"), std::fs::Permissions::from_mode(0o700))
+            .expect("chmod");
+        std::fs::remove_dir(root.join("gone")).expect("rmdir");
+        let stats = scan(&watch, None, &j, 0, None, &|| false).expect("scan");
+        // `sub` (its mode) and the watch's folder (`gone` went from it).
+        assert_eq!(stats.folders_changed, 2);
+        assert_eq!(stats.deleted, 0, "deletions counted are files'");
+        let j = j.lock().expect("journal");
+        let state = |p: &[u8]| j.row(p).expect("row").expect("exists").state;
+        assert_eq!(state(b"w/sub/"), FileState::Dirty);
+        assert_eq!(state(b"w/"), FileState::Dirty);
+        assert_eq!(state(b"w/gone/"), FileState::Dirty);
+        assert_eq!(state(b"w/sub/deeper/"), FileState::BackedUp);
     }
 }

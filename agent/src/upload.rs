@@ -26,7 +26,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use crate::conn::{quota_retry_ms, Conn, ConnError, Pending};
 use crate::daemon::Daemon;
-use crate::journal::{Ack, CounterKey, FileRead, Job, StatKey};
+use crate::journal::{is_folder_key, Ack, CounterKey, FileRead, Job, StatKey};
 use crate::scan::{fs_path, stat_key};
 use coffer_common::host::time::now_ms;
 
@@ -443,7 +443,18 @@ fn settle(
     }
 }
 
-fn read_info(job: &Job, kind: &'static str, stat: StatKey, mode: i64, hash: [u8; 32]) -> FileRead {
+/// What is recorded of a read. `summary` is what tells one content apart from another: the
+/// plain BLAKE3 of the bytes, or a folder's metadata; the journal gets only its keyed hash
+/// (`Crypto::journal_hash`), which confirms no guess of the content to whoever reads it.
+fn read_info(
+    sh: &Daemon,
+    job: &Job,
+    kind: &'static str,
+    stat: StatKey,
+    mode: i64,
+    summary: &[u8],
+) -> FileRead {
+    let hash = sh.crypto().journal_hash(summary);
     let commit_id = match (job.hash, job.commit_id) {
         (Some(h), Some(c)) if h == hash => c,
         _ => {
@@ -470,29 +481,56 @@ fn read_info(job: &Job, kind: &'static str, stat: StatKey, mode: i64, hash: [u8;
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// A version's content: its kind, its plain content hash (zero for a folder or a deletion:
+/// the sealed manifest keeps it, the journal never does), its chunks, and those still to
+/// send with it.
+struct Content {
+    kind: EntryKind,
+    hash: [u8; 32],
+    chunks: Vec<ChunkRef>,
+    chunk: Option<SealedChunk>,
+    puts: Vec<Pending>,
+}
+
+impl Content {
+    /// A version without chunks (a symlink, a folder, a deletion).
+    fn bare(kind: EntryKind, hash: [u8; 32]) -> Self {
+        Content {
+            kind,
+            hash,
+            chunks: vec![],
+            chunk: None,
+            puts: vec![],
+        }
+    }
+}
+
 fn ready(
     sh: &Daemon,
     job: &Job,
     read: FileRead,
-    kind: EntryKind,
     meta: Option<&std::fs::Metadata>,
-    chunks: Vec<ChunkRef>,
-    chunk: Option<SealedChunk>,
-    puts: Vec<Pending>,
+    c: Content,
 ) -> Outcome {
+    // A folder's row is keyed `name/rel/`; its versions are those of `name/rel`.
+    let path = job.path.strip_suffix(b"/").unwrap_or(&job.path);
     let manifest = Manifest {
-        path: job.path.clone(),
-        kind,
-        size: read.stat.size as u64,
+        path: path.to_vec(),
+        size: if c.kind == EntryKind::Dir {
+            0
+        } else {
+            read.stat.size as u64
+        },
+        kind: c.kind,
         mtime_ns: read.stat.mtime_ns,
         mode: (read.mode & 0o7777) as u32,
         uid: meta.map(|m| m.uid()).unwrap_or(0),
         gid: meta.map(|m| m.gid()).unwrap_or(0),
-        content_hash: read.hash,
-        chunks: chunks.clone(),
+        content_hash: c.hash,
+        chunks: c.chunks,
     };
-    let file_id = sh.crypto().file_id(&job.path);
+    let (chunk, puts) = (c.chunk, c.puts);
+    let file_id = sh.crypto().file_id(path);
     let sealed = match sh.crypto().seal_manifest(&file_id, &manifest.encode()) {
         Ok(s) => s,
         Err(e) => return Outcome::Failed(format!("sealing manifest: {e}")),
@@ -502,7 +540,7 @@ fn ready(
         commit_id: read.commit_id,
         file_id,
         manifest: sealed,
-        chunks: chunks.iter().map(|c| c.id).collect(),
+        chunks: manifest.chunks.iter().map(|c| c.id).collect(),
     };
     Outcome::Ready(Box::new(Ready {
         read,
@@ -513,10 +551,14 @@ fn ready(
     }))
 }
 
-/// Reads one due file and makes it ready to commit (or says why not): a folder or a file
-/// whose watch was removed is forgotten, a vanished one is a deletion, a symlink's content
-/// is its target, a regular file is read whole (small) or streamed through the chunker.
+/// Reads one due file and makes it ready to commit (or says why not): a folder found at a
+/// file's row, or a file whose watch was removed, is forgotten, a vanished one is a
+/// deletion, a symlink's content is its target, a regular file is read whole (small) or
+/// streamed through the chunker. A folder's row is a folder's metadata ([`folder`]).
 fn process(sh: &Daemon, conn: &Conn, job: &Job) -> Outcome {
+    if is_folder_key(&job.path) {
+        return folder(sh, job);
+    }
     let watches = sh.watches();
     let Some((_, path)) = fs_path(&watches, &job.path) else {
         return Outcome::Forget; // its watch was removed from the config
@@ -585,6 +627,52 @@ struct Opened<'a> {
     mode: i64,
 }
 
+/// A folder's row: its mode, owner and mtime, committed as a `Dir` version when they differ
+/// from those last backed up (no read of its entries: they have rows of their own).
+fn folder(sh: &Daemon, job: &Job) -> Outcome {
+    let key = &job.path[..job.path.len() - 1];
+    let watches = sh.watches();
+    let Some((_, path)) = fs_path(&watches, key) else {
+        return Outcome::Forget; // its watch was removed from the config
+    };
+    let meta = match std::fs::symlink_metadata(&path) {
+        Ok(m) => m,
+        // A watch's own folder missing is an unavailable watch, never a deletion.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && key.contains(&b'/') => {
+            return deletion(sh, job)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Outcome::Forget,
+        Err(e) => {
+            return Outcome::Retry(
+                format!("reading folder {}: {e}", path.display()),
+                now_ms() + 3_600_000,
+            )
+        }
+    };
+    if !meta.is_dir() {
+        // Replaced by a file or a link, which its own row backs up.
+        return Outcome::Forget;
+    }
+    let stat = stat_key(&meta);
+    let mut summary = [0u8; 24];
+    summary[..4].copy_from_slice(b"dir\0");
+    summary[4..8].copy_from_slice(&(meta.mode() & 0o7777).to_le_bytes());
+    summary[8..12].copy_from_slice(&meta.uid().to_le_bytes());
+    summary[12..16].copy_from_slice(&meta.gid().to_le_bytes());
+    summary[16..].copy_from_slice(&stat.mtime_ns.to_le_bytes());
+    let read = read_info(sh, job, "dir", stat, meta.mode() as i64, &summary);
+    if job.backed_hash == Some(read.hash) && job.backed_kind.as_deref() == Some("dir") {
+        return Outcome::Unchanged(Box::new(read));
+    }
+    ready(
+        sh,
+        job,
+        read,
+        Some(&meta),
+        Content::bare(EntryKind::Dir, [0; 32]),
+    )
+}
+
 /// A symlink: its target is its content.
 fn symlink(sh: &Daemon, job: &Job, path: &Path, shown: &str, meta: &std::fs::Metadata) -> Outcome {
     let target = match std::fs::read_link(path) {
@@ -593,19 +681,23 @@ fn symlink(sh: &Daemon, job: &Job, path: &Path, shown: &str, meta: &std::fs::Met
         Err(e) => return Outcome::Failed(format!("reading link {shown}: {e}")),
     };
     let hash = *blake3::hash(&target).as_bytes();
-    let read = read_info(job, "symlink", stat_key(meta), meta.mode() as i64, hash);
-    if job.backed_hash == Some(hash) && job.backed_kind.as_deref() == Some("symlink") {
+    let read = read_info(
+        sh,
+        job,
+        "symlink",
+        stat_key(meta),
+        meta.mode() as i64,
+        &hash,
+    );
+    if job.backed_hash == Some(read.hash) && job.backed_kind.as_deref() == Some("symlink") {
         return Outcome::Unchanged(Box::new(read));
     }
     ready(
         sh,
         job,
         read,
-        EntryKind::Symlink { target },
         Some(meta),
-        vec![],
-        None,
-        vec![],
+        Content::bare(EntryKind::Symlink { target }, hash),
     )
 }
 
@@ -622,7 +714,7 @@ fn read_small(sh: &Daemon, f: &Opened) -> Outcome {
     if let Some(o) = changed_while_read(sh, &f.file, f.path, &f.before, len) {
         return o;
     }
-    let read = read_info(job, "file", stat_key(&f.before), f.mode, hash);
+    let read = read_info(sh, job, "file", stat_key(&f.before), f.mode, &hash);
     if unchanged(job, &read) {
         return Outcome::Unchanged(Box::new(read));
     }
@@ -648,11 +740,14 @@ fn read_small(sh: &Daemon, f: &Opened) -> Outcome {
         sh,
         job,
         read,
-        EntryKind::File,
         Some(&f.before),
-        chunks,
-        chunk,
-        vec![],
+        Content {
+            kind: EntryKind::File,
+            hash,
+            chunks,
+            chunk,
+            puts: vec![],
+        },
     )
 }
 
@@ -696,7 +791,7 @@ fn read_large(sh: &Daemon, conn: &Conn, f: &Opened) -> Outcome {
     if let Some(o) = changed_while_read(sh, &f.file, f.path, &f.before, len) {
         return o;
     }
-    let read = read_info(job, "file", stat_key(&f.before), f.mode, hash);
+    let read = read_info(sh, job, "file", stat_key(&f.before), f.mode, &hash);
     if unchanged(job, &read) && puts.is_empty() {
         return Outcome::Unchanged(Box::new(read));
     }
@@ -704,11 +799,14 @@ fn read_large(sh: &Daemon, conn: &Conn, f: &Opened) -> Outcome {
         sh,
         job,
         read,
-        EntryKind::File,
         Some(&f.before),
-        chunks,
-        None,
-        puts,
+        Content {
+            kind: EntryKind::File,
+            hash,
+            chunks,
+            chunk: None,
+            puts,
+        },
     )
 }
 
@@ -854,24 +952,58 @@ fn deletion(sh: &Daemon, job: &Job) -> Outcome {
     match job.backed_kind.as_deref() {
         None => Outcome::Forget,
         Some("deleted") => Outcome::Unchanged(Box::new(read_info(
+            sh,
             job,
             "deleted",
             StatKey::default(),
             0,
-            [0; 32],
+            &[0; 32],
         ))),
         Some(_) => {
-            let read = read_info(job, "deleted", StatKey::default(), 0, [0; 32]);
+            let read = read_info(sh, job, "deleted", StatKey::default(), 0, &[0; 32]);
             ready(
                 sh,
                 job,
                 read,
-                EntryKind::Deleted,
                 None,
-                vec![],
-                None,
-                vec![],
+                Content::bare(EntryKind::Deleted, [0; 32]),
             )
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::FileState;
+
+    /// A file is skipped as unchanged only when its backed-up hash is known and equal: one
+    /// whose hash a migration dropped (NULL, "not known") is always committed.
+    #[test]
+    fn a_file_whose_backed_up_hash_is_not_known_is_committed() {
+        let read = FileRead {
+            path: b"w/a".to_vec(),
+            gen: 2,
+            kind: "file",
+            stat: StatKey::default(),
+            mode: 0o644,
+            hash: [7; 32],
+            commit_id: CommitId([1; 16]),
+        };
+        let job = |backed_hash| Job {
+            path: b"w/a".to_vec(),
+            watch: "w".into(),
+            gen: 2,
+            state: FileState::Dirty,
+            attempts: 0,
+            hash: None,
+            commit_id: None,
+            backed_hash,
+            backed_kind: Some("file".into()),
+            mode: Some(0o644),
+        };
+        assert!(unchanged(&job(Some([7; 32])), &read));
+        assert!(!unchanged(&job(Some([8; 32])), &read));
+        assert!(!unchanged(&job(None), &read));
     }
 }

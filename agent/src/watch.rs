@@ -1,6 +1,8 @@
 //! Watching: `notify` events become dirty paths in the journal.
 //!
-//! Events are batched for a few milliseconds and written in one transaction. A new folder is
+//! Events are batched for a few milliseconds and written in one transaction; the folder
+//! holding a changed path is marked too (its mtime changes as entries come and go; the
+//! debounce makes one version of many such changes). A new folder is
 //! scanned (files created before its watch existed are not missed). An event-queue overflow
 //! or notify's rescan flag schedules a rescan of the tree; nothing is dropped silently. When
 //! the OS runs out of watches, the tree falls back to periodic scanning and `status` says so.
@@ -178,6 +180,13 @@ pub fn collect_batch(
         }
     }
     (paths, rescan)
+}
+
+/// The journal key of the folder holding `rel` (a path relative to `watch`): its row is
+/// made dirty with each change in it, since an entry that comes or goes changes its mtime.
+pub fn parent_folder_key(watch: &Watch, rel: &Path) -> Vec<u8> {
+    let parent = rel.parent().unwrap_or(Path::new(""));
+    crate::journal::folder_key(&crate::scan::journal_key(watch, parent))
 }
 
 /// Finds the watch a path belongs to and its path relative to the watch.

@@ -132,6 +132,7 @@ pub fn from_hex(s: &str) -> Option<Vec<u8>> {
 pub struct Crypto {
     id_key: [u8; 32],
     file_id_key: [u8; 32],
+    journal_key: [u8; 32],
     chunk: XChaCha,
     manifest: XChaCha,
 }
@@ -147,6 +148,7 @@ impl Drop for Crypto {
         use zeroize::Zeroize;
         self.id_key.zeroize();
         self.file_id_key.zeroize();
+        self.journal_key.zeroize();
         // The sealing keys zero themselves on drop (`XChaCha` holds them in `Zeroizing`).
     }
 }
@@ -157,6 +159,7 @@ impl Crypto {
         Self {
             id_key: *keys.chunk_id.as_bytes(),
             file_id_key: *keys.file_id.as_bytes(),
+            journal_key: *keys.journal_hash.as_bytes(),
             chunk: XChaCha::new(keys.chunk_seal.as_bytes()),
             manifest: XChaCha::new(keys.manifest_seal.as_bytes()),
         }
@@ -170,6 +173,13 @@ impl Crypto {
     /// The opaque id of a path (raw bytes, as the agent names it).
     pub fn file_id(&self, path: &[u8]) -> FileId {
         FileId(*blake3::keyed_hash(&self.file_id_key, path).as_bytes())
+    }
+
+    /// What the agent's journal records of a file's content: a keyed BLAKE3 of its plain
+    /// content hash (or of another short summary, such as a folder's metadata), which tells
+    /// a change apart without confirming a guess of the content to whoever reads the journal.
+    pub fn journal_hash(&self, summary: &[u8]) -> [u8; 32] {
+        *blake3::keyed_hash(&self.journal_key, summary).as_bytes()
     }
 
     /// Seals a chunk under its id, compressing it when that pays.

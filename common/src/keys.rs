@@ -40,6 +40,9 @@ pub mod context {
     pub const MANIFEST_SEAL: &str = "coffer 2026-11-25 v1 manifest sealing key";
     /// Key for the keyed BLAKE3 that turns a path into an opaque file id.
     pub const FILE_ID: &str = "coffer 2026-11-25 v1 file id key";
+    /// Key for the keyed BLAKE3 of a file's content hash that the agent's journal records
+    /// (an unkeyed hash there would confirm a guess of the content to whoever reads it).
+    pub const JOURNAL_HASH: &str = "coffer 2026-12-03 v1 journal content hash key";
 }
 
 /// Errors from key handling.
@@ -151,6 +154,7 @@ pub struct SubKeys {
     pub chunk_id: SecretKey,
     pub manifest_seal: SecretKey,
     pub file_id: SecretKey,
+    pub journal_hash: SecretKey,
 }
 
 impl MasterSecret {
@@ -167,6 +171,7 @@ impl MasterSecret {
             chunk_id: d(context::CHUNK_ID),
             manifest_seal: d(context::MANIFEST_SEAL),
             file_id: d(context::FILE_ID),
+            journal_hash: d(context::JOURNAL_HASH),
         }
     }
 }
@@ -389,7 +394,13 @@ mod tests {
     #[test]
     fn sub_keys_are_distinct() {
         let k = MasterSecret::generate().expect("rng").sub_keys();
-        let all = [&k.chunk_seal, &k.chunk_id, &k.manifest_seal, &k.file_id];
+        let all = [
+            &k.chunk_seal,
+            &k.chunk_id,
+            &k.manifest_seal,
+            &k.file_id,
+            &k.journal_hash,
+        ];
         for (i, a) in all.iter().enumerate() {
             for b in &all[i + 1..] {
                 assert_ne!(a.as_bytes(), b.as_bytes());

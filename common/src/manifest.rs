@@ -1,5 +1,6 @@
 //! A file version's manifest: everything needed to restore it. Sealed with the manifest key
-//! before it leaves the agent, so the receiver sees only its length.
+//! before it leaves the agent, so the receiver sees only its length. A folder's version is a
+//! manifest too ([`EntryKind::Dir`]): its mode, owner and mtime, no content.
 
 use serde::{Deserialize, Serialize};
 
@@ -17,6 +18,10 @@ pub enum EntryKind {
     },
     /// The file was deleted at this version.
     Deleted,
+    /// A folder: `mode`, `uid`, `gid` and `mtime_ns` are its own; `size` is 0, no chunks,
+    /// `content_hash` zero. Last, so the variant indexes of older manifests (postcard
+    /// encodes a variant by its index) keep their meaning.
+    Dir,
 }
 
 /// One chunk of a file: its id and plaintext length.
@@ -140,5 +145,90 @@ mod tests {
             safe_components(b"w/a b/c..d").expect("ok"),
             vec![&b"w"[..], b"a b", b"c..d"]
         );
+    }
+
+    /// Manifests encoded by the release before folder versions (`Dir`) existed, as bytes:
+    /// they decode the same, and the same values encode to the same bytes.
+    #[test]
+    fn manifests_of_the_release_before_dir_still_decode() {
+        let hex = |s: &str| -> Vec<u8> {
+            (0..s.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex"))
+                .collect()
+        };
+        let fixtures = [
+            (
+                "03772f610005aab4aed8c7bfce972fa403e80764070707070707070707070707070707070707\
+                 070707070707070707070707070701030303030303030303030303030303030303030303030303\
+                 030303030303030305",
+                Manifest {
+                    path: b"w/a".to_vec(),
+                    kind: EntryKind::File,
+                    size: 5,
+                    mtime_ns: 1_700_000_000_123_456_789,
+                    mode: 0o644,
+                    uid: 1000,
+                    gid: 100,
+                    content_hash: [7; 32],
+                    chunks: vec![ChunkRef {
+                        id: ChunkId([3; 32]),
+                        len: 5,
+                    }],
+                },
+            ),
+            (
+                "03772f6c0101610102ff03000001010101010101010101010101010101010101010101010101\
+                 0101010101010100",
+                Manifest {
+                    path: b"w/l".to_vec(),
+                    kind: EntryKind::Symlink {
+                        target: b"a".to_vec(),
+                    },
+                    size: 1,
+                    mtime_ns: 1,
+                    mode: 0o777,
+                    uid: 0,
+                    gid: 0,
+                    content_hash: [1; 32],
+                    chunks: vec![],
+                },
+            ),
+            (
+                "03772f6402000000000000000000000000000000000000000000000000000000000000000000\
+                 0000000000",
+                Manifest {
+                    path: b"w/d".to_vec(),
+                    kind: EntryKind::Deleted,
+                    size: 0,
+                    mtime_ns: 0,
+                    mode: 0,
+                    uid: 0,
+                    gid: 0,
+                    content_hash: [0; 32],
+                    chunks: vec![],
+                },
+            ),
+        ];
+        for (bytes, want) in fixtures {
+            let bytes = hex(&bytes.replace(' ', ""));
+            assert_eq!(Manifest::decode(&bytes).expect("decodes"), want);
+            assert_eq!(want.encode(), bytes);
+        }
+        // A folder's version: the new last variant, index 3.
+        let dir = Manifest {
+            path: b"w/sub".to_vec(),
+            kind: EntryKind::Dir,
+            size: 0,
+            mtime_ns: 5,
+            mode: 0o750,
+            uid: 1,
+            gid: 2,
+            content_hash: [0; 32],
+            chunks: vec![],
+        };
+        let enc = dir.encode();
+        assert_eq!(enc[..7], [5, b'w', b'/', b's', b'u', b'b', 3]);
+        assert_eq!(Manifest::decode(&enc).expect("decode"), dir);
     }
 }

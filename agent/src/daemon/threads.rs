@@ -237,6 +237,11 @@ pub(super) fn events(sh: Arc<Daemon>, rx: Receiver<Change>, scans: Sender<ScanRe
             if !seen.insert(jp.clone()) {
                 continue;
             }
+            // The folder it is in may have changed too (its mtime, as an entry came or went).
+            let parent = watch::parent_folder_key(w, rel);
+            if seen.insert(parent.clone()) {
+                dirty.push((parent, w.name.clone(), None));
+            }
             match std::fs::symlink_metadata(p) {
                 Ok(m) if m.is_dir() => {
                     // A new or moved-in folder: scan it, its files may predate the watch.
@@ -256,8 +261,8 @@ pub(super) fn events(sh: Arc<Daemon>, rx: Receiver<Change>, scans: Sender<ScanRe
         }
         if let Ok(mut j) = sh.journal.lock() {
             for (g, name) in gone {
-                if let Ok(rows) = j.rows_under(&[&g[..], b"/"].concat(), usize::MAX >> 1) {
-                    dirty.extend(rows.into_iter().map(|r| (r.path, name.clone(), None)));
+                if let Ok(keys) = j.keys_under(&[&g[..], b"/"].concat()) {
+                    dirty.extend(keys.into_iter().map(|k| (k, name.clone(), None)));
                 }
             }
             if let Err(e) = j.mark_dirty_sized(&dirty, now_ms(), debounce) {

@@ -151,6 +151,11 @@ impl Tally {
         path: &[u8],
         write: impl FnOnce() -> rusqlite::Result<T>,
     ) -> rusqlite::Result<(T, Option<Counted>)> {
+        if is_folder_key(path) {
+            // A folder's row: not counted (the counts are about files).
+            let out = write()?;
+            return Ok((out, Counted::of(tx, path)?));
+        }
         let old = Counted::of(tx, path)?;
         let out = write()?;
         let new = Counted::of(tx, path)?;
@@ -285,7 +290,7 @@ pub(super) mod tests {
             .prepare(sql!(
                 "SELECT state, state = {BACKED_UP} AND backed_kind IS 'deleted', COUNT(*),
                         SUM(CASE WHEN state != {BACKED_UP} THEN COALESCE(size, 0) ELSE 0 END)
-                 FROM files GROUP BY 1, 2 ORDER BY 1, 2"
+                 FROM files WHERE substr(path, -1) != x'2f' GROUP BY 1, 2 ORDER BY 1, 2"
             ))
             .expect("prepare");
         let mut groups = Vec::new();

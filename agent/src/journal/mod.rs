@@ -1,7 +1,11 @@
 //! The journal: the agent's SQLite database and the only owner of its connection. No SQL
 //! leaves this module; callers get typed methods.
 //!
-//! One row per path. A file's state ([`FileState`]) moves `dirty` (seen, not yet read) ->
+//! One row per path, and one per folder, keyed by its path with a trailing `/`
+//! ([`folder_key`]): a folder's row moves through the same states (its versions carry its
+//! mode, owner and mtime) but is never counted in `status`'s counts, which are about files.
+//! The hashes recorded (`hash`, `backed_hash`) are keyed (`Crypto::journal_hash`), never
+//! a file's plain content hash. A file's state ([`FileState`]) moves `dirty` (seen, not yet read) ->
 //! `uploading` (hash and commit id recorded, commit sent) -> `backed_up` (receiver version
 //! recorded), or `failed` (reason, retried with back-off). `gen` is bumped on every change
 //! seen, so an acknowledgement for bytes read before a newer change leaves the file dirty.
@@ -59,6 +63,23 @@ fn sql_err(path: &Path) -> impl Fn(rusqlite::Error) -> JournalError + Copy + '_ 
         })
     }
 }
+
+/// Whether a journal key names a folder's row (`watch/rel/`, `watch/` for the watch's own
+/// folder) rather than a file's.
+pub fn is_folder_key(key: &[u8]) -> bool {
+    key.last() == Some(&b'/')
+}
+
+/// The journal key of the folder whose key without the trailing `/` is `path`.
+pub fn folder_key(path: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(path.len() + 1);
+    k.extend_from_slice(path);
+    k.push(b'/');
+    k
+}
+
+/// The schema whose migration (0008) drops the plain content hashes of older journals.
+const KEYED_HASHES: usize = 8;
 
 /// Stat fields compared to decide whether a file changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -161,7 +182,22 @@ impl Journal {
         // After a checkpoint the WAL file is cut back to 8 MiB.
         conn.pragma_update(None, "journal_size_limit", 8 << 20)
             .map_err(sql)?;
+        // Migration 0008 drops the plain content hashes: with `secure_delete` the space they
+        // held is overwritten with zeros, and the checkpoint after it leaves no copy in the
+        // WAL. Both cost little once, and nothing after.
+        let before = SCHEMA.check(&conn, path)?;
+        let drops_plain_hashes = before > 0 && before < KEYED_HASHES;
+        if drops_plain_hashes {
+            conn.pragma_update(None, "secure_delete", "ON")
+                .map_err(sql)?;
+        }
         SCHEMA.migrate(&mut conn, path)?;
+        if drops_plain_hashes {
+            conn.pragma_update(None, "secure_delete", "OFF")
+                .map_err(sql)?;
+            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+                .map_err(sql)?;
+        }
         Ok(Journal {
             conn,
             path: path.to_path_buf(),
@@ -436,5 +472,161 @@ mod tests {
         let r = j.row(b"w/pending-a").expect("row").expect("exists");
         assert_eq!(r.state, FileState::Dirty);
         assert_eq!(j.failed_rows(10).expect("failed").len(), 1);
+    }
+
+    /// The bytes of the journal's files (database, WAL, shared memory).
+    fn journal_bytes(p: &Path) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        for suffix in ["", "-wal", "-shm"] {
+            let mut f = p.as_os_str().to_owned();
+            f.push(suffix);
+            if let Ok(b) = std::fs::read(&f) {
+                bytes.extend(b);
+            }
+        }
+        bytes
+    }
+
+    fn holds(hay: &[u8], needle: &[u8]) -> bool {
+        hay.windows(needle.len()).any(|w| w == needle)
+    }
+
+    /// A journal of schema 7 (the release before keyed hashes) holds plain content hashes:
+    /// migration 0008 leaves none, in its rows or in its files' bytes; the counts are kept;
+    /// and a file whose backed-up hash was dropped is claimed with none, so its next read
+    /// is committed, not skipped as unchanged.
+    #[test]
+    fn migration_0008_drops_the_plain_content_hashes() {
+        use crate::journal::counts::tests::{kept, recount};
+        let d = tempfile::tempdir().expect("tempdir");
+        let p = d.path().join("j.sqlite");
+        let a = *blake3::hash(b"the content of w/a").as_bytes();
+        let b = *blake3::hash(b"the content of w/b").as_bytes();
+        {
+            let v7 = coffer_common::host::sqlite::Schema {
+                migrations: &SCHEMA.migrations[..7],
+                ..SCHEMA
+            };
+            let mut c = v7
+                .connect(&p, rusqlite::OpenFlags::default())
+                .expect("open");
+            c.pragma_update(None, "journal_mode", "WAL").expect("wal");
+            v7.migrate(&mut c, &p).expect("schema 7");
+            c.execute(
+                "INSERT INTO files (path, watch, state, gen, kind, size, mtime_ns, ctime_ns,
+                                    inode, mode, hash, commit_id, backed_version, backed_at,
+                                    backed_hash, backed_kind, backed_size)
+                 VALUES (CAST('w/a' AS BLOB), 'w', 'backed_up', 1, 'file', 18, 1, 1, 1, 420,
+                         ?1, zeroblob(16), 3, 77, ?1, 'file', 18)",
+                [&a[..]],
+            )
+            .expect("w/a");
+            c.execute(
+                "INSERT INTO files (path, watch, state, gen, dirty_since, kind, size, hash,
+                                    commit_id, backed_hash)
+                 VALUES (CAST('w/b' AS BLOB), 'w', 'uploading', 1, 100, 'file', 18, ?1,
+                         zeroblob(16), NULL)",
+                [&b[..]],
+            )
+            .expect("w/b");
+            c.execute_batch(
+                "UPDATE file_stats SET
+                    n = (SELECT COUNT(*) FROM files WHERE CASE WHEN state = 'backed_up'
+                         AND backed_kind IS 'deleted' THEN 'deleted' ELSE state END = key),
+                    bytes = (SELECT COALESCE(SUM(COALESCE(size, 0)), 0) FROM files
+                             WHERE state = key AND state != 'backed_up');
+                 INSERT INTO meta (key, value) VALUES ('last_backed_at', '77');",
+            )
+            .expect("counts");
+            // As a running agent leaves it: pages in the WAL and in the database.
+            c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                .expect("checkpoint");
+        }
+        let before = journal_bytes(&p);
+        assert!(
+            holds(&before, &a) && holds(&before, &b),
+            "the fixture holds them"
+        );
+
+        let mut j = Journal::open(&p).expect("migrate");
+        assert_eq!(j.schema_version().expect("version"), SCHEMA.latest());
+        let left: i64 = j
+            .conn
+            .query_row(
+                "SELECT COUNT(*) FROM files WHERE hash IS NOT NULL OR backed_hash IS NOT NULL",
+                [],
+                |r| r.get(0),
+            )
+            .expect("count");
+        assert_eq!(left, 0);
+        let after = journal_bytes(&p);
+        assert!(!holds(&after, &a), "w/a's plain hash survived");
+        assert!(!holds(&after, &b), "w/b's plain hash survived");
+        assert_eq!(kept(&j), recount(&j, Some(77)));
+        let s = j.summary().expect("summary");
+        assert_eq!((s.backed_up, s.uploading), (1, 1));
+
+        // w/a changes: it is claimed with no backed-up hash, so it is read and committed.
+        j.mark_dirty(&[(b"w/a".to_vec(), "w".into())], 1_000, 0)
+            .expect("dirty");
+        let jobs = j.claim_due(i64::MAX, 10).expect("claim");
+        let job = jobs.iter().find(|job| job.path == b"w/a").expect("w/a due");
+        assert_eq!((job.hash, job.backed_hash), (None, None));
+        assert_eq!(job.backed_kind.as_deref(), Some("file"));
+    }
+
+    /// A folder's row goes through the same states as a file's but is never counted:
+    /// `status`'s counts, pending bytes and oldest pending change are about files.
+    #[test]
+    fn folder_rows_are_not_counted() {
+        use crate::journal::counts::tests::{kept, recount};
+        let (_d, mut j) = j();
+        let dir = folder_key(b"w/sub");
+        assert!(is_folder_key(&dir) && !is_folder_key(b"w/sub"));
+        j.mark_dirty_sized(
+            &[
+                (dir.clone(), "w".into(), Some(4096)),
+                (b"w/sub/f".to_vec(), "w".into(), Some(3)),
+            ],
+            1_000,
+            0,
+        )
+        .expect("dirty");
+        let s = j.summary().expect("summary");
+        assert_eq!((s.dirty, s.pending_bytes), (1, 3));
+        assert_eq!(kept(&j), recount(&j, None));
+        let jobs = j.claim_due(i64::MAX, 10).expect("claim");
+        assert_eq!(jobs.len(), 2);
+        let reads: Vec<FileRead> = jobs
+            .iter()
+            .map(|job| FileRead {
+                kind: if job.path == dir { "dir" } else { "file" },
+                ..read(&job.path, job.gen)
+            })
+            .collect();
+        j.record_reads(&reads).expect("reads");
+        assert_eq!(j.summary().expect("summary").uploading, 1);
+        let acks: Vec<Ack> = reads
+            .iter()
+            .map(|r| Ack {
+                path: r.path.clone(),
+                gen: r.gen,
+                version: 1,
+                commit_time: 5,
+                hash: r.hash,
+                kind: r.kind,
+                size: 3,
+            })
+            .collect();
+        j.record_acks(&acks).expect("acks");
+        let s = j.summary().expect("summary");
+        assert_eq!((s.backed_up, s.pending(), s.pending_bytes), (1, 0, 0));
+        assert_eq!(s.oldest_pending_ms, None);
+        assert_eq!(kept(&j), recount(&j, Some(5)));
+        // `status PATH` of the folder lists its files, not its own row.
+        let under = j.rows_under(b"w/sub/", 10).expect("rows");
+        assert_eq!(under.len(), 1);
+        assert_eq!(under[0].path, b"w/sub/f");
+        assert_eq!(j.keys_under(b"w/sub/").expect("keys").len(), 2);
     }
 }

@@ -12,7 +12,8 @@ pub struct FileRead {
     pub kind: &'static str,
     pub stat: StatKey,
     pub mode: i64,
-    /// BLAKE3 of the bytes read.
+    /// Keyed hash of the bytes read (`Crypto::journal_hash` of their BLAKE3), or of a
+    /// folder's metadata: never the plain content hash.
     pub hash: [u8; 32],
     pub commit_id: CommitId,
 }
@@ -98,9 +99,11 @@ impl Journal {
                 .map_err(sql_err(&self.path))?;
             let mut tally = Tally::default();
             for (p, w, size) in items {
+                // A folder's row is never pending in `status`: no `dirty_since`.
+                let since = (!is_folder_key(p)).then_some(now);
                 tally
                     .row(&tx, p, || {
-                        st.execute(params![p, w, now + delay_ms, now, size])
+                        st.execute(params![p, w, now + delay_ms, since, size])
                     })
                     .map_err(sql_err(&self.path))?;
             }

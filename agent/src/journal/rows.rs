@@ -1,5 +1,6 @@
 //! What scans and `status` read of single rows: a watch's known paths with their stat, one
-//! path's row, the rows under a folder, the failed rows. Read-only.
+//! path's row, the rows under a folder (files' for `status`, every key for a folder that
+//! went), the failed rows. Read-only.
 
 use super::*;
 
@@ -144,19 +145,35 @@ impl Journal {
         rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
     }
 
-    /// Rows whose path starts with `prefix` (a folder), up to `limit`.
+    /// Files' rows whose path starts with `prefix` (a folder), up to `limit` (folders' own
+    /// rows left out: `status` is about files).
     pub fn rows_under(&self, prefix: &[u8], limit: usize) -> Result<Vec<Row>, JournalError> {
         let mut hi = prefix.to_vec();
         hi.push(0xff);
         let mut st = self
             .conn
             .prepare(&format!(
-                "SELECT {} FROM files WHERE path >= ?1 AND path < ?2 ORDER BY path LIMIT ?3",
+                "SELECT {} FROM files WHERE path >= ?1 AND path < ?2 AND substr(path, -1) != x'2f'
+                 ORDER BY path LIMIT ?3",
                 Self::ROW_COLS
             ))
             .map_err(|e| self.err(e))?;
         let rows = st
             .query_map(params![prefix, hi, limit as i64], Self::row_from)
+            .map_err(|e| self.err(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
+    }
+
+    /// The keys of every row, a file's or a folder's, whose path starts with `prefix`.
+    pub fn keys_under(&self, prefix: &[u8]) -> Result<Vec<Vec<u8>>, JournalError> {
+        let mut hi = prefix.to_vec();
+        hi.push(0xff);
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT path FROM files WHERE path >= ?1 AND path < ?2 ORDER BY path")
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map(params![prefix, hi], |r| r.get(0))
             .map_err(|e| self.err(e))?;
         rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
     }

@@ -22,6 +22,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/agent/0005_counts_in_code.sql"),
     include_str!("../../../migrations/agent/0006_due_index_without_in.sql"),
     include_str!("../../../migrations/agent/0007_drop_pending_and_claimed.sql"),
+    include_str!("../../../migrations/agent/0008_keyed_hashes.sql"),
 ];
 
 /// The journal's schema: what errors call it, who reads it, and its migrations.

@@ -321,8 +321,19 @@ fn matches(path: &[u8], prefixes: &[Vec<u8>]) -> bool {
         })
 }
 
-/// The latest version of each path at `at` (or now), deletions left out.
+/// The latest version of each file at `at` (or now): deletions and folders left out.
 pub fn select(items: &[Item], at: Option<i64>, prefixes: &[Vec<u8>]) -> BTreeMap<Vec<u8>, Item> {
+    select_all(items, at, prefixes).0
+}
+
+/// The latest version of each path at `at` (or now), deletions left out, split into files
+/// (and symlinks) and folders (`Dir` versions). A path's versions are one history whatever
+/// their kind: a folder that became a file is a file from its first file version on.
+pub fn select_all(
+    items: &[Item],
+    at: Option<i64>,
+    prefixes: &[Vec<u8>],
+) -> (BTreeMap<Vec<u8>, Item>, BTreeMap<Vec<u8>, Item>) {
     let mut latest: BTreeMap<Vec<u8>, &Item> = BTreeMap::new();
     for it in items {
         if at.is_some_and(|t| it.commit_time > t) || !matches(&it.manifest.path, prefixes) {
@@ -333,11 +344,19 @@ pub fn select(items: &[Item], at: Option<i64>, prefixes: &[Vec<u8>]) -> BTreeMap
             *e = it;
         }
     }
-    latest
-        .into_iter()
-        .filter(|(_, it)| it.manifest.kind != EntryKind::Deleted)
-        .map(|(k, v)| (k, v.clone()))
-        .collect()
+    let (mut files, mut dirs) = (BTreeMap::new(), BTreeMap::new());
+    for (k, v) in latest {
+        match v.manifest.kind {
+            EntryKind::Deleted => {}
+            EntryKind::Dir => {
+                dirs.insert(k, v.clone());
+            }
+            EntryKind::File | EntryKind::Symlink { .. } => {
+                files.insert(k, v.clone());
+            }
+        }
+    }
+    (files, dirs)
 }
 
 fn show(p: &[u8]) -> String {
@@ -364,6 +383,7 @@ fn kind_name(k: &EntryKind) -> &'static str {
         EntryKind::File => "file",
         EntryKind::Symlink { .. } => "symlink",
         EntryKind::Deleted => "deleted",
+        EntryKind::Dir => "folder",
     }
 }
 
@@ -483,6 +503,7 @@ pub fn versions(cfg: &Config, args: &[String], json: bool) -> Result<(), Restore
                             e["content_hash"] = coffer_common::chunk::to_hex(&m.content_hash).into()
                         }
                         EntryKind::Symlink { target } => e["target"] = show(target).into(),
+                        EntryKind::Dir => e["mode"] = format!("{:04o}", m.mode).into(),
                         EntryKind::Deleted => {}
                     }
                     e
@@ -514,6 +535,7 @@ pub fn versions(cfg: &Config, args: &[String], json: bool) -> Result<(), Restore
                 ),
                 EntryKind::Symlink { target } => format!("{:>12}  -> {}", m.size, show(target)),
                 EntryKind::Deleted => format!("{:>12}  deleted", "-"),
+                EntryKind::Dir => format!("{:>12}  folder {:04o}", "-", m.mode),
             };
             let _ = writeln!(
                 out,
@@ -586,8 +608,8 @@ pub fn restore(cfg: &Config, o: RestoreOpts) -> Result<(), RestoreError> {
         .map(|p| repo_name(cfg, p))
         .collect::<Result<Vec<_>, _>>()?;
     let (s, items) = Session::open(cfg)?;
-    let sel = select(&items, o.at, &prefixes);
-    if sel.is_empty() {
+    let (sel, dirs) = select_all(&items, o.at, &prefixes);
+    if sel.is_empty() && (dirs.is_empty() || o.to.as_os_str() == "-") {
         return Err(RestoreError::Usage(if o.paths.is_empty() {
             "nothing to restore: the repository holds no files at that time".into()
         } else {
@@ -605,7 +627,26 @@ pub fn restore(cfg: &Config, o: RestoreOpts) -> Result<(), RestoreError> {
         keep_setuid: o.keep_setuid,
     };
     // Every destination first, its folders made: a folder found that another user could
-    // change refuses the restore before any file is written.
+    // change refuses the restore before any file is written. Folders with a version of
+    // their own first (an empty one is made too); their metadata is set once every file is
+    // written.
+    let mut failed = 0usize;
+    // Folders that failed: counted with the files in the error's total only then, so the
+    // usual message counts files as it always did.
+    let mut folders_failed = 0usize;
+    let mut recorded = HashMap::new();
+    for (path, it) in &dirs {
+        match tree.folder(path) {
+            Ok(f) => {
+                recorded.insert(f, &it.manifest);
+            }
+            Err(Refusal::File(e)) => {
+                eprintln!("error: {}: {e}", show(path));
+                folders_failed += 1;
+            }
+            Err(Refusal::Shared(e)) => return Err(e.into()),
+        }
+    }
     let mut dests = Vec::with_capacity(sel.len());
     for (path, it) in sel {
         match tree.prepare(&path) {
@@ -615,7 +656,6 @@ pub fn restore(cfg: &Config, o: RestoreOpts) -> Result<(), RestoreError> {
         }
     }
     let bar = progress_bar(o.progress, total_bytes, "restoring");
-    let mut failed = 0usize;
     // Prepare targets; symlinks and empty files finish at once.
     let mut targets: HashMap<usize, Target> = HashMap::new();
     let mut order: Vec<(Job, ChunkId, u32)> = Vec::new();
@@ -675,7 +715,7 @@ pub fn restore(cfg: &Config, o: RestoreOpts) -> Result<(), RestoreError> {
                     }
                 }
             }
-            EntryKind::Deleted => {}
+            EntryKind::Deleted | EntryKind::Dir => {}
         }
     }
     let targets = Arc::new(Mutex::new(targets));
@@ -695,8 +735,18 @@ pub fn restore(cfg: &Config, o: RestoreOpts) -> Result<(), RestoreError> {
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    if failed > 0 {
-        return Err(RestoreError::Partial { failed, total });
+    // Every file is in place: each folder gets its recorded mode, owner and mtime (or, one
+    // this restore made without a version of its own, the mode it always had), deepest
+    // first, so nothing written afterwards changes a folder's mtime.
+    for e in tree.settle_folders(&recorded, perms.as_root, perms.keep_setuid) {
+        eprintln!("error: {e}");
+        folders_failed += 1;
+    }
+    if failed + folders_failed > 0 {
+        return Err(RestoreError::Partial {
+            failed: failed + folders_failed,
+            total: total + folders_failed,
+        });
     }
     eprintln!(
         "restored {total} files ({total_bytes} bytes) into {}",

@@ -11,9 +11,15 @@
 //! the folder first opened (same device and inode), or its files fail saying it was
 //! replaced.
 //!
+//! Folders are created 0700, so no one else can look into one while it is filled; once
+//! every file is written, [`Tree::settle_folders`] gives each its recorded mode, owner and
+//! mtime (a folder backed up with a version of its own), or the mode a new folder gets
+//! under the umask (one without, from a backup made before folders had versions), deepest
+//! first, through the same handles.
+//!
 //! This file owns those handles and two rules: whose folders a restore writes into
-//! ([`Shared`]), and the mode a restored file gets ([`restored_mode`]). `mod.rs` decides
-//! what is written where.
+//! ([`Shared`]), and the mode a restored file or folder gets ([`restored_mode`]). `mod.rs`
+//! decides what is written where.
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
@@ -116,6 +122,8 @@ struct Folder {
     /// (manifest paths are distinct, and an exclusive create fails on anything that
     /// appeared meanwhile), so no name needs a look of its own.
     fresh: bool,
+    /// Created by this restore (0700 until [`Tree::settle_folders`]).
+    created: bool,
 }
 
 /// Recently used folder handles.
@@ -134,6 +142,9 @@ pub struct Tree {
     cache: Mutex<Cache>,
     me: u32,
     allow_shared: bool,
+    /// The process's umask when the target was opened: a folder made without a recorded
+    /// mode ends as `0777 & !umask`, as any new folder would.
+    umask: u32,
 }
 
 fn io(e: Errno) -> std::io::Error {
@@ -158,6 +169,39 @@ fn open_dir(dir: &File, name: &OsStr, shown: &Path) -> Result<File, String> {
             },
         ),
     }
+}
+
+/// Sets a folder's recorded owner (as root), mode and mtime through its handle.
+fn set_folder_meta(h: &File, m: &Manifest, as_root: bool, keep_setuid: bool) -> Result<(), String> {
+    let owner = if !as_root {
+        Owner::Unchanged
+    } else if m.uid != u32::MAX
+        && m.gid != u32::MAX
+        && std::os::unix::fs::fchown(h, Some(m.uid), Some(m.gid)).is_ok()
+    {
+        Owner::Set
+    } else {
+        Owner::Failed
+    };
+    let mode = restored_mode(m.mode, owner, keep_setuid);
+    rustix::fs::fchmod(h, Mode::from_bits_truncate(mode))
+        .map_err(|e| format!("setting mode {mode:04o}: {}", describe(&io(e))))?;
+    let ts = rustix::fs::Timespec {
+        tv_sec: m.mtime_ns.div_euclid(1_000_000_000),
+        tv_nsec: m.mtime_ns.rem_euclid(1_000_000_000) as _,
+    };
+    let times = rustix::fs::Timestamps {
+        last_access: ts,
+        last_modification: ts,
+    };
+    rustix::fs::futimens(h, &times).map_err(|e| format!("setting mtime: {}", describe(&io(e))))
+}
+
+/// The process's umask (set and set back: nothing else creates files meanwhile).
+fn current_umask() -> u32 {
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    nix::sys::stat::umask(old);
+    old.bits() as u32 & 0o777
 }
 
 fn symlink_refused(shown: &Path) -> String {
@@ -235,11 +279,13 @@ impl Tree {
                 shown: to.to_path_buf(),
                 id: (meta.dev(), meta.ino()),
                 fresh: empty,
+                created: false,
             }],
             index: HashMap::from([(Vec::new(), 0)]),
             cache: Mutex::default(),
             me,
             allow_shared,
+            umask: current_umask(),
         })
     }
 
@@ -266,6 +312,16 @@ impl Tree {
             name,
             fresh,
         })
+    }
+
+    /// The folder at manifest path `path` (a folder's version), created if missing, with the
+    /// folders above it; refused as [`Tree::prepare`] refuses a file's folders.
+    pub fn folder(&mut self, path: &[u8]) -> Result<usize, Refusal> {
+        if let Some(&f) = self.index.get(path) {
+            return Ok(f);
+        }
+        let parts = safe_components(path).map_err(|e| Refusal::File(e.to_string()))?;
+        self.walk(path, &parts)
     }
 
     /// Finds or creates each of `dirs` (the folders of `path`), one below the other.
@@ -303,9 +359,9 @@ impl Tree {
                 }
             },
             Err(Errno::NOENT) => {
-                // Made as any folder (the umask applies); until it is opened below, it may
+                // Made 0700 (its final mode is set last); until it is opened below, it may
                 // be swapped, and what is opened is checked.
-                rustix::fs::mkdirat(&*dir, name, Mode::from_bits_truncate(0o777)).map_err(|e| {
+                rustix::fs::mkdirat(&*dir, name, Mode::from_bits_truncate(0o700)).map_err(|e| {
                     Refusal::File(format!(
                         "creating {}: {}",
                         shown.display(),
@@ -338,9 +394,53 @@ impl Tree {
             shown,
             id: (meta.dev(), meta.ino()),
             fresh: created,
+            created,
         });
         self.keep(f, Arc::new(handle));
         Ok(f)
+    }
+
+    /// Gives folders their final metadata once every file is written, deepest first (a
+    /// folder's mtime is set after everything in it is): one in `recorded` (by folder) gets
+    /// the owner (as root), mode (setuid and setgid as [`restored_mode`] says) and mtime of
+    /// its version; one this restore created without a version gets `0777 & !umask`, the
+    /// mode it had before folders had versions; others are left as found. Returns what
+    /// failed, one message each.
+    pub fn settle_folders(
+        &self,
+        recorded: &HashMap<usize, &Manifest>,
+        as_root: bool,
+        keep_setuid: bool,
+    ) -> Vec<String> {
+        let depth = |mut f: usize| {
+            let mut d = 0;
+            while f != 0 {
+                f = self.folders.get(f).map_or(0, |x| x.parent);
+                d += 1;
+            }
+            d
+        };
+        let mut order: Vec<(usize, usize)> = (1..self.folders.len())
+            .filter(|f| recorded.contains_key(f) || self.folders[*f].created)
+            .map(|f| (depth(f), f))
+            .collect();
+        order.sort_unstable_by(|a, b| b.cmp(a));
+        let mut errors = Vec::new();
+        for (_, f) in order {
+            let shown = &self.folders[f].shown;
+            let r = self.handle(f).and_then(|h| match recorded.get(&f) {
+                Some(m) => set_folder_meta(&h, m, as_root, keep_setuid)
+                    .map_err(|e| format!("{}: {e}", shown.display())),
+                None => rustix::fs::fchmod(&*h, Mode::from_bits_truncate(0o777 & !self.umask))
+                    .map_err(|e| {
+                        format!("setting mode of {}: {}", shown.display(), describe(&io(e)))
+                    }),
+            });
+            if let Err(e) = r {
+                errors.push(e);
+            }
+        }
+        errors
     }
 
     /// Whether nothing is at `name` in `folder` yet. A folder there fails the file.
@@ -601,5 +701,68 @@ mod tests {
             .expect_err("replaced");
         assert!(e.contains("was replaced during the restore"), "{e}");
         assert_eq!(std::fs::read_dir(&outside).expect("ls").count(), 0);
+    }
+
+    fn folder_manifest(path: &str, mode: u32, mtime_s: i64) -> Manifest {
+        Manifest {
+            path: path.as_bytes().to_vec(),
+            kind: coffer_common::manifest::EntryKind::Dir,
+            size: 0,
+            mtime_ns: mtime_s * 1_000_000_000 + 5,
+            mode,
+            uid: 0,
+            gid: 0,
+            content_hash: [0; 32],
+            chunks: vec![],
+        }
+    }
+
+    /// Folders are made 0700 while the restore fills them; once settled, one with a version
+    /// of its own has its mode and mtime (a parent's mtime kept, though its child was
+    /// settled after files were written), setuid and setgid dropped as for files, and one
+    /// without (a backup made before folders had versions) the mode a new folder gets.
+    #[test]
+    fn folders_are_private_while_filled_and_settled_deepest_first() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let to = dir.path().join("to");
+        let mut tree = Tree::open(&to, false, false).expect("open");
+        let d = match tree.prepare(b"w/plain/deep/file") {
+            Ok(d) => d,
+            Err(_) => panic!("prepare"),
+        };
+        let (Ok(kept), Ok(empty)) = (tree.folder(b"w/kept"), tree.folder(b"w/kept/empty")) else {
+            panic!("folders");
+        };
+        for f in ["w", "w/plain", "w/plain/deep", "w/kept", "w/kept/empty"] {
+            let m = std::fs::metadata(to.join(f)).expect("stat").mode() & 0o7777;
+            assert_eq!(m, 0o700, "{f} while restoring");
+        }
+        drop(tree.create(d.folder, &d.name).expect("file"));
+        let parent = folder_manifest("w/kept", 0o2750, 1_500_000_000);
+        let child = folder_manifest("w/kept/empty", 0o1755, 1_400_000_000);
+        let recorded = HashMap::from([(kept, &parent), (empty, &child)]);
+        let errors = tree.settle_folders(&recorded, false, false);
+        assert!(errors.is_empty(), "{errors:?}");
+        let stat = |f: &str| std::fs::metadata(to.join(f)).expect("stat");
+        // Not root: the owner is this user's, so setgid stays (as for files).
+        assert_eq!(stat("w/kept").mode() & 0o7777, 0o2750);
+        assert_eq!(stat("w/kept/empty").mode() & 0o7777, 0o1755);
+        assert_eq!(
+            (stat("w/kept").mtime(), stat("w/kept").mtime_nsec()),
+            (1_500_000_000, 5)
+        );
+        assert_eq!(stat("w/kept/empty").mtime(), 1_400_000_000);
+        let new_folder = 0o777 & !current_umask();
+        for f in ["w", "w/plain", "w/plain/deep"] {
+            assert_eq!(stat(f).mode() & 0o7777, new_folder, "{f}");
+        }
+        // As root, setuid and setgid are dropped unless kept (the rule of files).
+        if nix::unistd::geteuid().is_root() {
+            let h = File::open(to.join("w/plain")).expect("open");
+            set_folder_meta(&h, &folder_manifest("w/plain", 0o2755, 1), true, false).expect("set");
+            assert_eq!(stat("w/plain").mode() & 0o7777, 0o755);
+            set_folder_meta(&h, &folder_manifest("w/plain", 0o2755, 1), true, true).expect("set");
+            assert_eq!(stat("w/plain").mode() & 0o7777, 0o2755);
+        }
     }
 }
