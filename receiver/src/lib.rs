@@ -37,6 +37,7 @@ pub mod layout;
 pub mod logs;
 pub mod metrics;
 pub mod notify;
+pub mod records;
 pub mod repo;
 pub mod server;
 pub mod service;
