@@ -20,6 +20,11 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBeha
 use crate::records::CommitRecord;
 use crate::store::{Location, PackNo};
 
+mod audit;
+mod rebuild;
+pub use audit::IndexedVersion;
+pub use rebuild::Added;
+
 /// The index's schema: migration `i` brings it to version `i + 1`.
 static SCHEMA: Schema = Schema {
     what: "index",

@@ -57,6 +57,9 @@ pub enum RepoError {
     Index(#[from] IndexError),
     #[error(transparent)]
     Record(#[from] RecordError),
+    /// Its index is missing without commit records to rebuild it, or damaged.
+    #[error(transparent)]
+    NeedsRepair(#[from] crate::repair::NeedsRepair),
     #[error(
         "a storage error while this batch was being made durable discarded it; nothing of it \
          was acknowledged, send it again"
@@ -88,7 +91,10 @@ impl RepoError {
     pub fn is_storage(&self) -> bool {
         matches!(
             self,
-            RepoError::Io(_) | RepoError::Index(_) | RepoError::RolledBack
+            RepoError::Io(_)
+                | RepoError::Index(_)
+                | RepoError::RolledBack
+                | RepoError::NeedsRepair(_)
         )
     }
 }
@@ -171,7 +177,8 @@ impl Repo {
     ) -> Result<(Self, Recovery), RepoError> {
         dir.create()?;
         let index_path = dir.index();
-        let mut writer = Index::open(&index_path, Mode::Write)?;
+        // A missing index is rebuilt from the packs, a damaged one refused (`repair.rs`).
+        let mut writer = crate::repair::open_index(dir, &*packs)?;
         let recorded: HashMap<PackNo, u64> = writer.pack_lengths()?.into_iter().collect();
         let on_disk = packs.list()?;
         for p in recorded.keys() {
