@@ -40,9 +40,10 @@ use crate::store::{
 
 /// Records added to the new index per transaction.
 const BATCH: u64 = 50_000;
-/// An index up to this size is checked page by page (`PRAGMA quick_check`) when its
+/// An index up to this size (about a million chunks) is checked page by page (`PRAGMA
+/// quick_check`, measured at 0.15 s for an 80 MB index with a warm cache) when its
 /// repository is opened; a larger one by samples only.
-const QUICK_CHECK_MAX: u64 = 64 << 20;
+const QUICK_CHECK_MAX: u64 = 256 << 20;
 /// Chunk rows (at each end) and newest versions read back when a repository is opened.
 const SAMPLE: usize = 4;
 
@@ -597,10 +598,14 @@ pub fn open_index(dir: &RepoDir, store: &dyn PackStore) -> Result<Index, crate::
             problems += 1;
             tracing::warn!(repo = %name, "{}", p.line(&name));
         })
-        .map_err(|e| match e {
-            RepairError::Io(e) => crate::repo::RepoError::Io(e),
-            RepairError::Index(e) => crate::repo::RepoError::Index(e),
-            e => crate::repo::RepoError::NeedsRepair(NeedsRepair::new(dir, e.to_string())),
+        .map_err(|e| {
+            // Not a repair cut off: the next open tries again.
+            let _ = std::fs::remove_file(dir.index_repair());
+            match e {
+                RepairError::Io(e) => crate::repo::RepoError::Io(e),
+                RepairError::Index(e) => crate::repo::RepoError::Index(e),
+                e => crate::repo::RepoError::NeedsRepair(NeedsRepair::new(dir, e.to_string())),
+            }
         })?;
         if r.no_commit_records() {
             remove_if_present(&dir.index_repair())?;

@@ -561,3 +561,82 @@ async fn a_flipped_byte_in_a_commit_record_is_named_by_scrub_and_repair() -> Res
     }
     Ok(())
 }
+
+/// A repository of `COFFER_SYNTH_CHUNKS` (default 300,000) small chunk records and a
+/// commit record per three of them, written straight into packs of 64 MiB, then rebuilt
+/// by `repair`: the counts must come back. Large, so run on demand (the benchmark of
+/// `repair` at scale keeps the root when `COFFER_SYNTH_ROOT` is set).
+#[test]
+#[ignore = "writes a large synthetic repository; run on demand"]
+fn repair_rebuilds_a_synthetic_repository_of_many_chunks() -> Result<()> {
+    use coffer_receiver::store::{PackNo, RecordHeader};
+    let n: u64 = std::env::var("COFFER_SYNTH_CHUNKS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300_000);
+    let tmp = tempfile::tempdir()?;
+    let root = match std::env::var_os("COFFER_SYNTH_ROOT") {
+        Some(r) => std::path::PathBuf::from(r),
+        None => tmp.path().join("root"),
+    };
+    let rcv = Receiver::init(&root)?;
+    let dir = coffer_receiver::Layout::new(&root).repo(&"synth".parse()?);
+    dir.create()?;
+    let packs = coffer_receiver::store::LocalPacks::new(dir.packs());
+    let (mut pack, mut buf) = (PackNo(1), pack_header().to_vec());
+    let mut pending = Vec::new();
+    let mut version = 0u64;
+    let flush = |pack: PackNo, buf: &[u8]| -> Result<()> {
+        packs.create(pack)?;
+        packs.write_at(pack, 0, buf)?;
+        packs.sync(pack)?;
+        Ok(())
+    };
+    for i in 0..n {
+        let sealed = data(200, i);
+        let id = ChunkId(*blake3::hash(&i.to_le_bytes()).as_bytes());
+        buf.extend_from_slice(
+            &RecordHeader {
+                id,
+                len: sealed.len() as u32,
+                hash: *blake3::hash(&sealed).as_bytes(),
+            }
+            .encode(),
+        );
+        buf.extend_from_slice(&sealed);
+        pending.push(id);
+        if pending.len() == 3 {
+            version += 1;
+            CommitRecord {
+                commit_id: CommitId(
+                    *blake3::hash(&version.to_be_bytes())
+                        .as_bytes()
+                        .first_chunk()
+                        .context("16")?,
+                ),
+                file_id: FileId(*blake3::hash(&(version % 1000).to_le_bytes()).as_bytes()),
+                version,
+                commit_time: 1_700_000_000 + version as i64,
+                deletion: Deletion::No,
+                manifest: data(120, version),
+                chunks: std::mem::take(&mut pending),
+            }
+            .encode_into(&mut buf);
+        }
+        if buf.len() > 64 << 20 {
+            flush(pack, &buf)?;
+            pack = PackNo(pack.0 + 1);
+            buf = pack_header().to_vec();
+        }
+    }
+    flush(pack, &buf)?;
+    let started = Instant::now();
+    let o = rcv.run("repair", &[])?;
+    println!("repair of {n} chunks took {:?}", started.elapsed());
+    let out = stdout_ok(&o)?;
+    assert!(
+        out.contains(&format!("{n} chunks, {version} versions;")),
+        "{out}"
+    );
+    Ok(())
+}
