@@ -44,6 +44,9 @@ const BATCH: u64 = 50_000;
 /// quick_check`, measured at 0.15 s for an 80 MB index with a warm cache) when its
 /// repository is opened; a larger one by samples only.
 const QUICK_CHECK_MAX: u64 = 256 << 20;
+/// Largest version number a damaged commit record may reserve (beyond it, the number is
+/// taken for damage, not a version).
+const MAX_RESERVED: u64 = 1 << 48;
 /// Chunk rows (at each end) and newest versions read back when a repository is opened.
 const SAMPLE: usize = 4;
 
@@ -258,6 +261,8 @@ pub fn build(
     progress.start(format!("repairing {}", dir.name()), lens.iter().sum());
     let mut r = Rebuilt::default();
     let mut in_tx = 0u64;
+    // The highest number a damaged commit record reads as: not assigned again.
+    let mut reserve = 0u64;
     for (&p, &len) in packs.iter().zip(&lens) {
         let describe = store.describe(p);
         if len <= PACK_HEADER_LEN {
@@ -313,7 +318,12 @@ pub fn build(
                         },
                         Err(why) => problem(Problem {
                             kind: "damaged_commit",
-                            version: claimed_version(body),
+                            version: {
+                                let v = claimed_version(body);
+                                reserve =
+                                    reserve.max(v.filter(|&v| v <= MAX_RESERVED).unwrap_or(0));
+                                v
+                            },
                             pack: Some(describe.clone()),
                             offset: Some(offset),
                             detail: format!("the commit record does not decode: {why}"),
@@ -339,6 +349,7 @@ pub fn build(
                         Header::Commit(_) => {
                             r.commit_records += 1;
                             let v = claimed_version(body);
+                            reserve = reserve.max(v.filter(|&v| v <= MAX_RESERVED).unwrap_or(0));
                             problem(Problem {
                                 kind: "damaged_commit",
                                 version: v,
@@ -395,6 +406,9 @@ pub fn build(
         progress.inc(len.saturating_sub(end));
         ix.rebuild_pack(p, end)?;
         r.packs += 1;
+    }
+    if reserve > 0 {
+        ix.rebuild_reserve(reserve)?;
     }
     let mut last = None;
     ix.unresolved_references(|version, file, chunk| {

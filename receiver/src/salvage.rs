@@ -10,7 +10,9 @@
 //!   of either kind validates (magic, sane length, within the pack, body matching its
 //!   BLAKE3) and goes on from there.
 //! - What follows the last intact record, when nothing validates in it, is a torn tail:
-//!   the scan returns where it starts, and the caller cuts it as recovery does.
+//!   the scan returns where it starts, and the caller cuts it as recovery does. A whole
+//!   last record that does not match its hash is handed over as damaged first (it may be
+//!   bit rot in the newest record), then cut with the tail.
 //!
 //! One record's body (and one search window) is in memory at a time.
 
@@ -164,8 +166,7 @@ pub fn salvage<E: From<IoError>>(
                 continue;
             }
             // A header followed by another whole record's header is believed: only its
-            // body is damaged. (The last record of a pack that does not match is a torn
-            // tail, as in recovery.)
+            // body is damaged.
             At::BadBody(h) if r.header_fits(at + h.record_len())? => {
                 f(Salvaged::Damaged {
                     header: h,
@@ -174,6 +175,17 @@ pub fn salvage<E: From<IoError>>(
                 })?;
                 at += h.record_len();
                 continue;
+            }
+            // The last record of the pack, whole, that does not match: named (bit rot in
+            // the newest record, or a write a crash cut off before it was acknowledged),
+            // and cut with the tail, as recovery would.
+            At::BadBody(h) if at + h.record_len() == len => {
+                f(Salvaged::Damaged {
+                    header: h,
+                    offset: at,
+                    body: &body,
+                })?;
+                break;
             }
             At::BadBody(_) | At::Nothing => {}
         }
@@ -352,14 +364,16 @@ mod tests {
             ]
         );
         assert_eq!(end, len - 500);
-        // A whole last record whose body does not match is a torn tail too.
+        // A whole last record whose body does not match is named, then cut with the tail.
         let d = tempfile::tempdir().expect("tempdir");
         let mut bad = last.clone();
         bad[900] ^= 1;
         let (s, _, len) = pack(d.path(), &recs, &bad);
         let (out, end) = seen(&s, len);
-        assert_eq!(out.len(), 2, "{out:?}");
-        assert_eq!(end, len - bad.len() as u64);
+        let at = len - bad.len() as u64;
+        assert_eq!(out.len(), 3, "{out:?}");
+        assert_eq!(out[2], format!("damaged at {at}"));
+        assert_eq!(end, at);
         // Damage then a torn tail: the stretch is cut with the tail.
         let d = tempfile::tempdir().expect("tempdir");
         let (s, o, len) = pack(d.path(), &recs, &last[..100]);

@@ -147,6 +147,29 @@ impl Index {
         Ok(added)
     }
 
+    /// Makes the next version number assigned at least `version + 1`: a damaged commit
+    /// record's number is not reused for another commit.
+    pub fn rebuild_reserve(&mut self, version: u64) -> Result<(), IndexError> {
+        let e = sql_err(&self.path);
+        let v = i64::try_from(version).unwrap_or(i64::MAX);
+        let updated = self
+            .conn
+            .execute(
+                "UPDATE sqlite_sequence SET seq = MAX(seq, ?1) WHERE name = 'versions'",
+                [v],
+            )
+            .map_err(e)?;
+        if updated == 0 {
+            self.conn
+                .execute(
+                    "INSERT INTO sqlite_sequence (name, seq) VALUES ('versions', ?1)",
+                    [v],
+                )
+                .map_err(e)?;
+        }
+        Ok(())
+    }
+
     /// Commits the rebuild and closes it in rollback-journal mode (no `-wal` beside it).
     /// The caller makes the file durable.
     pub fn finish_rebuild(self) -> Result<(), IndexError> {
@@ -253,5 +276,10 @@ mod tests {
         let (v, _) = ix.list_versions(0, 10, 1 << 20).expect("list");
         assert_eq!(v.iter().map(|v| v.version).collect::<Vec<_>>(), [3, 4]);
         assert_eq!(ix.pack_lengths().expect("packs"), [(PackNo(1), 500)]);
+        // A damaged record's number is reserved too.
+        let mut other = Index::create_rebuild(&d.path().join("other")).expect("create");
+        other.rebuild_reserve(12).expect("reserve");
+        other.rebuild_reserve(5).expect("lower: no change");
+        assert_eq!(other.next_version().expect("next"), 13);
     }
 }
