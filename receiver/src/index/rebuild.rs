@@ -190,8 +190,11 @@ impl Index {
         let mut s = self
             .conn
             .prepare(
-                "SELECT vc.version, v.file_id, vc.chunk FROM version_chunks vc \
-                 JOIN versions v ON v.version = vc.version \
+                // The file id is looked up only for the (few) references that do not
+                // resolve: a join would seek every version row once per reference.
+                "SELECT vc.version, \
+                 (SELECT v.file_id FROM versions v WHERE v.version = vc.version), vc.chunk \
+                 FROM version_chunks vc \
                  WHERE NOT EXISTS (SELECT 1 FROM chunks c WHERE c.id = vc.chunk) \
                  ORDER BY vc.version",
             )
