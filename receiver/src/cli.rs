@@ -80,10 +80,26 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Check every stored record against its hash (no key needed).
+    /// Check every stored record against its hash and the index against the packs (no
+    /// key needed).
     Scrub {
         #[command(flatten)]
         root: RootOpt,
+        /// Only this repository.
+        #[arg(long, value_name = "NAME")]
+        repo: Option<String>,
+        /// One JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rebuild index.sqlite from the packs (refused while serve runs); exits 1 when
+    /// anything was found lost or damaged.
+    Repair {
+        #[command(flatten)]
+        root: RootOpt,
+        /// Only this repository.
+        #[arg(long, value_name = "NAME")]
+        repo: Option<String>,
     },
     /// Install or remove the systemd service that runs `serve`.
     Service {
@@ -185,7 +201,8 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 print!("{}", s.render());
             }
         }
-        Command::Scrub { root } => return scrub(&root.root),
+        Command::Scrub { root, repo, json } => return scrub(&root.root, repo.as_deref(), json),
+        Command::Repair { root, repo } => return repair(&root.root, repo.as_deref()),
         Command::Service { action } => {
             let report = match action {
                 ServiceAction::Install { root, dry_run } => {
@@ -238,26 +255,87 @@ fn serve(
     }
 }
 
-/// `scrub`: prints each damaged record as it is found, then the totals; fails when any
-/// record is damaged.
-fn scrub(root: &Path) -> Result<ExitCode, CliError> {
-    let report = status::scrub(&Layout::new(root), &*pack_stores(), |d| {
-        let _ = out(format_args!(
-            "damaged: repository {} pack {} offset {} chunk {}: {}",
-            d.repo, d.pack, d.offset, d.chunk, d.why
-        ));
+/// `scrub`: prints each problem as it is found (damaged records as `damaged: ...`), then
+/// the totals; with `--json`, one object instead. Fails when anything is wrong.
+fn scrub(root: &Path, only: Option<&str>, json: bool) -> Result<ExitCode, CliError> {
+    let report = status::scrub(&Layout::new(root), &*pack_stores(), only, |repo, p, d| {
+        if json {
+            return;
+        }
+        let _ = match d {
+            Some(d) => out(format_args!(
+                "damaged: repository {} pack {} offset {} chunk {}: {}",
+                d.repo, d.pack, d.offset, d.chunk, d.why
+            )),
+            None => out(p.line(repo)),
+        };
     })?;
-    out(format_args!(
-        "scrub: {} records ({} bytes) in {} repositories checked, {} damaged",
-        report.records,
-        report.bytes,
-        report.repositories,
-        report.damaged.len()
-    ))?;
-    Ok(if report.damaged.is_empty() {
+    let problems = report.problems();
+    if json {
+        let v = serde_json::json!({
+            "repositories": report.repos,
+            "problems": problems,
+        });
+        out(serde_json::to_string(&v).map_err(CliError::EncodeStatus)?)?;
+    } else {
+        let versions: u64 = report.repos.iter().map(|r| r.versions).sum();
+        let pending: u64 = report.repos.iter().map(|r| r.upgrade_pending).sum();
+        out(format_args!(
+            "scrub: {} records ({} bytes) in {} repositories checked, {} damaged; {} versions \
+             checked against their commit records ({} upgrade pending); {} problems",
+            report.records,
+            report.bytes,
+            report.repositories,
+            report.damaged.len(),
+            versions,
+            pending,
+            problems
+        ))?;
+    }
+    Ok(if problems == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    })
+}
+
+/// `repair`: rebuilds indexes from the packs, printing each problem and a line per
+/// repository, then the totals. Fails when anything was lost or damaged.
+fn repair(root: &Path, only: Option<&str>) -> Result<ExitCode, CliError> {
+    let progress = crate::repair::Progress::on_terminal();
+    let report = crate::repair::repair(&Layout::new(root), &*pack_stores(), only, &progress)?;
+    let sum = |f: fn(&crate::repair::Rebuilt) -> u64| -> u64 {
+        report.repositories.iter().map(|(_, r)| f(r)).sum()
+    };
+    out(format_args!(
+        "repair: {} repositories, {} packs, {} chunks, {} versions; {} damaged records, {} \
+         versions with lost chunks, {} bytes cut{}{}",
+        report.repositories.len(),
+        sum(|r| r.packs),
+        sum(|r| r.chunks),
+        sum(|r| r.versions),
+        sum(|r| r.damaged),
+        sum(|r| r.versions_lost_chunks),
+        sum(|r| r.cut_bytes),
+        if report
+            .repositories
+            .iter()
+            .any(|(_, r)| r.no_commit_records())
+        {
+            "; versions NOT recovered where the packs hold no commit records"
+        } else {
+            ""
+        },
+        if report.refused.is_empty() {
+            String::new()
+        } else {
+            format!("; {} repositories NOT repaired", report.refused.len())
+        }
+    ))?;
+    Ok(if report.lost_anything() {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
     })
 }
 

@@ -17,7 +17,13 @@ use coffer_common::host::sqlite::{DbError, Schema};
 use coffer_common::wire::{CommitId, VersionEntry};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 
+use crate::records::CommitRecord;
 use crate::store::{Location, PackNo};
+
+mod audit;
+mod rebuild;
+pub use audit::IndexedVersion;
+pub use rebuild::Added;
 
 /// The index's schema: migration `i` brings it to version `i + 1`.
 static SCHEMA: Schema = Schema {
@@ -26,6 +32,7 @@ static SCHEMA: Schema = Schema {
     migrations: &[
         include_str!("../../migrations/receiver/0001_init.sql"),
         include_str!("../../migrations/receiver/0002_fewer_random_indexes.sql"),
+        include_str!("../../migrations/receiver/0003_commit_records.sql"),
     ],
 };
 
@@ -85,6 +92,15 @@ pub enum CommitOutcome {
     Acked { version: u64, commit_time: i64 },
     /// Some referenced chunks are not in the repository.
     MissingChunks(Vec<ChunkId>),
+}
+
+/// A version as its commit record holds it, with where that record is: what recovery,
+/// `repair` and the write path insert with [`Index::add_recorded`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordedVersion {
+    pub record: CommitRecord,
+    /// The pack and offset of the commit record.
+    pub at: (PackNo, u64),
 }
 
 /// Counts for `status`.
@@ -342,6 +358,96 @@ impl Index {
         Ok(out)
     }
 
+    /// In one transaction: adds chunk rows and raises pack lengths (as
+    /// [`Index::commit_batch`]), and adds versions whose numbers their commit records
+    /// already carry, with their references and their records' locations. A version
+    /// already indexed keeps its row; only a missing record location is filled in (the
+    /// upgrade wrote its record). Chunks are not checked: a version whose chunk was lost is
+    /// still history, and `scrub` names what it lacks.
+    pub fn add_recorded(
+        &mut self,
+        chunks: &[(ChunkId, Location)],
+        packs: &[(PackNo, u64)],
+        versions: &[RecordedVersion],
+    ) -> Result<(), IndexError> {
+        let e = sql_err(&self.path);
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(e)?;
+        {
+            let mut ins_chunk = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO chunks (id, pack, offset, len, hash) \
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                )
+                .map_err(e)?;
+            for (id, l) in chunks {
+                ins_chunk
+                    .execute(params![id, l.pack.0, l.offset, l.len, &l.hash[..]])
+                    .map_err(e)?;
+            }
+            let mut ins_pack = tx
+                .prepare_cached(
+                    "INSERT INTO packs (pack, length) VALUES (?1, ?2) \
+                     ON CONFLICT (pack) DO UPDATE SET length = MAX(length, excluded.length)",
+                )
+                .map_err(e)?;
+            for (p, len) in packs {
+                ins_pack.execute(params![p.0, len]).map_err(e)?;
+            }
+            let mut ins_version = tx
+                .prepare_cached(
+                    "INSERT INTO versions (version, file_id, commit_id, commit_time, manifest, \
+                     deleted, record_pack, record_offset) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) \
+                     ON CONFLICT (version) DO UPDATE SET \
+                     record_pack = COALESCE(record_pack, excluded.record_pack), \
+                     record_offset = COALESCE(record_offset, excluded.record_offset)",
+                )
+                .map_err(e)?;
+            let mut ins_ref = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO version_chunks (version, chunk) VALUES (?1, ?2)",
+                )
+                .map_err(e)?;
+            for v in versions {
+                let r = &v.record;
+                ins_version
+                    .execute(params![
+                        r.version,
+                        r.file_id,
+                        r.commit_id,
+                        r.commit_time,
+                        &r.manifest[..],
+                        r.deletion.to_column(),
+                        v.at.0 .0,
+                        v.at.1
+                    ])
+                    .map_err(e)?;
+                for id in &r.chunks {
+                    ins_ref.execute(params![r.version, id]).map_err(e)?;
+                }
+            }
+        }
+        tx.commit().map_err(e)?;
+        Ok(())
+    }
+
+    /// The next version number to assign: above every number ever assigned (AUTOINCREMENT's
+    /// record of the highest, which survives the removal of versions, and the rows).
+    pub fn next_version(&self) -> Result<u64, IndexError> {
+        let hi: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT MAX(n) FROM (SELECT MAX(version) AS n FROM versions UNION ALL \
+                 SELECT seq AS n FROM sqlite_sequence WHERE name = 'versions')",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(self.err())?;
+        Ok(hi.map_or(1, |n| n.max(0) as u64 + 1))
+    }
+
     /// Versions with `version > after`, oldest first, at most `limit` of them and stopping
     /// once their manifests add up to `max_bytes`; also whether more follow.
     pub fn list_versions(
@@ -561,6 +667,59 @@ mod tests {
     }
 
     #[test]
+    fn recorded_versions_keep_their_numbers_and_fill_in_record_locations() {
+        use crate::records::Deletion;
+        let d = tempfile::tempdir().expect("tempdir");
+        let mut ix = Index::open(&d.path().join("index.sqlite"), Mode::Write).expect("open");
+        assert_eq!(ix.next_version().expect("next"), 1);
+        let rec = |version: u64, deletion| RecordedVersion {
+            record: CommitRecord {
+                commit_id: CommitId([version as u8; 16]),
+                file_id: FileId([1; 32]),
+                version,
+                commit_time: 1_700_000_000 + version as i64,
+                deletion,
+                manifest: vec![version as u8; 3],
+                chunks: vec![ChunkId([2; 32])],
+            },
+            at: (PackNo(2), 100 * version),
+        };
+        ix.add_recorded(
+            &[(ChunkId([2; 32]), loc(16))],
+            &[(PackNo(1), 100)],
+            &[rec(5, Deletion::No), rec(9, Deletion::Yes)],
+        )
+        .expect("add");
+        assert_eq!(ix.next_version().expect("next"), 10);
+        // Again (a re-scan): nothing changes, nothing fails.
+        ix.add_recorded(&[], &[], &[rec(9, Deletion::Yes)])
+            .expect("again");
+        let (listed, more) = ix.list_versions(0, 10, 1 << 20).expect("list");
+        assert!(!more);
+        assert_eq!(
+            listed
+                .iter()
+                .map(|v| (v.version, v.commit_time))
+                .collect::<Vec<_>>(),
+            [(5, 1_700_000_005), (9, 1_700_000_009)]
+        );
+        let deleted: Vec<Option<bool>> = ix
+            .conn
+            .prepare("SELECT deleted FROM versions ORDER BY version")
+            .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+            .expect("deleted");
+        assert_eq!(deleted, [Some(false), Some(true)]);
+        // A commit made the old way gets the next number, above the recorded ones.
+        let out = ix
+            .commit_batch(&[], &[], &[commit(3, &[2])], 1_800_000_000)
+            .expect("commit");
+        assert!(
+            matches!(out[0], CommitOutcome::Acked { version: 10, .. }),
+            "{out:?}"
+        );
+    }
+
+    #[test]
     fn a_newer_schema_is_refused() {
         let d = tempfile::tempdir().expect("tempdir");
         let p = d.path().join("index.sqlite");
@@ -576,9 +735,10 @@ mod tests {
         assert_eq!(
             e.to_string(),
             format!(
-                "index {} has schema version 99, newer than this build knows (2); upgrade \
+                "index {} has schema version 99, newer than this build knows ({}); upgrade \
                  coffer-receiver",
-                p.display()
+                p.display(),
+                SCHEMA.migrations.len()
             )
         );
     }
@@ -646,7 +806,7 @@ mod tests {
             .conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .expect("version");
-        assert_eq!(v, 2);
+        assert_eq!(v as usize, SCHEMA.migrations.len());
         // A repeated commit is still recognised; a new one continues after the highest.
         let out = ix
             .commit_batch(&[], &[], &[commit(2, &[]), commit(3, &[1])], 200)

@@ -11,6 +11,8 @@
 //! <root>/repos/<name>/keyfiles/NNNNNNNN.key  escrowed key files, numbered from 1, never replaced
 //! <root>/repos/<name>/packs/NNNNNNNN.pack   eight decimal digits
 //! <root>/repos/<name>/index.sqlite      (+ -wal, -shm, SQLite's own)
+//! <root>/repos/<name>/index.sqlite.repair  the index `repair` is building; renamed over
+//!                                       index.sqlite once whole (present: a repair was cut off)
 //! ```
 //!
 //! Files written whole (the key, `receiver.toml`, `authorized.toml`, `serve.addr`, a
@@ -178,6 +180,32 @@ impl RepoDir {
     pub fn index(&self) -> PathBuf {
         self.dir.join("index.sqlite")
     }
+    /// SQLite's write-ahead log and shared-memory files beside the index.
+    pub fn index_wal(&self) -> PathBuf {
+        self.dir.join("index.sqlite-wal")
+    }
+    pub fn index_shm(&self) -> PathBuf {
+        self.dir.join("index.sqlite-shm")
+    }
+    /// The index `repair` builds from the packs, renamed over [`RepoDir::index`] once whole.
+    pub fn index_repair(&self) -> PathBuf {
+        self.dir.join("index.sqlite.repair")
+    }
+    /// The backup tree's root (`<root>` of `<root>/repos/<name>`), for messages that name
+    /// a command to run.
+    pub fn root(&self) -> &Path {
+        self.dir
+            .parent()
+            .and_then(Path::parent)
+            .unwrap_or(&self.dir)
+    }
+    /// The repository's name (its folder's name), for messages.
+    pub fn name(&self) -> String {
+        self.dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
     /// Where its packs are.
     pub fn packs(&self) -> PacksDir {
         PacksDir {
@@ -247,6 +275,18 @@ mod tests {
         let repo = l.repo(&RepoName::new("laptop").expect("name"));
         assert_eq!(repo.path(), Path::new("/r/repos/laptop"));
         assert_eq!(repo.index(), Path::new("/r/repos/laptop/index.sqlite"));
+        assert_eq!(
+            repo.index_repair(),
+            Path::new("/r/repos/laptop/index.sqlite.repair")
+        );
+        assert_eq!(
+            repo.index_wal(),
+            Path::new("/r/repos/laptop/index.sqlite-wal")
+        );
+        assert_eq!(
+            (repo.root(), repo.name().as_str()),
+            (Path::new("/r"), "laptop")
+        );
         assert_eq!(repo.keyfile(), Path::new("/r/repos/laptop/keyfile"));
         assert_eq!(
             repo.keyfile_entry(12),

@@ -12,6 +12,8 @@
 //! - [`store`]: pack formats, the [`store::PackStore`] trait, where packs live (`PackStores`).
 //! - [`index`]: the repository's SQLite index, sole owner of its connection.
 //! - [`status`]: `status` and `scrub` (and whether a `serve` holds the root).
+//! - [`repair`]: `repair` (the index rebuilt from the packs), and a missing or damaged
+//!   index met when a repository is opened; [`salvage`]: the scan that reads past damage.
 //! - [`logs`]: what is logged of peers: their text escaped, refusals summarised.
 //! - [`metrics`]: the session counters and `serve --metrics`'s `/metrics` endpoint.
 //! - [`notify`]: systemd readiness and watchdog notifications.
@@ -39,7 +41,10 @@ pub mod logs;
 pub mod metrics;
 pub mod notify;
 pub mod quota;
+pub mod records;
+pub mod repair;
 pub mod repo;
+pub mod salvage;
 pub mod server;
 pub mod service;
 pub mod session;
@@ -64,6 +69,8 @@ pub enum Error {
     Index(#[from] index::IndexError),
     #[error(transparent)]
     Repo(#[from] repo::RepoError),
+    #[error(transparent)]
+    Repair(#[from] repair::RepairError),
     #[error(
         "another coffer-receiver serve is already running on {} (it holds {}/serve.lock)",
         .0.display(),

@@ -33,7 +33,7 @@ use crate::auth::RepoName;
 use crate::index::{first_of_each, CommitOutcome, Index, IndexError, Mode, NewCommit};
 use crate::layout::RepoDir;
 use crate::store::{
-    header_ok, pack_header, read_record_into, scan, Check, Location, PackNo, PackStore,
+    header_ok, pack_header, read_record_into, scan, Check, Found, Location, PackNo, PackStore,
     RecordError, RecordHeader, PACK_HEADER_LEN, RECORD_HEADER_LEN,
 };
 
@@ -57,6 +57,9 @@ pub enum RepoError {
     Index(#[from] IndexError),
     #[error(transparent)]
     Record(#[from] RecordError),
+    /// Its index is missing without commit records to rebuild it, or damaged.
+    #[error(transparent)]
+    NeedsRepair(#[from] crate::repair::NeedsRepair),
     #[error(
         "a storage error while this batch was being made durable discarded it; nothing of it \
          was acknowledged, send it again"
@@ -91,7 +94,10 @@ impl RepoError {
     pub fn is_storage(&self) -> bool {
         matches!(
             self,
-            RepoError::Io(_) | RepoError::Index(_) | RepoError::RolledBack
+            RepoError::Io(_)
+                | RepoError::Index(_)
+                | RepoError::RolledBack
+                | RepoError::NeedsRepair(_)
         )
     }
 }
@@ -178,7 +184,8 @@ impl Repo {
     ) -> Result<(Self, Recovery), RepoError> {
         dir.create()?;
         let index_path = dir.index();
-        let mut writer = Index::open(&index_path, Mode::Write)?;
+        // A missing index is rebuilt from the packs, a damaged one refused (`repair.rs`).
+        let mut writer = crate::repair::open_index(dir, &*packs)?;
         let recorded: HashMap<PackNo, u64> = writer.pack_lengths()?.into_iter().collect();
         let on_disk = packs.list()?;
         for p in recorded.keys() {
@@ -217,31 +224,37 @@ impl Repo {
             }
             let mut end = indexed;
             if file_len > indexed || known.is_none() {
-                let sc = scan(&*packs, p, indexed, file_len)?;
-                if sc.end < file_len {
+                // Commit records past the indexed end are not yet re-indexed here.
+                let mut rows = Vec::new();
+                let sc_end = scan::<IoError>(&*packs, p, indexed, file_len, |f| {
+                    if let Found::Chunk { id, loc } = f {
+                        rows.push((id, loc));
+                    }
+                    Ok(())
+                })?;
+                if sc_end < file_len {
                     tracing::warn!(
                         repo = %name,
                         "cutting a torn tail of {} bytes at offset {} of {}",
-                        file_len - sc.end,
-                        sc.end,
+                        file_len - sc_end,
+                        sc_end,
                         packs.describe(p)
                     );
-                    rec.cut_bytes += file_len - sc.end;
-                    packs.truncate(p, sc.end)?;
+                    rec.cut_bytes += file_len - sc_end;
+                    packs.truncate(p, sc_end)?;
                 }
-                if !sc.records.is_empty() {
+                if !rows.is_empty() {
                     packs.sync(p)?;
                     tracing::info!(
                         repo = %name,
                         "re-indexed {} intact chunks found past the indexed end of {}",
-                        sc.records.len(),
+                        rows.len(),
                         packs.describe(p)
                     );
                 }
-                rec.reindexed += sc.records.len();
-                let rows: Vec<_> = sc.records.iter().map(|f| (f.id, f.loc)).collect();
-                writer.commit_batch(&rows, &[(p, sc.end)], &[], 0)?;
-                end = sc.end;
+                rec.reindexed += rows.len();
+                writer.commit_batch(&rows, &[(p, sc_end)], &[], 0)?;
+                end = sc_end;
             }
             st.committed.insert(p, end);
             appendable = Some((p, end));

@@ -101,6 +101,9 @@ pub(crate) struct Server {
     next_session: AtomicU64,
     /// Repositories opened so far, each opened once and shared by its sessions.
     repos: tokio::sync::Mutex<HashMap<RepoName, Arc<Repo>>>,
+    /// Repositories refused because their index needs `repair`, with the reason last
+    /// logged: each reason is logged once, and every new connection tries the open again.
+    refused: std::sync::Mutex<HashMap<RepoName, String>>,
     /// Session slots (`max_sessions`).
     sessions: Arc<Semaphore>,
     /// Handshakes in progress ([`MAX_HANDSHAKES`]).
@@ -241,6 +244,7 @@ impl Server {
             config,
             keypair,
             repos: tokio::sync::Mutex::new(HashMap::new()),
+            refused: std::sync::Mutex::new(HashMap::new()),
             cancel: CancellationToken::new(),
             tracker: TaskTracker::new(),
             metrics: Arc::new(Metrics::new()),
@@ -289,7 +293,7 @@ impl Server {
         let packs = self.stores.open(&dir);
         let n = name.clone();
         let max = self.config.pack_max_bytes;
-        let (repo, rec) = tokio::task::spawn_blocking(move || Repo::open(&dir, n, packs, max))
+        let opened = tokio::task::spawn_blocking(move || Repo::open(&dir, n, packs, max))
             .await
             .map_err(|e| {
                 RepoError::Io(IoError::new(
@@ -297,7 +301,30 @@ impl Server {
                     self.layout.repo(name).path(),
                     std::io::Error::other(e.to_string()),
                 ))
-            })??;
+            })?;
+        let mut refused = match self.refused.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let (repo, rec) = match opened {
+            Ok(r) => {
+                if refused.remove(name).is_some() {
+                    tracing::info!(repo = %name, "repository opened; no longer refused");
+                }
+                r
+            }
+            Err(RepoError::NeedsRepair(e)) => {
+                // Only this repository is refused; logged once per reason.
+                let why = e.to_string();
+                if refused.get(name) != Some(&why) {
+                    tracing::error!(repo = %name, "refusing sessions: {why}");
+                    refused.insert(name.clone(), why);
+                }
+                return Err(RepoError::NeedsRepair(e));
+            }
+            Err(e) => return Err(e),
+        };
+        drop(refused);
         if rec.reindexed > 0 || rec.cut_bytes > 0 {
             tracing::info!(
                 repo = %name,

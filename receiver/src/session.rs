@@ -168,7 +168,10 @@ async fn hello(server: &Server, ch: &mut channel::Channel<TcpStream>) -> Hello {
 /// opened.
 async fn open_repo(server: &Server, name: &RepoName) -> Result<Arc<Repo>, Message> {
     server.open_repo(name).await.map_err(|e| {
-        tracing::error!("opening repository {name}: {e}");
+        // A refusal for `repair` is logged once, by the server.
+        if !matches!(e, RepoError::NeedsRepair(_)) {
+            tracing::error!("opening repository {name}: {e}");
+        }
         server.metrics.error(error_kind(&e));
         let code = if e.is_storage() {
             ErrorCode::Storage

@@ -1,15 +1,21 @@
-//! `status` and `scrub`: what the backup tree holds, and whether every record is intact.
-//! Both only read; they can run while `serve` does.
+//! `status` and `scrub`: what the backup tree holds, and whether every record is intact
+//! and the index agrees with the packs (both ways). Both only read; they can run while
+//! `serve` does.
 
 use std::collections::BTreeMap;
 
 use serde::Serialize;
 
 use crate::auth::{Authorizations, RepoName};
-use crate::index::{Index, Mode, Stats};
+use crate::index::{Index, IndexError, Mode, Stats};
 use crate::layout::{Layout, RepoDir};
 use crate::quota::{fs_size, human, DiskFloor, QuotaState};
-use crate::store::{read_record, Check, PackStore, PackStores, RecordError};
+use crate::records::{CommitRecord, Header};
+use crate::repair::Problem;
+use crate::store::{
+    read_record, Check, PackNo, PackStore, PackStores, RecordError, PACK_HEADER_LEN,
+    RECORD_HEADER_LEN,
+};
 use crate::Error;
 use coffer_common::host::fs::Context;
 use coffer_common::host::lock;
@@ -257,6 +263,27 @@ pub struct Damage {
     pub why: String,
 }
 
+/// Most problems `scrub --json` lists per repository (all are counted and printed).
+pub const MAX_LISTED: usize = 10_000;
+
+/// What `scrub` found in one repository.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RepoScrub {
+    pub name: String,
+    /// Chunk rows read back and checked against their hash.
+    pub chunks: u64,
+    pub chunk_bytes: u64,
+    /// Versions checked against their commit records.
+    pub versions: u64,
+    /// Commit records found in the packs' indexed parts.
+    pub commit_records: u64,
+    /// Versions without a commit record yet (the upgrade writes them): not damage.
+    pub upgrade_pending: u64,
+    /// Every problem found; the first [`MAX_LISTED`] are in `problems`.
+    pub problems_total: u64,
+    pub problems: Vec<Problem>,
+}
+
 /// What `scrub` checked.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct ScrubReport {
@@ -264,43 +291,122 @@ pub struct ScrubReport {
     pub records: u64,
     pub bytes: u64,
     pub damaged: Vec<Damage>,
+    pub repos: Vec<RepoScrub>,
 }
 
-/// Reads back every indexed record of every repository (from the store `stores` gives)
-/// and checks it against its header and hash; `on_damage` is called for each damaged one
-/// as it is found.
+impl ScrubReport {
+    /// Problems of every kind, in every repository.
+    pub fn problems(&self) -> u64 {
+        self.repos.iter().map(|r| r.problems_total).sum()
+    }
+}
+
+/// Checks every repository (or the one named `only`), packs from the store `stores`
+/// gives: each indexed chunk record is read back and checked against its hash; each
+/// version against its commit record; each commit record in the packs' indexed parts
+/// against the index; each reference against the chunks indexed. `on_problem` is called
+/// for each problem as it is found (damaged chunk records also as a [`Damage`]).
 pub fn scrub(
     layout: &Layout,
     stores: &dyn PackStores,
-    mut on_damage: impl FnMut(&Damage),
+    only: Option<&str>,
+    mut on_problem: impl FnMut(&str, &Problem, Option<&Damage>),
 ) -> Result<ScrubReport, Error> {
     layout.load_config()?;
     let auth = Authorizations::load(&layout.authorized())?;
+    let names = match only {
+        Some(n) => {
+            let name = RepoName::new(n).map_err(crate::auth::AuthError::from)?;
+            if !layout.repo(&name).path().is_dir() {
+                return Err(crate::repair::RepairError::NoSuchRepo {
+                    name: n.to_string(),
+                    dir: layout.repos(),
+                }
+                .into());
+            }
+            vec![name]
+        }
+        None => repo_names(layout, &auth)?,
+    };
     let mut report = ScrubReport::default();
-    for name in repo_names(layout, &auth)? {
+    for name in names {
         let dir = layout.repo(&name);
+        let store = stores.open(&dir);
+        let mut rs = RepoScrub {
+            name: name.to_string(),
+            ..RepoScrub::default()
+        };
+        let mut problem = |rs: &mut RepoScrub, p: Problem, d: Option<&Damage>| {
+            on_problem(name.as_str(), &p, d);
+            rs.problems_total += 1;
+            if rs.problems.len() < MAX_LISTED {
+                rs.problems.push(p);
+            }
+        };
         if !dir.index().exists() {
+            let has_records = store
+                .list()?
+                .iter()
+                .any(|&p| store.len(p).is_ok_and(|l| l > PACK_HEADER_LEN));
+            if has_records {
+                report.repositories += 1;
+                problem(
+                    &mut rs,
+                    Problem {
+                        kind: "missing_index",
+                        detail: format!(
+                            "{} is missing; serve rebuilds it from the packs when it opens the \
+                             repository, or run `coffer-receiver repair`",
+                            dir.index().display()
+                        ),
+                        ..Problem::default()
+                    },
+                    None,
+                );
+                report.repos.push(rs);
+            }
             continue;
         }
         report.repositories += 1;
-        let store = stores.open(&dir);
-        scrub_repo(&name, &dir, &*store, &mut report, &mut on_damage)?;
+        let r = scrub_repo(&dir, &*store, &mut report, &mut rs, &mut problem);
+        match r {
+            Ok(()) => {}
+            Err(Error::Index(e)) if matches!(&e, IndexError::Db(d) if d.is_corrupt()) => {
+                problem(
+                    &mut rs,
+                    Problem {
+                        kind: "damaged_index",
+                        detail: format!("{e}; run `coffer-receiver repair`"),
+                        ..Problem::default()
+                    },
+                    None,
+                );
+            }
+            Err(e) => return Err(e),
+        }
+        report.repos.push(rs);
     }
     Ok(report)
 }
 
+type OnProblem<'a> = dyn FnMut(&mut RepoScrub, Problem, Option<&Damage>) + 'a;
+
 fn scrub_repo(
-    name: &RepoName,
     dir: &RepoDir,
     store: &dyn PackStore,
     report: &mut ScrubReport,
-    on_damage: &mut impl FnMut(&Damage),
+    rs: &mut RepoScrub,
+    problem: &mut OnProblem<'_>,
 ) -> Result<(), Error> {
+    let name = dir.name();
     let ix = Index::open(&dir.index(), Mode::Read)?;
+    // 1. Every indexed chunk record, read back in pack order.
     let mut fatal = None;
     ix.for_each_chunk(|row| {
         report.records += 1;
         report.bytes += row.loc.len as u64;
+        rs.chunks += 1;
+        rs.chunk_bytes += row.loc.len as u64;
         let why = match read_record(store, &row.id, &row.loc, Check::Full) {
             Ok(_) => return true,
             Err(RecordError::Damaged { why, .. }) => why,
@@ -317,20 +423,59 @@ fn scrub_repo(
             }
         };
         let d = Damage {
-            repo: name.to_string(),
+            repo: name.clone(),
             pack: store.describe(row.loc.pack),
             offset: row.loc.offset,
             chunk: row.id.to_hex(),
             why,
         };
-        on_damage(&d);
+        problem(
+            rs,
+            Problem {
+                kind: "damaged_chunk",
+                pack: Some(d.pack.clone()),
+                offset: Some(d.offset),
+                chunk: Some(d.chunk.clone()),
+                detail: d.why.clone(),
+                ..Problem::default()
+            },
+            Some(&d),
+        );
         report.damaged.push(d);
         true
     })?;
     if let Some(e) = fatal {
         return Err(e.into());
     }
+    // 2. Every version against its commit record.
+    ix.for_each_version(|v| {
+        rs.versions += 1;
+        if v.record.is_none() {
+            rs.upgrade_pending += 1;
+            return true;
+        }
+        if let Some((kind, why)) = crate::repair::record_disagrees(store, v) {
+            let (pack, offset) = v
+                .record
+                .map_or((None, None), |(p, o)| (Some(store.describe(p)), Some(o)));
+            problem(
+                rs,
+                Problem {
+                    kind,
+                    version: Some(v.version),
+                    pack,
+                    offset,
+                    detail: format!("version {}: {why}", v.version),
+                    ..Problem::default()
+                },
+                None,
+            );
+        }
+        true
+    })?;
+    // 3. Every commit record in the packs' indexed parts is indexed, at its location.
     for (p, len) in ix.pack_lengths()? {
+        commit_records_of(&ix, store, p, len, rs, problem)?;
         if let Ok(actual) = store.len(p) {
             if actual > len {
                 tracing::info!(
@@ -342,6 +487,162 @@ fn scrub_repo(
                 );
             }
         }
+    }
+    // 4. Every reference resolves to an indexed chunk.
+    let mut found = Vec::new();
+    ix.unresolved_references(|version, file, chunk| {
+        if found.len() < MAX_LISTED {
+            found.push((version, file, chunk));
+        }
+    })?;
+    for (version, file, chunk) in found {
+        let file: String = file.0.iter().map(|b| format!("{b:02x}")).collect();
+        problem(
+            rs,
+            Problem {
+                kind: "unresolved_reference",
+                version: Some(version),
+                chunk: Some(chunk.to_hex()),
+                detail: format!(
+                    "version {version} of file {file} references chunk {} that is not indexed",
+                    chunk.to_hex()
+                ),
+                ..Problem::default()
+            },
+            None,
+        );
+    }
+    Ok(())
+}
+
+/// Walks the records of `pack` up to its indexed length `len` by their headers, and
+/// checks that each commit record is indexed at its location (or is a repeat of a commit
+/// indexed elsewhere). Only commit records' bodies are read; chunk records are checked
+/// by step 1.
+fn commit_records_of(
+    ix: &Index,
+    store: &dyn PackStore,
+    pack: PackNo,
+    len: u64,
+    rs: &mut RepoScrub,
+    problem: &mut OnProblem<'_>,
+) -> Result<(), Error> {
+    let describe = store.describe(pack);
+    let mut at = PACK_HEADER_LEN;
+    let mut head = [0u8; RECORD_HEADER_LEN as usize];
+    let mut body = Vec::new();
+    while at + RECORD_HEADER_LEN <= len {
+        match store.read_at(pack, at, &mut head) {
+            Ok(()) => {}
+            Err(e)
+                if matches!(
+                    e.source.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::UnexpectedEof
+                ) =>
+            {
+                // A missing or short pack: its chunk rows are reported by step 1.
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let Some(h) = Header::decode(&head) else {
+            problem(
+                rs,
+                Problem {
+                    kind: "unreadable",
+                    pack: Some(describe.clone()),
+                    offset: Some(at),
+                    detail: format!(
+                        "no record header where one should start; the {} bytes after it up to \
+                         the indexed end could not be walked (run `coffer-receiver repair`)",
+                        len - at
+                    ),
+                    ..Problem::default()
+                },
+                None,
+            );
+            return Ok(());
+        };
+        if at + h.record_len() > len {
+            break;
+        }
+        if let Header::Commit(c) = h {
+            rs.commit_records += 1;
+            body.resize(c.len as usize, 0);
+            store.read_at(pack, at + RECORD_HEADER_LEN, &mut body)?;
+            let intact = blake3::hash(&body).as_bytes() == &c.hash;
+            let rec = if intact {
+                CommitRecord::decode(&c, &body).ok()
+            } else {
+                None
+            };
+            match rec {
+                Some(rec) => {
+                    let indexed_here = ix
+                        .version_at(rec.version)?
+                        .is_some_and(|v| v.record == Some((pack, at)));
+                    if !indexed_here
+                        && ix
+                            .version_of_commit(&rec.file_id, &rec.commit_id)?
+                            .is_none()
+                    {
+                        problem(
+                            rs,
+                            Problem {
+                                kind: "unindexed_record",
+                                version: Some(rec.version),
+                                pack: Some(describe.clone()),
+                                offset: Some(at),
+                                detail: format!(
+                                    "the commit record of version {} is not in the index",
+                                    rec.version
+                                ),
+                                ..Problem::default()
+                            },
+                            None,
+                        );
+                    }
+                }
+                None => {
+                    // Step 2 names it when its version is indexed here; else here.
+                    let claimed = body
+                        .get(16..24)
+                        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                        .map(u64::from_le_bytes);
+                    let named = match claimed {
+                        Some(v) => ix
+                            .version_at(v)?
+                            .is_some_and(|iv| iv.record == Some((pack, at))),
+                        None => false,
+                    };
+                    if !named {
+                        problem(
+                            rs,
+                            Problem {
+                                kind: "damaged_commit",
+                                version: claimed,
+                                pack: Some(describe.clone()),
+                                offset: Some(at),
+                                detail: format!(
+                                    "a commit record {}{}",
+                                    if intact {
+                                        "that does not decode"
+                                    } else {
+                                        "whose bytes do not match their hash"
+                                    },
+                                    claimed
+                                        .map(|v| format!(" (it reads as version {v})"))
+                                        .unwrap_or_default()
+                                ),
+                                ..Problem::default()
+                            },
+                            None,
+                        );
+                    }
+                }
+            }
+        }
+        at += h.record_len();
     }
     Ok(())
 }

@@ -25,6 +25,7 @@ use coffer_common::chunk::{ChunkId, MAX_SEALED};
 use coffer_common::host::fs::{sync_dir, Context, IoError};
 
 use crate::layout::{PacksDir, RepoDir};
+use crate::records::{CommitHeader, Header};
 
 /// Magic at the start of every pack.
 pub const PACK_MAGIC: &[u8; 8] = b"COFRPACK";
@@ -363,54 +364,66 @@ pub fn read_record_into(
     Ok(sealed)
 }
 
-/// A record found by [`scan`].
+/// A whole, intact record found by [`scan`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Found {
-    pub id: ChunkId,
-    pub loc: Location,
+pub enum Found<'a> {
+    /// A chunk record.
+    Chunk { id: ChunkId, loc: Location },
+    /// A commit record at `offset`, whose body (checked against its hash, not yet decoded:
+    /// [`crate::records::CommitRecord::decode`]) is `body`.
+    Commit {
+        header: CommitHeader,
+        offset: u64,
+        body: &'a [u8],
+    },
 }
 
-/// The result of scanning a pack's tail.
-#[derive(Debug)]
-pub struct Scan {
-    /// Whole, intact records, in order.
-    pub records: Vec<Found>,
-    /// Offset just past the last intact record: everything after it is a torn tail.
-    pub end: u64,
-}
-
-/// Reads the records of `pack` from `from` to `len`, stopping at the first one that is
-/// incomplete or does not match its hash.
-pub fn scan(store: &dyn PackStore, pack: PackNo, from: u64, len: u64) -> Result<Scan, IoError> {
-    let mut records = Vec::new();
+/// Reads the records of `pack` from `from` to `len`, handing each whole, intact one (of
+/// either kind) to `f` in order, and stops at the first one that is incomplete, has a bad
+/// header or does not match its hash. Returns the offset just past the last intact record:
+/// everything after it is a torn tail. One record's body is in memory at a time.
+pub fn scan<E: From<IoError>>(
+    store: &dyn PackStore,
+    pack: PackNo,
+    from: u64,
+    len: u64,
+    mut f: impl FnMut(Found<'_>) -> Result<(), E>,
+) -> Result<u64, E> {
     let mut at = from;
     let mut header = [0u8; RECORD_HEADER_LEN as usize];
     let mut data = Vec::new();
     while at + RECORD_HEADER_LEN <= len {
         store.read_at(pack, at, &mut header)?;
-        let Some(h) = RecordHeader::decode(&header) else {
+        let Some(h) = Header::decode(&header) else {
             break;
         };
         if at + h.record_len() > len {
             break;
         }
-        data.resize(h.len as usize, 0);
+        data.resize(h.body_len() as usize, 0);
         store.read_at(pack, at + RECORD_HEADER_LEN, &mut data)?;
-        if blake3::hash(&data).as_bytes() != &h.hash {
+        if blake3::hash(&data).as_bytes() != h.hash() {
             break;
         }
-        records.push(Found {
-            id: h.id,
-            loc: Location {
-                pack,
+        match h {
+            Header::Chunk(c) => f(Found::Chunk {
+                id: c.id,
+                loc: Location {
+                    pack,
+                    offset: at,
+                    len: c.len,
+                    hash: c.hash,
+                },
+            })?,
+            Header::Commit(c) => f(Found::Commit {
+                header: c,
                 offset: at,
-                len: h.len,
-                hash: h.hash,
-            },
-        });
+                body: &data,
+            })?,
+        }
         at += h.record_len();
     }
-    Ok(Scan { records, end: at })
+    Ok(at)
 }
 
 /// Checks a pack's header.
@@ -438,6 +451,61 @@ mod tests {
         v
     }
 
+    /// The chunk records `scan` finds, and where it stopped.
+    fn chunks_in(s: &dyn PackStore, p: PackNo, from: u64, len: u64) -> (Vec<Location>, u64) {
+        let mut locs = Vec::new();
+        let end = scan::<IoError>(s, p, from, len, |f| {
+            if let Found::Chunk { loc, .. } = f {
+                locs.push(loc);
+            }
+            Ok(())
+        })
+        .expect("scan");
+        (locs, end)
+    }
+
+    #[test]
+    fn scan_hands_over_commit_records_between_chunk_records() {
+        use crate::records::{CommitRecord, Deletion};
+        use coffer_common::chunk::FileId;
+        use coffer_common::wire::CommitId;
+        let d = tempfile::tempdir().expect("tempdir");
+        let repo = crate::Layout::new(d.path()).repo(&"r".parse().expect("name"));
+        repo.create().expect("create");
+        let s = LocalPacks::new(repo.packs());
+        let p = PackNo(1);
+        s.create(p).expect("create");
+        let commit = CommitRecord {
+            commit_id: CommitId([5; 16]),
+            file_id: FileId([6; 32]),
+            version: 3,
+            commit_time: 1_700_000_000,
+            deletion: Deletion::No,
+            manifest: b"sealed manifest".to_vec(),
+            chunks: vec![ChunkId([1; 32])],
+        };
+        let mut bytes = record(1, b"first sealed");
+        commit.encode_into(&mut bytes);
+        bytes.extend_from_slice(&record(2, b"second"));
+        s.write_at(p, PACK_HEADER_LEN, &bytes).expect("write");
+        let full = s.len(p).expect("len");
+        let mut seen = Vec::new();
+        let end = scan::<IoError>(&s, p, PACK_HEADER_LEN, full, |f| {
+            seen.push(match f {
+                Found::Chunk { id, .. } => format!("chunk {}", id.0[0]),
+                Found::Commit { header, body, .. } => {
+                    let c = CommitRecord::decode(&header, body).expect("decode");
+                    assert_eq!(c, commit);
+                    format!("commit {}", c.version)
+                }
+            });
+            Ok(())
+        })
+        .expect("scan");
+        assert_eq!(end, full);
+        assert_eq!(seen, ["chunk 1", "commit 3", "chunk 2"]);
+    }
+
     #[test]
     fn scan_stops_at_a_torn_or_damaged_tail_and_reads_verify() {
         let d = tempfile::tempdir().expect("tempdir");
@@ -452,31 +520,28 @@ mod tests {
         s.write_at(p, PACK_HEADER_LEN + a.len() as u64, &b)
             .expect("write");
         let full = s.len(p).expect("len");
-        let sc = scan(&s, p, PACK_HEADER_LEN, full).expect("scan");
-        assert_eq!(sc.records.len(), 2);
-        assert_eq!(sc.end, full);
-        let got =
-            read_record(&s, &ChunkId([2; 32]), &sc.records[1].loc, Check::Full).expect("read");
+        let (locs, end) = chunks_in(&s, p, PACK_HEADER_LEN, full);
+        assert_eq!(locs.len(), 2);
+        assert_eq!(end, full);
+        let got = read_record(&s, &ChunkId([2; 32]), &locs[1], Check::Full).expect("read");
         assert_eq!(got, vec![9u8; 5000]);
         // Torn: the second record is cut short.
         s.truncate(p, full - 10).expect("truncate");
-        let sc = scan(&s, p, PACK_HEADER_LEN, full - 10).expect("scan");
-        assert_eq!(sc.records.len(), 1);
-        assert_eq!(sc.end, PACK_HEADER_LEN + a.len() as u64);
+        let (locs, end) = chunks_in(&s, p, PACK_HEADER_LEN, full - 10);
+        assert_eq!(locs.len(), 1);
+        assert_eq!(end, PACK_HEADER_LEN + a.len() as u64);
         // Reading a record past the end is "damaged", never wrong bytes.
         let e = read_record(
             &s,
             &ChunkId([2; 32]),
-            &Location {
-                ..sc.records[0].loc
-            },
+            &Location { ..locs[0] },
             Check::Header,
         );
         assert!(e.is_err());
         // A flipped byte is caught by the hash.
         s.write_at(p, PACK_HEADER_LEN + 80, b"X").expect("write");
-        let sc = scan(&s, p, PACK_HEADER_LEN, s.len(p).expect("len")).expect("scan");
-        assert_eq!(sc.records.len(), 0);
+        let (locs, _) = chunks_in(&s, p, PACK_HEADER_LEN, s.len(p).expect("len"));
+        assert_eq!(locs.len(), 0);
         let loc = Location {
             pack: p,
             offset: PACK_HEADER_LEN,
