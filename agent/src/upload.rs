@@ -237,6 +237,7 @@ fn flush(sh: &Daemon, batch: &mut Vec<Ready>, acks: &Sender<AckWork>) {
                 file_id: c.file_id,
                 manifest: c.manifest,
                 chunks: c.chunks,
+                deleted: c.deleted,
             };
             if !send(m, vec![item], r.puts) {
                 return;
@@ -453,6 +454,7 @@ fn ready(
     chunk: Option<SealedChunk>,
     puts: Vec<Pending>,
 ) -> Outcome {
+    let deleted = kind == EntryKind::Deleted;
     let manifest = Manifest {
         path: job.path.clone(),
         kind,
@@ -475,6 +477,7 @@ fn ready(
         file_id,
         manifest: sealed,
         chunks: chunks.iter().map(|c| c.id).collect(),
+        deleted,
     };
     Outcome::Ready(Box::new(Ready {
         read,

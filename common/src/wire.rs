@@ -10,7 +10,7 @@ use crate::chunk::{ChunkId, FileId, MAX_CHUNK, MAX_SEALED, SEAL_OVERHEAD};
 
 /// Protocol version spoken by this build. Exchanged in the clear before the handshake (and
 /// bound into it as the Noise prologue); a mismatch is a clear error on both sides.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Largest encoded message: a sealed chunk at its largest plus room for the envelope.
 pub const MAX_FRAME: usize = MAX_SEALED + 64 * 1024;
@@ -114,6 +114,9 @@ pub enum Message {
         #[serde(with = "serde_bytes")]
         manifest: Vec<u8>,
         chunks: Vec<ChunkId>,
+        /// The version records the file's deletion (its manifest's kind is `Deleted`); the
+        /// receiver keeps it in the version's commit record, for retention (protocol 5).
+        deleted: bool,
     },
     FileAcked {
         commit_id: CommitId,
@@ -210,6 +213,8 @@ pub struct FileCommit {
     #[serde(with = "serde_bytes")]
     pub manifest: Vec<u8>,
     pub chunks: Vec<ChunkId>,
+    /// As `CommitFile`'s.
+    pub deleted: bool,
 }
 
 /// The outcome of one commit of a `PutFiles`.
@@ -508,6 +513,7 @@ mod tests {
             file_id: FileId([0xff; 32]),
             manifest: vec![0; MAX_MANIFEST],
             chunks: vec![ChunkId([0xff; 32]); MAX_IDS],
+            deleted: true,
         };
         assert!(
             c.encode().is_ok(),
@@ -595,6 +601,7 @@ mod tests {
                 .prop_map(|(c, f, manifest)| Message::CommitFile {
                     commit_id: CommitId(c),
                     file_id: FileId(f),
+                    deleted: c[0] % 2 == 0,
                     manifest,
                     chunks: vec![ChunkId(f)],
                 }),
@@ -634,6 +641,7 @@ mod tests {
                             file_id: FileId(id),
                             manifest: sealed,
                             chunks: vec![ChunkId(id); n],
+                            deleted: n == 2,
                         };
                         n
                     ],
