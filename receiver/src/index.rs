@@ -446,6 +446,37 @@ impl Index {
         Ok(out)
     }
 
+    /// Adds a version as a release before commit records did (numbered by AUTOINCREMENT,
+    /// deletion and record location unknown); returns its number. For tests of the upgrade.
+    #[cfg(test)]
+    pub(crate) fn add_legacy(
+        &mut self,
+        file_id: &FileId,
+        commit_id: &CommitId,
+        commit_time: i64,
+        manifest: &[u8],
+        chunks: &[ChunkId],
+    ) -> Result<u64, IndexError> {
+        let e = sql_err(&self.path);
+        let tx = self.conn.transaction().map_err(e)?;
+        tx.execute(
+            "INSERT INTO versions (file_id, commit_id, commit_time, manifest) \
+             VALUES (?1, ?2, ?3, ?4)",
+            params![file_id, commit_id, commit_time, manifest],
+        )
+        .map_err(e)?;
+        let version = tx.last_insert_rowid() as u64;
+        for id in chunks {
+            tx.execute(
+                "INSERT OR IGNORE INTO version_chunks (version, chunk) VALUES (?1, ?2)",
+                params![version, id],
+            )
+            .map_err(e)?;
+        }
+        tx.commit().map_err(e)?;
+        Ok(version)
+    }
+
     /// Versions with `version > after`, oldest first, at most `limit` of them and stopping
     /// once their manifests add up to `max_bytes`; also whether more follow.
     pub fn list_versions(

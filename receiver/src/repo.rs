@@ -215,6 +215,18 @@ impl Repo {
         packs: Arc<dyn PackStore>,
         pack_max: u64,
     ) -> Result<(Self, Recovery), RepoError> {
+        let (repo, mut rec) = Self::open_recovered(dir, name, packs, pack_max)?;
+        rec.upgraded = repo.upgrade()?;
+        Ok((repo, rec))
+    }
+
+    /// [`Repo::open`] up to the upgrade.
+    fn open_recovered(
+        dir: &RepoDir,
+        name: RepoName,
+        packs: Arc<dyn PackStore>,
+        pack_max: u64,
+    ) -> Result<(Self, Recovery), RepoError> {
         dir.create()?;
         let index_path = dir.index();
         let mut writer = Index::open(&index_path, Mode::Write)?;
@@ -299,7 +311,6 @@ impl Repo {
             pack_max,
             escrow: Mutex::new(()),
         };
-        rec.upgraded = repo.upgrade()?;
         Ok((repo, rec))
     }
 
@@ -1335,5 +1346,300 @@ mod tests {
         let out = r.flush(&[commit(1, vec![a, b])]).expect("flush");
         assert!(matches!(out[0], CommitOutcome::Acked { .. }));
         assert_eq!(r.get(&b).expect("get"), Some(vb));
+    }
+
+    /// Every intact commit record in the repository's packs, in pack order.
+    fn commit_records(root: &Path) -> Vec<(PackNo, u64, CommitRecord)> {
+        let s = packs(root);
+        let mut out = Vec::new();
+        for p in s.list().expect("ls") {
+            let len = s.len(p).expect("len");
+            scan::<IoError>(&s, p, PACK_HEADER_LEN, len, |f| {
+                if let Found::Commit {
+                    header,
+                    offset,
+                    body,
+                } = f
+                {
+                    let r = CommitRecord::decode(&header, body).expect("decodes");
+                    out.push((p, offset, r));
+                }
+                Ok(())
+            })
+            .expect("scan");
+        }
+        out
+    }
+
+    fn acked(o: &CommitOutcome) -> (u64, i64) {
+        match o {
+            CommitOutcome::Acked {
+                version,
+                commit_time,
+            } => (*version, *commit_time),
+            other => panic!("not acknowledged: {other:?}"),
+        }
+    }
+
+    /// Step 1 of a flush only (commit records appended and written out, nothing synced or
+    /// indexed), as a flush of another session caught between its steps.
+    fn step1(r: &Repo, commits: &[NewCommit]) -> Vec<CommitOutcome> {
+        let gen = lock(&r.state).indexed_gen;
+        let (known, indexed) = r.lookup(commits).expect("lookup");
+        let mut st = lock(&r.state);
+        let mut out = Vec::new();
+        r.settle(&mut st, commits, &known, &indexed, gen, &mut out)
+            .expect("settle");
+        st.write_out(&*r.packs).expect("write out");
+        out
+    }
+
+    #[test]
+    fn every_flush_writes_commit_records_that_scan_reads_back() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let r = repo(d.path(), 1 << 20);
+        let (a, va) = data(1, 5000);
+        let (b, vb) = data(2, 300_000);
+        r.put(&a, &va).expect("put");
+        r.put(&b, &vb).expect("put");
+        let absent = data(3, 10).0;
+        let out = r
+            .flush(&[
+                commit(1, vec![a, b, a]),
+                commit(2, vec![b]),
+                commit(3, vec![a, absent]),
+                commit(1, vec![a, b, a]),
+            ])
+            .expect("flush");
+        let (v1, t1) = acked(&out[0]);
+        let (v2, _) = acked(&out[1]);
+        assert_eq!(out[2], CommitOutcome::MissingChunks(vec![absent]));
+        assert_eq!(acked(&out[3]), (v1, t1), "a repeat within the batch");
+        assert_eq!((v1, v2), (1, 2));
+        // A later flush: an indexed commit keeps its version and gets no second record.
+        let out = r
+            .flush(&[commit(1, vec![a, b]), commit(4, vec![a])])
+            .expect("flush");
+        assert_eq!(acked(&out[0]), (v1, t1));
+        assert_eq!(acked(&out[1]).0, 3);
+        let recs = commit_records(d.path());
+        let got: Vec<_> = recs
+            .iter()
+            .map(|(_, _, c)| (c.version, c.commit_id.0[0], c.deletion, c.chunks.clone()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (1, 1, Deletion::No, vec![a, b]),
+                (2, 2, Deletion::Yes, vec![b]),
+                (3, 4, Deletion::Yes, vec![a]),
+            ]
+        );
+        assert_eq!(recs[0].2.commit_time, t1);
+        assert_eq!(recs[0].2.manifest, vec![1; 10]);
+        assert_eq!(recs[0].2.file_id, FileId([1; 32]));
+        // Each record lies after the chunks it references, below the indexed length, and
+        // the index knows where it is.
+        let w = lock(&r.writer);
+        assert_eq!(w.unrecorded_count().expect("count"), 0);
+        let lens: HashMap<PackNo, u64> = w.pack_lengths().expect("lengths").into_iter().collect();
+        for (p, off, c) in &recs {
+            assert!(*off < lens[p], "record of version {} indexed", c.version);
+            for id in &c.chunks {
+                let l = w.chunk(id).expect("q").expect("indexed");
+                assert!((l.pack, l.offset) < (*p, *off), "chunk before its record");
+            }
+        }
+    }
+
+    #[test]
+    fn a_commit_pending_in_another_flush_gets_that_version_and_is_indexed_with_it() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let r = repo(d.path(), 1 << 20);
+        let (a, va) = data(1, 5000);
+        r.put(&a, &va).expect("put");
+        // Another session's flush has written its records and waits for its fsync.
+        let theirs = step1(&r, &[commit(1, vec![a]), commit(2, vec![a])]);
+        let (v1, t1) = acked(&theirs[0]);
+        let (v2, _) = acked(&theirs[1]);
+        assert_eq!(lock(&r.state).pending_commits.len(), 2);
+        // This session commits the same commit, and one of its own.
+        let ours = r
+            .flush(&[commit(1, vec![a]), commit(3, vec![a])])
+            .expect("flush");
+        assert_eq!(acked(&ours[0]), (v1, t1), "the pending record's version");
+        assert_eq!(acked(&ours[1]).0, v2 + 1);
+        // Its flush indexed the other session's records too (their bytes came before).
+        assert!(lock(&r.state).pending_commits.is_empty());
+        let rd = lock(&r.reader);
+        assert_eq!(
+            rd.find_version(&FileId([2; 32]), &CommitId([2; 16]))
+                .expect("q"),
+            Some((v2, t1))
+        );
+        drop(rd);
+        assert_eq!(commit_records(d.path()).len(), 3, "one record per version");
+        // The other session's flush, resumed, finds nothing left to do but succeeds.
+        let out = r.flush(&[commit(1, vec![a])]).expect("flush");
+        assert_eq!(acked(&out[0]), (v1, t1));
+    }
+
+    #[test]
+    fn rollback_forgets_pending_commits_and_their_numbers_are_not_reused() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let r = repo(d.path(), 64 << 20);
+        let (a, va) = data(1, 5000);
+        r.put(&a, &va).expect("put");
+        r.flush(&[]).expect("flush");
+        let lost = step1(&r, &[commit(1, vec![a])]);
+        let (v, _) = acked(&lost[0]);
+        r.rollback("test");
+        assert!(lock(&r.state).pending_commits.is_empty());
+        assert!(commit_records(d.path()).is_empty(), "the record was cut");
+        let out = r.flush(&[commit(1, vec![a])]).expect("flush");
+        let (again, _) = acked(&out[0]);
+        assert!(again > v, "{again} after {v}");
+        let recs = commit_records(d.path());
+        assert_eq!(recs.len(), 1);
+        assert_eq!(recs[0].2.version, again);
+    }
+
+    #[test]
+    fn recovery_reindexes_a_synced_commit_record_and_a_recommit_gets_its_version() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let r = repo(d.path(), 64 << 20);
+        let (a, va) = data(1, 5000);
+        r.put(&a, &va).expect("put");
+        r.flush(&[commit(1, vec![a])]).expect("flush");
+        let (b, vb) = data(2, 5000);
+        r.put(&b, &vb).expect("put");
+        // Records written and synced, then a crash before the index transaction.
+        let out = step1(&r, &[commit(2, vec![a, b])]);
+        let (v, t) = acked(&out[0]);
+        r.packs.sync(PackNo(1)).expect("sync");
+        drop(r);
+        // Past the end too: a commit record whose chunk never arrived (never acknowledged).
+        let s = packs(d.path());
+        let len = s.len(PackNo(1)).expect("len");
+        let orphan = CommitRecord {
+            commit_id: CommitId([9; 16]),
+            file_id: FileId([9; 32]),
+            version: 40,
+            commit_time: 1,
+            deletion: Deletion::No,
+            manifest: vec![9; 5],
+            chunks: vec![data(99, 10).0],
+        };
+        let mut bytes = Vec::new();
+        orphan.encode_into(&mut bytes);
+        s.write_at(PackNo(1), len, &bytes).expect("write");
+        let (r, rec) = open(d.path(), 64 << 20);
+        assert_eq!(
+            (rec.reindexed, rec.reindexed_commits, rec.skipped_commits),
+            (1, 1, 1)
+        );
+        let out = r.flush(&[commit(2, vec![a, b])]).expect("re-commit");
+        assert_eq!(acked(&out[0]), (v, t));
+        // Numbers carried by records left out are not given again.
+        let out = r.flush(&[commit(3, vec![a])]).expect("commit");
+        assert_eq!(acked(&out[0]).0, 41);
+        drop(r);
+        let (_, rec) = open(d.path(), 64 << 20);
+        assert_eq!(rec, Recovery::default(), "nothing left to recover");
+    }
+
+    /// A repository as a release before commit records left it: version 1 packs of chunk
+    /// records, versions only in the index. Returns the versions' (number, chunk ids).
+    fn legacy_repo(root: &Path, versions: u32) -> Vec<(u64, Vec<ChunkId>)> {
+        let r = repo(root, 64 << 20);
+        let mut ids = Vec::new();
+        for i in 0..20 {
+            let (id, v) = data(i, 1000);
+            r.put(&id, &v).expect("put");
+            ids.push(id);
+        }
+        r.flush(&[]).expect("flush");
+        let mut out = Vec::new();
+        {
+            let mut w = lock(&r.writer);
+            for i in 0..versions {
+                let chunks = vec![ids[i as usize % 20], ids[(i as usize + 7) % 20]];
+                let mut c = [0u8; 16];
+                c[..4].copy_from_slice(&i.to_le_bytes());
+                let v = w
+                    .add_legacy(
+                        &FileId([(i % 7) as u8; 32]),
+                        &CommitId(c),
+                        1_600_000_000 + i as i64,
+                        &[i as u8; 30],
+                        &chunks,
+                    )
+                    .expect("legacy version");
+                out.push((v, chunks));
+            }
+        }
+        drop(r);
+        packs(root)
+            .write_at(PackNo(1), 8, &1u32.to_le_bytes())
+            .expect("version 1 header");
+        out
+    }
+
+    #[test]
+    fn the_upgrade_writes_each_version_once_resumes_after_a_crash_and_ends() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let n = UPGRADE_VERSIONS as u32 + 300;
+        let legacy = legacy_repo(d.path(), n);
+        // Stopped after the first batch was synced, before the index learnt of it.
+        let (r, _) = Repo::open_recovered(
+            &dir(d.path()),
+            RepoName::new("r").expect("name"),
+            Arc::new(packs(d.path())),
+            64 << 20,
+        )
+        .expect("open");
+        assert!(r.upgrade_write(0).expect("batch").is_some());
+        drop(r);
+        assert_eq!(commit_records(d.path()).len(), UPGRADE_VERSIONS);
+        let (r, rec) = open(d.path(), 64 << 20);
+        assert_eq!(
+            rec.reindexed_commits, UPGRADE_VERSIONS,
+            "found past the end"
+        );
+        assert_eq!(rec.upgraded, 300, "the rest written");
+        assert_eq!(lock(&r.writer).unrecorded_count().expect("count"), 0);
+        let recs = commit_records(d.path());
+        assert!(
+            recs.iter().all(|(p, _, _)| *p != PackNo(1)),
+            "never in a v1 pack"
+        );
+        let got: Vec<(u64, Vec<ChunkId>)> = recs
+            .iter()
+            .map(|(_, _, c)| {
+                assert_eq!(c.deletion, Deletion::Unknown);
+                (c.version, c.chunks.clone())
+            })
+            .collect();
+        let mut want = legacy.clone();
+        for (_, c) in &mut want {
+            c.sort();
+        }
+        assert_eq!(got, want, "each version once, oldest first");
+        assert_eq!(recs[5].2.manifest, vec![5; 30]);
+        assert_eq!(recs[5].2.commit_time, 1_600_000_005);
+        // New commits go on after the highest, into a version 2 pack.
+        let (a, va) = data(500, 100);
+        r.put(&a, &va).expect("put");
+        let out = r.flush(&[commit(1, vec![a])]).expect("flush");
+        assert_eq!(acked(&out[0]).0, legacy.len() as u64 + 1);
+        drop(r);
+        let (_, rec) = open(d.path(), 64 << 20);
+        assert_eq!(rec, Recovery::default(), "a second open does nothing");
+        assert_eq!(commit_records(d.path()).len(), n as usize + 1);
+        assert_eq!(
+            pack_version(&packs(d.path()), PackNo(1)).expect("header"),
+            Some(1),
+            "the old pack stays as it was"
+        );
     }
 }
