@@ -1232,7 +1232,7 @@ mod tests {
             file_id: FileId([c; 32]),
             manifest: vec![c; 10],
             chunks,
-            deleted: c % 2 == 0,
+            deleted: c.is_multiple_of(2),
         }
     }
 
