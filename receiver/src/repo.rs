@@ -129,9 +129,11 @@ struct WriteState {
     pending: HashMap<ChunkId, (u64, Location)>,
     order: VecDeque<(u64, ChunkId)>,
     /// Commit records written but not yet indexed (by any session's flush), by file and
-    /// commit id, with their sequence numbers (from the same counter as chunks), in order.
-    pending_commits: HashMap<(FileId, CommitId), (u64, RecordedVersion)>,
-    commit_order: VecDeque<(u64, (FileId, CommitId))>,
+    /// commit id: their sequence numbers (from the same counter as chunks), versions and
+    /// commit times; and in order, with the versions to index (taken, not copied, by the
+    /// index transaction that records them, which holds the writer lock until they leave).
+    pending_commits: HashMap<(FileId, CommitId), (u64, u64, i64)>,
+    commit_order: VecDeque<(u64, (FileId, CommitId), Option<RecordedVersion>)>,
     seq: u64,
     epoch: u64,
     /// Moves on whenever pending chunks or commits become indexed (and leave `pending`).
@@ -609,8 +611,9 @@ impl Repo {
         st.seq += 1;
         let key = (record.file_id, record.commit_id);
         st.pending_commits
-            .insert(key, (seq, RecordedVersion { record, at }));
-        st.commit_order.push_back((seq, key));
+            .insert(key, (seq, record.version, record.commit_time));
+        st.commit_order
+            .push_back((seq, key, Some(RecordedVersion { record, at })));
         Ok(())
     }
 
@@ -706,7 +709,7 @@ impl Repo {
         // this session's and other sessions' alike (their bytes were synced above).
         let mut w = lock(&self.writer);
         let (rows, versions) = {
-            let st = lock(&self.state);
+            let mut st = lock(&self.state);
             if st.epoch != epoch {
                 return Err(RepoError::RolledBack);
             }
@@ -721,12 +724,9 @@ impl Repo {
                 .collect();
             let versions: Vec<RecordedVersion> = st
                 .commit_order
-                .iter()
-                .take_while(|(s, _)| *s < seq_hi)
-                .filter_map(|(s, key)| match st.pending_commits.get(key) {
-                    Some((ps, v)) if ps == s => Some(v.clone()),
-                    _ => None,
-                })
+                .iter_mut()
+                .take_while(|(s, _, _)| *s < seq_hi)
+                .filter_map(|(_, _, v)| v.take())
                 .collect();
             (rows, versions)
         };
@@ -745,12 +745,12 @@ impl Repo {
                 st.pending.remove(&id);
             }
         }
-        while let Some(&(s, key)) = st.commit_order.front() {
+        while let Some(&(s, key, _)) = st.commit_order.front() {
             if s >= seq_hi {
                 break;
             }
             st.commit_order.pop_front();
-            if matches!(st.pending_commits.get(&key), Some((ps, _)) if *ps == s) {
+            if matches!(st.pending_commits.get(&key), Some((ps, _, _)) if *ps == s) {
                 st.pending_commits.remove(&key);
             }
         }
@@ -812,7 +812,7 @@ impl Repo {
         for (c, known) in commits.iter().zip(known) {
             let key = (c.file_id, c.commit_id);
             let existing = match (st.pending_commits.get(&key), known) {
-                (Some((_, v)), _) => Some((v.record.version, v.record.commit_time)),
+                (Some((_, version, time)), _) => Some((*version, *time)),
                 (None, Some(k)) => Some(*k),
                 (None, None) if moved => {
                     lock(&self.reader).find_version(&c.file_id, &c.commit_id)?
