@@ -242,6 +242,7 @@ fn flush(sh: &Daemon, batch: &mut Vec<Ready>, acks: &Sender<AckWork>) {
                 file_id: c.file_id,
                 manifest: c.manifest,
                 chunks: c.chunks,
+                deleted: c.deleted,
             };
             if !send(m, vec![item], r.puts) {
                 return;
@@ -514,6 +515,7 @@ fn ready(
 ) -> Outcome {
     // A folder's row is keyed `name/rel/`; its versions are those of `name/rel`.
     let path = job.path.strip_suffix(b"/").unwrap_or(&job.path);
+    let deleted = c.kind == EntryKind::Deleted;
     let manifest = Manifest {
         path: path.to_vec(),
         size: if c.kind == EntryKind::Dir {
@@ -541,6 +543,7 @@ fn ready(
         file_id,
         manifest: sealed,
         chunks: manifest.chunks.iter().map(|c| c.id).collect(),
+        deleted,
     };
     Outcome::Ready(Box::new(Ready {
         read,

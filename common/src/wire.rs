@@ -131,6 +131,9 @@ pub enum Message {
         #[serde(with = "serde_bytes")]
         manifest: Vec<u8>,
         chunks: Vec<ChunkId>,
+        /// The version records the file's deletion (its manifest's kind is `Deleted`); the
+        /// receiver keeps it in the version's commit record, for retention (protocol 5).
+        deleted: bool,
     },
     FileAcked {
         commit_id: CommitId,
@@ -227,6 +230,8 @@ pub struct FileCommit {
     #[serde(with = "serde_bytes")]
     pub manifest: Vec<u8>,
     pub chunks: Vec<ChunkId>,
+    /// As `CommitFile`'s.
+    pub deleted: bool,
 }
 
 /// The outcome of one commit of a `PutFiles`.
@@ -525,6 +530,7 @@ mod tests {
             file_id: FileId([0xff; 32]),
             manifest: vec![0; MAX_MANIFEST],
             chunks: vec![ChunkId([0xff; 32]); MAX_IDS],
+            deleted: true,
         };
         assert!(
             c.encode().is_ok(),
@@ -612,6 +618,7 @@ mod tests {
                 .prop_map(|(c, f, manifest)| Message::CommitFile {
                     commit_id: CommitId(c),
                     file_id: FileId(f),
+                    deleted: c[0] % 2 == 0,
                     manifest,
                     chunks: vec![ChunkId(f)],
                 }),
@@ -664,6 +671,7 @@ mod tests {
                             file_id: FileId(id),
                             manifest: sealed,
                             chunks: vec![ChunkId(id); n],
+                            deleted: n == 2,
                         };
                         n
                     ],

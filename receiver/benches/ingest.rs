@@ -93,6 +93,7 @@ async fn client(
                 file_id: FileId(id.0),
                 manifest: vec![0u8; 200],
                 chunks: vec![id],
+                deleted: false,
             })
             .await?;
         }

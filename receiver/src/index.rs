@@ -17,7 +17,7 @@ use coffer_common::host::sqlite::{DbError, Schema};
 use coffer_common::wire::{CommitId, VersionEntry};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 
-use crate::records::CommitRecord;
+use crate::records::{CommitRecord, Deletion};
 use crate::store::{Location, PackNo};
 
 mod audit;
@@ -83,6 +83,8 @@ pub struct NewCommit {
     pub file_id: FileId,
     pub manifest: Vec<u8>,
     pub chunks: Vec<ChunkId>,
+    /// The agent says the version records the file's deletion.
+    pub deleted: bool,
 }
 
 /// What became of a commit.
@@ -221,6 +223,19 @@ impl Index {
         found
     }
 
+    /// Runs `f` inside one read transaction: its lookups see one state of the index and
+    /// take the database's locks once.
+    pub fn in_read_tx<T>(
+        &self,
+        f: impl FnOnce(&Self) -> Result<T, IndexError>,
+    ) -> Result<T, IndexError> {
+        let tx = self.conn.unchecked_transaction().map_err(self.err())?;
+        let r = f(self);
+        // Only read: ending it cannot lose anything.
+        drop(tx);
+        r
+    }
+
     /// Where chunk `id` is, if indexed.
     pub fn chunk(&self, id: &ChunkId) -> Result<Option<Location>, IndexError> {
         self.conn
@@ -259,108 +274,9 @@ impl Index {
         rows.collect::<Result<_, _>>().map_err(self.err())
     }
 
-    /// In one transaction: adds chunk rows, raises pack lengths, and records commits (each
-    /// checked against the chunks now indexed; a known commit id returns its version).
-    pub fn commit_batch(
-        &mut self,
-        chunks: &[(ChunkId, Location)],
-        packs: &[(PackNo, u64)],
-        commits: &[NewCommit],
-        now: i64,
-    ) -> Result<Vec<CommitOutcome>, IndexError> {
-        let e = sql_err(&self.path);
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(e)?;
-        let mut out = Vec::with_capacity(commits.len());
-        {
-            let mut ins_chunk = tx
-                .prepare_cached(
-                    "INSERT OR IGNORE INTO chunks (id, pack, offset, len, hash) \
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
-                )
-                .map_err(e)?;
-            for (id, l) in chunks {
-                ins_chunk
-                    .execute(params![id, l.pack.0, l.offset, l.len, &l.hash[..]])
-                    .map_err(e)?;
-            }
-            let mut ins_pack = tx
-                .prepare_cached(
-                    "INSERT INTO packs (pack, length) VALUES (?1, ?2) \
-                     ON CONFLICT (pack) DO UPDATE SET length = MAX(length, excluded.length)",
-                )
-                .map_err(e)?;
-            for (p, len) in packs {
-                ins_pack.execute(params![p.0, len]).map_err(e)?;
-            }
-            let mut existing = tx
-                .prepare_cached(
-                    "SELECT version, commit_time FROM versions \
-                     WHERE file_id = ?1 AND commit_id = ?2",
-                )
-                .map_err(e)?;
-            let mut has = tx
-                .prepare_cached("SELECT 1 FROM chunks WHERE id = ?1")
-                .map_err(e)?;
-            let mut ins_version = tx
-                .prepare_cached(
-                    "INSERT INTO versions (file_id, commit_id, commit_time, manifest) \
-                     VALUES (?1, ?2, ?3, ?4)",
-                )
-                .map_err(e)?;
-            let mut ins_ref = tx
-                .prepare_cached(
-                    "INSERT OR IGNORE INTO version_chunks (version, chunk) VALUES (?1, ?2)",
-                )
-                .map_err(e)?;
-            let (mut seen, mut ids) = (HashSet::new(), Vec::new());
-            for c in commits {
-                let known = existing
-                    .query_row(params![c.file_id, c.commit_id], |r| {
-                        Ok((r.get::<_, u64>(0)?, r.get::<_, i64>(1)?))
-                    })
-                    .optional()
-                    .map_err(e)?;
-                if let Some((version, commit_time)) = known {
-                    out.push(CommitOutcome::Acked {
-                        version,
-                        commit_time,
-                    });
-                    continue;
-                }
-                first_of_each(&c.chunks, &mut seen, &mut ids);
-                let mut missing = Vec::new();
-                for id in &ids {
-                    if !has.exists([id]).map_err(e)? {
-                        missing.push(*id);
-                    }
-                }
-                if !missing.is_empty() {
-                    out.push(CommitOutcome::MissingChunks(missing));
-                    continue;
-                }
-                ins_version
-                    .execute(params![c.file_id, c.commit_id, now, &c.manifest[..]])
-                    .map_err(e)?;
-                let version = tx.last_insert_rowid() as u64;
-                for id in &ids {
-                    ins_ref.execute(params![version, id]).map_err(e)?;
-                }
-                out.push(CommitOutcome::Acked {
-                    version,
-                    commit_time: now,
-                });
-            }
-        }
-        tx.commit().map_err(e)?;
-        Ok(out)
-    }
-
-    /// In one transaction: adds chunk rows and raises pack lengths (as
-    /// [`Index::commit_batch`]), and adds versions whose numbers their commit records
-    /// already carry, with their references and their records' locations. A version
+    /// In one transaction: adds chunk rows (`INSERT OR IGNORE`), raises pack lengths (never
+    /// lowers them), and adds versions whose numbers their commit records already carry,
+    /// with their references and their records' locations. A version
     /// already indexed keeps its row; only a missing record location is filled in (the
     /// upgrade wrote its record). Chunks are not checked: a version whose chunk was lost is
     /// still history, and `scrub` names what it lacks.
@@ -446,6 +362,124 @@ impl Index {
             )
             .map_err(self.err())?;
         Ok(hi.map_or(1, |n| n.max(0) as u64 + 1))
+    }
+
+    /// The version and commit time under which `(file_id, commit_id)` is indexed, if it is
+    /// (through `versions_by_file`: a file has few versions).
+    pub fn find_version(
+        &self,
+        file_id: &FileId,
+        commit_id: &CommitId,
+    ) -> Result<Option<(u64, i64)>, IndexError> {
+        self.conn
+            .prepare_cached(
+                "SELECT version, commit_time FROM versions WHERE file_id = ?1 AND commit_id = ?2",
+            )
+            .and_then(|mut s| {
+                s.query_row(params![file_id, commit_id], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()
+            })
+            .map_err(self.err())
+    }
+
+    /// How many versions have no commit record yet (written by a release before commit
+    /// records: the upgrade's work left), through the partial index `versions_unrecorded`.
+    /// An index of schema 2 (opened read-only, not yet migrated) counts every version.
+    pub fn unrecorded_count(&self) -> Result<u64, IndexError> {
+        let schema = SCHEMA.check(&self.conn, &self.path)?;
+        let sql = if schema < 3 {
+            "SELECT COUNT(*) FROM versions"
+        } else {
+            "SELECT COUNT(*) FROM versions WHERE record_pack IS NULL"
+        };
+        self.conn
+            .query_row(sql, [], |r| r.get::<_, i64>(0))
+            .map(|n| n.max(0) as u64)
+            .map_err(self.err())
+    }
+
+    /// Versions above `after` that have no commit record yet, oldest first, as the records
+    /// to write: at most `limit` of them, stopping once their manifests and chunk ids add up
+    /// to `max_bytes` (at least one is returned when any is left). Their chunk ids are in id
+    /// order (the order first referenced was not kept), their deletion is the column's.
+    pub fn unrecorded(
+        &self,
+        after: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<CommitRecord>, IndexError> {
+        let e = self.err();
+        let tx = self.conn.unchecked_transaction().map_err(&e)?;
+        let mut out = Vec::new();
+        {
+            let mut s = self
+                .conn
+                .prepare_cached(
+                    "SELECT version, file_id, commit_id, commit_time, manifest, deleted                      FROM versions WHERE record_pack IS NULL AND version > ?1                      ORDER BY version LIMIT ?2",
+                )
+                .map_err(&e)?;
+            let mut refs = self
+                .conn
+                .prepare_cached("SELECT chunk FROM version_chunks WHERE version = ?1")
+                .map_err(&e)?;
+            let mut rows = s.query(params![after, limit as i64]).map_err(&e)?;
+            let mut bytes = 0usize;
+            while let Some(r) = rows.next().map_err(&e)? {
+                let version: u64 = r.get(0).map_err(&e)?;
+                let chunks = refs
+                    .query_map([version], |r| r.get::<_, ChunkId>(0))
+                    .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+                    .map_err(blob_err(&self.path, "a chunk id"))?;
+                let record = CommitRecord {
+                    commit_id: r.get(2).map_err(blob_err(&self.path, "a commit id"))?,
+                    file_id: r.get(1).map_err(blob_err(&self.path, "a file id"))?,
+                    version,
+                    commit_time: r.get(3).map_err(&e)?,
+                    deletion: Deletion::from_column(r.get(5).map_err(&e)?),
+                    manifest: r.get(4).map_err(&e)?,
+                    chunks,
+                };
+                bytes += record.body_len();
+                out.push(record);
+                if bytes >= max_bytes {
+                    break;
+                }
+            }
+        }
+        // Only read.
+        drop(tx);
+        Ok(out)
+    }
+
+    /// Adds a version as a release before commit records did (numbered by AUTOINCREMENT,
+    /// deletion and record location unknown); returns its number. For tests of the upgrade.
+    #[cfg(test)]
+    pub(crate) fn add_legacy(
+        &mut self,
+        file_id: &FileId,
+        commit_id: &CommitId,
+        commit_time: i64,
+        manifest: &[u8],
+        chunks: &[ChunkId],
+    ) -> Result<u64, IndexError> {
+        let e = sql_err(&self.path);
+        let tx = self.conn.transaction().map_err(e)?;
+        tx.execute(
+            "INSERT INTO versions (file_id, commit_id, commit_time, manifest) \
+             VALUES (?1, ?2, ?3, ?4)",
+            params![file_id, commit_id, commit_time, manifest],
+        )
+        .map_err(e)?;
+        let version = tx.last_insert_rowid() as u64;
+        for id in chunks {
+            tx.execute(
+                "INSERT OR IGNORE INTO version_chunks (version, chunk) VALUES (?1, ?2)",
+                params![version, id],
+            )
+            .map_err(e)?;
+        }
+        tx.commit().map_err(e)?;
+        Ok(version)
     }
 
     /// Versions with `version > after`, oldest first, at most `limit` of them and stopping
@@ -544,15 +578,6 @@ mod tests {
         }
     }
 
-    fn commit(c: u8, chunks: &[u8]) -> NewCommit {
-        NewCommit {
-            commit_id: CommitId([c; 16]),
-            file_id: FileId([c; 32]),
-            manifest: vec![c; 40],
-            chunks: chunks.iter().map(|&b| ChunkId([b; 32])).collect(),
-        }
-    }
-
     /// An id that counts how often it is compared.
     #[derive(Clone, Copy, Debug)]
     struct Counted(u32);
@@ -598,59 +623,45 @@ mod tests {
         assert_eq!(out.iter().map(|c| c.0).collect::<Vec<_>>(), [5]);
     }
 
+    fn recorded(version: u64, file: u8, chunks: &[u8]) -> RecordedVersion {
+        RecordedVersion {
+            record: CommitRecord {
+                commit_id: CommitId([version as u8; 16]),
+                file_id: FileId([file; 32]),
+                version,
+                commit_time: 1000 * version as i64,
+                deletion: crate::records::Deletion::No,
+                manifest: vec![version as u8; 40],
+                chunks: chunks.iter().map(|&b| ChunkId([b; 32])).collect(),
+            },
+            at: (PackNo(1), 1000 + version),
+        }
+    }
+
     #[test]
-    fn batches_number_versions_and_are_idempotent() {
+    fn versions_are_found_by_commit_and_pack_lengths_only_grow() {
         let d = tempfile::tempdir().expect("tempdir");
         let p = d.path().join("index.sqlite");
         let mut ix = Index::open(&p, Mode::Write).expect("open");
         let chunks = [(ChunkId([1; 32]), loc(16)), (ChunkId([2; 32]), loc(100))];
-        let out = ix
-            .commit_batch(
-                &chunks,
-                &[(PackNo(1), 200)],
-                &[commit(1, &[1, 2]), commit(2, &[3]), commit(1, &[])],
-                1000,
-            )
-            .expect("batch");
+        ix.add_recorded(&chunks, &[(PackNo(1), 200)], &[recorded(1, 1, &[1, 2])])
+            .expect("add");
+        ix.add_recorded(&[], &[(PackNo(1), 150)], &[recorded(2, 3, &[2])])
+            .expect("add");
         assert_eq!(
-            out,
-            vec![
-                CommitOutcome::Acked {
-                    version: 1,
-                    commit_time: 1000
-                },
-                CommitOutcome::MissingChunks(vec![ChunkId([3; 32])]),
-                CommitOutcome::Acked {
-                    version: 1,
-                    commit_time: 1000
-                },
-            ]
+            ix.find_version(&FileId([1; 32]), &CommitId([1; 16]))
+                .expect("q"),
+            Some((1, 1000))
         );
-        let out = ix
-            .commit_batch(
-                &[],
-                &[(PackNo(1), 150)],
-                &[commit(3, &[2]), commit(1, &[])],
-                2000,
-            )
-            .expect("batch");
+        // Another file's commit id is another commit.
         assert_eq!(
-            out[0],
-            CommitOutcome::Acked {
-                version: 2,
-                commit_time: 2000
-            }
+            ix.find_version(&FileId([3; 32]), &CommitId([1; 16]))
+                .expect("q"),
+            None
         );
-        assert_eq!(
-            out[1],
-            CommitOutcome::Acked {
-                version: 1,
-                commit_time: 1000
-            }
-        );
-        // Pack lengths only grow.
         assert_eq!(ix.pack_lengths().expect("packs"), vec![(PackNo(1), 200)]);
         assert_eq!(ix.chunk(&ChunkId([2; 32])).expect("q"), Some(loc(100)));
+        assert_eq!(ix.unrecorded_count().expect("count"), 0);
         drop(ix);
         // Reopening migrates nothing and keeps everything; a reader sees it.
         let ix = Index::open(&p, Mode::Write).expect("reopen");
@@ -664,6 +675,7 @@ mod tests {
             (s.files, s.versions, s.chunks, s.chunk_bytes, s.last_commit),
             (2, 2, 2, 20, Some(2000))
         );
+        assert_eq!(ix.next_version().expect("next"), 3);
     }
 
     #[test]
@@ -709,14 +721,6 @@ mod tests {
             .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
             .expect("deleted");
         assert_eq!(deleted, [Some(false), Some(true)]);
-        // A commit made the old way gets the next number, above the recorded ones.
-        let out = ix
-            .commit_batch(&[], &[], &[commit(3, &[2])], 1_800_000_000)
-            .expect("commit");
-        assert!(
-            matches!(out[0], CommitOutcome::Acked { version: 10, .. }),
-            "{out:?}"
-        );
     }
 
     #[test]
@@ -807,26 +811,45 @@ mod tests {
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .expect("version");
         assert_eq!(v as usize, SCHEMA.migrations.len());
+        // (Added after the migration: migration 0002 rebuilds `versions`, which a reference
+        // to it would refuse while SQLite enforces foreign keys.)
+        ix.conn
+            .execute(
+                "INSERT INTO version_chunks (version, chunk) VALUES (5, ?1)",
+                params![&[1u8; 32][..]],
+            )
+            .expect("reference");
         // A repeated commit is still recognised; a new one continues after the highest.
-        let out = ix
-            .commit_batch(&[], &[], &[commit(2, &[]), commit(3, &[1])], 200)
-            .expect("batch");
         assert_eq!(
-            out,
-            vec![
-                CommitOutcome::Acked {
-                    version: 5,
-                    commit_time: 100
-                },
-                CommitOutcome::Acked {
-                    version: 6,
-                    commit_time: 200
-                },
-            ]
+            ix.find_version(&FileId([2; 32]), &CommitId([2; 16]))
+                .expect("q"),
+            Some((5, 100))
         );
+        assert_eq!(ix.next_version().expect("next"), 6);
+        // Both versions are left for the upgrade to write out, oldest first, in batches.
+        assert_eq!(ix.unrecorded_count().expect("count"), 2);
+        let first = ix.unrecorded(0, 1, 1 << 20).expect("batch");
+        assert_eq!(first.len(), 1);
+        assert_eq!(
+            (first[0].version, first[0].deletion),
+            (1, crate::records::Deletion::Unknown)
+        );
+        let rest = ix.unrecorded(1, 10, 1 << 20).expect("batch");
+        assert_eq!(rest.iter().map(|r| r.version).collect::<Vec<_>>(), [5]);
+        assert_eq!(rest[0].manifest, vec![2; 40]);
+        assert_eq!(rest[0].chunks, [ChunkId([1; 32])]);
+        // A version's record location, once written, leaves it out.
+        let mut v = RecordedVersion {
+            record: rest[0].clone(),
+            at: (PackNo(3), 16),
+        };
+        v.record.deletion = crate::records::Deletion::Yes;
+        ix.add_recorded(&[], &[], &[v]).expect("located");
+        assert_eq!(ix.unrecorded_count().expect("count"), 1);
+        assert_eq!(ix.unrecorded(0, 10, 1 << 20).expect("batch")[0].version, 1);
         let (v, more) = ix.list_versions(0, 10, 1 << 20).expect("list");
         let got: Vec<u64> = v.iter().map(|e| e.version).collect();
-        assert_eq!((got, more), (vec![1, 5, 6], false));
+        assert_eq!((got, more), (vec![1, 5], false));
         let idx: i64 = ix
             .conn
             .query_row(

@@ -4,7 +4,7 @@
 //! A rebuild reads every pack in order with the salvaging scan ([`crate::salvage`]): each
 //! intact chunk record becomes a chunk row, each intact commit record a version with its
 //! own number, time, deletion flag, manifest and references (a commit recorded twice keeps
-//! its lowest version); damaged records and unreadable stretches are reported and skipped;
+//! its highest version); damaged records and unreadable stretches are reported and skipped;
 //! a torn tail is cut (truncate + fsync) as recovery does, and each pack's row holds the
 //! length of its valid part. Then every reference to a chunk no pack holds intact is
 //! reported ("version V of file F lost chunk C"); the version is kept, it is history.
@@ -149,7 +149,7 @@ pub struct Rebuilt {
     pub versions: u64,
     /// Commit records read (duplicates included).
     pub commit_records: u64,
-    /// Commit records of a commit already indexed (the lowest version kept).
+    /// Commit records of a commit already indexed (the highest version kept).
     pub duplicates: u64,
     /// Damaged records, unreadable stretches, undecodable commit records, conflicts.
     pub damaged: u64,

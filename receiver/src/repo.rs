@@ -6,35 +6,50 @@
 //! Write order (the durability contract):
 //! 1. `put` appends a record to the open pack (through a small buffer) and remembers the
 //!    chunk as *pending*: visible to presence queries and commits, not yet indexed.
-//! 2. `flush` writes the buffer out and fsyncs every pack written since the last flush
-//!    (a new pack's file and directory entry were made durable when it was created),
-//! 3. then, in ONE index transaction, inserts the pending chunk rows, raises the recorded
-//!    pack lengths, and records the batch's commits (each re-checked against the index);
+//! 2. `flush`, under the state lock, settles each commit of its batch: one already pending
+//!    or indexed keeps its version; one with a chunk neither pending nor indexed is
+//!    `MissingChunks`; any other gets the next version number and a *commit record*,
+//!    appended after the chunks it references and remembered as pending. Then it writes
+//!    the buffer out and fsyncs every pack written since the last flush (a new pack's file
+//!    and directory entry were made durable when it was created),
+//! 3. then, in ONE index transaction, inserts the pending chunk rows and versions (this
+//!    session's and others' written before), and raises the recorded pack lengths;
 //! 4. only after that transaction commits does the caller acknowledge the commits.
+//!
+//! Version numbers are assigned here, in the order commit records are written: they
+//! increase, and may skip (a number given to a record that a rollback discarded is not
+//! given again).
 //!
 //! Locks: `writer` (index transactions) is taken before `state`; `reader` (index queries)
 //! is only ever taken last. The fsync of step 2 runs under no lock, so other sessions keep
 //! appending while one waits for the disk.
 //!
 //! A write or fsync failure (e.g. a full disk) rolls back: every pack is cut to its
-//! recorded length, every pending chunk is forgotten and the *epoch* moves on, so any
-//! flush that was in progress fails instead of indexing bytes that are gone. Nothing from
-//! the failed batch is acknowledged; the agent sends it again.
+//! recorded length, every pending chunk and commit is forgotten and the *epoch* moves on,
+//! so any flush that was in progress fails instead of indexing bytes that are gone.
+//! Nothing from the failed batch is acknowledged; the agent sends it again.
+//!
+//! Opening a repository whose versions predate commit records writes their records out
+//! (the upgrade, [`Repo::open`]), in batches, each fsynced before the index learns where
+//! its records are.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use coffer_common::chunk::ChunkId;
+use coffer_common::chunk::{ChunkId, FileId};
 use coffer_common::host::fs::{create_dir_all, write_atomic, IoError};
 use coffer_common::host::time::now_secs;
-use coffer_common::wire::{sealed_hash, EscrowedKeyFile, VersionEntry, MAX_KEYFILES};
+use coffer_common::wire::{sealed_hash, CommitId, EscrowedKeyFile, VersionEntry, MAX_KEYFILES};
 
 use crate::auth::RepoName;
-use crate::index::{first_of_each, CommitOutcome, Index, IndexError, Mode, NewCommit};
+use crate::index::{
+    first_of_each, CommitOutcome, Index, IndexError, Mode, NewCommit, RecordedVersion,
+};
 use crate::layout::RepoDir;
+use crate::records::{CommitHeader, CommitRecord, Deletion};
 use crate::store::{
-    header_ok, pack_header, read_record_into, scan, Check, Found, Location, PackNo, PackStore,
-    RecordError, RecordHeader, PACK_HEADER_LEN, RECORD_HEADER_LEN,
+    header_ok, pack_header, pack_version, read_record_into, scan, Check, Found, Location, PackNo,
+    PackStore, RecordError, RecordHeader, PACK_HEADER_LEN, PACK_VERSION, RECORD_HEADER_LEN,
 };
 
 /// Records at most this large are gathered in memory and written together.
@@ -47,6 +62,10 @@ pub const MAX_KEYFILE: usize = 4096;
 pub const MAX_LIST_BYTES: usize = 4 << 20;
 /// Most entries in one `Versions` reply.
 pub const MAX_LIST_ENTRIES: usize = 10_000;
+/// Most versions the upgrade writes out as commit records per fsync and index transaction.
+const UPGRADE_VERSIONS: usize = 4096;
+/// Most bytes of commit records the upgrade writes per fsync and index transaction.
+const UPGRADE_BYTES: usize = 32 << 20;
 
 /// Errors of the repository write and read paths.
 #[derive(Debug, thiserror::Error)]
@@ -118,10 +137,20 @@ struct WriteState {
     /// Chunks stored but not yet indexed, with their sequence numbers, in order.
     pending: HashMap<ChunkId, (u64, Location)>,
     order: VecDeque<(u64, ChunkId)>,
+    /// Commit records written but not yet indexed (by any session's flush), by file and
+    /// commit id: their sequence numbers (from the same counter as chunks), versions and
+    /// commit times; and in order, with the versions to index (taken, not copied, by the
+    /// index transaction that records them, which holds the writer lock until they leave).
+    pending_commits: HashMap<(FileId, CommitId), (u64, u64, i64)>,
+    commit_order: VecDeque<(u64, (FileId, CommitId), Option<RecordedVersion>)>,
     seq: u64,
     epoch: u64,
     /// Bytes the packs hold (headers, records and the buffer): the quota's count.
     held: u64,
+    /// Moves on whenever pending chunks or commits become indexed (and leave `pending`).
+    indexed_gen: u64,
+    /// The number the next commit record gets.
+    next_version: u64,
 }
 
 impl WriteState {
@@ -165,18 +194,49 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// What `open` found and repaired.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Recovery {
-    /// Intact records past the indexed length that were added to the index.
+    /// Intact chunk records past the indexed length that were added to the index.
     pub reindexed: usize,
+    /// Intact commit records past the indexed length whose versions were added to the
+    /// index (or, written by the upgrade, whose record locations were filled in).
+    pub reindexed_commits: usize,
+    /// Intact commit records past the indexed length left out of the index: a chunk they
+    /// reference is missing, or their commit is indexed under another version (never
+    /// acknowledged either way).
+    pub skipped_commits: usize,
     /// Bytes of torn tails cut off.
     pub cut_bytes: u64,
+    /// Versions written out as commit records by the upgrade.
+    pub upgraded: u64,
+}
+
+/// The commit records found past one pack's indexed end, checked before they are indexed.
+struct TailCommits {
+    /// By file and commit id: the record with the highest version.
+    found: HashMap<(FileId, CommitId), RecordedVersion>,
+    /// The highest version number any of them carries.
+    max_version: u64,
 }
 
 impl Repo {
     /// Opens (creating if needed) the repository in `dir`, whose packs are in `packs`, and
     /// repairs what a crash left: intact records past a pack's recorded length are fsynced
-    /// and indexed, a torn tail is cut. Packs shorter than recorded are reported and never
-    /// appended to.
+    /// and indexed (a commit record only when every chunk it references is present), a
+    /// torn tail is cut. Packs shorter than recorded are reported and never appended to.
+    /// Then versions without a commit record (committed by a release before them) get one:
+    /// the upgrade, resumed where it stopped if it was interrupted.
     pub fn open(
+        dir: &RepoDir,
+        name: RepoName,
+        packs: Arc<dyn PackStore>,
+        pack_max: u64,
+    ) -> Result<(Self, Recovery), RepoError> {
+        let (repo, mut rec) = Self::open_recovered(dir, name, packs, pack_max)?;
+        rec.upgraded = repo.upgrade()?;
+        Ok((repo, rec))
+    }
+
+    /// [`Repo::open`] up to the upgrade.
+    fn open_recovered(
         dir: &RepoDir,
         name: RepoName,
         packs: Arc<dyn PackStore>,
@@ -200,6 +260,7 @@ impl Repo {
         let mut st = WriteState::default();
         let mut rec = Recovery::default();
         let mut appendable = None;
+        let mut max_version = 0;
         for &p in &on_disk {
             let mut file_len = packs.len(p)?;
             let known = recorded.get(&p).copied();
@@ -224,37 +285,17 @@ impl Repo {
             }
             let mut end = indexed;
             if file_len > indexed || known.is_none() {
-                // Commit records past the indexed end are not yet re-indexed here.
-                let mut rows = Vec::new();
-                let sc_end = scan::<IoError>(&*packs, p, indexed, file_len, |f| {
-                    if let Found::Chunk { id, loc } = f {
-                        rows.push((id, loc));
-                    }
-                    Ok(())
-                })?;
-                if sc_end < file_len {
-                    tracing::warn!(
-                        repo = %name,
-                        "cutting a torn tail of {} bytes at offset {} of {}",
-                        file_len - sc_end,
-                        sc_end,
-                        packs.describe(p)
-                    );
-                    rec.cut_bytes += file_len - sc_end;
-                    packs.truncate(p, sc_end)?;
-                }
-                if !rows.is_empty() {
-                    packs.sync(p)?;
-                    tracing::info!(
-                        repo = %name,
-                        "re-indexed {} intact chunks found past the indexed end of {}",
-                        rows.len(),
-                        packs.describe(p)
-                    );
-                }
-                rec.reindexed += rows.len();
-                writer.commit_batch(&rows, &[(p, sc_end)], &[], 0)?;
-                end = sc_end;
+                let (e, tail_max) = Self::recover_tail(
+                    &name,
+                    &*packs,
+                    &mut writer,
+                    p,
+                    indexed,
+                    file_len,
+                    &mut rec,
+                )?;
+                max_version = max_version.max(tail_max);
+                end = e;
             }
             st.committed.insert(p, end);
             appendable = Some((p, end));
@@ -266,8 +307,10 @@ impl Repo {
             .max()
             .unwrap_or(0);
         st.next_pack = max + 1;
+        st.next_version = writer.next_version()?.max(max_version.saturating_add(1));
         if let Some((p, end)) = appendable {
-            if p.0 == max && end < pack_max {
+            // A version 1 pack (from a release before commit records) is never appended to.
+            if p.0 == max && end < pack_max && pack_version(&*packs, p)? == Some(PACK_VERSION) {
                 st.cur = Some(p);
                 st.cur_len = end;
                 st.buf_at = end;
@@ -275,20 +318,214 @@ impl Repo {
         }
         st.held = st.committed.values().sum();
         let reader = Index::open(&index_path, Mode::Read)?;
-        Ok((
-            Self {
-                name,
-                dir: dir.clone(),
-                packs,
-                writer: Mutex::new(writer),
-                reader: Mutex::new(reader),
-                state: Mutex::new(st),
-                pack_max,
-                escrow: Mutex::new(()),
-                limits: Default::default(),
-            },
-            rec,
-        ))
+        let repo = Self {
+            name,
+            dir: dir.clone(),
+            packs,
+            writer: Mutex::new(writer),
+            reader: Mutex::new(reader),
+            state: Mutex::new(st),
+            pack_max,
+            escrow: Mutex::new(()),
+            limits: Default::default(),
+        };
+        Ok((repo, rec))
+    }
+
+    /// Scans `p` from its indexed end `indexed` to `file_len`: cuts a torn tail, and indexes
+    /// (in one transaction, after an fsync) the intact chunk records and those intact commit
+    /// records whose chunks are all present, raising the pack's length to the end of the
+    /// last intact record. Returns that end and the highest version number a commit record
+    /// there carries (indexed or not: numbers are never given twice).
+    fn recover_tail(
+        name: &RepoName,
+        packs: &dyn PackStore,
+        writer: &mut Index,
+        p: PackNo,
+        indexed: u64,
+        file_len: u64,
+        rec: &mut Recovery,
+    ) -> Result<(u64, u64), RepoError> {
+        let mut rows = Vec::new();
+        let mut tail = TailCommits {
+            found: HashMap::new(),
+            max_version: 0,
+        };
+        let sc_end = scan::<IoError>(packs, p, indexed, file_len, |f| {
+            match f {
+                Found::Chunk { id, loc } => rows.push((id, loc)),
+                Found::Commit {
+                    header,
+                    offset,
+                    body,
+                } => match CommitRecord::decode(&header, body) {
+                    Ok(record) => {
+                        tail.max_version = tail.max_version.max(record.version);
+                        let key = (record.file_id, record.commit_id);
+                        let v = RecordedVersion {
+                            record,
+                            at: (p, offset),
+                        };
+                        match tail.found.get(&key) {
+                            Some(have) if have.record.version >= v.record.version => {}
+                            _ => {
+                                tail.found.insert(key, v);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(
+                            repo = %name,
+                            "commit record at offset {offset} of {} is malformed ({e}); left \
+                             out of the index",
+                            packs.describe(p)
+                        );
+                        rec.skipped_commits += 1;
+                    }
+                },
+            }
+            Ok(())
+        })?;
+        if sc_end < file_len {
+            tracing::warn!(
+                repo = %name,
+                "cutting a torn tail of {} bytes at offset {} of {}",
+                file_len - sc_end,
+                sc_end,
+                packs.describe(p)
+            );
+            rec.cut_bytes += file_len - sc_end;
+            packs.truncate(p, sc_end)?;
+        }
+        // A commit record is indexed only when every chunk it references is present (the
+        // chunks it was written after are in this tail or an earlier pack's) and its commit
+        // is not indexed under another number; else it was never acknowledged.
+        let here: HashSet<ChunkId> = rows.iter().map(|(id, _)| *id).collect();
+        let mut versions: Vec<RecordedVersion> = Vec::with_capacity(tail.found.len());
+        for v in tail.found.into_values() {
+            let r = &v.record;
+            let mut missing = 0usize;
+            for id in &r.chunks {
+                if !here.contains(id) && !writer.has_chunk(id)? {
+                    missing += 1;
+                }
+            }
+            let other = writer
+                .find_version(&r.file_id, &r.commit_id)?
+                .filter(|(n, _)| *n != r.version);
+            if missing > 0 || other.is_some() {
+                let why = match other {
+                    Some((n, _)) => format!("its commit is indexed as version {n}"),
+                    None => format!("{missing} of the chunks it references are missing"),
+                };
+                tracing::warn!(
+                    repo = %name,
+                    "commit record of version {} at offset {} of {} was never acknowledged \
+                     ({why}); left out of the index",
+                    r.version,
+                    v.at.1,
+                    packs.describe(p)
+                );
+                rec.skipped_commits += 1;
+                continue;
+            }
+            versions.push(v);
+        }
+        versions.sort_by_key(|v| v.record.version);
+        if !rows.is_empty() || !versions.is_empty() {
+            packs.sync(p)?;
+            tracing::info!(
+                repo = %name,
+                "re-indexed {} intact chunks and {} commit records found past the indexed end \
+                 of {}",
+                rows.len(),
+                versions.len(),
+                packs.describe(p)
+            );
+        }
+        rec.reindexed += rows.len();
+        rec.reindexed_commits += versions.len();
+        writer.add_recorded(&rows, &[(p, sc_end)], &versions)?;
+        Ok((sc_end, tail.max_version))
+    }
+
+    /// Writes the versions that have no commit record (committed by a release before
+    /// commit records) out as commit records, oldest first, in batches: each batch is
+    /// appended (never to a version 1 pack), fsynced, then its record locations are set in
+    /// one index transaction. A crash after an fsync leaves records past the indexed end,
+    /// which the next open re-indexes (filling their locations in); what is left is done
+    /// then. Returns how many versions it wrote out. Called by `open`, before the
+    /// repository is shared.
+    fn upgrade(&self) -> Result<u64, RepoError> {
+        let left = lock(&self.writer).unrecorded_count()?;
+        if left == 0 {
+            return Ok(0);
+        }
+        tracing::info!(
+            repo = %self.name,
+            "upgrading: writing {left} versions out as commit records (they were committed \
+             before the packs held them)"
+        );
+        let (mut after, mut done) = (0, 0u64);
+        while let Some((versions, packs)) = self.upgrade_write(after)? {
+            after = versions.last().map_or(after, |v| v.record.version);
+            done += versions.len() as u64;
+            self.upgrade_index(&versions, &packs)?;
+        }
+        tracing::info!(
+            repo = %self.name,
+            "upgraded: {done} versions written out as commit records"
+        );
+        Ok(done)
+    }
+
+    /// One batch of the upgrade: the next versions above `after` without a commit record,
+    /// appended as records and fsynced; `None` when none is left.
+    #[allow(clippy::type_complexity)]
+    fn upgrade_write(
+        &self,
+        after: u64,
+    ) -> Result<Option<(Vec<RecordedVersion>, Vec<(PackNo, u64)>)>, RepoError> {
+        let batch = lock(&self.writer).unrecorded(after, UPGRADE_VERSIONS, UPGRADE_BYTES)?;
+        if batch.is_empty() {
+            return Ok(None);
+        }
+        let mut versions = Vec::with_capacity(batch.len());
+        let dirty = {
+            let mut st = lock(&self.state);
+            for record in batch {
+                let body = record.encode_body();
+                let header = CommitHeader {
+                    file_id: record.file_id,
+                    len: body.len() as u32,
+                    hash: *blake3::hash(&body).as_bytes(),
+                }
+                .encode();
+                let at = self.append_record(&mut st, &header, &body)?;
+                versions.push(RecordedVersion { record, at });
+            }
+            st.write_out(&*self.packs)?;
+            std::mem::take(&mut st.dirty)
+        };
+        for p in dirty.keys() {
+            self.packs.sync(*p)?;
+        }
+        Ok(Some((versions, dirty.into_iter().collect())))
+    }
+
+    /// Sets the record locations of a batch [`Repo::upgrade_write`] made durable.
+    fn upgrade_index(
+        &self,
+        versions: &[RecordedVersion],
+        packs: &[(PackNo, u64)],
+    ) -> Result<(), RepoError> {
+        lock(&self.writer).add_recorded(&[], packs, versions)?;
+        let mut st = lock(&self.state);
+        for (p, l) in packs {
+            let c = st.committed.entry(*p).or_insert(*l);
+            *c = (*c).max(*l);
+        }
+        Ok(())
     }
 
     /// The repository's name.
@@ -371,49 +608,13 @@ impl Repo {
         sealed: &[u8],
         hash: [u8; 32],
     ) -> Result<(), IoError> {
-        let rec_len = RECORD_HEADER_LEN + sealed.len() as u64;
-        let full = st.cur_len + rec_len > self.pack_max && st.cur_len > PACK_HEADER_LEN;
-        if st.cur.is_none() || full {
-            st.write_out(&*self.packs)?;
-            let p = PackNo(st.next_pack);
-            self.packs.create(p)?;
-            st.next_pack += 1;
-            st.committed.insert(p, PACK_HEADER_LEN);
-            st.held += PACK_HEADER_LEN;
-            st.cur = Some(p);
-            st.cur_len = PACK_HEADER_LEN;
-            st.buf_at = PACK_HEADER_LEN;
-            tracing::debug!(repo = %self.name, "started {}", self.packs.describe(p));
-        }
-        let Some(pack) = st.cur else {
-            return Ok(());
-        };
         let header = RecordHeader {
             id: *id,
             len: sealed.len() as u32,
             hash,
         }
         .encode();
-        let offset = st.cur_len;
-        if sealed.len() <= SMALL_RECORD {
-            if st.buf.len() + rec_len as usize > BUFFER {
-                st.write_out(&*self.packs)?;
-            }
-            if st.buf.is_empty() {
-                st.buf_at = offset;
-            }
-            st.buf.extend_from_slice(&header);
-            st.buf.extend_from_slice(sealed);
-        } else {
-            st.write_out(&*self.packs)?;
-            self.packs.write_at(pack, offset, &header)?;
-            self.packs
-                .write_at(pack, offset + RECORD_HEADER_LEN, sealed)?;
-            st.buf_at = offset + rec_len;
-            st.dirty.insert(pack, offset + rec_len);
-        }
-        st.cur_len = offset + rec_len;
-        st.held += rec_len;
+        let (pack, offset) = self.append_record(st, &header, sealed)?;
         let seq = st.seq;
         st.seq += 1;
         let loc = Location {
@@ -427,23 +628,108 @@ impl Repo {
         Ok(())
     }
 
-    /// Makes everything stored so far durable and indexed, and records `commits`, in one
-    /// index transaction. On success every outcome is final and may be acknowledged.
+    /// Appends a commit record for `record` and remembers it as pending.
+    fn append_commit(&self, st: &mut WriteState, record: CommitRecord) -> Result<(), IoError> {
+        let body = record.encode_body();
+        let header = CommitHeader {
+            file_id: record.file_id,
+            len: body.len() as u32,
+            hash: *blake3::hash(&body).as_bytes(),
+        }
+        .encode();
+        let at = self.append_record(st, &header, &body)?;
+        let seq = st.seq;
+        st.seq += 1;
+        let key = (record.file_id, record.commit_id);
+        st.pending_commits
+            .insert(key, (seq, record.version, record.commit_time));
+        st.commit_order
+            .push_back((seq, key, Some(RecordedVersion { record, at })));
+        Ok(())
+    }
+
+    /// Appends one record (its 72-byte header, then `body`) to the open pack, starting a new
+    /// pack first when there is none or the record would take it past the cap; records up
+    /// to [`SMALL_RECORD`] go through the buffer. Returns where the record starts.
+    fn append_record(
+        &self,
+        st: &mut WriteState,
+        header: &[u8; RECORD_HEADER_LEN as usize],
+        body: &[u8],
+    ) -> Result<(PackNo, u64), IoError> {
+        let rec_len = RECORD_HEADER_LEN + body.len() as u64;
+        let full = st.cur_len + rec_len > self.pack_max && st.cur_len > PACK_HEADER_LEN;
+        let pack = match st.cur {
+            Some(p) if !full => p,
+            _ => {
+                st.write_out(&*self.packs)?;
+                let p = PackNo(st.next_pack);
+                self.packs.create(p)?;
+                st.next_pack += 1;
+                st.committed.insert(p, PACK_HEADER_LEN);
+                st.held += PACK_HEADER_LEN;
+                st.cur = Some(p);
+                st.cur_len = PACK_HEADER_LEN;
+                st.buf_at = PACK_HEADER_LEN;
+                tracing::debug!(repo = %self.name, "started {}", self.packs.describe(p));
+                p
+            }
+        };
+        let offset = st.cur_len;
+        if body.len() <= SMALL_RECORD {
+            if st.buf.len() + rec_len as usize > BUFFER {
+                st.write_out(&*self.packs)?;
+            }
+            if st.buf.is_empty() {
+                st.buf_at = offset;
+            }
+            st.buf.extend_from_slice(header);
+            st.buf.extend_from_slice(body);
+        } else {
+            st.write_out(&*self.packs)?;
+            self.packs.write_at(pack, offset, header)?;
+            self.packs
+                .write_at(pack, offset + RECORD_HEADER_LEN, body)?;
+            st.buf_at = offset + rec_len;
+            st.dirty.insert(pack, offset + rec_len);
+        }
+        st.cur_len = offset + rec_len;
+        st.held += rec_len;
+        Ok((pack, offset))
+    }
+
+    /// Makes everything stored so far durable and indexed, and records `commits` (each
+    /// with a commit record in a pack), in one index transaction. On success every outcome
+    /// is final and may be acknowledged.
     pub fn flush(&self, commits: &[NewCommit]) -> Result<Vec<CommitOutcome>, RepoError> {
-        // 1. Write the buffer out; note what must be synced.
-        let (snapshot, seq_hi, epoch) = {
+        // 0. Under no lock: which commits and chunks the index already holds (a version or
+        // a chunk, once indexed, stays). What was pending then and has been indexed since
+        // is asked again under the lock (`indexed_gen` moved).
+        let gen = lock(&self.state).indexed_gen;
+        let (known, indexed) = self.lookup(commits)?;
+        // 1. Settle each commit, append the new ones' commit records, write the buffer
+        // out; note what must be synced.
+        let (out, snapshot, seq_hi, epoch) = {
             let mut st = lock(&self.state);
-            let r = st.write_out(&*self.packs);
+            let mut out = Vec::with_capacity(commits.len());
+            let r = self.settle(&mut st, commits, &known, &indexed, gen, &mut out);
+            let r = r.and_then(|()| st.write_out(&*self.packs).map_err(RepoError::from));
             let snap = (st.dirty.clone(), st.seq, st.epoch);
             drop(st);
-            if let Err(e) = r {
-                self.rollback(&e.to_string());
-                return Err(e.into());
+            match r {
+                Ok(()) => {}
+                Err(e @ RepoError::Io(_)) => {
+                    self.rollback(&e.to_string());
+                    return Err(e);
+                }
+                Err(e) => return Err(e),
             }
-            snap
+            (out, snap.0, snap.1, snap.2)
         };
-        if snapshot.is_empty() && commits.is_empty() {
-            return Ok(Vec::new());
+        if snapshot.is_empty() {
+            // Nothing unindexed anywhere: every commit was indexed already or is missing
+            // chunks (a pending one lies in a pack written since its flush began).
+            return Ok(out);
         }
         // 2. fsync, under no lock.
         for p in snapshot.keys() {
@@ -452,30 +738,36 @@ impl Repo {
                 return Err(e.into());
             }
         }
-        // 3. One transaction.
+        // 3. One transaction: the pending chunks and versions written before the snapshot,
+        // this session's and other sessions' alike (their bytes were synced above).
         let mut w = lock(&self.writer);
-        let rows: Vec<(ChunkId, Location)> = {
-            let st = lock(&self.state);
+        let (rows, versions) = {
+            let mut st = lock(&self.state);
             if st.epoch != epoch {
                 return Err(RepoError::RolledBack);
             }
-            st.order
+            let rows: Vec<(ChunkId, Location)> = st
+                .order
                 .iter()
                 .take_while(|(s, _)| *s < seq_hi)
                 .filter_map(|(s, id)| match st.pending.get(id) {
                     Some((ps, loc)) if ps == s => Some((*id, *loc)),
                     _ => None,
                 })
-                .collect()
+                .collect();
+            let versions: Vec<RecordedVersion> = st
+                .commit_order
+                .iter_mut()
+                .take_while(|(s, _, _)| *s < seq_hi)
+                .filter_map(|(_, _, v)| v.take())
+                .collect();
+            (rows, versions)
         };
         let packs: Vec<(PackNo, u64)> = snapshot.iter().map(|(p, l)| (*p, *l)).collect();
-        let out = match w.commit_batch(&rows, &packs, commits, now_secs()) {
-            Ok(out) => out,
-            Err(e) => {
-                self.rollback_locked(&mut w, &e.to_string());
-                return Err(e.into());
-            }
-        };
+        if let Err(e) = w.add_recorded(&rows, &packs, &versions) {
+            self.rollback_locked(&mut w, &e.to_string());
+            return Err(e.into());
+        }
         let mut st = lock(&self.state);
         while let Some(&(s, id)) = st.order.front() {
             if s >= seq_hi {
@@ -486,6 +778,16 @@ impl Repo {
                 st.pending.remove(&id);
             }
         }
+        while let Some(&(s, key, _)) = st.commit_order.front() {
+            if s >= seq_hi {
+                break;
+            }
+            st.commit_order.pop_front();
+            if matches!(st.pending_commits.get(&key), Some((ps, _, _)) if *ps == s) {
+                st.pending_commits.remove(&key);
+            }
+        }
+        st.indexed_gen += 1;
         for (p, l) in snapshot {
             let c = st.committed.entry(p).or_insert(l);
             *c = (*c).max(l);
@@ -496,20 +798,121 @@ impl Repo {
         Ok(out)
     }
 
+    /// For `flush`'s step 0, in one read transaction: the version of each commit already
+    /// indexed, and which chunks referenced by the others are indexed.
+    #[allow(clippy::type_complexity)]
+    fn lookup(
+        &self,
+        commits: &[NewCommit],
+    ) -> Result<(Vec<Option<(u64, i64)>>, HashSet<ChunkId>), RepoError> {
+        let r = lock(&self.reader);
+        Ok(r.in_read_tx(|ix| {
+            let mut known = Vec::with_capacity(commits.len());
+            let mut indexed = HashSet::new();
+            for c in commits {
+                let v = ix.find_version(&c.file_id, &c.commit_id)?;
+                if v.is_none() {
+                    for id in &c.chunks {
+                        if !indexed.contains(id) && ix.has_chunk(id)? {
+                            indexed.insert(*id);
+                        }
+                    }
+                }
+                known.push(v);
+            }
+            Ok((known, indexed))
+        })?)
+    }
+
+    /// `flush`'s step 1 for each commit, in order, under the state lock: a commit pending
+    /// (its record written by this or another flush) or indexed keeps its version; one
+    /// referencing a chunk neither pending nor indexed is `MissingChunks`; any other gets
+    /// the next version number, the receiver's time and a commit record. `known` and
+    /// `indexed` are step 0's answers, taken when `indexed_gen` was `gen`.
+    fn settle(
+        &self,
+        st: &mut WriteState,
+        commits: &[NewCommit],
+        known: &[Option<(u64, i64)>],
+        indexed: &HashSet<ChunkId>,
+        gen: u64,
+        out: &mut Vec<CommitOutcome>,
+    ) -> Result<(), RepoError> {
+        // Pending work indexed since step 0 has left `pending`: ask the index again.
+        let moved = st.indexed_gen != gen;
+        let now = now_secs();
+        let (mut seen, mut ids) = (HashSet::new(), Vec::new());
+        for (c, known) in commits.iter().zip(known) {
+            let key = (c.file_id, c.commit_id);
+            let existing = match (st.pending_commits.get(&key), known) {
+                (Some((_, version, time)), _) => Some((*version, *time)),
+                (None, Some(k)) => Some(*k),
+                (None, None) if moved => {
+                    lock(&self.reader).find_version(&c.file_id, &c.commit_id)?
+                }
+                (None, None) => None,
+            };
+            if let Some((version, commit_time)) = existing {
+                out.push(CommitOutcome::Acked {
+                    version,
+                    commit_time,
+                });
+                continue;
+            }
+            first_of_each(&c.chunks, &mut seen, &mut ids);
+            let mut missing = Vec::new();
+            for id in &ids {
+                if indexed.contains(id) || st.pending.contains_key(id) {
+                    continue;
+                }
+                if moved && lock(&self.reader).has_chunk(id)? {
+                    continue;
+                }
+                missing.push(*id);
+            }
+            if !missing.is_empty() {
+                out.push(CommitOutcome::MissingChunks(missing));
+                continue;
+            }
+            let version = st.next_version;
+            st.next_version += 1;
+            let record = CommitRecord {
+                commit_id: c.commit_id,
+                file_id: c.file_id,
+                version,
+                commit_time: now,
+                deletion: if c.deleted {
+                    Deletion::Yes
+                } else {
+                    Deletion::No
+                },
+                manifest: c.manifest.clone(),
+                chunks: std::mem::take(&mut ids),
+            };
+            self.append_commit(st, record)?;
+            out.push(CommitOutcome::Acked {
+                version,
+                commit_time: now,
+            });
+        }
+        Ok(())
+    }
+
     fn rollback(&self, why: &str) {
         let mut w = lock(&self.writer);
         self.rollback_locked(&mut w, why);
     }
 
-    /// Cuts every pack back to its recorded length and forgets pending chunks. The caller
-    /// holds the writer lock, so no index transaction can be using them.
+    /// Cuts every pack back to its recorded length and forgets pending chunks and commits.
+    /// The caller holds the writer lock, so no index transaction can be using them.
     fn rollback_locked(&self, _writer: &mut Index, why: &str) {
         let mut st = lock(&self.state);
         tracing::warn!(
             repo = %self.name,
-            "storage error ({why}); discarding {} unindexed chunks and cutting packs back to \
-             their recorded length",
-            st.pending.len()
+            "storage error ({why}); discarding {} unindexed chunks and {} unindexed commit \
+             records and cutting packs back to their recorded length",
+            st.pending.len(),
+            st.pending_commits.len()
         );
         let dirty: Vec<PackNo> = st.dirty.keys().copied().chain(st.cur).collect();
         for p in dirty {
@@ -529,6 +932,8 @@ impl Repo {
         }
         st.pending.clear();
         st.order.clear();
+        st.pending_commits.clear();
+        st.commit_order.clear();
         st.dirty.clear();
         st.held = st.committed.values().sum();
         st.epoch += 1;
@@ -866,6 +1271,7 @@ mod tests {
             file_id: FileId([c; 32]),
             manifest: vec![c; 10],
             chunks,
+            deleted: c.is_multiple_of(2),
         }
     }
 
@@ -979,5 +1385,300 @@ mod tests {
         let out = r.flush(&[commit(1, vec![a, b])]).expect("flush");
         assert!(matches!(out[0], CommitOutcome::Acked { .. }));
         assert_eq!(r.get(&b).expect("get"), Some(vb));
+    }
+
+    /// Every intact commit record in the repository's packs, in pack order.
+    fn commit_records(root: &Path) -> Vec<(PackNo, u64, CommitRecord)> {
+        let s = packs(root);
+        let mut out = Vec::new();
+        for p in s.list().expect("ls") {
+            let len = s.len(p).expect("len");
+            scan::<IoError>(&s, p, PACK_HEADER_LEN, len, |f| {
+                if let Found::Commit {
+                    header,
+                    offset,
+                    body,
+                } = f
+                {
+                    let r = CommitRecord::decode(&header, body).expect("decodes");
+                    out.push((p, offset, r));
+                }
+                Ok(())
+            })
+            .expect("scan");
+        }
+        out
+    }
+
+    fn acked(o: &CommitOutcome) -> (u64, i64) {
+        match o {
+            CommitOutcome::Acked {
+                version,
+                commit_time,
+            } => (*version, *commit_time),
+            other => panic!("not acknowledged: {other:?}"),
+        }
+    }
+
+    /// Step 1 of a flush only (commit records appended and written out, nothing synced or
+    /// indexed), as a flush of another session caught between its steps.
+    fn step1(r: &Repo, commits: &[NewCommit]) -> Vec<CommitOutcome> {
+        let gen = lock(&r.state).indexed_gen;
+        let (known, indexed) = r.lookup(commits).expect("lookup");
+        let mut st = lock(&r.state);
+        let mut out = Vec::new();
+        r.settle(&mut st, commits, &known, &indexed, gen, &mut out)
+            .expect("settle");
+        st.write_out(&*r.packs).expect("write out");
+        out
+    }
+
+    #[test]
+    fn every_flush_writes_commit_records_that_scan_reads_back() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let r = repo(d.path(), 1 << 20);
+        let (a, va) = data(1, 5000);
+        let (b, vb) = data(2, 300_000);
+        r.put(&a, &va).expect("put");
+        r.put(&b, &vb).expect("put");
+        let absent = data(3, 10).0;
+        let out = r
+            .flush(&[
+                commit(1, vec![a, b, a]),
+                commit(2, vec![b]),
+                commit(3, vec![a, absent]),
+                commit(1, vec![a, b, a]),
+            ])
+            .expect("flush");
+        let (v1, t1) = acked(&out[0]);
+        let (v2, _) = acked(&out[1]);
+        assert_eq!(out[2], CommitOutcome::MissingChunks(vec![absent]));
+        assert_eq!(acked(&out[3]), (v1, t1), "a repeat within the batch");
+        assert_eq!((v1, v2), (1, 2));
+        // A later flush: an indexed commit keeps its version and gets no second record.
+        let out = r
+            .flush(&[commit(1, vec![a, b]), commit(4, vec![a])])
+            .expect("flush");
+        assert_eq!(acked(&out[0]), (v1, t1));
+        assert_eq!(acked(&out[1]).0, 3);
+        let recs = commit_records(d.path());
+        let got: Vec<_> = recs
+            .iter()
+            .map(|(_, _, c)| (c.version, c.commit_id.0[0], c.deletion, c.chunks.clone()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (1, 1, Deletion::No, vec![a, b]),
+                (2, 2, Deletion::Yes, vec![b]),
+                (3, 4, Deletion::Yes, vec![a]),
+            ]
+        );
+        assert_eq!(recs[0].2.commit_time, t1);
+        assert_eq!(recs[0].2.manifest, vec![1; 10]);
+        assert_eq!(recs[0].2.file_id, FileId([1; 32]));
+        // Each record lies after the chunks it references, below the indexed length, and
+        // the index knows where it is.
+        let w = lock(&r.writer);
+        assert_eq!(w.unrecorded_count().expect("count"), 0);
+        let lens: HashMap<PackNo, u64> = w.pack_lengths().expect("lengths").into_iter().collect();
+        for (p, off, c) in &recs {
+            assert!(*off < lens[p], "record of version {} indexed", c.version);
+            for id in &c.chunks {
+                let l = w.chunk(id).expect("q").expect("indexed");
+                assert!((l.pack, l.offset) < (*p, *off), "chunk before its record");
+            }
+        }
+    }
+
+    #[test]
+    fn a_commit_pending_in_another_flush_gets_that_version_and_is_indexed_with_it() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let r = repo(d.path(), 1 << 20);
+        let (a, va) = data(1, 5000);
+        r.put(&a, &va).expect("put");
+        // Another session's flush has written its records and waits for its fsync.
+        let theirs = step1(&r, &[commit(1, vec![a]), commit(2, vec![a])]);
+        let (v1, t1) = acked(&theirs[0]);
+        let (v2, _) = acked(&theirs[1]);
+        assert_eq!(lock(&r.state).pending_commits.len(), 2);
+        // This session commits the same commit, and one of its own.
+        let ours = r
+            .flush(&[commit(1, vec![a]), commit(3, vec![a])])
+            .expect("flush");
+        assert_eq!(acked(&ours[0]), (v1, t1), "the pending record's version");
+        assert_eq!(acked(&ours[1]).0, v2 + 1);
+        // Its flush indexed the other session's records too (their bytes came before).
+        assert!(lock(&r.state).pending_commits.is_empty());
+        let rd = lock(&r.reader);
+        assert_eq!(
+            rd.find_version(&FileId([2; 32]), &CommitId([2; 16]))
+                .expect("q"),
+            Some((v2, t1))
+        );
+        drop(rd);
+        assert_eq!(commit_records(d.path()).len(), 3, "one record per version");
+        // The other session's flush, resumed, finds nothing left to do but succeeds.
+        let out = r.flush(&[commit(1, vec![a])]).expect("flush");
+        assert_eq!(acked(&out[0]), (v1, t1));
+    }
+
+    #[test]
+    fn rollback_forgets_pending_commits_and_their_numbers_are_not_reused() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let r = repo(d.path(), 64 << 20);
+        let (a, va) = data(1, 5000);
+        r.put(&a, &va).expect("put");
+        r.flush(&[]).expect("flush");
+        let lost = step1(&r, &[commit(1, vec![a])]);
+        let (v, _) = acked(&lost[0]);
+        r.rollback("test");
+        assert!(lock(&r.state).pending_commits.is_empty());
+        assert!(commit_records(d.path()).is_empty(), "the record was cut");
+        let out = r.flush(&[commit(1, vec![a])]).expect("flush");
+        let (again, _) = acked(&out[0]);
+        assert!(again > v, "{again} after {v}");
+        let recs = commit_records(d.path());
+        assert_eq!(recs.len(), 1);
+        assert_eq!(recs[0].2.version, again);
+    }
+
+    #[test]
+    fn recovery_reindexes_a_synced_commit_record_and_a_recommit_gets_its_version() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let r = repo(d.path(), 64 << 20);
+        let (a, va) = data(1, 5000);
+        r.put(&a, &va).expect("put");
+        r.flush(&[commit(1, vec![a])]).expect("flush");
+        let (b, vb) = data(2, 5000);
+        r.put(&b, &vb).expect("put");
+        // Records written and synced, then a crash before the index transaction.
+        let out = step1(&r, &[commit(2, vec![a, b])]);
+        let (v, t) = acked(&out[0]);
+        r.packs.sync(PackNo(1)).expect("sync");
+        drop(r);
+        // Past the end too: a commit record whose chunk never arrived (never acknowledged).
+        let s = packs(d.path());
+        let len = s.len(PackNo(1)).expect("len");
+        let orphan = CommitRecord {
+            commit_id: CommitId([9; 16]),
+            file_id: FileId([9; 32]),
+            version: 40,
+            commit_time: 1,
+            deletion: Deletion::No,
+            manifest: vec![9; 5],
+            chunks: vec![data(99, 10).0],
+        };
+        let mut bytes = Vec::new();
+        orphan.encode_into(&mut bytes);
+        s.write_at(PackNo(1), len, &bytes).expect("write");
+        let (r, rec) = open(d.path(), 64 << 20);
+        assert_eq!(
+            (rec.reindexed, rec.reindexed_commits, rec.skipped_commits),
+            (1, 1, 1)
+        );
+        let out = r.flush(&[commit(2, vec![a, b])]).expect("re-commit");
+        assert_eq!(acked(&out[0]), (v, t));
+        // Numbers carried by records left out are not given again.
+        let out = r.flush(&[commit(3, vec![a])]).expect("commit");
+        assert_eq!(acked(&out[0]).0, 41);
+        drop(r);
+        let (_, rec) = open(d.path(), 64 << 20);
+        assert_eq!(rec, Recovery::default(), "nothing left to recover");
+    }
+
+    /// A repository as a release before commit records left it: version 1 packs of chunk
+    /// records, versions only in the index. Returns the versions' (number, chunk ids).
+    fn legacy_repo(root: &Path, versions: u32) -> Vec<(u64, Vec<ChunkId>)> {
+        let r = repo(root, 64 << 20);
+        let mut ids = Vec::new();
+        for i in 0..20 {
+            let (id, v) = data(i, 1000);
+            r.put(&id, &v).expect("put");
+            ids.push(id);
+        }
+        r.flush(&[]).expect("flush");
+        let mut out = Vec::new();
+        {
+            let mut w = lock(&r.writer);
+            for i in 0..versions {
+                let chunks = vec![ids[i as usize % 20], ids[(i as usize + 7) % 20]];
+                let mut c = [0u8; 16];
+                c[..4].copy_from_slice(&i.to_le_bytes());
+                let v = w
+                    .add_legacy(
+                        &FileId([(i % 7) as u8; 32]),
+                        &CommitId(c),
+                        1_600_000_000 + i as i64,
+                        &[i as u8; 30],
+                        &chunks,
+                    )
+                    .expect("legacy version");
+                out.push((v, chunks));
+            }
+        }
+        drop(r);
+        packs(root)
+            .write_at(PackNo(1), 8, &1u32.to_le_bytes())
+            .expect("version 1 header");
+        out
+    }
+
+    #[test]
+    fn the_upgrade_writes_each_version_once_resumes_after_a_crash_and_ends() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let n = UPGRADE_VERSIONS as u32 + 300;
+        let legacy = legacy_repo(d.path(), n);
+        // Stopped after the first batch was synced, before the index learnt of it.
+        let (r, _) = Repo::open_recovered(
+            &dir(d.path()),
+            RepoName::new("r").expect("name"),
+            Arc::new(packs(d.path())),
+            64 << 20,
+        )
+        .expect("open");
+        assert!(r.upgrade_write(0).expect("batch").is_some());
+        drop(r);
+        assert_eq!(commit_records(d.path()).len(), UPGRADE_VERSIONS);
+        let (r, rec) = open(d.path(), 64 << 20);
+        assert_eq!(
+            rec.reindexed_commits, UPGRADE_VERSIONS,
+            "found past the end"
+        );
+        assert_eq!(rec.upgraded, 300, "the rest written");
+        assert_eq!(lock(&r.writer).unrecorded_count().expect("count"), 0);
+        let recs = commit_records(d.path());
+        assert!(
+            recs.iter().all(|(p, _, _)| *p != PackNo(1)),
+            "never in a v1 pack"
+        );
+        let got: Vec<(u64, Vec<ChunkId>)> = recs
+            .iter()
+            .map(|(_, _, c)| {
+                assert_eq!(c.deletion, Deletion::Unknown);
+                (c.version, c.chunks.clone())
+            })
+            .collect();
+        let mut want = legacy.clone();
+        for (_, c) in &mut want {
+            c.sort();
+        }
+        assert_eq!(got, want, "each version once, oldest first");
+        assert_eq!(recs[5].2.manifest, vec![5; 30]);
+        assert_eq!(recs[5].2.commit_time, 1_600_000_005);
+        // New commits go on after the highest, into a version 2 pack.
+        let (a, va) = data(500, 100);
+        r.put(&a, &va).expect("put");
+        let out = r.flush(&[commit(1, vec![a])]).expect("flush");
+        assert_eq!(acked(&out[0]).0, legacy.len() as u64 + 1);
+        drop(r);
+        let (_, rec) = open(d.path(), 64 << 20);
+        assert_eq!(rec, Recovery::default(), "a second open does nothing");
+        assert_eq!(commit_records(d.path()).len(), n as usize + 1);
+        assert_eq!(
+            pack_version(&packs(d.path()), PackNo(1)).expect("header"),
+            Some(1),
+            "the old pack stays as it was"
+        );
     }
 }

@@ -694,12 +694,14 @@ impl Session {
                 file_id,
                 manifest,
                 chunks,
+                deleted,
             } => {
                 self.commit_file(NewCommit {
                     commit_id,
                     file_id,
                     manifest,
                     chunks,
+                    deleted,
                 })
                 .await
             }
@@ -830,6 +832,7 @@ impl Session {
                 file_id: c.file_id,
                 manifest: c.manifest,
                 chunks: c.chunks,
+                deleted: c.deleted,
             });
         }
         self.batch.replies.push(Reply::Commits(start, n));

@@ -1,10 +1,13 @@
 //! Pack files: the append-only homes of sealed chunks, behind the [`PackStore`] trait.
 //!
 //! ```text
-//! pack header (16 bytes)  "COFRPACK" | format version u32 LE (1) | reserved u32 (0)
+//! pack header (16 bytes)  "COFRPACK" | format version u32 LE (1 or 2) | reserved u32 (0)
 //! record (72 + n bytes)   "CREC" | chunk id (32) | n = sealed length u32 LE
 //!                         | BLAKE3(sealed) (32) | sealed (n)
 //! ```
+//!
+//! Version 2 packs may also hold commit records ([`crate::records`]); packs are created as
+//! version 2, version 1 packs (chunk records only) stay readable and are never appended to.
 //!
 //! Records are self-describing, so `scrub` checks them without a key and the index can be
 //! rebuilt from the packs. The store only moves bytes; when they are durable and which
@@ -29,8 +32,10 @@ use crate::records::{CommitHeader, Header};
 
 /// Magic at the start of every pack.
 pub const PACK_MAGIC: &[u8; 8] = b"COFRPACK";
-/// Pack format version.
-pub const PACK_VERSION: u32 = 1;
+/// Format version of the packs this build creates (2: may hold commit records).
+pub const PACK_VERSION: u32 = 2;
+/// Oldest pack format version this build reads (1: chunk records only).
+pub const PACK_VERSION_MIN: u32 = 1;
 /// Length of the pack header.
 pub const PACK_HEADER_LEN: u64 = 16;
 /// Magic at the start of every record.
@@ -426,14 +431,23 @@ pub fn scan<E: From<IoError>>(
     Ok(at)
 }
 
-/// Checks a pack's header.
+/// Checks a pack's header: true when it is one this build reads (version 1 or 2).
 pub fn header_ok(store: &dyn PackStore, pack: PackNo) -> Result<bool, IoError> {
+    Ok(pack_version(store, pack)?.is_some())
+}
+
+/// The format version of a pack whose header is well-formed and of a version this build
+/// reads; `None` for a header that is short, damaged or of an unknown version.
+pub fn pack_version(store: &dyn PackStore, pack: PackNo) -> Result<Option<u32>, IoError> {
     let mut h = [0u8; PACK_HEADER_LEN as usize];
     match store.read_at(pack, 0, &mut h) {
-        Ok(()) => Ok(h == pack_header()),
-        Err(e) if e.source.kind() == io::ErrorKind::UnexpectedEof => Ok(false),
-        Err(e) => Err(e),
+        Ok(()) => {}
+        Err(e) if e.source.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
     }
+    let v = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
+    let known = (PACK_VERSION_MIN..=PACK_VERSION).contains(&v);
+    Ok((&h[..8] == PACK_MAGIC && known && h[12..] == [0; 4]).then_some(v))
 }
 
 #[cfg(test)]
@@ -515,6 +529,13 @@ mod tests {
         let p = PackNo(1);
         s.create(p).expect("create");
         assert!(header_ok(&s, p).expect("header"));
+        assert_eq!(pack_version(&s, p).expect("header"), Some(PACK_VERSION));
+        // A version 1 pack (the previous release's) is read; an unknown version is not.
+        s.write_at(p, 8, &1u32.to_le_bytes()).expect("v1");
+        assert_eq!(pack_version(&s, p).expect("header"), Some(1));
+        s.write_at(p, 8, &3u32.to_le_bytes()).expect("v3");
+        assert!(!header_ok(&s, p).expect("header"));
+        s.write_at(p, 0, &pack_header()).expect("v2");
         let (a, b) = (record(1, b"first sealed"), record(2, &[9u8; 5000]));
         s.write_at(p, PACK_HEADER_LEN, &a).expect("write");
         s.write_at(p, PACK_HEADER_LEN + a.len() as u64, &b)

@@ -317,6 +317,7 @@ impl SealedFile {
             file_id: self.file_id,
             manifest: self.manifest.clone(),
             chunks: self.ids(),
+            deleted: false,
         }
     }
 }

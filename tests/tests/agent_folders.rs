@@ -254,6 +254,7 @@ fn a_backup_without_folder_versions_restores_as_before() -> Result<()> {
             file_id: fid,
             manifest: crypto.seal_manifest(&fid, &m.encode())?,
             chunks: m.chunks.iter().map(|c| c.id).collect(),
+            deleted: m.kind == EntryKind::Deleted,
         }))?;
         assert!(matches!(r, Message::FileAcked { .. }), "{r:?}");
     }

@@ -374,6 +374,7 @@ fn a_hostile_repository_cannot_make_restore_write_outside_the_target() -> Result
             file_id: fid,
             manifest: crypto.seal_manifest(&fid, &m.encode())?,
             chunks: vec![id],
+            deleted: false,
         }))?;
         assert!(matches!(r, Message::FileAcked { .. }), "{r:?}");
     }

@@ -1,11 +1,13 @@
 //! Crash safety: kill -9 at random moments during a stream of puts and commits, and a
 //! graceful SIGTERM; every acknowledged file must read back intact afterwards.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
-use coffer_common::wire::{ErrorCode, Message};
+use coffer_common::chunk::FileId;
+use coffer_common::wire::{CommitId, ErrorCode, Message};
 use coffer_tests::*;
 
 const T: Duration = Duration::from_secs(30);
@@ -75,6 +77,28 @@ async fn stream(
         Ok(None)
     });
     Ok((sender, reader))
+}
+
+/// The version each intact commit record in repository `repo`'s packs gives its
+/// `(file id, commit id)` (the higher, should one appear twice).
+fn commit_records(root: &std::path::Path, repo: &str) -> Result<HashMap<(FileId, CommitId), u64>> {
+    use coffer_receiver::records::CommitRecord;
+    use coffer_receiver::store::{scan, Found, LocalPacks, PackStore, PACK_HEADER_LEN};
+    let name = coffer_receiver::RepoName::new(repo)?;
+    let packs = LocalPacks::new(coffer_receiver::Layout::new(root).repo(&name).packs());
+    let mut out = HashMap::new();
+    for p in packs.list()? {
+        let len = packs.len(p)?;
+        scan::<anyhow::Error>(&packs, p, PACK_HEADER_LEN, len, |f| {
+            if let Found::Commit { header, body, .. } = f {
+                let r = CommitRecord::decode(&header, body)?;
+                let v = out.entry((r.file_id, r.commit_id)).or_insert(r.version);
+                *v = (*v).max(r.version);
+            }
+            Ok(())
+        })?;
+    }
+    Ok(out)
 }
 
 fn count(a: &Acked) -> usize {
@@ -164,6 +188,15 @@ async fn acknowledged_files_survive_kill9_at_random_moments() -> Result<()> {
     assert!(versions.windows(2).all(|w| w[0].version < w[1].version));
     drop(c);
     rcv.kill9();
+    // The packs alone hold every acknowledged version: its commit record, with its number.
+    let records = commit_records(&rcv.root, "r")?;
+    for (f, v) in &all {
+        assert_eq!(
+            records.get(&(f.file_id, f.commit_id)),
+            Some(v),
+            "commit record of acked version {v}"
+        );
+    }
     let o = rcv.run("scrub", &[])?;
     assert!(
         o.status.success(),

@@ -159,6 +159,7 @@ async fn the_most_ids_a_request_may_carry_repeated_are_answered_promptly() -> Re
         file_id: g.file_id,
         manifest: g.manifest.clone(),
         chunks: ids,
+        deleted: false,
     };
     match c.request(&m).await? {
         Message::Error { code, message } => {
@@ -176,6 +177,7 @@ async fn the_most_ids_a_request_may_carry_repeated_are_answered_promptly() -> Re
         file_id: g.file_id,
         manifest: g.manifest.clone(),
         chunks: vec![known; MAX_IDS],
+        deleted: false,
     };
     match c.request(&m).await? {
         Message::FileAcked { commit_id, .. } if commit_id == g.commit_id => {}
@@ -306,6 +308,7 @@ async fn sizes_an_honest_agent_never_sends_end_the_session_and_store_nothing() -
         file_id: FileId([2; 32]),
         manifest: vec![6; MAX_MANIFEST + 1],
         chunks: vec![],
+        deleted: false,
     })
     .await?;
     error_then_close(&mut rx, ErrorCode::Malformed, "manifest").await?;
@@ -318,6 +321,7 @@ async fn sizes_an_honest_agent_never_sends_end_the_session_and_store_nothing() -
             file_id: FileId([3; 32]),
             manifest: vec![6; MAX_MANIFEST + 1],
             chunks: vec![],
+            deleted: false,
         }],
     })
     .await?;

@@ -428,6 +428,7 @@ async fn put_files_stores_and_acknowledges_many_files_in_one_request() -> Result
         file_id: f.file_id,
         manifest: f.manifest.clone(),
         chunks: f.ids(),
+        deleted: false,
     };
     let chunks: Vec<SealedChunk> = files
         .iter()

@@ -212,6 +212,7 @@ async fn over_its_quota_a_repository_is_refused_new_chunks_only_until_sighup_rai
                 file_id: g.file_id,
                 manifest: g.manifest.clone(),
                 chunks: g.ids(),
+                deleted: false,
             }],
         })
         .await?;
@@ -399,6 +400,7 @@ async fn revoke_ends_an_open_session_within_a_second_and_acknowledges_nothing_se
                     file_id: f.file_id,
                     manifest: f.manifest.clone(),
                     chunks: f.ids(),
+                    deleted: false,
                 }],
             };
             if let Ok(mut s) = sent_w.lock() {

@@ -21,10 +21,10 @@ const REBUILD_CACHE_KIB: i64 = 16 << 10;
 pub enum Added {
     /// Indexed.
     New,
-    /// The same commit (file id, commit id) is already indexed as this lower version:
+    /// The same commit (file id, commit id) is already indexed as this higher version:
     /// this record was not added.
     Duplicate { kept: u64 },
-    /// The same commit was indexed under this higher version, which was dropped for this
+    /// The same commit was indexed under this lower version, which was dropped for this
     /// record's.
     Replaced { dropped: u64 },
     /// Another commit already holds this version number: this record was not added.
@@ -81,7 +81,9 @@ impl Index {
     }
 
     /// Adds the version a commit record holds, at its own number, with its references and
-    /// the record's location. A commit recorded twice keeps its lowest version.
+    /// the record's location. A commit recorded twice keeps its highest version: the write
+    /// path writes a second record only when the first was never acknowledged (its chunks
+    /// were missing when recovery found it), so the higher one is what the agent was told.
     pub fn rebuild_version(
         &mut self,
         r: &CommitRecord,
@@ -98,7 +100,7 @@ impl Index {
             .map_err(e)?;
         let mut added = Added::New;
         match same {
-            Some(v) if v <= r.version => return Ok(Added::Duplicate { kept: v }),
+            Some(v) if v >= r.version => return Ok(Added::Duplicate { kept: v }),
             Some(v) => {
                 self.conn
                     .execute("DELETE FROM version_chunks WHERE version = ?1", [v])
@@ -232,7 +234,7 @@ mod tests {
     }
 
     #[test]
-    fn a_rebuild_keeps_numbers_and_the_lowest_of_a_repeated_commit() {
+    fn a_rebuild_keeps_numbers_and_the_highest_of_a_repeated_commit() {
         let d = tempfile::tempdir().expect("tempdir");
         let p = d.path().join("index.sqlite.repair");
         let mut ix = Index::create_rebuild(&p).expect("create");
@@ -251,17 +253,17 @@ mod tests {
         );
         ix.rebuild_checkpoint().expect("checkpoint");
         assert_eq!(
-            ix.rebuild_version(&rec(9, 1, &[1]), (PackNo(1), 200))
+            ix.rebuild_version(&rec(3, 1, &[1]), (PackNo(1), 200))
                 .expect("v"),
             Added::Duplicate { kept: 7 }
         );
         assert_eq!(
-            ix.rebuild_version(&rec(3, 1, &[1, 2]), (PackNo(2), 16))
+            ix.rebuild_version(&rec(9, 1, &[1, 2]), (PackNo(2), 16))
                 .expect("v"),
             Added::Replaced { dropped: 7 }
         );
         assert_eq!(
-            ix.rebuild_version(&rec(3, 2, &[1]), (PackNo(2), 300))
+            ix.rebuild_version(&rec(9, 2, &[1]), (PackNo(2), 300))
                 .expect("v"),
             Added::Conflict
         );
@@ -270,14 +272,15 @@ mod tests {
         let mut lost = Vec::new();
         ix.unresolved_references(|v, _, c| lost.push((v, c.0[0])))
             .expect("lost");
-        assert_eq!(lost, [(3, 2), (4, 3)]);
+        lost.sort();
+        assert_eq!(lost, [(4, 3), (9, 2)]);
         ix.finish_rebuild().expect("finish");
         assert!(!d.path().join("index.sqlite.repair-wal").exists());
         let ix = Index::open(&p, Mode::Write).expect("opens as an index");
-        // Above every number a record held, the dropped 7 included: never reused.
-        assert_eq!(ix.next_version().expect("next"), 8);
+        // Above every number a record held: never reused.
+        assert_eq!(ix.next_version().expect("next"), 10);
         let (v, _) = ix.list_versions(0, 10, 1 << 20).expect("list");
-        assert_eq!(v.iter().map(|v| v.version).collect::<Vec<_>>(), [3, 4]);
+        assert_eq!(v.iter().map(|v| v.version).collect::<Vec<_>>(), [4, 9]);
         assert_eq!(ix.pack_lengths().expect("packs"), [(PackNo(1), 500)]);
         // A damaged record's number is reserved too.
         let mut other = Index::create_rebuild(&d.path().join("other")).expect("create");
