@@ -410,6 +410,20 @@ impl ConnManager {
         self.side_lane(&self.fresh, "fresh")
     }
 
+    /// The fresh lane if it is up, without opening it: a fresh change while the backlog is
+    /// idle goes on the main connection, which then carries nothing else.
+    pub fn fresh_if_up(&self) -> Option<Conn> {
+        let mut q = self.fresh.lock().ok()?;
+        match &q.conn {
+            Some(c) if !c.is_closed() => {
+                let c = c.clone();
+                q.last_used = Some(std::time::Instant::now());
+                Some(c)
+            }
+            _ => None,
+        }
+    }
+
     /// A second session beside the main connection (the query or the fresh lane).
     fn side_lane(&self, lane: &Arc<Mutex<QueryLane>>, what: &'static str) -> Option<Conn> {
         let mut q = lane.lock().ok()?;

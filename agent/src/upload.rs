@@ -188,14 +188,22 @@ fn take(q: &Queues, lane: Lane, picks: &mut u64, wait: Option<Duration>) -> Take
     }
 }
 
-/// The connection a job of `class` goes on: fresh work on the fresh lane when it is up,
-/// else (and the backlog always) on the main connection. The backlog's workers keep the
-/// fresh lane open (see [`crate::conn::ConnManager::fresh`]), so it is up when needed.
-fn lane_conn(sh: &Arc<Daemon>, class: Class) -> Option<Conn> {
-    let fresh = sh.conn.fresh();
-    match (class, fresh) {
-        (Class::Fresh, Some(c)) => Some(c),
-        _ => sh.conn.get(sh),
+/// The connection `job` goes on: fresh work on the fresh lane when it is up, else (and
+/// the backlog always) on the main connection. While the backlog is more than a moment's
+/// work (files wait behind this one, or it is a large file) its workers open and keep the
+/// fresh lane (see [`crate::conn::ConnManager::fresh`]), so that it is up when a fresh
+/// change comes; fresh work alone never opens it (the main connection is free then), so
+/// an agent with little to do holds one session.
+fn lane_conn(sh: &Arc<Daemon>, job: &Job, backlog_waiting: usize) -> Option<Conn> {
+    let busy = backlog_waiting > 0 || job.size.unwrap_or(0) >= WINDOW_BYTES as i64;
+    let fresh = match job.class {
+        Class::Fresh => sh.conn.fresh_if_up(),
+        Class::Backlog if busy => sh.conn.fresh().and(None),
+        Class::Backlog => None,
+    };
+    match fresh {
+        Some(c) => Some(c),
+        None => sh.conn.get(sh),
     }
 }
 
@@ -263,7 +271,7 @@ pub fn worker(sh: Arc<Daemon>, q: Queues, lane: Lane, acks: AckQueues) {
             sh.abandon(paths);
             continue;
         }
-        let Some(conn) = lane_conn(&sh, job.class) else {
+        let Some(conn) = lane_conn(&sh, &job, q.backlog.len()) else {
             sh.abandon(vec![job.path]);
             continue;
         };

@@ -297,7 +297,6 @@ mod tests {
     use super::*;
     use crate::journal::record::Ack;
     use crate::journal::tests::j;
-    use crate::journal::Summary;
 
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
