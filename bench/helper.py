@@ -205,7 +205,7 @@ def cmd_fresh(a):
         print(f"fresh: not done within {a.timeout}s (backup_s={backup_s}, saved={saved}, "
               f"waiting={len(waiting)})", file=sys.stderr)
         return 1
-    print(json.dumps({"label": a.label, "size": a.size, "n": a.n, "during": during,
+    print(json.dumps({"label": a.label, "backlog_bytes": a.bytes, "size": a.size, "n": a.n, "during": during,
                       "interval": a.interval, "samples": samples, "p50": pct(samples, 50),
                       "p99": pct(samples, 99), "max": max(samples), "backup_s": backup_s}))
     return 0
@@ -416,7 +416,7 @@ def cmd_report(a):
             continue
         d = json.load(open(p))
         label = d["label"]
-        what = "`mixed`" if label == "mixed" else "a 10 GiB file" if label == "huge" else f"`{label}`"
+        what = f"`{label}`" if label != "huge" else f"one {d.get('backlog_bytes', 0) / (1 << 30):g} GiB file"
         ok = d["p99"] <= deb + 1.0
         table.append((f"change-to-ack of a {d['size'] // 1024} KiB file saved during the initial backup of {what} "
                       f"(p50 / p99 over {len(d['samples'])}, {d['during']} saved while the backlog waited)",
@@ -529,6 +529,7 @@ def main():
     p.add_argument("--n", type=int, default=24); p.add_argument("--t0", type=float, required=True)
     p.add_argument("--files", type=int, required=True); p.add_argument("--interval", type=float, required=True)
     p.add_argument("--start-after", type=float, default=0.5); p.add_argument("--label", required=True)
+    p.add_argument("--bytes", type=int, default=0, help="bytes of the backlog (for the report)")
     p.add_argument("--timeout", type=float, default=1800)
     p.set_defaults(fn=cmd_fresh)
     p = sp.add_parser("gen-huge"); p.add_argument("path"); p.add_argument("bytes", type=int)

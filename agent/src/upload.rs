@@ -147,7 +147,7 @@ pub enum Lane {
 pub const BACKLOG_SHARE: u64 = 4;
 
 enum Take {
-    Job(Job),
+    Job(Box<Job>),
     Empty,
     Closed,
 }
@@ -158,7 +158,7 @@ fn take(q: &Queues, lane: Lane, picks: &mut u64, wait: Option<Duration>) -> Take
         Lane::Fresh => [&q.fresh, &q.fresh],
         Lane::Any => {
             *picks += 1;
-            if *picks % BACKLOG_SHARE == 0 {
+            if picks.is_multiple_of(BACKLOG_SHARE) {
                 [&q.backlog, &q.fresh]
             } else {
                 [&q.fresh, &q.backlog]
@@ -167,7 +167,7 @@ fn take(q: &Queues, lane: Lane, picks: &mut u64, wait: Option<Duration>) -> Take
     };
     for r in order {
         if let Ok(j) = r.try_recv() {
-            return Take::Job(j);
+            return Take::Job(Box::new(j));
         }
     }
     let Some(wait) = wait else {
@@ -182,7 +182,7 @@ fn take(q: &Queues, lane: Lane, picks: &mut u64, wait: Option<Duration>) -> Take
         },
     };
     match got {
-        Ok(j) => Take::Job(j),
+        Ok(j) => Take::Job(Box::new(j)),
         Err(RecvTimeoutError::Timeout) => Take::Empty,
         Err(RecvTimeoutError::Disconnected) => Take::Closed,
     }
@@ -247,7 +247,7 @@ pub fn worker(sh: Arc<Daemon>, q: Queues, lane: Lane, acks: AckQueues) {
     loop {
         let job = if batch.files.is_empty() {
             match take(&q, lane, &mut picks, Some(Duration::from_millis(200))) {
-                Take::Job(j) => j,
+                Take::Job(j) => *j,
                 Take::Empty => {
                     if sh.shutdown.is_stopping() {
                         return;
@@ -258,7 +258,7 @@ pub fn worker(sh: Arc<Daemon>, q: Queues, lane: Lane, acks: AckQueues) {
             }
         } else {
             match take(&q, lane, &mut picks, None) {
-                Take::Job(j) => j,
+                Take::Job(j) => *j,
                 _ => {
                     batch.send(&sh, &acks);
                     continue;

@@ -2,7 +2,8 @@
 //!
 //! Threads: the notify callback feeds an event thread that batches dirty paths into the
 //! journal; a scanner thread runs startup, periodic and requested scans; a scheduler claims
-//! due files and hands them to `upload_concurrency` workers; one collector records acks; a
+//! due files into a fresh and a backlog queue for the fresh lane's worker and
+//! `upload_concurrency` shared workers; a collector per class records acks; a
 //! control thread applies config reloads (SIGHUP or a changed config file) by watching only
 //! the difference. The network side, signals and `/metrics` run on a small tokio runtime.
 //! Readiness (`READY=1`) is reported to systemd once the first scan is journaled; the

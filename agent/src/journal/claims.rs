@@ -86,7 +86,7 @@ impl Claims {
     }
 
     /// Whether the next claim of `class` at `now` reads from the start of its order.
-    fn from_start(&self, class: Class, now: i64) -> bool {
+    fn reads_from_start(&self, class: Class, now: i64) -> bool {
         let c = class as usize;
         self.behind[c] || self.cursor[c].is_none() || self.recheck_at[c].is_some_and(|t| now >= t)
     }
@@ -116,7 +116,7 @@ impl Journal {
         }
         let e = sql_err(&self.path);
         let c = class as usize;
-        let from_start = self.claims.from_start(class, now);
+        let from_start = self.claims.reads_from_start(class, now);
         let (ct, cs, cp) = match (&self.claims.cursor[c], from_start) {
             (Some((t, s, p)), false) => (*t, *s, p.clone()),
             _ => (i64::MIN, i64::MIN, Vec::new()),
@@ -165,7 +165,7 @@ impl Journal {
         drop(st);
         if from_start {
             self.claims.behind[c] = false;
-            self.claims.recheck_at[c] = self.next_due(now)?;
+            self.claims.recheck_at[c] = self.first_due_after(now)?;
         }
         if let Some(k) = last {
             self.claims.cursor[c] = Some(k);
@@ -203,14 +203,17 @@ impl Journal {
         if self.claims.behind.iter().any(|b| *b) {
             return Ok(Some(now));
         }
+        self.first_due_after(now)
+    }
+
+    /// The first due time after `now` of a queued file (held or not), if any.
+    fn first_due_after(&self, now: i64) -> Result<Option<i64>, JournalError> {
         let mut st = self
             .conn
             .prepare_cached(next_due_sql())
             .map_err(|e| self.err(e))?;
-        let t: Option<i64> = st
-            .query_row(params![now], |r| r.get(0))
-            .map_err(|e| self.err(e))?;
-        Ok(t)
+        st.query_row(params![now], |r| r.get(0))
+            .map_err(|e| self.err(e))
     }
 
     /// True when the journal orders its queue by class (migration 0009); a journal not yet
