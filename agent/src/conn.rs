@@ -406,7 +406,13 @@ impl ConnManager {
     /// [`ConnManager::query`] does, and returns `None` (fresh work then goes on the main
     /// connection). Workers of the backlog call it too, so that the lane is up before a
     /// fresh change needs it.
+    ///
+    /// It is opened only while the main connection is up: a receiver at its session cap
+    /// must not give the lane the slot the main connection needs.
     pub fn fresh(&self) -> Option<Conn> {
+        if !self.is_connected() {
+            return self.fresh_if_up();
+        }
         self.side_lane(&self.fresh, "fresh")
     }
 

@@ -195,16 +195,18 @@ fn take(q: &Queues, lane: Lane, picks: &mut u64, wait: Option<Duration>) -> Take
 /// change comes; fresh work alone never opens it (the main connection is free then), so
 /// an agent with little to do holds one session.
 fn lane_conn(sh: &Arc<Daemon>, job: &Job, backlog_waiting: usize) -> Option<Conn> {
-    let busy = backlog_waiting > 0 || job.size.unwrap_or(0) >= WINDOW_BYTES as i64;
-    let fresh = match job.class {
-        Class::Fresh => sh.conn.fresh_if_up(),
-        Class::Backlog if busy => sh.conn.fresh().and(None),
-        Class::Backlog => None,
-    };
-    match fresh {
-        Some(c) => Some(c),
-        None => sh.conn.get(sh),
+    if job.class == Class::Fresh {
+        if let Some(c) = sh.conn.fresh_if_up() {
+            return Some(c);
+        }
     }
+    let main = sh.conn.get(sh)?;
+    let busy = backlog_waiting > 0 || job.size.unwrap_or(0) >= WINDOW_BYTES as i64;
+    if job.class == Class::Backlog && busy {
+        // Opened beside the main connection, never before it.
+        let _ = sh.conn.fresh();
+    }
+    Some(main)
 }
 
 /// A batch being gathered: one class's files, for one connection.
