@@ -533,4 +533,54 @@ mod tests {
         let s = j.summary().expect("summary");
         assert_eq!(j.queue_counts(&s).expect("counts"), [(2, 20), (3, 30)]);
     }
+
+    /// A journal of schema 7 (before classes): `status` reads it under an older daemon
+    /// (everything waiting is backlog, no place in line), and migration 0009 queues its
+    /// rows as backlog, tiered by size, oldest first (a row without `dirty_since` by its
+    /// due time).
+    #[test]
+    fn migration_0009_queues_earlier_rows_as_backlog_in_order() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let p = d.path().join("j.sqlite");
+        let v7 = coffer_common::host::sqlite::Schema {
+            migrations: &SCHEMA.migrations[..7],
+            ..SCHEMA
+        };
+        {
+            let mut c = v7
+                .connect(&p, rusqlite::OpenFlags::default())
+                .expect("open");
+            v7.migrate(&mut c, &p).expect("schema 7");
+            c.execute_batch(
+                "INSERT INTO files (path, watch, state, gen, due_at, dirty_since, size) VALUES
+                    (x'772f626967', 'w', 'dirty', 1, 10, 100, 104857600),
+                    (x'772f6e6577', 'w', 'dirty', 1, 10, 300, 5),
+                    (x'772f6f6c64', 'w', 'uploading', 1, 10, 200, 5),
+                    (x'772f6e6f2d73696e6365', 'w', 'failed', 1, 150, NULL, 5),
+                    (x'772f646f6e65', 'w', 'backed_up', 1, 0, NULL, 5);
+                 UPDATE file_stats SET
+                    n = (SELECT COUNT(*) FROM files WHERE state = key),
+                    bytes = (SELECT COALESCE(SUM(size), 0) FROM files
+                             WHERE state = key AND state != 'backed_up');",
+            )
+            .expect("rows of a schema 7 journal");
+        }
+        let ro = Journal::open_read_only(&p).expect("read-only");
+        let s = ro.summary().expect("summary");
+        assert_eq!(
+            ro.queue_counts(&s).expect("counts"),
+            [(0, 0), (4, 104857600 + 15)]
+        );
+        assert_eq!(ro.place_in_line(b"w/new").expect("place"), None);
+        drop(ro);
+        let mut j = Journal::open(&p).expect("migrate");
+        let got = paths(&j.claim_due(1_000, 100).expect("claim"));
+        assert_eq!(got, ["w/no-since", "w/old", "w/new", "w/big"]);
+        let s = j.summary().expect("summary");
+        assert_eq!(j.queue_counts(&s).expect("counts")[0], (0, 0));
+        assert_eq!(
+            j.place_in_line(b"w/big").expect("place"),
+            Some((Class::Backlog, 3))
+        );
+    }
 }
