@@ -94,7 +94,8 @@ fn queue_line(name: &str, q: &Value) -> String {
     }
     match q["eta_seconds"].as_i64() {
         Some(s) => line += &format!(", done in about {}", human_duration(s)),
-        None if files > 0 => line += ", not moving",
+        // Rates are known only while the agent runs.
+        None if files > 0 && q["files_per_second"].is_f64() => line += ", not moving",
         None => {}
     }
     line
