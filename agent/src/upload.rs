@@ -107,11 +107,13 @@ fn backoff_ms(attempts: i64) -> i64 {
     (s * 1000).min(3_600_000)
 }
 
-/// The queues the scheduler fills, one per class.
+/// The queues the scheduler fills: one per class, and the backlog's large files taken
+/// ahead of their turn (for [`Lane::Large`]).
 #[derive(Clone)]
 pub struct Queues {
     pub fresh: Receiver<Job>,
     pub backlog: Receiver<Job>,
+    pub large: Receiver<Job>,
 }
 
 /// The ack collectors' queues, one per class: a fresh file's acknowledgement is recorded
@@ -140,6 +142,10 @@ pub enum Lane {
     /// Fresh work first, else the backlog; and the backlog on every [`BACKLOG_SHARE`]th
     /// pick while both queues hold work, so it is never starved.
     Any,
+    /// As [`Lane::Any`], but the backlog's large files (64 MiB and more) before its small
+    /// ones: one shared worker (of two or more) starts them early, so that their long reads
+    /// overlap the small files' instead of ending the backlog on one worker.
+    Large,
 }
 
 /// A worker of [`Lane::Any`] takes from the backlog at least once in this many picks
@@ -155,13 +161,17 @@ enum Take {
 /// The next job for a worker of `lane`; with `wait`, waits up to that long for one.
 fn take(q: &Queues, lane: Lane, picks: &mut u64, wait: Option<Duration>) -> Take {
     let order = match lane {
-        Lane::Fresh => [&q.fresh, &q.fresh],
-        Lane::Any => {
+        Lane::Fresh => [&q.fresh, &q.fresh, &q.fresh],
+        Lane::Any | Lane::Large => {
             *picks += 1;
+            let backlog = match lane {
+                Lane::Large => [&q.large, &q.backlog],
+                _ => [&q.backlog, &q.backlog],
+            };
             if picks.is_multiple_of(BACKLOG_SHARE) {
-                [&q.backlog, &q.fresh]
+                [backlog[0], backlog[1], &q.fresh]
             } else {
-                [&q.fresh, &q.backlog]
+                [&q.fresh, backlog[0], backlog[1]]
             }
         }
     };
@@ -177,6 +187,12 @@ fn take(q: &Queues, lane: Lane, picks: &mut u64, wait: Option<Duration>) -> Take
         Lane::Fresh => q.fresh.recv_timeout(wait),
         Lane::Any => select! {
             recv(q.fresh) -> j => j.map_err(|_| RecvTimeoutError::Disconnected),
+            recv(q.backlog) -> j => j.map_err(|_| RecvTimeoutError::Disconnected),
+            default(wait) => Err(RecvTimeoutError::Timeout),
+        },
+        Lane::Large => select! {
+            recv(q.fresh) -> j => j.map_err(|_| RecvTimeoutError::Disconnected),
+            recv(q.large) -> j => j.map_err(|_| RecvTimeoutError::Disconnected),
             recv(q.backlog) -> j => j.map_err(|_| RecvTimeoutError::Disconnected),
             default(wait) => Err(RecvTimeoutError::Timeout),
         },
@@ -1030,9 +1046,11 @@ mod tests {
             ftx.send(job(Class::Fresh, i)).expect("fresh");
             btx.send(job(Class::Backlog, i)).expect("backlog");
         }
+        let (_ltx, lrx) = crossbeam_channel::bounded(1);
         let q = Queues {
             fresh: frx,
             backlog: brx,
+            large: lrx,
         };
         let mut picks = 0;
         let classes: Vec<Class> = (0..40)

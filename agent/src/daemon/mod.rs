@@ -360,6 +360,8 @@ fn preload(sh: &Arc<Daemon>) -> Option<JoinHandle<Preloaded>> {
 pub(super) struct JobQueues {
     pub fresh: Sender<Job>,
     pub backlog: Sender<Job>,
+    /// The backlog's large files taken ahead of their turn; `None` with one shared worker.
+    pub large: Option<Sender<Job>>,
 }
 
 /// Jobs of each class waiting for a worker at most: the scheduler claims only as many
@@ -372,19 +374,29 @@ const BACKLOG_QUEUE: usize = 1024;
 fn start_uploader(sh: &Arc<Daemon>, threads: &mut Threads) -> Result<JobQueues, RunError> {
     let (fresh_tx, fresh_rx) = bounded(FRESH_QUEUE);
     let (backlog_tx, backlog_rx) = bounded(BACKLOG_QUEUE);
+    let (large_tx, large_rx) = bounded(1);
     let queues = upload::Queues {
         fresh: fresh_rx,
         backlog: backlog_rx,
+        large: large_rx,
     };
+    // With two shared workers or more, the first starts the backlog's large files early.
+    let n = sh.cfg.upload_concurrency;
     let (fresh_ack_tx, fresh_ack_rx) = bounded(16 * 1024);
     let (ack_tx, ack_rx) = bounded(16 * 1024);
     let acks = upload::AckQueues {
         fresh: fresh_ack_tx,
         backlog: ack_tx,
     };
-    let lanes = std::iter::once(("coffer-fresh".to_string(), upload::Lane::Fresh)).chain(
-        (0..sh.cfg.upload_concurrency).map(|n| (format!("coffer-upload-{n}"), upload::Lane::Any)),
-    );
+    let lanes =
+        std::iter::once(("coffer-fresh".to_string(), upload::Lane::Fresh)).chain((0..n).map(|i| {
+            let lane = if i == 0 && n >= 2 {
+                upload::Lane::Large
+            } else {
+                upload::Lane::Any
+            };
+            (format!("coffer-upload-{i}"), lane)
+        }));
     for (name, lane) in lanes {
         let (d, q, acks) = (sh.clone(), queues.clone(), acks.clone());
         let worker = spawn(name, move || upload::worker(d, q, lane, acks))?;
@@ -403,6 +415,7 @@ fn start_uploader(sh: &Arc<Daemon>, threads: &mut Threads) -> Result<JobQueues, 
     Ok(JobQueues {
         fresh: fresh_tx,
         backlog: backlog_tx,
+        large: (n >= 2).then_some(large_tx),
     })
 }
 

@@ -138,6 +138,7 @@ pub(super) fn scheduler(sh: &Arc<Daemon>, queues: JobQueues, wake: Receiver<()>)
         let now = now_ms();
         let room = |q: &Sender<Job>| q.capacity().unwrap_or(0).saturating_sub(q.len());
         let (fresh_room, backlog_room) = (room(&queues.fresh), room(&queues.backlog));
+        let large_room = queues.large.as_ref().map_or(0, room);
         let claimed = {
             let mut j = match sh.journal.lock() {
                 Ok(j) => j,
@@ -146,6 +147,7 @@ pub(super) fn scheduler(sh: &Arc<Daemon>, queues: JobQueues, wake: Receiver<()>)
             let r = j
                 .claim_class(now, Class::Fresh, fresh_room)
                 .and_then(|mut f| {
+                    f.extend(j.claim_large(now, large_room)?);
                     f.extend(j.claim_class(now, Class::Backlog, backlog_room)?);
                     Ok(f)
                 });
@@ -181,10 +183,18 @@ pub(super) fn scheduler(sh: &Arc<Daemon>, queues: JobQueues, wake: Receiver<()>)
             }
             continue;
         }
+        // The large files claimed ahead of their turn come right after the fresh ones.
+        let mut large_left = large_room;
         for job in claimed {
-            let q = match job.class {
-                Class::Fresh => &queues.fresh,
-                Class::Backlog => &queues.backlog,
+            let q = match (job.class, &queues.large) {
+                (Class::Fresh, _) => &queues.fresh,
+                (Class::Backlog, Some(large))
+                    if large_left > 0 && job.size.unwrap_or(0) >= LARGE =>
+                {
+                    large_left -= 1;
+                    large
+                }
+                (Class::Backlog, _) => &queues.backlog,
             };
             let mut job = job;
             loop {
@@ -206,6 +216,9 @@ pub(super) fn scheduler(sh: &Arc<Daemon>, queues: JobQueues, wake: Receiver<()>)
         }
     }
 }
+
+/// A backlog file of this size or more is large (the tier `claim_large` takes from).
+const LARGE: i64 = 64 << 20;
 
 /// Turns watcher events into dirty rows (and scans of new folders).
 pub(super) fn events(sh: Arc<Daemon>, rx: Receiver<Change>, scans: Sender<ScanRequest>) {

@@ -45,6 +45,42 @@ pub struct Job {
     pub size: Option<i64>,
 }
 
+/// A row of [`claim_sql`] or [`claim_large_sql`]: the job and its `(tier, first_seen)`.
+fn job_row(r: &rusqlite::Row<'_>, class: Class) -> rusqlite::Result<(Job, (i64, i64))> {
+    Ok((
+        Job {
+            path: r.get(0)?,
+            watch: r.get(1)?,
+            gen: r.get(2)?,
+            state: r.get(3)?,
+            attempts: r.get(4)?,
+            hash: h32(r.get_ref(5)?),
+            commit_id: CommitId::column_result(r.get_ref(6)?).ok(),
+            backed_hash: h32(r.get_ref(7)?),
+            backed_kind: r.get(8)?,
+            mode: r.get(9)?,
+            class,
+            size: r.get(12)?,
+        },
+        (r.get::<_, i64>(10)?, r.get::<_, i64>(11)?),
+    ))
+}
+
+/// Due backlog files of the large tiers (`?3` and up) in claim order, from the start of
+/// that part of `files_queue` (large files are few).
+fn claim_large_sql() -> &'static str {
+    sql!(
+        "SELECT path, watch, gen, state, attempts, hash, commit_id, backed_hash, backed_kind, mode,
+                tier, first_seen, size
+         FROM files WHERE {DUE}
+           AND class = ?1 AND due_at <= ?2 AND tier >= ?3
+         ORDER BY tier, first_seen, path LIMIT ?4"
+    )
+}
+
+/// The size tier from which a backlog file is large (64 MiB), see [`Journal::claim_large`].
+pub const LARGE_TIER: i64 = 2;
+
 /// A position in one class's claim order: `(tier, first_seen, path)`.
 type Key = (i64, i64, Vec<u8>);
 
@@ -130,23 +166,7 @@ impl Journal {
         let mut st = self.conn.prepare_cached(claim_sql()).map_err(e)?;
         let rows = st
             .query_map(params![class as i64, now, ct, cs, cp, fetch as i64], |r| {
-                Ok((
-                    Job {
-                        path: r.get(0)?,
-                        watch: r.get(1)?,
-                        gen: r.get(2)?,
-                        state: r.get(3)?,
-                        attempts: r.get(4)?,
-                        hash: h32(r.get_ref(5)?),
-                        commit_id: CommitId::column_result(r.get_ref(6)?).ok(),
-                        backed_hash: h32(r.get_ref(7)?),
-                        backed_kind: r.get(8)?,
-                        mode: r.get(9)?,
-                        class,
-                        size: r.get(12)?,
-                    },
-                    (r.get::<_, i64>(10)?, r.get::<_, i64>(11)?),
-                ))
+                job_row(r, class)
             })
             .map_err(e)?;
         let mut out = Vec::new();
@@ -169,6 +189,38 @@ impl Journal {
         }
         if let Some(k) = last {
             self.claims.cursor[c] = Some(k);
+        }
+        Ok(out)
+    }
+
+    /// Takes up to `limit` due backlog files of 64 MiB or more ([`LARGE_TIER`]), first in
+    /// the claim order, ahead of their turn. The backlog's order puts them last; one worker
+    /// starting them early lets their long reads overlap the many small files' instead of
+    /// ending the backlog alone (see `upload::Lane::Large`). The backlog's claim skips
+    /// them as held when it gets there.
+    pub fn claim_large(&mut self, now: i64, limit: usize) -> Result<Vec<Job>, JournalError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let e = sql_err(&self.path);
+        let class = Class::Backlog;
+        let fetch = limit + self.claims.held.len();
+        let mut st = self.conn.prepare_cached(claim_large_sql()).map_err(e)?;
+        let rows = st
+            .query_map(params![class as i64, now, LARGE_TIER, fetch as i64], |r| {
+                job_row(r, class)
+            })
+            .map_err(e)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (job, _) = row.map_err(e)?;
+            if out.len() == limit {
+                break;
+            }
+            if !self.claims.held.contains_key(&job.path) {
+                self.claims.held.insert(job.path.clone(), class);
+                out.push(job);
+            }
         }
         Ok(out)
     }
@@ -582,5 +634,22 @@ mod tests {
             j.place_in_line(b"w/big").expect("place"),
             Some((Class::Backlog, 3))
         );
+    }
+
+    /// The backlog's large files can be taken ahead of their turn (one worker starts them
+    /// while the others take the small files); the backlog's claim then skips them.
+    #[test]
+    fn large_backlog_files_can_start_early() {
+        let (_d, mut j) = j();
+        backlog(&mut j, &["s1", "s2"], 10, 100);
+        backlog(&mut j, &["mid"], 10 << 20, 100);
+        backlog(&mut j, &["huge"], 3 << 30, 90);
+        backlog(&mut j, &["big"], 100 << 20, 80);
+        fresh(&mut j, &["f"], 200 << 20, 100);
+        assert_eq!(paths(&j.claim_large(1_000, 1).expect("large")), ["w/big"]);
+        assert_eq!(paths(&j.claim_large(1_000, 5).expect("large")), ["w/huge"]);
+        assert!(j.claim_large(1_000, 5).expect("large").is_empty());
+        let got = paths(&j.claim_class(1_000, Class::Backlog, 10).expect("backlog"));
+        assert_eq!(got, ["w/s1", "w/s2", "w/mid"]);
     }
 }
