@@ -23,6 +23,13 @@ fn next_due_sql() -> &'static str {
     sql!("SELECT MIN(due_at) FROM files WHERE {DUE} AND due_at > ?1")
 }
 
+/// The first time after `?1` that a queued file of class `?2` becomes due.
+fn next_due_of_class_sql() -> &'static str {
+    // `files_queue` would read every queued file of the class: the due order stops at the
+    // first of the class after `?1`.
+    sql!("SELECT MIN(due_at) FROM files INDEXED BY files_due WHERE {DUE} AND due_at > ?1 AND class = ?2")
+}
+
 /// A file handed to the uploader.
 #[derive(Debug, Clone)]
 pub struct Job {
@@ -104,11 +111,16 @@ pub(super) struct Claims {
 }
 
 impl Claims {
-    /// A file becomes due at `due` (a change seen): its place in the order may be before
-    /// either cursor, so each class reads from the start once it is due.
-    pub(super) fn due_at(&mut self, due: i64) {
-        for r in &mut self.recheck_at {
-            *r = Some(r.map_or(due, |t| t.min(due)));
+    /// Files marked in `class` become due at `due` (a change seen): their place in the
+    /// order may be before the cursor, so that class reads from the start once they are
+    /// due. A scan's marks may move fresh files too (a queued file keeps its class), so
+    /// they concern both classes; the watcher's concern only the fresh class, whose reads
+    /// from the start are cheap (the backlog's skip every file held).
+    pub(super) fn due_at(&mut self, class: Class, due: i64) {
+        for (i, r) in self.recheck_at.iter_mut().enumerate() {
+            if class == Class::Backlog || i == class as usize {
+                *r = Some(r.map_or(due, |t| t.min(due)));
+            }
         }
     }
 
@@ -185,7 +197,7 @@ impl Journal {
         drop(st);
         if from_start {
             self.claims.behind[c] = false;
-            self.claims.recheck_at[c] = self.first_due_after(now)?;
+            self.claims.recheck_at[c] = self.first_due_after(now, Some(class))?;
         }
         if let Some(k) = last {
             self.claims.cursor[c] = Some(k);
@@ -255,17 +267,26 @@ impl Journal {
         if self.claims.behind.iter().any(|b| *b) {
             return Ok(Some(now));
         }
-        self.first_due_after(now)
+        self.first_due_after(now, None)
     }
 
-    /// The first due time after `now` of a queued file (held or not), if any.
-    fn first_due_after(&self, now: i64) -> Result<Option<i64>, JournalError> {
-        let mut st = self
-            .conn
-            .prepare_cached(next_due_sql())
-            .map_err(|e| self.err(e))?;
-        st.query_row(params![now], |r| r.get(0))
-            .map_err(|e| self.err(e))
+    /// The first due time after `now` of a queued file (held or not) of `class`, or of any
+    /// class, if any. Through `files_due`: the rows of another class due later are read
+    /// past (fresh ones are few; backlog ones due later are retries).
+    fn first_due_after(&self, now: i64, class: Option<Class>) -> Result<Option<i64>, JournalError> {
+        let e = |e| self.err(e);
+        match class {
+            None => self
+                .conn
+                .prepare_cached(next_due_sql())
+                .and_then(|mut st| st.query_row(params![now], |r| r.get(0)))
+                .map_err(e),
+            Some(c) => self
+                .conn
+                .prepare_cached(next_due_of_class_sql())
+                .and_then(|mut st| st.query_row(params![now, c as i64], |r| r.get(0)))
+                .map_err(e),
+        }
     }
 
     /// True when the journal orders its queue by class (migration 0009); a journal not yet
@@ -440,6 +461,7 @@ mod tests {
         for (name, sql, n, index) in [
             ("claim_class", claim_sql(), 6, "files_queue"),
             ("next_due", next_due_sql(), 1, "files_due"),
+            ("next_due_of_class", next_due_of_class_sql(), 2, "files_due"),
         ] {
             let mut st = j
                 .conn

@@ -105,7 +105,7 @@ impl Journal {
         if items.len() == 0 {
             return Ok(());
         }
-        self.claims.due_at(now + delay_ms);
+        self.claims.due_at(class, now + delay_ms);
         let tx = self.conn.transaction().map_err(sql_err(&self.path))?;
         {
             let mut st = tx
