@@ -14,6 +14,14 @@
   helper.py latency --agent BIN --config CFG --dir DIR --size BYTES --n N
         write N new files one after another, each time polling `status --json PATH` until it
         is backed_up; prints one JSON object with the samples and the status-call overhead.
+  helper.py fresh --agent BIN --config CFG --dir DIR --size BYTES --n N --t0 EPOCH --files F
+                  --interval S --label L
+        during an initial backup started at t0: every S seconds write a new file of BYTES in DIR
+        (a watched folder), N in all, polling `status --json` of every one not yet backed up;
+        then wait until the backlog is done (queue.backlog.files == 0, backed_up >= F). Prints
+        one JSON object: change-to-ack samples, p50/p99, saves made while the backlog waited,
+        and the backup's time from t0 (backup_s).
+  helper.py gen-huge PATH BYTES                 a file of BYTES random bytes (kept if it exists)
   helper.py report ...                         see report() below
 """
 import argparse
@@ -152,6 +160,68 @@ def cmd_latency(a):
                       "p50": pct(samples, 50), "p99": pct(samples, 99), "max": max(samples),
                       "status_call_p50": pct(ov, 50), "status_call_p99": pct(ov, 99),
                       "poll_sleep": a.poll}))
+    return 0
+
+
+def cmd_fresh(a):
+    os.makedirs(a.dir, exist_ok=True)
+    tag = f"fresh-{a.size}-{int(time.time())}"
+    waiting = []  # (path, closed at)
+    samples, during, saved = [], 0, 0
+    next_save = a.t0 + a.start_after
+    deadline = a.t0 + a.timeout
+    backup_s = None
+    while time.time() < deadline:
+        now = time.time()
+        if saved < a.n and now >= next_save:
+            p = os.path.join(a.dir, f"{tag}-{saved:03d}.bin")
+            with open(p, "wb") as f:
+                f.write(os.urandom(a.size))
+            waiting.append((p, time.time()))
+            saved += 1
+            next_save += a.interval
+            if backup_s is None:
+                during += 1
+        if waiting:
+            st = status(a.agent, a.config, [p for p, _ in waiting])
+            if isinstance(st, list) and len(st) == len(waiting):
+                t = time.time()
+                left = []
+                for (p, t0), e in zip(waiting, st):
+                    if e.get("state") == "backed_up" and not e.get("changed_since"):
+                        samples.append(t - t0)
+                    else:
+                        left.append((p, t0))
+                waiting = left
+        if backup_s is None:
+            st = status(a.agent, a.config)
+            if st and st.get("queue", {}).get("backlog", {}).get("files", 1) == 0 \
+                    and st.get("files", {}).get("backed_up", 0) >= a.files:
+                backup_s = time.time() - a.t0
+        if backup_s is not None and saved >= a.n and not waiting:
+            break
+        time.sleep(POLL)
+    if backup_s is None or waiting or saved < a.n:
+        print(f"fresh: not done within {a.timeout}s (backup_s={backup_s}, saved={saved}, "
+              f"waiting={len(waiting)})", file=sys.stderr)
+        return 1
+    print(json.dumps({"label": a.label, "backlog_bytes": a.bytes, "size": a.size, "n": a.n, "during": during,
+                      "interval": a.interval, "samples": samples, "p50": pct(samples, 50),
+                      "p99": pct(samples, 99), "max": max(samples), "backup_s": backup_s}))
+    return 0
+
+
+def cmd_gen_huge(a):
+    if os.path.exists(a.path) and os.path.getsize(a.path) == a.bytes:
+        return 0
+    os.makedirs(os.path.dirname(a.path), exist_ok=True)
+    left = a.bytes
+    with open(a.path + ".tmp", "wb") as f:
+        while left > 0:
+            n = min(left, 16 << 20)
+            f.write(os.urandom(n))
+            left -= n
+    os.rename(a.path + ".tmp", a.path)
     return 0
 
 
@@ -341,6 +411,25 @@ def cmd_report(a):
         table.append((f"change-to-ack latency, {name} file (p50 / p99 over {d['n']})",
                       f"{fmt_s(d['p50'])} / {fmt_s(d['p99'])}", "does not watch", "does not watch",
                       "does not watch", "—", tgt))
+    for p in a.fresh or []:
+        if not os.path.exists(p):
+            continue
+        d = json.load(open(p))
+        label = d["label"]
+        what = f"`{label}`" if label != "huge" else f"one {d.get('backlog_bytes', 0) / (1 << 30):g} GiB file"
+        ok = d["p99"] <= deb + 1.0
+        table.append((f"change-to-ack of a {d['size'] // 1024} KiB file saved during the initial backup of {what} "
+                      f"(p50 / p99 over {len(d['samples'])}, {d['during']} saved while the backlog waited)",
+                      f"{fmt_s(d['p50'])} / {fmt_s(d['p99'])}", "does not watch", "does not watch",
+                      "does not watch", "—",
+                      f"p99 <= debounce + 1 s = {deb + 1:.1f} s" + (" — **met**" if ok else " — **missed**")))
+        alone, _ = med(rows, label, "coffer", "initial-alone")
+        withs, _ = med(rows, label, "coffer", "initial-with-saves")
+        if alone and withs:
+            ok = withs <= alone * 1.05
+            table.append((f"initial backup of {what} with those saves / without",
+                          f"{fmt_s(withs)} / {fmt_s(alone)} ({(withs / alone - 1) * 100:+.1f}%)", "—", "—", "—", "—",
+                          "within 5%" + (" — **met**" if ok else " — **missed**")))
     # the REST peer RSS row: fix restic column to the rclone server RSS
     P("## Results\n")
     P("| figure | Coffer | restic | borg | rsync | ratio vs restic | target |")
@@ -434,6 +523,17 @@ def main():
     p.add_argument("--n", type=int, default=50); p.add_argument("--poll", type=float, default=0.02)
     p.add_argument("--timeout", type=float, default=60)
     p.set_defaults(fn=cmd_latency)
+    p = sp.add_parser("fresh")
+    p.add_argument("--agent", required=True); p.add_argument("--config", required=True)
+    p.add_argument("--dir", required=True); p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--n", type=int, default=24); p.add_argument("--t0", type=float, required=True)
+    p.add_argument("--files", type=int, required=True); p.add_argument("--interval", type=float, required=True)
+    p.add_argument("--start-after", type=float, default=0.5); p.add_argument("--label", required=True)
+    p.add_argument("--bytes", type=int, default=0, help="bytes of the backlog (for the report)")
+    p.add_argument("--timeout", type=float, default=1800)
+    p.set_defaults(fn=cmd_fresh)
+    p = sp.add_parser("gen-huge"); p.add_argument("path"); p.add_argument("bytes", type=int)
+    p.set_defaults(fn=cmd_gen_huge)
     p = sp.add_parser("gen-tiny"); p.add_argument("dir"); p.set_defaults(fn=cmd_gen_tiny)
     p = sp.add_parser("mutate-tiny"); p.add_argument("dir"); p.add_argument("round", type=int)
     p.set_defaults(fn=cmd_mutate_tiny)
@@ -441,7 +541,7 @@ def main():
     p = sp.add_parser("report")
     p.add_argument("--tsv", nargs="+", required=True); p.add_argument("--meta", required=True)
     p.add_argument("--latency", nargs="*"); p.add_argument("--profile"); p.add_argument("--extra")
-    p.add_argument("--out", required=True)
+    p.add_argument("--fresh", nargs="*"); p.add_argument("--out", required=True)
     p.set_defaults(fn=cmd_report)
     a = ap.parse_args()
     sys.exit(a.fn(a))

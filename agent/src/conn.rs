@@ -320,6 +320,11 @@ impl Conn {
         self.state.close(why);
     }
 
+    /// True when `other` is a handle of this same connection.
+    pub fn same(&self, other: &Conn) -> bool {
+        Arc::ptr_eq(&self.state, &other.state)
+    }
+
     /// True once the connection has failed.
     pub fn is_closed(&self) -> bool {
         self.state.closed.load(Ordering::SeqCst) || self.tx.is_closed()
@@ -381,6 +386,10 @@ pub struct ConnManager {
     /// connect or the escrow holds it while waiting for the receiver.
     main: Mutex<Weak<ConnState>>,
     query: Arc<Mutex<QueryLane>>,
+    /// The fresh lane: a session of its own for fresh changes, so that their commits wait
+    /// neither behind the backlog's chunks on the main connection nor for the main
+    /// session's group commit on the receiver (opened and closed as the query lane is).
+    fresh: Arc<Mutex<QueryLane>>,
     keyfile: Vec<u8>,
     /// When the escrow was last checked by this run.
     escrow_checked: Mutex<Option<std::time::Instant>>,
@@ -425,6 +434,7 @@ impl ConnManager {
             cur: Mutex::new(None),
             main: Mutex::new(Weak::new()),
             query: Arc::default(),
+            fresh: Arc::default(),
             keyfile,
             escrow_checked: Mutex::new(None),
             refused_until: Mutex::new(None),
@@ -487,7 +497,40 @@ impl ConnManager {
     /// The query lane if it is up; otherwise starts opening it in the background (at most
     /// one attempt at a time, one per [`QUERY_RETRY`] after a failure) and returns `None`.
     pub fn query(&self) -> Option<Conn> {
-        let mut q = self.query.lock().ok()?;
+        self.side_lane(&self.query, "query")
+    }
+
+    /// The fresh lane if it is up; otherwise starts opening it in the background, as
+    /// [`ConnManager::query`] does, and returns `None` (fresh work then goes on the main
+    /// connection). Workers of the backlog call it too, so that the lane is up before a
+    /// fresh change needs it.
+    ///
+    /// It is opened only while the main connection is up: a receiver at its session cap
+    /// must not give the lane the slot the main connection needs.
+    pub fn fresh(&self) -> Option<Conn> {
+        if !self.is_connected() {
+            return self.fresh_if_up();
+        }
+        self.side_lane(&self.fresh, "fresh")
+    }
+
+    /// The fresh lane if it is up, without opening it: a fresh change while the backlog is
+    /// idle goes on the main connection, which then carries nothing else.
+    pub fn fresh_if_up(&self) -> Option<Conn> {
+        let mut q = self.fresh.lock().ok()?;
+        match &q.conn {
+            Some(c) if !c.is_closed() => {
+                let c = c.clone();
+                q.last_used = Some(std::time::Instant::now());
+                Some(c)
+            }
+            _ => None,
+        }
+    }
+
+    /// A second session beside the main connection (the query or the fresh lane).
+    fn side_lane(&self, lane: &Arc<Mutex<QueryLane>>, what: &'static str) -> Option<Conn> {
+        let mut q = lane.lock().ok()?;
         let now = std::time::Instant::now();
         if let Some(c) = &q.conn {
             if !c.is_closed() {
@@ -502,7 +545,7 @@ impl ConnManager {
         }
         q.connecting = true;
         drop(q);
-        let (lane, keypair) = (self.query.clone(), self.keypair.clone());
+        let (lane, keypair) = (lane.clone(), self.keypair.clone());
         let (addr, key, name) = (
             self.cfg.receiver.clone(),
             self.cfg.receiver_key,
@@ -514,12 +557,12 @@ impl ConnManager {
             q.connecting = false;
             match r {
                 Ok(c) => {
-                    tracing::debug!(receiver = %addr, "query lane connected");
+                    tracing::debug!(receiver = %addr, lane = what, "lane connected");
                     q.conn = Some(c);
                     q.last_used = Some(std::time::Instant::now());
                 }
                 Err(e) => {
-                    tracing::debug!(error = %e, "query lane not available; asking on the main connection");
+                    tracing::debug!(error = %e, lane = what, "lane not available; using the main connection");
                     q.retry_at = Some(std::time::Instant::now() + QUERY_RETRY);
                 }
             }
@@ -530,10 +573,12 @@ impl ConnManager {
     /// Closes the query lane if it has carried no question for [`QUERY_IDLE`] (called
     /// periodically).
     pub fn close_idle_query(&self) {
-        if let Ok(mut q) = self.query.lock() {
-            if q.conn.is_some() && q.last_used.is_none_or(|t| t.elapsed() >= QUERY_IDLE) {
-                tracing::debug!("query lane idle; closing it");
-                q.conn = None;
+        for (lane, what) in [(&self.query, "query"), (&self.fresh, "fresh")] {
+            if let Ok(mut q) = lane.lock() {
+                if q.conn.is_some() && q.last_used.is_none_or(|t| t.elapsed() >= QUERY_IDLE) {
+                    tracing::debug!(lane = what, "lane idle; closing it");
+                    q.conn = None;
+                }
             }
         }
     }
@@ -672,9 +717,11 @@ impl ConnManager {
         if let Some(state) = main {
             state.close(why);
         }
-        if let Ok(q) = self.query.lock() {
-            if let Some(c) = &q.conn {
-                c.close(why);
+        for lane in [&self.query, &self.fresh] {
+            if let Ok(q) = lane.lock() {
+                if let Some(c) = &q.conn {
+                    c.close(why);
+                }
             }
         }
     }

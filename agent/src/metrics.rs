@@ -1,8 +1,9 @@
 //! `run --metrics ADDR`: Prometheus text exposition at `/metrics` (off by default).
 //!
 //! Series: files by state, pending bytes, bytes read and sent, files acknowledged, upload
-//! rate, scans and rescans after event overflow, last acknowledgement time, and whether the
-//! receiver is connected. Values are read from the journal and the uploader's counters at
+//! rate, scans and rescans after event overflow, last acknowledgement time, whether the
+//! receiver is connected, and the work waiting by class (fresh, backlog): files, bytes,
+//! rate and the estimated seconds to done. Values are read from the journal and the uploader's counters at
 //! each scrape.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,7 +18,7 @@ use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::daemon::Daemon;
-use crate::journal::{CounterKey, MetaKey};
+use crate::journal::{Class, CounterKey, MetaKey};
 
 /// Renders the metrics text.
 pub fn render(sh: &Daemon, rate: f64) -> String {
@@ -32,8 +33,30 @@ pub fn render(sh: &Daemon, rate: f64) -> String {
     let acked: Counter = Counter::default();
     let scans: Counter = Counter::default();
     let rescans: Counter = Counter::default();
+    let q_files = Family::<Vec<(String, String)>, Gauge>::default();
+    let q_bytes = Family::<Vec<(String, String)>, Gauge>::default();
+    let q_rate = Family::<Vec<(String, String)>, Gauge<f64, AtomicU64>>::default();
+    let q_eta = Family::<Vec<(String, String)>, Gauge>::default();
     if let Ok(j) = sh.journal.lock() {
         if let Ok(s) = j.summary() {
+            if let Ok(q) = crate::status::queue_json(Some(&j), &s, true) {
+                for class in Class::ALL {
+                    let v = &q[class.as_str()];
+                    let l = vec![("class".to_string(), class.as_str().to_string())];
+                    q_files
+                        .get_or_create(&l)
+                        .set(v["files"].as_i64().unwrap_or(0));
+                    q_bytes
+                        .get_or_create(&l)
+                        .set(v["bytes"].as_i64().unwrap_or(0));
+                    if let Some(r) = v["bytes_per_second"].as_f64() {
+                        q_rate.get_or_create(&l).set(r);
+                    }
+                    if let Some(e) = v["eta_seconds"].as_i64() {
+                        q_eta.get_or_create(&l).set(e);
+                    }
+                }
+            }
             for (state, n) in [
                 ("pending", s.pending()),
                 ("backed_up", s.backed_up),
@@ -112,6 +135,26 @@ pub fn render(sh: &Daemon, rate: f64) -> String {
         "coffer_agent_receiver_connected",
         "1 when connected to the receiver",
         connected,
+    );
+    reg.register(
+        "coffer_agent_queue_files",
+        "Files waiting to be backed up, by class (fresh: seen by the watcher; backlog: found by a scan)",
+        q_files,
+    );
+    reg.register(
+        "coffer_agent_queue_bytes",
+        "Bytes of files waiting to be backed up, by class",
+        q_bytes,
+    );
+    reg.register(
+        "coffer_agent_queue_rate_bytes_per_second",
+        "Bytes of each class backed up per second over the last 20 s",
+        q_rate,
+    );
+    reg.register(
+        "coffer_agent_queue_eta_seconds",
+        "Estimated seconds until each class's waiting files are backed up, at its rate",
+        q_eta,
     );
     let mut out = String::new();
     let _ = encode(&mut out, &reg);

@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 
 use crate::config::Config;
 use crate::daemon;
-use crate::journal::{CounterKey, FileState, Journal, JournalError, MetaKey, Row, Summary};
+use crate::journal::{Class, CounterKey, FileState, Journal, JournalError, MetaKey, Row, Summary};
 use crate::paths::{self, Named};
 use crate::scan::stat_key;
 use coffer_common::host::time::{now_ms, rfc3339};
@@ -25,6 +25,118 @@ fn open(cfg: &Config) -> Result<Option<Journal>, JournalError> {
 
 fn ms_to_rfc(ms: i64) -> String {
     rfc3339(ms / 1000)
+}
+
+/// The work waiting, by class (`status --json`'s `queue`, and `/metrics`): for each of
+/// `fresh` and `backlog`, files and bytes waiting, the rate they went at over the last
+/// ~20 s (`files_per_second`, `bytes_per_second`; null unless the agent runs), and an
+/// estimate of when they will be done at that rate (`eta_seconds`, `done_at`; 0 and now
+/// when nothing waits, null when nothing moves).
+pub fn queue_json(j: Option<&Journal>, s: &Summary, running: bool) -> Result<Value, JournalError> {
+    let counts = match j {
+        Some(j) => j.queue_counts(s)?,
+        None => [(0, 0); 2],
+    };
+    // AT_MS FRESH_FILES/s FRESH_BYTES/s BACKLOG_FILES/s BACKLOG_BYTES/s
+    let rates: Option<Vec<f64>> = match j {
+        Some(j) if running => j
+            .meta(MetaKey::QueueRate)?
+            .map(|v| {
+                v.split(' ')
+                    .skip(1)
+                    .filter_map(|x| x.parse().ok())
+                    .collect()
+            })
+            .filter(|v: &Vec<f64>| v.len() == 4),
+        _ => None,
+    };
+    let now = now_ms();
+    let mut out = serde_json::Map::new();
+    for class in Class::ALL {
+        let (files, bytes) = counts[class as usize];
+        let rate = rates
+            .as_ref()
+            .map(|r| (r[class as usize * 2], r[class as usize * 2 + 1]));
+        let eta = match rate {
+            _ if files == 0 => Some(0.0),
+            Some((_, b)) if bytes > 0 && b > 0.0 => Some(bytes as f64 / b),
+            Some((f, _)) if f > 0.0 => Some(files as f64 / f),
+            _ => None,
+        };
+        out.insert(
+            class.as_str().into(),
+            json!({
+                "files": files,
+                "bytes": bytes,
+                "files_per_second": rate.map(|r| r.0),
+                "bytes_per_second": rate.map(|r| r.1),
+                "eta_seconds": eta.map(|e| e.ceil() as i64),
+                "done_at": eta.map(|e| ms_to_rfc(now + (e * 1000.0) as i64)),
+            }),
+        );
+    }
+    Ok(Value::Object(out))
+}
+
+/// A queue's line of `status`, from its object in [`queue_json`].
+fn queue_line(name: &str, q: &Value) -> String {
+    let files = q["files"].as_i64().unwrap_or(0);
+    let mut line = format!(
+        "{name}: {} files ({}) waiting",
+        thousands(files),
+        human_bytes(q["bytes"].as_i64().unwrap_or(0))
+    );
+    if let (Some(f), Some(b)) = (
+        q["files_per_second"].as_f64(),
+        q["bytes_per_second"].as_f64(),
+    ) {
+        line += &format!(", {f:.1} files/s ({}/s)", human_bytes(b as i64));
+    }
+    match q["eta_seconds"].as_i64() {
+        Some(s) => line += &format!(", done in about {}", human_duration(s)),
+        // Rates are known only while the agent runs.
+        None if files > 0 && q["files_per_second"].is_f64() => line += ", not moving",
+        None => {}
+    }
+    line
+}
+
+/// `1234567` as `1,234,567`.
+fn thousands(n: i64) -> String {
+    let digits = n.unsigned_abs().to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if n < 0 {
+        out.insert(0, '-');
+    }
+    out
+}
+
+/// `n` as an English ordinal with thousands separators: `1st`, `22nd`, `1,234th`.
+fn ordinal(n: i64) -> String {
+    let suffix = match (n % 10, n % 100) {
+        (_, 11..=13) => "th",
+        (1, _) => "st",
+        (2, _) => "nd",
+        (3, _) => "rd",
+        _ => "th",
+    };
+    format!("{}{suffix}", thousands(n))
+}
+
+/// Seconds as `45 s`, `12 min`, `3.5 h`, `2.1 days`.
+fn human_duration(s: i64) -> String {
+    match s {
+        ..=99 => format!("{s} s"),
+        100..=5999 => format!("{} min", (s + 30) / 60),
+        6000..=172_799 => format!("{:.1} h", s as f64 / 3600.0),
+        _ => format!("{:.1} days", s as f64 / 86400.0),
+    }
 }
 
 /// Builds the status object (also used by metrics).
@@ -88,6 +200,7 @@ pub fn summary_json(cfg: &Config) -> Result<Value, JournalError> {
         None => vec![],
     };
     let not_acked = s.pending();
+    let queue = queue_json(j.as_ref(), &s, running)?;
     let state = match (running, receiver_state) {
         (false, _) => "agent not running".to_string(),
         (true, Some(st)) => st,
@@ -123,6 +236,7 @@ pub fn summary_json(cfg: &Config) -> Result<Value, JournalError> {
         "watches": watches,
         "watcher": counters,
         "failed": failed,
+        "queue": queue,
     }))
 }
 
@@ -329,6 +443,15 @@ pub fn print(cfg: &Config, json_out: bool) -> Result<(), JournalError> {
         files["failed"],
         files["deleted"]
     );
+    if files["pending"].as_i64().unwrap_or(0) > 0 {
+        for class in Class::ALL {
+            let _ = writeln!(
+                out,
+                "  {}",
+                queue_line(class.as_str(), &v["queue"][class.as_str()])
+            );
+        }
+    }
     let _ = writeln!(
         out,
         "last backup: {}",
@@ -370,7 +493,7 @@ pub fn print(cfg: &Config, json_out: bool) -> Result<(), JournalError> {
     Ok(())
 }
 
-fn describe(cfg: &Config, row: &Row) -> Value {
+fn describe(cfg: &Config, row: &Row, line: Option<(Class, i64)>) -> Value {
     let now = now_ms();
     let current = crate::scan::fs_path(&cfg.watches, &row.path)
         .and_then(|(_, p)| std::fs::symlink_metadata(p).ok())
@@ -402,8 +525,15 @@ fn describe(cfg: &Config, row: &Row) -> Value {
                 (FileState::Dirty, None) => "queued for upload".into(),
                 _ => "uploading".into(),
             };
-            json!({"path": path, "state": "pending", "since": row.dirty_since.map(ms_to_rfc), "why": why,
-                "version": row.backed_version, "backed_up_at": row.backed_at.map(rfc3339)})
+            let mut v = json!({"path": path, "state": "pending", "since": row.dirty_since.map(ms_to_rfc), "why": why,
+                "version": row.backed_version, "backed_up_at": row.backed_at.map(rfc3339)});
+            // Where it is in line: its class, and 1 for the next file to be taken (files
+            // being uploaded count among those ahead).
+            if let Some((class, ahead)) = line {
+                v["class"] = json!(class.as_str());
+                v["place"] = json!(ahead + 1);
+            }
+            v
         }
     }
 }
@@ -475,7 +605,15 @@ pub fn print_paths(cfg: &Config, args: &[String], json_out: bool) -> Result<Verd
             None => None,
         };
         let v = match row {
-            Some(r) => describe(cfg, &r),
+            Some(r) => {
+                let line = match (&j, r.state) {
+                    (Some(j), FileState::Dirty | FileState::Uploading | FileState::Failed) => {
+                        j.place_in_line(&r.path)?
+                    }
+                    _ => None,
+                };
+                describe(cfg, &r, line)
+            }
             None => {
                 let under = match &j {
                     Some(j) => j.rows_under(&[&jp[..], b"/"].concat(), 100_000)?,
@@ -529,9 +667,13 @@ pub fn print_paths(cfg: &Config, args: &[String], json_out: bool) -> Result<Verd
                 format!("{} of {} files backed up", v["backed_up_files"], v["files"])
             }
             "pending" => format!(
-                "pending since {}: {}",
+                "pending since {}: {}{}",
                 v["since"].as_str().unwrap_or("?"),
-                v["why"].as_str().unwrap_or("")
+                v["why"].as_str().unwrap_or(""),
+                match (v["place"].as_i64(), v["class"].as_str()) {
+                    (Some(n), Some(class)) => format!("; waiting: {} in line, {class}", ordinal(n)),
+                    _ => String::new(),
+                }
             ),
             _ => format!(
                 "not known to the agent: {}",

@@ -4,7 +4,12 @@
 //! way, with memory bounded by a window of chunks), ask the receiver which chunks it lacks,
 //! put only those (pipelined, no waiting per chunk), and queue the commit. Commits are sent
 //! in batches after the batch's hashes and commit ids are in the journal; acknowledgements
-//! are recorded in batches by one collector thread.
+//! are recorded in batches by a collector thread per class.
+//!
+//! Work comes in two queues, fresh (changes the watcher saw) and backlog (what scans
+//! found). One worker, the fresh lane's, takes only fresh work and sends it on a session
+//! of its own; the others take fresh work first and give the backlog every
+//! [`BACKLOG_SHARE`]th pick. A batch holds one class and goes on one connection.
 
 use std::collections::HashSet;
 use std::io::Read as _;
@@ -22,11 +27,11 @@ use coffer_common::wire::{
     sealed_hash, CommitId, CommitResult, ErrorCode, FileCommit, Message, SealedChunk,
     MAX_BATCH_FILES, MAX_FRAME,
 };
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{select, Receiver, RecvTimeoutError, Sender};
 
 use crate::conn::{quota_retry_ms, Conn, ConnError, Pending};
 use crate::daemon::Daemon;
-use crate::journal::{is_folder_key, Ack, CounterKey, FileRead, Job, StatKey};
+use crate::journal::{is_folder_key, Ack, Class, CounterKey, FileRead, Job, StatKey};
 use crate::scan::{fs_path, stat_key};
 use coffer_common::host::time::now_ms;
 
@@ -104,56 +109,219 @@ fn backoff_ms(attempts: i64) -> i64 {
     (s * 1000).min(3_600_000)
 }
 
+/// The queues the scheduler fills: one per class, and the backlog's large files taken
+/// ahead of their turn (for [`Lane::Large`]).
+#[derive(Clone)]
+pub struct Queues {
+    pub fresh: Receiver<Job>,
+    pub backlog: Receiver<Job>,
+    pub large: Receiver<Job>,
+}
+
+/// The ack collectors' queues, one per class: a fresh file's acknowledgement is recorded
+/// without waiting for the replies to the backlog's earlier commits.
+#[derive(Clone)]
+pub struct AckQueues {
+    pub fresh: Sender<AckWork>,
+    pub backlog: Sender<AckWork>,
+}
+
+impl AckQueues {
+    fn of(&self, class: Class) -> &Sender<AckWork> {
+        match class {
+            Class::Fresh => &self.fresh,
+            Class::Backlog => &self.backlog,
+        }
+    }
+}
+
+/// Which work a worker takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    /// Fresh work only: the fresh lane's worker, free for the next fresh change whatever
+    /// size the backlog's files are.
+    Fresh,
+    /// Fresh work first, else the backlog; and the backlog on every [`BACKLOG_SHARE`]th
+    /// pick while both queues hold work, so it is never starved.
+    Any,
+    /// As [`Lane::Any`], but the backlog's large files (64 MiB and more) before its small
+    /// ones: one shared worker (of two or more) starts them early, so that their long reads
+    /// overlap the small files' instead of ending the backlog on one worker.
+    Large,
+}
+
+/// A worker of [`Lane::Any`] takes from the backlog at least once in this many picks
+/// while both queues hold work.
+pub const BACKLOG_SHARE: u64 = 4;
+
+enum Take {
+    Job(Box<Job>),
+    Empty,
+    Closed,
+}
+
+/// The next job for a worker of `lane`; with `wait`, waits up to that long for one.
+fn take(q: &Queues, lane: Lane, picks: &mut u64, wait: Option<Duration>) -> Take {
+    let order = match lane {
+        Lane::Fresh => [&q.fresh, &q.fresh, &q.fresh],
+        Lane::Any | Lane::Large => {
+            *picks += 1;
+            let backlog = match lane {
+                Lane::Large => [&q.large, &q.backlog],
+                _ => [&q.backlog, &q.backlog],
+            };
+            if picks.is_multiple_of(BACKLOG_SHARE) {
+                [backlog[0], backlog[1], &q.fresh]
+            } else {
+                [&q.fresh, backlog[0], backlog[1]]
+            }
+        }
+    };
+    for r in order {
+        if let Ok(j) = r.try_recv() {
+            return Take::Job(Box::new(j));
+        }
+    }
+    let Some(wait) = wait else {
+        return Take::Empty;
+    };
+    let got = match lane {
+        Lane::Fresh => q.fresh.recv_timeout(wait),
+        Lane::Any => select! {
+            recv(q.fresh) -> j => j.map_err(|_| RecvTimeoutError::Disconnected),
+            recv(q.backlog) -> j => j.map_err(|_| RecvTimeoutError::Disconnected),
+            default(wait) => Err(RecvTimeoutError::Timeout),
+        },
+        Lane::Large => select! {
+            recv(q.fresh) -> j => j.map_err(|_| RecvTimeoutError::Disconnected),
+            recv(q.large) -> j => j.map_err(|_| RecvTimeoutError::Disconnected),
+            recv(q.backlog) -> j => j.map_err(|_| RecvTimeoutError::Disconnected),
+            default(wait) => Err(RecvTimeoutError::Timeout),
+        },
+    };
+    match got {
+        Ok(j) => Take::Job(Box::new(j)),
+        Err(RecvTimeoutError::Timeout) => Take::Empty,
+        Err(RecvTimeoutError::Disconnected) => Take::Closed,
+    }
+}
+
+/// The connection `job` goes on: fresh work on the fresh lane when it is up, else (and
+/// the backlog always) on the main connection. While the backlog is more than a moment's
+/// work (files wait behind this one, or it is a large file) its workers open and keep the
+/// fresh lane (see [`crate::conn::ConnManager::fresh`]), so that it is up when a fresh
+/// change comes; fresh work alone never opens it (the main connection is free then), so
+/// an agent with little to do holds one session.
+fn lane_conn(sh: &Arc<Daemon>, job: &Job, backlog_waiting: usize) -> Option<Conn> {
+    if job.class == Class::Fresh {
+        if let Some(c) = sh.conn.fresh_if_up() {
+            return Some(c);
+        }
+    }
+    let main = sh.conn.get(sh)?;
+    let busy = backlog_waiting > 0 || job.size.unwrap_or(0) >= WINDOW_BYTES as i64;
+    if job.class == Class::Backlog && busy {
+        // Opened beside the main connection, never before it.
+        let _ = sh.conn.fresh();
+    }
+    Some(main)
+}
+
+/// A batch being gathered: one class's files, for one connection.
+struct Batch {
+    files: Vec<Ready>,
+    bytes: u64,
+    held: usize,
+    class: Class,
+    conn: Option<Conn>,
+}
+
+impl Batch {
+    fn new() -> Self {
+        Batch {
+            files: Vec::new(),
+            bytes: 0,
+            held: 0,
+            class: Class::Backlog,
+            conn: None,
+        }
+    }
+
+    /// Sends what is gathered (see [`flush`]) and starts afresh.
+    fn send(&mut self, sh: &Daemon, acks: &AckQueues) {
+        if let Some(conn) = self.conn.take() {
+            flush(sh, &mut self.files, &conn, acks.of(self.class));
+        }
+        let paths: Vec<_> = self.files.drain(..).map(|r| r.read.path).collect();
+        if !paths.is_empty() {
+            sh.abandon(paths);
+        }
+        (self.bytes, self.held) = (0, 0);
+    }
+}
+
 /// A worker thread: takes jobs, reads files, sends batches of commits.
-pub fn worker(sh: Arc<Daemon>, jobs: Receiver<Job>, acks: Sender<AckWork>) {
-    let mut batch: Vec<Ready> = Vec::new();
-    let mut batch_bytes = 0u64;
-    let mut held = 0usize;
+pub fn worker(sh: Arc<Daemon>, q: Queues, lane: Lane, acks: AckQueues) {
+    let mut batch = Batch::new();
+    let mut picks = 0u64;
     loop {
-        let job = if batch.is_empty() {
-            match jobs.recv_timeout(Duration::from_millis(200)) {
-                Ok(j) => j,
-                Err(RecvTimeoutError::Timeout) => {
+        let job = if batch.files.is_empty() {
+            match take(&q, lane, &mut picks, Some(Duration::from_millis(200))) {
+                Take::Job(j) => *j,
+                Take::Empty => {
                     if sh.shutdown.is_stopping() {
                         return;
                     }
                     continue;
                 }
-                Err(RecvTimeoutError::Disconnected) => return,
+                Take::Closed => return,
             }
         } else {
-            match jobs.try_recv() {
-                Ok(j) => j,
-                Err(_) => {
-                    flush(&sh, &mut batch, &acks);
-                    (batch_bytes, held) = (0, 0);
+            match take(&q, lane, &mut picks, None) {
+                Take::Job(j) => *j,
+                _ => {
+                    batch.send(&sh, &acks);
                     continue;
                 }
             }
         };
         if sh.shutdown.is_stopping() {
-            let mut paths: Vec<_> = batch.drain(..).map(|r| r.read.path).collect();
+            let mut paths: Vec<_> = batch.files.drain(..).map(|r| r.read.path).collect();
             paths.push(job.path);
             sh.abandon(paths);
             continue;
         }
-        let Some(conn) = sh.conn.get(&sh) else {
+        let Some(conn) = lane_conn(&sh, &job, q.backlog.len()) else {
             sh.abandon(vec![job.path]);
             continue;
         };
+        // A batch holds one class and goes on one connection (a large file's commit must
+        // follow its puts on theirs): a job of another class or connection sends it first.
+        if !batch.files.is_empty()
+            && (batch.class != job.class || batch.conn.as_ref().is_some_and(|c| !c.same(&conn)))
+        {
+            batch.send(&sh, &acks);
+        }
         let path = job.path.clone();
         match process(&sh, &conn, &job) {
             Outcome::Ready(r) => {
-                batch_bytes += r.size as u64;
-                held += r.held();
-                batch.push(*r);
-                if batch.len() >= BATCH_FILES || batch_bytes >= BATCH_BYTES || held >= HELD_BYTES {
-                    flush(&sh, &mut batch, &acks);
-                    (batch_bytes, held) = (0, 0);
+                if batch.files.is_empty() {
+                    batch.class = job.class;
+                    batch.conn = Some(conn);
+                }
+                batch.bytes += r.size as u64;
+                batch.held += r.held();
+                batch.files.push(*r);
+                if batch.files.len() >= BATCH_FILES
+                    || batch.bytes >= BATCH_BYTES
+                    || batch.held >= HELD_BYTES
+                {
+                    batch.send(&sh, &acks);
                 }
             }
             Outcome::Unchanged(read) => {
                 sh.journal(|j| j.record_unchanged(std::slice::from_ref(&read)));
+                sh.counters.done(job.class, 1, 0);
                 sh.wake();
             }
             Outcome::Forget => {
@@ -184,7 +352,7 @@ pub fn worker(sh: Arc<Daemon>, jobs: Receiver<Job>, acks: Sender<AckWork>) {
     }
 }
 
-fn flush(sh: &Daemon, batch: &mut Vec<Ready>, acks: &Sender<AckWork>) {
+fn flush(sh: &Daemon, batch: &mut Vec<Ready>, conn: &Conn, acks: &Sender<AckWork>) {
     if batch.is_empty() {
         return;
     }
@@ -194,15 +362,11 @@ fn flush(sh: &Daemon, batch: &mut Vec<Ready>, acks: &Sender<AckWork>) {
         sh.abandon(paths);
         return;
     }
-    let conn = sh.conn.get(sh);
     tracing::debug!(files = batch.len(), "sending a batch");
     let send = |m: Message, items: Vec<AckItem>, puts: Vec<Pending>| -> bool {
         let chunks = !puts.is_empty()
             || matches!(&m, Message::PutFiles { chunks, .. } if !chunks.is_empty());
-        let sent = match conn.as_ref() {
-            Some(c) => c.start_blocking(m).map_err(|e| e.to_string()),
-            None => Err("shutting down".into()),
-        };
+        let sent = conn.start_blocking(m).map_err(|e| e.to_string());
         match sent {
             Ok(commit) => acks
                 .send(AckWork {
@@ -278,8 +442,8 @@ fn flush(sh: &Daemon, batch: &mut Vec<Ready>, acks: &Sender<AckWork>) {
     }
 }
 
-/// The ack collector: records acknowledgements in batches.
-pub fn ack_collector(sh: Arc<Daemon>, rx: Receiver<AckWork>) {
+/// An ack collector (one per class): records acknowledgements in batches.
+pub fn ack_collector(sh: Arc<Daemon>, rx: Receiver<AckWork>, class: Class) {
     let mut done: Vec<Ack> = Vec::new();
     let record = |done: &mut Vec<Ack>| {
         if done.is_empty() {
@@ -295,6 +459,8 @@ pub fn ack_collector(sh: Arc<Daemon>, rx: Receiver<AckWork>) {
         sh.counters
             .files_acked
             .fetch_add(done.len() as u64, Ordering::Relaxed);
+        let bytes: i64 = done.iter().map(|a| a.size.max(0)).sum();
+        sh.counters.done(class, done.len() as u64, bytes as u64);
         done.clear();
         sh.wake();
     };
@@ -1004,9 +1170,77 @@ mod tests {
             backed_hash,
             backed_kind: Some("file".into()),
             mode: Some(0o644),
+            class: Class::Backlog,
+            size: Some(1),
         };
         assert!(unchanged(&job(Some([7; 32])), &read));
         assert!(!unchanged(&job(Some([8; 32])), &read));
         assert!(!unchanged(&job(None), &read));
+    }
+
+    fn job(class: Class, i: usize) -> Job {
+        Job {
+            path: format!("w/{}-{i}", class.as_str()).into_bytes(),
+            watch: "w".into(),
+            gen: 1,
+            state: FileState::Dirty,
+            attempts: 0,
+            hash: None,
+            commit_id: None,
+            backed_hash: None,
+            backed_kind: None,
+            mode: None,
+            class,
+            size: Some(1),
+        }
+    }
+
+    /// While both queues hold work, a worker of either lane takes fresh work first, and the
+    /// backlog gets every BACKLOG_SHARE-th pick of the others: it is never starved. The
+    /// fresh lane's worker never takes backlog work.
+    #[test]
+    fn fresh_first_and_the_backlog_gets_its_share() {
+        let (ftx, frx) = crossbeam_channel::bounded(100);
+        let (btx, brx) = crossbeam_channel::bounded(100);
+        for i in 0..100 {
+            ftx.send(job(Class::Fresh, i)).expect("fresh");
+            btx.send(job(Class::Backlog, i)).expect("backlog");
+        }
+        let (_ltx, lrx) = crossbeam_channel::bounded(1);
+        let q = Queues {
+            fresh: frx,
+            backlog: brx,
+            large: lrx,
+        };
+        let mut picks = 0;
+        let classes: Vec<Class> = (0..40)
+            .map(|_| match take(&q, Lane::Any, &mut picks, None) {
+                Take::Job(j) => j.class,
+                _ => panic!("both queues hold work"),
+            })
+            .collect();
+        let backlog = classes.iter().filter(|c| **c == Class::Backlog).count();
+        assert_eq!(backlog as u64, 40 / BACKLOG_SHARE);
+        assert_eq!(classes[..3], [Class::Fresh; 3]);
+        assert_eq!(classes[3], Class::Backlog);
+        let mut fresh_picks = 0;
+        for _ in 0..70 {
+            assert!(
+                matches!(take(&q, Lane::Fresh, &mut fresh_picks, None), Take::Job(j) if j.class == Class::Fresh)
+            );
+        }
+        // Fresh work is gone: the fresh lane waits, the others take the backlog.
+        assert!(matches!(
+            take(
+                &q,
+                Lane::Fresh,
+                &mut fresh_picks,
+                Some(Duration::from_millis(10))
+            ),
+            Take::Empty
+        ));
+        assert!(
+            matches!(take(&q, Lane::Any, &mut picks, None), Take::Job(j) if j.class == Class::Backlog)
+        );
     }
 }

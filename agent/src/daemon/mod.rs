@@ -2,7 +2,8 @@
 //!
 //! Threads: the notify callback feeds an event thread that batches dirty paths into the
 //! journal; a scanner thread runs startup, periodic and requested scans; a scheduler claims
-//! due files and hands them to `upload_concurrency` workers; one collector records acks; a
+//! due files into a fresh and a backlog queue for the fresh lane's worker and
+//! `upload_concurrency` shared workers; a collector per class records acks; a
 //! control thread applies config reloads (SIGHUP or a changed config file) by watching only
 //! the difference. The network side, signals and `/metrics` run on a small tokio runtime.
 //! Readiness (`READY=1`) is reported to systemd once the first scan is journaled; the
@@ -29,7 +30,7 @@ use coffer_common::keys::Passphrase;
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 
 use crate::config::Config;
-use crate::journal::{Job, Journal, MetaKey};
+use crate::journal::{Class, Job, Journal, MetaKey};
 use crate::state;
 use crate::upload;
 use crate::watch::{Change, ScanRequest, Watching};
@@ -355,23 +356,67 @@ fn preload(sh: &Arc<Daemon>) -> Option<JoinHandle<Preloaded>> {
         .ok()
 }
 
-/// Starts the upload workers and the ack collector; returns the workers' job queue.
-fn start_uploader(sh: &Arc<Daemon>, threads: &mut Threads) -> Result<Sender<Job>, RunError> {
-    let (job_tx, job_rx) = bounded(1024);
+/// The scheduler's ends of the workers' queues, one per class.
+pub(super) struct JobQueues {
+    pub fresh: Sender<Job>,
+    pub backlog: Sender<Job>,
+    /// The backlog's large files taken ahead of their turn; `None` with one shared worker.
+    pub large: Option<Sender<Job>>,
+}
+
+/// Jobs of each class waiting for a worker at most: the scheduler claims only as many
+/// as there is room for, so a fresh change waits behind at most [`FRESH_QUEUE`] others.
+const FRESH_QUEUE: usize = 256;
+const BACKLOG_QUEUE: usize = 1024;
+
+/// Starts the upload workers (the fresh lane's and `upload_concurrency` others) and an ack
+/// collector per class; returns the workers' job queues.
+fn start_uploader(sh: &Arc<Daemon>, threads: &mut Threads) -> Result<JobQueues, RunError> {
+    let (fresh_tx, fresh_rx) = bounded(FRESH_QUEUE);
+    let (backlog_tx, backlog_rx) = bounded(BACKLOG_QUEUE);
+    let (large_tx, large_rx) = bounded(1);
+    let queues = upload::Queues {
+        fresh: fresh_rx,
+        backlog: backlog_rx,
+        large: large_rx,
+    };
+    // With two shared workers or more, the first starts the backlog's large files early.
+    let n = sh.cfg.upload_concurrency;
+    let (fresh_ack_tx, fresh_ack_rx) = bounded(16 * 1024);
     let (ack_tx, ack_rx) = bounded(16 * 1024);
-    for n in 0..sh.cfg.upload_concurrency {
-        let (d, jobs, acks) = (sh.clone(), job_rx.clone(), ack_tx.clone());
-        let worker = spawn(format!("coffer-upload-{n}"), move || {
-            upload::worker(d, jobs, acks)
-        })?;
+    let acks = upload::AckQueues {
+        fresh: fresh_ack_tx,
+        backlog: ack_tx,
+    };
+    let lanes =
+        std::iter::once(("coffer-fresh".to_string(), upload::Lane::Fresh)).chain((0..n).map(|i| {
+            let lane = if i == 0 && n >= 2 {
+                upload::Lane::Large
+            } else {
+                upload::Lane::Any
+            };
+            (format!("coffer-upload-{i}"), lane)
+        }));
+    for (name, lane) in lanes {
+        let (d, q, acks) = (sh.clone(), queues.clone(), acks.clone());
+        let worker = spawn(name, move || upload::worker(d, q, lane, acks))?;
         threads.workers.push(worker);
     }
-    drop(ack_tx);
-    let d = sh.clone();
-    threads.collector = Some(spawn("coffer-acks".into(), move || {
-        upload::ack_collector(d, ack_rx)
-    })?);
-    Ok(job_tx)
+    drop(acks);
+    for (name, rx, class) in [
+        ("coffer-acks", ack_rx, Class::Backlog),
+        ("coffer-acks-fresh", fresh_ack_rx, Class::Fresh),
+    ] {
+        let d = sh.clone();
+        threads.collectors.push(spawn(name.into(), move || {
+            upload::ack_collector(d, rx, class)
+        })?);
+    }
+    Ok(JobQueues {
+        fresh: fresh_tx,
+        backlog: backlog_tx,
+        large: (n >= 2).then_some(large_tx),
+    })
 }
 
 /// How long a stop waits for the workers to finish, and then for outstanding
@@ -385,7 +430,7 @@ struct Threads {
     background: Vec<JoinHandle<()>>,
     /// The upload workers and the ack collector, given [`ACK_DRAIN`] each to finish.
     workers: Vec<JoinHandle<()>>,
-    collector: Option<JoinHandle<()>>,
+    collectors: Vec<JoinHandle<()>>,
 }
 
 impl Threads {
@@ -416,7 +461,7 @@ fn stop(sh: &Daemon, threads: Threads) {
     heartbeat(sh);
     sh.shutdown.stop();
     let answered = finished_by(&threads.workers, Instant::now() + ACK_DRAIN)
-        && finished_by(threads.collector.as_slice(), Instant::now() + ACK_DRAIN);
+        && finished_by(&threads.collectors, Instant::now() + ACK_DRAIN);
     if !answered {
         tracing::warn!(
             "the receiver did not answer in time; unacknowledged files are sent again at the next start"
@@ -427,9 +472,9 @@ fn stop(sh: &Daemon, threads: Threads) {
     let Threads {
         background,
         workers,
-        collector,
+        collectors,
     } = threads;
-    for t in workers.into_iter().chain(collector).chain(background) {
+    for t in workers.into_iter().chain(collectors).chain(background) {
         let _ = t.join();
     }
 }

@@ -1,7 +1,7 @@
 //! What the daemon's threads share: the config, the journal, the keys, the connection
 //! manager, the shutdown signal and the live counters.
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use coffer_common::channel::StaticKeypair;
@@ -11,7 +11,7 @@ use crossbeam_channel::{Receiver, Sender};
 use super::Shutdown;
 use crate::config::Config;
 use crate::conn::ConnManager;
-use crate::journal::Journal;
+use crate::journal::{Class, Journal};
 
 /// Live counters (status line, metrics).
 #[derive(Default)]
@@ -20,6 +20,18 @@ pub struct Counters {
     pub bytes_sent: AtomicU64,
     pub files_acked: AtomicU64,
     pub chunks_sent: AtomicU64,
+    /// Per class (index: `Class as usize`): files taken off the queue (acknowledged, or
+    /// found unchanged) and their bytes, for the queues' rates.
+    pub done_files: [AtomicU64; 2],
+    pub done_bytes: [AtomicU64; 2],
+}
+
+impl Counters {
+    /// `files` of `class` (of `bytes` in all) left the queue.
+    pub fn done(&self, class: Class, files: u64, bytes: u64) {
+        self.done_files[class as usize].fetch_add(files, Ordering::Relaxed);
+        self.done_bytes[class as usize].fetch_add(bytes, Ordering::Relaxed);
+    }
 }
 
 /// The running daemon's state, shared by its threads (scanner, scheduler, workers,

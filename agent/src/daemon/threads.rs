@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{select, Receiver, Sender};
 
-use super::{notify_systemd, Daemon};
+use super::{notify_systemd, Daemon, JobQueues};
 use crate::config::{Config, Watch};
-use crate::journal::{CounterKey, Known, MetaKey};
+use crate::journal::{Class, CounterKey, Job, Known, MetaKey};
 use crate::scan;
 use crate::watch::{self, Change, ScanRequest, Watching};
 use coffer_common::host::time::now_ms;
@@ -118,7 +118,11 @@ fn same_watches(a: &[Watch], b: &[Watch]) -> bool {
 }
 
 /// Claims due files and feeds the workers until shutdown; pings the systemd watchdog.
-pub(super) fn scheduler(sh: &Arc<Daemon>, jobs: Sender<crate::journal::Job>, wake: Receiver<()>) {
+///
+/// Each class has its own queue, and the scheduler claims only as many files of a class
+/// as its queue has room for: a fresh change is claimed as soon as it is due, whatever
+/// the backlog, and waits behind at most the fresh changes before it.
+pub(super) fn scheduler(sh: &Arc<Daemon>, queues: JobQueues, wake: Receiver<()>) {
     let mut usec = 0u64;
     let watchdog = sd_notify::watchdog_enabled(false, &mut usec);
     let ping_every = Duration::from_micros(usec / 2);
@@ -132,11 +136,21 @@ pub(super) fn scheduler(sh: &Arc<Daemon>, jobs: Sender<crate::journal::Job>, wak
             return;
         }
         let now = now_ms();
+        let room = |q: &Sender<Job>| q.capacity().unwrap_or(0).saturating_sub(q.len());
+        let (fresh_room, backlog_room) = (room(&queues.fresh), room(&queues.backlog));
+        let large_room = queues.large.as_ref().map_or(0, room);
         let claimed = {
-            let r = match sh.journal.lock() {
-                Ok(mut j) => j.claim_due(now, 1024),
+            let mut j = match sh.journal.lock() {
+                Ok(j) => j,
                 Err(_) => return,
             };
+            let r = j
+                .claim_class(now, Class::Fresh, fresh_room)
+                .and_then(|mut f| {
+                    f.extend(j.claim_large(now, large_room)?);
+                    f.extend(j.claim_class(now, Class::Backlog, backlog_room)?);
+                    Ok(f)
+                });
             match r {
                 Ok(v) => v,
                 Err(e) => {
@@ -150,14 +164,18 @@ pub(super) fn scheduler(sh: &Arc<Daemon>, jobs: Sender<crate::journal::Job>, wak
                 .journal
                 .lock()
                 .ok()
-                .and_then(|j| j.next_due().ok().flatten());
-            let wait = match next {
+                .and_then(|j| j.next_due(now).ok().flatten());
+            let mut wait = match next {
                 Some(t) if t > now => {
                     Duration::from_millis((t - now) as u64).min(Duration::from_secs(1))
                 }
                 Some(_) => Duration::from_millis(50),
                 None => Duration::from_secs(1),
             };
+            if fresh_room == 0 || backlog_room == 0 {
+                // A full queue gains room as workers take from it.
+                wait = wait.min(Duration::from_millis(50));
+            }
             select! {
                 recv(wake) -> _ => {}
                 recv(sh.shutdown.signal()) -> _ => {}
@@ -165,10 +183,22 @@ pub(super) fn scheduler(sh: &Arc<Daemon>, jobs: Sender<crate::journal::Job>, wak
             }
             continue;
         }
+        // The large files claimed ahead of their turn come right after the fresh ones.
+        let mut large_left = large_room;
         for job in claimed {
+            let q = match (job.class, &queues.large) {
+                (Class::Fresh, _) => &queues.fresh,
+                (Class::Backlog, Some(large))
+                    if large_left > 0 && job.size.unwrap_or(0) >= LARGE =>
+                {
+                    large_left -= 1;
+                    large
+                }
+                (Class::Backlog, _) => &queues.backlog,
+            };
             let mut job = job;
             loop {
-                match jobs.send_timeout(job, Duration::from_millis(200)) {
+                match q.send_timeout(job, Duration::from_millis(200)) {
                     Ok(()) => break,
                     Err(crossbeam_channel::SendTimeoutError::Timeout(j)) => {
                         if sh.shutdown.is_stopping() {
@@ -186,6 +216,9 @@ pub(super) fn scheduler(sh: &Arc<Daemon>, jobs: Sender<crate::journal::Job>, wak
         }
     }
 }
+
+/// A backlog file of this size or more is large (the tier `claim_large` takes from).
+const LARGE: i64 = 64 << 20;
 
 /// Turns watcher events into dirty rows (and scans of new folders).
 pub(super) fn events(sh: Arc<Daemon>, rx: Receiver<Change>, scans: Sender<ScanRequest>) {
@@ -265,7 +298,7 @@ pub(super) fn events(sh: Arc<Daemon>, rx: Receiver<Change>, scans: Sender<ScanRe
                     dirty.extend(keys.into_iter().map(|k| (k, name.clone(), None)));
                 }
             }
-            if let Err(e) = j.mark_dirty_sized(&dirty, now_ms(), debounce) {
+            if let Err(e) = j.mark_seen_sized(&dirty, now_ms(), debounce) {
                 tracing::error!(error = %e, "recording changes");
             }
         }
@@ -359,9 +392,11 @@ pub(super) fn periodic(
     let mut last_full = Instant::now();
     let mut last_fast = Instant::now();
     let mut last_beat = Instant::now();
+    let mut rates = Rates::default();
     super::heartbeat(&sh);
     while !sh.shutdown.sleep(Duration::from_millis(200)) {
         sh.conn.close_idle_query();
+        rates.tick(&sh);
         if last_beat.elapsed() >= super::HEARTBEAT {
             last_beat = Instant::now();
             super::heartbeat(&sh);
@@ -386,6 +421,76 @@ pub(super) fn periodic(
                     reason: "no OS watch",
                 });
             }
+        }
+    }
+}
+
+/// How often the queues' rates are recorded, and over how long a window they are taken.
+const RATE_EVERY: Duration = Duration::from_secs(2);
+const RATE_WINDOW: Duration = Duration::from_secs(20);
+
+/// The queues' rates over the last [`RATE_WINDOW`], recorded in the journal
+/// ([`MetaKey::QueueRate`]) every [`RATE_EVERY`] for `status` and `/metrics`.
+#[derive(Default)]
+struct Rates {
+    /// Samples of the per-class done counters (files, bytes), oldest first.
+    samples: std::collections::VecDeque<(Instant, [u64; 4])>,
+    /// The last record said nothing moved: another such is not written.
+    idle_written: bool,
+}
+
+impl Rates {
+    fn tick(&mut self, sh: &Daemon) {
+        let now = Instant::now();
+        if self
+            .samples
+            .back()
+            .is_some_and(|(t, _)| now - *t < RATE_EVERY)
+        {
+            return;
+        }
+        let c = &sh.counters;
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        let cur = [
+            load(&c.done_files[0]),
+            load(&c.done_bytes[0]),
+            load(&c.done_files[1]),
+            load(&c.done_bytes[1]),
+        ];
+        self.samples.push_back((now, cur));
+        while self
+            .samples
+            .front()
+            .is_some_and(|(t, _)| now - *t > RATE_WINDOW)
+        {
+            self.samples.pop_front();
+        }
+        let Some(&(t0, first)) = self.samples.front() else {
+            return;
+        };
+        // Nothing moved over the window, and the last record said so: no write.
+        let idle = first == cur;
+        if idle && self.idle_written {
+            return;
+        }
+        let dt = (now - t0).as_secs_f64();
+        let rate = |i: usize| {
+            if dt > 0.0 {
+                (cur[i] - first[i]) as f64 / dt
+            } else {
+                0.0
+            }
+        };
+        let v = format!(
+            "{} {:.3} {:.0} {:.3} {:.0}",
+            now_ms(),
+            rate(0),
+            rate(1),
+            rate(2),
+            rate(3)
+        );
+        if sh.journal(|j| j.set_meta(MetaKey::QueueRate, &v)).is_some() {
+            self.idle_written = idle;
         }
     }
 }

@@ -417,6 +417,8 @@ pub(super) mod tests {
                 .execute_batch(
                     "DROP TABLE file_stats;
                      DROP INDEX files_pending_since; DROP INDEX files_failed;
+                     DROP INDEX files_queue; ALTER TABLE files DROP COLUMN class;
+                     ALTER TABLE files DROP COLUMN tier; ALTER TABLE files DROP COLUMN first_seen;
                      ALTER TABLE files ADD COLUMN claimed INTEGER NOT NULL DEFAULT 0;
                      DELETE FROM meta WHERE key = 'last_backed_at'; PRAGMA user_version = 3;",
                 )

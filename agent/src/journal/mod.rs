@@ -32,11 +32,11 @@ pub use claims::Job;
 pub use counts::Summary;
 pub use record::{Ack, FileRead};
 pub use rows::{Known, Row, Standing};
-pub use schema::{CounterKey, FileState, MetaKey};
+pub use schema::{Class, CounterKey, FileState, MetaKey};
 
 use claims::Claims;
 use counts::Tally;
-use schema::{sql, BACKED_UP, DIRTY, DUE, FAILED, SCHEMA, UPLOADING};
+use schema::{sql, BACKED_UP, DIRTY, DUE, FAILED, SCHEMA, TIER, TIER_NEW, UPLOADING};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

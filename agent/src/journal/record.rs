@@ -44,7 +44,8 @@ impl Journal {
             .map_err(|e| self.err(e))
     }
 
-    /// Records that paths changed (or may have): they become dirty and due after `delay_ms`.
+    /// Records that paths changed (or may have), as a scan finds them: they become dirty,
+    /// backlog ([`Class::Backlog`]), and due after `delay_ms`.
     pub fn mark_dirty(
         &mut self,
         items: &[(Vec<u8>, String)],
@@ -55,6 +56,7 @@ impl Journal {
             items.iter().map(|(p, w)| (&p[..], &w[..], None)),
             now,
             delay_ms,
+            Class::Backlog,
         )
     }
 
@@ -71,30 +73,55 @@ impl Journal {
             items.iter().map(|(p, w, size)| (&p[..], &w[..], *size)),
             now,
             delay_ms,
+            Class::Backlog,
         )
     }
 
+    /// [`Journal::mark_dirty_sized`] for changes the watcher saw while the agent runs:
+    /// they are fresh ([`Class::Fresh`]), and a queued file seen changing is made fresh.
+    pub fn mark_seen_sized(
+        &mut self,
+        items: &[(Vec<u8>, String, Option<i64>)],
+        now: i64,
+        delay_ms: i64,
+    ) -> Result<(), JournalError> {
+        self.mark_dirty_iter(
+            items.iter().map(|(p, w, size)| (&p[..], &w[..], *size)),
+            now,
+            delay_ms,
+            Class::Fresh,
+        )
+    }
+
+    /// Marks paths dirty in `class`: a file not queued takes it; a queued one keeps the
+    /// first of its class and this (a scan never demotes a fresh change) and its first-seen
+    /// time (`first_seen`, as `dirty_since`), and takes the size tier of the size seen.
     fn mark_dirty_iter<'a>(
         &mut self,
         items: impl ExactSizeIterator<Item = (&'a [u8], &'a str, Option<i64>)>,
         now: i64,
         delay_ms: i64,
+        class: Class,
     ) -> Result<(), JournalError> {
         if items.len() == 0 {
             return Ok(());
         }
-        self.claims.due_at(now + delay_ms);
+        self.claims.due_at(class, now + delay_ms);
         let tx = self.conn.transaction().map_err(sql_err(&self.path))?;
         {
             let mut st = tx
                 .prepare_cached(sql!(
-                    "INSERT INTO files (path, watch, state, gen, due_at, dirty_since, size)
-                     VALUES (?1, ?2, {DIRTY}, 1, ?3, ?4, ?5)
+                    "INSERT INTO files (path, watch, state, gen, due_at, dirty_since, size, class, tier, first_seen)
+                     VALUES (?1, ?2, {DIRTY}, 1, ?3, ?4, ?5, ?6, {TIER_NEW}, ?7)
                      ON CONFLICT(path) DO UPDATE SET
                         state = {DIRTY}, gen = gen + 1, due_at = ?3,
                         dirty_since = COALESCE(dirty_since, ?4), reason = NULL,
                         attempts = CASE WHEN state = {FAILED} THEN 0 ELSE attempts END,
-                        size = COALESCE(?5, size)"
+                        size = COALESCE(?5, size),
+                        class = CASE WHEN state = {BACKED_UP} THEN ?6 ELSE MIN(class, ?6) END,
+                        tier = {TIER},
+                        first_seen = CASE WHEN state = {BACKED_UP} OR dirty_since IS NULL
+                            THEN ?7 ELSE first_seen END"
                 ))
                 .map_err(sql_err(&self.path))?;
             let mut tally = Tally::default();
@@ -103,7 +130,15 @@ impl Journal {
                 let since = (!is_folder_key(p)).then_some(now);
                 tally
                     .row(&tx, p, || {
-                        st.execute(params![p, w, now + delay_ms, since, size])
+                        st.execute(params![
+                            p,
+                            w,
+                            now + delay_ms,
+                            since,
+                            size,
+                            class as i64,
+                            now
+                        ])
                     })
                     .map_err(sql_err(&self.path))?;
             }

@@ -23,6 +23,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/agent/0006_due_index_without_in.sql"),
     include_str!("../../../migrations/agent/0007_drop_pending_and_claimed.sql"),
     include_str!("../../../migrations/agent/0008_keyed_hashes.sql"),
+    include_str!("../../../migrations/agent/0009_queue_order.sql"),
 ];
 
 /// The journal's schema: what errors call it, who reads it, and its migrations.
@@ -73,6 +74,59 @@ pub(super) const DUE: &str = concat!(
     sql_state!(Failed),
     ")"
 );
+
+/// The size tier of a queued file (`files.tier`, migration 0009), from the size it was
+/// seen with (`?5`) else the size it has: small files go first within a class. The
+/// thresholds are migration 0009's: 1 MiB, 64 MiB, 1 GiB.
+macro_rules! tier_of {
+    ($size:literal) => {
+        concat!(
+            "CASE WHEN COALESCE(",
+            $size,
+            ", 0) < 1048576 THEN 0 WHEN ",
+            $size,
+            " < 67108864 THEN 1 WHEN ",
+            $size,
+            " < 1073741824 THEN 2 ELSE 3 END"
+        )
+    };
+}
+/// The tier of a new row, from `?5`.
+pub(super) const TIER_NEW: &str = tier_of!("?5");
+/// The tier of a row changed, from `?5` else its stored size.
+pub(super) const TIER: &str = tier_of!("COALESCE(?5, size)");
+
+/// Which queue a change waits in (`files.class`, migration 0009): the uploader takes
+/// fresh work first, and gives the backlog a share (see `daemon::Lanes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Class {
+    /// Seen by the watcher while the agent runs: someone is working on it now.
+    Fresh = 0,
+    /// Found by a scan (at start, periodic, after an overflow): catching up.
+    Backlog = 1,
+}
+
+impl Class {
+    /// Both classes, in the order they are served.
+    pub const ALL: [Class; 2] = [Class::Fresh, Class::Backlog];
+
+    /// The name `status` shows.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Class::Fresh => "fresh",
+            Class::Backlog => "backlog",
+        }
+    }
+
+    /// The class stored as `n` (anything but 0 is backlog).
+    pub fn from_i64(n: i64) -> Class {
+        if n == 0 {
+            Class::Fresh
+        } else {
+            Class::Backlog
+        }
+    }
+}
 
 /// SQL text that names states, built once on first use from a format string whose
 /// `{DIRTY}`, `{DUE}`... are the constants above: `sql!("... WHERE state = {FAILED}")` is
@@ -194,6 +248,9 @@ pub enum MetaKey<'a> {
     WatchFallback(&'a str),
     /// When a watch (by name) was last scanned in full (unix ms).
     LastScanMs(&'a str),
+    /// The queues' recent rates, written by the running daemon every few seconds while
+    /// work flows: `AT_MS FRESH_FILES/s FRESH_BYTES/s BACKLOG_FILES/s BACKLOG_BYTES/s`.
+    QueueRate,
 }
 
 impl MetaKey<'_> {
@@ -214,6 +271,7 @@ impl MetaKey<'_> {
             MetaKey::EscrowCheckedAt => "escrow_checked_at".into(),
             MetaKey::WatchFallback(w) => format!("watch_fallback:{w}").into(),
             MetaKey::LastScanMs(w) => format!("last_scan_ms:{w}").into(),
+            MetaKey::QueueRate => "queue_rate".into(),
         }
     }
 }
