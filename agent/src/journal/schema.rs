@@ -23,6 +23,8 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/agent/0006_due_index_without_in.sql"),
     include_str!("../../../migrations/agent/0007_drop_pending_and_claimed.sql"),
     include_str!("../../../migrations/agent/0008_keyed_hashes.sql"),
+    // 0009 is another branch's; the integrator lists it here, before 0010.
+    include_str!("../../../migrations/agent/0010_held_deletions.sql"),
 ];
 
 /// The journal's schema: what errors call it, who reads it, and its migrations.
@@ -194,6 +196,12 @@ pub enum MetaKey<'a> {
     WatchFallback(&'a str),
     /// When a watch (by name) was last scanned in full (unix ms).
     LastScanMs(&'a str),
+    /// Where a watch (by name) was when last available: `{"dev": N, "mount": HEX}` (see
+    /// `crate::avail::Place`); empty when not recorded (or forgotten by `confirm-deletions`).
+    WatchDevice(&'a str),
+    /// Since when and why a watch (by name) is unavailable: `{"since_ms", "reason",
+    /// "message"}`; empty while it is available.
+    WatchUnavailable(&'a str),
 }
 
 impl MetaKey<'_> {
@@ -214,6 +222,8 @@ impl MetaKey<'_> {
             MetaKey::EscrowCheckedAt => "escrow_checked_at".into(),
             MetaKey::WatchFallback(w) => format!("watch_fallback:{w}").into(),
             MetaKey::LastScanMs(w) => format!("last_scan_ms:{w}").into(),
+            MetaKey::WatchDevice(w) => format!("watch_device:{w}").into(),
+            MetaKey::WatchUnavailable(w) => format!("watch_unavailable:{w}").into(),
         }
     }
 }
