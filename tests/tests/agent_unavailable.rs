@@ -6,8 +6,10 @@
 
 mod support;
 
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -72,6 +74,44 @@ fn wait_scan_skipped(agent: &Agent) -> Result<()> {
             .then_some(())
     })
     .with_context(|| tail(&agent.log()))
+}
+
+/// Starts `run --metrics` on a free loopback port; returns its address.
+fn run_with_metrics(agent: &mut Agent) -> Result<SocketAddr> {
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(agent.dir.join("agent.log"))?;
+    let child = agent
+        .cmd()
+        .args(["run", "--metrics", &addr.to_string(), "--config"])
+        .arg(&agent.config)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()?;
+    agent.proc = Proc(Some(child));
+    Ok(addr)
+}
+
+/// The value of `series` (with its labels) at `/metrics`, once it is served.
+fn metric(addr: SocketAddr, series: &str) -> Option<f64> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(T)).ok()?;
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).ok()?;
+    resp.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
 }
 
 fn write_files(dir: &Path, n: usize) -> Result<()> {
@@ -231,9 +271,13 @@ fn a_watch_renamed_away_records_no_deletion_and_is_rescanned_when_back() -> Resu
 
     let moved = agent.dir.join("w.moved");
     std::fs::rename(&agent.watch, &moved)?;
-    agent.run()?;
+    let metrics = run_with_metrics(&mut agent)?;
     wait_scan_skipped(&agent)?;
     let s = wait_unavailable(&agent, "missing")?;
+    let gauge = r#"coffer_agent_watch_available{watch="w"}"#;
+    wait_for("the watch's gauge at 0", T, || {
+        (metric(metrics, gauge)? == 0.0).then_some(())
+    })?;
     assert_eq!(s["files"]["deleted"], 0, "{s}");
     assert_eq!(listed(&agent)?.len(), 5);
     let text = status_text(&agent, &[])?;
@@ -250,6 +294,7 @@ fn a_watch_renamed_away_records_no_deletion_and_is_rescanned_when_back() -> Resu
     })?;
     std::fs::write(agent.watch.join("later.txt"), b"after it came back")?;
     let s = agent.wait_settled(6, T)?;
+    assert_eq!(metric(metrics, gauge), Some(1.0));
     assert_eq!(s["files"]["deleted"], 0, "{s}");
     assert_eq!(listed(&agent)?.len(), 6);
     Ok(())
