@@ -116,10 +116,7 @@ fn metric(addr: SocketAddr, series: &str) -> Option<f64> {
 
 fn write_files(dir: &Path, n: usize) -> Result<()> {
     for i in 0..n {
-        std::fs::write(
-            dir.join(format!("f{i:02}.txt")),
-            format!("file {i}\n").repeat(20),
-        )?;
+        std::fs::write(dir.join(format!("f{i:02}.txt")), data(200 + i, i as u64))?;
     }
     Ok(())
 }
