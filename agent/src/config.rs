@@ -69,7 +69,7 @@ pub struct RawConfig {
     /// A scan that would record more than this share of a watch's files as deleted holds
     /// those deletions until `confirm-deletions` (`"50%"`); a watch may set its own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_delete_share: Option<String>,
+    pub max_delete_share: Option<Share>,
     /// Watched folders.
     #[serde(default)]
     pub watch: Vec<RawWatch>,
@@ -89,7 +89,28 @@ pub struct RawWatch {
     pub exclude: Vec<String>,
     /// This watch's `max_delete_share` (default: the global one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_delete_share: Option<String>,
+    pub max_delete_share: Option<Share>,
+}
+
+/// A share as written in TOML: a percentage (`"50%"`) or a fraction (`0.5`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Share {
+    Percent(String),
+    Fraction(f64),
+}
+
+impl Share {
+    /// The share as a fraction (0.0 to 1.0), or why it is not one.
+    pub fn fraction(&self) -> Result<f64, String> {
+        match self {
+            Share::Percent(v) => parse_share(v),
+            Share::Fraction(f) if (0.0..=1.0).contains(f) => Ok(*f),
+            Share::Fraction(f) => Err(format!(
+                "{f} is not a fraction between 0 and 1 (or a percentage like \"50%\")"
+            )),
+        }
+    }
 }
 
 /// A checked configuration.
@@ -247,10 +268,10 @@ impl Config {
                 n.len()
             )));
         }
-        let global_share = match raw.max_delete_share.as_deref() {
-            Some(v) => {
-                parse_share(v).map_err(|m| invalid(format!("key `max_delete_share`: {m}")))?
-            }
+        let global_share = match &raw.max_delete_share {
+            Some(v) => v
+                .fraction()
+                .map_err(|m| invalid(format!("key `max_delete_share`: {m}")))?,
             None => DEFAULT_MAX_DELETE_SHARE,
         };
         let mut names = HashSet::new();
@@ -290,8 +311,9 @@ impl Config {
             let exclude = b
                 .build()
                 .map_err(|e| invalid(format!("watch {name:?} `exclude`: {e}")))?;
-            let max_delete_share = match w.max_delete_share.as_deref() {
-                Some(v) => parse_share(v)
+            let max_delete_share = match &w.max_delete_share {
+                Some(v) => v
+                    .fraction()
                     .map_err(|m| invalid(format!("watch {name:?} `max_delete_share`: {m}")))?,
                 None => global_share,
             };
@@ -428,9 +450,15 @@ mod tests {
         ))
         .expect("valid");
         assert_eq!(c.watches[0].max_delete_share, 0.125);
-        for bad in ["50", "150%", "-1%", "half%"] {
+        let c = load(&format!(
+            "receiver = \"x:1\"\nreceiver_key = \"{KEY}\"\nmax_delete_share = 0.25\n\
+             [[watch]]\npath = \"/a\"\n"
+        ))
+        .expect("a fraction");
+        assert_eq!(c.watches[0].max_delete_share, 0.25);
+        for bad in ["\"50\"", "\"150%\"", "\"-1%\"", "\"half%\"", "2", "-0.5"] {
             let e = load(&format!(
-                "receiver = \"x:1\"\nreceiver_key = \"{KEY}\"\nmax_delete_share = \"{bad}\"\n"
+                "receiver = \"x:1\"\nreceiver_key = \"{KEY}\"\nmax_delete_share = {bad}\n"
             ))
             .expect_err(bad);
             assert!(e.to_string().contains("key `max_delete_share`"), "{e}");

@@ -68,12 +68,14 @@ pub fn summary_json(cfg: &Config) -> Result<Value, JournalError> {
         .iter()
         .map(|w| {
             let fb = meta(MetaKey::WatchFallback(&w.name)).filter(|s| !s.is_empty());
+            let (state, unavailable) = availability_json(w, j.as_ref(), running);
             let mode = match (running, &fb) {
                 (false, _) => "stopped",
+                // Not watched, whatever OS watch it had: nothing under it is seen.
+                (true, _) if !unavailable.is_null() => "unavailable",
                 (true, Some(_)) => "periodic scan",
                 (true, None) => "watching",
             };
-            let (state, unavailable) = availability_json(w, j.as_ref(), running);
             json!({
                 "name": w.name,
                 "path": w.path.display().to_string(),
@@ -250,6 +252,9 @@ fn watch_line(w: &Value, running: bool) -> String {
     let name = w["name"].as_str().unwrap_or("");
     let path = w["path"].as_str().unwrap_or("");
     let fallback = w["fallback_reason"].as_str();
+    if running && w["mode"] == "unavailable" {
+        return format!("watch {name} = {path} (unavailable)");
+    }
     if running {
         return format!(
             "watching {name} = {path} ({}{})",

@@ -277,11 +277,13 @@ fn a_watch_renamed_away_records_no_deletion_and_is_rescanned_when_back() -> Resu
     })?;
     assert_eq!(s["files"]["deleted"], 0, "{s}");
     assert_eq!(listed(&agent)?.len(), 5);
+    assert_eq!(s["watches"][0]["mode"], "unavailable", "{s}");
     let text = status_text(&agent, &[])?;
     assert!(
         text.contains("is missing): nothing under it is backed up"),
         "{text}"
     );
+    assert!(!text.contains("(watching)"), "{text}");
 
     // Back under its name, with a new file: rescanned and watched, no restart.
     std::fs::rename(&moved, &agent.watch)?;
