@@ -6,6 +6,8 @@
 //! scanned (files created before its watch existed are not missed). An event-queue overflow
 //! or notify's rescan flag schedules a rescan of the tree; nothing is dropped silently. When
 //! the OS runs out of watches, the tree falls back to periodic scanning and `status` says so.
+//! An unavailable watch ([`crate::avail`]) loses its OS watch until it is back
+//! ([`Watching::suspend`], [`Watching::resume`]).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
