@@ -438,6 +438,42 @@ mod tests {
         assert!(holds(1, 100, 0.0), "0% holds every deletion");
     }
 
+    /// The tracker records the place while available, the state and its time while not
+    /// (in the journal, for `status`), and says when a watch is lost and back.
+    #[test]
+    fn the_tracker_records_each_change_once() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let root = d.path().join("w");
+        std::fs::create_dir(&root).expect("mkdir");
+        let w = Watch {
+            path: root.clone(),
+            name: "w".into(),
+            exclude: globset::GlobSet::empty(),
+            exclude_patterns: Vec::new(),
+            max_delete_share: crate::config::DEFAULT_MAX_DELETE_SHARE,
+        };
+        let j = Mutex::new(Journal::open(&d.path().join("j.sqlite")).expect("journal"));
+        let t = Tracker::default();
+        assert_eq!(t.check(&w, &j), Ok(Change::Same));
+        let place = recorded_place(&j.lock().expect("journal"), "w").expect("recorded");
+        assert_eq!(place, place_of(&root));
+        std::fs::rename(&root, d.path().join("moved")).expect("rename");
+        assert_eq!(t.check(&w, &j), Err((Reason::Missing, Change::Lost)));
+        assert_eq!(t.check(&w, &j), Err((Reason::Missing, Change::Same)));
+        let since = unavailable_since(&j.lock().expect("journal"), "w").expect("since");
+        // A new tracker (a restart) keeps the time it was first found unavailable.
+        let t2 = Tracker::default();
+        assert_eq!(t2.check(&w, &j), Err((Reason::Missing, Change::Same)));
+        assert_eq!(
+            unavailable_since(&j.lock().expect("journal"), "w"),
+            Some(since)
+        );
+        std::fs::rename(d.path().join("moved"), &root).expect("rename back");
+        assert_eq!(t2.check(&w, &j), Ok(Change::Back));
+        assert_eq!(t2.check(&w, &j), Ok(Change::Same));
+        assert_eq!(unavailable_since(&j.lock().expect("journal"), "w"), None);
+    }
+
     #[test]
     fn a_place_round_trips_through_meta() {
         let p = Place {
