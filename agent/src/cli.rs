@@ -89,6 +89,10 @@ pub enum Cmd {
     Restore(RestoreArgs),
     /// Check that the receiver holds every chunk of the backup.
     Verify(VerifyArgs),
+    /// Record the deletions held for a watch (`status --held` lists them): a scan found
+    /// more than `max_delete_share` of its files gone at once. For a watch unavailable as
+    /// "another device", also take the device it is on now as its own.
+    ConfirmDeletions(ConfirmArgs),
     /// Install or remove the agent as a background service (systemd, launchd).
     #[command(subcommand)]
     Service(ServiceCmd),
@@ -209,6 +213,9 @@ pub struct StatusArgs {
     /// List only failing files, with reasons.
     #[arg(long)]
     pub failed: bool,
+    /// List the deletions held for confirmation (`confirm-deletions WATCH` records them).
+    #[arg(long, conflicts_with = "failed")]
+    pub held: bool,
     /// Files or folders to ask about: paths on disk under a watched folder, or
     /// `watch-name/relative/path`. The exit status then says what was found (below).
     pub paths: Vec<String>,
@@ -275,6 +282,14 @@ pub struct RestoreArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct ConfirmArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// The watch's name.
+    pub watch: String,
+}
+
+#[derive(Args, Debug)]
 pub struct VerifyArgs {
     #[command(flatten)]
     pub config: ConfigArg,
@@ -313,7 +328,9 @@ fn status_cmd(a: StatusArgs) -> Result<ExitCode, CliError> {
         let v = status::print_paths(&cfg, &a.paths, a.json)?;
         return Ok(ExitCode::from(v as u8));
     }
-    if a.failed {
+    if a.held {
+        status::print_held(&cfg, a.json)?;
+    } else if a.failed {
         status::print_failed(&cfg, a.json)?;
     } else {
         status::print(&cfg, a.json)?;
@@ -395,6 +412,7 @@ fn run_cmd(cmd: Cmd, quiet: bool) -> Result<(), CliError> {
                 },
             )?)
         }
+        Cmd::ConfirmDeletions(a) => confirm_deletions(&load(&a.config)?, &a.watch),
         Cmd::Verify(a) => Ok(restore::verify(
             &load(&a.config)?,
             a.read_data,
@@ -402,6 +420,45 @@ fn run_cmd(cmd: Cmd, quiet: bool) -> Result<(), CliError> {
             !quiet,
         )?),
     }
+}
+
+/// `confirm-deletions WATCH`: the held deletions become dirty rows (a running daemon takes
+/// them at once, else the next start does); a watch unavailable as another device forgets
+/// its recorded place, so the device it is on now becomes its own.
+fn confirm_deletions(cfg: &Config, watch: &str) -> Result<(), CliError> {
+    let Some(w) = cfg.watches.iter().find(|w| w.name == watch) else {
+        let names: Vec<&str> = cfg.watches.iter().map(|w| w.name.as_str()).collect();
+        return Err(CliError::Usage(format!(
+            "no watch is named {watch:?} in {} (its watches: {})",
+            cfg.file.display(),
+            names.join(", ")
+        )));
+    };
+    let mut j = crate::journal::Journal::open(&cfg.journal_path())?;
+    let place = crate::avail::recorded_place(&j, &w.name);
+    if let crate::avail::Availability::Unavailable(why @ crate::avail::Reason::OtherDevice { .. }) =
+        crate::avail::check(&w.path, place.as_ref())
+    {
+        crate::avail::Tracker::forget_place(&mut j, &w.name)?;
+        println!(
+            "watch {watch}: {}; its device now is taken as its own",
+            why.describe(&w.path)
+        );
+    }
+    let n = j.confirm_held(&w.name, coffer_common::host::time::now_ms())?;
+    if n == 0 {
+        println!("no deletions are held for watch {watch}");
+    } else {
+        println!(
+            "{n} deletions confirmed for watch {watch}: {}",
+            if daemon::is_running(cfg) {
+                "the agent records them now"
+            } else {
+                "the agent records them when it next runs"
+            }
+        );
+    }
+    Ok(())
 }
 
 /// Writes generated text to stdout; a reader that went away (`| head`) is not an error.
@@ -450,6 +507,7 @@ fn init(a: InitArgs) -> Result<(), CliError> {
             path: abs,
             name: Some(name),
             exclude: vec![],
+            max_delete_share: None,
         });
     }
     let raw = RawConfig {
@@ -465,6 +523,7 @@ fn init(a: InitArgs) -> Result<(), CliError> {
         debounce: "2s".into(),
         rescan_interval: "1h".into(),
         upload_concurrency: 2,
+        max_delete_share: None,
         watch: watches,
     };
     let cfg = Config::from_raw(&a.config, raw.clone())?;

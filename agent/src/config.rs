@@ -66,6 +66,10 @@ pub struct RawConfig {
     /// Files read, chunked and sealed at once.
     #[serde(default = "default_concurrency")]
     pub upload_concurrency: usize,
+    /// A scan that would record more than this share of a watch's files as deleted holds
+    /// those deletions until `confirm-deletions` (`"50%"`); a watch may set its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_delete_share: Option<Share>,
     /// Watched folders.
     #[serde(default)]
     pub watch: Vec<RawWatch>,
@@ -83,6 +87,30 @@ pub struct RawWatch {
     /// Glob patterns (relative to the folder) of paths to leave out.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub exclude: Vec<String>,
+    /// This watch's `max_delete_share` (default: the global one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_delete_share: Option<Share>,
+}
+
+/// A share as written in TOML: a percentage (`"50%"`) or a fraction (`0.5`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Share {
+    Percent(String),
+    Fraction(f64),
+}
+
+impl Share {
+    /// The share as a fraction (0.0 to 1.0), or why it is not one.
+    pub fn fraction(&self) -> Result<f64, String> {
+        match self {
+            Share::Percent(v) => parse_share(v),
+            Share::Fraction(f) if (0.0..=1.0).contains(f) => Ok(*f),
+            Share::Fraction(f) => Err(format!(
+                "{f} is not a fraction between 0 and 1 (or a percentage like \"50%\")"
+            )),
+        }
+    }
 }
 
 /// A checked configuration.
@@ -107,6 +135,28 @@ pub struct Watch {
     pub name: String,
     pub exclude: globset::GlobSet,
     pub exclude_patterns: Vec<String>,
+    /// The share of its files (0.0 to 1.0) a scan may record as deleted at once; more is
+    /// held until `confirm-deletions`.
+    pub max_delete_share: f64,
+}
+
+/// `max_delete_share`'s default: half of a watch's files.
+pub const DEFAULT_MAX_DELETE_SHARE: f64 = 0.5;
+
+/// Parses a share written as a percentage, `"50%"` (0% to 100%, decimals allowed).
+pub fn parse_share(v: &str) -> Result<f64, String> {
+    let bad = || format!("{v:?} is not a percentage between \"0%\" and \"100%\" like \"50%\"");
+    let n: f64 = v
+        .trim()
+        .strip_suffix('%')
+        .ok_or_else(bad)?
+        .trim()
+        .parse()
+        .map_err(|_| bad())?;
+    if !(0.0..=100.0).contains(&n) {
+        return Err(bad());
+    }
+    Ok(n / 100.0)
 }
 
 impl Watch {
@@ -218,6 +268,12 @@ impl Config {
                 n.len()
             )));
         }
+        let global_share = match &raw.max_delete_share {
+            Some(v) => v
+                .fraction()
+                .map_err(|m| invalid(format!("key `max_delete_share`: {m}")))?,
+            None => DEFAULT_MAX_DELETE_SHARE,
+        };
         let mut names = HashSet::new();
         let mut watches = Vec::new();
         for (i, w) in raw.watch.iter().enumerate() {
@@ -255,11 +311,18 @@ impl Config {
             let exclude = b
                 .build()
                 .map_err(|e| invalid(format!("watch {name:?} `exclude`: {e}")))?;
+            let max_delete_share = match &w.max_delete_share {
+                Some(v) => v
+                    .fraction()
+                    .map_err(|m| invalid(format!("watch {name:?} `max_delete_share`: {m}")))?,
+                None => global_share,
+            };
             watches.push(Watch {
                 path: p,
                 name,
                 exclude,
                 exclude_patterns: w.exclude.clone(),
+                max_delete_share,
             });
         }
         Ok(Config {
@@ -370,6 +433,46 @@ mod tests {
         ))
         .expect("256 bytes");
         assert_eq!(c.name, ok);
+    }
+
+    #[test]
+    fn max_delete_share_is_global_or_per_watch_and_bad_values_are_named() {
+        let c = load(&format!(
+            "receiver = \"x:1\"\nreceiver_key = \"{KEY}\"\n[[watch]]\npath = \"/a\"\n\
+             [[watch]]\npath = \"/b\"\nmax_delete_share = \"80%\"\n"
+        ))
+        .expect("valid");
+        assert_eq!(c.watches[0].max_delete_share, DEFAULT_MAX_DELETE_SHARE);
+        assert_eq!(c.watches[1].max_delete_share, 0.8);
+        let c = load(&format!(
+            "receiver = \"x:1\"\nreceiver_key = \"{KEY}\"\nmax_delete_share = \"12.5%\"\n\
+             [[watch]]\npath = \"/a\"\n"
+        ))
+        .expect("valid");
+        assert_eq!(c.watches[0].max_delete_share, 0.125);
+        let c = load(&format!(
+            "receiver = \"x:1\"\nreceiver_key = \"{KEY}\"\nmax_delete_share = 0.25\n\
+             [[watch]]\npath = \"/a\"\n"
+        ))
+        .expect("a fraction");
+        assert_eq!(c.watches[0].max_delete_share, 0.25);
+        for bad in ["\"50\"", "\"150%\"", "\"-1%\"", "\"half%\"", "2", "-0.5"] {
+            let e = load(&format!(
+                "receiver = \"x:1\"\nreceiver_key = \"{KEY}\"\nmax_delete_share = {bad}\n"
+            ))
+            .expect_err(bad);
+            assert!(e.to_string().contains("key `max_delete_share`"), "{e}");
+        }
+        let e = load(&format!(
+            "receiver = \"x:1\"\nreceiver_key = \"{KEY}\"\n[[watch]]\npath = \"/a\"\n\
+             max_delete_share = \"2\"\n"
+        ))
+        .expect_err("per watch");
+        assert!(
+            e.to_string()
+                .contains("watch \"a\" `max_delete_share`: \"2\""),
+            "{e}"
+        );
     }
 
     #[test]

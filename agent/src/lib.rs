@@ -5,6 +5,8 @@
 //! - [`journal`]: the journal (SQLite), sole owner of its connection: states, claims, counts.
 //! - [`watch`]: notify events become dirty paths; the OS watches and their fallbacks.
 //! - [`scan`]: tree scans compared with the journal become dirty rows.
+//! - [`avail`]: whether a watch's folder is there (unavailable watches record no
+//!   deletions), and the share of its files a scan may delete at once.
 //! - [`daemon`]: `run`: its threads, their shared state and the one shutdown signal.
 //! - [`upload`]: workers read, chunk, seal and send; a collector records acks.
 //! - [`conn`]: the pipelined connection to the receiver; reconnects, query lane, escrow.
@@ -16,6 +18,7 @@
 //! - [`service`]: `service install|uninstall` (systemd units, launchd plist).
 //! - [`cli`]: the command line and its typed errors (`main.rs` only parses and prints).
 
+pub mod avail;
 pub mod cli;
 pub mod config;
 pub mod conn;

@@ -3,7 +3,8 @@
 //! Series: files by state, pending bytes, bytes read and sent, files acknowledged, upload
 //! rate, scans and rescans after event overflow, last acknowledgement time, whether the
 //! receiver is connected, and the work waiting by class (fresh, backlog): files, bytes,
-//! rate and the estimated seconds to done. Values are read from the journal and the uploader's counters at
+//! rate and the estimated seconds to done; per watch, whether it is available and its
+//! deletions held. Values are read from the journal and the uploader's counters at
 //! each scrape.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,7 +38,20 @@ pub fn render(sh: &Daemon, rate: f64) -> String {
     let q_bytes = Family::<Vec<(String, String)>, Gauge>::default();
     let q_rate = Family::<Vec<(String, String)>, Gauge<f64, AtomicU64>>::default();
     let q_eta = Family::<Vec<(String, String)>, Gauge>::default();
+    let available = Family::<Vec<(String, String)>, Gauge>::default();
+    let held = Family::<Vec<(String, String)>, Gauge>::default();
+    // Looked at before the journal is locked (the tracker locks it itself).
+    for w in sh.watches().iter() {
+        available
+            .get_or_create(&vec![("watch".to_string(), w.name.clone())])
+            .set(i64::from(sh.avail.available(w, &sh.journal)));
+    }
     if let Ok(j) = sh.journal.lock() {
+        let counts = j.held_counts().unwrap_or_default();
+        for w in sh.watches().iter() {
+            held.get_or_create(&vec![("watch".to_string(), w.name.clone())])
+                .set(counts.get(&w.name).map_or(0, |c| c.0));
+        }
         if let Ok(s) = j.summary() {
             if let Ok(q) = crate::status::queue_json(Some(&j), &s, true) {
                 for class in Class::ALL {
@@ -155,6 +169,17 @@ pub fn render(sh: &Daemon, rate: f64) -> String {
         "coffer_agent_queue_eta_seconds",
         "Estimated seconds until each class's waiting files are backed up, at its rate",
         q_eta,
+    );
+    reg.register(
+        "coffer_agent_watch_available",
+        "1 while a watch's folder is there to back up, 0 while it is unavailable (missing, \
+         an empty mount point or another device: no deletions are recorded)",
+        available,
+    );
+    reg.register(
+        "coffer_agent_held_deletions",
+        "Deletions held for confirmation (coffer-agent confirm-deletions WATCH)",
+        held,
     );
     let mut out = String::new();
     let _ = encode(&mut out, &reg);

@@ -31,11 +31,16 @@ pub struct ScanStats {
     pub folders_changed: u64,
     pub changed: u64,
     pub deleted: u64,
+    /// Deletions held for confirmation instead of recorded (more than the watch's
+    /// `max_delete_share` of its files): every gone path of the scan, folders included.
+    pub held: u64,
     pub skipped_special: u64,
     pub errors: u64,
     /// The walk was stopped (the daemon is stopping) before it finished: what it found was
     /// journaled, but nothing was counted as deleted, since unseen files may not be gone.
     pub interrupted: bool,
+    /// The watch was unavailable ([`crate::avail`]): it was not scanned.
+    pub unavailable: bool,
 }
 
 /// The journal key of a path relative to a watch: `name/rel`, the path a file is known by
@@ -227,24 +232,44 @@ pub fn scan(
         watch,
         start.strip_prefix(&watch.path).unwrap_or(Path::new("")),
     );
+    let mut gone: Vec<Vec<u8>> = Vec::new();
     for (p, k) in &known {
         if k.seen || !under(p, &prefix) || unreadable.iter().any(|u| under(p, u)) {
             continue;
         }
         match k.standing {
-            Standing::BackedUp if is_folder_key(p) => {
-                dirty.push((p.clone(), watch.name.clone(), None));
-            }
+            Standing::BackedUp if is_folder_key(p) => gone.push(p.clone()),
             Standing::BackedUp => {
                 stats.deleted += 1;
-                dirty.push((p.clone(), watch.name.clone(), None));
+                gone.push(p.clone());
             }
-            Standing::Failed => dirty.push((p.clone(), watch.name.clone(), None)),
+            Standing::Failed => gone.push(p.clone()),
             Standing::Deleted | Standing::Queued => {}
         }
     }
+    // More than the watch's share of its files gone at once: held, not recorded.
+    let files = known
+        .iter()
+        .filter(|(p, k)| k.standing == Standing::BackedUp && !is_folder_key(p))
+        .count() as u64;
+    let hold = crate::avail::holds(stats.deleted, files, watch.max_delete_share);
+    let held: Vec<Vec<u8>> = if hold {
+        std::mem::take(&mut gone)
+    } else {
+        Vec::new()
+    };
+    if hold {
+        stats.held = held.len() as u64;
+        tracing::warn!(watch = %watch.name, deleted = stats.deleted, files,
+            share = watch.max_delete_share,
+            "more than max_delete_share of the watch's files are gone: their deletions are \
+             held until `coffer-agent confirm-deletions {}`", watch.name);
+    } else {
+        dirty.extend(gone.into_iter().map(|p| (p, watch.name.clone(), None)));
+    }
     if let Ok(mut j) = journal.lock() {
         j.mark_dirty_sized(&dirty, now_ms(), delay_ms)?;
+        j.hold_deletions(&watch.name, &prefix, &held, now_ms())?;
         if stats.skipped_special > 0 {
             j.set_counter(
                 CounterKey::SkippedSpecialIn(&watch.name),
@@ -326,6 +351,7 @@ mod tests {
             name: "w".into(),
             exclude: globset::GlobSet::empty(),
             exclude_patterns: Vec::new(),
+            max_delete_share: crate::config::DEFAULT_MAX_DELETE_SHARE,
         };
         let mut j = Journal::open(&d.path().join("j.sqlite")).expect("journal");
         settle(&mut j, b"w/same", "file", stat_of("same"), false);
@@ -389,6 +415,7 @@ mod tests {
             name: "w".into(),
             exclude: globset::GlobSet::empty(),
             exclude_patterns: Vec::new(),
+            max_delete_share: crate::config::DEFAULT_MAX_DELETE_SHARE,
         };
         let stat = stat_key(&std::fs::symlink_metadata(root.join("sub/kept")).expect("stat"));
         let mut j = Journal::open(&d.path().join("j.sqlite")).expect("journal");
@@ -421,6 +448,7 @@ mod tests {
             name: "w".into(),
             exclude: globset::GlobSet::empty(),
             exclude_patterns: Vec::new(),
+            max_delete_share: crate::config::DEFAULT_MAX_DELETE_SHARE,
         };
         let j = Mutex::new(Journal::open(&d.path().join("j.sqlite")).expect("journal"));
         let stats = scan(&watch, None, &j, 0, None, &|| false).expect("scan");
@@ -466,5 +494,63 @@ mod tests {
         assert_eq!(state(b"w/"), FileState::Dirty);
         assert_eq!(state(b"w/gone/"), FileState::Dirty);
         assert_eq!(state(b"w/sub/deeper/"), FileState::BackedUp);
+    }
+
+    /// More than the watch's share of its files gone at once: held, their rows left backed
+    /// up; once few enough are gone (most came back), the rest are recorded and nothing is
+    /// held.
+    #[test]
+    fn a_scan_that_finds_most_files_gone_holds_them() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let root = d.path().join("tree");
+        std::fs::create_dir(&root).expect("mkdir");
+        let watch = Watch {
+            path: root.clone(),
+            name: "w".into(),
+            exclude: globset::GlobSet::empty(),
+            exclude_patterns: Vec::new(),
+            max_delete_share: crate::config::DEFAULT_MAX_DELETE_SHARE,
+        };
+        let mut j = Journal::open(&d.path().join("j.sqlite")).expect("journal");
+        for i in 0..10 {
+            let name = format!("f{i}");
+            std::fs::write(root.join(&name), b"x").expect("write");
+            let stat = stat_key(&std::fs::symlink_metadata(root.join(&name)).expect("stat"));
+            settle(&mut j, format!("w/{name}").as_bytes(), "file", stat, false);
+        }
+        for i in 0..8 {
+            std::fs::rename(root.join(format!("f{i}")), d.path().join(format!("f{i}")))
+                .expect("move away");
+        }
+        let j = Mutex::new(j);
+        let stats = scan(&watch, None, &j, 0, None, &|| false).expect("scan");
+        assert_eq!((stats.deleted, stats.held), (8, 8));
+        {
+            let j = j.lock().expect("journal");
+            assert_eq!(j.held(Some("w")).expect("held").len(), 8);
+            for i in 0..8 {
+                let row = j
+                    .row(format!("w/f{i}").as_bytes())
+                    .expect("row")
+                    .expect("row");
+                assert_eq!(row.state, FileState::BackedUp, "f{i} is held, not dirty");
+            }
+        }
+        // Five come back: 3 of 10 gone is not more than half; recorded, nothing held.
+        for i in 0..5 {
+            std::fs::rename(d.path().join(format!("f{i}")), root.join(format!("f{i}")))
+                .expect("move back");
+        }
+        let stats = scan(&watch, None, &j, 0, None, &|| false).expect("scan");
+        assert_eq!((stats.deleted, stats.held), (3, 0));
+        let j = j.lock().expect("journal");
+        assert!(j.held(None).expect("held").is_empty());
+        for i in 5..8 {
+            let row = j
+                .row(format!("w/f{i}").as_bytes())
+                .expect("row")
+                .expect("row");
+            assert_eq!(row.state, FileState::Dirty, "f{i} is to be recorded");
+        }
     }
 }

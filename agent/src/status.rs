@@ -171,19 +171,30 @@ pub fn summary_json(cfg: &Config) -> Result<Value, JournalError> {
             .collect(),
         None => Default::default(),
     };
+    let held = match &j {
+        Some(j) => j.held_counts()?,
+        _ => Default::default(),
+    };
     let watches: Vec<Value> = cfg
         .watches
         .iter()
         .map(|w| {
             let fb = meta(MetaKey::WatchFallback(&w.name)).filter(|s| !s.is_empty());
+            let (state, unavailable) = availability_json(w, j.as_ref(), running);
             let mode = match (running, &fb) {
                 (false, _) => "stopped",
+                // Not watched, whatever OS watch it had: nothing under it is seen.
+                (true, _) if !unavailable.is_null() => "unavailable",
                 (true, Some(_)) => "periodic scan",
                 (true, None) => "watching",
             };
             json!({
                 "name": w.name,
                 "path": w.path.display().to_string(),
+                "state": state,
+                "unavailable": unavailable,
+                "held_deletions": held.get(&w.name).map_or(0, |h| h.0),
+                "max_delete_share": format!("{}%", w.max_delete_share * 100.0),
                 "mode": mode,
                 "fallback_reason": fb,
                 "last_scan_at": meta_ms(MetaKey::LastScanMs(&w.name)).map(ms_to_rfc),
@@ -233,6 +244,7 @@ pub fn summary_json(cfg: &Config) -> Result<Value, JournalError> {
         "receiver_quota": quota_json(&meta),
         "key_escrowed": meta(MetaKey::KeyEscrowed).is_some_and(|v| v == "1"),
         "escrow": escrow_json(&meta),
+        "held_deletions": held.values().map(|h| h.0).sum::<i64>(),
         "watches": watches,
         "watcher": counters,
         "failed": failed,
@@ -354,6 +366,9 @@ fn watch_line(w: &Value, running: bool) -> String {
     let name = w["name"].as_str().unwrap_or("");
     let path = w["path"].as_str().unwrap_or("");
     let fallback = w["fallback_reason"].as_str();
+    if running && w["mode"] == "unavailable" {
+        return format!("watch {name} = {path} (unavailable)");
+    }
     if running {
         return format!(
             "watching {name} = {path} ({}{})",
@@ -433,6 +448,9 @@ pub fn print(cfg: &Config, json_out: bool) -> Result<(), JournalError> {
     let _ = writeln!(out, "{}", escrow_line(&v["escrow"]));
     for w in v["watches"].as_array().into_iter().flatten() {
         let _ = writeln!(out, "{}", watch_line(w, running));
+        for line in availability_lines(w) {
+            let _ = writeln!(out, "{line}");
+        }
     }
     let _ = writeln!(
         out,
@@ -711,6 +729,93 @@ pub fn print_failed(cfg: &Config, json_out: bool) -> Result<(), JournalError> {
     }
     if rows.is_empty() {
         eprintln!("no failed files");
+    }
+    Ok(())
+}
+
+/// A watch's availability for `status --json`: `"available"` or `"unavailable"`, and for
+/// the latter `{reason, message, since}` (`since`: when the daemon found it so, null when
+/// no daemon has yet). Looked at now (a few `stat`s), against the place the daemon last
+/// recorded, so a stopped agent's status says it too.
+fn availability_json(
+    w: &crate::config::Watch,
+    j: Option<&Journal>,
+    running: bool,
+) -> (&'static str, Value) {
+    let place = j.and_then(|j| crate::avail::recorded_place(j, &w.name));
+    match crate::avail::check(&w.path, place.as_ref()) {
+        crate::avail::Availability::Available(_) => ("available", Value::Null),
+        crate::avail::Availability::Unavailable(why) => {
+            let since = if running {
+                j.and_then(|j| crate::avail::unavailable_since(j, &w.name))
+                    .map(ms_to_rfc)
+            } else {
+                None
+            };
+            (
+                "unavailable",
+                json!({"reason": why.code(), "message": why.describe(&w.path), "since": since}),
+            )
+        }
+    }
+}
+
+/// The loud lines of `status` about a watch: unavailable, deletions held.
+fn availability_lines(w: &Value) -> Vec<String> {
+    let name = w["name"].as_str().unwrap_or("");
+    let mut out = Vec::new();
+    let u = &w["unavailable"];
+    if let Some(message) = u["message"].as_str() {
+        let since = match u["since"].as_str() {
+            Some(t) => format!(" since {t}"),
+            None => String::new(),
+        };
+        out.push(format!(
+            "watch {name}: UNAVAILABLE{since} ({message}): nothing under it is backed up and \
+             no deletions are recorded"
+        ));
+    }
+    let held = w["held_deletions"].as_i64().unwrap_or(0);
+    if held > 0 {
+        out.push(format!(
+            "{held} deletions held for watch {name}: more than {} of its files; run \
+             `coffer-agent confirm-deletions {name}` if they are real (`status --held` lists them)",
+            w["max_delete_share"].as_str().unwrap_or("")
+        ));
+    }
+    out
+}
+
+/// `status --held`: the deletions held for confirmation, one `watch<TAB>path<TAB>held
+/// since` line each (`--json`: an array of `{"watch", "path", "held_at"}`).
+pub fn print_held(cfg: &Config, json_out: bool) -> Result<(), JournalError> {
+    let held = match open(cfg)? {
+        Some(j) => j.held(None)?,
+        _ => Vec::new(),
+    };
+    let mut out = std::io::stdout().lock();
+    if json_out {
+        let v: Vec<Value> = held
+            .iter()
+            .map(|h| {
+                json!({"watch": h.watch, "path": String::from_utf8_lossy(&h.path),
+                    "held_at": ms_to_rfc(h.held_at)})
+            })
+            .collect();
+        let _ = writeln!(out, "{}", Value::from(v));
+        return Ok(());
+    }
+    if held.is_empty() {
+        eprintln!("no deletions are held");
+    }
+    for h in &held {
+        let _ = writeln!(
+            out,
+            "{}\t{}\theld since {}",
+            h.watch,
+            String::from_utf8_lossy(&h.path),
+            ms_to_rfc(h.held_at)
+        );
     }
     Ok(())
 }

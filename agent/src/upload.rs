@@ -1117,7 +1117,23 @@ fn changed_while_read(
     None
 }
 
+/// A path found gone. Its deletion is recorded only while its watch is available (looked
+/// at after the path was found gone, so an unmount before that is seen): the path of an
+/// unavailable watch waits, and its watch's rescan once back settles it.
 fn deletion(sh: &Daemon, job: &Job) -> Outcome {
+    let watches = sh.watches();
+    if let Some(w) = watches.iter().find(|w| w.name == job.watch) {
+        if let Err((why, _)) = sh.avail.check(w, &sh.journal) {
+            return Outcome::Retry(
+                format!(
+                    "watch {} is unavailable ({}): no deletion is recorded until it is back",
+                    w.name,
+                    why.describe(&w.path)
+                ),
+                now_ms() + 60_000,
+            );
+        }
+    }
     match job.backed_kind.as_deref() {
         None => Outcome::Forget,
         Some("deleted") => Outcome::Unchanged(Box::new(read_info(

@@ -6,6 +6,8 @@
 //! scanned (files created before its watch existed are not missed). An event-queue overflow
 //! or notify's rescan flag schedules a rescan of the tree; nothing is dropped silently. When
 //! the OS runs out of watches, the tree falls back to periodic scanning and `status` says so.
+//! An unavailable watch ([`crate::avail`]) loses its OS watch until it is back
+//! ([`Watching::suspend`], [`Watching::resume`]).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -146,6 +148,40 @@ impl Watching {
     }
 }
 
+impl Watching {
+    /// Drops the OS watch of an unavailable watch (its folder is gone or unmounted: events
+    /// from it, or from what took its place, are not its files').
+    pub fn suspend(&mut self, name: &str) {
+        if let (Some(w), Some(p)) = (self.watcher.as_mut(), self.watched.get(name)) {
+            if !self.fallback.contains_key(name) {
+                let _ = w.unwatch(p);
+            }
+        }
+        self.fallback.remove(name);
+        self.fallback.insert(
+            name.to_string(),
+            "unavailable: not watched until it is back".into(),
+        );
+    }
+
+    /// Watches a watch's folder again once it is back (a remounted file system needs a new
+    /// OS watch; the old one ended with the unmount).
+    pub fn resume(&mut self, w: &Watch) {
+        if let Some(watcher) = self.watcher.as_mut() {
+            if !self.fallback.contains_key(&w.name) {
+                let _ = watcher.unwatch(&w.path);
+            }
+            self.fallback.remove(&w.name);
+            if let Err(e) = watcher.watch(&w.path, RecursiveMode::Recursive) {
+                let why = describe(&e);
+                tracing::warn!(watch = %w.name, path = %w.path.display(), error = %why, "cannot watch folder");
+                self.fallback.insert(w.name.clone(), why);
+            }
+        }
+        self.watched.insert(w.name.clone(), w.path.clone());
+    }
+}
+
 fn describe(e: &notify::Error) -> String {
     match &e.kind {
         notify::ErrorKind::MaxFilesWatch => WATCH_LIMIT_HINT.to_string(),
@@ -232,6 +268,7 @@ mod tests {
             name: "w".into(),
             exclude: globset::GlobSet::empty(),
             exclude_patterns: vec![],
+            max_delete_share: crate::config::DEFAULT_MAX_DELETE_SHARE,
         };
         let (added, _) = w.sync(std::slice::from_ref(&watch));
         assert_eq!(added, vec!["w".to_string()]);

@@ -1,5 +1,5 @@
 //! What the daemon's threads share: the config, the journal, the keys, the connection
-//! manager, the shutdown signal and the live counters.
+//! manager, the shutdown signal, the live counters and the watches' availability.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
@@ -51,6 +51,8 @@ pub struct Daemon {
     pub wake: Sender<()>,
     pub conn: ConnManager,
     pub counters: Counters,
+    /// Each watch's availability (see [`crate::avail`]).
+    pub avail: crate::avail::Tracker,
 }
 
 impl Daemon {
@@ -74,6 +76,7 @@ impl Daemon {
             shutdown: Shutdown::default(),
             wake,
             counters: Counters::default(),
+            avail: crate::avail::Tracker::default(),
         };
         (Arc::new(sh), woken)
     }

@@ -58,14 +58,16 @@ pub(super) fn control(
 ) {
     let mtime = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
     let mut last = mtime(&sh.cfg.file);
+    let mut suspended = HashSet::new();
     loop {
+        poll_availability(&sh, &mut watching, &scans, &fallback, &mut suspended);
         let why = select! {
             recv(reloads) -> w => match w {
                 Ok(w) => w,
                 Err(_) => return,
             },
             recv(sh.shutdown.signal()) -> _ => return,
-            default(Duration::from_secs(2)) => {
+            default(crate::avail::POLL) => {
                 let now = mtime(&sh.cfg.file);
                 if now == last {
                     continue;
@@ -107,6 +109,55 @@ pub(super) fn control(
             }
         }
         notify_systemd(&[sd_notify::NotifyState::Ready]);
+    }
+}
+
+/// Looks at every watch's root ([`crate::avail`]): an unavailable watch loses its OS watch
+/// (`suspended`); one that is back is watched again and rescanned, without a restart.
+fn poll_availability(
+    sh: &Daemon,
+    watching: &mut Watching,
+    scans: &Sender<ScanRequest>,
+    fallback: &Mutex<Vec<String>>,
+    suspended: &mut HashSet<String>,
+) {
+    let ws = sh.watches();
+    let mut changed = false;
+    for w in ws.iter() {
+        let up = sh.avail.available(w, &sh.journal);
+        if !up && suspended.insert(w.name.clone()) {
+            watching.suspend(&w.name);
+            changed = true;
+        } else if up && suspended.remove(&w.name) {
+            watching.resume(w);
+            changed = true;
+            let _ = scans.send(ScanRequest {
+                watch: w.name.clone(),
+                sub: None,
+                reason: "available again",
+            });
+        }
+    }
+    suspended.retain(|n| ws.iter().any(|w| &w.name == n));
+    if changed {
+        if let Ok(mut j) = sh.journal.lock() {
+            for w in ws.iter() {
+                let v = if suspended.contains(&w.name) {
+                    String::new()
+                } else {
+                    watching.fallback.get(&w.name).cloned().unwrap_or_default()
+                };
+                let _ = j.set_meta(MetaKey::WatchFallback(&w.name), &v);
+            }
+        }
+        if let Ok(mut fb) = fallback.lock() {
+            *fb = watching
+                .fallback
+                .keys()
+                .filter(|n| !suspended.contains(*n))
+                .cloned()
+                .collect();
+        }
     }
 }
 
@@ -259,11 +310,20 @@ pub(super) fn events(sh: Arc<Daemon>, rx: Receiver<Change>, scans: Sender<ScanRe
         let mut dirty: Vec<(Vec<u8>, String, Option<i64>)> = Vec::with_capacity(paths.len());
         let mut seen = HashSet::new();
         let mut gone: Vec<(Vec<u8>, String)> = Vec::new();
+        // Events of an unavailable watch (an unmount's among them) are not its files':
+        // nothing is recorded from them; it is rescanned once it is back.
+        let mut available: HashMap<String, bool> = HashMap::new();
         for p in &paths {
             let Some((w, rel)) = watch::locate(&watches, p) else {
                 continue;
             };
             if rel.as_os_str().is_empty() || w.excluded(rel) {
+                continue;
+            }
+            let up = *available
+                .entry(w.name.clone())
+                .or_insert_with(|| sh.avail.available(w, &sh.journal));
+            if !up {
                 continue;
             }
             let jp = scan::journal_key(w, rel);
@@ -346,7 +406,19 @@ pub(super) fn scanner(
             None
         };
         let stopping = || sh.shutdown.is_stopping();
-        match scan::scan(w, req.sub.as_deref(), &sh.journal, 0, rows, &stopping) {
+        let result = match sh.avail.check(w, &sh.journal) {
+            Ok(_) => scan::scan(w, req.sub.as_deref(), &sh.journal, 0, rows, &stopping),
+            Err((why, _)) => {
+                tracing::info!(watch = %w.name, reason = req.reason, why = %why.describe(&w.path),
+                    "not scanned: the watch is unavailable (nothing recorded as deleted)");
+                Ok(scan::ScanStats {
+                    unavailable: true,
+                    ..Default::default()
+                })
+            }
+        };
+        match result {
+            Ok(s) if s.unavailable => {}
             Ok(s) if s.interrupted => {
                 tracing::info!(watch = %w.name, reason = req.reason, files = s.files,
                     changed = s.changed, "scan stopped by shutdown; the next start scans again");
@@ -354,7 +426,7 @@ pub(super) fn scanner(
             }
             Ok(s) => {
                 tracing::info!(watch = %w.name, reason = req.reason, files = s.files, changed = s.changed,
-                    deleted = s.deleted, skipped = s.skipped_special, errors = s.errors,
+                    deleted = s.deleted, held = s.held, skipped = s.skipped_special, errors = s.errors,
                     ms = t.elapsed().as_millis() as u64, "scan done");
                 if let Ok(mut j) = sh.journal.lock() {
                     if req.sub.is_none() {

@@ -415,7 +415,7 @@ pub(super) mod tests {
             // Back to schema 3, as a journal written by the previous release would be.
             j.conn
                 .execute_batch(
-                    "DROP TABLE file_stats;
+                    "DROP TABLE file_stats; DROP TABLE held_deletions;
                      DROP INDEX files_pending_since; DROP INDEX files_failed;
                      DROP INDEX files_queue; ALTER TABLE files DROP COLUMN class;
                      ALTER TABLE files DROP COLUMN tier; ALTER TABLE files DROP COLUMN first_seen;

@@ -18,11 +18,13 @@
 //! - `claims`: which due files the uploader holds, and the claim queries;
 //! - `counts`: `file_stats`, kept exact by every write, and `status`'s [`Summary`];
 //! - `rows`: single rows for scans and `status PATH`;
+//! - `held`: deletions held for confirmation (`held_deletions`);
 //! - `checkpoint`: the WAL checkpointer's own connection.
 
 mod checkpoint;
 mod claims;
 mod counts;
+mod held;
 mod record;
 mod rows;
 mod schema;
@@ -30,6 +32,7 @@ mod schema;
 pub use checkpoint::Checkpointer;
 pub use claims::Job;
 pub use counts::Summary;
+pub use held::Held;
 pub use record::{Ack, FileRead};
 pub use rows::{Known, Row, Standing};
 pub use schema::{Class, CounterKey, FileState, MetaKey};

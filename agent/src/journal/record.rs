@@ -107,6 +107,7 @@ impl Journal {
             return Ok(());
         }
         self.claims.due_at(class, now + delay_ms);
+        let mut released: Vec<&[u8]> = Vec::new();
         let tx = self.conn.transaction().map_err(sql_err(&self.path))?;
         {
             let mut st = tx
@@ -126,6 +127,7 @@ impl Journal {
                 .map_err(sql_err(&self.path))?;
             let mut tally = Tally::default();
             for (p, w, size) in items {
+                released.push(p);
                 // A folder's row is never pending in `status`: no `dirty_since`.
                 let since = (!is_folder_key(p)).then_some(now);
                 tally
@@ -144,6 +146,8 @@ impl Journal {
             }
             tally.write(&tx).map_err(sql_err(&self.path))?;
         }
+        // A path seen changed (back, or being recorded) is no longer a held deletion.
+        super::held::release_held(&tx, &released).map_err(sql_err(&self.path))?;
         tx.commit().map_err(|e| self.err(e))
     }
 

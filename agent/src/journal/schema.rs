@@ -24,6 +24,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/agent/0007_drop_pending_and_claimed.sql"),
     include_str!("../../../migrations/agent/0008_keyed_hashes.sql"),
     include_str!("../../../migrations/agent/0009_queue_order.sql"),
+    include_str!("../../../migrations/agent/0010_held_deletions.sql"),
 ];
 
 /// The journal's schema: what errors call it, who reads it, and its migrations.
@@ -251,6 +252,12 @@ pub enum MetaKey<'a> {
     /// The queues' recent rates, written by the running daemon every few seconds while
     /// work flows: `AT_MS FRESH_FILES/s FRESH_BYTES/s BACKLOG_FILES/s BACKLOG_BYTES/s`.
     QueueRate,
+    /// Where a watch (by name) was when last available: `{"dev": N, "mount": HEX}` (see
+    /// `crate::avail::Place`); empty when not recorded (or forgotten by `confirm-deletions`).
+    WatchDevice(&'a str),
+    /// Since when and why a watch (by name) is unavailable: `{"since_ms", "reason",
+    /// "message"}`; empty while it is available.
+    WatchUnavailable(&'a str),
 }
 
 impl MetaKey<'_> {
@@ -272,6 +279,8 @@ impl MetaKey<'_> {
             MetaKey::WatchFallback(w) => format!("watch_fallback:{w}").into(),
             MetaKey::LastScanMs(w) => format!("last_scan_ms:{w}").into(),
             MetaKey::QueueRate => "queue_rate".into(),
+            MetaKey::WatchDevice(w) => format!("watch_device:{w}").into(),
+            MetaKey::WatchUnavailable(w) => format!("watch_unavailable:{w}").into(),
         }
     }
 }
