@@ -803,6 +803,13 @@ mod tests {
                 )
                 .expect("version");
             }
+            // A reference to a version: migration 0002 rebuilds `versions`, which SQLite's
+            // enforced foreign keys would refuse while a reference exists.
+            tx.execute(
+                "INSERT INTO version_chunks (version, chunk) VALUES (5, ?1)",
+                params![&[1u8; 32][..]],
+            )
+            .expect("reference");
             tx.commit().expect("commit");
         }
         let mut ix = Index::open(&p, Mode::Write).expect("migrates");
@@ -811,14 +818,11 @@ mod tests {
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .expect("version");
         assert_eq!(v as usize, SCHEMA.migrations.len());
-        // (Added after the migration: migration 0002 rebuilds `versions`, which a reference
-        // to it would refuse while SQLite enforces foreign keys.)
-        ix.conn
-            .execute(
-                "INSERT INTO version_chunks (version, chunk) VALUES (5, ?1)",
-                params![&[1u8; 32][..]],
-            )
-            .expect("reference");
+        let fk: bool = ix
+            .conn
+            .pragma_query_value(None, "foreign_keys", |r| r.get(0))
+            .expect("pragma");
+        assert!(fk, "enforcement is back after migrating");
         // A repeated commit is still recognised; a new one continues after the highest.
         assert_eq!(
             ix.find_version(&FileId([2; 32]), &CommitId([2; 16]))

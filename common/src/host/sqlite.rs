@@ -108,6 +108,26 @@ impl Schema {
     /// transaction, the version read inside it; a newer schema is refused.
     pub fn migrate(&self, conn: &mut Connection, path: &Path) -> Result<(), DbError> {
         let e = self.err(path);
+        // A migration may rebuild a table others reference (create the new one, copy, drop
+        // the old, rename): with foreign keys enforced, dropping the old one fails on every
+        // reference to it. SQLite's recipe: enforcement off (outside any transaction) while
+        // migrating, back as it was afterwards.
+        let fk: bool = conn
+            .pragma_query_value(None, "foreign_keys", |r| r.get(0))
+            .map_err(&e)?;
+        if fk {
+            conn.pragma_update(None, "foreign_keys", false)
+                .map_err(&e)?;
+        }
+        let r = self.apply(conn, path);
+        if fk {
+            conn.pragma_update(None, "foreign_keys", true).map_err(&e)?;
+        }
+        r
+    }
+
+    fn apply(&self, conn: &mut Connection, path: &Path) -> Result<(), DbError> {
+        let e = self.err(path);
         loop {
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
