@@ -193,14 +193,17 @@ fn an_idle_agent_holds_one_session() -> Result<()> {
             l.matches("session ended").count(),
         ))
     };
-    wait_for("the query lane to open, then close when idle", T, || {
-        (sessions()? == (2, 1)).then_some(())
+    // The query lane (and the fresh lane, if the folder's change while the backlog was busy
+    // opened it) open, then close when idle: one session is left.
+    let settled = wait_for("the query lane to open, then close when idle", T, || {
+        let (started, ended) = sessions()?;
+        (started >= 2 && started == ended + 1).then_some((started, ended))
     })
     .with_context(|| format!("sessions (started, ended): {:?}", sessions()))?;
     // The main session stays: a new file is backed up without a new session.
     std::fs::write(agent.watch.join("small"), b"after the lane closed")?;
     agent.wait_settled(2, T)?;
-    assert_eq!(sessions(), Some((2, 1)));
+    assert_eq!(sessions(), Some(settled));
     Ok(())
 }
 
