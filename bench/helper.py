@@ -195,8 +195,18 @@ def cmd_fresh(a):
                 waiting = left
         if backup_s is None:
             st = status(a.agent, a.config)
+            # The saves acknowledged count among the files backed up: the backlog is done
+            # once all of its own files are too (a 1-file backlog is not "done" when the
+            # first save is acked while the big file still uploads). Saves are counted
+            # after the summary was read, so a save acked meanwhile is never taken for a
+            # file of the backlog.
+            acked = len(samples)
+            if waiting:
+                later = status(a.agent, a.config, [p for p, _ in waiting])
+                if isinstance(later, list):
+                    acked += sum(1 for e in later if e.get("state") == "backed_up")
             if st and st.get("queue", {}).get("backlog", {}).get("files", 1) == 0 \
-                    and st.get("files", {}).get("backed_up", 0) >= a.files:
+                    and st.get("files", {}).get("backed_up", 0) - acked >= a.files:
                 backup_s = time.time() - a.t0
         if backup_s is not None and saved >= a.n and not waiting:
             break
