@@ -203,7 +203,7 @@ fn after_a_kill9_mid_backup_and_repair_every_acknowledged_file_restores() -> Res
     if !r.status.success() {
         bail!("restore: {}", String::from_utf8_lossy(&r.stderr));
     }
-    for i in acked.iter().copied() {
+    for i in acked {
         let name = format!("f{i:04}");
         let got = std::fs::read(to.join("w").join(&name))
             .with_context(|| format!("{name} was acknowledged but is not restored"))?;
