@@ -218,16 +218,22 @@ impl CommitRecord {
         b
     }
 
-    /// The whole record, header and body, appended to `out`. Its length is
-    /// `RECORD_HEADER_LEN + body_len()`.
-    pub fn encode_into(&self, out: &mut Vec<u8>) {
+    /// The record's header and body bytes.
+    pub fn encode(&self) -> ([u8; RECORD_HEADER_LEN as usize], Vec<u8>) {
         let body = self.encode_body();
         let header = CommitHeader {
             file_id: self.file_id,
             len: body.len() as u32,
             hash: *blake3::hash(&body).as_bytes(),
         };
-        out.extend_from_slice(&header.encode());
+        (header.encode(), body)
+    }
+
+    /// The whole record, header and body, appended to `out`. Its length is
+    /// `RECORD_HEADER_LEN + body_len()`.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        let (header, body) = self.encode();
+        out.extend_from_slice(&header);
         out.extend_from_slice(&body);
     }
 

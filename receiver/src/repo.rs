@@ -46,7 +46,7 @@ use crate::index::{
     first_of_each, CommitOutcome, Index, IndexError, Mode, NewCommit, RecordedVersion,
 };
 use crate::layout::RepoDir;
-use crate::records::{CommitHeader, CommitRecord, Deletion};
+use crate::records::{CommitRecord, Deletion};
 use crate::store::{
     header_ok, pack_header, pack_version, read_record_into, scan, Check, Found, Location, PackNo,
     PackStore, RecordError, RecordHeader, PACK_HEADER_LEN, PACK_VERSION, RECORD_HEADER_LEN,
@@ -494,13 +494,7 @@ impl Repo {
         let dirty = {
             let mut st = lock(&self.state);
             for record in batch {
-                let body = record.encode_body();
-                let header = CommitHeader {
-                    file_id: record.file_id,
-                    len: body.len() as u32,
-                    hash: *blake3::hash(&body).as_bytes(),
-                }
-                .encode();
+                let (header, body) = record.encode();
                 let at = self.append_record(&mut st, &header, &body)?;
                 versions.push(RecordedVersion { record, at });
             }
@@ -630,13 +624,7 @@ impl Repo {
 
     /// Appends a commit record for `record` and remembers it as pending.
     fn append_commit(&self, st: &mut WriteState, record: CommitRecord) -> Result<(), IoError> {
-        let body = record.encode_body();
-        let header = CommitHeader {
-            file_id: record.file_id,
-            len: body.len() as u32,
-            hash: *blake3::hash(&body).as_bytes(),
-        }
-        .encode();
+        let (header, body) = record.encode();
         let at = self.append_record(st, &header, &body)?;
         let seq = st.seq;
         st.seq += 1;
