@@ -22,8 +22,10 @@ use crate::store::{Location, PackNo};
 
 mod audit;
 mod rebuild;
+mod usage;
 pub use audit::IndexedVersion;
 pub use rebuild::Added;
+pub use usage::Usage;
 
 /// The index's schema: migration `i` brings it to version `i + 1`.
 static SCHEMA: Schema = Schema {

@@ -20,6 +20,12 @@
 //!   counts), `coffer_receiver_repository_quota_bytes{repo}` (0: none) and
 //!   `coffer_receiver_repository_quota_state{repo}` (0 ok, 1 warning: past `warn_at`, 2
 //!   over: new chunks refused);
+//! - `coffer_receiver_repository_files{repo}`, `coffer_receiver_repository_versions{repo}`,
+//!   `coffer_receiver_repository_live_bytes{repo}` (the pack records its index references)
+//!   and `coffer_receiver_repository_unused_bytes{repo}` (pack bytes nothing references:
+//!   compaction's work), read from the index at each scrape;
+//!   `coffer_receiver_repository_last_prune_timestamp_seconds{repo}` (0: never) and
+//!   `coffer_receiver_repository_last_prune_ok{repo}` (1 ok, 0 failed, -1 never pruned);
 //! - `coffer_receiver_disk_free_bytes` and `coffer_receiver_min_free_bytes`: free space on
 //!   the packs' file system and the floor below which every repository is refused;
 //! - `errors_total{kind="quota"}` counts chunks refused for either.
@@ -99,6 +105,57 @@ pub struct Metrics {
     repository_quota_state: Family<Labels, Gauge>,
     disk_free: Gauge,
     min_free: Gauge,
+    usage: UsageSeries,
+}
+
+/// The per-repository series read from its index at each scrape (see the module doc).
+#[derive(Debug, Default)]
+struct UsageSeries {
+    files: Family<Labels, Gauge>,
+    versions: Family<Labels, Gauge>,
+    live: Family<Labels, Gauge>,
+    unused: Family<Labels, Gauge>,
+    last_prune_at: Family<Labels, Gauge>,
+    last_prune_ok: Family<Labels, Gauge>,
+}
+
+impl UsageSeries {
+    fn register(&self, registry: &mut Registry) {
+        for (name, help, family) in [
+            (
+                "coffer_receiver_repository_files",
+                "Files with at least one version in each repository",
+                &self.files,
+            ),
+            (
+                "coffer_receiver_repository_versions",
+                "Versions each repository holds",
+                &self.versions,
+            ),
+            (
+                "coffer_receiver_repository_live_bytes",
+                "Bytes of the pack records each repository's index references",
+                &self.live,
+            ),
+            (
+                "coffer_receiver_repository_unused_bytes",
+                "Pack bytes of each repository that nothing references (compaction frees them)",
+                &self.unused,
+            ),
+            (
+                "coffer_receiver_repository_last_prune_timestamp_seconds",
+                "When each repository's last prune ended, unix seconds (0: never)",
+                &self.last_prune_at,
+            ),
+            (
+                "coffer_receiver_repository_last_prune_ok",
+                "Each repository's last prune: 1 succeeded, 0 failed, -1 never pruned",
+                &self.last_prune_ok,
+            ),
+        ] {
+            registry.register(name, help, family.clone());
+        }
+    }
 }
 
 impl Default for Metrics {
@@ -214,6 +271,8 @@ impl Metrics {
             "Free space below which every repository is refused new chunks (0: none)",
             min_free.clone(),
         );
+        let usage = UsageSeries::default();
+        usage.register(&mut registry);
         Self {
             registry,
             sessions_active,
@@ -234,6 +293,7 @@ impl Metrics {
             repository_quota_state,
             disk_free,
             min_free,
+            usage,
         }
     }
 
@@ -305,6 +365,25 @@ impl Metrics {
         self.repository_quota_state
             .get_or_create(&labels)
             .set(state);
+    }
+
+    /// Sets a repository's files, versions, live and unused bytes and its last prune.
+    pub fn set_repository_usage(&self, repo: &str, u: &crate::status::RepoUsage) {
+        let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        let labels = [("repo", repo.to_string())];
+        let s = &self.usage;
+        s.files.get_or_create(&labels).set(g(u.usage.files));
+        s.versions.get_or_create(&labels).set(g(u.usage.versions));
+        s.live.get_or_create(&labels).set(g(u.usage.live_bytes()));
+        s.unused
+            .get_or_create(&labels)
+            .set(g(u.usage.unused_bytes()));
+        let (at, ok) = match &u.last_prune {
+            None => (0, -1),
+            Some(p) => (p.at_secs().unwrap_or(0), i64::from(p.ok)),
+        };
+        s.last_prune_at.get_or_create(&labels).set(at);
+        s.last_prune_ok.get_or_create(&labels).set(ok);
     }
 
     /// Sets the packs' file system's free bytes and the floor.
@@ -514,6 +593,55 @@ mod tests {
         let t = m.render();
         assert_eq!(value(&t, "coffer_receiver_sessions_active"), Some(0.0));
         assert_eq!(value(&t, "coffer_receiver_sessions_total"), Some(2.0));
+    }
+
+    #[test]
+    fn repository_usage_and_last_prune_are_exported() {
+        use crate::status::{LastPrune, RepoUsage};
+        let m = Metrics::new();
+        let mut u = RepoUsage::default();
+        u.usage.packs = 2;
+        u.usage.pack_bytes = 10_000 + 2 * crate::store::PACK_HEADER_LEN;
+        u.usage.files = 3;
+        u.usage.versions = 7;
+        u.usage.chunk_record_bytes = 6000;
+        u.usage.commit_record_bytes = 1000;
+        m.set_repository_usage("photos", &u);
+        u.last_prune = Some(LastPrune::parse(
+            r#"{"at":"2026-12-03T18:00:00Z","ok":false,"error":"disk full",
+                "versions_removed":0,"bytes_freed":0,"packs_rewritten":0}"#,
+        ));
+        u.usage.pack_bytes = 7000 + 2 * crate::store::PACK_HEADER_LEN;
+        m.set_repository_usage("nas", &u);
+        let t = m.render();
+        let v = |s: &str| value(&t, s);
+        let p = "coffer_receiver_repository_";
+        assert_eq!(v(&format!("{p}files{{repo=\"photos\"}}")), Some(3.0));
+        assert_eq!(v(&format!("{p}versions{{repo=\"photos\"}}")), Some(7.0));
+        assert_eq!(
+            v(&format!("{p}live_bytes{{repo=\"photos\"}}")),
+            Some(7000.0)
+        );
+        assert_eq!(
+            v(&format!("{p}unused_bytes{{repo=\"photos\"}}")),
+            Some(3000.0)
+        );
+        assert_eq!(v(&format!("{p}unused_bytes{{repo=\"nas\"}}")), Some(0.0));
+        assert_eq!(
+            v(&format!(
+                "{p}last_prune_timestamp_seconds{{repo=\"photos\"}}"
+            )),
+            Some(0.0)
+        );
+        assert_eq!(
+            v(&format!("{p}last_prune_ok{{repo=\"photos\"}}")),
+            Some(-1.0)
+        );
+        assert_eq!(
+            v(&format!("{p}last_prune_timestamp_seconds{{repo=\"nas\"}}")),
+            Some(1_796_320_800.0)
+        );
+        assert_eq!(v(&format!("{p}last_prune_ok{{repo=\"nas\"}}")), Some(0.0));
     }
 
     #[test]

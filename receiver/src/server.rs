@@ -489,6 +489,10 @@ fn scrape(server: &Server) -> String {
         server
             .metrics
             .set_repository_quota(name, used, quota, state);
+        match crate::status::RepoUsage::read(&server.layout.repo(r.name())) {
+            Ok(u) => server.metrics.set_repository_usage(name, &u),
+            Err(e) => tracing::warn!(repo = name, "metrics: reading the index: {e}"),
+        }
     }
     let free = server.floor.free_now().unwrap_or(0);
     server.metrics.set_disk(free, server.floor.min_free());

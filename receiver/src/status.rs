@@ -4,10 +4,10 @@
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::auth::{Authorizations, RepoName};
-use crate::index::{Index, IndexError, Mode, Stats};
+use crate::index::{Index, IndexError, Mode, Usage};
 use crate::layout::{Layout, RepoDir};
 use crate::quota::{fs_size, human, DiskFloor, QuotaState};
 use crate::records::{CommitRecord, Header};
@@ -44,6 +44,74 @@ pub struct RepoStatus {
     pub used: u64,
     /// `ok`, `warning` (past `warn_at` of the quota) or `over` (new chunks refused).
     pub quota_state: &'static str,
+    /// Bytes of the pack records the index references: every chunk record and every
+    /// version's commit record.
+    pub live_bytes: u64,
+    /// Bytes of the packs' indexed parts that no record the index references takes (nor a
+    /// pack header): what prune left for compaction, repeated commit records.
+    pub unused_bytes: u64,
+    /// The last prune's outcome (the index's `last_prune` row); `null`: never pruned.
+    pub last_prune: Option<LastPrune>,
+}
+
+/// The outcome of a repository's last prune, as `prune` records it in the index's meta
+/// row `last_prune` (JSON).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastPrune {
+    /// When it ended, RFC 3339.
+    pub at: String,
+    pub ok: bool,
+    /// Why it failed.
+    #[serde(default)]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub versions_removed: u64,
+    #[serde(default)]
+    pub bytes_freed: u64,
+    #[serde(default)]
+    pub packs_rewritten: u64,
+}
+
+impl LastPrune {
+    /// Reads the `last_prune` row; a row that does not read is shown as a failure saying so.
+    pub fn parse(json: &str) -> Self {
+        serde_json::from_str(json).unwrap_or_else(|e| LastPrune {
+            at: "unknown".into(),
+            ok: false,
+            error: Some(format!("the index's last_prune row does not read: {e}")),
+            versions_removed: 0,
+            bytes_freed: 0,
+            packs_rewritten: 0,
+        })
+    }
+
+    /// Its time as unix seconds, if it reads.
+    pub fn at_secs(&self) -> Option<i64> {
+        coffer_common::host::time::parse_time(&self.at).ok()
+    }
+}
+
+/// What `status` and `/metrics` show of one repository's contents.
+#[derive(Clone, Debug, Default)]
+pub struct RepoUsage {
+    pub usage: Usage,
+    pub last_prune: Option<LastPrune>,
+}
+
+impl RepoUsage {
+    /// Reads the index of `dir` (its own read-only connection: a serving writer is not held
+    /// up); a repository without an index holds nothing.
+    pub fn read(dir: &RepoDir) -> Result<Self, IndexError> {
+        let index = dir.index();
+        if !index.exists() {
+            return Ok(RepoUsage::default());
+        }
+        let ix = Index::open(&index, Mode::Read)?;
+        Ok(RepoUsage {
+            usage: ix.usage()?,
+            last_prune: ix.last_prune_json()?.as_deref().map(LastPrune::parse),
+        })
+    }
 }
 
 /// The whole `status`.
@@ -112,18 +180,14 @@ pub fn status(layout: &Layout, stores: &dyn PackStores) -> Result<Status, Error>
     let mut repositories = Vec::new();
     for name in repo_names(layout, &auth)? {
         let dir = layout.repo(&name);
-        let index = dir.index();
-        let stats = if index.exists() {
-            Index::open(&index, Mode::Read)?.stats()?
-        } else {
-            Stats::default()
-        };
         let (mut packs, mut stored) = (0u64, 0u64);
         let store = stores.open(&dir);
         for p in store.list()? {
             packs += 1;
             stored += store.len(p)?;
         }
+        let u = RepoUsage::read(&dir)?;
+        let stats = u.usage;
         let quota = config.quota_of(&name);
         repositories.push(RepoStatus {
             quota,
@@ -138,6 +202,9 @@ pub fn status(layout: &Layout, stores: &dyn PackStores) -> Result<Status, Error>
             stored_bytes: stored,
             packs,
             last_commit_at: stats.last_commit.map(rfc3339),
+            live_bytes: stats.live_bytes(),
+            unused_bytes: stats.unused_bytes(),
+            last_prune: u.last_prune,
         });
     }
     let disk = if layout.repos().is_dir() {
@@ -163,6 +230,27 @@ pub fn status(layout: &Layout, stores: &dyn PackStores) -> Result<Status, Error>
         listen: config.listen.to_string(),
         repositories,
     })
+}
+
+/// The last prune in one line.
+fn prune_line(p: &LastPrune) -> String {
+    if p.ok {
+        format!(
+            "{}, ok: {} version{} removed, {} freed, {} pack{} rewritten",
+            p.at,
+            p.versions_removed,
+            if p.versions_removed == 1 { "" } else { "s" },
+            bytes(p.bytes_freed),
+            p.packs_rewritten,
+            if p.packs_rewritten == 1 { "" } else { "s" },
+        )
+    } else {
+        format!(
+            "{}, FAILED: {}",
+            p.at,
+            p.error.as_deref().unwrap_or("no reason recorded")
+        )
+    }
 }
 
 fn bytes(n: u64) -> String {
@@ -231,9 +319,23 @@ impl Status {
                 r.packs,
                 if r.packs == 1 { "" } else { "s" }
             ));
+            if r.live_bytes + r.unused_bytes > 0 {
+                s.push_str(&format!(
+                    "  live:        {}, unused {} ({:.0}%)\n",
+                    bytes(r.live_bytes),
+                    bytes(r.unused_bytes),
+                    r.unused_bytes as f64 * 100.0 / (r.live_bytes + r.unused_bytes) as f64
+                ));
+            }
             s.push_str(&format!(
                 "  last commit: {}\n",
                 r.last_commit_at.as_deref().unwrap_or("never")
+            ));
+            s.push_str(&format!(
+                "  last prune:  {}\n",
+                r.last_prune
+                    .as_ref()
+                    .map_or("never".to_string(), prune_line)
             ));
             if r.quota > 0 {
                 let pct = (r.used as f64 * 100.0 / r.quota as f64).round();
