@@ -23,7 +23,8 @@
 //! - `coffer_receiver_repository_files{repo}`, `coffer_receiver_repository_versions{repo}`,
 //!   `coffer_receiver_repository_live_bytes{repo}` (the pack records its index references)
 //!   and `coffer_receiver_repository_unused_bytes{repo}` (pack bytes nothing references:
-//!   compaction's work), read from the index at each scrape;
+//!   compaction's work), read from the index by a scrape at most every
+//!   [`USAGE_REFRESH`] (the aggregate queries take about a second per million versions);
 //!   `coffer_receiver_repository_last_prune_timestamp_seconds{repo}` (0: never) and
 //!   `coffer_receiver_repository_last_prune_ok{repo}` (1 ok, 0 failed, -1 never pruned);
 //! - `coffer_receiver_disk_free_bytes` and `coffer_receiver_min_free_bytes`: free space on
@@ -56,6 +57,8 @@ const MAX_REQUEST: usize = 8 * 1024;
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long writing the response may take.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a repository's usage series are kept before a scrape reads them again.
+pub const USAGE_REFRESH: Duration = Duration::from_secs(30);
 /// Scrapes answered at once; connections past this are closed at once.
 const MAX_SCRAPES: usize = 16;
 
@@ -108,9 +111,11 @@ pub struct Metrics {
     usage: UsageSeries,
 }
 
-/// The per-repository series read from its index at each scrape (see the module doc).
+/// The per-repository series read from its index by a scrape (see the module doc).
 #[derive(Debug, Default)]
 struct UsageSeries {
+    /// When each repository's were last set.
+    refreshed: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
     files: Family<Labels, Gauge>,
     versions: Family<Labels, Gauge>,
     live: Family<Labels, Gauge>,
@@ -367,6 +372,16 @@ impl Metrics {
             .set(state);
     }
 
+    /// True when repository `repo`'s usage series are older than [`USAGE_REFRESH`] (or were
+    /// never set): the scrape reads them again.
+    pub fn usage_due(&self, repo: &str) -> bool {
+        let r = match self.usage.refreshed.lock() {
+            Ok(r) => r,
+            Err(p) => p.into_inner(),
+        };
+        r.get(repo).is_none_or(|t| t.elapsed() >= USAGE_REFRESH)
+    }
+
     /// Sets a repository's files, versions, live and unused bytes and its last prune.
     pub fn set_repository_usage(&self, repo: &str, u: &crate::status::RepoUsage) {
         let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
@@ -384,6 +399,11 @@ impl Metrics {
         };
         s.last_prune_at.get_or_create(&labels).set(at);
         s.last_prune_ok.get_or_create(&labels).set(ok);
+        let mut r = match s.refreshed.lock() {
+            Ok(r) => r,
+            Err(p) => p.into_inner(),
+        };
+        r.insert(repo.to_string(), std::time::Instant::now());
     }
 
     /// Sets the packs' file system's free bytes and the floor.
@@ -599,6 +619,7 @@ mod tests {
     fn repository_usage_and_last_prune_are_exported() {
         use crate::status::{LastPrune, RepoUsage};
         let m = Metrics::new();
+        assert!(m.usage_due("photos"));
         let mut u = RepoUsage::default();
         u.usage.packs = 2;
         u.usage.pack_bytes = 10_000 + 2 * crate::store::PACK_HEADER_LEN;
@@ -607,6 +628,8 @@ mod tests {
         u.usage.chunk_record_bytes = 6000;
         u.usage.commit_record_bytes = 1000;
         m.set_repository_usage("photos", &u);
+        assert!(!m.usage_due("photos"));
+        assert!(m.usage_due("nas"));
         u.last_prune = Some(LastPrune::parse(
             r#"{"at":"2026-12-03T18:00:00Z","ok":false,"error":"disk full",
                 "versions_removed":0,"bytes_freed":0,"packs_rewritten":0}"#,

@@ -489,9 +489,11 @@ fn scrape(server: &Server) -> String {
         server
             .metrics
             .set_repository_quota(name, used, quota, state);
-        match crate::status::RepoUsage::read(&server.layout.repo(r.name())) {
-            Ok(u) => server.metrics.set_repository_usage(name, &u),
-            Err(e) => tracing::warn!(repo = name, "metrics: reading the index: {e}"),
+        if server.metrics.usage_due(name) {
+            match crate::status::RepoUsage::read(&server.layout.repo(r.name())) {
+                Ok(u) => server.metrics.set_repository_usage(name, &u),
+                Err(e) => tracing::warn!(repo = name, "metrics: reading the index: {e}"),
+            }
         }
     }
     let free = server.floor.free_now().unwrap_or(0);
