@@ -119,3 +119,64 @@ impl Index {
             .map_err(sql_err(&self.path))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::Mode;
+
+    /// An index of schema `upto` with one pack, two chunks and two versions (one
+    /// referencing both chunks, one referencing one; with records where the schema has them).
+    fn index(dir: &std::path::Path, upto: usize) -> std::path::PathBuf {
+        let path = dir.join(format!("index{upto}.sqlite"));
+        let db = rusqlite::Connection::open(&path).expect("open");
+        for m in &crate::index::SCHEMA.migrations[..upto] {
+            db.execute_batch(m).expect("migrate");
+        }
+        db.pragma_update(None, "user_version", upto as i64)
+            .expect("version");
+        db.execute_batch(
+            "INSERT INTO packs VALUES (1, 100000);
+             INSERT INTO chunks VALUES (x'01', 1, 16, 1000, x'00');
+             INSERT INTO chunks VALUES (x'02', 1, 1088, 500, x'00');
+             INSERT INTO versions (version, file_id, commit_id, commit_time, manifest)
+                 VALUES (1, x'0a', x'0b', 10, zeroblob(300));
+             INSERT INTO versions (version, file_id, commit_id, commit_time, manifest)
+                 VALUES (2, x'0a', x'0c', 20, zeroblob(200));
+             INSERT INTO version_chunks VALUES (1, x'01'), (1, x'02'), (2, x'02');",
+        )
+        .expect("rows");
+        if upto >= 3 {
+            // Version 1 has its record; version 2 waits for the upgrade.
+            db.execute_batch("UPDATE versions SET record_pack = 1 WHERE version = 1")
+                .expect("record");
+        }
+        path
+    }
+
+    #[test]
+    fn live_and_unused_bytes_of_every_schema() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let chunks = 2 * RECORD_HEADER_LEN + 1500;
+        for (schema, commits) in [
+            (1, 0),
+            (2, 0),
+            (3, RECORD_HEADER_LEN + COMMIT_FIXED as u64 + 300 + 2 * 32),
+        ] {
+            let ix = Index::open(&index(tmp.path(), schema), Mode::Read).expect("open");
+            let u = ix.usage().expect("usage");
+            assert_eq!((u.files, u.versions, u.last_commit), (1, 2, Some(20)));
+            assert_eq!((u.chunks, u.chunk_bytes, u.packs), (2, 1500, 1));
+            assert_eq!(u.live_bytes(), chunks + commits, "schema {schema}");
+            assert_eq!(
+                u.unused_bytes(),
+                100_000 - PACK_HEADER_LEN - chunks - commits,
+                "schema {schema}"
+            );
+            assert_eq!(ix.last_prune_json().expect("meta"), None);
+        }
+        let empty = Index::open(&tmp.path().join("empty.sqlite"), Mode::Write).expect("new");
+        let u = empty.usage().expect("usage");
+        assert_eq!(u, Usage::default());
+    }
+}
