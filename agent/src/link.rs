@@ -36,9 +36,10 @@ pub const SILENCE: Duration = Duration::from_secs(20);
 pub const WATCH_EVERY: Duration = Duration::from_secs(1);
 
 /// When a connection of this process was last found quiet (ms; 0: never). The others
-/// that have moved no byte since are closed too: what silenced one (a dropped NAT
+/// that have received no byte since are closed too: what silenced one (a dropped NAT
 /// mapping, a suspended laptop) silenced them, and each would otherwise be found out
-/// only when it next awaits a reply, 20 s each.
+/// only when it next awaits a reply, 20 s each. Only bytes received count here: a write
+/// into a dead link succeeds until the buffers are full.
 static QUIET_AT: AtomicI64 = AtomicI64::new(0);
 
 /// Resolves `addr` (`host:port`, `[v6]:port`) now and connects (see the module comment).
@@ -122,9 +123,10 @@ async fn watch_with(
             return;
         }
         let other = quiet_at.load(Ordering::SeqCst);
-        if other > born && other > progress.last_ms() {
+        if other > born && other > progress.read_ms.load(Ordering::Relaxed) {
             dead(
-                "another connection to the receiver went quiet and this one has been quiet                  since"
+                "another connection to the receiver went quiet, and this one has received nothing \
+                 since"
                     .into(),
             );
             return;
@@ -317,6 +319,8 @@ mod tests {
             let q = AtomicI64::new(0);
             let stale = Arc::new(Progress::default());
             stale.read_ms.store(now_ms() - 60_000, Ordering::Relaxed);
+            // Written into since: no proof that the peer is there.
+            stale.written_ms.store(now_ms() + 5_000, Ordering::Relaxed);
             let busy = Arc::new(Progress::default());
             let (busy2, rounds) = (busy.clone(), Arc::new(AtomicUsize::new(0)));
             let rounds2 = rounds.clone();

@@ -430,10 +430,10 @@ mod tests {
             assert!(e.contains("is not a rate"), "{bad}: {e}");
         }
         assert!(parse_rate("10B/s")
-            .unwrap_err()
+            .expect_err("refused")
             .contains("of at least \"16KiB/s\""));
         assert!(parse_rate("3 furlongs/s")
-            .unwrap_err()
+            .expect_err("refused")
             .contains("unknown unit \"furlongs\""));
     }
 

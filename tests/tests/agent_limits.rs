@@ -371,6 +371,9 @@ fn a_black_holed_connection_is_replaced_within_30_s() -> Result<()> {
     agent.wait_settled(8, Duration::from_secs(60))?;
     let done = t.elapsed();
     eprintln!("black hole noticed after {noticed:?}; backlog done after {done:?}");
+    if std::env::var_os("LIMITS_LOG").is_some() {
+        eprintln!("{}", agent.log());
+    }
     assert!(
         noticed <= Duration::from_secs(30),
         "the quiet link was noticed after {noticed:?}"
