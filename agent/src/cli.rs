@@ -57,6 +57,10 @@ pub enum CliError {
     SameWatchName(String),
     #[error(transparent)]
     Toml(#[from] toml::ser::Error),
+    #[error(transparent)]
+    Pause(#[from] crate::pause::PauseError),
+    #[error("--limit-rate: {0}")]
+    LimitRate(String),
 }
 
 /// Coffer backup agent: watches folders and backs up every change, end-to-end encrypted.
@@ -89,6 +93,11 @@ pub enum Cmd {
     Restore(RestoreArgs),
     /// Check that the receiver holds every chunk of the backup.
     Verify(VerifyArgs),
+    /// Stop sending to the receiver (changes are still journaled), until `resume` or for
+    /// a while. Holds across restarts; works whether or not the agent runs.
+    Pause(PauseArgs),
+    /// End a pause: the agent sends what waits.
+    Resume(ResumeArgs),
     /// Record the deletions held for a watch (`status --held` lists them): a scan found
     /// more than `max_delete_share` of its files gone at once. For a watch unavailable as
     /// "another device", also take the device it is on now as its own.
@@ -276,9 +285,28 @@ pub struct RestoreArgs {
     /// for a file whose owner could not be set.
     #[arg(long)]
     pub keep_setuid: bool,
+    /// Most bytes per second to download for this restore ("10MiB/s", "500KiB/s",
+    /// "1MB/s"); default: the config's `download_limit`.
+    #[arg(long, value_name = "RATE")]
+    pub limit_rate: Option<String>,
     /// Files or folders to restore: paths on disk under a watched folder, or
     /// `watch-name/relative/path`; default: everything.
     pub paths: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct PauseArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// How long: "30m", "2h", "1d" (default: until `resume`).
+    #[arg(long = "for", value_name = "DURATION")]
+    pub for_: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct ResumeArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
 }
 
 #[derive(Args, Debug)]
@@ -397,8 +425,11 @@ fn run_cmd(cmd: Cmd, quiet: bool) -> Result<(), CliError> {
         }
         Cmd::Versions(a) => Ok(restore::versions(&load(&a.config)?, &a.paths, a.json)?),
         Cmd::Restore(a) => {
-            let cfg = load(&a.config)?;
+            let mut cfg = load(&a.config)?;
             let at = parse_at(a.at.as_deref())?;
+            if let Some(r) = &a.limit_rate {
+                cfg.download_limit = Some(crate::rate::parse_rate(r).map_err(CliError::LimitRate)?);
+            }
             Ok(restore::restore(
                 &cfg,
                 restore::RestoreOpts {
@@ -413,6 +444,8 @@ fn run_cmd(cmd: Cmd, quiet: bool) -> Result<(), CliError> {
             )?)
         }
         Cmd::ConfirmDeletions(a) => confirm_deletions(&load(&a.config)?, &a.watch),
+        Cmd::Pause(a) => pause(&load(&a.config)?, a.for_.as_deref()),
+        Cmd::Resume(a) => resume(&load(&a.config)?),
         Cmd::Verify(a) => Ok(restore::verify(
             &load(&a.config)?,
             a.read_data,
@@ -457,6 +490,74 @@ fn confirm_deletions(cfg: &Config, watch: &str) -> Result<(), CliError> {
                 "the agent records them when it next runs"
             }
         );
+    }
+    Ok(())
+}
+
+/// How long `pause` waits for a running daemon to stop sending.
+const PAUSE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// `pause [--for DURATION]`: writes the pause; with the daemon running, waits until it
+/// has stopped sending (at most [`PAUSE_WAIT`]).
+fn pause(cfg: &Config, length: Option<&str>) -> Result<(), CliError> {
+    use crate::pause::{self, Pause};
+    let reason = match length {
+        Some(v) => format!("coffer-agent pause --for {v}"),
+        None => "coffer-agent pause".to_string(),
+    };
+    let length = length.map(pause::parse_for).transpose()?;
+    let p = Pause::new(length, reason);
+    pause::set(&cfg.state_dir, &p)?;
+    let waiting = crate::journal::Journal::open_read_only(&cfg.journal_path())
+        .and_then(|j| j.summary())
+        .map(|s| {
+            format!(
+                "; {} files ({} bytes) wait",
+                s.pending(),
+                s.pending_bytes.max(0)
+            )
+        })
+        .unwrap_or_default();
+    if !daemon::is_running(cfg) {
+        println!(
+            "paused {}; the agent is not running: it journals changes and sends nothing when it \
+             next runs{waiting}",
+            p.until_text()
+        );
+        return Ok(());
+    }
+    let deadline = std::time::Instant::now() + PAUSE_WAIT;
+    while !pause::applied(&cfg.state_dir, &p) {
+        if std::time::Instant::now() >= deadline || !daemon::is_running(cfg) {
+            println!(
+                "paused {}; the agent has not yet confirmed that it stopped sending (it \
+                 finishes what it was sending first){waiting}",
+                p.until_text()
+            );
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    println!(
+        "paused {}: the agent stopped sending and keeps journaling changes{waiting}",
+        p.until_text()
+    );
+    Ok(())
+}
+
+/// `resume`: removes the pause.
+fn resume(cfg: &Config) -> Result<(), CliError> {
+    let old = crate::pause::clear(&cfg.state_dir)?;
+    match old {
+        Some(p) if p.holds_at(coffer_common::host::time::now_ms()) => println!(
+            "resumed: {}",
+            if daemon::is_running(cfg) {
+                "the agent sends what waits now"
+            } else {
+                "the agent sends what waits when it next runs"
+            }
+        ),
+        _ => println!("not paused"),
     }
     Ok(())
 }
@@ -524,6 +625,8 @@ fn init(a: InitArgs) -> Result<(), CliError> {
         rescan_interval: "1h".into(),
         upload_concurrency: 2,
         max_delete_share: None,
+        upload_limit: None,
+        download_limit: None,
         watch: watches,
     };
     let cfg = Config::from_raw(&a.config, raw.clone())?;

@@ -70,6 +70,13 @@ pub struct RawConfig {
     /// those deletions until `confirm-deletions` (`"50%"`); a watch may set its own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_delete_share: Option<Share>,
+    /// Most bytes per second sent to the receiver, all connections together (`"10MiB/s"`;
+    /// unset: no limit). Changed by SIGHUP without a restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload_limit: Option<String>,
+    /// Most bytes per second received from it (restore, verify, ls; unset: no limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub download_limit: Option<String>,
     /// Watched folders.
     #[serde(default)]
     pub watch: Vec<RawWatch>,
@@ -125,6 +132,9 @@ pub struct Config {
     pub debounce: Duration,
     pub rescan_interval: Duration,
     pub upload_concurrency: usize,
+    /// `upload_limit` and `download_limit` in bytes per second (`None`: no limit).
+    pub upload_limit: Option<u64>,
+    pub download_limit: Option<u64>,
     pub watches: Vec<Watch>,
 }
 
@@ -268,6 +278,14 @@ impl Config {
                 n.len()
             )));
         }
+        let rate = |key: &str, v: &Option<String>| {
+            v.as_deref()
+                .map(crate::rate::parse_rate)
+                .transpose()
+                .map_err(|m| invalid(format!("key `{key}`: {m}")))
+        };
+        let upload_limit = rate("upload_limit", &raw.upload_limit)?;
+        let download_limit = rate("download_limit", &raw.download_limit)?;
         let global_share = match &raw.max_delete_share {
             Some(v) => v
                 .fraction()
@@ -339,6 +357,8 @@ impl Config {
             debounce,
             rescan_interval,
             upload_concurrency: raw.upload_concurrency,
+            upload_limit,
+            download_limit,
             watches,
         })
     }
@@ -473,6 +493,31 @@ mod tests {
                 .contains("watch \"a\" `max_delete_share`: \"2\""),
             "{e}"
         );
+    }
+
+    #[test]
+    fn bandwidth_limits_parse_and_a_bad_one_names_key_and_file() {
+        let c = load(&format!(
+            "receiver = \"x:1\"\nreceiver_key = \"{KEY}\"\nupload_limit = \"10MiB/s\"\n\
+             download_limit = \"1MB/s\"\n"
+        ))
+        .expect("valid");
+        assert_eq!(c.upload_limit, Some(10 << 20));
+        assert_eq!(c.download_limit, Some(1_000_000));
+        let c = load(&format!("receiver = \"x:1\"\nreceiver_key = \"{KEY}\"\n")).expect("valid");
+        assert_eq!((c.upload_limit, c.download_limit), (None, None));
+        for key in ["upload_limit", "download_limit"] {
+            let e = load(&format!(
+                "receiver = \"x:1\"\nreceiver_key = \"{KEY}\"\n{key} = \"fast\"\n"
+            ))
+            .expect_err(key)
+            .to_string();
+            assert!(
+                e.contains("agent.toml")
+                    && e.contains(&format!("key `{key}`: \"fast\" is not a rate")),
+                "{e}"
+            );
+        }
     }
 
     #[test]

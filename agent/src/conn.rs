@@ -126,6 +126,28 @@ impl ConnState {
     }
 }
 
+/// Closes the connection if its link goes quiet while a reply is awaited (see
+/// [`crate::link::watch`]); the watchdog ends with the connection.
+fn watch_link(state: &Arc<ConnState>, progress: Arc<crate::rate::Progress>) {
+    let (seen, failed) = (Arc::downgrade(state), Arc::downgrade(state));
+    crate::link::watch(
+        progress,
+        move || {
+            let s = seen.upgrade()?;
+            if s.closed.load(Ordering::SeqCst) {
+                return None;
+            }
+            Some(s.pending.lock().ok().is_some_and(|p| !p.is_empty()))
+        },
+        move |why| {
+            if let Some(s) = failed.upgrade() {
+                tracing::warn!("{why}; connecting again");
+                s.close(&why);
+            }
+        },
+    );
+}
+
 /// A reply not yet received.
 pub struct Pending(oneshot::Receiver<Result<Message, ConnError>>);
 
@@ -193,14 +215,9 @@ impl Conn {
             addr: addr.to_string(),
             reason,
         };
-        let stream = tokio::time::timeout(
-            Duration::from_secs(10),
-            tokio::net::TcpStream::connect(addr),
-        )
-        .await
-        .map_err(|_| unreachable("connect timed out".into()))?
-        .map_err(|e| unreachable(e.to_string()))?;
-        let _ = stream.set_nodelay(true);
+        // Resolved again at each connect; keepalive; the bandwidth limits (`crate::link`).
+        let stream = crate::link::dial(addr).await.map_err(unreachable)?;
+        let progress = stream.progress();
         let mut ch = channel::connect(stream, keypair, receiver_key)
             .await
             .map_err(|e| match e {
@@ -306,6 +323,7 @@ impl Conn {
         let _ = state
             .tasks
             .set([writer.abort_handle(), reader.abort_handle()]);
+        watch_link(&state, progress);
         Ok(Conn {
             tx,
             state,
@@ -699,6 +717,20 @@ impl ConnManager {
                 *c = None;
             }
         }
+    }
+
+    /// True while a reply is awaited on any of the connections (a pause counts as applied
+    /// only once none is, see [`crate::pause`]).
+    pub fn awaiting(&self) -> bool {
+        let busy = |s: &ConnState| {
+            !s.closed.load(Ordering::SeqCst) && s.pending.lock().is_ok_and(|p| !p.is_empty())
+        };
+        let main = self.main.lock().ok().and_then(|m| m.upgrade());
+        main.is_some_and(|s| busy(s.as_ref()))
+            || [&self.query, &self.fresh].iter().any(|lane| {
+                lane.lock()
+                    .is_ok_and(|q| q.conn.as_ref().is_some_and(|c| busy(c.state.as_ref())))
+            })
     }
 
     /// True while the main connection is up.

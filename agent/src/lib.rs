@@ -10,6 +10,10 @@
 //! - [`daemon`]: `run`: its threads, their shared state and the one shutdown signal.
 //! - [`upload`]: workers read, chunk, seal and send; a collector records acks.
 //! - [`conn`]: the pipelined connection to the receiver; reconnects, query lane, escrow.
+//! - [`link`]: under each connection: the address resolved at every connect, TCP
+//!   keepalive, and the watchdog that replaces a link gone quiet.
+//! - [`rate`]: `upload_limit`/`download_limit`: token buckets shared by all connections.
+//! - [`pause`]: `pause`/`resume`: a pause is a file in the state dir the daemon polls.
 //! - [`restore`]: `ls`, `versions`, `restore`, `verify`; the target walked by folder
 //!   handles (`restore/tree.rs`).
 //! - [`paths`]: a file named on the command line (a local path or `watch/relative`).
@@ -24,8 +28,11 @@ pub mod config;
 pub mod conn;
 pub mod daemon;
 pub mod journal;
+pub mod link;
 pub mod metrics;
 pub mod paths;
+pub mod pause;
+pub mod rate;
 pub mod restore;
 pub mod scan;
 pub mod service;

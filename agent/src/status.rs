@@ -212,6 +212,7 @@ pub fn summary_json(cfg: &Config) -> Result<Value, JournalError> {
     };
     let not_acked = s.pending();
     let queue = queue_json(j.as_ref(), &s, running)?;
+    let paused = paused_json(cfg, &s);
     let state = match (running, receiver_state) {
         (false, _) => "agent not running".to_string(),
         (true, Some(st)) => st,
@@ -249,7 +250,47 @@ pub fn summary_json(cfg: &Config) -> Result<Value, JournalError> {
         "watcher": counters,
         "failed": failed,
         "queue": queue,
+        "paused": paused,
     }))
+}
+
+/// The pause (`status --json`'s `paused`): `{since, until, reason, waiting_files,
+/// waiting_bytes}` while one holds (`until` null: until `resume`), else null. A damaged
+/// pause file holds (the daemon sends nothing while it is there): its error is the reason.
+fn paused_json(cfg: &Config, s: &Summary) -> Value {
+    let (since, until, reason) = match crate::pause::current(&cfg.state_dir) {
+        Ok(None) => return Value::Null,
+        Ok(Some(p)) => (
+            Some(ms_to_rfc(p.since_ms)),
+            p.until_ms.map(|u| ms_to_rfc(u + 999)),
+            p.reason,
+        ),
+        Err(e) => (None, None, e.to_string()),
+    };
+    json!({
+        "since": since,
+        "until": until,
+        "reason": reason,
+        "waiting_files": s.pending(),
+        "waiting_bytes": s.pending_bytes,
+    })
+}
+
+/// The pause's line of `status`, if paused.
+fn paused_line(p: &Value) -> Option<String> {
+    if p.is_null() {
+        return None;
+    }
+    let until = match p["until"].as_str() {
+        Some(t) => format!("until {t}"),
+        None => "until `coffer-agent resume`".into(),
+    };
+    Some(format!(
+        "paused {until} ({}): nothing is sent; {} files ({}) wait",
+        p["reason"].as_str().unwrap_or(""),
+        thousands(p["waiting_files"].as_i64().unwrap_or(0)),
+        human_bytes(p["waiting_bytes"].as_i64().unwrap_or(0))
+    ))
 }
 
 /// The receiver's last refusal (`status --json`'s `receiver_refusal`): `{code, message,
@@ -442,6 +483,9 @@ pub fn print(cfg: &Config, json_out: bool) -> Result<(), JournalError> {
         }
     );
     let _ = writeln!(out, "{}", receiver_line(&v));
+    if let Some(line) = paused_line(&v["paused"]) {
+        let _ = writeln!(out, "{line}");
+    }
     for line in refusal_lines(&v) {
         let _ = writeln!(out, "{line}");
     }

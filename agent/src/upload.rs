@@ -247,6 +247,16 @@ impl Batch {
         }
     }
 
+    /// Hands what is gathered back to the journal unsent (a pause) and starts afresh.
+    fn abandon(&mut self, sh: &Daemon) {
+        self.conn = None;
+        let paths: Vec<_> = self.files.drain(..).map(|r| r.read.path).collect();
+        if !paths.is_empty() {
+            sh.abandon(paths);
+        }
+        (self.bytes, self.held) = (0, 0);
+    }
+
     /// Sends what is gathered (see [`flush`]) and starts afresh.
     fn send(&mut self, sh: &Daemon, acks: &AckQueues) {
         if let Some(conn) = self.conn.take() {
@@ -265,6 +275,15 @@ pub fn worker(sh: Arc<Daemon>, q: Queues, lane: Lane, acks: AckQueues) {
     let mut batch = Batch::new();
     let mut picks = 0u64;
     loop {
+        if sh.pause.is_paused() {
+            // Paused: what is gathered goes back to the journal, unsent; wait for resume.
+            batch.abandon(&sh);
+            sh.pause.park(&sh.shutdown);
+            if sh.shutdown.is_stopping() {
+                return;
+            }
+            continue;
+        }
         let job = if batch.files.is_empty() {
             match take(&q, lane, &mut picks, Some(Duration::from_millis(200))) {
                 Take::Job(j) => *j,
@@ -950,6 +969,12 @@ fn read_large(sh: &Daemon, conn: &Conn, f: &Opened) -> Outcome {
         }
         if sh.shutdown.is_stopping() {
             return Outcome::Retry("agent stopped while reading".into(), now_ms());
+        }
+        if sh.pause.is_paused() {
+            return Outcome::Retry(
+                "paused while sending; sent again at resume".into(),
+                now_ms(),
+            );
         }
     }
     if let Err(o) = send_window(sh, conn, shown, &mut window, &mut sent, &mut puts) {

@@ -588,7 +588,11 @@ async fn accept(server: &Arc<Server>, listener: &TcpListener) {
                             }
                         },
                     };
-                    let _ = stream.set_nodelay(true);
+                    // Keepalive and a user timeout: an agent that vanished without
+                    // closing is noticed within 30 s (`coffer_common::host::net`).
+                    if let Err(e) = coffer_common::host::net::tune(&stream) {
+                        tracing::debug!(%peer, "cannot set TCP keepalive: {}", describe(&e));
+                    }
                     let s = server.clone();
                     let span = tracing::info_span!("conn", %peer);
                     server

@@ -5,6 +5,8 @@
 //! - [`TestAgent`] / [`Client`]: a minimal protocol client built on `coffer-common`
 //!   (handshake, Hello, puts, commits, reads), plus [`SealedFile`] to make real sealed
 //!   chunks and manifests.
+//! - [`proxy::DelayProxy`]: a loopback link with a fixed delay each way, a rate limit, a
+//!   black hole.
 //! - [`wait_for`]: poll a condition with a deadline (tests never sleep for timing).
 
 use std::io::{BufRead, BufReader};
@@ -20,6 +22,8 @@ use coffer_common::keys::{fill_random, MasterSecret};
 use coffer_common::manifest::{ChunkRef, EntryKind, Manifest};
 use coffer_common::wire::{CommitId, ErrorCode, Message, VersionEntry, PROTOCOL_VERSION};
 use tokio::net::TcpStream;
+
+pub mod proxy;
 
 /// Polls `f` until it returns `Some`, or fails after `limit`.
 pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> Result<T> {

@@ -139,6 +139,7 @@ pub(crate) fn notify_systemd(state: &[sd_notify::NotifyState]) {
 /// stopped and joined before it returns.
 pub fn run(cfg: Config, opts: RunOpts) -> Result<(), RunError> {
     let _lock = lock_state(&cfg)?;
+    crate::rate::global().set(cfg.upload_limit, cfg.download_limit);
     let keys = read_keys(&cfg)?;
     let journal = open_journal(&cfg)?;
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -53,6 +53,8 @@ pub struct Daemon {
     pub counters: Counters,
     /// Each watch's availability (see [`crate::avail`]).
     pub avail: crate::avail::Tracker,
+    /// `pause`/`resume` (see [`crate::pause`]): read at start, polled by the timer thread.
+    pub pause: crate::pause::Watcher,
 }
 
 impl Daemon {
@@ -66,6 +68,7 @@ impl Daemon {
         rt: tokio::runtime::Handle,
     ) -> (Arc<Daemon>, Receiver<()>) {
         let (wake, woken) = crossbeam_channel::bounded::<()>(1);
+        let pause = crate::pause::Watcher::new(&cfg.state_dir);
         let sh = Daemon {
             conn: ConnManager::new(cfg.clone(), keypair, rt, keyfile),
             watches: RwLock::new(Arc::new(cfg.watches.clone())),
@@ -77,6 +80,7 @@ impl Daemon {
             wake,
             counters: Counters::default(),
             avail: crate::avail::Tracker::default(),
+            pause,
         };
         (Arc::new(sh), woken)
     }

@@ -96,6 +96,7 @@ pub(super) fn control(
                         "config reloaded; watch list updated"
                     );
                 }
+                crate::rate::global().set(new.upload_limit, new.download_limit);
                 let changed_other = new.receiver != sh.cfg.receiver
                     || new.receiver_key != sh.cfg.receiver_key
                     || new.state_dir != sh.cfg.state_dir
@@ -185,6 +186,15 @@ pub(super) fn scheduler(sh: &Arc<Daemon>, queues: JobQueues, wake: Receiver<()>)
         }
         if sh.shutdown.is_stopping() {
             return;
+        }
+        if sh.pause.is_paused() {
+            // Paused: changes are journaled, nothing is claimed (see `crate::pause`).
+            select! {
+                recv(wake) -> _ => {}
+                recv(sh.shutdown.signal()) -> _ => {}
+                default(crate::pause::POLL) => {}
+            }
+            continue;
         }
         let now = now_ms();
         let room = |q: &Sender<Job>| q.capacity().unwrap_or(0).saturating_sub(q.len());
@@ -466,7 +476,8 @@ pub(super) fn periodic(
     let mut last_beat = Instant::now();
     let mut rates = Rates::default();
     super::heartbeat(&sh);
-    while !sh.shutdown.sleep(Duration::from_millis(200)) {
+    while !sh.shutdown.sleep(crate::pause::POLL) {
+        poll_pause(&sh);
         sh.conn.close_idle_query();
         rates.tick(&sh);
         if last_beat.elapsed() >= super::HEARTBEAT {
@@ -494,6 +505,22 @@ pub(super) fn periodic(
                 });
             }
         }
+    }
+}
+
+/// Follows `pause`/`resume` (see [`crate::pause`]): wakes the scheduler when a pause
+/// ends, and says when one is applied (every worker parked, no reply awaited).
+fn poll_pause(sh: &Daemon) {
+    if sh.pause.poll() {
+        sh.wake();
+        if !sh.pause.is_paused() {
+            crate::pause::forget_applied(&sh.cfg.state_dir);
+        }
+    }
+    if sh.pause.is_paused() {
+        // The fresh lane's worker and `upload_concurrency` shared ones.
+        sh.pause
+            .note_applied(sh.cfg.upload_concurrency + 1, sh.conn.awaiting());
     }
 }
 
@@ -611,6 +638,11 @@ pub(super) fn progress(sh: Arc<Daemon>) {
             let pending = s.pending();
             bar.set_message(if pending == 0 {
                 format!("all {} files backed up; watching", s.backed_up)
+            } else if sh.pause.is_paused() {
+                format!(
+                    "paused: {pending} files ({:.1} MiB) wait; `coffer-agent resume` sends them",
+                    s.pending_bytes as f64 / 1048576.0
+                )
             } else {
                 format!(
                     "{pending} files pending ({:.1} MiB), {:.1} MiB/s, {cur}",

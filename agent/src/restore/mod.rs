@@ -93,6 +93,8 @@ impl Session {
             .enable_all()
             .build()
             .map_err(RestoreError::Runtime)?;
+        // `download_limit` (or `restore --limit-rate`) caps what comes from the receiver.
+        crate::rate::global().set(cfg.upload_limit, cfg.download_limit);
         let conn = rt.block_on(Conn::connect(
             &cfg.receiver,
             &cfg.receiver_key,

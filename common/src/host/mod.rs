@@ -10,11 +10,13 @@
 //! - [`service`]: the `service install|uninstall` engine: plan, dry run, checks, execution.
 //! - [`log`]: the `-v`/`-q`/`--log-format` options and the `tracing` subscriber behind them.
 //! - [`mem`]: the allocator's arena policy (the workspace's one `unsafe` block).
+//! - [`net`]: TCP keepalive and user timeout, so that a vanished peer is noticed in 30 s.
 
 pub mod fs;
 pub mod lock;
 pub mod log;
 pub mod mem;
+pub mod net;
 pub mod service;
 pub mod sqlite;
 pub mod time;
