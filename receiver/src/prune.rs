@@ -89,7 +89,7 @@ pub struct PruneReport {
     pub files: u64,
     pub versions_kept: u64,
     pub versions_removed: u64,
-    /// Pack bytes freed: the packs deleted, less the copies written.
+    /// Pack bytes freed: the packs deleted, less the copies and removal records written.
     pub bytes_freed: u64,
     pub packs_rewritten: u64,
     pub packs_deleted: u64,
@@ -101,6 +101,8 @@ pub struct PruneReport {
     pub bytes_unreferenced: u64,
     /// New packs compaction wrote its copies to.
     pub packs_written: u64,
+    /// Bytes of the removal records written (counted against `bytes_freed`).
+    pub removal_bytes: u64,
     /// Pack bytes (recorded lengths) before and after.
     pub bytes_before: u64,
     pub bytes_after: u64,
@@ -130,9 +132,9 @@ pub enum PruneError {
     #[error(transparent)]
     Index(#[from] IndexError),
     #[error(
-        "repository {repo}: compaction stopped: {source}; nothing indexed was touched (the \
-         copies not yet indexed were removed) and the next prune starts over once there is \
-         room"
+        "repository {repo}: compaction stopped: {source}; nothing was lost (its copies not yet \
+         indexed were removed, every record the index holds is where it was) and the next \
+         prune carries on once there is room"
     )]
     Compaction {
         repo: String,
@@ -391,6 +393,12 @@ impl Batch {
                 repo.remove_versions(all, &latest, now_secs())?.0
             };
             let versions: Vec<u64> = done.iter().map(|r| r.version).collect();
+            if !versions.is_empty() {
+                report.removal_bytes += RECORD_HEADER_LEN
+                    + (crate::records::REMOVAL_FIXED
+                        + crate::records::REMOVAL_ENTRY * versions.len())
+                        as u64;
+            }
             scan.mark_gone(&versions)?;
             report.versions_removed += versions.len() as u64;
             // A file that gained a version meanwhile keeps them until the next prune.
@@ -499,7 +507,9 @@ fn compact(
         report.packs_deleted = chosen.iter().filter(|u| u.live == 0).count() as u64;
         report.packs_rewritten = chosen.len() as u64 - report.packs_deleted;
         report.packs_written = new_packs;
-        report.bytes_freed = freed.saturating_sub(live + new_packs * PACK_HEADER_LEN);
+        report.bytes_freed = freed
+            .saturating_sub(live + new_packs * PACK_HEADER_LEN)
+            .saturating_sub(report.removal_bytes);
         report.bytes_after = total.saturating_sub(report.bytes_freed);
         return Ok(());
     }
@@ -532,14 +542,14 @@ fn compact(
     if let Err(e) = r {
         out.abandon();
         report.packs_written = out.started;
-        report.bytes_freed = out.freed.saturating_sub(out.written);
+        report.bytes_freed = out.freed.saturating_sub(out.written + report.removal_bytes);
         return Err(PruneError::Compaction {
             repo: report.repo.clone(),
             source: Box::new(e),
         });
     }
     report.packs_written = out.started;
-    report.bytes_freed = out.freed.saturating_sub(out.written);
+    report.bytes_freed = out.freed.saturating_sub(out.written + report.removal_bytes);
     report.bytes_after = scan.pack_use(false)?.iter().map(|u| u.length).sum();
     Ok(())
 }
