@@ -46,6 +46,14 @@
 //! Memory: one file's versions, one batch of removals or chunk ids (4,096), and one pack's
 //! list of live records (its chunk ids and offsets) at a time; every set of chunks lives
 //! in SQLite.
+//!
+//! For a serving process: call [`prune`] on a blocking thread with the `Repo` the sessions
+//! use, holding none of its locks; it takes them itself, one step at a time (never the
+//! state lock across an fsync of a pack, never across more than one index transaction of
+//! at most 4,096 rows or 16,384 moved records), and reads through a connection of its own
+//! (no reader lock). Two prunes of one repository in one process are refused (`Busy`).
+//! What a session may see meanwhile: `MissingChunks` for a chunk deleted since it asked,
+//! and a chunk read whose pack was deleted since its lookup (look it up again).
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
