@@ -27,6 +27,7 @@ pub mod cli;
 pub mod config;
 pub mod conn;
 pub mod daemon;
+pub mod fidelity;
 pub mod journal;
 pub mod link;
 pub mod metrics;

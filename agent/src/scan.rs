@@ -201,11 +201,8 @@ pub fn scan(
                 stack.push(path);
                 continue;
             }
+            // FIFOs, sockets and devices are backed up as such, as files are.
             let jp = journal_key(watch, &rel);
-            if !(ft.is_file() || ft.is_symlink()) {
-                stats.skipped_special += 1;
-                continue;
-            }
             // fstatat on the open folder: no walk of the whole path per file.
             let meta = match entry.metadata() {
                 Ok(m) => m,

@@ -20,7 +20,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use coffer_common::chunk::{chunk_stream_sized, ChunkId, HashingReader, PlainChunk, MIN_CHUNK};
+use coffer_common::chunk::{chunk_stream_sized, ChunkId, PlainChunk, MIN_CHUNK};
 use coffer_common::keys::fill_random;
 use coffer_common::manifest::{ChunkRef, EntryKind, Manifest};
 use coffer_common::wire::{
@@ -31,6 +31,7 @@ use crossbeam_channel::{select, Receiver, RecvTimeoutError, Sender};
 
 use crate::conn::{quota_retry_ms, Conn, ConnError, Pending};
 use crate::daemon::Daemon;
+use crate::fidelity::{self, links, Extra};
 use crate::journal::{is_folder_key, Ack, Class, CounterKey, FileRead, Job, StatKey};
 use crate::scan::{fs_path, stat_key};
 use coffer_common::host::time::now_ms;
@@ -676,10 +677,12 @@ struct Content {
     chunks: Vec<ChunkRef>,
     chunk: Option<SealedChunk>,
     puts: Vec<Pending>,
+    /// Extents, attributes, link.
+    extra: Extra,
 }
 
 impl Content {
-    /// A version without chunks (a symlink, a folder, a deletion).
+    /// A version without chunks (a symlink, a folder, a deletion, a special file).
     fn bare(kind: EntryKind, hash: [u8; 32]) -> Self {
         Content {
             kind,
@@ -687,6 +690,7 @@ impl Content {
             chunks: vec![],
             chunk: None,
             puts: vec![],
+            extra: Extra::default(),
         }
     }
 }
@@ -715,6 +719,9 @@ fn ready(
         gid: meta.map(|m| m.gid()).unwrap_or(0),
         content_hash: c.hash,
         chunks: c.chunks,
+        sparse: c.extra.sparse,
+        xattrs: c.extra.xattrs,
+        hardlink: c.extra.hardlink,
     };
     let (chunk, puts) = (c.chunk, c.puts);
     let file_id = sh.crypto().file_id(path);
@@ -768,6 +775,9 @@ fn process(sh: &Daemon, conn: &Conn, job: &Job) -> Outcome {
     if ft.is_symlink() {
         return symlink(sh, job, &path, &shown, &meta);
     }
+    if let Some(kind) = fidelity::special::kind_of(&ft) {
+        return special(sh, job, &meta, kind);
+    }
     if !ft.is_file() {
         let _ = sh.journal(|j| j.bump(CounterKey::SkippedSpecial, 1));
         return Outcome::Forget;
@@ -788,6 +798,7 @@ fn process(sh: &Daemon, conn: &Conn, job: &Job) -> Outcome {
     if !before.is_file() {
         return Outcome::Retry("replaced while being opened".into(), now_ms());
     }
+    let (extra, xattrs) = fidelity_of(&file, &before, &shown);
     let f = Opened {
         job,
         path: &path,
@@ -795,7 +806,12 @@ fn process(sh: &Daemon, conn: &Conn, job: &Job) -> Outcome {
         file,
         before,
         mode: meta.mode() as i64,
+        extra,
+        xattrs,
     };
+    if let Some(o) = shared_read(sh, &f) {
+        return o;
+    }
     if f.before.len() < MIN_CHUNK as u64 {
         read_small(sh, &f)
     } else {
@@ -813,6 +829,161 @@ struct Opened<'a> {
     before: std::fs::Metadata,
     /// The mode of the path, as first looked up.
     mode: i64,
+    /// Its attributes and link (extents are found by [`read_large`]).
+    extra: Extra,
+    /// Digest of its attributes.
+    xattrs: [u8; 32],
+}
+
+/// An open file's attributes (a warning, and none, when they cannot be read) and, when it
+/// has more than one name, its inode.
+fn fidelity_of(file: &std::fs::File, before: &std::fs::Metadata, shown: &str) -> (Extra, [u8; 32]) {
+    let xattrs = fidelity::xattr::read_fd(file, fidelity::xattr::privileged(), shown)
+        .unwrap_or_else(|e| {
+            tracing::warn!(file = shown, error = %e, "cannot read extended attributes; backed up without them");
+            vec![]
+        });
+    let digest = fidelity::xattr::digest(&xattrs);
+    let hardlink = (before.nlink() > 1).then(|| coffer_common::manifest::HardLink {
+        dev: before.dev(),
+        ino: before.ino(),
+        to: vec![],
+    });
+    let extra = Extra {
+        sparse: None,
+        xattrs,
+        hardlink,
+    };
+    (extra, digest)
+}
+
+fn read_at(m: &std::fs::Metadata) -> links::At {
+    let k = stat_key(m);
+    links::At {
+        size: m.len(),
+        mtime_ns: k.mtime_ns,
+        ctime_ns: k.ctime_ns,
+    }
+}
+
+/// A file whose content was just read through another of its names, or whose attributes
+/// alone changed since its last read ([`links`]): committed with that read's content, not
+/// read again.
+fn shared_read(sh: &Daemon, f: &Opened) -> Option<Outcome> {
+    let (dev, ino) = (f.before.dev(), f.before.ino());
+    let prior = links::reads()
+        .lock()
+        .ok()?
+        .get(dev, ino, read_at(&f.before), &f.xattrs)?;
+    // The same path at the same stat is read again: its last read may not have reached the
+    // receiver (a retry must put its chunks).
+    if prior.path == f.job.path && prior.at == read_at(&f.before) {
+        return None;
+    }
+    let mut extra = f.extra.clone();
+    if let Some(l) = &mut extra.hardlink {
+        if prior.path != f.job.path {
+            l.to = prior.path.clone();
+        }
+    }
+    extra.sparse = prior.sparse.clone();
+    if let Some(o) = changed_while_read(sh, &f.file, f.path, &f.before, f.before.len()) {
+        return Some(o);
+    }
+    // Remembered at the new stat, still as the read of the path that read it.
+    if let Ok(mut r) = links::reads().lock() {
+        r.put(
+            dev,
+            ino,
+            links::Read {
+                at: read_at(&f.before),
+                xattrs: f.xattrs,
+                ..prior.clone()
+            },
+        );
+    }
+    let read = read_info(
+        sh,
+        f.job,
+        "file",
+        stat_key(&f.before),
+        f.mode,
+        &extra.summary(&prior.hash),
+    );
+    if unchanged(f.job, &read) {
+        return Some(Outcome::Unchanged(Box::new(read)));
+    }
+    Some(ready(
+        sh,
+        f.job,
+        read,
+        Some(&f.before),
+        Content {
+            kind: EntryKind::File,
+            hash: prior.hash,
+            chunks: prior.chunks,
+            chunk: None,
+            puts: vec![],
+            extra,
+        },
+    ))
+}
+
+/// Remembers a file's read for its other names and its next attribute change.
+fn remember(
+    f: &Opened,
+    hash: [u8; 32],
+    chunks: &[ChunkRef],
+    sparse: &Option<Vec<coffer_common::manifest::Extent>>,
+) {
+    if let Ok(mut r) = links::reads().lock() {
+        r.put(
+            f.before.dev(),
+            f.before.ino(),
+            links::Read {
+                path: f.job.path.clone(),
+                at: read_at(&f.before),
+                xattrs: f.xattrs,
+                hash,
+                chunks: chunks.to_vec(),
+                sparse: sparse.clone(),
+            },
+        );
+    }
+}
+
+/// A FIFO, socket or device node: its kind, number, mode, owner and mtime, no content.
+fn special(
+    sh: &Daemon,
+    job: &Job,
+    meta: &std::fs::Metadata,
+    kind: coffer_common::manifest::SpecialKind,
+) -> Outcome {
+    let stat = stat_key(meta);
+    let summary = fidelity::special::summary(
+        kind,
+        meta.rdev(),
+        meta.mode(),
+        meta.uid(),
+        meta.gid(),
+        stat.mtime_ns,
+    );
+    let read = read_info(sh, job, "special", stat, meta.mode() as i64, &summary);
+    if job.backed_hash == Some(read.hash) && job.backed_kind.as_deref() == Some("special") {
+        return Outcome::Unchanged(Box::new(read));
+    }
+    let rdev = match kind {
+        coffer_common::manifest::SpecialKind::CharDevice
+        | coffer_common::manifest::SpecialKind::BlockDevice => meta.rdev(),
+        _ => 0,
+    };
+    ready(
+        sh,
+        job,
+        read,
+        Some(meta),
+        Content::bare(EntryKind::Special { kind, rdev }, [0; 32]),
+    )
 }
 
 /// A folder's row: its mode, owner and mtime, committed as a `Dir` version when they differ
@@ -848,17 +1019,20 @@ fn folder(sh: &Daemon, job: &Job) -> Outcome {
     summary[8..12].copy_from_slice(&meta.uid().to_le_bytes());
     summary[12..16].copy_from_slice(&meta.gid().to_le_bytes());
     summary[16..].copy_from_slice(&stat.mtime_ns.to_le_bytes());
+    // Its attributes (a default ACL among them) count when it has any.
+    let xattrs =
+        fidelity::xattr::read_path(&path, fidelity::xattr::privileged()).unwrap_or_default();
+    let mut summary = summary.to_vec();
+    if !xattrs.is_empty() {
+        summary.extend(fidelity::xattr::digest(&xattrs));
+    }
     let read = read_info(sh, job, "dir", stat, meta.mode() as i64, &summary);
     if job.backed_hash == Some(read.hash) && job.backed_kind.as_deref() == Some("dir") {
         return Outcome::Unchanged(Box::new(read));
     }
-    ready(
-        sh,
-        job,
-        read,
-        Some(&meta),
-        Content::bare(EntryKind::Dir, [0; 32]),
-    )
+    let mut c = Content::bare(EntryKind::Dir, [0; 32]);
+    c.extra.xattrs = xattrs;
+    ready(sh, job, read, Some(&meta), c)
 }
 
 /// A symlink: its target is its content.
@@ -902,8 +1076,28 @@ fn read_small(sh: &Daemon, f: &Opened) -> Outcome {
     if let Some(o) = changed_while_read(sh, &f.file, f.path, &f.before, len) {
         return o;
     }
-    let read = read_info(sh, job, "file", stat_key(&f.before), f.mode, &hash);
+    let read = read_info(
+        sh,
+        job,
+        "file",
+        stat_key(&f.before),
+        f.mode,
+        &f.extra.summary(&hash),
+    );
+    let small_chunks = |data: &[u8]| {
+        let id = sh.crypto().chunk_id(data);
+        (!data.is_empty()).then_some(ChunkRef {
+            id,
+            len: data.len() as u32,
+        })
+    };
     if unchanged(job, &read) {
+        remember(
+            f,
+            hash,
+            &small_chunks(&data).into_iter().collect::<Vec<_>>(),
+            &None,
+        );
         return Outcome::Unchanged(Box::new(read));
     }
     sh.counters.bytes_read.fetch_add(len, Ordering::Relaxed);
@@ -924,6 +1118,7 @@ fn read_small(sh: &Daemon, f: &Opened) -> Outcome {
         });
         chunk = Some(SealedChunk { id, sealed });
     }
+    remember(f, hash, &chunks, &None);
     ready(
         sh,
         job,
@@ -935,6 +1130,7 @@ fn read_small(sh: &Daemon, f: &Opened) -> Outcome {
             chunks,
             chunk,
             puts: vec![],
+            extra: f.extra.clone(),
         },
     )
 }
@@ -945,11 +1141,17 @@ fn read_large(sh: &Daemon, conn: &Conn, f: &Opened) -> Outcome {
     let (job, shown) = (f.job, f.shown);
     let mut chunks = Vec::new();
     let mut puts = Vec::new();
-    let mut reader = HashingReader::new(&f.file);
+    // A sparse file's data alone is read and chunked; its holes are hashed as zeros.
+    let size = f.before.len();
+    let sparse = fidelity::sparse::data_extents(&f.file, size, f.before.blocks());
+    let data_len = sparse
+        .as_ref()
+        .map_or(size, |e| e.iter().map(|x| x.len).sum());
+    let mut reader = fidelity::sparse::Source::new(&f.file, sparse.as_deref(), size);
     let mut window: Vec<(ChunkId, PlainChunk)> = Vec::new();
     let mut window_bytes = 0usize;
     let mut sent: HashSet<ChunkId> = HashSet::new();
-    for c in chunk_stream_sized(&mut reader, f.before.len()) {
+    for c in chunk_stream_sized(&mut reader, data_len) {
         let data = match c {
             Ok(d) => d,
             Err(e) => return Outcome::Failed(format!("reading {shown}: {e}")),
@@ -981,11 +1183,23 @@ fn read_large(sh: &Daemon, conn: &Conn, f: &Opened) -> Outcome {
         return o;
     }
     let (hash, len) = reader.finish();
-    sh.counters.bytes_read.fetch_add(len, Ordering::Relaxed);
+    sh.counters
+        .bytes_read
+        .fetch_add(len.min(data_len), Ordering::Relaxed);
     if let Some(o) = changed_while_read(sh, &f.file, f.path, &f.before, len) {
         return o;
     }
-    let read = read_info(sh, job, "file", stat_key(&f.before), f.mode, &hash);
+    remember(f, hash, &chunks, &sparse);
+    let mut extra = f.extra.clone();
+    extra.sparse = sparse;
+    let read = read_info(
+        sh,
+        job,
+        "file",
+        stat_key(&f.before),
+        f.mode,
+        &extra.summary(&hash),
+    );
     if unchanged(job, &read) && puts.is_empty() {
         return Outcome::Unchanged(Box::new(read));
     }
@@ -1000,6 +1214,7 @@ fn read_large(sh: &Daemon, conn: &Conn, f: &Opened) -> Outcome {
             chunks,
             chunk: None,
             puts,
+            extra,
         },
     )
 }

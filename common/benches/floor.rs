@@ -150,6 +150,9 @@ fn pass(crypto: &Crypto, paths: &[PathBuf]) -> anyhow::Result<(Spent, Totals)> {
             gid: 0,
             content_hash: hash,
             chunks: refs,
+            sparse: None,
+            xattrs: vec![],
+            hardlink: None,
         };
         std::hint::black_box(crypto.seal_manifest(&file_id, &m.encode())?);
         timed(&mut s.manifests, c);

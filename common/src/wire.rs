@@ -503,7 +503,9 @@ mod tests {
 
     #[test]
     fn the_largest_honest_manifest_and_commit_fit_the_limits() {
-        use crate::manifest::{ChunkRef, EntryKind, Manifest};
+        use crate::manifest::{
+            ChunkRef, EntryKind, Extent, HardLink, Manifest, Xattr, MAX_EXTENTS, MAX_XATTR_BYTES,
+        };
         let m = Manifest {
             path: vec![b'p'; 64 * 1024],
             kind: EntryKind::Symlink {
@@ -522,6 +524,22 @@ mod tests {
                 };
                 MAX_IDS
             ],
+            sparse: Some(vec![
+                Extent {
+                    offset: u64::MAX,
+                    len: u64::MAX,
+                };
+                MAX_EXTENTS
+            ]),
+            xattrs: vec![Xattr {
+                name: vec![b'n'; 255],
+                value: vec![b'v'; MAX_XATTR_BYTES - 255],
+            }],
+            hardlink: Some(HardLink {
+                dev: u64::MAX,
+                ino: u64::MAX,
+                to: vec![b'p'; 64 * 1024],
+            }),
         };
         let sealed = m.encode().len() + SEAL_OVERHEAD;
         assert!(sealed < MAX_MANIFEST, "{sealed}");

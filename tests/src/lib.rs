@@ -423,6 +423,9 @@ impl TestAgent {
             gid: 0,
             content_hash: *blake3::hash(plain).as_bytes(),
             chunks: refs,
+            sparse: None,
+            xattrs: vec![],
+            hardlink: None,
         };
         Ok(SealedFile {
             path: path.as_bytes().to_vec(),

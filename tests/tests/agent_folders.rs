@@ -239,6 +239,9 @@ fn a_backup_without_folder_versions_restores_as_before() -> Result<()> {
         uid: 0,
         gid: 0,
         content_hash: *blake3::hash(&body).as_bytes(),
+        sparse: None,
+        xattrs: vec![],
+        hardlink: None,
     };
     for (n, m) in [
         file("w/old/sub/kept.txt", EntryKind::File),

@@ -367,6 +367,9 @@ fn a_hostile_repository_cannot_make_restore_write_outside_the_target() -> Result
             gid: 0,
             content_hash: *blake3::hash(&body).as_bytes(),
             chunks: vec![ChunkRef { id, len: 4 }],
+            sparse: None,
+            xattrs: vec![],
+            hardlink: None,
         };
         let fid = crypto.file_id(path.as_bytes());
         let r = rt.block_on(conn.call(Message::CommitFile {

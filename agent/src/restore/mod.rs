@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex};
 use coffer_common::chunk::{ChunkId, Crypto, FileId, Opened, MAX_PLAIN, SEAL_OVERHEAD};
 use coffer_common::host::fs::{Context as _, IoError};
 use coffer_common::host::time::rfc3339;
-use coffer_common::manifest::{EntryKind, Manifest};
+use coffer_common::manifest::{place, EntryKind, Extent, Manifest};
 use coffer_common::wire::{Message, VersionEntry};
 
 use crate::config::Config;
@@ -353,7 +353,7 @@ pub fn select_all(
             EntryKind::Dir => {
                 dirs.insert(k, v.clone());
             }
-            EntryKind::File | EntryKind::Symlink { .. } => {
+            EntryKind::File | EntryKind::Symlink { .. } | EntryKind::Special { .. } => {
                 files.insert(k, v.clone());
             }
         }
@@ -386,6 +386,7 @@ fn kind_name(k: &EntryKind) -> &'static str {
         EntryKind::Symlink { .. } => "symlink",
         EntryKind::Deleted => "deleted",
         EntryKind::Dir => "folder",
+        EntryKind::Special { kind, .. } => kind.name(),
     }
 }
 
@@ -506,7 +507,18 @@ pub fn versions(cfg: &Config, args: &[String], json: bool) -> Result<(), Restore
                         }
                         EntryKind::Symlink { target } => e["target"] = show(target).into(),
                         EntryKind::Dir => e["mode"] = format!("{:04o}", m.mode).into(),
-                        EntryKind::Deleted => {}
+                        EntryKind::Deleted | EntryKind::Special { .. } => {}
+                    }
+                    if let Some(l) = m.hardlink.as_ref().filter(|l| !l.to.is_empty()) {
+                        e["link_to"] = show(&l.to).into();
+                    }
+                    if !m.xattrs.is_empty() {
+                        e["xattrs"] = m
+                            .xattrs
+                            .iter()
+                            .map(|x| serde_json::Value::from(show(&x.name)))
+                            .collect::<Vec<_>>()
+                            .into();
                     }
                     e
                 })
@@ -538,6 +550,7 @@ pub fn versions(cfg: &Config, args: &[String], json: bool) -> Result<(), Restore
                 EntryKind::Symlink { target } => format!("{:>12}  -> {}", m.size, show(target)),
                 EntryKind::Deleted => format!("{:>12}  deleted", "-"),
                 EntryKind::Dir => format!("{:>12}  folder {:04o}", "-", m.mode),
+                EntryKind::Special { kind, .. } => format!("{:>12}  {}", "-", kind.name()),
             };
             let _ = writeln!(
                 out,
@@ -600,6 +613,10 @@ struct Target {
     remaining: usize,
     failed: Option<String>,
     item: Item,
+    /// A sparse file's data extents: the chunks' bytes go there, the rest is holes.
+    extents: Option<Arc<[Extent]>>,
+    /// A file others are hard-linked to: its path is added once it is in place.
+    linked: Option<Arc<Mutex<HashSet<Vec<u8>>>>>,
 }
 
 /// `restore`.
@@ -658,6 +675,13 @@ pub fn restore(cfg: &Config, o: RestoreOpts) -> Result<(), RestoreError> {
         }
     }
     let bar = progress_bar(o.progress, total_bytes, "restoring");
+    // Hard links restored together: the first path of each inode is restored, the others
+    // are linked to it once it is in place.
+    let leaders = link_leaders(dests.iter().map(|(p, it, _)| (p, it)));
+    let leading: HashSet<Vec<u8>> = leaders.values().cloned().collect();
+    let linked: Arc<Mutex<HashSet<Vec<u8>>>> = Arc::default();
+    let mut links: Vec<(Vec<u8>, Dest, Vec<u8>, u64)> = Vec::new();
+    let mut placed: HashMap<Vec<u8>, (usize, OsString)> = HashMap::new();
     // Prepare targets; symlinks and empty files finish at once.
     let mut targets: HashMap<usize, Target> = HashMap::new();
     let mut order: Vec<(Job, ChunkId, u32)> = Vec::new();
@@ -670,7 +694,25 @@ pub fn restore(cfg: &Config, o: RestoreOpts) -> Result<(), RestoreError> {
                 continue;
             }
         };
+        if let Some(leader) = leaders.get(&path) {
+            links.push((path, dest, leader.clone(), it.manifest.size));
+            continue;
+        }
+        let is_leader = leading.contains(&path);
+        if is_leader {
+            placed.insert(path.clone(), (dest.folder, dest.name.clone()));
+        }
         match &it.manifest.kind {
+            EntryKind::Special { kind, rdev } => {
+                match tree.place_special(&dest, *kind, *rdev, &it.manifest, perms.as_root) {
+                    Ok(None) => {}
+                    Ok(Some(w)) => eprintln!("warning: {w}"),
+                    Err(e) => {
+                        eprintln!("error: {}: {e}", show(&path));
+                        failed += 1;
+                    }
+                }
+            }
             EntryKind::Symlink { target } => {
                 if let Err(e) = tree.place_symlink(&dest, target, &it.manifest, perms.as_root) {
                     eprintln!("error: {}: {e}", show(&path));
@@ -678,6 +720,11 @@ pub fn restore(cfg: &Config, o: RestoreOpts) -> Result<(), RestoreError> {
                 }
             }
             EntryKind::File => {
+                if let Err(e) = it.manifest.check_extents() {
+                    eprintln!("error: {}: {e}", show(&path));
+                    failed += 1;
+                    continue;
+                }
                 let chunks: Vec<(ChunkId, u32)> =
                     it.manifest.chunks.iter().map(|c| (c.id, c.len)).collect();
                 // A new file of at most one chunk is created under its own name and written
@@ -697,11 +744,14 @@ pub fn restore(cfg: &Config, o: RestoreOpts) -> Result<(), RestoreError> {
                     writing: Arc::default(),
                     remaining: chunks.len(),
                     failed: None,
+                    extents: it.manifest.sparse.as_deref().map(Arc::from),
+                    linked: is_leader.then(|| linked.clone()),
                     item: it,
                 };
                 match chunks.as_slice() {
                     [] => {
-                        if let Err(e) = finish(t, 0, &tree, perms) {
+                        let written = if t.extents.is_some() { u64::MAX } else { 0 };
+                        if let Err(e) = finish(t, written, &tree, perms) {
                             eprintln!("error: {}: {e}", show(&path));
                             failed += 1;
                         }
@@ -736,6 +786,21 @@ pub fn restore(cfg: &Config, o: RestoreOpts) -> Result<(), RestoreError> {
     }
     if let Some(b) = bar {
         b.finish_and_clear();
+    }
+    // Hard links to the files now in place.
+    let done = linked.lock().map(|d| d.clone()).unwrap_or_default();
+    for (path, dest, leader, size) in links {
+        let r = match placed.get(&leader) {
+            Some((folder, name)) if done.contains(&leader) => tree.link(*folder, name, &dest, size),
+            _ => Err(format!(
+                "not linked: {} (the file it is a hard link to) was not restored",
+                show(&leader)
+            )),
+        };
+        if let Err(e) = r {
+            eprintln!("error: {}: {e}", show(&path));
+            failed += 1;
+        }
     }
     // Every file is in place: each folder gets its recorded mode, owner and mtime (or, one
     // this restore made without a version of its own, the mode it always had), deepest
@@ -915,16 +980,62 @@ fn fetch_all(
     bad.load(Ordering::Relaxed) as usize
 }
 
+/// Writes `plain`, the file's data from `data_off` on, where it goes: at that offset, or a
+/// sparse file's at its extents (the holes are never written).
+fn write_data(
+    f: &std::fs::File,
+    plain: &[u8],
+    data_off: u64,
+    extents: Option<&[Extent]>,
+) -> std::io::Result<()> {
+    for (at, a, b) in place(extents, data_off, plain.len()) {
+        f.write_all_at(&plain[a..b], at)?;
+    }
+    Ok(())
+}
+
+/// The hard links among `files` restored together: each path that is a link to an earlier
+/// one (the same inode, as recorded, and the same content and size) maps to that first
+/// path, which is restored with the content.
+fn link_leaders<'a>(
+    files: impl Iterator<Item = (&'a Vec<u8>, &'a Item)>,
+) -> HashMap<Vec<u8>, Vec<u8>> {
+    let mut first: HashMap<(u64, u64, [u8; 32], u64), &Vec<u8>> = HashMap::new();
+    let mut out = HashMap::new();
+    for (path, it) in files {
+        let m = &it.manifest;
+        let Some(l) = m.hardlink.as_ref().filter(|_| m.kind == EntryKind::File) else {
+            continue;
+        };
+        let key = (l.dev, l.ino, m.content_hash, m.size);
+        match first.get(&key) {
+            Some(leader) => {
+                out.insert(path.clone(), (*leader).clone());
+            }
+            None => {
+                first.insert(key, path);
+            }
+        }
+    }
+    out
+}
+
 /// Writes a one-chunk file and finishes it.
 fn write_whole(mut t: Target, plain: &[u8], tree: &Tree, perms: Perms) -> Result<(), String> {
+    let extents = t.extents.clone();
     let wrote = match t.open(tree) {
-        Ok(f) => f
-            .write_all_at(plain, 0)
+        Ok(f) => write_data(f, plain, 0, extents.as_deref())
             .map_err(|e| format!("writing {}: {e}", tree.shown(t.folder, &t.tmp).display())),
         Err(e) => Err(e),
     };
+    // A sparse file's length is its size once its holes are made (in `finish`).
+    let written = if extents.is_some() {
+        u64::MAX
+    } else {
+        plain.len() as u64
+    };
     match wrote {
-        Ok(()) => finish(t, plain.len() as u64, tree, perms),
+        Ok(()) => finish(t, written, tree, perms),
         Err(e) => {
             t.file = None;
             t.discard(tree);
@@ -951,7 +1062,7 @@ fn write_part(
         let Some(tg) = t.get_mut(&n) else { return true };
         match &res {
             Ok(_) if tg.failed.is_none() => match tg.open_shared(tree) {
-                Ok(f) => Some((f, tg.writing.clone())),
+                Ok(f) => Some((f, tg.writing.clone(), tg.extents.clone())),
                 Err(e) => {
                     tg.failed = Some(e);
                     None
@@ -965,9 +1076,9 @@ fn write_part(
         }
     };
     let wrote = match (file, &res) {
-        (Some((f, writing)), Ok(plain)) => {
+        (Some((f, writing, extents)), Ok(plain)) => {
             let _one_writer = writing.lock().unwrap_or_else(|p| p.into_inner());
-            Some(f.write_all_at(plain, off).map_err(|e| e.to_string()))
+            Some(write_data(&f, plain, off, extents.as_deref()).map_err(|e| e.to_string()))
         }
         _ => None,
     };
@@ -1046,6 +1157,11 @@ fn finish(mut t: Target, written: u64, tree: &Tree, perms: Perms) -> Result<(), 
         e
     };
     let m = &t.item.manifest;
+    if m.sparse.is_some() {
+        // The holes: the file's length, with only the data written.
+        file.set_len(m.size)
+            .map_err(|e| cleanup(format!("sizing {}: {e}", shown.display())))?;
+    }
     let len = if written == u64::MAX {
         file.metadata()
             .map_err(|e| cleanup(format!("{}: {e}", shown.display())))?
@@ -1072,6 +1188,12 @@ fn finish(mut t: Target, written: u64, tree: &Tree, perms: Perms) -> Result<(), 
     let mode = restored_mode(m.mode, owner, perms.keep_setuid);
     file.set_permissions(std::fs::Permissions::from_mode(mode))
         .map_err(|e| cleanup(format!("setting mode of {}: {e}", shown.display())))?;
+    // Attributes after the owner and mode (a change of owner clears `security.capability`,
+    // and an access ACL sets the group bits of the mode).
+    let named = tree.shown(t.folder, &t.name);
+    for w in crate::fidelity::xattr::restore_fd(&*file, &m.xattrs, &named) {
+        eprintln!("warning: {w}");
+    }
     let ts = nix::sys::time::TimeSpec::new(
         m.mtime_ns.div_euclid(1_000_000_000),
         m.mtime_ns.rem_euclid(1_000_000_000),
@@ -1079,10 +1201,15 @@ fn finish(mut t: Target, written: u64, tree: &Tree, perms: Perms) -> Result<(), 
     nix::sys::stat::futimens(std::os::fd::AsRawFd::as_raw_fd(&*file), &ts, &ts)
         .map_err(|e| cleanup(format!("setting mtime of {}: {e}", shown.display())))?;
     drop(file);
-    if t.tmp == t.name {
-        return Ok(());
+    if t.tmp != t.name {
+        tree.rename(t.folder, &t.tmp, &t.name).map_err(cleanup)?;
     }
-    tree.rename(t.folder, &t.tmp, &t.name).map_err(cleanup)
+    if let Some(l) = &t.linked {
+        if let Ok(mut l) = l.lock() {
+            l.insert(t.item.manifest.path.clone());
+        }
+    }
+    Ok(())
 }
 
 /// `restore --to - PATH`: one file's bytes to stdout.
@@ -1096,6 +1223,20 @@ fn dump(s: &Session, sel: &BTreeMap<Vec<u8>, Item>, o: &RestoreOpts) -> Result<(
     let it = sel.get(want).ok_or_else(|| {
         RestoreError::Usage(format!("{:?} is not a file at that time", o.paths[0]))
     })?;
+    if let EntryKind::Special { kind, .. } = it.manifest.kind {
+        return Err(RestoreError::Usage(format!(
+            "{:?} is a {} at that time, which has no bytes to write",
+            o.paths[0],
+            kind.name()
+        )));
+    }
+    it.manifest
+        .check_extents()
+        .map_err(|e| RestoreError::Usage(format!("{}: {e}", o.paths[0])))?;
+    // A sparse file's holes are written as zeros between its extents' data.
+    let extents = it.manifest.sparse.as_deref();
+    let mut at = 0u64;
+    let mut data_off = 0u64;
     let mut out = std::io::stdout().lock();
     let mut pend = std::collections::VecDeque::new();
     let mut iter = it.manifest.chunks.iter();
@@ -1124,9 +1265,30 @@ fn dump(s: &Session, sel: &BTreeMap<Vec<u8>, Item>, o: &RestoreOpts) -> Result<(
             }
             m => return Err(ConnError::Unexpected(m.kind()).into()),
         };
-        out.write_all(&plain).ctx("writing", Path::new("stdout"))?;
+        for (off, a, b) in place(extents, data_off, plain.len()) {
+            write_zeros(&mut out, off.saturating_sub(at))?;
+            out.write_all(&plain[a..b])
+                .ctx("writing", Path::new("stdout"))?;
+            at = off + (b - a) as u64;
+        }
+        data_off += plain.len() as u64;
+    }
+    if extents.is_some() {
+        write_zeros(&mut out, it.manifest.size.saturating_sub(at))?;
     }
     Ok(out.flush().ctx("writing", Path::new("stdout"))?)
+}
+
+/// Writes `n` zeros (a hole) to `out`.
+fn write_zeros(out: &mut impl Write, mut n: u64) -> Result<(), RestoreError> {
+    let zeros = [0u8; 64 * 1024];
+    while n > 0 {
+        let k = n.min(zeros.len() as u64) as usize;
+        out.write_all(&zeros[..k])
+            .ctx("writing", Path::new("stdout"))?;
+        n -= k as u64;
+    }
+    Ok(())
 }
 
 /// `verify`: checks that every chunk referenced by the latest (or all) versions exists, and
@@ -1261,6 +1423,9 @@ mod tests {
                 gid: 0,
                 content_hash: [0; 32],
                 chunks: vec![],
+                sparse: None,
+                xattrs: vec![],
+                hardlink: None,
             },
         }
     }
@@ -1280,6 +1445,48 @@ mod tests {
         let sub = select(&items, None, &[b"w/sub".to_vec()]);
         assert_eq!(sub.len(), 1);
         assert!(sub.contains_key(b"w/sub/b".as_slice()));
+    }
+
+    /// Paths of one inode with the same content are linked to the first of them; another
+    /// inode, or the same inode with other content (versions of two times), is not.
+    #[test]
+    fn hard_links_restored_together_link_to_the_first_path() {
+        let linked = |path: &str, ino: u64, hash: u8| {
+            let mut it = item(1, 1, path, EntryKind::File);
+            it.manifest.content_hash = [hash; 32];
+            it.manifest.hardlink = Some(coffer_common::manifest::HardLink {
+                dev: 1,
+                ino,
+                to: vec![],
+            });
+            (path.as_bytes().to_vec(), it)
+        };
+        let files = [
+            linked("w/a", 7, 1),
+            linked("w/b", 7, 1),
+            linked("w/c", 7, 2),
+            linked("w/d", 8, 1),
+            linked("w/e", 7, 1),
+            (b"w/f".to_vec(), item(1, 1, "w/f", EntryKind::File)),
+        ];
+        let l = link_leaders(files.iter().map(|(p, i)| (p, i)));
+        assert_eq!(l.len(), 2, "{l:?}");
+        assert_eq!(l[&b"w/b".to_vec()], b"w/a");
+        assert_eq!(l[&b"w/e".to_vec()], b"w/a");
+    }
+
+    /// A sparse file's chunks land at its extents, across two where a chunk spans them;
+    /// the holes are never written.
+    #[test]
+    fn sparse_data_is_written_at_its_extents() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = std::fs::File::create(dir.path().join("s")).expect("create");
+        let ext = [Extent { offset: 4, len: 2 }, Extent { offset: 10, len: 3 }];
+        write_data(&f, b"abc", 0, Some(&ext)).expect("write");
+        write_data(&f, b"de", 3, Some(&ext)).expect("write");
+        f.set_len(16).expect("len");
+        let got = std::fs::read(dir.path().join("s")).expect("read");
+        assert_eq!(got, b"\0\0\0\0ab\0\0\0\0cde\0\0\0");
     }
 
     /// A key file that exists but cannot be read is reported as such: not taken for a

@@ -186,6 +186,13 @@ fn set_folder_meta(h: &File, m: &Manifest, as_root: bool, keep_setuid: bool) -> 
     let mode = restored_mode(m.mode, owner, keep_setuid);
     rustix::fs::fchmod(h, Mode::from_bits_truncate(mode))
         .map_err(|e| format!("setting mode {mode:04o}: {}", describe(&io(e))))?;
+    for w in crate::fidelity::xattr::restore_fd(
+        h,
+        &m.xattrs,
+        Path::new(&String::from_utf8_lossy(&m.path).into_owned()),
+    ) {
+        eprintln!("warning: {w}");
+    }
     let ts = rustix::fs::Timespec {
         tv_sec: m.mtime_ns.div_euclid(1_000_000_000),
         tv_nsec: m.mtime_ns.rem_euclid(1_000_000_000) as _,
@@ -553,6 +560,131 @@ impl Tree {
         }
     }
 
+    /// Makes `to` in `to_folder` a hard link to `from` in `from_folder` (restored by this
+    /// restore): linked beside `to` first, checked to be a regular file of `size` bytes
+    /// (not something swapped in for `from`), then renamed into place.
+    pub fn link(
+        &self,
+        from_folder: usize,
+        from: &OsStr,
+        to: &Dest,
+        size: u64,
+    ) -> Result<(), String> {
+        let src = self.handle(from_folder)?;
+        let dir = self.handle(to.folder)?;
+        let tmp = temp_name();
+        rustix::fs::linkat(&*src, from, &*dir, &tmp, AtFlags::empty()).map_err(|e| {
+            format!(
+                "linking {} to {}: {}",
+                self.shown(to.folder, &to.name).display(),
+                self.shown(from_folder, from).display(),
+                describe(&io(e))
+            )
+        })?;
+        let fail = |e: String| {
+            let _ = rustix::fs::unlinkat(&*dir, &tmp, AtFlags::empty());
+            e
+        };
+        match rustix::fs::statat(&*dir, &tmp, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st)
+                if FileType::from_raw_mode(st.st_mode) == FileType::RegularFile
+                    && st.st_size as u64 == size => {}
+            _ => {
+                return Err(fail(format!(
+                    "{} changed during the restore; not linked",
+                    self.shown(from_folder, from).display()
+                )))
+            }
+        }
+        self.rename(to.folder, &tmp, &to.name).map_err(fail)
+    }
+
+    /// Makes a FIFO, socket or device node at `dest` (beside it, then renamed), with its
+    /// owner (as root), mode and mtime. A device by a restore that is not root is skipped:
+    /// `Ok(Some(warning))`.
+    pub fn place_special(
+        &self,
+        dest: &Dest,
+        kind: coffer_common::manifest::SpecialKind,
+        rdev: u64,
+        m: &Manifest,
+        as_root: bool,
+    ) -> Result<Option<String>, String> {
+        use coffer_common::manifest::SpecialKind;
+        let device = matches!(kind, SpecialKind::CharDevice | SpecialKind::BlockDevice);
+        if device && !as_root {
+            return Ok(Some(format!(
+                "{}: {} not restored (only root makes device nodes)",
+                self.shown(dest.folder, &dest.name).display(),
+                kind.name()
+            )));
+        }
+        let dir = self.handle(dest.folder)?;
+        let tmp = temp_name();
+        let fd = dir.as_raw_fd();
+        nix::sys::stat::mknodat(
+            Some(fd),
+            tmp.as_os_str(),
+            crate::fidelity::special::sflag(kind),
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+            if device { rdev as nix::libc::dev_t } else { 0 },
+        )
+        .map_err(|e| {
+            format!(
+                "making {} {}: {}",
+                kind.name(),
+                self.shown(dest.folder, &tmp).display(),
+                describe(&std::io::Error::from(e))
+            )
+        })?;
+        let fail = |e: String| {
+            let _ = rustix::fs::unlinkat(&*dir, &tmp, AtFlags::empty());
+            e
+        };
+        let owner = if !as_root {
+            Owner::Unchanged
+        } else if nix::unistd::fchownat(
+            Some(fd),
+            tmp.as_os_str(),
+            Some(nix::unistd::Uid::from_raw(m.uid)),
+            Some(nix::unistd::Gid::from_raw(m.gid)),
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .is_ok()
+        {
+            Owner::Set
+        } else {
+            Owner::Failed
+        };
+        let mode = restored_mode(m.mode, owner, false);
+        rustix::fs::chmodat(
+            &*dir,
+            &tmp,
+            Mode::from_bits_truncate(mode),
+            AtFlags::empty(),
+        )
+        .map_err(|e| {
+            fail(format!(
+                "setting mode of {}: {}",
+                self.shown(dest.folder, &tmp).display(),
+                describe(&io(e))
+            ))
+        })?;
+        let ts = nix::sys::time::TimeSpec::new(
+            m.mtime_ns.div_euclid(1_000_000_000),
+            m.mtime_ns.rem_euclid(1_000_000_000),
+        );
+        let _ = nix::sys::stat::utimensat(
+            Some(fd),
+            tmp.as_os_str(),
+            &ts,
+            &ts,
+            nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+        );
+        self.rename(dest.folder, &tmp, &dest.name).map_err(fail)?;
+        Ok(None)
+    }
+
     /// Creates symlink `dest` pointing at `target`, beside it first (owner as root, mtime),
     /// then renamed into place.
     pub fn place_symlink(
@@ -714,6 +846,9 @@ mod tests {
             gid: 0,
             content_hash: [0; 32],
             chunks: vec![],
+            sparse: None,
+            xattrs: vec![],
+            hardlink: None,
         }
     }
 
