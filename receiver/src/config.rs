@@ -12,6 +12,7 @@ use coffer_common::host::fs::{Context, IoError};
 
 use crate::auth::RepoName;
 use crate::quota::{parse_percent, parse_size};
+use crate::retention::{duration_text, parse_duration, parse_share, share_text, Retention};
 use crate::server::MAX_HANDSHAKES;
 
 /// `min_free` when it is not set: this much on a file system of at least
@@ -112,6 +113,204 @@ impl<'de> Deserialize<'de> for Percent {
 pub struct RepoConfig {
     /// The repository's quota; the top-level `quota` when absent.
     pub quota: Option<Size>,
+    /// `[repos.NAME.retention]`: keys that override `[retention]` for this repository.
+    #[serde(default)]
+    pub retention: RetentionKeys,
+}
+
+/// The keys of a `[retention]` or `[repos.NAME.retention]` table, each as written (`None`:
+/// not set). Durations of zero are `"0"` (for `keep_deleted_for` and `prune_interval`:
+/// never); `max_unused` is in basis points (`"10%"` is 1000).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "toml::Table", into = "toml::Table")]
+pub struct RetentionKeys {
+    pub keep_within: Option<Duration>,
+    pub keep_hourly: Option<u32>,
+    pub keep_daily: Option<u32>,
+    pub keep_weekly: Option<u32>,
+    pub keep_monthly: Option<u32>,
+    pub keep_yearly: Option<u32>,
+    pub keep_last: Option<u32>,
+    pub keep_deleted_for: Option<Duration>,
+    pub keep_all: Option<bool>,
+    pub prune_interval: Option<Duration>,
+    pub max_unused: Option<u32>,
+}
+
+/// Every key of a retention table, in the order `render` writes them.
+pub const RETENTION_KEYS: [&str; 11] = [
+    "keep_within",
+    "keep_hourly",
+    "keep_daily",
+    "keep_weekly",
+    "keep_monthly",
+    "keep_yearly",
+    "keep_last",
+    "keep_deleted_for",
+    "keep_all",
+    "prune_interval",
+    "max_unused",
+];
+
+impl RetentionKeys {
+    /// Reads a retention table; an error is the key (as given) and what is wrong with it.
+    fn from_table(t: &toml::Table) -> Result<Self, (String, String)> {
+        let mut k = RetentionKeys::default();
+        for (key, v) in t {
+            let bad = |msg: String| (key.clone(), msg);
+            let duration = || match v {
+                toml::Value::String(s) => parse_duration(s).map_err(bad),
+                toml::Value::Integer(0) => Ok(Duration::ZERO),
+                other => Err(bad(format!(
+                    "expected a quoted duration such as \"90d\" or \"24h\", got {other}"
+                ))),
+            };
+            let count = || match v {
+                toml::Value::Integer(n) => u32::try_from(*n).map_err(|_| {
+                    bad(format!(
+                        "expected a whole number from 0 to {}, got {n}",
+                        u32::MAX
+                    ))
+                }),
+                other => Err(bad(format!(
+                    "expected a whole number such as 48, got {other}"
+                ))),
+            };
+            match key.as_str() {
+                "keep_within" => k.keep_within = Some(duration()?),
+                "keep_hourly" => k.keep_hourly = Some(count()?),
+                "keep_daily" => k.keep_daily = Some(count()?),
+                "keep_weekly" => k.keep_weekly = Some(count()?),
+                "keep_monthly" => k.keep_monthly = Some(count()?),
+                "keep_yearly" => k.keep_yearly = Some(count()?),
+                "keep_last" => k.keep_last = Some(count()?),
+                "keep_deleted_for" => k.keep_deleted_for = Some(duration()?),
+                "prune_interval" => k.prune_interval = Some(duration()?),
+                "keep_all" => match v {
+                    toml::Value::Boolean(b) => k.keep_all = Some(*b),
+                    other => return Err(bad(format!("expected true or false, got {other}"))),
+                },
+                "max_unused" => {
+                    k.max_unused = Some(match v {
+                        toml::Value::String(s) => parse_share(s).map_err(bad)?,
+                        toml::Value::Float(f) if (0.0..=1.0).contains(f) => {
+                            (f * 10_000.0).round() as u32
+                        }
+                        other => {
+                            return Err(bad(format!(
+                                "expected a quoted share such as \"10%\", got {other}"
+                            )))
+                        }
+                    })
+                }
+                _ => {
+                    return Err(bad(format!(
+                        "unknown key; a retention table takes {}",
+                        RETENTION_KEYS.join(", ")
+                    )))
+                }
+            }
+        }
+        Ok(k)
+    }
+
+    /// The set keys as `key = value` lines of `receiver.toml`, in [`RETENTION_KEYS`] order.
+    fn lines(&self) -> Vec<String> {
+        let d = |v: &Option<Duration>| v.map(|d| format!("\"{}\"", duration_text(d)));
+        let n = |v: &Option<u32>| v.map(|n| n.to_string());
+        let values = [
+            d(&self.keep_within),
+            n(&self.keep_hourly),
+            n(&self.keep_daily),
+            n(&self.keep_weekly),
+            n(&self.keep_monthly),
+            n(&self.keep_yearly),
+            n(&self.keep_last),
+            d(&self.keep_deleted_for),
+            self.keep_all.map(|b| b.to_string()),
+            d(&self.prune_interval),
+            self.max_unused.map(|s| format!("\"{}\"", share_text(s))),
+        ];
+        RETENTION_KEYS
+            .iter()
+            .zip(values)
+            .filter_map(|(k, v)| v.map(|v| format!("{k} = {v}")))
+            .collect()
+    }
+
+    /// Every key set to DESIGN.md's default.
+    pub fn defaults() -> Self {
+        let r = Retention::default();
+        let p = &r.policy;
+        RetentionKeys {
+            keep_within: Some(p.keep_within),
+            keep_hourly: Some(p.keep_hourly),
+            keep_daily: Some(p.keep_daily),
+            keep_weekly: Some(p.keep_weekly),
+            keep_monthly: Some(p.keep_monthly),
+            keep_yearly: Some(p.keep_yearly),
+            keep_last: Some(p.keep_last),
+            keep_deleted_for: Some(p.keep_deleted_for.unwrap_or(Duration::ZERO)),
+            keep_all: Some(p.keep_all),
+            prune_interval: Some(r.prune_interval.unwrap_or(Duration::ZERO)),
+            max_unused: Some((r.max_unused * 10_000.0).round() as u32),
+        }
+    }
+
+    /// True when no key is set.
+    pub fn is_empty(&self) -> bool {
+        *self == RetentionKeys::default()
+    }
+
+    /// `base` with the keys set here replacing its own.
+    pub fn apply(&self, base: &Retention) -> Retention {
+        let mut r = base.clone();
+        let p = &mut r.policy;
+        let never = |d: Duration| (!d.is_zero()).then_some(d);
+        if let Some(v) = self.keep_within {
+            p.keep_within = v;
+        }
+        for (set, field) in [
+            (self.keep_hourly, &mut p.keep_hourly),
+            (self.keep_daily, &mut p.keep_daily),
+            (self.keep_weekly, &mut p.keep_weekly),
+            (self.keep_monthly, &mut p.keep_monthly),
+            (self.keep_yearly, &mut p.keep_yearly),
+            (self.keep_last, &mut p.keep_last),
+        ] {
+            if let Some(v) = set {
+                *field = v;
+            }
+        }
+        if let Some(v) = self.keep_deleted_for {
+            p.keep_deleted_for = never(v);
+        }
+        if let Some(v) = self.keep_all {
+            p.keep_all = v;
+        }
+        if let Some(v) = self.prune_interval {
+            r.prune_interval = never(v);
+        }
+        if let Some(v) = self.max_unused {
+            r.max_unused = f64::from(v) / 10_000.0;
+        }
+        r
+    }
+}
+
+impl TryFrom<toml::Table> for RetentionKeys {
+    type Error = String;
+
+    fn try_from(t: toml::Table) -> Result<Self, String> {
+        Self::from_table(&t).map_err(|(k, m)| format!("{k}: {m}"))
+    }
+}
+
+impl From<RetentionKeys> for toml::Table {
+    fn from(k: RetentionKeys) -> toml::Table {
+        // Each line is `key = value` with a valid TOML value, so the table parses.
+        toml::from_str(&k.lines().join("\n")).unwrap_or_default()
+    }
 }
 
 /// Default listen address: loopback only.
@@ -147,9 +346,15 @@ pub struct Config {
     pub min_free: Option<Size>,
     /// Share of a quota past which `status` and `/metrics` warn.
     pub warn_at: Percent,
+    /// `[retention]`: the retention keys set for every repository (DESIGN.md's defaults
+    /// for the others); see [`Config::retention`].
+    pub retention: RetentionKeys,
     /// Per-repository settings (`[repos.NAME]`).
     pub repos: BTreeMap<RepoName, RepoConfig>,
 }
+
+/// The receiver's configuration, by the name the retention interface uses.
+pub type ReceiverConfig = Config;
 
 impl Default for Config {
     fn default() -> Self {
@@ -166,6 +371,7 @@ impl Default for Config {
             quota: Size(0),
             min_free: None,
             warn_at: Percent::default(),
+            retention: RetentionKeys::default(),
             repos: BTreeMap::new(),
         }
     }
@@ -240,6 +446,42 @@ fn check_quota_keys(table: &toml::Table, origin: &str) -> Result<(), ConfigError
     Ok(())
 }
 
+/// Checks the `[retention]` and `[repos.NAME.retention]` tables, so that an error names the
+/// key (and the repository) rather than a line.
+fn check_retention_keys(table: &toml::Table, origin: &str) -> Result<(), ConfigError> {
+    let check = |v: &toml::Value, prefix: &str| -> Result<(), ConfigError> {
+        let bad = |key: String, msg: String| ConfigError::Value {
+            path: origin.to_string(),
+            key: if key.is_empty() {
+                prefix.trim_end_matches('.').to_string()
+            } else {
+                format!("{prefix}{key}")
+            },
+            msg,
+        };
+        let Some(t) = v.as_table() else {
+            return Err(bad(
+                String::new(),
+                "expected a table of retention keys".to_string(),
+            ));
+        };
+        RetentionKeys::from_table(t)
+            .map(drop)
+            .map_err(|(k, m)| bad(k, m))
+    };
+    if let Some(v) = table.get("retention") {
+        check(v, "retention.")?;
+    }
+    if let Some(repos) = table.get("repos").and_then(|r| r.as_table()) {
+        for (name, r) in repos {
+            if let Some(v) = r.as_table().and_then(|r| r.get("retention")) {
+                check(v, &format!("repos.{name}.retention."))?;
+            }
+        }
+    }
+    Ok(())
+}
+
 impl Config {
     /// Parses and validates configuration text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
@@ -247,7 +489,9 @@ impl Config {
             path: origin.to_string(),
             msg: e.to_string().trim().to_string(),
         };
-        check_quota_keys(&toml::from_str(text).map_err(parse_error)?, origin)?;
+        let table = toml::from_str(text).map_err(parse_error)?;
+        check_quota_keys(&table, origin)?;
+        check_retention_keys(&table, origin)?;
         let c: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: origin.to_string(),
             msg: e.to_string().trim().to_string(),
@@ -338,7 +582,29 @@ impl Config {
                 None => "# min_free = \"5GiB\"".to_string(),
             },
             self.warn_at.0,
-        ) + &self.render_repos()
+        ) + &self.render_retention()
+            + &self.render_repos()
+    }
+
+    /// The `[retention]` table of [`Config::render`]: the keys set, else DESIGN.md's
+    /// defaults commented out.
+    fn render_retention(&self) -> String {
+        let mut out = String::from(
+            "\n# Retention: which versions of each file the receiver keeps (see\n\
+             # packaging/receiver.toml); [repos.NAME.retention] overrides keys per repository.\n",
+        );
+        if self.retention.is_empty() {
+            out.push_str("# [retention]\n");
+            for l in RetentionKeys::defaults().lines() {
+                out.push_str(&format!("# {l}\n"));
+            }
+        } else {
+            out.push_str("[retention]\n");
+            for l in self.retention.lines() {
+                out.push_str(&format!("{l}\n"));
+            }
+        }
+        out
     }
 
     /// The `[repos.NAME]` tables of [`Config::render`].
@@ -350,8 +616,24 @@ impl Config {
             if let Some(q) = r.quota {
                 out.push_str(&format!("quota = \"{}\"\n", size_text(q.0)));
             }
+            if !r.retention.is_empty() {
+                out.push_str(&format!("\n[repos.{name}.retention]\n"));
+                for l in r.retention.lines() {
+                    out.push_str(&format!("{l}\n"));
+                }
+            }
         }
         out
+    }
+
+    /// The retention settings of repository `repo`: DESIGN.md's defaults, replaced key by
+    /// key by `[retention]`, then by `[repos.NAME.retention]`.
+    pub fn retention(&self, repo: &RepoName) -> Retention {
+        let global = self.retention.apply(&Retention::default());
+        match self.repos.get(repo) {
+            Some(r) => r.retention.apply(&global),
+            None => global,
+        }
     }
 
     /// The quota of repository `name` in bytes (0: none): its own, else the default.
@@ -401,6 +683,23 @@ mod tests {
     }
 
     #[test]
+    fn packaged_retention_block_uncommented_is_the_defaults() {
+        let text = include_str!("../../packaging/receiver.toml");
+        let block: Vec<&str> = text
+            .lines()
+            .skip_while(|l| *l != "# [retention]")
+            .take_while(|l| !l.starts_with("# [repos."))
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(|l| l.starts_with('[') || l.contains(" = "))
+            .collect();
+        assert_eq!(block.len(), 1 + RETENTION_KEYS.len(), "{block:?}");
+        let c = Config::parse(&block.join("\n"), "block").expect("block parses");
+        assert_eq!(c.retention, RetentionKeys::defaults());
+        let any = RepoName::new("any").expect("name");
+        assert_eq!(c.retention(&any), Retention::default());
+    }
+
+    #[test]
     fn rendered_file_round_trips() {
         let c = Config {
             listen: "0.0.0.0:0".parse().expect("addr"),
@@ -417,6 +716,7 @@ mod tests {
             RepoName::new("my \"laptop\"").expect("name"),
             RepoConfig {
                 quota: Some(Size(500 << 30)),
+                retention: RetentionKeys::default(),
             },
         );
         repos.insert(RepoName::new("nas").expect("name"), RepoConfig::default());
@@ -486,6 +786,113 @@ mod tests {
         }
         let e = Config::parse("[repos.laptop]\nquta = \"1GiB\"", "r.toml").expect_err("typo");
         assert!(e.to_string().contains("quta"), "{e}");
+    }
+
+    #[test]
+    fn retention_defaults_are_designs_and_per_repo_tables_override_key_by_key() {
+        let laptop = RepoName::new("laptop").expect("name");
+        let nas = RepoName::new("nas").expect("name");
+        let d = Config::default();
+        assert_eq!(d.retention(&laptop), Retention::default());
+        let c = Config::parse(
+            "[retention]\nkeep_daily = 7\nkeep_deleted_for = \"2w\"\nmax_unused = \"25%\"\n\
+             [repos.laptop]\nquota = \"1GiB\"\n\
+             [repos.laptop.retention]\nkeep_last = 3\nkeep_daily = 0\nprune_interval = \"0\"\n\
+             keep_deleted_for = \"0\"\nkeep_within = \"30m\"\n\
+             [repos.nas.retention]\nkeep_all = true\n",
+            "r.toml",
+        )
+        .expect("parse");
+        let g = c.retention(&RepoName::new("other").expect("name"));
+        let mut want = Retention::default();
+        want.policy.keep_daily = 7;
+        want.policy.keep_deleted_for = Some(Duration::from_secs(14 * 86_400));
+        want.max_unused = 0.25;
+        assert_eq!(g, want);
+        let l = c.retention(&laptop);
+        let mut want_l = want.clone();
+        want_l.policy.keep_last = 3;
+        want_l.policy.keep_daily = 0;
+        want_l.policy.keep_deleted_for = None;
+        want_l.policy.keep_within = Duration::from_secs(1800);
+        want_l.prune_interval = None;
+        assert_eq!(l, want_l);
+        assert_eq!(c.quota_of(&laptop), 1 << 30);
+        let n = c.retention(&nas);
+        assert!(n.policy.keep_all);
+        assert_eq!(n.policy.keep_daily, 7);
+        // Rendered and read back: the same settings.
+        let back = Config::parse(&c.render(), "x").expect("parse rendered");
+        assert_eq!(back, c);
+        assert_eq!(back.retention(&laptop), l);
+        // Every key written out with DESIGN.md's defaults reads as the defaults.
+        let text = format!(
+            "[retention]\n{}\n",
+            RetentionKeys::defaults().lines().join("\n")
+        );
+        let all = Config::parse(&text, "x").expect("parse defaults");
+        assert_eq!(all.retention(&laptop), Retention::default());
+        assert_eq!(all.retention, RetentionKeys::defaults());
+    }
+
+    #[test]
+    fn a_bad_retention_key_or_value_is_an_error_naming_it_and_the_file() {
+        for (text, key) in [
+            ("[retention]\nkeep_daly = 3", "retention.keep_daly:"),
+            ("[retention]\nkeep_daily = -1", "retention.keep_daily:"),
+            ("[retention]\nkeep_daily = \"7\"", "retention.keep_daily:"),
+            (
+                "[retention]\nkeep_hourly = 5000000000",
+                "retention.keep_hourly:",
+            ),
+            (
+                "[retention]\nkeep_within = \"3 days\"",
+                "retention.keep_within:",
+            ),
+            ("[retention]\nkeep_within = 86400", "retention.keep_within:"),
+            (
+                "[retention]\nkeep_deleted_for = \"90\"",
+                "retention.keep_deleted_for:",
+            ),
+            (
+                "[retention]\nprune_interval = \"1y\"",
+                "retention.prune_interval:",
+            ),
+            (
+                "[retention]\nmax_unused = \"110%\"",
+                "retention.max_unused:",
+            ),
+            ("[retention]\nmax_unused = 10", "retention.max_unused:"),
+            ("[retention]\nkeep_all = \"yes\"", "retention.keep_all:"),
+            ("retention = 3", "retention:"),
+            ("[repos.nas]\nretention = 3", "repos.nas.retention:"),
+            (
+                "[repos.laptop.retention]\nkeep_weekly = 1.5",
+                "repos.laptop.retention.keep_weekly:",
+            ),
+            (
+                "[repos.laptop.retention]\nkeep_forever = true",
+                "repos.laptop.retention.keep_forever:",
+            ),
+        ] {
+            let e = Config::parse(text, "r.toml").expect_err(text);
+            let shown = e.to_string();
+            assert!(
+                shown.starts_with(&format!("r.toml: {key}")),
+                "{text}: {shown}"
+            );
+        }
+        // Zero and fractions are accepted where they mean something.
+        let c = Config::parse(
+            "[retention]\nprune_interval = 0\nmax_unused = 0.5\nkeep_daily = 0\n",
+            "r.toml",
+        )
+        .expect("parse");
+        let r = c.retention(&RepoName::new("x").expect("name"));
+        assert_eq!(
+            (r.prune_interval, r.max_unused, r.policy.keep_daily),
+            (None, 0.5, 0)
+        );
     }
 
     #[test]

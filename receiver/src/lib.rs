@@ -9,6 +9,7 @@
 //! - [`control`]: the control socket, by which `prune` reaches a running `serve`.
 //! - [`session`]: one agent's session: requests in order, group commit, chunk reads.
 //! - [`repo`]: one repository: write path (append, flush, rollback), reads, crash recovery.
+//! - [`retention`]: the retention policy (which versions of a file are kept), its durations.
 //! - [`quota`]: repository quotas and the free-disk floor (`min_free`), checked per chunk.
 //! - [`store`]: pack formats, the [`store::PackStore`] trait, where packs live (`PackStores`).
 //! - [`index`]: the repository's SQLite index, sole owner of its connection.
@@ -46,6 +47,7 @@ pub mod quota;
 pub mod records;
 pub mod repair;
 pub mod repo;
+pub mod retention;
 pub mod salvage;
 pub mod server;
 pub mod service;
