@@ -101,6 +101,21 @@ pub enum Command {
         #[arg(long, value_name = "NAME")]
         repo: Option<String>,
     },
+    /// Apply each repository's retention policy, then compact its packs (serve must not
+    /// be running); prints versions kept and removed, bytes freed, packs rewritten.
+    Prune {
+        #[command(flatten)]
+        root: RootOpt,
+        /// Only this repository.
+        #[arg(long, value_name = "NAME")]
+        repo: Option<String>,
+        /// Decide and print the plan; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// One JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+    },
     /// Install or remove the systemd service that runs `serve`.
     Service {
         #[command(subcommand)]
@@ -203,6 +218,12 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         }
         Command::Scrub { root, repo, json } => return scrub(&root.root, repo.as_deref(), json),
         Command::Repair { root, repo } => return repair(&root.root, repo.as_deref()),
+        Command::Prune {
+            root,
+            repo,
+            dry_run,
+            json,
+        } => return prune(&root.root, repo.as_deref(), dry_run, json),
         Command::Service { action } => {
             let report = match action {
                 ServiceAction::Install { root, dry_run } => {
@@ -336,6 +357,75 @@ fn repair(root: &Path, only: Option<&str>) -> Result<ExitCode, CliError> {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
+    })
+}
+
+/// `prune`: a line per repository (its error, when it failed), then the totals; with
+/// `--json`, one object `{dry_run, repositories: [report...], errors: [{repo, error}]}`.
+/// Fails when any repository failed.
+fn prune(root: &Path, only: Option<&str>, dry_run: bool, json: bool) -> Result<ExitCode, CliError> {
+    use std::io::IsTerminal;
+    let opts = crate::prune::PruneOptions {
+        dry_run,
+        progress: std::io::stderr().is_terminal(),
+    };
+    let mut reports = Vec::new();
+    let mut errors = Vec::new();
+    let mut printed = Ok(());
+    crate::prune::prune_root(
+        &Layout::new(root),
+        &*pack_stores(),
+        only,
+        &opts,
+        |repo, r| match r {
+            Ok(report) => {
+                if !json && printed.is_ok() {
+                    printed = out(report.line());
+                }
+                reports.push(report);
+            }
+            Err(e) => {
+                tracing::error!("prune of repository {repo} failed: {e}");
+                if !json && printed.is_ok() {
+                    printed = out(format_args!("repository {repo}: FAILED: {e}"));
+                }
+                errors.push(serde_json::json!({"repo": repo, "error": e.to_string()}));
+            }
+        },
+    )?;
+    printed?;
+    if json {
+        let v = serde_json::json!({
+            "dry_run": dry_run,
+            "repositories": reports,
+            "errors": errors,
+        });
+        out(serde_json::to_string(&v).map_err(CliError::EncodeStatus)?)?;
+    } else {
+        let sum = |f: fn(&crate::prune::PruneReport) -> u64| -> u64 { reports.iter().map(f).sum() };
+        out(format_args!(
+            "prune{}: {} repositories, {} versions kept, {} {}, {} bytes {}, {} packs \
+             rewritten, {} deleted{}",
+            if dry_run { " (dry run)" } else { "" },
+            reports.len(),
+            sum(|r| r.versions_kept),
+            sum(|r| r.versions_removed),
+            if dry_run { "to remove" } else { "removed" },
+            sum(|r| r.bytes_freed),
+            if dry_run { "to free" } else { "freed" },
+            sum(|r| r.packs_rewritten),
+            sum(|r| r.packs_deleted),
+            if errors.is_empty() {
+                String::new()
+            } else {
+                format!("; {} repositories FAILED", errors.len())
+            }
+        ))?;
+    }
+    Ok(if errors.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     })
 }
 

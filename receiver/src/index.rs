@@ -17,12 +17,14 @@ use coffer_common::host::sqlite::{DbError, Schema};
 use coffer_common::wire::{CommitId, VersionEntry};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 
-use crate::records::{CommitRecord, Deletion};
+use crate::records::{CommitRecord, Deletion, RemovalRecord};
 use crate::store::{Location, PackNo};
 
 mod audit;
+mod prune;
 mod rebuild;
 pub use audit::IndexedVersion;
+pub use prune::{FileVersion, Held, Moved, PackUse};
 pub use rebuild::Added;
 
 /// The index's schema: migration `i` brings it to version `i + 1`.
@@ -33,6 +35,7 @@ static SCHEMA: Schema = Schema {
         include_str!("../../migrations/receiver/0001_init.sql"),
         include_str!("../../migrations/receiver/0002_fewer_random_indexes.sql"),
         include_str!("../../migrations/receiver/0003_commit_records.sql"),
+        include_str!("../../migrations/receiver/0004_removals.sql"),
     ],
 };
 
@@ -103,6 +106,23 @@ pub struct RecordedVersion {
     pub record: CommitRecord,
     /// The pack and offset of the commit record.
     pub at: (PackNo, u64),
+}
+
+/// A removal record with where it is: indexed with the removal of its versions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordedRemoval {
+    pub record: RemovalRecord,
+    /// BLAKE3 of its body (its identity: a copy of it is the same removal).
+    pub hash: [u8; 32],
+    /// The pack and offset of the record.
+    pub at: (PackNo, u64),
+}
+
+impl RecordedRemoval {
+    /// Bytes the whole record takes.
+    pub fn record_len(&self) -> u64 {
+        crate::store::RECORD_HEADER_LEN + self.record.body_len() as u64
+    }
 }
 
 /// Counts for `status`.
@@ -286,6 +306,21 @@ impl Index {
         packs: &[(PackNo, u64)],
         versions: &[RecordedVersion],
     ) -> Result<(), IndexError> {
+        self.add_recorded_removing(chunks, packs, versions, &[])
+            .map(|_| ())
+    }
+
+    /// [`Index::add_recorded`], and then, in the same transaction, the removals: each
+    /// removal record is registered (once, by its hash) and the versions it names are
+    /// forgotten with their references (see [`crate::records`] for which). Returns how
+    /// many versions were forgotten.
+    pub fn add_recorded_removing(
+        &mut self,
+        chunks: &[(ChunkId, Location)],
+        packs: &[(PackNo, u64)],
+        versions: &[RecordedVersion],
+        removals: &[RecordedRemoval],
+    ) -> Result<u64, IndexError> {
         let e = sql_err(&self.path);
         let tx = self
             .conn
@@ -345,8 +380,12 @@ impl Index {
                 }
             }
         }
+        let mut gone = 0;
+        for r in removals {
+            gone += prune::apply_removal(&tx, r).map_err(e)?;
+        }
         tx.commit().map_err(e)?;
-        Ok(())
+        Ok(gone)
     }
 
     /// The next version number to assign: above every number ever assigned (AUTOINCREMENT's

@@ -14,6 +14,8 @@
 //! - [`store`]: pack formats, the [`store::PackStore`] trait, where packs live (`PackStores`).
 //! - [`index`]: the repository's SQLite index, sole owner of its connection.
 //! - [`status`]: `status` and `scrub` (and whether a `serve` holds the root).
+//! - [`prune`]: `prune`: retention applied (removal records), unreferenced chunks deleted,
+//!   packs compacted, while sessions keep writing.
 //! - [`repair`]: `repair` (the index rebuilt from the packs), and a missing or damaged
 //!   index met when a repository is opened; [`salvage`]: the scan that reads past damage.
 //! - [`logs`]: what is logged of peers: their text escaped, refusals summarised.
@@ -43,6 +45,7 @@ pub mod layout;
 pub mod logs;
 pub mod metrics;
 pub mod notify;
+pub mod prune;
 pub mod quota;
 pub mod records;
 pub mod repair;
@@ -75,6 +78,8 @@ pub enum Error {
     Repo(#[from] repo::RepoError),
     #[error(transparent)]
     Repair(#[from] repair::RepairError),
+    #[error(transparent)]
+    Prune(#[from] prune::PruneError),
     #[error(
         "another coffer-receiver serve is already running on {} (it holds {}/serve.lock)",
         .0.display(),

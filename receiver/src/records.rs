@@ -18,6 +18,21 @@
 //! Ordering: a commit record is written in the same flush as, and after, the chunk records
 //! it references that the flush wrote (earlier chunks are already durable), and is fsynced
 //! before the index transaction that records its version commits, which is before the ack.
+//!
+//! **Removal records** say which versions `prune` removed, so that nothing that reads the
+//! packs (recovery, `repair`) brings them back while their commit records are still there:
+//!
+//! ```text
+//! removal record (72 + n bytes)
+//!   header   "CDEL" | reserved (32, zero) | n = body length u32 LE | BLAKE3(body) (32)
+//!   body     time i64 LE (receiver's clock, Unix s) | k u32 LE (1 ..= MAX_REMOVED)
+//!            | reserved (4, zero) | k entries: version u64 LE | file id (32) | commit id (16)
+//! ```
+//!
+//! An entry removes every commit record of its (file id, commit id) whose version is at most
+//! its version (a lower one was never acknowledged: see "Pack files" in `docs/design.md`).
+//! A removal record is written and fsynced before the index transaction that forgets its
+//! versions.
 
 use coffer_common::chunk::{ChunkId, FileId};
 use coffer_common::wire::{CommitId, MAX_IDS, MAX_MANIFEST};
@@ -79,6 +94,15 @@ impl Deletion {
     }
 }
 
+/// Magic of a removal record's header.
+pub const REMOVAL_MAGIC: &[u8; 4] = b"CDEL";
+/// Fixed part of a removal record's body.
+pub const REMOVAL_FIXED: usize = 8 + 4 + 4;
+/// Bytes of one entry of a removal record.
+pub const REMOVAL_ENTRY: usize = 8 + 32 + 16;
+/// Most entries in one removal record.
+pub const MAX_REMOVED: usize = 4096;
+
 /// Header of a commit record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CommitHeader {
@@ -122,11 +146,55 @@ impl CommitHeader {
     }
 }
 
-/// A record header of either kind.
+/// Header of a removal record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RemovalHeader {
+    /// Length of the body.
+    pub len: u32,
+    /// BLAKE3 of the body.
+    pub hash: [u8; 32],
+}
+
+impl RemovalHeader {
+    /// The 72 header bytes.
+    pub fn encode(&self) -> [u8; RECORD_HEADER_LEN as usize] {
+        let mut h = [0u8; RECORD_HEADER_LEN as usize];
+        h[..4].copy_from_slice(REMOVAL_MAGIC);
+        h[36..40].copy_from_slice(&self.len.to_le_bytes());
+        h[40..72].copy_from_slice(&self.hash);
+        h
+    }
+
+    /// Decodes a header; `None` if the magic is wrong, the reserved bytes are not zero or
+    /// the length is impossible.
+    pub fn decode(h: &[u8]) -> Option<Self> {
+        if h.len() < RECORD_HEADER_LEN as usize || &h[..4] != REMOVAL_MAGIC {
+            return None;
+        }
+        if h[4..36].iter().any(|b| *b != 0) {
+            return None;
+        }
+        let len = u32::from_le_bytes([h[36], h[37], h[38], h[39]]) as usize;
+        let entries = len.checked_sub(REMOVAL_FIXED)?;
+        if entries == 0
+            || !entries.is_multiple_of(REMOVAL_ENTRY)
+            || entries / REMOVAL_ENTRY > MAX_REMOVED
+        {
+            return None;
+        }
+        Some(Self {
+            len: len as u32,
+            hash: arr(&h[40..72]),
+        })
+    }
+}
+
+/// A record header of any kind.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Header {
     Chunk(RecordHeader),
     Commit(CommitHeader),
+    Removal(RemovalHeader),
 }
 
 impl Header {
@@ -135,6 +203,7 @@ impl Header {
         match h.get(..4) {
             Some(m) if m == RECORD_MAGIC => RecordHeader::decode(h).map(Header::Chunk),
             Some(m) if m == COMMIT_MAGIC => CommitHeader::decode(h).map(Header::Commit),
+            Some(m) if m == REMOVAL_MAGIC => RemovalHeader::decode(h).map(Header::Removal),
             _ => None,
         }
     }
@@ -144,6 +213,7 @@ impl Header {
         match self {
             Header::Chunk(h) => h.len,
             Header::Commit(h) => h.len,
+            Header::Removal(h) => h.len,
         }
     }
 
@@ -152,6 +222,7 @@ impl Header {
         match self {
             Header::Chunk(h) => &h.hash,
             Header::Commit(h) => &h.hash,
+            Header::Removal(h) => &h.hash,
         }
     }
 
@@ -287,6 +358,88 @@ impl CommitRecord {
     }
 }
 
+/// One version a removal record removes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Removed {
+    pub version: u64,
+    pub file_id: FileId,
+    pub commit_id: CommitId,
+}
+
+/// Versions `prune` removed, as a removal record holds them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemovalRecord {
+    /// The receiver's time when it was written, Unix seconds.
+    pub time: i64,
+    /// 1 ..= [`MAX_REMOVED`] entries.
+    pub removed: Vec<Removed>,
+}
+
+/// Why a removal record's body does not decode (its hash matched).
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RemovalError {
+    #[error("removal record body of {0} bytes does not hold whole entries")]
+    Length(usize),
+    #[error("removal record says {said} entries but holds {held}")]
+    Count { said: u64, held: usize },
+    #[error("removal record's reserved bytes are not zero")]
+    Reserved,
+}
+
+impl RemovalRecord {
+    /// Length of the body.
+    pub fn body_len(&self) -> usize {
+        REMOVAL_FIXED + REMOVAL_ENTRY * self.removed.len()
+    }
+
+    /// The record's header and body bytes. The caller keeps `removed` within
+    /// 1 ..= [`MAX_REMOVED`].
+    pub fn encode(&self) -> ([u8; RECORD_HEADER_LEN as usize], Vec<u8>) {
+        let mut b = Vec::with_capacity(self.body_len());
+        b.extend_from_slice(&self.time.to_le_bytes());
+        b.extend_from_slice(&(self.removed.len() as u32).to_le_bytes());
+        b.extend_from_slice(&[0; 4]);
+        for r in &self.removed {
+            b.extend_from_slice(&r.version.to_le_bytes());
+            b.extend_from_slice(&r.file_id.0);
+            b.extend_from_slice(&r.commit_id.0);
+        }
+        let header = RemovalHeader {
+            len: b.len() as u32,
+            hash: *blake3::hash(&b).as_bytes(),
+        };
+        (header.encode(), b)
+    }
+
+    /// Decodes a body whose hash the caller has checked against its header.
+    pub fn decode(body: &[u8]) -> Result<Self, RemovalError> {
+        let n = body.len();
+        if n < REMOVAL_FIXED || !(n - REMOVAL_FIXED).is_multiple_of(REMOVAL_ENTRY) {
+            return Err(RemovalError::Length(n));
+        }
+        if body[12..16] != [0; 4] {
+            return Err(RemovalError::Reserved);
+        }
+        let held = (n - REMOVAL_FIXED) / REMOVAL_ENTRY;
+        let said = u32_at(body, 8) as u64;
+        if said != held as u64 || held == 0 || held > MAX_REMOVED {
+            return Err(RemovalError::Count { said, held });
+        }
+        let removed = body[REMOVAL_FIXED..]
+            .chunks_exact(REMOVAL_ENTRY)
+            .map(|e| Removed {
+                version: u64::from_le_bytes(arr(&e[..8])),
+                file_id: FileId(arr(&e[8..40])),
+                commit_id: CommitId(arr(&e[40..56])),
+            })
+            .collect();
+        Ok(Self {
+            time: i64::from_le_bytes(arr(&body[..8])),
+            removed,
+        })
+    }
+}
+
 fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(arr(&b[at..at + 4]))
 }
@@ -389,6 +542,74 @@ mod tests {
             CommitRecord::decode(&h, &body[..10]),
             Err(BodyError::Short(10))
         );
+    }
+
+    fn removal() -> RemovalRecord {
+        RemovalRecord {
+            time: 1_764_000_123,
+            removed: vec![
+                Removed {
+                    version: 5,
+                    file_id: FileId([1; 32]),
+                    commit_id: CommitId([2; 16]),
+                },
+                Removed {
+                    version: 0x0102_0304_0506_0708,
+                    file_id: FileId([3; 32]),
+                    commit_id: CommitId([4; 16]),
+                },
+            ],
+        }
+    }
+
+    /// The removal record's byte layout is a format: pin it.
+    #[test]
+    fn the_removal_layout_is_as_documented() {
+        let (h, body) = removal().encode();
+        assert_eq!(&h[..4], b"CDEL");
+        assert_eq!(&h[4..36], &[0; 32]);
+        assert_eq!(&h[36..40], &(16u32 + 2 * 56).to_le_bytes());
+        assert_eq!(&h[40..72], blake3::hash(&body).as_bytes());
+        assert_eq!(body.len(), 16 + 2 * 56);
+        assert_eq!(&body[..8], &1_764_000_123i64.to_le_bytes());
+        assert_eq!(&body[8..12], &2u32.to_le_bytes());
+        assert_eq!(&body[12..16], &[0; 4]);
+        assert_eq!(&body[16..24], &5u64.to_le_bytes());
+        assert_eq!(&body[24..56], &[1; 32]);
+        assert_eq!(&body[56..72], &[2; 16]);
+        assert_eq!(&body[72..80], &0x0102_0304_0506_0708u64.to_le_bytes());
+        assert_eq!(&body[80..112], &[3; 32]);
+        assert_eq!(&body[112..128], &[4; 16]);
+        let Some(Header::Removal(d)) = Header::decode(&h) else {
+            panic!("not a removal header");
+        };
+        assert_eq!(d.len as usize, body.len());
+        assert_eq!(RemovalRecord::decode(&body), Ok(removal()));
+    }
+
+    #[test]
+    fn malformed_removal_records_are_named() {
+        let (h, body) = removal().encode();
+        let mut b = body.clone();
+        b[8] = 3;
+        assert_eq!(
+            RemovalRecord::decode(&b),
+            Err(RemovalError::Count { said: 3, held: 2 })
+        );
+        let mut b = body.clone();
+        b[13] = 1;
+        assert_eq!(RemovalRecord::decode(&b), Err(RemovalError::Reserved));
+        assert_eq!(
+            RemovalRecord::decode(&body[..20]),
+            Err(RemovalError::Length(20))
+        );
+        // A header with a non-zero reserved key, or room for no entry, is no header.
+        let mut bad = h;
+        bad[10] = 1;
+        assert_eq!(Header::decode(&bad), None);
+        let mut empty = h;
+        empty[36..40].copy_from_slice(&16u32.to_le_bytes());
+        assert_eq!(Header::decode(&empty), None);
     }
 
     #[test]

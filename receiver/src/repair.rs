@@ -29,9 +29,9 @@ use coffer_common::host::lock::{Lock, LockError, Wait};
 use serde::Serialize;
 
 use crate::auth::RepoName;
-use crate::index::{Added, Index, IndexError, IndexedVersion, Mode};
+use crate::index::{Added, Index, IndexError, IndexedVersion, Mode, RecordedRemoval};
 use crate::layout::{Layout, RepoDir};
-use crate::records::{CommitRecord, Header};
+use crate::records::{CommitRecord, Header, RemovalRecord};
 use crate::salvage::{salvage, Salvaged};
 use crate::store::{
     header_ok, pack_header, read_record, Check, PackStore, PackStores, RecordError,
@@ -107,7 +107,7 @@ pub enum RepairError {
 /// One thing a rebuild or `scrub` found wrong, as `scrub --json` prints it.
 #[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
 pub struct Problem {
-    /// `damaged_chunk`, `damaged_commit`, `unreadable`, `damaged_pack_header`,
+    /// `damaged_chunk`, `damaged_commit`, `damaged_removal`, `unreadable`, `damaged_pack_header`,
     /// `version_conflict`, `lost_chunk`, `missing_record`, `record_mismatch`,
     /// `unindexed_record`, `no_commit_records`.
     pub kind: &'static str,
@@ -157,6 +157,11 @@ pub struct Rebuilt {
     pub versions_lost_chunks: u64,
     /// Torn tails cut, in bytes.
     pub cut_bytes: u64,
+    /// Removal records read (copies included).
+    pub removal_records: u64,
+    /// Versions whose commit records the packs still hold but a removal record names
+    /// (removed by `prune`): left out.
+    pub removed: u64,
 }
 
 impl Rebuilt {
@@ -332,12 +337,46 @@ pub fn build(
                     }
                     RECORD_HEADER_LEN + body.len() as u64
                 }
+                Salvaged::Removal {
+                    header,
+                    offset,
+                    body,
+                } => {
+                    r.removal_records += 1;
+                    match RemovalRecord::decode(body) {
+                        Ok(record) => ix.rebuild_removal(&RecordedRemoval {
+                            record,
+                            hash: header.hash,
+                            at: (p, offset),
+                        })?,
+                        Err(why) => problem(Problem {
+                            kind: "damaged_removal",
+                            pack: Some(describe.clone()),
+                            offset: Some(offset),
+                            detail: format!(
+                                "the removal record does not decode: {why}; versions it \
+                                 removed may be listed again"
+                            ),
+                            ..Problem::default()
+                        }),
+                    }
+                    RECORD_HEADER_LEN + body.len() as u64
+                }
                 Salvaged::Damaged {
                     header,
                     offset,
                     body,
                 } => {
                     match header {
+                        Header::Removal(_) => problem(Problem {
+                            kind: "damaged_removal",
+                            pack: Some(describe.clone()),
+                            offset: Some(offset),
+                            detail: "the removal record's bytes do not match their hash; \
+                                     versions it removed may be listed again"
+                                .into(),
+                            ..Problem::default()
+                        }),
                         Header::Chunk(c) => problem(Problem {
                             kind: "damaged_chunk",
                             pack: Some(describe.clone()),
@@ -410,6 +449,8 @@ pub fn build(
     if reserve > 0 {
         ix.rebuild_reserve(reserve)?;
     }
+    r.removed = ix.rebuild_apply_removals()?;
+    r.versions = r.versions.saturating_sub(r.removed);
     let mut last = None;
     ix.unresolved_references(|version, file, chunk| {
         if last != Some(version) {
@@ -478,7 +519,10 @@ impl RepairReport {
 }
 
 /// The repositories under `repos/` (folders with a valid name), or the one named.
-fn repositories(layout: &Layout, only: Option<&str>) -> Result<Vec<RepoName>, crate::Error> {
+pub(crate) fn repositories(
+    layout: &Layout,
+    only: Option<&str>,
+) -> Result<Vec<RepoName>, crate::Error> {
     if let Some(n) = only {
         let name = RepoName::new(n).map_err(crate::auth::AuthError::from)?;
         let dir = layout.repo(&name);
@@ -559,11 +603,13 @@ pub fn repair(
         swap_in(&dir)?;
         progress.println(&format!(
             "repository {repo}: {} packs, {} chunks, {} versions rebuilt ({} duplicate commit \
-             records); {} damaged, {} versions with lost chunks, {} bytes of torn tails cut{}",
+             records, {} removed by prune); {} damaged, {} versions with lost chunks, {} bytes \
+             of torn tails cut{}",
             r.packs,
             r.chunks,
             r.versions,
             r.duplicates,
+            r.removed,
             r.damaged,
             r.versions_lost_chunks,
             r.cut_bytes,

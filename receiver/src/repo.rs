@@ -48,10 +48,11 @@ use coffer_common::wire::{sealed_hash, CommitId, EscrowedKeyFile, VersionEntry, 
 
 use crate::auth::RepoName;
 use crate::index::{
-    first_of_each, CommitOutcome, Index, IndexError, Mode, NewCommit, RecordedVersion,
+    first_of_each, CommitOutcome, Index, IndexError, Mode, NewCommit, RecordedRemoval,
+    RecordedVersion,
 };
 use crate::layout::RepoDir;
-use crate::records::{CommitRecord, Deletion};
+use crate::records::{CommitRecord, Deletion, RemovalRecord};
 use crate::store::{
     header_ok, pack_header, pack_version, read_record_into, scan, Check, Found, Location, PackNo,
     PackStore, RecordError, RecordHeader, PACK_HEADER_LEN, PACK_VERSION, RECORD_HEADER_LEN,
@@ -159,6 +160,9 @@ struct WriteState {
     indexed_gen: u64,
     /// The number the next commit record gets.
     next_version: u64,
+    /// Moves on whenever `prune` deletes chunk rows: a flush whose step 0 found a chunk
+    /// indexed asks the index again under the lock (it may be gone).
+    chunks_dropped: u64,
 }
 
 impl WriteState {
@@ -216,6 +220,8 @@ pub struct Recovery {
     /// Versions written out as commit records by the upgrade.
     pub upgraded: u64,
 }
+
+mod maintenance;
 
 /// The commit records found past one pack's indexed end, checked before they are indexed.
 struct TailCommits {
@@ -355,6 +361,7 @@ impl Repo {
         rec: &mut Recovery,
     ) -> Result<(u64, u64), RepoError> {
         let mut rows = Vec::new();
+        let mut removals = Vec::new();
         let mut tail = TailCommits {
             found: HashMap::new(),
             max_version: 0,
@@ -391,6 +398,22 @@ impl Repo {
                         rec.skipped_commits += 1;
                     }
                 },
+                Found::Removal {
+                    header,
+                    offset,
+                    body,
+                } => match RemovalRecord::decode(body) {
+                    Ok(record) => removals.push(RecordedRemoval {
+                        record,
+                        hash: header.hash,
+                        at: (p, offset),
+                    }),
+                    Err(e) => tracing::error!(
+                        repo = %name,
+                        "removal record at offset {offset} of {} is malformed ({e}); ignored",
+                        packs.describe(p)
+                    ),
+                },
             }
             Ok(())
         })?;
@@ -421,6 +444,10 @@ impl Repo {
             let other = writer
                 .find_version(&r.file_id, &r.commit_id)?
                 .filter(|(n, _)| *n != r.version);
+            // A version `prune` removed (its record not yet compacted away) stays removed.
+            if other.is_none() && writer.is_removed(&r.file_id, &r.commit_id, r.version)? {
+                continue;
+            }
             if missing > 0 || other.is_some() {
                 let why = match other {
                     Some((n, _)) => format!("its commit is indexed as version {n}"),
@@ -440,7 +467,7 @@ impl Repo {
             versions.push(v);
         }
         versions.sort_by_key(|v| v.record.version);
-        if !rows.is_empty() || !versions.is_empty() {
+        if !rows.is_empty() || !versions.is_empty() || !removals.is_empty() {
             packs.sync(p)?;
             tracing::info!(
                 repo = %name,
@@ -453,7 +480,9 @@ impl Repo {
         }
         rec.reindexed += rows.len();
         rec.reindexed_commits += versions.len();
-        writer.add_recorded(&rows, &[(p, sc_end)], &versions)?;
+        // A removal record there (fsynced before a crash) removes its versions, as `prune`
+        // would have in its next index transaction.
+        writer.add_recorded_removing(&rows, &[(p, sc_end)], &versions, &removals)?;
         Ok((sc_end, tail.max_version))
     }
 
@@ -701,7 +730,10 @@ impl Repo {
         // 0. Under no lock: which commits and chunks the index already holds (a version or
         // a chunk, once indexed, stays). What was pending then and has been indexed since
         // is asked again under the lock (`indexed_gen` moved).
-        let gen = lock(&self.state).indexed_gen;
+        let gen = {
+            let st = lock(&self.state);
+            (st.indexed_gen, st.chunks_dropped)
+        };
         let (known, indexed) = self.lookup(commits)?;
         // 1. Settle each commit, append the new ones' commit records, write the buffer
         // out; note what must be synced.
@@ -737,6 +769,23 @@ impl Repo {
         // 3. One transaction: the pending chunks and versions written before the snapshot,
         // this session's and other sessions' alike (their bytes were synced above).
         let mut w = lock(&self.writer);
+        self.index_pending(&mut w, snapshot, seq_hi, epoch, &[])?;
+        Ok(out)
+    }
+
+    /// `flush`'s step 3 (and a removal's): with the writer lock held, in ONE transaction,
+    /// indexes the pending chunks and commit records written before `seq_hi` (synced, with
+    /// the packs' lengths in `snapshot`), then applies `removals`. Fails with `RolledBack`
+    /// when a rollback came first (the epoch moved). Returns how many versions the
+    /// removals forgot.
+    fn index_pending(
+        &self,
+        w: &mut Index,
+        snapshot: BTreeMap<PackNo, u64>,
+        seq_hi: u64,
+        epoch: u64,
+        removals: &[RecordedRemoval],
+    ) -> Result<u64, RepoError> {
         let (rows, versions) = {
             let mut st = lock(&self.state);
             if st.epoch != epoch {
@@ -760,10 +809,13 @@ impl Repo {
             (rows, versions)
         };
         let packs: Vec<(PackNo, u64)> = snapshot.iter().map(|(p, l)| (*p, *l)).collect();
-        if let Err(e) = w.add_recorded(&rows, &packs, &versions) {
-            self.rollback_locked(&mut w, &e.to_string());
-            return Err(e.into());
-        }
+        let removed = match w.add_recorded_removing(&rows, &packs, &versions, removals) {
+            Ok(n) => n,
+            Err(e) => {
+                self.rollback_locked(w, &e.to_string());
+                return Err(e.into());
+            }
+        };
         let mut st = lock(&self.state);
         while let Some(&(s, id)) = st.order.front() {
             if s >= seq_hi {
@@ -791,7 +843,7 @@ impl Repo {
                 st.dirty.remove(&p);
             }
         }
-        Ok(out)
+        Ok(removed)
     }
 
     /// For `flush`'s step 0, in one read transaction: the version of each commit already
@@ -824,18 +876,21 @@ impl Repo {
     /// (its record written by this or another flush) or indexed keeps its version; one
     /// referencing a chunk neither pending nor indexed is `MissingChunks`; any other gets
     /// the next version number, the receiver's time and a commit record. `known` and
-    /// `indexed` are step 0's answers, taken when `indexed_gen` was `gen`.
+    /// `indexed` are step 0's answers, taken when `indexed_gen` and `chunks_dropped` were
+    /// `gen`.
     fn settle(
         &self,
         st: &mut WriteState,
         commits: &[NewCommit],
         known: &[Option<(u64, i64)>],
         indexed: &HashSet<ChunkId>,
-        gen: u64,
+        gen: (u64, u64),
         out: &mut Vec<CommitOutcome>,
     ) -> Result<(), RepoError> {
-        // Pending work indexed since step 0 has left `pending`: ask the index again.
-        let moved = st.indexed_gen != gen;
+        // Pending work indexed since step 0 has left `pending`: ask the index again. Chunk
+        // rows `prune` deleted since then are no longer indexed: ask about those too.
+        let moved = st.indexed_gen != gen.0;
+        let dropped = st.chunks_dropped != gen.1;
         let now = now_secs();
         let (mut seen, mut ids) = (HashSet::new(), Vec::new());
         for (c, known) in commits.iter().zip(known) {
@@ -858,10 +913,10 @@ impl Repo {
             first_of_each(&c.chunks, &mut seen, &mut ids);
             let mut missing = Vec::new();
             for id in &ids {
-                if indexed.contains(id) || st.pending.contains_key(id) {
+                if (indexed.contains(id) && !dropped) || st.pending.contains_key(id) {
                     continue;
                 }
-                if moved && lock(&self.reader).has_chunk(id)? {
+                if (moved || dropped) && lock(&self.reader).has_chunk(id)? {
                     continue;
                 }
                 missing.push(*id);
@@ -1455,7 +1510,10 @@ mod tests {
     /// Step 1 of a flush only (commit records appended and written out, nothing synced or
     /// indexed), as a flush of another session caught between its steps.
     fn step1(r: &Repo, commits: &[NewCommit]) -> Vec<CommitOutcome> {
-        let gen = lock(&r.state).indexed_gen;
+        let gen = {
+            let st = lock(&r.state);
+            (st.indexed_gen, st.chunks_dropped)
+        };
         let (known, indexed) = r.lookup(commits).expect("lookup");
         let mut st = lock(&r.state);
         let mut out = Vec::new();

@@ -38,6 +38,12 @@ pub enum Salvaged<'a> {
         offset: u64,
         body: &'a [u8],
     },
+    /// An intact removal record (its body matches its hash; not yet decoded).
+    Removal {
+        header: crate::records::RemovalHeader,
+        offset: u64,
+        body: &'a [u8],
+    },
     /// A record whose header is intact but whose body does not match its hash: skipped.
     Damaged {
         header: Header,
@@ -112,7 +118,9 @@ impl Reader<'_> {
             self.store.read_at(self.pack, start, w)?;
             for i in 0..n.saturating_sub(3) {
                 let m = &w[i..i + 4];
-                if (m == crate::store::RECORD_MAGIC || m == crate::records::COMMIT_MAGIC)
+                if (m == crate::store::RECORD_MAGIC
+                    || m == crate::records::COMMIT_MAGIC
+                    || m == crate::records::REMOVAL_MAGIC)
                     && self.intact(start + i as u64, scratch)?
                 {
                     return Ok(Some(start + i as u64));
@@ -157,6 +165,11 @@ pub fn salvage<E: From<IoError>>(
                     })?,
                     Header::Commit(c) => f(Salvaged::Commit {
                         header: c,
+                        offset: at,
+                        body: &body,
+                    })?,
+                    Header::Removal(rh) => f(Salvaged::Removal {
+                        header: rh,
                         offset: at,
                         body: &body,
                     })?,
@@ -271,6 +284,10 @@ mod tests {
                     let c = CommitRecord::decode(&header, body).expect("decodes");
                     format!("commit {} at {offset}", c.version)
                 }
+                Salvaged::Removal { body, offset, .. } => {
+                    let r = crate::records::RemovalRecord::decode(body).expect("decodes");
+                    format!("removal of {} at {offset}", r.removed.len())
+                }
                 Salvaged::Damaged { offset, .. } => format!("damaged at {offset}"),
                 Salvaged::Unreadable { offset, len } => format!("unreadable {len} at {offset}"),
             });
@@ -321,6 +338,36 @@ mod tests {
                 format!("chunk 1 at {}", o[0]),
                 format!("unreadable {} at {}", o[3] - o[1], o[1]),
                 format!("chunk 3 at {}", o[3]),
+            ]
+        );
+        assert_eq!(end, len);
+    }
+
+    #[test]
+    fn a_removal_record_is_read_and_found_past_damage() {
+        use crate::records::{RemovalRecord, Removed};
+        let (h, b) = RemovalRecord {
+            time: 1,
+            removed: vec![Removed {
+                version: 3,
+                file_id: FileId([1; 32]),
+                commit_id: CommitId([3; 16]),
+            }],
+        }
+        .encode();
+        let mut rm = h.to_vec();
+        rm.extend_from_slice(&b);
+        let d = tempfile::tempdir().expect("tempdir");
+        let recs = [chunk(1, &[1; 10]), vec![7u8; 300], rm.clone(), commit(4)];
+        let (s, o, len) = pack(d.path(), &recs, b"");
+        let (out, end) = seen(&s, len);
+        assert_eq!(
+            out,
+            [
+                format!("chunk 1 at {}", o[0]),
+                format!("unreadable 300 at {}", o[1]),
+                format!("removal of 1 at {}", o[2]),
+                format!("commit 4 at {}", o[3]),
             ]
         );
         assert_eq!(end, len);

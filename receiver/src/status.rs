@@ -585,6 +585,7 @@ fn commit_records_of(
                         && ix
                             .version_of_commit(&rec.file_id, &rec.commit_id)?
                             .is_none()
+                        && !ix.is_removed(&rec.file_id, &rec.commit_id, rec.version)?
                     {
                         problem(
                             rs,
@@ -640,6 +641,34 @@ fn commit_records_of(
                         );
                     }
                 }
+            }
+        }
+        if let Header::Removal(r) = h {
+            // Removals `prune` made: intact, or versions they removed may come back.
+            body.resize(r.len as usize, 0);
+            store.read_at(pack, at + RECORD_HEADER_LEN, &mut body)?;
+            let why = if blake3::hash(&body).as_bytes() != &r.hash {
+                Some("its bytes do not match their hash".to_string())
+            } else {
+                crate::records::RemovalRecord::decode(&body)
+                    .err()
+                    .map(|e| format!("it does not decode: {e}"))
+            };
+            if let Some(why) = why {
+                problem(
+                    rs,
+                    Problem {
+                        kind: "damaged_removal",
+                        pack: Some(describe.clone()),
+                        offset: Some(at),
+                        detail: format!(
+                            "a removal record that {why}; versions it removed may be listed \
+                             again by a repair"
+                        ),
+                        ..Problem::default()
+                    },
+                    None,
+                );
             }
         }
         at += h.record_len();

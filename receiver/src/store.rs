@@ -28,7 +28,7 @@ use coffer_common::chunk::{ChunkId, MAX_SEALED};
 use coffer_common::host::fs::{sync_dir, Context, IoError};
 
 use crate::layout::{PacksDir, RepoDir};
-use crate::records::{CommitHeader, Header};
+use crate::records::{CommitHeader, Header, RemovalHeader};
 
 /// Magic at the start of every pack.
 pub const PACK_MAGIC: &[u8; 8] = b"COFRPACK";
@@ -138,6 +138,9 @@ pub trait PackStore: Send + Sync {
     fn read_at(&self, pack: PackNo, offset: u64, buf: &mut [u8]) -> Result<(), IoError>;
     /// Cuts `pack` to `len` bytes, durably.
     fn truncate(&self, pack: PackNo, len: u64) -> Result<(), IoError>;
+    /// Deletes `pack`, durably (compaction, once nothing the index holds is in it). A pack
+    /// already gone is not an error.
+    fn remove(&self, pack: PackNo) -> Result<(), IoError>;
 }
 
 /// Chooses where repositories keep their packs: the one place a [`PackStore`] is built.
@@ -284,6 +287,25 @@ impl PackStore for LocalPacks {
         f.set_len(len).ctx("truncating", &path)?;
         f.sync_all().ctx("syncing", &path)
     }
+
+    fn remove(&self, pack: PackNo) -> Result<(), IoError> {
+        // The cached descriptor goes first, so the file's space is freed when it is
+        // unlinked (a reader holding a clone finishes its read first).
+        {
+            let mut open = match self.open.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            open.retain(|(p, _)| *p != pack);
+        }
+        let path = self.path(pack);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(IoError::new("removing", &path, e)),
+        }
+        sync_dir(self.dir.path())
+    }
 }
 
 /// Why a record could not be read back.
@@ -381,10 +403,17 @@ pub enum Found<'a> {
         offset: u64,
         body: &'a [u8],
     },
+    /// A removal record at `offset`, whose body (checked against its hash, not yet
+    /// decoded: [`crate::records::RemovalRecord::decode`]) is `body`.
+    Removal {
+        header: RemovalHeader,
+        offset: u64,
+        body: &'a [u8],
+    },
 }
 
 /// Reads the records of `pack` from `from` to `len`, handing each whole, intact one (of
-/// either kind) to `f` in order, and stops at the first one that is incomplete, has a bad
+/// any kind) to `f` in order, and stops at the first one that is incomplete, has a bad
 /// header or does not match its hash. Returns the offset just past the last intact record:
 /// everything after it is a torn tail. One record's body is in memory at a time.
 pub fn scan<E: From<IoError>>(
@@ -422,6 +451,11 @@ pub fn scan<E: From<IoError>>(
             })?,
             Header::Commit(c) => f(Found::Commit {
                 header: c,
+                offset: at,
+                body: &data,
+            })?,
+            Header::Removal(r) => f(Found::Removal {
+                header: r,
                 offset: at,
                 body: &data,
             })?,
@@ -512,6 +546,7 @@ mod tests {
                     assert_eq!(c, commit);
                     format!("commit {}", c.version)
                 }
+                Found::Removal { .. } => "removal".to_string(),
             });
             Ok(())
         })

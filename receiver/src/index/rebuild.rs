@@ -8,7 +8,7 @@ use std::path::Path;
 use coffer_common::chunk::{ChunkId, FileId};
 use rusqlite::{params, OpenFlags, OptionalExtension};
 
-use super::{blob_err, sql_err, Index, IndexError, SCHEMA};
+use super::{blob_err, sql_err, Index, IndexError, RecordedRemoval, SCHEMA};
 use crate::records::CommitRecord;
 use crate::store::{Location, PackNo};
 
@@ -147,6 +147,62 @@ impl Index {
             ins.execute(params![r.version, id]).map_err(e)?;
         }
         Ok(added)
+    }
+
+    /// Adds a removal record found in a pack: registered (the first copy of it found counts)
+    /// with the versions it names. They are forgotten by [`Index::rebuild_apply_removals`]
+    /// once every pack has been read (a removed version's record may come later).
+    pub fn rebuild_removal(&mut self, r: &RecordedRemoval) -> Result<(), IndexError> {
+        let e = sql_err(&self.path);
+        self.conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO removals (hash, pack, offset, len) VALUES (?1, ?2, ?3, ?4)",
+            )
+            .and_then(|mut s| s.execute(params![&r.hash[..], r.at.0 .0, r.at.1, r.record_len()]))
+            .map_err(e)?;
+        let mut note = self
+            .conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO removed (file_id, commit_id, version) VALUES (?1, ?2, ?3)",
+            )
+            .map_err(e)?;
+        for x in &r.record.removed {
+            note.execute(params![x.file_id, x.commit_id, x.version])
+                .map_err(e)?;
+        }
+        Ok(())
+    }
+
+    /// Forgets every version a removal names (its commit at that version or below), with
+    /// its references; returns how many.
+    pub fn rebuild_apply_removals(&mut self) -> Result<u64, IndexError> {
+        let e = sql_err(&self.path);
+        let named = "EXISTS (SELECT 1 FROM removed r WHERE r.file_id = v.file_id                      AND r.commit_id = v.commit_id AND r.version >= v.version)";
+        self.conn
+            .execute(
+                &format!(
+                    "DELETE FROM version_chunks WHERE version IN                      (SELECT v.version FROM versions v WHERE {named})"
+                ),
+                [],
+            )
+            .map_err(e)?;
+        let n = self
+            .conn
+            .execute(
+                &format!(
+                    "DELETE FROM versions WHERE version IN                      (SELECT v.version FROM versions v WHERE {named})"
+                ),
+                [],
+            )
+            .map_err(e)?;
+        let hi: Option<u64> = self
+            .conn
+            .query_row("SELECT MAX(version) FROM removed", [], |r| r.get(0))
+            .map_err(e)?;
+        if let Some(hi) = hi {
+            self.rebuild_reserve(hi)?;
+        }
+        Ok(n as u64)
     }
 
     /// Makes the next version number assigned at least `version + 1`: a damaged commit
