@@ -22,6 +22,11 @@
         one JSON object: change-to-ack samples, p50/p99, saves made while the backlog waited,
         and the backup's time from t0 (backup_s).
   helper.py gen-huge PATH BYTES                 a file of BYTES random bytes (kept if it exists)
+  helper.py history-step --dir DIR --round R [--agent BIN --config CFG --t0 EPOCH]
+        change 10% of DIR's files (chosen and rewritten deterministically from R: a file up to
+        64 KiB is rewritten whole, a larger one gets 64 KiB overwritten at one place); with
+        --agent, then poll `status --json` of the changed files until every one is backed up
+        with a newer version, and print seconds since t0 and the files changed.
   helper.py report ...                         see report() below
 """
 import argparse
@@ -271,6 +276,69 @@ def cmd_mutate_tiny(a):
     return 0
 
 
+def history_changes(root, rnd):
+    """The files a history round changes: 10% of them (by a hash of the round and path)."""
+    import hashlib
+    files = []
+    for d, _, names in os.walk(root):
+        for n in names:
+            files.append(os.path.join(d, n))
+    files.sort()
+    pick = []
+    for p in files:
+        h = hashlib.blake2b(b"%d:" % rnd + os.path.relpath(p, root).encode(), digest_size=8).digest()
+        if int.from_bytes(h, "little") % 10 == 0:
+            pick.append((p, h))
+    return pick
+
+
+def cmd_history_step(a):
+    import hashlib
+    pick = history_changes(a.dir, a.round)
+    paths = [p for p, _ in pick]
+    before = {}
+    if a.agent:
+        for i in range(0, len(paths), 500):
+            st = status(a.agent, a.config, paths[i:i + 500]) or []
+            for e in (st if isinstance(st, list) else [st]):
+                before[e.get("path")] = e.get("version") or 0
+    changed = 0
+    for p, h in pick:
+        size = os.path.getsize(p)
+        with open(p, "r+b") as f:
+            if size <= 64 << 10:
+                f.write(hashlib.shake_256(b"history %d " % a.round + h).digest(max(size, 1)))
+            else:
+                at = (int.from_bytes(h, "little") % ((size - (64 << 10)) // 4096 + 1)) * 4096
+                f.seek(at)
+                f.write(hashlib.shake_256(b"history %d " % a.round + h).digest(64 << 10))
+        changed += 1
+    if not a.agent:
+        print(changed)
+        return 0
+    deadline = time.time() + a.timeout
+    left = list(paths)
+    while left and time.time() < deadline:
+        time.sleep(0.2)
+        still = []
+        for i in range(0, len(left), 500):
+            part = left[i:i + 500]
+            st = status(a.agent, a.config, part)
+            if st is None:
+                still += part
+                continue
+            for e in (st if isinstance(st, list) else [st]):
+                if not (e.get("state") == "backed_up" and (e.get("version") or 0) > before.get(e.get("path"), 0)
+                        and not e.get("changed_since")):
+                    still.append(e.get("path"))
+        left = still
+    if left:
+        print(f"timeout: {len(left)} changed files not backed up, e.g. {left[0]}", file=sys.stderr)
+        return 1
+    print(f"{time.time() - a.t0:.3f} {changed}")
+    return 0
+
+
 # ---------------------------------------------------------------- report
 
 def read_tsv(path):
@@ -464,6 +532,7 @@ def cmd_report(a):
         for n in notes:
             P(f"- {n}")
         P("")
+    out += prune_section(rows)
     # all rows
     P("## All figures (medians)\n")
     P("| data set | tool | phase | trials | wall | MB/s | peak RSS | bytes added |")
@@ -491,6 +560,69 @@ def cmd_report(a):
     with open(a.out, "w") as f:
         f.write("\n".join(out) + "\n")
     return 0
+
+
+def prune_section(rows):
+    """The prune row (bench/run's prune_history): Markdown lines, none without its rows."""
+    def get(tool, phase):
+        for r in rows:
+            if r["dataset"] == "history" and r["tool"] == tool and r["phase"] == phase:
+                return r
+        return None
+
+    def num(r, col):
+        try:
+            return float(r[col]) if r and r.get(col, "") != "" else None
+        except ValueError:
+            return None
+
+    def before_after(r):
+        kv = {}
+        for tok in (r or {}).get("note", "").replace(";", " ").split():
+            if "=" in tok:
+                k, v = tok.split("=", 1)
+                if v.isdigit():
+                    kv[k] = int(v)
+        return kv.get("before"), kv.get("after")
+
+    c, rs = get("coffer", "prune"), get("restic-local", "prune")
+    if not c:
+        return []
+    out = ["## Prune and compaction\n",
+           "A history of versions of a copy of `mixed` (10% of its files changed between versions, "
+           "`helper.py history-step`), backed up by Coffer and by restic (one snapshot per version), "
+           "then pruned to the newest version with compaction: `coffer-receiver prune` (keep_last = 1, "
+           "max_unused 5%, serve stopped) and `restic forget --keep-last 1 --prune` (its default "
+           "max-unused 5%). Bytes: the receiver root (index WAL checkpointed first) and the restic "
+           "repository, before and after.\n",
+           "| figure | Coffer | restic | ratio | target |", "|---|---|---|---|---|"]
+    cw, rw = num(c, "wall_s"), num(rs, "wall_s")
+    ok = cw is not None and rw is not None and cw <= rw / 2
+    out.append(f"| prune + compaction, wall | {fmt_s(cw)} | {fmt_s(rw)} | {ratio(cw, rw)} | "
+               f"≤ 0.5x{' — **met**' if ok else (' — **missed**' if rw else '')} |")
+    cm, rm = num(c, "maxrss_kib"), num(rs, "maxrss_kib")
+    okm = cm is not None and cm < 64 * 1024
+    out.append(f"| peak RSS | {fmt_rss(cm)} | {fmt_rss(rm)} | {ratio(cm, rm)} | "
+               f"receiver < 64 MiB{' — **met**' if okm else ' — **missed**'} |")
+    cb, ca = before_after(c)
+    rb, ra = before_after(rs)
+    out.append(f"| bytes before → after | {fmt_b(cb)} → {fmt_b(ca)} | {fmt_b(rb)} → {fmt_b(ra)} | | |")
+    out.append(f"| CPU user + sys | {fmt_s((num(c, 'user_s') or 0) + (num(c, 'sys_s') or 0))} | "
+               f"{fmt_s((num(rs, 'user_s') or 0) + (num(rs, 'sys_s') or 0)) if rs else '—'} | | |")
+    a, d = get("coffer", "backup-alone"), get("coffer", "backup-during-compaction")
+    aw, dw = num(a, "wall_s"), num(d, "wall_s")
+    if aw and dw:
+        okb = dw <= aw * 1.5
+        out.append(f"| backup of a fresh set alone / during a compaction | {fmt_s(aw)} / {fmt_s(dw)} "
+                   f"(speed {aw / dw * 100:.0f}%) | — | — | speed ≥ 67%{' — **met**' if okb else ' — **missed**'} |")
+        pk = get("coffer", "receiver-peak-serving")
+        if pk:
+            out.append(f"| serve's peak RSS (that backup + the compaction) | {fmt_rss(num(pk, 'maxrss_kib'))} | — | — | |")
+    out.append("")
+    notes = [r["note"] for r in (c, d) if r and r.get("note")]
+    if notes:
+        out.append("Notes: " + " | ".join(notes) + "\n")
+    return out
 
 
 def cmd_checkpoint(a):
@@ -548,6 +680,11 @@ def main():
     p = sp.add_parser("mutate-tiny"); p.add_argument("dir"); p.add_argument("round", type=int)
     p.set_defaults(fn=cmd_mutate_tiny)
     p = sp.add_parser("checkpoint"); p.add_argument("root"); p.set_defaults(fn=cmd_checkpoint)
+    p = sp.add_parser("history-step")
+    p.add_argument("--dir", required=True); p.add_argument("--round", type=int, required=True)
+    p.add_argument("--agent"); p.add_argument("--config"); p.add_argument("--t0", type=float, default=0)
+    p.add_argument("--timeout", type=float, default=1800)
+    p.set_defaults(fn=cmd_history_step)
     p = sp.add_parser("report")
     p.add_argument("--tsv", nargs="+", required=True); p.add_argument("--meta", required=True)
     p.add_argument("--latency", nargs="*"); p.add_argument("--profile"); p.add_argument("--extra")

@@ -575,6 +575,7 @@ fn settle(
         (Ok(Message::FilesAcked { results }), _) if results.len() == items.len() => {
             let mut refused = Vec::new();
             let mut delay = 5000;
+            let mut only_missing = true;
             for (i, r) in items.into_iter().zip(results) {
                 match r {
                     CommitResult::Acked {
@@ -587,12 +588,20 @@ fn settle(
                             sh.conn.note_refusal(sh, code, &message);
                             delay = delay.max(quota_retry_ms());
                         }
+                        if code == ErrorCode::MissingChunks {
+                            resent(&i.path, &message);
+                        } else {
+                            only_missing = false;
+                        }
                         refused.push((
                             i.path,
                             format!("receiver refused the upload: {code:?}: {message}"),
                         ));
                     }
                 }
+            }
+            if only_missing {
+                delay = MISSING_RETRY_MS;
             }
             if !refused.is_empty() {
                 sh.journal(|j| j.record_retry(&refused, now_ms() + delay));
@@ -623,11 +632,37 @@ fn settle(
                     quota_retry_ms()
                 }
                 None if e.is_connection() => 0,
-                None => 5000,
+                None => match &e {
+                    ConnError::Remote {
+                        code: ErrorCode::MissingChunks,
+                        message,
+                    } => {
+                        for i in &items {
+                            resent(&i.path, message);
+                        }
+                        MISSING_RETRY_MS
+                    }
+                    _ => 5000,
+                },
             };
             retry(items, reason, delay);
         }
     }
+}
+
+/// How soon a file whose commit the receiver answered `MissingChunks` is read again: the
+/// receiver lost those chunks since it said it had them (its prune removed them), so the
+/// next try asks again and sends them; nothing the agent remembers says otherwise (it keeps
+/// no record of what the receiver holds beyond one file's upload).
+const MISSING_RETRY_MS: i64 = 500;
+
+/// Logs a commit the receiver refused for chunks it no longer holds.
+fn resent(path: &[u8], message: &str) {
+    tracing::info!(
+        path = %String::from_utf8_lossy(path),
+        "the receiver no longer holds chunks this version references (pruned meanwhile?): \
+         {message}; reading it again to send them"
+    );
 }
 
 /// What is recorded of a read. `summary` is what tells one content apart from another: the

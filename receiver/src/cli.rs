@@ -101,8 +101,9 @@ pub enum Command {
         #[arg(long, value_name = "NAME")]
         repo: Option<String>,
     },
-    /// Apply each repository's retention policy, then compact its packs (serve must not
-    /// be running); prints versions kept and removed, bytes freed, packs rewritten.
+    /// Apply each repository's retention policy, then compact its packs; while serve runs,
+    /// serve does it (in turn with its sessions). Prints versions kept and removed, bytes
+    /// freed, packs rewritten.
     Prune {
         #[command(flatten)]
         root: RootOpt,
@@ -372,27 +373,39 @@ fn prune(root: &Path, only: Option<&str>, dry_run: bool, json: bool) -> Result<E
     let mut reports = Vec::new();
     let mut errors = Vec::new();
     let mut printed = Ok(());
-    crate::prune::prune_root(
-        &Layout::new(root),
-        &*pack_stores(),
-        only,
-        &opts,
-        |repo, r| match r {
-            Ok(report) => {
-                if !json && printed.is_ok() {
-                    printed = out(report.line());
-                }
-                reports.push(report);
+    let mut each = |repo: &str, r: Result<crate::prune::PruneReport, String>| match r {
+        Ok(report) => {
+            if !json && printed.is_ok() {
+                printed = out(report.line());
             }
-            Err(e) => {
-                tracing::error!("prune of repository {repo} failed: {e}");
-                if !json && printed.is_ok() {
-                    printed = out(format_args!("repository {repo}: FAILED: {e}"));
-                }
-                errors.push(serde_json::json!({"repo": repo, "error": e.to_string()}));
+            reports.push(report);
+        }
+        Err(e) => {
+            tracing::error!("prune of repository {repo} failed: {e}");
+            if !json && printed.is_ok() {
+                printed = out(format_args!("repository {repo}: FAILED: {e}"));
             }
-        },
-    )?;
+            errors.push(serde_json::json!({"repo": repo, "error": e}));
+        }
+    };
+    let layout = Layout::new(root);
+    if status::serve_running(&layout)? {
+        // `serve` runs: it prunes, in turn with its sessions (the control socket), and its
+        // reports are printed here as this process's own would be.
+        tracing::info!("serve is running: the prune is done by it");
+        let req = crate::control::Request::Prune {
+            repo: only.map(str::to_string),
+            dry_run,
+        };
+        for o in crate::control::request(&layout, &req).map_err(crate::Error::from)? {
+            let (repo, r) = crate::control::Outcome::into_result(o);
+            each(&repo, r);
+        }
+    } else {
+        crate::prune::prune_root(&layout, &*pack_stores(), only, &opts, |repo, r| {
+            each(repo, r.map_err(|e| e.to_string()))
+        })?;
+    }
     printed?;
     if json {
         let v = serde_json::json!({

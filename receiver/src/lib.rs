@@ -6,6 +6,7 @@
 //! - [`admission`]: connections per address and sessions per key and repository, counted.
 //! - [`auth`]: agent key -> repository (`authorized.toml`), repository names.
 //! - [`server`]: `serve`: listener, handshake, authorization, session slots, shutdown.
+//! - [`control`]: the control socket, by which `prune` reaches a running `serve`.
 //! - [`session`]: one agent's session: requests in order, group commit, chunk reads.
 //! - [`repo`]: one repository: write path (append, flush, rollback), reads, crash recovery.
 //! - [`retention`]: the retention policy (which versions of a file are kept), its durations.
@@ -38,6 +39,7 @@ pub mod auth;
 pub mod cli;
 pub mod clidoc;
 pub mod config;
+pub mod control;
 pub mod index;
 pub mod layout;
 pub mod logs;
@@ -90,6 +92,8 @@ pub enum Error {
     MetricsBind { addr: SocketAddr, msg: String },
     #[error("starting the runtime: {0}")]
     Runtime(String),
+    #[error(transparent)]
+    Control(#[from] control::ControlError),
     #[error(transparent)]
     Service(#[from] service::ServiceError),
 }

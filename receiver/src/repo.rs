@@ -24,6 +24,11 @@
 //! is only ever taken last. The fsync of step 2 runs under no lock, so other sessions keep
 //! appending while one waits for the disk.
 //!
+//! Reads (restore, `verify --read-data`) look a chunk up and read its record under no
+//! lock, so compaction may move the record in between (it points the index at a copy,
+//! then deletes the old pack): a read that fails looks the chunk up again and follows it
+//! ([`Repo::get_many`]), and a restore never fails because a pack moved.
+//!
 //! A write or fsync failure (e.g. a full disk) rolls back: every pack is cut to its
 //! recorded length, every pending chunk and commit is forgotten and the *epoch* moves on,
 //! so any flush that was in progress fails instead of indexing bytes that are gone.
@@ -67,6 +72,9 @@ pub const MAX_LIST_ENTRIES: usize = 10_000;
 const UPGRADE_VERSIONS: usize = 4096;
 /// Most bytes of commit records the upgrade writes per fsync and index transaction.
 const UPGRADE_BYTES: usize = 32 << 20;
+/// How many times a chunk read follows the chunk to a new location (compaction moved it
+/// while it was being read) before the read fails.
+const MOVED_RETRIES: u32 = 8;
 
 /// Errors of the repository write and read paths.
 #[derive(Debug, thiserror::Error)]
@@ -1056,15 +1064,51 @@ impl Repo {
                 let buf = bufs
                     .pop()
                     .unwrap_or_else(|| Vec::with_capacity(loc.len as usize));
-                Ok(Some(read_record_into(
-                    &*self.packs,
-                    id,
-                    &loc,
-                    Check::Header,
-                    buf,
-                )?))
+                self.read_located(id, loc, buf)
             })
             .collect()
+    }
+
+    /// Reads chunk `id`'s record at `loc`. When that fails, the chunk is looked up again:
+    /// compaction may have copied it elsewhere, pointed the index at the copy and deleted
+    /// the pack it was read from since `loc` was looked up. A new location is read (up to
+    /// [`MOVED_RETRIES`] times); a chunk no longer stored at all (removed by prune) is
+    /// `None`; the same location failing again is that read's error.
+    fn read_located(
+        &self,
+        id: &ChunkId,
+        mut loc: Location,
+        buf: Vec<u8>,
+    ) -> Result<Option<Vec<u8>>, RepoError> {
+        let mut buf = Some(buf);
+        let mut moves = 0;
+        loop {
+            let b = buf
+                .take()
+                .unwrap_or_else(|| Vec::with_capacity(loc.len as usize));
+            let e = match read_record_into(&*self.packs, id, &loc, Check::Header, b) {
+                Ok(v) => return Ok(Some(v)),
+                Err(e) => e,
+            };
+            let pending = lock(&self.state).pending.get(id).map(|(_, l)| *l);
+            let now = match pending {
+                Some(l) => Some(l),
+                None => lock(&self.reader).chunk(id)?,
+            };
+            match now {
+                Some(l) if l != loc && moves < MOVED_RETRIES => {
+                    tracing::debug!(
+                        repo = %self.name,
+                        chunk = %id,
+                        "chunk moved while it was read ({e}); reading it where it is now"
+                    );
+                    moves += 1;
+                    loc = l;
+                }
+                None => return Ok(None),
+                Some(_) => return Err(e.into()),
+            }
+        }
     }
 
     /// Versions after `after`, oldest first, paged.
@@ -1726,5 +1770,75 @@ mod tests {
             Some(1),
             "the old pack stays as it was"
         );
+    }
+
+    /// A second connection to the index, as compaction changes it (tests only).
+    fn sql(root: &Path) -> rusqlite::Connection {
+        rusqlite::Connection::open(dir(root).index()).expect("open index")
+    }
+
+    #[test]
+    fn a_read_follows_a_chunk_that_compaction_moved_and_a_removed_one_is_absent() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let r = repo(d.path(), 64 << 20);
+        let (a, va) = data(1, 5000);
+        let (b, vb) = data(2, 300_000);
+        let (c, vc) = data(3, 7000);
+        for (id, v) in [(&a, &va), (&b, &vb), (&c, &vc)] {
+            r.put(id, v).expect("put");
+        }
+        r.flush(&[]).expect("flush");
+        let stale = |id: &ChunkId| lock(&r.reader).chunk(id).expect("q").expect("indexed");
+        let (la, lb, lc) = (stale(&a), stale(&b), stale(&c));
+        // Compaction: `a` and `b` copied into a pack of their own and the index pointed
+        // at the copies, the old records gone; `c` removed by prune.
+        let store = packs(d.path());
+        let p = PackNo(40);
+        store.create(p).expect("create");
+        let mut at = PACK_HEADER_LEN;
+        for (id, v) in [(&a, &va), (&b, &vb)] {
+            let h = RecordHeader {
+                id: *id,
+                len: v.len() as u32,
+                hash: sealed_hash(v),
+            };
+            store.write_at(p, at, &h.encode()).expect("write");
+            store.write_at(p, at + RECORD_HEADER_LEN, v).expect("write");
+            sql(d.path())
+                .execute(
+                    "UPDATE chunks SET pack = ?1, offset = ?2 WHERE id = ?3",
+                    rusqlite::params![p.0, at, id],
+                )
+                .expect("move");
+            at += RECORD_HEADER_LEN + v.len() as u64;
+        }
+        sql(d.path())
+            .execute("DELETE FROM chunks WHERE id = ?1", [&c])
+            .expect("delete");
+        for l in [la, lb, lc] {
+            store
+                .write_at(l.pack, l.offset, &[0u8; RECORD_HEADER_LEN as usize])
+                .expect("wipe");
+        }
+        // Reads that looked the chunks up before all that.
+        assert_eq!(
+            r.read_located(&a, la, Vec::new()).expect("a"),
+            Some(va.clone())
+        );
+        assert_eq!(r.read_located(&b, lb, Vec::new()).expect("b"), Some(vb));
+        assert_eq!(r.read_located(&c, lc, Vec::new()).expect("c"), None);
+        // Its old pack deleted: followed as well.
+        std::fs::remove_file(dir(d.path()).packs().pack(la.pack)).expect("rm");
+        let fresh = packs(d.path());
+        let gone = crate::store::read_record(&fresh, &a, &la, Check::Header);
+        assert!(gone.is_err(), "the old pack is gone");
+        assert_eq!(r.read_located(&a, la, Vec::new()).expect("a"), Some(va));
+        // A record damaged where the index still points fails its read.
+        let lb2 = stale(&b);
+        store
+            .write_at(lb2.pack, lb2.offset, b"XXXX")
+            .expect("damage");
+        let e = r.read_located(&b, lb2, Vec::new()).expect_err("damaged");
+        assert!(e.to_string().contains("damaged record"), "{e}");
     }
 }

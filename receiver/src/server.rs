@@ -18,7 +18,9 @@
 //! flushes, answers `Error{ShuttingDown}` and closes, within `shutdown_grace_secs`.
 //!
 //! SIGHUP re-reads `receiver.toml` and applies its quota keys (`quota`, `[repos.NAME]`,
-//! `min_free`, `warn_at`) at once; other changed keys wait for a restart (logged).
+//! `min_free`, `warn_at`) and its retention settings (`[retention]`,
+//! `[repos.NAME.retention]`: the next scheduled prune uses them) at once; other changed
+//! keys wait for a restart (logged).
 //!
 //! Every [`REVOCATION_CHECK`] the authorization list is looked at (a `stat`; re-read when
 //! it changed): a session whose key no longer writes its repository ends with
@@ -27,6 +29,15 @@
 //!
 //! With `--metrics ADDR`, [`crate::metrics`] serves the counters the sessions keep at
 //! `http://ADDR/metrics`, on this same runtime.
+//!
+//! Prune while serving: every repository with a `prune_interval` is pruned that often (the
+//! first time one interval after `serve` starts), on a blocking thread, while its sessions
+//! go on (the engine takes the repository's locks per batch, see [`crate::prune`]); a
+//! `coffer-receiver prune` run meanwhile reaches this process over the control socket
+//! ([`crate::control`]) and its prune is done here, in turn. One prune per repository at a
+//! time: a scheduled one finding another running skips its turn, a requested one waits.
+//! Each is logged with its report; a failed one is logged (and recorded as the index's
+//! `last_prune` by the engine) and tried again at the next interval.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -48,9 +59,11 @@ use tracing::Instrument;
 use crate::admission::{AddressSlot, Caps, PerAddress};
 use crate::auth::{AuthWatcher, RepoName};
 use crate::config::Config;
+use crate::control::{self, Outcome, Reply, Request};
 use crate::layout::Layout;
 use crate::logs::{Refusal, Tally, SUMMARY_INTERVAL};
 use crate::metrics::{Metrics, Rejected};
+use crate::prune::{PruneOptions, PruneReport};
 use crate::quota::{DiskFloor, QuotaState};
 use crate::repo::{Repo, RepoError};
 use crate::store::PackStores;
@@ -70,6 +83,8 @@ const LOCK_WAIT: Duration = Duration::from_secs(2);
 /// How often open sessions are checked against the authorization list (a revoked key's
 /// sessions end within about this long).
 pub const REVOCATION_CHECK: Duration = Duration::from_millis(250);
+/// How often the prune schedule looks for a repository whose prune is due.
+const PRUNE_TICK: Duration = Duration::from_millis(250);
 
 /// Options of `serve`.
 #[derive(Clone, Debug)]
@@ -123,6 +138,8 @@ pub(crate) struct Server {
     tracker: TaskTracker,
     pub(crate) metrics: Arc<Metrics>,
     stores: Arc<dyn PackStores>,
+    /// One lock per repository, held by the prune running on it.
+    pruning: std::sync::Mutex<HashMap<RepoName, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// Takes the root's serve lock, refusing when another `serve` holds it. Failing to open
@@ -158,6 +175,7 @@ pub fn serve(opts: ServeOptions, on_ready: impl FnOnce(SocketAddr)) -> Result<()
     let r = rt.block_on(run(server, opts.metrics, on_ready));
     rt.shutdown_timeout(Duration::from_secs(2));
     let _ = std::fs::remove_file(layout.serve_addr());
+    let _ = std::fs::remove_file(control::socket_path(&layout));
     r
 }
 
@@ -198,12 +216,14 @@ async fn run(
     if let Some(l) = metrics_listener {
         serve_metrics(&server, l);
     }
+    serve_control(&server)?;
     on_ready(addr);
     spawn_signal_handler(server.clone())?;
     spawn_revocation_watch(server.clone());
     crate::notify::notify(&format!("READY=1\nSTATUS=listening on {addr}"));
     spawn_watchdog(server.cancel.clone());
     spawn_refusal_summaries(server.clone());
+    spawn_prune_schedule(server.clone());
     accept(&server, &listener).await;
     drop(listener);
     server.shut_down().await;
@@ -249,6 +269,7 @@ impl Server {
             tracker: TaskTracker::new(),
             metrics: Arc::new(Metrics::new()),
             stores,
+            pruning: std::sync::Mutex::new(HashMap::new()),
         })
     }
 
@@ -367,13 +388,14 @@ impl Server {
             min_free: config.min_free,
             warn_at: config.warn_at,
             repos: config.repos.clone(),
+            retention: config.retention.clone(),
             listen: self.config.listen,
             ..self.config.clone()
         };
         if quota_keys != config {
             tracing::warn!(
-                "SIGHUP: receiver.toml changed keys other than quota, min_free, warn_at and \
-                 [repos.NAME]; those apply at the next restart"
+                "SIGHUP: receiver.toml changed keys other than quota, min_free, warn_at, \
+                 [retention] and [repos.NAME]; those apply at the next restart"
             );
         }
         tracing::info!(
@@ -401,6 +423,187 @@ impl Server {
             }
         }
     }
+}
+
+/// Repositories of the root: the folders under `repos/` (an authorized key's repository
+/// has one from `authorize` on), sorted.
+fn repo_dirs(layout: &Layout) -> Vec<RepoName> {
+    let dir = layout.repos();
+    let mut out = Vec::new();
+    match std::fs::read_dir(&dir) {
+        Ok(entries) => {
+            for e in entries.flatten() {
+                let name = e.file_name();
+                if let Some(n) = name.to_str().and_then(|n| RepoName::new(n).ok()) {
+                    if e.path().is_dir() {
+                        out.push(n);
+                    }
+                }
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!("listing {}: {}", dir.display(), describe(&e)),
+    }
+    out.sort();
+    out
+}
+
+/// Why a prune runs (for its log line).
+#[derive(Clone, Copy, Debug)]
+enum PruneCause {
+    Scheduled,
+    Requested,
+}
+
+impl Server {
+    /// The lock of `name`'s prunes.
+    fn prune_slot(&self, name: &RepoName) -> Arc<tokio::sync::Mutex<()>> {
+        let mut m = match self.pruning.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        m.entry(name.clone()).or_default().clone()
+    }
+
+    /// Prunes repository `name` (opened if no session has yet) on a blocking thread,
+    /// holding its prune lock `slot`, and logs the outcome.
+    async fn prune_locked(
+        &self,
+        name: &RepoName,
+        dry_run: bool,
+        cause: PruneCause,
+    ) -> Result<PruneReport, String> {
+        let repo = self
+            .open_repo(name)
+            .await
+            .map_err(|e| format!("opening repository {name}: {e}"))?;
+        let retention = self.live_config().retention(name);
+        let opts = PruneOptions {
+            dry_run,
+            progress: false,
+        };
+        tracing::info!(repo = %name, ?cause, dry_run, "prune starting");
+        let t = std::time::Instant::now();
+        let r = tokio::task::spawn_blocking(move || {
+            crate::prune::prune(
+                &repo,
+                &retention,
+                coffer_common::host::time::now_secs(),
+                &opts,
+            )
+        })
+        .await;
+        let secs = t.elapsed().as_secs_f64();
+        match r {
+            Ok(Ok(report)) => {
+                tracing::info!(
+                    repo = %name,
+                    ?cause,
+                    dry_run,
+                    secs,
+                    files = report.files,
+                    versions_kept = report.versions_kept,
+                    versions_removed = report.versions_removed,
+                    bytes_freed = report.bytes_freed,
+                    packs_rewritten = report.packs_rewritten,
+                    packs_deleted = report.packs_deleted,
+                    "prune done"
+                );
+                Ok(report)
+            }
+            Ok(Err(e)) => {
+                tracing::error!(repo = %name, ?cause, secs, "prune failed: {e}");
+                Err(e.to_string())
+            }
+            Err(e) => {
+                tracing::error!(repo = %name, ?cause, "prune failed: {e}");
+                Err(format!("the prune of {name} ended abnormally: {e}"))
+            }
+        }
+    }
+
+    /// A prune asked for over the control socket: `repo` (every repository when `None`),
+    /// each after any prune of it already running.
+    async fn prune_request(&self, repo: Option<String>, dry_run: bool) -> Reply<PruneReport> {
+        let names = match crate::repair::repositories(&self.layout, repo.as_deref()) {
+            Ok(n) => n,
+            Err(e) => return Reply::Error(e.to_string()),
+        };
+        let mut outcomes = Vec::with_capacity(names.len());
+        for name in names {
+            let slot = self.prune_slot(&name);
+            let _running = slot.lock().await;
+            let r = self
+                .prune_locked(&name, dry_run, PruneCause::Requested)
+                .await;
+            let (report, error) = match r {
+                Ok(r) => (Some(r), None),
+                Err(e) => (None, Some(e)),
+            };
+            outcomes.push(Outcome {
+                repo: name.to_string(),
+                report,
+                error,
+            });
+        }
+        Reply::Reports(outcomes)
+    }
+}
+
+/// Listens on the control socket until shutdown (see [`crate::control`]).
+fn serve_control(server: &Arc<Server>) -> Result<(), Error> {
+    let listener = control::bind(&server.layout)?;
+    let s = server.clone();
+    tokio::spawn(control::serve(
+        listener,
+        control::socket_path(&server.layout),
+        server.cancel.clone(),
+        move |req| {
+            let s = s.clone();
+            async move {
+                match req {
+                    Request::Prune { repo, dry_run } => s.prune_request(repo, dry_run).await,
+                }
+            }
+        },
+    ));
+    Ok(())
+}
+
+/// Prunes each repository every `prune_interval` of its retention settings (as last read),
+/// counted from `serve`'s start and then from the start of its last prune; a repository
+/// whose prune is still running when the next is due skips that turn.
+fn spawn_prune_schedule(server: Arc<Server>) {
+    tokio::spawn(async move {
+        let started = tokio::time::Instant::now();
+        let mut last: HashMap<RepoName, tokio::time::Instant> = HashMap::new();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(PRUNE_TICK) => {}
+                _ = server.cancel.cancelled() => return,
+            }
+            let config = server.live_config();
+            for name in repo_dirs(&server.layout) {
+                let Some(every) = config.retention(&name).prune_interval else {
+                    continue;
+                };
+                let since = last.get(&name).copied().unwrap_or(started);
+                if since.elapsed() < every {
+                    continue;
+                }
+                let slot = server.prune_slot(&name);
+                let Ok(running) = slot.try_lock_owned() else {
+                    continue;
+                };
+                last.insert(name.clone(), tokio::time::Instant::now());
+                let s = server.clone();
+                tokio::spawn(async move {
+                    let _running = running;
+                    let _ = s.prune_locked(&name, false, PruneCause::Scheduled).await;
+                });
+            }
+        }
+    });
 }
 
 /// A session's authorization: its key, its repository, and a token cancelled once the key
