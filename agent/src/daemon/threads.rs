@@ -468,6 +468,7 @@ pub(super) fn periodic(
     super::heartbeat(&sh);
     while !sh.shutdown.sleep(Duration::from_millis(200)) {
         sh.conn.close_idle_query();
+        sh.conn.record_escrow(&sh);
         rates.tick(&sh);
         if last_beat.elapsed() >= super::HEARTBEAT {
             last_beat = Instant::now();
