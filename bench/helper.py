@@ -642,6 +642,43 @@ def cmd_checkpoint(a):
     return 0
 
 
+def cmd_wan_report(a):
+    """The long-link row: median wall time per dataset, tool and phase (direct | delayed),
+    the slowdown from the delay, and Coffer against restic over the link."""
+    rows = {}
+    with open(a.tsv) as f:
+        next(f, None)
+        for line in f:
+            p = line.rstrip("\n").split("\t")
+            if len(p) < 5 or not p[4]:
+                continue
+            rows.setdefault((p[0], p[1], p[2]), []).append(float(p[4]))
+    med = lambda xs: statistics.median(xs) if xs else None
+    fmt = lambda x: "-" if x is None else f"{x:.2f} s"
+    ratio = lambda x, y: "-" if x is None or y is None or y == 0 else f"{x / y:.2f}x"
+    sets = []
+    for (ds, _, _) in rows:
+        if ds not in sets:
+            sets.append(ds)
+    out = [f"## Long link: +{a.delay_ms:g} ms each way (delay proxy, no bandwidth limit)", "",
+           "First backup direct on loopback and through `coffer-delay-proxy` (tests/src/proxy.rs), "
+           "median of the trials [n]; restic backs up to `rclone serve restic` through the same proxy. "
+           "Targets: Coffer's slowdown <= 1.3x; Coffer >= 1.5x restic's speed over the link.", "",
+           "| data set | Coffer direct | Coffer delayed | slowdown | restic direct | restic delayed | slowdown "
+           "| Coffer vs restic over the link (speed) |",
+           "|---|---|---|---|---|---|---|---|"]
+    for ds in sets:
+        cd, cl = med(rows.get((ds, "coffer", "direct"), [])), med(rows.get((ds, "coffer", "delayed"), []))
+        rd = med(rows.get((ds, "restic-rest", "direct"), []))
+        rl = med(rows.get((ds, "restic-rest", "delayed"), []))
+        n = len(rows.get((ds, "coffer", "delayed"), []))
+        out.append(f"| {ds} | {fmt(cd)} | {fmt(cl)} [{n}] | {ratio(cl, cd)} | {fmt(rd)} | {fmt(rl)} | "
+                   f"{ratio(rl, rd)} | {ratio(rl, cl)} |")
+    out.append("")
+    print("\n".join(out))
+    return 0
+
+
 def main():
     ap = argparse.ArgumentParser()
     sp = ap.add_subparsers(dest="cmd", required=True)
@@ -685,6 +722,8 @@ def main():
     p.add_argument("--agent"); p.add_argument("--config"); p.add_argument("--t0", type=float, default=0)
     p.add_argument("--timeout", type=float, default=1800)
     p.set_defaults(fn=cmd_history_step)
+    p = sp.add_parser("wan-report"); p.add_argument("--tsv", required=True)
+    p.add_argument("--delay-ms", type=float, required=True); p.set_defaults(fn=cmd_wan_report)
     p = sp.add_parser("report")
     p.add_argument("--tsv", nargs="+", required=True); p.add_argument("--meta", required=True)
     p.add_argument("--latency", nargs="*"); p.add_argument("--profile"); p.add_argument("--extra")

@@ -14,7 +14,7 @@
 //! requests before waiting for any reply, from async code or from worker threads.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
@@ -411,12 +411,29 @@ pub struct ConnManager {
     keyfile: Vec<u8>,
     /// When the escrow was last checked by this run.
     escrow_checked: Mutex<Option<std::time::Instant>>,
+    /// The outcome of the escrow check, until recorded.
+    escrowed: Arc<Mutex<Option<Escrow>>>,
     /// After the receiver refused this agent's key: no connect before this, and the wait
     /// after the next refusal.
     refused_until: Mutex<Option<std::time::Instant>>,
     unauthorized_wait: Mutex<Duration>,
     /// The refusal shown in `status`: its code and message.
     refusal: Mutex<Option<(ErrorCode, String)>>,
+    /// Replies a worker waited for in series, and the time spent (see `note_wait`).
+    waits: AtomicU64,
+    waited_us: AtomicU64,
+}
+
+/// What the escrow check found.
+enum Escrow {
+    /// The receiver holds this agent's key file.
+    Held,
+    /// It did not; it was escrowed now.
+    Stored,
+    /// The receiver refused to store it (its message).
+    Refused(String),
+    /// The check could not be made (why): the next connect tries again.
+    Retry(String),
 }
 
 /// The query lane's state.
@@ -455,9 +472,12 @@ impl ConnManager {
             fresh: Arc::default(),
             keyfile,
             escrow_checked: Mutex::new(None),
+            escrowed: Arc::default(),
             refused_until: Mutex::new(None),
             unauthorized_wait: Mutex::new(UNAUTHORIZED_RETRY),
             refusal: Mutex::new(None),
+            waits: AtomicU64::new(0),
+            waited_us: AtomicU64::new(0),
         }
     }
 
@@ -602,7 +622,7 @@ impl ConnManager {
     }
 
     /// Forgets a query lane that failed.
-    fn drop_query(&self) {
+    pub fn drop_query(&self) {
         if let Ok(mut q) = self.query.lock() {
             q.conn = None;
         }
@@ -615,6 +635,7 @@ impl ConnManager {
             if sh.shutdown.is_stopping() {
                 return None;
             }
+            self.record_escrow(sh);
             let mut cur = self.cur.lock().ok()?;
             if let Some(c) = cur.as_ref() {
                 if !c.is_closed() {
@@ -669,7 +690,7 @@ impl ConnManager {
                         *w = UNAUTHORIZED_RETRY;
                     }
                     self.clear_refusal(sh, Some(ErrorCode::Unauthorized));
-                    self.escrow(sh, &c);
+                    self.escrow(&c);
                     *cur = Some(c.clone());
                     return Some(c);
                 }
@@ -761,9 +782,10 @@ impl ConnManager {
     /// The escrow check, at a connect and at most once per [`ESCROW_CHECK_EVERY`]: the
     /// receiver must hold this agent's own key file among its escrowed ones (the bytes
     /// compared: no passphrase needed, and those bytes open with this agent's passphrase);
-    /// when it does not, the key file is escrowed again. The outcome is recorded for
-    /// `status`.
-    fn escrow(&self, sh: &Daemon, c: &Conn) {
+    /// when it does not, the key file is escrowed again. The questions travel in the
+    /// background (a worker never waits their round trips); the outcome is recorded for
+    /// `status` by [`ConnManager::record_escrow`].
+    fn escrow(&self, c: &Conn) {
         if self.keyfile.is_empty() {
             return;
         }
@@ -773,56 +795,68 @@ impl ConnManager {
             }
             *last = Some(std::time::Instant::now());
         }
+        let (c, keyfile, slot) = (c.clone(), self.keyfile.clone(), self.escrowed.clone());
+        self.rt.spawn(async move {
+            let out = match c.call(Message::GetKeyFiles).await {
+                Ok(Message::KeyFiles { files }) if files.iter().any(|f| f.data == keyfile) => {
+                    Escrow::Held
+                }
+                Ok(Message::KeyFiles { .. }) => {
+                    match c.call(Message::PutKeyFile { data: keyfile }).await {
+                        Ok(Message::KeyFileStored) => Escrow::Stored,
+                        Ok(Message::Error { message, .. }) => Escrow::Refused(message),
+                        Ok(m) => {
+                            Escrow::Retry(format!("unexpected reply {} to key escrow", m.kind()))
+                        }
+                        Err(e) => {
+                            Escrow::Retry(format!("escrowing the key file failed; will retry: {e}"))
+                        }
+                    }
+                }
+                Ok(m) => {
+                    Escrow::Retry(format!("unexpected reply {} to the escrow check", m.kind()))
+                }
+                Err(e) => Escrow::Retry(format!("checking the key escrow failed; will retry: {e}")),
+            };
+            if let Ok(mut s) = slot.lock() {
+                *s = Some(out);
+            }
+        });
+    }
+
+    /// Records the outcome of the escrow check, once it has come (called by workers as
+    /// they take the connection, and periodically).
+    pub fn record_escrow(&self, sh: &Daemon) {
+        let Some(out) = self.escrowed.lock().ok().and_then(|mut s| s.take()) else {
+            return;
+        };
         let was_escrowed = sh
             .journal(|j| j.meta(MetaKey::KeyEscrowed))
             .flatten()
             .is_some_and(|v| v == "1");
-        let held = match self.rt.block_on(c.call(Message::GetKeyFiles)) {
-            Ok(Message::KeyFiles { files }) => files.iter().any(|f| f.data == self.keyfile),
-            Ok(m) => {
-                tracing::warn!(reply = m.kind(), "unexpected reply to the escrow check");
+        let state = match out {
+            Escrow::Held => "ok".to_string(),
+            Escrow::Stored if was_escrowed => {
+                tracing::warn!(
+                    "the receiver no longer held this agent's escrowed key file (missing or \
+                     altered); escrowed it again"
+                );
+                "reescrowed".to_string()
+            }
+            Escrow::Stored => {
+                tracing::info!(
+                    "wrapped key file escrowed on the receiver (for recovery with the passphrase)"
+                );
+                "ok".to_string()
+            }
+            Escrow::Refused(message) => {
+                tracing::warn!("escrowing the key file was refused: {message}");
+                format!("failed: {message}")
+            }
+            Escrow::Retry(why) => {
+                tracing::warn!("{why}");
                 self.forget_escrow_check();
                 return;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "checking the key escrow failed; will retry");
-                self.forget_escrow_check();
-                return;
-            }
-        };
-        let state = if held {
-            "ok".to_string()
-        } else {
-            match self.rt.block_on(c.call(Message::PutKeyFile {
-                data: self.keyfile.clone(),
-            })) {
-                Ok(Message::KeyFileStored) if was_escrowed => {
-                    tracing::warn!(
-                        "the receiver no longer held this agent's escrowed key file (missing or \
-                         altered); escrowed it again"
-                    );
-                    "reescrowed".to_string()
-                }
-                Ok(Message::KeyFileStored) => {
-                    tracing::info!(
-                        "wrapped key file escrowed on the receiver (for recovery with the passphrase)"
-                    );
-                    "ok".to_string()
-                }
-                Ok(Message::Error { message, .. }) => {
-                    tracing::warn!("escrowing the key file was refused: {message}");
-                    format!("failed: {message}")
-                }
-                Ok(m) => {
-                    tracing::warn!(reply = m.kind(), "unexpected reply to key escrow");
-                    self.forget_escrow_check();
-                    return;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "escrowing the key file failed; will retry");
-                    self.forget_escrow_check();
-                    return;
-                }
             }
         };
         sh.journal(|j| {
@@ -854,6 +888,44 @@ impl ConnManager {
             }
         }
         conn.call_blocking(Message::HaveChunks { ids })
+    }
+}
+
+impl ConnManager {
+    /// Starts asking which of `ids` the receiver lacks, without waiting for the answer: on
+    /// the query lane when it is up (then `true`), else on `conn`. A question the lane
+    /// loses is asked again on `conn` by whoever takes the answer.
+    pub fn start_missing(
+        &self,
+        conn: &Conn,
+        ids: Vec<ChunkId>,
+    ) -> (Result<Pending, ConnError>, bool) {
+        if let Some(q) = self.query() {
+            match q.start_blocking(Message::HaveChunks { ids: ids.clone() }) {
+                Ok(p) => return (Ok(p), true),
+                Err(e) => {
+                    tracing::debug!(error = %e, "query lane lost; asking on the main connection");
+                    self.drop_query();
+                }
+            }
+        }
+        (conn.start_blocking(Message::HaveChunks { ids }), false)
+    }
+
+    /// Counts a worker's wait for a reply it needed before going on (a round trip in
+    /// series), for the debug log and [`ConnManager::waits`].
+    pub fn note_wait(&self, waited: Duration) {
+        self.waits.fetch_add(1, Ordering::Relaxed);
+        self.waited_us
+            .fetch_add(waited.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// Replies waited for in series so far, and how long in all.
+    pub fn waits(&self) -> (u64, Duration) {
+        (
+            self.waits.load(Ordering::Relaxed),
+            Duration::from_micros(self.waited_us.load(Ordering::Relaxed)),
+        )
     }
 }
 

@@ -24,8 +24,7 @@ use coffer_common::chunk::{chunk_stream_sized, ChunkId, PlainChunk, MIN_CHUNK};
 use coffer_common::keys::fill_random;
 use coffer_common::manifest::{ChunkRef, EntryKind, Manifest};
 use coffer_common::wire::{
-    sealed_hash, CommitId, CommitResult, ErrorCode, FileCommit, Message, SealedChunk,
-    MAX_BATCH_FILES, MAX_FRAME,
+    CommitId, CommitResult, ErrorCode, FileCommit, Message, SealedChunk, MAX_BATCH_FILES, MAX_FRAME,
 };
 use crossbeam_channel::{select, Receiver, RecvTimeoutError, Sender};
 
@@ -36,7 +35,11 @@ use crate::journal::{is_folder_key, Ack, Class, CounterKey, FileRead, Job, StatK
 use crate::scan::{fs_path, stat_key};
 use coffer_common::host::time::now_ms;
 
-/// Plaintext bytes of chunks held before asking the receiver which it lacks.
+mod asks;
+use asks::{Asks, ASK_BYTES};
+
+/// Plaintext bytes of chunks held, at first, while the receiver is asked which it lacks
+/// (the window grows on a long link: see [`asks`]).
 const WINDOW_BYTES: usize = 16 << 20;
 /// Commits sent per journal transaction at most.
 const BATCH_FILES: usize = 4096;
@@ -56,6 +59,9 @@ struct Ready {
     chunk: Option<SealedChunk>,
     /// Puts already sent for a large file's chunks.
     puts: Vec<Pending>,
+    /// A large file's number in the worker's [`Asks`]: its puts are made as the answers
+    /// to its presence questions come, and taken before its commit is sent.
+    seq: Option<u64>,
     size: i64,
 }
 
@@ -248,37 +254,108 @@ impl Batch {
         }
     }
 
-    /// Hands what is gathered back to the journal unsent (a pause) and starts afresh.
-    fn abandon(&mut self, sh: &Daemon) {
-        self.conn = None;
-        let paths: Vec<_> = self.files.drain(..).map(|r| r.read.path).collect();
-        if !paths.is_empty() {
-            sh.abandon(paths);
+    /// Sends what is gathered (see [`flush`]) and starts afresh. A large file whose
+    /// presence questions are still in flight has its puts still to make: with `all`, their
+    /// answers are waited for; without, the file stays in the batch (sent with a later
+    /// call), so the worker reads on while the answers travel.
+    fn send(&mut self, sh: &Daemon, acks: &AckQueues, asks: &mut Asks, all: bool) {
+        let last = self.files.iter().filter_map(|r| r.seq).max();
+        if all {
+            if let Some(seq) = last {
+                asks.settle(sh, seq);
+            }
+        } else if last.is_some() {
+            asks.poll(sh);
         }
-        (self.bytes, self.held) = (0, 0);
+        let mut go = Vec::with_capacity(self.files.len());
+        let mut keep = Vec::new();
+        for mut r in self.files.drain(..) {
+            let Some(seq) = r.seq else {
+                go.push(r);
+                continue;
+            };
+            if asks.waiting(seq) {
+                keep.push(r);
+                continue;
+            }
+            match asks.take(seq) {
+                Ok(puts) => {
+                    r.puts = puts;
+                    r.seq = None;
+                    go.push(r);
+                }
+                Err(o) => give_back(sh, &r.read, o),
+            }
+        }
+        if !go.is_empty() {
+            if let Some(conn) = &self.conn {
+                flush(sh, &mut go, conn, acks.of(self.class));
+            }
+            let paths: Vec<_> = go.drain(..).map(|r| r.read.path).collect();
+            if !paths.is_empty() {
+                sh.abandon(paths);
+            }
+        }
+        self.files = keep;
+        self.bytes = self.files.iter().map(|r| r.size as u64).sum();
+        self.held = self.files.iter().map(Ready::held).sum();
+        if self.files.is_empty() {
+            self.conn = None;
+        }
     }
 
-    /// Sends what is gathered (see [`flush`]) and starts afresh.
-    fn send(&mut self, sh: &Daemon, acks: &AckQueues) {
-        if let Some(conn) = self.conn.take() {
-            flush(sh, &mut self.files, &conn, acks.of(self.class));
-        }
-        let paths: Vec<_> = self.files.drain(..).map(|r| r.read.path).collect();
-        if !paths.is_empty() {
-            sh.abandon(paths);
-        }
-        (self.bytes, self.held) = (0, 0);
+    /// Hands every file back unsent (the daemon is stopping).
+    fn abandon(&mut self, sh: &Daemon, asks: &mut Asks, mut more: Vec<Vec<u8>>) {
+        let mut paths: Vec<_> = self
+            .files
+            .drain(..)
+            .map(|r| {
+                if let Some(seq) = r.seq {
+                    asks.forget(seq);
+                }
+                r.read.path
+            })
+            .collect();
+        paths.append(&mut more);
+        sh.abandon(paths);
+        (self.bytes, self.held, self.conn) = (0, 0, None);
     }
+}
+
+/// A read file that cannot be committed after all: its presence questions or puts failed.
+fn give_back(sh: &Daemon, read: &FileRead, o: Outcome) {
+    let path = read.path.clone();
+    match o {
+        Outcome::Lost(e) => {
+            sh.conn.invalidate();
+            sh.journal(|j| {
+                j.record_retry(&[(path, format!("receiver unreachable: {e}"))], now_ms())
+            });
+        }
+        Outcome::Retry(reason, at) => {
+            sh.journal(|j| j.record_retry(&[(path, reason)], at));
+        }
+        Outcome::Failed(reason) => {
+            tracing::warn!(path = %String::from_utf8_lossy(&path), %reason, "backup of file failed; will retry");
+            sh.journal(|j| j.record_failure(&path, read.gen, &reason, now_ms() + 5000));
+        }
+        Outcome::Ready(_) | Outcome::Unchanged(_) | Outcome::Forget => {
+            sh.abandon(vec![path]);
+            return;
+        }
+    }
+    sh.wake();
 }
 
 /// A worker thread: takes jobs, reads files, sends batches of commits.
 pub fn worker(sh: Arc<Daemon>, q: Queues, lane: Lane, acks: AckQueues) {
     let mut batch = Batch::new();
+    let mut asks = Asks::default();
     let mut picks = 0u64;
     loop {
         if sh.pause.is_paused() {
             // Paused: what is gathered goes back to the journal, unsent; wait for resume.
-            batch.abandon(&sh);
+            batch.abandon(&sh, &mut asks, vec![]);
             sh.pause.park(&sh.shutdown);
             if sh.shutdown.is_stopping() {
                 return;
@@ -300,15 +377,30 @@ pub fn worker(sh: Arc<Daemon>, q: Queues, lane: Lane, acks: AckQueues) {
             match take(&q, lane, &mut picks, None) {
                 Take::Job(j) => *j,
                 _ => {
-                    batch.send(&sh, &acks);
-                    continue;
+                    // Nothing more to read now: send what is ready; files whose presence
+                    // answers are on their way wait for them, or for the next job.
+                    batch.send(&sh, &acks, &mut asks, false);
+                    if batch.files.is_empty() {
+                        continue;
+                    }
+                    match take(&q, lane, &mut picks, Some(Duration::from_millis(2))) {
+                        Take::Job(j) => *j,
+                        Take::Empty => {
+                            if sh.shutdown.is_stopping() {
+                                batch.abandon(&sh, &mut asks, vec![]);
+                            }
+                            continue;
+                        }
+                        Take::Closed => {
+                            batch.send(&sh, &acks, &mut asks, true);
+                            continue;
+                        }
+                    }
                 }
             }
         };
         if sh.shutdown.is_stopping() {
-            let mut paths: Vec<_> = batch.files.drain(..).map(|r| r.read.path).collect();
-            paths.push(job.path);
-            sh.abandon(paths);
+            batch.abandon(&sh, &mut asks, vec![job.path]);
             continue;
         }
         let Some(conn) = lane_conn(&sh, &job, q.backlog.len()) else {
@@ -320,10 +412,10 @@ pub fn worker(sh: Arc<Daemon>, q: Queues, lane: Lane, acks: AckQueues) {
         if !batch.files.is_empty()
             && (batch.class != job.class || batch.conn.as_ref().is_some_and(|c| !c.same(&conn)))
         {
-            batch.send(&sh, &acks);
+            batch.send(&sh, &acks, &mut asks, true);
         }
         let path = job.path.clone();
-        match process(&sh, &conn, &job) {
+        match process(&sh, &conn, &job, &mut asks) {
             Outcome::Ready(r) => {
                 if batch.files.is_empty() {
                     batch.class = job.class;
@@ -336,7 +428,11 @@ pub fn worker(sh: Arc<Daemon>, q: Queues, lane: Lane, acks: AckQueues) {
                     || batch.bytes >= BATCH_BYTES
                     || batch.held >= HELD_BYTES
                 {
-                    batch.send(&sh, &acks);
+                    // Full: what is ready goes now; at twice the limits, everything.
+                    let over = batch.files.len() >= 2 * BATCH_FILES
+                        || batch.bytes >= 2 * BATCH_BYTES
+                        || batch.held >= 2 * HELD_BYTES;
+                    batch.send(&sh, &acks, &mut asks, over);
                 }
             }
             Outcome::Unchanged(read) => {
@@ -517,7 +613,9 @@ pub fn ack_collector(sh: Arc<Daemon>, rx: Receiver<AckWork>, class: Class) {
             return;
         }
         settle(&sh, w.items, reply, put_err, w.chunks, &mut done);
-        if done.len() >= 2048 {
+        // Nothing more on its way: recorded now, not after the 100 ms without work (a
+        // fresh change's acknowledgement would wait for it).
+        if done.len() >= 2048 || rx.is_empty() {
             record(&mut done);
         }
     }
@@ -714,6 +812,8 @@ struct Content {
     puts: Vec<Pending>,
     /// Extents, attributes, link.
     extra: Extra,
+    /// A large file's number in the worker's [`Asks`].
+    seq: Option<u64>,
 }
 
 impl Content {
@@ -726,6 +826,7 @@ impl Content {
             chunk: None,
             puts: vec![],
             extra: Extra::default(),
+            seq: None,
         }
     }
 }
@@ -758,7 +859,7 @@ fn ready(
         xattrs: c.extra.xattrs,
         hardlink: c.extra.hardlink,
     };
-    let (chunk, puts) = (c.chunk, c.puts);
+    let (chunk, puts, seq) = (c.chunk, c.puts, c.seq);
     let file_id = sh.crypto().file_id(path);
     let sealed = match sh.crypto().seal_manifest(&file_id, &manifest.encode()) {
         Ok(s) => s,
@@ -777,6 +878,7 @@ fn ready(
         commit,
         chunk,
         puts,
+        seq,
         size,
     }))
 }
@@ -785,7 +887,7 @@ fn ready(
 /// file's row, or a file whose watch was removed, is forgotten, a vanished one is a
 /// deletion, a symlink's content is its target, a regular file is read whole (small) or
 /// streamed through the chunker. A folder's row is a folder's metadata ([`folder`]).
-fn process(sh: &Daemon, conn: &Conn, job: &Job) -> Outcome {
+fn process(sh: &Daemon, conn: &Conn, job: &Job, asks: &mut Asks) -> Outcome {
     if is_folder_key(&job.path) {
         return folder(sh, job);
     }
@@ -850,7 +952,12 @@ fn process(sh: &Daemon, conn: &Conn, job: &Job) -> Outcome {
     if f.before.len() < MIN_CHUNK as u64 {
         read_small(sh, &f)
     } else {
-        read_large(sh, conn, &f)
+        let seq = asks.begin();
+        let o = read_large(sh, conn, &f, asks, seq);
+        if !matches!(o, Outcome::Ready(_)) {
+            asks.forget(seq);
+        }
+        o
     }
 }
 
@@ -960,6 +1067,7 @@ fn shared_read(sh: &Daemon, f: &Opened) -> Option<Outcome> {
             chunk: None,
             puts: vec![],
             extra,
+            seq: None,
         },
     ))
 }
@@ -1166,16 +1274,17 @@ fn read_small(sh: &Daemon, f: &Opened) -> Outcome {
             chunk,
             puts: vec![],
             extra: f.extra.clone(),
+            seq: None,
         },
     )
 }
 
-/// A large file: streamed through the chunker in one read, hashing on the way; each
-/// window of chunks is asked about and the missing ones put before the next is read.
-fn read_large(sh: &Daemon, conn: &Conn, f: &Opened) -> Outcome {
+/// A large file: streamed through the chunker in one read, hashing on the way. Every
+/// [`ASK_BYTES`] of chunks the receiver is asked which it lacks, and the read goes on while
+/// the answer travels; the missing chunks are put as the answers come (see [`asks`]).
+fn read_large(sh: &Daemon, conn: &Conn, f: &Opened, asks: &mut Asks, seq: u64) -> Outcome {
     let (job, shown) = (f.job, f.shown);
     let mut chunks = Vec::new();
-    let mut puts = Vec::new();
     // A sparse file's data alone is read and chunked; its holes are hashed as zeros.
     let size = f.before.len();
     let sparse = fidelity::sparse::data_extents(&f.file, size, f.before.blocks());
@@ -1185,7 +1294,8 @@ fn read_large(sh: &Daemon, conn: &Conn, f: &Opened) -> Outcome {
     let mut reader = fidelity::sparse::Source::new(&f.file, sparse.as_deref(), size);
     let mut window: Vec<(ChunkId, PlainChunk)> = Vec::new();
     let mut window_bytes = 0usize;
-    let mut sent: HashSet<ChunkId> = HashSet::new();
+    // Each id is asked about once per file.
+    let mut asked: HashSet<ChunkId> = HashSet::new();
     for c in chunk_stream_sized(&mut reader, data_len) {
         let data = match c {
             Ok(d) => d,
@@ -1196,12 +1306,12 @@ fn read_large(sh: &Daemon, conn: &Conn, f: &Opened) -> Outcome {
             id,
             len: data.len() as u32,
         });
-        window_bytes += data.len();
-        window.push((id, data));
-        if window_bytes >= WINDOW_BYTES {
-            if let Err(o) = send_window(sh, conn, shown, &mut window, &mut sent, &mut puts) {
-                return o;
-            }
+        if asked.insert(id) {
+            window_bytes += data.len();
+            window.push((id, data));
+        }
+        if window_bytes >= ASK_BYTES {
+            asks.ask(sh, conn, seq, shown, std::mem::take(&mut window));
             window_bytes = 0;
         }
         if sh.shutdown.is_stopping() {
@@ -1214,9 +1324,7 @@ fn read_large(sh: &Daemon, conn: &Conn, f: &Opened) -> Outcome {
             );
         }
     }
-    if let Err(o) = send_window(sh, conn, shown, &mut window, &mut sent, &mut puts) {
-        return o;
-    }
+    asks.ask(sh, conn, seq, shown, window);
     let (hash, len) = reader.finish();
     sh.counters
         .bytes_read
@@ -1235,8 +1343,12 @@ fn read_large(sh: &Daemon, conn: &Conn, f: &Opened) -> Outcome {
         f.mode,
         &extra.summary(&hash),
     );
-    if unchanged(job, &read) && puts.is_empty() {
-        return Outcome::Unchanged(Box::new(read));
+    if unchanged(job, &read) {
+        // Same content as backed up: committed again only if the receiver lacked chunks.
+        asks.settle(sh, seq);
+        if !asks.has_work(seq) {
+            return Outcome::Unchanged(Box::new(read));
+        }
     }
     ready(
         sh,
@@ -1248,8 +1360,9 @@ fn read_large(sh: &Daemon, conn: &Conn, f: &Opened) -> Outcome {
             hash,
             chunks,
             chunk: None,
-            puts,
+            puts: vec![],
             extra,
+            seq: Some(seq),
         },
     )
 }
@@ -1258,111 +1371,6 @@ fn unchanged(job: &Job, read: &FileRead) -> bool {
     job.backed_hash == Some(read.hash)
         && job.backed_kind.as_deref() == Some(read.kind)
         && job.mode.is_none_or(|m| m == read.mode)
-}
-
-/// Asks which of the window's chunks the receiver lacks, then seals and puts those.
-fn send_window(
-    sh: &Daemon,
-    conn: &Conn,
-    shown: &str,
-    window: &mut Vec<(ChunkId, PlainChunk)>,
-    sent: &mut HashSet<ChunkId>,
-    puts: &mut Vec<Pending>,
-) -> Result<(), Outcome> {
-    if window.is_empty() {
-        return Ok(());
-    }
-    let ask: Vec<ChunkId> = window
-        .iter()
-        .map(|(id, _)| *id)
-        .filter(|id| !sent.contains(id))
-        .collect();
-    let missing: HashSet<ChunkId> = if ask.is_empty() {
-        HashSet::new()
-    } else {
-        match sh.conn.ask_missing(conn, ask) {
-            Ok(Message::Missing { ids }) => ids.into_iter().collect(),
-            Ok(m) => return Err(Outcome::Failed(format!("unexpected reply {}", m.kind()))),
-            // A refused key's session ends: sent again (not failed) once let in.
-            Err(e) if e.is_connection() || e.refusal().is_some() => return Err(Outcome::Lost(e)),
-            Err(e) => return Err(Outcome::Failed(format!("receiver: {e}"))),
-        }
-    };
-    let todo: Vec<(ChunkId, PlainChunk)> = window
-        .drain(..)
-        .filter(|(id, _)| missing.contains(id) && sent.insert(*id))
-        .collect();
-    // Sealing (zstd probe, XChaCha20-Poly1305) is the costliest step per byte: every other
-    // chunk is sealed by a helper thread while this one seals the next, and the puts still
-    // go out in order. At most two sealed chunks wait beside the window. Each chunk is
-    // sealed in its own buffer (no copy when it does not compress). The hash that the
-    // put carries of the sealed bytes is taken on the same thread.
-    let seal = |id: &ChunkId, data: PlainChunk| {
-        sh.crypto()
-            .seal_chunk_owned(id, data)
-            .map(|sealed| (sealed_hash(&sealed), sealed))
-            .map_err(|e| format!("sealing {shown}: {e}"))
-    };
-    let ids: Vec<ChunkId> = todo.iter().map(|(id, _)| *id).collect();
-    let (mut evens, mut odds) = (Vec::new(), Vec::new());
-    for (i, item) in todo.into_iter().enumerate() {
-        if i % 2 == 0 {
-            evens.push(item);
-        } else {
-            odds.push(item);
-        }
-    }
-    std::thread::scope(|scope| {
-        type Sealed = Result<([u8; 32], Vec<u8>), String>;
-        let (tx, rx) = crossbeam_channel::bounded::<Sealed>(1);
-        if !odds.is_empty() {
-            let seal = &seal;
-            let spawned = std::thread::Builder::new()
-                .name("coffer-seal".into())
-                .spawn_scoped(scope, move || {
-                    for (id, data) in odds {
-                        if tx.send(seal(&id, data)).is_err() {
-                            break;
-                        }
-                    }
-                });
-            if let Err(e) = spawned {
-                return Err(Outcome::Retry(
-                    format!("cannot start a thread: {e}"),
-                    now_ms() + 1000,
-                ));
-            }
-        } else {
-            drop(tx);
-        }
-        let mut evens = evens.into_iter();
-        for (i, id) in ids.iter().enumerate() {
-            let (hash, sealed) = if i % 2 == 0 {
-                match evens.next() {
-                    Some((id, data)) => seal(&id, data),
-                    None => Err(format!("sealing {shown}: chunk {i} missing")),
-                }
-            } else {
-                rx.recv()
-                    .unwrap_or_else(|_| Err(format!("sealing {shown}: helper thread ended")))
-            }
-            .map_err(Outcome::Failed)?;
-            sh.counters
-                .bytes_sent
-                .fetch_add(sealed.len() as u64, Ordering::Relaxed);
-            sh.counters.chunks_sent.fetch_add(1, Ordering::Relaxed);
-            let put = Message::PutChunk {
-                id: *id,
-                sealed_hash: hash,
-                sealed,
-            };
-            match conn.start_blocking(put) {
-                Ok(p) => puts.push(p),
-                Err(e) => return Err(Outcome::Lost(e)),
-            }
-        }
-        Ok(())
-    })
 }
 
 /// The settle check: the file must look the same after the read as before it, else the

@@ -5,8 +5,9 @@
 //!
 //! ```text
 //! preamble   8 bytes each way, in the clear: "COFR" || protocol version (u32 LE).
-//!            The initiator sends first; the responder always answers with its own, so
-//!            both sides can report a version mismatch clearly.
+//!            The initiator sends first, with its first handshake message in the same
+//!            write (a round trip less per connect); the responder always answers with
+//!            its own, so both sides can report a version mismatch clearly.
 //! handshake  three Noise messages (-> e; <- e, ee, s, es; -> s, se), each framed by a
 //!            u16 big-endian length. The prologue binds the protocol version.
 //! transport  Noise transport messages (u16 BE length, at most 65535 bytes with the tag).
@@ -274,11 +275,6 @@ async fn connect_inner<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    stream.write_all(&preamble()).await?;
-    stream.flush().await?;
-    let mut theirs = [0u8; 8];
-    stream.read_exact(&mut theirs).await?;
-    check_preamble(&theirs)?;
     let pro = prologue();
     let mut hs = builder()
         .local_private_key(&local.private[..])?
@@ -286,8 +282,18 @@ where
         .build_initiator()?;
     let mut buf = vec![0u8; NOISE_MAX];
     let mut msg = Vec::new();
+    // The preamble and the first handshake message go together, in one write: the
+    // responder answers the preamble before it reads on, so a peer of another version
+    // still names its version, and a round trip is saved on every connect.
     let n = hs.write_message(&[], &mut buf)?;
-    write_noise(&mut stream, &buf[..n]).await?;
+    let mut first = preamble().to_vec();
+    first.extend_from_slice(&(n as u16).to_be_bytes());
+    first.extend_from_slice(&buf[..n]);
+    stream.write_all(&first).await?;
+    stream.flush().await?;
+    let mut theirs = [0u8; 8];
+    stream.read_exact(&mut theirs).await?;
+    check_preamble(&theirs)?;
     read_noise(&mut stream, &mut msg).await?;
     hs.read_message(&msg, &mut buf)?;
     let actual = hs
@@ -358,7 +364,23 @@ where
     }
     stream.write_all(&preamble()).await?;
     stream.flush().await?;
-    check_preamble(&theirs)?;
+    if let Err(e) = check_preamble(&theirs) {
+        // The initiator's first handshake message may already be here (it sends it with
+        // its preamble): read and drop what comes for a moment after our FIN, so that the
+        // close is not a reset that could destroy our preamble before the initiator reads
+        // it and names both versions.
+        let _ = stream.shutdown().await;
+        let mut sink = [0u8; 1024];
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            while let Ok(n) = stream.read(&mut sink).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        })
+        .await;
+        return Err(e);
+    }
     let pro = prologue();
     let mut hs = builder()
         .local_private_key(&local.private[..])?

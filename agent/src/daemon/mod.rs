@@ -229,6 +229,12 @@ fn serve(
     // Started once the watches are in place, so that the walk adding them does not share
     // the two cores with it; it then runs beside the startup scan.
     let origin = sh.cfg.keyfile_path();
+    // The receiver is connected to while the key is unlocked and the startup scan runs, so
+    // the handshake's round trips are not in the first upload's way (a far receiver).
+    let d = sh.clone();
+    threads.start("coffer-connect", move || {
+        let _ = d.conn.get(&d);
+    })?;
     let unlocking = std::thread::Builder::new()
         .name("coffer-unlock".into())
         .spawn(move || state::unlock_with(&keyfile, &pass, &origin))

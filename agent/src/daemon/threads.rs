@@ -479,6 +479,7 @@ pub(super) fn periodic(
     while !sh.shutdown.sleep(crate::pause::POLL) {
         poll_pause(&sh);
         sh.conn.close_idle_query();
+        sh.conn.record_escrow(&sh);
         rates.tick(&sh);
         if last_beat.elapsed() >= super::HEARTBEAT {
             last_beat = Instant::now();
