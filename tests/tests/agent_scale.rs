@@ -18,8 +18,8 @@ const T: Duration = Duration::from_secs(120);
 fn startup_scan(log: &str, key: &str) -> Option<u64> {
     let line = log
         .lines()
-        .filter(|l| l.contains("scan done") && l.contains("reason=\"startup\""))
-        .last()?;
+        .rev()
+        .find(|l| l.contains("scan done") && l.contains("reason=\"startup\""))?;
     line.split_whitespace()
         .find_map(|t| t.strip_prefix(&format!("{key}=")))
         .and_then(|v| v.parse().ok())
@@ -109,10 +109,7 @@ fn a_restart_finds_exactly_what_changed_while_stopped() -> Result<()> {
     for f in [3, 17, 29] {
         write(&w.join(format!("d{f:02}")).join("new"), b"added")?;
         added += 1;
-        write(
-            &w.join(format!("d{f:02}")).join("f005"),
-            b"changed, longer than before",
-        )?;
+        write(&w.join(format!("d{f:02}")).join("f005"), &data(100, f))?;
         changed += 1;
         std::fs::remove_file(w.join(format!("d{f:02}")).join("f089"))?;
         deleted += 1;

@@ -181,7 +181,7 @@ mod tests {
                 let p = root
                     .join(std::ffi::OsStr::from_bytes(dir))
                     .join(std::ffi::OsStr::from_bytes(n));
-                if n == &b"a" {
+                if *n == b"a" {
                     std::fs::create_dir_all(p.join("x")).expect("mkdir");
                     std::fs::write(p.join("x").join("f"), b"").expect("write");
                 } else {
