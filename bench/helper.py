@@ -27,6 +27,10 @@
         64 KiB is rewritten whole, a larger one gets 64 KiB overwritten at one place); with
         --agent, then poll `status --json` of the changed files until every one is backed up
         with a newer version, and print seconds since t0 and the files changed.
+  helper.py gen-scale DIR FILES FOLDERS         FILES files of ~30 bytes in FOLDERS folders (the `scale`
+                                               set; kept if DIR.complete says the same counts)
+  helper.py scale-report --tsv TSV --files N --folders F --out MD
+        the `scale` set's section of the report (rows of dataset `scale` in TSV), with its targets
   helper.py report ...                         see report() below
 """
 import argparse
@@ -237,6 +241,29 @@ def cmd_gen_huge(a):
             f.write(os.urandom(n))
             left -= n
     os.rename(a.path + ".tmp", a.path)
+    return 0
+
+
+def cmd_gen_scale(a):
+    mark = a.dir.rstrip("/") + ".complete"
+    want = f"{a.files} {a.folders}\n"
+    try:
+        with open(mark) as f:
+            if f.read() == want:
+                return 0
+    except FileNotFoundError:
+        pass
+    per = -(-a.files // a.folders)
+    n = 0
+    for d in range(a.folders):
+        sub = os.path.join(a.dir, f"d{d:05d}")
+        os.makedirs(sub, exist_ok=True)
+        for i in range(min(per, a.files - n)):
+            with open(os.path.join(sub, f"f{i:06d}.txt"), "wb") as f:
+                f.write(b"scale file %07d of the set\n" % n)
+            n += 1
+    with open(mark, "w") as f:
+        f.write(want)
     return 0
 
 
@@ -623,6 +650,62 @@ def prune_section(rows):
     if notes:
         out.append("Notes: " + " | ".join(notes) + "\n")
     return out
+def cmd_scale_report(a):
+    rows = [r for r in read_tsv(a.tsv) if r["dataset"] == "scale"]
+
+    def get(tool, phase, col="wall_s"):
+        for r in rows:
+            if r["tool"] == tool and r["phase"] == phase and r.get(col):
+                try:
+                    return float(r[col])
+                except ValueError:
+                    return None
+        return None
+
+    def mib(kib):
+        return "-" if kib is None else f"{kib / 1024:.0f} MiB"
+
+    def rate(s):
+        return "-" if not s else f"{a.files / s:,.0f} files/s ({s:.1f} s)"
+
+    def secs(s):
+        return "-" if s is None else f"{s:.2f} s"
+
+    def verdict(ok):
+        return "-" if ok is None else ("met" if ok else "**missed**")
+
+    c_init, r_init = get("coffer", "initial"), get("restic-local", "initial")
+    c_noop, r_noop = get("coffer", "noop"), get("restic-local", "noop")
+    a_init_rss, a_noop_rss = get("coffer", "initial", "maxrss_kib"), get("coffer", "noop", "maxrss_kib")
+    rcv = [x for x in (get("coffer", "receiver-peak-initial", "maxrss_kib"),
+                       get("coffer", "receiver-peak", "maxrss_kib")) if x is not None]
+    rcv_peak = max(rcv) if rcv else None
+    out = [f"## Scale: {a.files:,} files of ~30 bytes in {a.folders:,} folders", "",
+           "One trial, page cache warm. `restic` is restic-local on the same set (`restic backup`,",
+           "the same again as its no-op, `restore latest`).", "",
+           "| Figure | Coffer | restic | Target | |", "|---|---|---|---|---|"]
+
+    def line(fig, c, r, target, ok):
+        out.append(f"| {fig} | {c} | {r} | {target} | {verdict(ok)} |")
+
+    line("Initial backup", rate(c_init), rate(r_init), "faster than restic",
+         None if not (c_init and r_init) else c_init < r_init)
+    line("Agent peak RSS, initial backup", mib(a_init_rss), mib(get("restic-local", "initial", "maxrss_kib")),
+         "bounded", None)
+    line("Receiver peak RSS (backup and restore)", mib(rcv_peak), "-", "< 64 MiB",
+         None if rcv_peak is None else rcv_peak < 64 * 1024)
+    line("No-op restart (startup scan done, idle)", secs(c_noop), secs(r_noop), "<= 0.25x restic's",
+         None if not (c_noop and r_noop) else c_noop <= 0.25 * r_noop)
+    line("Agent peak RSS, restarted", mib(a_noop_rss), mib(get("restic-local", "noop", "maxrss_kib")),
+         "< 128 MiB", None if a_noop_rss is None else a_noop_rss < 128 * 1024)
+    line("`coffer-agent status`", secs(get("coffer", "status")), "-", "-", None)
+    line("Restore", rate(get("coffer", "restore")), rate(get("restic-local", "restore")), "-", None)
+    line("Restore peak RSS", mib(get("coffer", "restore", "maxrss_kib")),
+         mib(get("restic-local", "restore", "maxrss_kib")), "-", None)
+    out.append("")
+    with open(a.out, "w") as f:
+        f.write("\n".join(out) + "\n")
+    return 0
 
 
 def cmd_checkpoint(a):
@@ -714,6 +797,8 @@ def main():
     p = sp.add_parser("gen-huge"); p.add_argument("path"); p.add_argument("bytes", type=int)
     p.set_defaults(fn=cmd_gen_huge)
     p = sp.add_parser("gen-tiny"); p.add_argument("dir"); p.set_defaults(fn=cmd_gen_tiny)
+    p = sp.add_parser("gen-scale"); p.add_argument("dir"); p.add_argument("files", type=int)
+    p.add_argument("folders", type=int); p.set_defaults(fn=cmd_gen_scale)
     p = sp.add_parser("mutate-tiny"); p.add_argument("dir"); p.add_argument("round", type=int)
     p.set_defaults(fn=cmd_mutate_tiny)
     p = sp.add_parser("checkpoint"); p.add_argument("root"); p.set_defaults(fn=cmd_checkpoint)
@@ -724,6 +809,9 @@ def main():
     p.set_defaults(fn=cmd_history_step)
     p = sp.add_parser("wan-report"); p.add_argument("--tsv", required=True)
     p.add_argument("--delay-ms", type=float, required=True); p.set_defaults(fn=cmd_wan_report)
+    p = sp.add_parser("scale-report"); p.add_argument("--tsv", required=True)
+    p.add_argument("--files", type=int, required=True); p.add_argument("--folders", type=int, required=True)
+    p.add_argument("--out", required=True); p.set_defaults(fn=cmd_scale_report)
     p = sp.add_parser("report")
     p.add_argument("--tsv", nargs="+", required=True); p.add_argument("--meta", required=True)
     p.add_argument("--latency", nargs="*"); p.add_argument("--profile"); p.add_argument("--extra")

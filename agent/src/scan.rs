@@ -1,5 +1,10 @@
 //! Scans: compare a watched tree with the journal and mark what changed as dirty.
 //!
+//! The walk and the journal are compared in order, as two sorted streams ([`merge`]): each
+//! folder's entries are sorted and walked depth first in the journal's key order while the
+//! journal's rows under the scanned folder are read a page at a time in the same order, so
+//! a scan holds no map of the known paths and its memory does not grow with their number.
+//!
 //! Only `lstat` is used: a file whose size, mtime (ns), ctime (ns) and inode equal those
 //! recorded when it was last read is not read again. Paths in the journal that are no longer
 //! on disk are marked dirty too; the uploader then records them as deletions.
@@ -9,7 +14,8 @@
 //! changed mode, owner (both change the ctime) or mtime makes the folder dirty, and the
 //! uploader commits its metadata as a `Dir` version.
 
-use std::collections::HashMap;
+mod merge;
+
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
@@ -76,46 +82,144 @@ pub fn stat_key(m: &std::fs::Metadata) -> StatKey {
     }
 }
 
-/// Whether a known row (a file's or a folder's) must be read again, given the stat found now;
-/// marks it seen.
-fn changed(known: &mut HashMap<Vec<u8>, Known>, key: &[u8], cur: StatKey) -> bool {
-    match known.get_mut(key) {
+/// Whether a known row (a file's or a folder's) must be read again, given the stat found now.
+fn changed(known: Option<Known>, cur: StatKey) -> bool {
+    match known {
         None => true,
-        Some(k) => {
-            k.seen = true;
-            match k.standing {
-                Standing::BackedUp | Standing::Failed => k.stat != Some(cur),
-                Standing::Deleted => true, // back after its deletion
-                Standing::Queued => false, // read anyway
-            }
-        }
-    }
-}
-
-/// A folder found at `rel`: its row is made dirty when its stat changed.
-fn folder(
-    watch: &Watch,
-    known: &mut HashMap<Vec<u8>, Known>,
-    dirty: &mut Vec<(Vec<u8>, String, Option<i64>)>,
-    stats: &mut ScanStats,
-    rel: &Path,
-    meta: &std::fs::Metadata,
-) {
-    stats.folders += 1;
-    let key = folder_key(&journal_key(watch, rel));
-    if changed(known, &key, stat_key(meta)) {
-        stats.folders_changed += 1;
-        dirty.push((key, watch.name.clone(), None));
+        Some(k) => match k.standing {
+            Standing::BackedUp | Standing::Failed => k.stat != Some(cur),
+            Standing::Deleted => true, // back after its deletion
+            Standing::Queued => false, // read anyway
+        },
     }
 }
 
 /// Changed files journaled per transaction during a walk.
 const SCAN_FLUSH: usize = 4096;
 
+/// A scan in progress: the walk's keys are compared, in order, with the journal's rows
+/// under the scanned folder ([`merge`]), so what it holds is a page of rows, the folders
+/// being walked, the changes not yet journaled and the paths found gone.
+struct Merge<'a> {
+    watch: &'a Watch,
+    journal: &'a Mutex<Journal>,
+    delay_ms: i64,
+    rows: merge::JournalRows<'a>,
+    stats: ScanStats,
+    dirty: Vec<(Vec<u8>, String, Option<i64>)>,
+    gone: Vec<Vec<u8>>,
+    /// Rows passed that are backed up as present files: what deletions are a share of.
+    backed_up_files: u64,
+    /// The key of a folder that could not be listed (with its `/`): rows under it are not
+    /// gone, whatever the walk found.
+    unreadable: Option<Vec<u8>>,
+}
+
+impl Merge<'_> {
+    /// Takes the journal's rows before `key` (those the walk did not find: gone), then
+    /// `key`'s own row if there is one.
+    fn row_for(&mut self, key: &[u8]) -> Result<Option<Known>, JournalError> {
+        while let Some((k, _)) = self.rows.peek()? {
+            match k.as_slice().cmp(key) {
+                std::cmp::Ordering::Less => {
+                    if let Some((k, known)) = self.rows.next()? {
+                        self.unseen(k, known);
+                    }
+                }
+                std::cmp::Ordering::Equal => {
+                    let row = self.rows.next()?.map(|(_, known)| known);
+                    if let Some(k) = row {
+                        self.count(key, k);
+                    }
+                    return Ok(row);
+                }
+                std::cmp::Ordering::Greater => break,
+            }
+        }
+        Ok(None)
+    }
+
+    fn count(&mut self, key: &[u8], k: Known) {
+        if k.standing == Standing::BackedUp && !is_folder_key(key) {
+            self.backed_up_files += 1;
+        }
+    }
+
+    /// A row the walk passed without finding its path: gone (unless under a folder that
+    /// could not be listed).
+    fn unseen(&mut self, key: Vec<u8>, k: Known) {
+        self.count(&key, k);
+        if let Some(u) = &self.unreadable {
+            if key.starts_with(u) {
+                return;
+            }
+            self.unreadable = None;
+        }
+        match k.standing {
+            Standing::BackedUp if is_folder_key(&key) => self.gone.push(key),
+            Standing::BackedUp => {
+                self.stats.deleted += 1;
+                self.gone.push(key);
+            }
+            Standing::Failed => self.gone.push(key),
+            Standing::Deleted | Standing::Queued => {}
+        }
+    }
+
+    /// A folder found at `rel`: its row is made dirty when its stat changed.
+    fn folder(&mut self, rel: &Path, meta: &std::fs::Metadata) -> Result<(), JournalError> {
+        self.stats.folders += 1;
+        let key = folder_key(&journal_key(self.watch, rel));
+        let known = self.row_for(&key)?;
+        if changed(known, stat_key(meta)) {
+            self.stats.folders_changed += 1;
+            self.dirty.push((key, self.watch.name.clone(), None));
+        }
+        Ok(())
+    }
+
+    /// A file or symlink found at `rel`.
+    fn file(&mut self, rel: &Path, meta: &std::fs::Metadata) -> Result<(), JournalError> {
+        let key = journal_key(self.watch, rel);
+        let known = self.row_for(&key)?;
+        self.stats.files += 1;
+        let cur = stat_key(meta);
+        if changed(known, cur) {
+            self.stats.changed += 1;
+            self.dirty
+                .push((key, self.watch.name.clone(), Some(cur.size)));
+        }
+        Ok(())
+    }
+
+    /// A folder at `key` (with its `/`) that could not be listed: the rows under it are
+    /// left as they are.
+    fn unlisted(&mut self, key: Vec<u8>) -> Result<(), JournalError> {
+        // Rows before it were passed by the walk already.
+        self.row_for(&key)?;
+        self.unreadable = Some(key);
+        Ok(())
+    }
+
+    /// Journals the changes found so far (the uploader starts on them while the walk goes
+    /// on); with `all`, however few.
+    fn flush(&mut self, all: bool) -> Result<(), JournalError> {
+        if self.dirty.is_empty() || (!all && self.dirty.len() < SCAN_FLUSH) {
+            return Ok(());
+        }
+        if let Ok(mut j) = self.journal.lock() {
+            j.mark_dirty_sized(&self.dirty, now_ms(), self.delay_ms)?;
+        }
+        self.dirty.clear();
+        Ok(())
+    }
+}
+
 /// Scans `watch` (or only `sub`, a folder inside it) and marks changes in the journal.
-/// `preloaded`: the watch's journal rows read earlier (the startup scan reads them while the
-/// OS watches are being added). Rows that changed since only cause extra dirty marks,
-/// never a missed change: the comparison is with the file system as walked now.
+/// The walk and the journal's rows under the scanned folder are compared as two streams in
+/// the same order ([`merge`]): memory does not grow with the number of files. Rows that
+/// change while the scan runs only cause extra dirty marks, never a missed change: the
+/// comparison is with the file system as walked now.
 /// `stopping` is asked before each folder: once it says true the walk ends early (see
 /// [`ScanStats::interrupted`]).
 pub fn scan(
@@ -123,137 +227,122 @@ pub fn scan(
     sub: Option<&Path>,
     journal: &Mutex<Journal>,
     delay_ms: i64,
-    preloaded: Option<HashMap<Vec<u8>, Known>>,
     stopping: &dyn Fn() -> bool,
 ) -> Result<ScanStats, JournalError> {
-    let mut known = match preloaded {
-        Some(k) => k,
-        None => match journal.lock() {
-            Ok(j) => j.known(&watch.name)?,
-            Err(_) => return Ok(ScanStats::default()),
-        },
-    };
     let start = match sub {
         Some(s) => s.to_path_buf(),
         None => watch.path.clone(),
     };
-    let mut stats = ScanStats::default();
-    let mut unreadable: Vec<Vec<u8>> = Vec::new();
-    let mut dirty: Vec<(Vec<u8>, String, Option<i64>)> = Vec::new();
-    // The scanned folder's own row (a folder's row is checked where its parent lists it).
-    if let (Ok(rel), Ok(meta)) = (
-        start.strip_prefix(&watch.path),
-        std::fs::symlink_metadata(&start),
-    ) {
-        if meta.is_dir() {
-            folder(watch, &mut known, &mut dirty, &mut stats, rel, &meta);
-        }
-    }
-    let mut stack = vec![start.clone()];
-    while let Some(dir) = stack.pop() {
-        if stopping() {
-            stats.interrupted = true;
-            if let Ok(mut j) = journal.lock() {
-                j.mark_dirty_sized(&dirty, now_ms(), delay_ms)?;
-            }
-            return Ok(stats);
-        }
-        let rd = match std::fs::read_dir(&dir) {
-            Ok(rd) => rd,
-            Err(e) => {
-                if dir == watch.path && e.kind() == std::io::ErrorKind::NotFound {
-                    tracing::warn!(watch = %watch.name, path = %dir.display(), "watched folder does not exist");
-                } else {
-                    tracing::warn!(path = %dir.display(), error = %e, "cannot read folder; its files are left as they were");
-                }
-                stats.errors += 1;
-                if let Ok(rel) = dir.strip_prefix(&watch.path) {
-                    unreadable.push(journal_key(watch, rel));
-                }
-                continue;
-            }
-        };
-        for entry in rd {
-            let entry = match entry {
-                Ok(e) => e,
-                Err(e) => {
-                    tracing::warn!(path = %dir.display(), error = %e, "reading folder entry");
-                    stats.errors += 1;
-                    continue;
-                }
-            };
-            let path = entry.path();
-            let rel = match path.strip_prefix(&watch.path) {
-                Ok(r) => r.to_path_buf(),
-                Err(_) => continue,
-            };
-            if watch.excluded(&rel) {
-                continue;
-            }
-            let ft = match entry.file_type() {
-                Ok(t) => t,
-                Err(_) => continue,
-            };
-            if ft.is_dir() {
-                if let Ok(meta) = entry.metadata() {
-                    folder(watch, &mut known, &mut dirty, &mut stats, &rel, &meta);
-                }
-                stack.push(path);
-                continue;
-            }
-            // FIFOs, sockets and devices are backed up as such, as files are.
-            let jp = journal_key(watch, &rel);
-            // fstatat on the open folder: no walk of the whole path per file.
-            let meta = match entry.metadata() {
-                Ok(m) => m,
-                Err(_) => continue, // vanished: a watcher event or the next scan handles it
-            };
-            stats.files += 1;
-            let cur = stat_key(&meta);
-            if changed(&mut known, &jp, cur) {
-                stats.changed += 1;
-                dirty.push((jp, watch.name.clone(), Some(cur.size)));
-            }
-        }
-        if dirty.len() >= SCAN_FLUSH {
-            // Journal what was found so far, so the uploader starts on it while the walk goes on.
-            if let Ok(mut j) = journal.lock() {
-                j.mark_dirty_sized(&dirty, now_ms(), delay_ms)?;
-            }
-            dirty.clear();
-        }
-    }
-    // Paths known under the scanned folder but not seen are gone (unless their folder could
-    // not be read).
-    let prefix = journal_key(
+    let Ok(start_rel) = start.strip_prefix(&watch.path).map(Path::to_path_buf) else {
+        return Ok(ScanStats::default());
+    };
+    let prefix = journal_key(watch, &start_rel);
+    let mut m = Merge {
         watch,
-        start.strip_prefix(&watch.path).unwrap_or(Path::new("")),
-    );
-    let mut gone: Vec<Vec<u8>> = Vec::new();
-    for (p, k) in &known {
-        if k.seen || !under(p, &prefix) || unreadable.iter().any(|u| under(p, u)) {
+        journal,
+        delay_ms,
+        rows: merge::JournalRows::under(journal, &prefix),
+        stats: ScanStats::default(),
+        dirty: Vec::new(),
+        gone: Vec::new(),
+        backed_up_files: 0,
+        unreadable: None,
+    };
+    // The scanned folder's own row (a folder's row is checked where its parent lists it).
+    if let Ok(meta) = std::fs::symlink_metadata(&start) {
+        if meta.is_dir() {
+            m.folder(&start_rel, &meta)?;
+        }
+    }
+    let mut errors = 0u64;
+    let mut on_error = |dir: &Path, e: std::io::Error| {
+        tracing::warn!(path = %dir.display(), error = %e, "reading folder entry");
+        errors += 1;
+    };
+    let mut stack: Vec<merge::Folder> = Vec::new();
+    if stopping() {
+        m.stats.interrupted = true;
+        m.flush(true)?;
+        return Ok(m.stats);
+    }
+    match merge::Folder::open(&start, &mut on_error) {
+        Ok(f) => stack.push(f),
+        Err(e) => {
+            if sub.is_none() && e.kind() == std::io::ErrorKind::NotFound {
+                tracing::warn!(watch = %watch.name, path = %start.display(), "watched folder does not exist");
+            } else {
+                tracing::warn!(path = %start.display(), error = %e, "cannot read folder; its files are left as they were");
+            }
+            m.stats.errors += 1;
+            m.unlisted(folder_key(&prefix))?;
+        }
+    }
+    while let Some(folder) = stack.last_mut() {
+        let Some(e) = folder.next_entry() else {
+            stack.pop();
+            continue;
+        };
+        let path = e.entry.path();
+        let rel = match path.strip_prefix(&watch.path) {
+            Ok(r) => r.to_path_buf(),
+            Err(_) => continue,
+        };
+        if watch.excluded(&rel) {
             continue;
         }
-        match k.standing {
-            Standing::BackedUp if is_folder_key(p) => gone.push(p.clone()),
-            Standing::BackedUp => {
-                stats.deleted += 1;
-                gone.push(p.clone());
+        if e.is_dir() {
+            if let Ok(meta) = e.entry.metadata() {
+                m.folder(&rel, &meta)?;
             }
-            Standing::Failed => gone.push(p.clone()),
-            Standing::Deleted | Standing::Queued => {}
+            if stopping() {
+                m.stats.interrupted = true;
+                m.flush(true)?;
+                m.stats.errors += errors;
+                return Ok(m.stats);
+            }
+            match merge::Folder::open(&path, &mut on_error) {
+                Ok(f) => stack.push(f),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot read folder; its files are left as they were");
+                    m.stats.errors += 1;
+                    m.unlisted(folder_key(&journal_key(watch, &rel)))?;
+                }
+            }
+            m.flush(false)?;
+            continue;
         }
+        // FIFOs, sockets and devices are backed up as such, as files are.
+        // fstatat on the open folder: no walk of the whole path per file.
+        let meta = match e.entry.metadata() {
+            Ok(meta) => meta,
+            Err(_) => continue, // vanished: a watcher event or the next scan handles it
+        };
+        m.file(&rel, &meta)?;
     }
-    // More than the watch's share of its files gone at once: held, not recorded.
-    let files = known
-        .iter()
-        .filter(|(p, k)| k.standing == Standing::BackedUp && !is_folder_key(p))
-        .count() as u64;
-    let hold = crate::avail::holds(stats.deleted, files, watch.max_delete_share);
-    let held: Vec<Vec<u8>> = if hold {
-        std::mem::take(&mut gone)
+    m.stats.errors += errors;
+    // The rows after the last path walked were not found.
+    while let Some((k, known)) = m.rows.next()? {
+        m.unseen(k, known);
+    }
+    let mut stats = m.stats;
+    let mut dirty = std::mem::take(&mut m.dirty);
+    let gone = std::mem::take(&mut m.gone);
+    // More than the watch's share of its files gone at once: held, not recorded. A whole
+    // watch's scan passed all its rows; a folder's asks the journal for the watch's count.
+    let files = if stats.deleted == 0 || sub.is_none() {
+        m.backed_up_files
     } else {
-        Vec::new()
+        let (lo, hi) = merge::range_under(watch.name.as_bytes());
+        match journal.lock() {
+            Ok(j) => j.backed_up_files_in(&lo, &hi)?,
+            Err(_) => return Ok(stats),
+        }
+    };
+    let hold = crate::avail::holds(stats.deleted, files, watch.max_delete_share);
+    let (held, recorded) = if hold {
+        (gone, Vec::new())
+    } else {
+        (Vec::new(), gone)
     };
     if hold {
         stats.held = held.len() as u64;
@@ -262,7 +351,7 @@ pub fn scan(
             "more than max_delete_share of the watch's files are gone: their deletions are \
              held until `coffer-agent confirm-deletions {}`", watch.name);
     } else {
-        dirty.extend(gone.into_iter().map(|p| (p, watch.name.clone(), None)));
+        dirty.extend(recorded.into_iter().map(|p| (p, watch.name.clone(), None)));
     }
     if let Ok(mut j) = journal.lock() {
         j.mark_dirty_sized(&dirty, now_ms(), delay_ms)?;
@@ -275,10 +364,6 @@ pub fn scan(
         }
     }
     Ok(stats)
-}
-
-fn under(p: &[u8], prefix: &[u8]) -> bool {
-    p.len() > prefix.len() && p.starts_with(prefix) && p[prefix.len()] == b'/'
 }
 
 #[cfg(test)]
@@ -373,7 +458,7 @@ mod tests {
         j.mark_dirty(&[(b"w/queued-gone".to_vec(), "w".into())], 0, 0)
             .expect("dirty");
         let j = Mutex::new(j);
-        let stats = scan(&watch, None, &j, 0, None, &|| false).expect("scan");
+        let stats = scan(&watch, None, &j, 0, &|| false).expect("scan");
         assert_eq!(stats.files, 5);
         // changed, back (it returned after its deletion), new
         assert_eq!(stats.changed, 3);
@@ -421,7 +506,7 @@ mod tests {
         // Stopping after the first folder: `sub` is never walked, so `kept` is unseen.
         let asked = std::sync::atomic::AtomicUsize::new(0);
         let stopping = || asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= 1;
-        let stats = scan(&watch, None, &j, 0, None, &stopping).expect("scan");
+        let stats = scan(&watch, None, &j, 0, &stopping).expect("scan");
         assert!(stats.interrupted);
         assert_eq!(stats.deleted, 0);
         let j = j.lock().expect("journal");
@@ -448,7 +533,7 @@ mod tests {
             max_delete_share: crate::config::DEFAULT_MAX_DELETE_SHARE,
         };
         let j = Mutex::new(Journal::open(&d.path().join("j.sqlite")).expect("journal"));
-        let stats = scan(&watch, None, &j, 0, None, &|| false).expect("scan");
+        let stats = scan(&watch, None, &j, 0, &|| false).expect("scan");
         assert_eq!(
             (stats.files, stats.folders, stats.folders_changed),
             (1, 4, 4)
@@ -481,7 +566,7 @@ mod tests {
         std::fs::set_permissions(root.join("sub"), std::fs::Permissions::from_mode(0o700))
             .expect("chmod");
         std::fs::remove_dir(root.join("gone")).expect("rmdir");
-        let stats = scan(&watch, None, &j, 0, None, &|| false).expect("scan");
+        let stats = scan(&watch, None, &j, 0, &|| false).expect("scan");
         // `sub` (its mode) and the watch's folder (`gone` went from it).
         assert_eq!(stats.folders_changed, 2);
         assert_eq!(stats.deleted, 0, "deletions counted are files'");
@@ -520,7 +605,7 @@ mod tests {
                 .expect("move away");
         }
         let j = Mutex::new(j);
-        let stats = scan(&watch, None, &j, 0, None, &|| false).expect("scan");
+        let stats = scan(&watch, None, &j, 0, &|| false).expect("scan");
         assert_eq!((stats.deleted, stats.held), (8, 8));
         {
             let j = j.lock().expect("journal");
@@ -538,7 +623,7 @@ mod tests {
             std::fs::rename(d.path().join(format!("f{i}")), root.join(format!("f{i}")))
                 .expect("move back");
         }
-        let stats = scan(&watch, None, &j, 0, None, &|| false).expect("scan");
+        let stats = scan(&watch, None, &j, 0, &|| false).expect("scan");
         assert_eq!((stats.deleted, stats.held), (3, 0));
         let j = j.lock().expect("journal");
         assert!(j.held(None).expect("held").is_empty());

@@ -144,8 +144,11 @@ pub struct ChunkRow {
     pub loc: Location,
 }
 
-/// Page cache of the writing connection, KiB.
-const INDEX_CACHE_KIB: i64 = 32 << 10;
+/// Page cache of the writing connection, KiB. It is most of the receiver's memory once an
+/// index outgrows it (a million small files: an index of ~450 MB, the cache full), so it
+/// is what bounds the receiver's peak; pages it does not hold are read from the OS's page
+/// cache (see docs/experiments.md, "Receiver index page cache").
+const INDEX_CACHE_KIB: i64 = 8 << 10;
 /// WAL size (pages of 4 KiB) that triggers a checkpoint: 64 MiB.
 const WAL_CHECKPOINT_PAGES: i64 = 16 << 10;
 

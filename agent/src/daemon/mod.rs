@@ -15,7 +15,6 @@
 //! all stop on ([`Shutdown`]), `threads.rs` their loops (the uploader's are in
 //! [`crate::upload`]).
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
@@ -42,7 +41,7 @@ mod threads;
 pub use shared::{Counters, Daemon};
 pub use shutdown::Shutdown;
 use threads::{
-    apply_watches, checkpoints, control, events, periodic, progress, scanner, scheduler, Preloaded,
+    apply_watches, checkpoints, control, events, periodic, progress, scanner, scheduler,
 };
 
 /// Errors that stop the daemon.
@@ -298,22 +297,13 @@ fn start_watching(
     let (scan_tx, scan_rx) = unbounded::<ScanRequest>();
     let mut watching = Watching::new(chg_tx);
     let startup_left = Arc::new(AtomicUsize::new(sh.cfg.watches.len()));
-    let preload = preload(sh);
     tracing::debug!("journal open; adding watches");
     apply_watches(sh, &mut watching, &scan_tx, "startup");
     tracing::debug!("watches added");
     let (d, scans) = (sh.clone(), scan_tx.clone());
-    if let Err(e) = threads.start("coffer-events", move || events(d, chg_rx, scans)) {
-        // The scanner never started to take the preload thread over: join it here.
-        if let Some(h) = preload {
-            let _ = h.join();
-        }
-        return Err(e);
-    }
+    threads.start("coffer-events", move || events(d, chg_rx, scans))?;
     let d = sh.clone();
-    threads.start("coffer-scan", move || {
-        scanner(d, scan_rx, startup_left, preload)
-    })?;
+    threads.start("coffer-scan", move || scanner(d, scan_rx, startup_left))?;
     let fallback = Arc::new(Mutex::new(
         watching.fallback.keys().cloned().collect::<Vec<_>>(),
     ));
@@ -337,30 +327,6 @@ fn start_watching(
         threads.start("coffer-progress", move || progress(d))?;
     }
     Ok(())
-}
-
-/// Reads each watch's journal rows for its startup scan on a thread of its own, while the
-/// watches are added (reading them takes as long as walking a large tree's folders). The
-/// scanner joins it.
-fn preload(sh: &Arc<Daemon>) -> Option<JoinHandle<Preloaded>> {
-    let sh = sh.clone();
-    let names: Vec<String> = sh.cfg.watches.iter().map(|w| w.name.clone()).collect();
-    std::thread::Builder::new()
-        .name("coffer-preload".into())
-        .spawn(move || {
-            let mut out = HashMap::new();
-            for n in names {
-                let rows = match sh.journal.lock() {
-                    Ok(j) => j.known(&n),
-                    Err(_) => break,
-                };
-                if let Ok(rows) = rows {
-                    out.insert(n, rows);
-                }
-            }
-            out
-        })
-        .ok()
 }
 
 /// The scheduler's ends of the workers' queues, one per class.

@@ -11,7 +11,7 @@ use crossbeam_channel::{select, Receiver, Sender};
 
 use super::{notify_systemd, Daemon, JobQueues};
 use crate::config::{Config, Watch};
-use crate::journal::{Class, CounterKey, Job, Known, MetaKey};
+use crate::journal::{Class, CounterKey, Job, MetaKey};
 use crate::scan;
 use crate::watch::{self, Change, ScanRequest, Watching};
 use coffer_common::host::time::now_ms;
@@ -376,21 +376,11 @@ pub(super) fn events(sh: Arc<Daemon>, rx: Receiver<Change>, scans: Sender<ScanRe
     }
 }
 
-/// Each watch's journal rows, read for its startup scan while the watches are added.
-pub(super) type Preloaded = HashMap<String, HashMap<Vec<u8>, Known>>;
-
 /// Runs scans one at a time; reports readiness once the startup scans are journaled.
-pub(super) fn scanner(
-    sh: Arc<Daemon>,
-    rx: Receiver<ScanRequest>,
-    startup_left: Arc<AtomicUsize>,
-    preload: Option<std::thread::JoinHandle<Preloaded>>,
-) {
+pub(super) fn scanner(sh: Arc<Daemon>, rx: Receiver<ScanRequest>, startup_left: Arc<AtomicUsize>) {
     if startup_left.load(Ordering::SeqCst) == 0 {
         notify_systemd(&[sd_notify::NotifyState::Ready]);
     }
-    let mut preload = preload;
-    let mut preloaded: Preloaded = HashMap::new();
     loop {
         let req = select! {
             recv(rx) -> r => match r {
@@ -407,17 +397,9 @@ pub(super) fn scanner(
             continue;
         };
         let t = Instant::now();
-        let rows = if req.reason == "startup" && req.sub.is_none() {
-            if let Some(h) = preload.take() {
-                preloaded = h.join().unwrap_or_default();
-            }
-            preloaded.remove(&w.name)
-        } else {
-            None
-        };
         let stopping = || sh.shutdown.is_stopping();
         let result = match sh.avail.check(w, &sh.journal) {
-            Ok(_) => scan::scan(w, req.sub.as_deref(), &sh.journal, 0, rows, &stopping),
+            Ok(_) => scan::scan(w, req.sub.as_deref(), &sh.journal, 0, &stopping),
             Err((why, _)) => {
                 tracing::info!(watch = %w.name, reason = req.reason, why = %why.describe(&w.path),
                     "not scanned: the watch is unavailable (nothing recorded as deleted)");
@@ -455,10 +437,6 @@ pub(super) fn scanner(
             notify_systemd(&[sd_notify::NotifyState::Ready]);
         }
         let _ = sh.wake.try_send(());
-    }
-    // Stopped before the startup scan took the preloaded rows.
-    if let Some(h) = preload {
-        let _ = h.join();
     }
 }
 

@@ -1,4 +1,5 @@
-//! What scans and `status` read of single rows: a watch's known paths with their stat, one
+//! What scans and `status` read of single rows: a watch's known paths with their stat (a
+//! page at a time, in key order), one
 //! path's row, the rows under a folder (files' for `status`, every key for a folder that
 //! went), the failed rows. Read-only.
 
@@ -17,14 +18,12 @@ pub enum Standing {
     Queued,
 }
 
-/// What a scan needs to know about a known path. A scan holds one per file of the watch,
-/// so it is kept small: no strings.
-#[derive(Debug, Clone)]
+/// What a scan needs to know about a known path (read a page at a time, in key order:
+/// [`Journal::known_page`]).
+#[derive(Debug, Clone, Copy)]
 pub struct Known {
     pub standing: Standing,
     pub stat: Option<StatKey>,
-    /// Set by the scan when it finds the path; those left unset are gone.
-    pub seen: bool,
 }
 
 /// One row, for `status PATH`.
@@ -46,18 +45,37 @@ pub struct Row {
 }
 
 impl Journal {
-    /// Known paths of one watch with their last-read stat, for scans.
-    pub fn known(&self, watch: &str) -> Result<HashMap<Vec<u8>, Known>, JournalError> {
-        let mut st = self
-            .conn
-            .prepare_cached(sql!(
+    /// The known rows (files' and folders') with keys in `[lo, hi)`, after `after` if given,
+    /// in key order, at most `limit`: a scan reads a watch's rows a page at a time, in the
+    /// order it walks ([`crate::scan`]). The order is the primary key's: SQLite compares
+    /// BLOBs with `memcmp` (shorter first on a tie), as `[u8]`'s `Ord` does.
+    pub fn known_page(
+        &self,
+        lo: &[u8],
+        hi: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Known)>, JournalError> {
+        // Two statements, each a plain range of the primary key: a page starts at `lo`, or
+        // just after the last key read (an `OR` of both would make every page read from
+        // `lo` again).
+        let mut st = match after {
+            None => self.conn.prepare_cached(sql!(
                 "SELECT path, CASE WHEN state = {BACKED_UP} AND kind = 'deleted' THEN 1 \
                  WHEN state = {BACKED_UP} THEN 0 WHEN state = {FAILED} THEN 2 ELSE 3 END, \
-                 size, mtime_ns, ctime_ns, inode FROM files WHERE watch = ?1"
-            ))
-            .map_err(|e| self.err(e))?;
+                 size, mtime_ns, ctime_ns, inode FROM files \
+                 WHERE path >= ?1 AND path < ?2 ORDER BY path LIMIT ?3"
+            )),
+            Some(_) => self.conn.prepare_cached(sql!(
+                "SELECT path, CASE WHEN state = {BACKED_UP} AND kind = 'deleted' THEN 1 \
+                 WHEN state = {BACKED_UP} THEN 0 WHEN state = {FAILED} THEN 2 ELSE 3 END, \
+                 size, mtime_ns, ctime_ns, inode FROM files \
+                 WHERE path > ?1 AND path < ?2 ORDER BY path LIMIT ?3"
+            )),
+        }
+        .map_err(|e| self.err(e))?;
         let rows = st
-            .query_map([watch], |r| {
+            .query_map(params![after.unwrap_or(lo), hi, limit as i64], |r| {
                 let size: Option<i64> = r.get(2)?;
                 let stat = match size {
                     Some(size) => Some(StatKey {
@@ -74,22 +92,23 @@ impl Journal {
                     2 => Standing::Failed,
                     _ => Standing::Queued,
                 };
-                Ok((
-                    r.get::<_, Vec<u8>>(0)?,
-                    Known {
-                        standing,
-                        stat,
-                        seen: false,
-                    },
-                ))
+                Ok((r.get::<_, Vec<u8>>(0)?, Known { standing, stat }))
             })
             .map_err(|e| self.err(e))?;
-        let mut out = HashMap::new();
-        for row in rows {
-            let (p, k) = row.map_err(|e| self.err(e))?;
-            out.insert(p, k);
-        }
-        Ok(out)
+        rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
+    }
+
+    /// How many files (folders' rows left out) with keys in `[lo, hi)` are backed up as
+    /// present (not as deletions): what a scan's held deletions are a share of.
+    pub fn backed_up_files_in(&self, lo: &[u8], hi: &[u8]) -> Result<u64, JournalError> {
+        self.conn
+            .prepare_cached(sql!(
+                "SELECT COUNT(*) FROM files WHERE path >= ?1 AND path < ?2 \
+                 AND state = {BACKED_UP} AND kind IS NOT 'deleted' AND substr(path, -1) != x'2f'"
+            ))
+            .and_then(|mut st| st.query_row(params![lo, hi], |r| r.get::<_, i64>(0)))
+            .map(|n| n as u64)
+            .map_err(|e| self.err(e))
     }
 
     fn row_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
