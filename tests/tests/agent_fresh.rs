@@ -72,14 +72,17 @@ fn files_saved_during_a_large_first_backup_are_safe_within_a_second() -> Result<
     let tmp = tempfile::tempdir()?;
     let rcv = Receiver::start(&tmp.path().join("rcv"))?;
     let mut agent = Agent::init(&tmp.path().join("agent"), &rcv, "r")?;
-    // One worker besides the fresh lane's: every large file of the backlog occupies it.
+    // One worker besides the fresh lane's: every large file of the backlog occupies it. The
+    // upload is capped at 128 MiB/s, so the 2 GiB backlog lasts at least 16 s however fast
+    // the machine and the pipeline are (the saves below must happen while it runs); the
+    // fresh lane shares that cap.
     let text = std::fs::read_to_string(&agent.config)?;
     ensure!(text.contains("upload_concurrency = "), "{text}");
     let text: String = text
         .lines()
         .map(|l| {
             if l.starts_with("upload_concurrency = ") {
-                "upload_concurrency = 1"
+                "upload_concurrency = 1\nupload_limit = \"128MiB/s\""
             } else {
                 l
             }
