@@ -310,17 +310,6 @@ fn keep_last_keeps_exactly_n_versions_that_restore_and_the_disk_shrinks() -> Res
 }
 
 #[test]
-fn prune_refuses_to_run_beside_serve_naming_it() -> Result<()> {
-    let tmp = tempfile::tempdir()?;
-    let rcv = Receiver::start(&tmp.path().join("rcv"))?;
-    let o = receiver(&rcv, &["prune"])?;
-    assert!(!o.status.success());
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("serve is running"), "{err}");
-    Ok(())
-}
-
-#[test]
 fn a_deleted_files_versions_go_after_keep_deleted_for_and_others_stay() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let mut rcv = Receiver::start(&tmp.path().join("rcv"))?;
