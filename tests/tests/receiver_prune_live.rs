@@ -49,6 +49,24 @@ fn receiver(rcv: &Receiver, args: &[&str]) -> Result<std::process::Output> {
         .output()?)
 }
 
+/// `status --json PATH` of one path.
+fn path_status(agent: &Agent, path: &str) -> Option<Value> {
+    let o = agent
+        .cmd()
+        .args(["status", "--json", "--config"])
+        .arg(&agent.config)
+        .arg(path)
+        .output()
+        .ok()?;
+    let v: Value = serde_json::from_slice(&o.stdout).ok()?;
+    v.get(0).cloned()
+}
+
+/// The version `status` gives a path (null when it has none yet).
+fn path_version(agent: &Agent, path: &str) -> Value {
+    path_status(agent, path).map_or(Value::Null, |v| v["version"].clone())
+}
+
 fn serve_log(rcv: &Receiver) -> String {
     std::fs::read_to_string(rcv.root.with_extension("serve.log")).unwrap_or_default()
 }
@@ -258,11 +276,29 @@ fn two_agents_back_up_and_a_third_restores_while_prunes_compact() -> Result<()> 
     let mut restores = 0;
     let mut last: Vec<HashMap<String, Vec<u8>>> = vec![HashMap::new(), HashMap::new()];
     while Instant::now() < end || restores < 3 {
+        // Each round is acknowledged before the next is written: rounds written faster than
+        // the debounce would never settle, and make no versions for the prunes to remove.
+        let before: Vec<Value> = writers
+            .iter()
+            .map(|a| path_version(a, "w/f000"))
+            .chain([path_version(&c, "w/churn/f000")])
+            .collect();
         for (i, a) in writers.iter().enumerate() {
             last[i] = write_round(&a.watch, 8, round * 10 + i as u64, 40_000)?;
         }
         write_round(&c.watch.join("churn"), 12, round, 90_000)?;
         round += 1;
+        for (a, (path, was)) in writers
+            .iter()
+            .chain([&c])
+            .zip(["w/f000", "w/f000", "w/churn/f000"].iter().zip(&before))
+        {
+            wait_for("the round acknowledged", T, || {
+                let v = path_status(a, path)?;
+                (v["state"] == "backed_up" && v["changed_since"] == false && &v["version"] != was)
+                    .then_some(())
+            })?;
+        }
         let to = tmp.path().join(format!("restore-{restores}"));
         let r = c.restore(&to, &["w/stable"])?;
         if !r.status.success() {
