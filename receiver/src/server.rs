@@ -31,7 +31,8 @@
 //! `http://ADDR/metrics`, on this same runtime.
 //!
 //! Prune while serving: every repository with a `prune_interval` is pruned that often (the
-//! first time one interval after `serve` starts), on a blocking thread, while its sessions
+//! first time one interval after its last prune, as its index records it, or after
+//! `serve` starts if it was never pruned), on a blocking thread, while its sessions
 //! go on (the engine takes the repository's locks per batch, see [`crate::prune`]); a
 //! `coffer-receiver prune` run meanwhile reaches this process over the control socket
 //! ([`crate::control`]) and its prune is done here, in turn. One prune per repository at a
@@ -44,7 +45,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use coffer_common::channel::{self, PublicKey, StaticKeypair, HANDSHAKE_TIMEOUT};
 use coffer_common::host::fs::{describe, write_atomic, IoError};
@@ -570,9 +571,24 @@ fn serve_control(server: &Arc<Server>) -> Result<(), Error> {
     Ok(())
 }
 
-/// Prunes each repository every `prune_interval` of its retention settings (as last read),
-/// counted from `serve`'s start and then from the start of its last prune; a repository
-/// whose prune is still running when the next is due skips that turn.
+/// How long ago repository `name` was last pruned, by the `last_prune` row its index keeps
+/// (written by every prune, whichever process ran it); `None` if never, or unreadable.
+fn last_pruned_ago(layout: &Layout, name: &RepoName) -> Option<Duration> {
+    let index =
+        crate::index::Index::open(&layout.repo(name).index(), crate::index::Mode::Read).ok()?;
+    let row = index.last_prune_json().ok()??;
+    let v: serde_json::Value = serde_json::from_str(&row).ok()?;
+    let at = coffer_common::host::time::parse_time(v.get("at")?.as_str()?).ok()?;
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?.as_secs() as i64;
+    Some(Duration::from_secs(now.saturating_sub(at).max(0) as u64))
+}
+
+/// Prunes each repository every `prune_interval` of its retention settings (as last read).
+/// The first prune after `serve` starts is due one interval after the repository's last
+/// prune (its index's `last_prune`, so a receiver restarted more often than the interval
+/// still prunes on time), or one interval after the start if it was never pruned; then
+/// one interval after the start of the previous one. A repository whose prune is still
+/// running when the next is due skips that turn.
 fn spawn_prune_schedule(server: Arc<Server>) {
     tokio::spawn(async move {
         let started = tokio::time::Instant::now();
@@ -587,7 +603,25 @@ fn spawn_prune_schedule(server: Arc<Server>) {
                 let Some(every) = config.retention(&name).prune_interval else {
                     continue;
                 };
-                let since = last.get(&name).copied().unwrap_or(started);
+                let since = match last.get(&name) {
+                    Some(t) => *t,
+                    None => {
+                        // First sight: the last prune's time, from before this start too.
+                        let layout = server.layout.clone();
+                        let n = name.clone();
+                        let ago = tokio::task::spawn_blocking(move || last_pruned_ago(&layout, &n))
+                            .await
+                            .ok()
+                            .flatten();
+                        let now = tokio::time::Instant::now();
+                        let t = match ago {
+                            Some(ago) => now.checked_sub(ago.min(every)).unwrap_or(started),
+                            None => started,
+                        };
+                        last.insert(name.clone(), t);
+                        t
+                    }
+                };
                 if since.elapsed() < every {
                     continue;
                 }

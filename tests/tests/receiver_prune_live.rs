@@ -429,3 +429,56 @@ fn kill9_of_serve_during_scheduled_prunes_loses_nothing_kept() -> Result<()> {
     assert_eq!(a.restore_all_and_compare(&tmp.path().join("r"))?, 20);
     Ok(())
 }
+
+#[test]
+fn a_receiver_restarted_within_the_interval_still_prunes_on_time() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let mut rcv = Receiver::start(&tmp.path().join("rcv"))?;
+    let mut a = Agent::init(&tmp.path().join("a"), &rcv, "laptop")?;
+    a.run()?;
+    for round in 0..2 {
+        write_round(&a.watch, 3, round, 20_000)?;
+        wait_for("the round acknowledged", T, || {
+            let n = versions(&a, &a.watch.join("f000")).ok()?;
+            (n == round as usize + 1).then_some(())
+        })?;
+    }
+    a.proc.term();
+    // The repository was last pruned long ago (by a serve since restarted); its interval
+    // is an hour. The first scheduled prune is due at once, not an hour after this start.
+    keep_last(&mut rcv, 1, "1h")?;
+    rcv.proc.term();
+    let db = rusqlite::Connection::open(rcv.root.join("repos/laptop/index.sqlite"))?;
+    db.execute(
+        "INSERT OR REPLACE INTO meta (key, value) VALUES ('last_prune', ?1)",
+        [r#"{"at": "2026-01-01T00:00:00Z", "ok": true, "error": null, "versions_removed": 0, "bytes_freed": 0, "packs_rewritten": 0}"#],
+    )?;
+    drop(db);
+    rcv.serve()?;
+    wait_for("a scheduled prune", Duration::from_secs(30), || {
+        serve_log(&rcv)
+            .lines()
+            .any(|l| l.contains("prune done") && l.contains("cause=Scheduled"))
+            .then_some(())
+    })?;
+    a.run()?;
+    assert_eq!(
+        versions(&a, &a.watch.join("f000"))?,
+        1,
+        "keep_last = 1 applied"
+    );
+    // And a repository pruned moments ago is not pruned again before its interval.
+    rcv.proc.term();
+    let before = serve_log(&rcv).matches("prune done").count();
+    rcv.serve()?;
+    let settle = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < settle {
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(
+        serve_log(&rcv).matches("prune done").count(),
+        before,
+        "pruned again within the interval"
+    );
+    Ok(())
+}
