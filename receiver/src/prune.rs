@@ -152,8 +152,8 @@ pub enum PruneError {
     #[error("repository {0} is already being pruned")]
     Busy(String),
     #[error(
-        "coffer-receiver serve is running on {} (it holds {}); `prune` does not yet run beside \
-         it: stop serve, prune, then start it again",
+        "coffer-receiver serve started on {} while this prune was starting (it holds {}); \
+         run prune again: with serve running, it is handed to serve",
         .0.display(),
         .0.join("serve.lock").display()
     )]
