@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde_json::Value;
 use support::*;
 
@@ -121,53 +121,12 @@ fn write_files(dir: &Path, n: usize) -> Result<()> {
     Ok(())
 }
 
-/// A tmpfs mounted at a folder, unmounted (lazily) when dropped.
-struct Tmpfs(std::path::PathBuf);
-
-impl Tmpfs {
-    /// Mounts a small tmpfs at `at`; `None` (with the reason printed) when not permitted.
-    fn mount(at: &Path) -> Option<Tmpfs> {
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
-            .arg(at)
-            .output();
-        match out {
-            Ok(o) if o.status.success() => Some(Tmpfs(at.to_path_buf())),
-            Ok(o) => {
-                eprintln!(
-                    "SKIPPED: cannot mount a tmpfs here: {}",
-                    String::from_utf8_lossy(&o.stderr).trim()
-                );
-                None
-            }
-            Err(e) => {
-                eprintln!("SKIPPED: cannot run mount: {e}");
-                None
-            }
-        }
-    }
-
-    fn unmount(&self) -> Result<()> {
-        let o = Command::new("umount").arg(&self.0).output()?;
-        if !o.status.success() {
-            bail!("umount: {}", String::from_utf8_lossy(&o.stderr));
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).output();
-    }
-}
-
 #[test]
 fn an_unmounted_watch_records_no_deletion_and_is_watched_again_once_remounted() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let rcv = Receiver::start(&tmp.path().join("rcv"))?;
     let mut agent = Agent::init(&tmp.path().join("agent"), &rcv, "r")?;
-    let Some(disk) = Tmpfs::mount(&agent.watch) else {
+    let Some(disk) = Tmpfs::mount(&agent.watch, "4m") else {
         return Ok(());
     };
     write_files(&agent.watch, 30)?;
@@ -214,7 +173,7 @@ fn an_unmounted_watch_records_no_deletion_and_is_watched_again_once_remounted() 
     // filled aside and bind-mounted): watched again without a restart.
     let aside = tmp.path().join("aside");
     std::fs::create_dir(&aside)?;
-    let filled = Tmpfs::mount(&aside).context("a second tmpfs")?;
+    let filled = Tmpfs::mount(&aside, "4m").context("a second tmpfs")?;
     for i in 0..30 {
         let name = format!("f{i:02}.txt");
         std::fs::copy(saved.join(&name), aside.join(&name))?;

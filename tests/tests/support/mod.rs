@@ -325,3 +325,46 @@ pub fn assert_same_tree(a: &Path, b: &Path) -> Result<usize> {
     }
     Ok(n)
 }
+
+/// A small tmpfs mounted at a folder (made if missing), unmounted (lazily) when dropped.
+pub struct Tmpfs(pub PathBuf);
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (e.g. `"4m"`) at `at`; `None` (with the reason printed)
+    /// when not permitted here.
+    pub fn mount(at: &Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(at).ok()?;
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .output();
+        match out {
+            Ok(o) if o.status.success() => Some(Tmpfs(at.to_path_buf())),
+            Ok(o) => {
+                eprintln!(
+                    "SKIPPED: cannot mount a tmpfs here: {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                );
+                None
+            }
+            Err(e) => {
+                eprintln!("SKIPPED: cannot run mount: {e}");
+                None
+            }
+        }
+    }
+
+    pub fn unmount(&self) -> Result<()> {
+        let o = Command::new("umount").arg(&self.0).output()?;
+        if !o.status.success() {
+            bail!("umount: {}", String::from_utf8_lossy(&o.stderr));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).output();
+    }
+}
